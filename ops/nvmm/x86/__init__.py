@@ -1,0 +1,1 @@
+"""x86 helpers shared by the providers: the guest page walk (``mmu``)."""
