@@ -1,0 +1,139 @@
+"""The small interfaces every device model is built from (rust-vmm ``vm-superio`` style).
+
+- :class:`Device`: ``read(offset, size) -> int`` and ``write(offset, size, value)`` relative to the start of the
+  range the bus maps it at; ``size`` is 1, 2, 4 or 8. A device never raises on a guest access: an access it does
+  not implement reads as all-ones (or zero where the hardware says so) and a write to it is dropped.
+- :class:`IrqLine`: what a device raises. ``set_level(True/False)`` for level-triggered lines, ``pulse()`` for an
+  edge. The VM wires it to a vatpic/vioapic pin; tests wire it to a recorder.
+- :class:`TimerService`: ``now_ns()``, ``arm(deadline_ns, fn) -> handle``, ``cancel(handle)``; the VM runs one
+  timer thread with a deadline heap, tests use :class:`ManualTimers` and move time by hand.
+- :class:`GuestMemory`: ``view(gpa, size) -> memoryview`` of guest RAM, raising ``OSError(EFAULT)`` for any
+  byte outside RAM, so a guest-supplied address never reaches other host memory.
+
+Not here: bus registration (``vmmshim.bus``) and the PCI configuration-space helpers (``bhyve_devices.pci``).
+"""
+
+import heapq
+import itertools
+from typing import Callable, Protocol
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class IrqLine(Protocol):
+    def set_level(self, level: bool) -> None: ...
+
+    def pulse(self) -> None: ...
+
+
+class TimerService(Protocol):
+    def now_ns(self) -> int: ...
+
+    def arm(self, deadline_ns: int, fn: Callable[[], None]) -> object: ...
+
+    def cancel(self, handle: object) -> None: ...
+
+
+class GuestMemory(Protocol):
+    def view(self, gpa: int, size: int) -> memoryview: ...
+
+
+class NullLine:
+    """An interrupt line connected to nothing."""
+
+    def set_level(self, level):
+        pass
+
+    def pulse(self):
+        pass
+
+
+class RecordingLine:
+    """An interrupt line that records what was done to it (for tests): ``level``, ``pulses``, ``history``."""
+
+    def __init__(self):
+        self.level = False
+        self.pulses = 0
+        self.history = []
+
+    def set_level(self, level):
+        self.level = bool(level)
+        self.history.append(("level", self.level))
+
+    def pulse(self):
+        self.pulses += 1
+        self.history.append(("pulse",))
+
+
+class CallbackLine:
+    """An interrupt line that calls ``fn(level)`` (``pulse`` is a rise then a fall)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def set_level(self, level):
+        self._fn(bool(level))
+
+    def pulse(self):
+        self._fn(True)
+        self._fn(False)
+
+
+class ManualTimers:
+    """A :class:`TimerService` whose clock moves only when ``advance(ns)`` or ``set_time(ns)`` is called; due
+    timers fire in deadline order from inside that call."""
+
+    def __init__(self, start_ns=0):
+        self._now = start_ns
+        self._heap = []
+        self._seq = itertools.count()
+        self._cancelled = set()
+
+    def now_ns(self):
+        return self._now
+
+    def arm(self, deadline_ns, fn):
+        handle = next(self._seq)
+        heapq.heappush(self._heap, (deadline_ns, handle, fn))
+        return handle
+
+    def cancel(self, handle):
+        if handle is not None:
+            self._cancelled.add(handle)
+
+    def pending(self):
+        return sum(1 for _, h, _ in self._heap if h not in self._cancelled)
+
+    def set_time(self, ns):
+        while self._heap and self._heap[0][0] <= ns:
+            deadline, handle, fn = heapq.heappop(self._heap)
+            if handle in self._cancelled:
+                self._cancelled.discard(handle)
+                continue
+            self._now = max(self._now, deadline)
+            fn()
+        self._now = max(self._now, ns)
+
+    def advance(self, ns):
+        self.set_time(self._now + ns)
+
+
+class BytesMemory:
+    """A :class:`GuestMemory` over a bytearray starting at guest-physical ``base`` (for tests and loaders)."""
+
+    def __init__(self, size, base=0):
+        import errno
+        self._errno = errno
+        self.base = base
+        self.buf = bytearray(size)
+        self._mv = memoryview(self.buf)
+
+    def view(self, gpa, size):
+        off = gpa - self.base
+        if size < 0 or off < 0 or off + size > len(self.buf):
+            raise OSError(self._errno.EFAULT, f"gpa {gpa:#x}+{size:#x} is outside guest RAM")
+        return self._mv[off:off + size]
