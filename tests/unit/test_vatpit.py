@@ -1,0 +1,216 @@
+"""The 8254 and port 0x61 driven as Linux drives them (time_init, pit clockevent, TSC calibration)."""
+
+from hypothesis import given, settings, strategies as st
+
+from bhyve_devices.base import ManualTimers, RecordingLine
+from bhyve_devices.vatpit import CONTROL_WORD, NMISC, PIT_HZ, PIT8254, STATUS_BYTE
+
+NS = 1_000_000_000
+
+
+class Driver:
+    def __init__(self):
+        self.t = ManualTimers(start_ns=10**12)
+        self.irq = RecordingLine()
+        self.pit = PIT8254(self.t, self.irq)
+        self.nmisc = NMISC(self.pit)
+
+    def outb(self, port, v):
+        if port == 0x61:
+            self.nmisc.write(0, 1, v)
+        else:
+            self.pit.write(port - 0x40, 1, v)
+
+    def inb(self, port):
+        if port == 0x61:
+            return self.nmisc.read(0, 1)
+        return self.pit.read(port - 0x40, 1)
+
+    def ticks_ns(self, ticks):
+        return -(-ticks * NS // PIT_HZ)
+
+
+def test_control_word_layout_round_trip():
+    for v in range(256):
+        assert CONTROL_WORD.build(CONTROL_WORD.parse(bytes([v]))) == bytes([v])
+    cw = CONTROL_WORD.parse(b"\x34")
+    assert (cw.sc, cw.rw, cw.mode, cw.bcd) == (0, "both", 2, False)
+    assert STATUS_BYTE.build(STATUS_BYTE.parse(b"\xb4")) == b"\xb4"
+
+
+def test_mode2_periodic_irq0_pulses():
+    d = Driver()
+    latch = PIT_HZ // 100  # Linux LATCH for HZ=100
+    d.outb(0x43, 0x34)
+    d.outb(0x40, latch & 0xFF)
+    d.outb(0x40, latch >> 8)
+    d.t.advance(d.ticks_ns(latch) - 1)
+    assert d.irq.pulses == 0
+    d.t.advance(1)
+    assert d.irq.pulses == 1
+    d.t.advance(d.ticks_ns(latch) * 99)
+    assert d.irq.pulses in (99, 100)
+    d.t.advance(d.ticks_ns(latch) * 2)
+    assert d.irq.pulses in (101, 102)
+    # the period is drift-free: after exactly 1000 periods, 1000 pulses
+    d.t.set_time(10**12 + d.ticks_ns(latch * 1000))
+    assert d.irq.pulses == 1000
+
+
+def test_mode3_square_wave_period_and_count():
+    d = Driver()
+    d.outb(0x43, 0x36)
+    d.outb(0x40, 0x00)
+    d.outb(0x40, 0x10)  # 4096
+    d.t.advance(d.ticks_ns(4096 * 5))
+    assert d.irq.pulses == 5
+    d.outb(0x43, 0x00)  # latch channel 0
+    lo, hi = d.inb(0x40), d.inb(0x40)
+    assert (hi << 8 | lo) in (4096, 4094)
+
+
+def test_mode0_oneshot_and_latch_counts_down():
+    d = Driver()
+    d.outb(0x43, 0x30)
+    d.outb(0x40, 0xE8)
+    d.outb(0x40, 0x03)  # 1000
+    d.t.advance(d.ticks_ns(400))
+    d.outb(0x43, 0x00)
+    d.t.advance(d.ticks_ns(100))  # the latch holds the old value
+    lo, hi = d.inb(0x40), d.inb(0x40)
+    assert hi << 8 | lo == 600
+    d.t.advance(d.ticks_ns(600))
+    assert d.irq.pulses == 1
+    d.t.advance(NS)
+    assert d.irq.pulses == 1
+
+
+def test_mode4_oneshot_fires_once():
+    d = Driver()
+    d.outb(0x43, 0x38)
+    d.outb(0x40, 100)
+    d.outb(0x40, 0)
+    d.t.advance(d.ticks_ns(102))
+    assert d.irq.pulses == 1
+    d.t.advance(NS)
+    assert d.irq.pulses == 1
+
+
+def test_readback_status_and_count():
+    d = Driver()
+    d.outb(0x43, 0xB0)  # channel 2, both, mode 0
+    d.outb(0x61, 0x01)
+    d.outb(0x42, 0x10)
+    d.outb(0x42, 0x00)  # 16
+    d.outb(0x43, 0xC8)  # read back count and status of channel 2
+    st_ = STATUS_BYTE.parse(bytes([d.inb(0x42)]))
+    assert (st_.out, st_.null_count, st_.rw, st_.mode, st_.bcd) == (False, False, 3, 0, False)
+    assert d.inb(0x42) | d.inb(0x42) << 8 == 16
+    d.t.advance(d.ticks_ns(20))
+    d.outb(0x43, 0xE8)  # status only
+    assert d.inb(0x42) & 0x80
+
+
+def test_lsb_only_and_msb_only_modes():
+    d = Driver()
+    d.outb(0x43, 0x94)  # channel 2, LSB only, mode 2
+    d.outb(0x61, 0x01)
+    d.outb(0x42, 200)
+    assert d.inb(0x42) == 200
+    d.outb(0x43, 0xA4)  # MSB only, mode 2
+    d.outb(0x42, 0x02)
+    assert d.inb(0x42) == 0x02
+
+
+def test_bcd_count():
+    d = Driver()
+    d.outb(0x43, 0xB1)  # channel 2, both, mode 0, BCD
+    d.outb(0x61, 0x01)
+    d.outb(0x42, 0x00)
+    d.outb(0x42, 0x10)  # 1000 in BCD
+    d.t.advance(d.ticks_ns(1))
+    lo, hi = d.inb(0x42), d.inb(0x42)
+    assert hi << 8 | lo == 0x0999
+
+
+def test_linux_pit_calibrate_tsc():
+    """pit_calibrate_tsc: gate high, mode 0 on channel 2 with a 50 ms latch, poll 0x61 bit 5."""
+    d = Driver()
+    latch = PIT_HZ // (1000 // 50)
+    d.outb(0x61, (d.inb(0x61) & ~0x02) | 0x01)
+    d.outb(0x43, 0xB0)
+    d.outb(0x42, latch & 0xFF)
+    d.outb(0x42, latch >> 8)
+    start = d.t.now_ns()
+    step = 20_000
+    while not d.inb(0x61) & 0x20:
+        d.t.advance(step)
+    assert abs((d.t.now_ns() - start) - 50_000_000) <= step + 1000
+    assert d.irq.pulses == 0  # channel 2 never pulses IRQ0
+
+
+def test_linux_quick_pit_calibrate_msb_walk():
+    """quick_pit_calibrate/pit_expect_msb: read LSB then MSB of channel 2 without latching."""
+    d = Driver()
+    d.outb(0x61, (d.inb(0x61) & ~0x02) | 0x01)
+    d.outb(0x43, 0xB0)
+    d.outb(0x42, 0xFF)
+    d.outb(0x42, 0xFF)
+    d.inb(0x42), d.inb(0x42)
+    seen = []
+    for _ in range(40):
+        d.t.advance(d.ticks_ns(128))
+        d.inb(0x42)
+        seen.append(d.inb(0x42))
+    assert seen == sorted(seen, reverse=True)
+    assert seen[0] == 0xFF and seen[1] == 0xFE
+    assert 0xFF - seen[-1] in (19, 20, 21)
+
+
+def test_gate_low_freezes_mode0_and_refresh_toggles():
+    d = Driver()
+    d.outb(0x61, 0x01)
+    d.outb(0x43, 0xB0)
+    d.outb(0x42, 0x00)
+    d.outb(0x42, 0x10)
+    d.t.advance(d.ticks_ns(100))
+    d.outb(0x61, 0x00)
+    d.t.advance(d.ticks_ns(1000))
+    d.outb(0x43, 0x80)
+    assert d.inb(0x42) | d.inb(0x42) << 8 == 0x1000 - 100
+    seen = set()
+    for _ in range(8):
+        d.t.advance(7000)
+        seen.add(d.inb(0x61) & 0x10)
+    assert seen == {0, 0x10}
+    d.outb(0x61, 0x03)
+    assert d.inb(0x61) & 0x03 == 0x03
+
+
+def test_channel0_reprogram_cancels_old_timer():
+    d = Driver()
+    d.outb(0x43, 0x34)
+    d.outb(0x40, 0x00)
+    d.outb(0x40, 0x01)
+    d.outb(0x43, 0x30)
+    d.outb(0x40, 0)
+    d.outb(0x40, 0)  # Linux shutdown: mode 0, count 0 (65536)
+    d.t.advance(d.ticks_ns(65536) + 10)
+    assert d.irq.pulses == 1
+    assert d.t.pending() == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1),
+                          st.booleans(), st.integers(0, 10**8)), max_size=30))
+def test_any_access_never_raises(ops):
+    d = Driver()
+    for off, size, val, is_write, dt in ops:
+        dev = d.nmisc if off == 4 else d.pit
+        o = 0 if off == 4 else off
+        if is_write:
+            dev.write(o, size, val & ((1 << (8 * size)) - 1))
+        else:
+            r = dev.read(o, size)
+            assert 0 <= r < 1 << (8 * size)
+        d.t.advance(dt)
