@@ -1,0 +1,197 @@
+"""The NVMM primitives on Linux KVM: the provider (``/dev/kvm``) and the machine (a KVM VM).
+
+KVM with a userspace interrupt controller has NVMM's shape: no ``KVM_CREATE_IRQCHIP``, so no in-kernel LAPIC,
+IOAPIC, PIC or PIT; interrupts go in with ``KVM_INTERRUPT``. Guest memory is a set of KVM memory slots, one per
+``gpa_map``; a mapping without write permission becomes a ``KVM_MEM_READONLY`` slot, whose writes exit as MMIO
+(an NVMM MEMORY exit). MSRs that NVMM sends to userland exit here too: unknown MSRs through
+``KVM_CAP_X86_USER_SPACE_MSR``, and APIC_BASE, the x2APIC range and TSC_DEADLINE through an MSR filter, because
+the vlapic that owns them is in Python.
+
+Not supported: dirty-page logging, more machines or slots than the kernel allows (reported as ``ENOBUFS``).
+"""
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import struct
+import threading
+
+from .. import api
+from .. import constants as C
+from .. import ProviderUnavailable
+from . import cpuid as cpuidmod
+from . import ioctls as K
+from . import layouts as L
+
+KVM_DEVICE = "/dev/kvm"
+TSS_ADDR = 0xFFFBD000          # three pages below the BIOS area, as QEMU places them
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MAX_CPUID_ENTRIES = 256
+MSR_TSC_DEADLINE = 0x6E0
+#: Signal used to knock a vCPU thread out of KVM_RUN (its handler does nothing).
+SIG_KICK = signal.SIGUSR2
+#: MSR ranges that must exit to userland although KVM knows them: (first, count).
+USERLAND_MSR_RANGES = ((C.MSR_APICBASE, 1), (C.MSR_X2APIC_BASE, C.MSR_X2APIC_LAST - C.MSR_X2APIC_BASE + 1),
+                      (MSR_TSC_DEADLINE, 1))
+
+_kick_handler_installed = False
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def ioctl_ulong(fd, request, value):
+    """An ioctl whose argument is an ``unsigned long`` (``fcntl.ioctl`` only passes a C ``int``)."""
+    ret = _libc.ioctl(fd, request, value)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _install_kick_handler():
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        if signal.getsignal(SIG_KICK) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise ProviderUnavailable(errno.EINVAL, "the KVM provider must first be opened from the main "
+                                      "thread (it installs the vCPU kick signal handler)")
+    else:
+        signal.signal(SIG_KICK, lambda signum, frame: None)
+        signal.siginterrupt(SIG_KICK, True)
+    _kick_handler_installed = True
+
+
+def is_paravirtual():
+    """True when this /dev/kvm is kvm_pvm (runs guest supervisor code in an instruction emulator)."""
+    return os.path.exists("/sys/module/kvm_pvm")
+
+
+def hardware_kind():
+    """``"kvm_intel"``, ``"kvm_amd"``, ``"kvm_pvm"`` or ``"unknown"``: which module backs /dev/kvm."""
+    for mod in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if os.path.exists(f"/sys/module/{mod}"):
+            return mod
+    return "unknown"
+
+
+class KvmProvider(api.Provider):
+    name = "kvm"
+
+    def __init__(self):
+        try:
+            self.fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ProviderUnavailable(errno.ENOENT, f"{KVM_DEVICE} does not exist (no KVM on this host: load "
+                                      "kvm_intel or kvm_amd, or run in the nested lab)") from None
+        except PermissionError:
+            raise ProviderUnavailable(errno.EACCES, f"no permission to open {KVM_DEVICE} (join the kvm group "
+                                      "or run as root)") from None
+        version = fcntl.ioctl(self.fd, K.KVM_GET_API_VERSION)
+        if version != K.KVM_API_VERSION:
+            raise ProviderUnavailable(errno.EPROTO, f"KVM API version {version}, expected {K.KVM_API_VERSION}")
+        for cap, what in ((K.KVM_CAP_SYNC_REGS, "sync regs"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
+                          (K.KVM_CAP_X86_USER_SPACE_MSR, "user-space MSR exits"),
+                          (K.KVM_CAP_X86_MSR_FILTER, "MSR filters")):
+            if not self.check_extension(cap):
+                raise ProviderUnavailable(errno.ENOTSUP, f"this KVM lacks {what} (capability {cap})")
+        self.readonly_mem = bool(self.check_extension(K.KVM_CAP_READONLY_MEM))
+        self.max_vcpus = self.check_extension(K.KVM_CAP_MAX_VCPUS) or self.check_extension(K.KVM_CAP_NR_VCPUS)
+        self.max_slots = self.check_extension(K.KVM_CAP_NR_MEMSLOTS) or 32
+        self.mmap_size = fcntl.ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
+        self.supported_cpuid = self._supported_cpuid()
+        self.kind = hardware_kind()
+        _install_kick_handler()
+
+    def check_extension(self, cap):
+        return fcntl.ioctl(self.fd, K.KVM_CHECK_EXTENSION, cap)
+
+    def _supported_cpuid(self):
+        buf = bytearray(cpuidmod.pack_entries([[0] * 7] * MAX_CPUID_ENTRIES))
+        struct.pack_into("<I", buf, 0, MAX_CPUID_ENTRIES)
+        fcntl.ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf)
+        return cpuidmod.parse_entries(buf, struct.unpack_from("<I", buf, 0)[0])
+
+    def capability(self):
+        xcr0 = 0
+        for e in self.supported_cpuid:
+            if e[0] == 0xD and e[1] == 0:
+                xcr0 = e[3] | (e[6] << 32)
+        limits = {api.LIMIT_CPUID_EXIT, api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, api.LIMIT_CPUID_LATE}
+        if self.kind == "kvm_pvm":
+            limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT}
+        return api.Capability(
+            max_machines=128, max_vcpus=self.max_vcpus, max_ram=1 << 46,
+            arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=xcr0,
+                           mxcsr_mask=0xFFBF, conf_cpuid_maxops=MAX_CPUID_ENTRIES),
+            limits=frozenset(limits))
+
+    def machine_create(self):
+        return KvmMachine(self)
+
+
+class KvmMachine(api.Machine):
+    def __init__(self, provider):
+        super().__init__(provider)
+        self.vmfd = fcntl.ioctl(provider.fd, K.KVM_CREATE_VM, 0)
+        try:
+            ioctl_ulong(self.vmfd, K.KVM_SET_TSS_ADDR, TSS_ADDR)
+            self._enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_INVAL |
+                             K.KVM_MSR_EXIT_REASON_UNKNOWN | K.KVM_MSR_EXIT_REASON_FILTER)
+            self._set_msr_filter()
+        except OSError:
+            os.close(self.vmfd)
+            raise
+        self._free_slots = list(range(provider.max_slots - 1, -1, -1))
+        self._slot_of = {}
+
+    def _enable_cap(self, cap, arg0):
+        buf = L.KVM_ENABLE_CAP.build(dict(cap=cap, flags=0, args=[arg0, 0, 0, 0], pad=bytes(64)))
+        fcntl.ioctl(self.vmfd, K.KVM_ENABLE_CAP, buf)
+
+    def _set_msr_filter(self):
+        ranges = []
+        self._msr_bitmaps = []   # kept alive: the kernel copies them, but only during the ioctl
+        for first, count in USERLAND_MSR_RANGES:
+            bitmap = ctypes.create_string_buffer((count + 7) // 8)   # all zero: deny, i.e. exit to userland
+            self._msr_bitmaps.append(bitmap)
+            ranges.append(dict(flags=K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE, nmsrs=count, base=first,
+                               bitmap=ctypes.addressof(bitmap)))
+        ranges += [dict(flags=0, nmsrs=0, base=0, bitmap=0)] * (K.KVM_MSR_FILTER_MAX_RANGES - len(ranges))
+        buf = L.KVM_MSR_FILTER.build(dict(flags=K.KVM_MSR_FILTER_DEFAULT_ALLOW, ranges=ranges))
+        fcntl.ioctl(self.vmfd, K.KVM_X86_SET_MSR_FILTER, buf)
+
+    def _set_slot(self, slot, flags, gpa, size, hva):
+        buf = L.KVM_USERSPACE_MEMORY_REGION.build(dict(slot=slot, flags=flags, guest_phys_addr=gpa,
+                                                       memory_size=size, userspace_addr=hva))
+        fcntl.ioctl(self.vmfd, K.KVM_SET_USER_MEMORY_REGION, buf)
+
+    def _gpa_map(self, hva, gpa, size, prot):
+        if not self._free_slots:
+            raise api.nvmm_error(errno.ENOBUFS, f"no KVM memory slot left ({self.provider.max_slots} in use)")
+        flags = 0
+        if not prot & C.NVMM_PROT_WRITE:
+            if not self.provider.readonly_mem:
+                raise api.nvmm_error(errno.ENOTSUP, "this KVM has no read-only memory slots")
+            flags |= K.KVM_MEM_READONLY
+        slot = self._free_slots.pop()
+        try:
+            self._set_slot(slot, flags, gpa, size, hva)
+        except OSError as exc:
+            self._free_slots.append(slot)
+            raise api.nvmm_error(exc.errno, f"KVM refused the mapping of gpa {gpa:#x}+{size:#x}") from None
+        self._slot_of[gpa] = slot
+
+    def _gpa_unmap(self, area):
+        slot = self._slot_of.pop(area.start)
+        self._set_slot(slot, 0, area.start, 0, area.hva)
+        self._free_slots.append(slot)
+
+    def _vcpu_create(self, cpuid):
+        from .vcpu import KvmVcpu
+        return KvmVcpu(self, cpuid)
+
+    def _destroy(self):
+        os.close(self.vmfd)

@@ -1,0 +1,473 @@
+"""An NVMM vCPU on a KVM vCPU: the comm-page contract over ``kvm_run``'s sync-regs area.
+
+``kvm_run.kvm_valid_regs`` asks KVM to copy regs, sregs and events into the ``kvm_run`` page at every exit, so
+``getstate`` of GPRS, SEGS, CRS and INTR converts from memory with no system call (XCR0 needs one only while
+CR4.OSXSAVE is set). ``setstate`` only marks categories; ``run`` writes them back through ``kvm_dirty_regs``
+(regs, sregs, events: no system call) or, for DRS, the MSRS other than EFER, XCR0 and FPU, with their ioctls.
+
+Exits are mapped to NVMM's (``_EXIT_MAP``); their payloads are decoded only when read (:class:`KvmExit`). KVM
+completes an I/O, MMIO or MSR instruction itself at the next ``KVM_RUN``: the assists hand the callbacks a view of
+``kvm_run``'s data, and an RDMSR/WRMSR completed the NVMM way (RAX/RDX and RIP = npc, or a #GP event) is turned
+into KVM's completion (``msr.error``/``msr.data``) before the next entry.
+
+``stop()`` sets ``immediate_exit`` and sends ``SIG_KICK`` to the thread inside ``KVM_RUN``; the run returns
+``EINTR`` and becomes a STOPPED exit.
+
+Not supported (see ``capability().limits``): CPUID exits, TPR_CHANGED and NMI_READY exits (KVM handles the TPR
+and the NMI window itself); IO and MMIO exits must be completed with the assists, not by moving RIP by hand.
+"""
+
+import errno
+import fcntl
+import mmap
+import signal
+import struct
+import threading
+
+from .. import api
+from .. import constants as C
+from ..state import (ExitInsn, ExitInvalid, ExitIo, ExitMemory, ExitRdmsr, ExitState, ExitWrmsr,
+                     INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING, Exit)
+from . import cpuid as cpuidmod
+from . import ioctls as K
+from . import layouts as L
+from .provider import SIG_KICK
+
+_GPRS, _SEGS, _CRS, _DRS, _MSRS, _INTR, _FPU = (C.NVMM_X64_STATE_GPRS, C.NVMM_X64_STATE_SEGS,
+                                                C.NVMM_X64_STATE_CRS, C.NVMM_X64_STATE_DRS,
+                                                C.NVMM_X64_STATE_MSRS, C.NVMM_X64_STATE_INTR,
+                                                C.NVMM_X64_STATE_FPU)
+_IOCTL = fcntl.ioctl
+
+# KVM exit reason -> NVMM exit reason (None: decoded by _exit_special)
+_EXIT_MAP = [C.NVMM_VCPU_EXIT_INVALID] * K.KVM_EXIT_NR
+_EXIT_MAP[K.KVM_EXIT_IO] = C.NVMM_VCPU_EXIT_IO
+_EXIT_MAP[K.KVM_EXIT_MMIO] = C.NVMM_VCPU_EXIT_MEMORY
+_EXIT_MAP[K.KVM_EXIT_HLT] = C.NVMM_VCPU_EXIT_HALTED
+_EXIT_MAP[K.KVM_EXIT_IRQ_WINDOW_OPEN] = C.NVMM_VCPU_EXIT_INT_READY
+_EXIT_MAP[K.KVM_EXIT_SHUTDOWN] = C.NVMM_VCPU_EXIT_SHUTDOWN
+_EXIT_MAP[K.KVM_EXIT_INTR] = C.NVMM_VCPU_EXIT_STOPPED
+_EXIT_MAP[K.KVM_EXIT_X86_RDMSR] = C.NVMM_VCPU_EXIT_RDMSR
+_EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
+_IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
+_MSR_INSN_LEN = 2   # rdmsr 0F 32 / wrmsr 0F 30
+
+
+class KvmExit(Exit):
+    """NVMM's exit payloads decoded from the ``kvm_run`` page on access."""
+
+    __slots__ = ("vcpu", "kvm_reason", "rip")
+
+    def __init__(self, vcpu):
+        super().__init__()
+        self.vcpu = vcpu
+        self.kvm_reason = 0
+        self.rip = 0      # RIP of the exiting instruction, where KVM leaves it
+
+    @property
+    def io(self):
+        v = self.vcpu
+        direction, size, port, count, _ = L.IO_FMT.unpack_from(v.mm, L.RUN_U)
+        rep, str_, length, addr_size = v.decode_io_insn()
+        return ExitIo(direction == K.KVM_EXIT_IO_IN, port, -1, addr_size, size, rep or count > 1,
+                      str_ or count > 1, self.rip + length)
+
+    @property
+    def mem(self):
+        mm = self.vcpu.mm
+        gpa, = struct.unpack_from("<Q", mm, L.MMIO_GPA)
+        prot = C.NVMM_PROT_WRITE if mm[L.MMIO_IS_WRITE] else C.NVMM_PROT_READ
+        return ExitMemory(prot, gpa, 0, bytes(15))
+
+    @property
+    def rdmsr(self):
+        return ExitRdmsr(struct.unpack_from("<I", self.vcpu.mm, L.MSR_INDEX)[0], self.rip + _MSR_INSN_LEN)
+
+    @property
+    def wrmsr(self):
+        mm = self.vcpu.mm
+        return ExitWrmsr(struct.unpack_from("<I", mm, L.MSR_INDEX)[0], struct.unpack_from("<Q", mm, L.MSR_DATA)[0],
+                         self.rip + _MSR_INSN_LEN)
+
+    @property
+    def insn(self):
+        return ExitInsn(self.rip)
+
+    @property
+    def inv(self):
+        mm = self.vcpu.mm
+        if self.kvm_reason == K.KVM_EXIT_FAIL_ENTRY:
+            return ExitInvalid(struct.unpack_from("<Q", mm, L.RUN_U)[0])
+        if self.kvm_reason == K.KVM_EXIT_INTERNAL_ERROR:
+            return ExitInvalid(L.INTERNAL_FMT.unpack_from(mm, L.RUN_U)[0])
+        if self.kvm_reason == K.KVM_EXIT_UNKNOWN:
+            return ExitInvalid(struct.unpack_from("<Q", mm, L.RUN_U)[0])
+        return ExitInvalid(self.kvm_reason)
+
+    @property
+    def exitstate(self):
+        v = self.vcpu
+        bits = v.intr_bits()
+        return ExitState(struct.unpack_from("<Q", v.mm, L.RUN_S_REGS + 17 * 8)[0],
+                         struct.unpack_from("<Q", v.mm, L.RUN_CR8)[0], bool(bits & INTR_INT_SHADOW),
+                         bool(bits & INTR_INT_WINDOW_EXITING), False, bool(bits & INTR_EVT_PENDING))
+
+
+class KvmVcpu(api.Vcpu):
+    def __init__(self, machine, cpuid):
+        super().__init__(machine, cpuid)
+        self.exit = KvmExit(self)
+        prov = machine.provider
+        self.fd = _IOCTL(machine.vmfd, K.KVM_CREATE_VCPU, cpuid)
+        self.mm = mmap.mmap(self.fd, prov.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mv = memoryview(self.mm)
+        self._io_views = {}
+        self._cached = 0          # categories already converted into self.state
+        self._commit = 0          # categories setstate marked for the next run
+        self._msr_pending = None  # (is_rdmsr, rip) of an MSR exit KVM will complete at the next run
+        self._cpuid_masks = {}
+        self._cpuid_applied = False
+        self._xcr0 = 1
+        self._thread = None
+        self._lock = threading.Lock()
+        # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
+        regs = bytearray(L.KVM_REGS.sizeof())
+        sregs = bytearray(L.KVM_SREGS.sizeof())
+        events = bytearray(L.KVM_VCPU_EVENTS.sizeof())
+        _IOCTL(self.fd, K.KVM_GET_REGS, regs)
+        _IOCTL(self.fd, K.KVM_GET_SREGS, sregs)
+        _IOCTL(self.fd, K.KVM_GET_VCPU_EVENTS, events)
+        self._mv[L.RUN_S_REGS:L.RUN_S_REGS + len(regs)] = regs
+        self._mv[L.RUN_S_SREGS:L.RUN_S_SREGS + len(sregs)] = sregs
+        self._mv[L.RUN_S_EVENTS:L.RUN_S_EVENTS + len(events)] = events
+        struct.pack_into("<QQ", self.mm, L.RUN_VALID_REGS, K.KVM_SYNC_X86_ALL, 0)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _sregs(self):
+        return L.SREGS_FMT.unpack_from(self.mm, L.RUN_S_SREGS)
+
+    def getstate(self, flags):
+        need = flags & ~self._cached
+        if not need:
+            return
+        st = self.state
+        if need & _GPRS:
+            L.regs_to_gprs(L.REGS_FMT.unpack_from(self.mm, L.RUN_S_REGS), st.gprs)
+        if need & (_SEGS | _CRS | _MSRS):
+            sregs = self._sregs()
+            L.sregs_to_state(sregs, st, segs=bool(need & _SEGS), crs=bool(need & _CRS))
+            if need & _CRS:
+                if st.crs[C.NVMM_X64_CR_CR4] & C.CR4_OSXSAVE:
+                    self._xcr0 = self._get_xcr0()
+                st.crs[C.NVMM_X64_CR_XCR0] = self._xcr0
+            if need & _MSRS:
+                st.msrs[C.NVMM_X64_MSR_EFER] = L.sregs_efer(sregs)
+                for idx, value in zip((i for i, _ in L.MSRS_VIA_IOCTL),
+                                      self.get_msrs([m for _, m in L.MSRS_VIA_IOCTL])):
+                    st.msrs[idx] = value
+        if need & _DRS:
+            buf = bytearray(L.KVM_DEBUGREGS.sizeof())
+            _IOCTL(self.fd, K.KVM_GET_DEBUGREGS, buf)
+            db0, db1, db2, db3, dr6, dr7 = L.DEBUGREGS_FMT.unpack_from(buf)[:6]
+            st.drs[0:6] = memoryview(struct.pack("<6Q", db0, db1, db2, db3, dr6, dr7)).cast("Q")
+        if need & _INTR:
+            st.intr = self.intr_bits()
+        if need & _FPU:
+            buf = bytearray(L.KVM_FPU.sizeof())
+            _IOCTL(self.fd, K.KVM_GET_FPU, buf)
+            _fpu_kvm_to_fxsave(buf, st.fpu)
+        self._cached |= need
+
+    def setstate(self, flags):
+        self._commit |= flags
+        self._cached |= flags
+
+    def intr_bits(self):
+        """NVMM's ``nvmm_x64_state_intr`` word from the synced events and our window request."""
+        exc_inj, _, _, _, _, irq_inj, _, _, shadow, nmi_inj = \
+            struct.unpack_from("<BBBBIBBBBB", self.mm, L.RUN_S_EVENTS)
+        bits = INTR_INT_SHADOW if shadow else 0
+        if self.mm[L.RUN_REQUEST_IRQ_WINDOW]:
+            bits |= INTR_INT_WINDOW_EXITING
+        if exc_inj or irq_inj or nmi_inj:
+            bits |= INTR_EVT_PENDING
+        return bits
+
+    def _get_xcr0(self):
+        buf = bytearray(L.KVM_XCRS.sizeof())
+        _IOCTL(self.fd, K.KVM_GET_XCRS, buf)
+        nr, = struct.unpack_from("<I", buf, 0)
+        for i in range(nr):
+            xcr, value = struct.unpack_from("<I4xQ", buf, 8 + 16 * i)
+            if xcr == 0:
+                return value
+        return self._xcr0
+
+    def get_msrs(self, indexes):
+        buf = bytearray(struct.pack("<II", len(indexes), 0) +
+                        b"".join(struct.pack("<IIQ", i, 0, 0) for i in indexes))
+        n = _IOCTL(self.fd, K.KVM_GET_MSRS, buf)
+        if n != len(indexes):
+            raise api.nvmm_error(errno.EINVAL, f"KVM read {n} of {len(indexes)} MSRs")
+        return [struct.unpack_from("<Q", buf, 8 + 16 * i + 8)[0] for i in range(n)]
+
+    def set_msrs(self, pairs):
+        buf = bytearray(struct.pack("<II", len(pairs), 0) +
+                        b"".join(struct.pack("<IIQ", i, 0, v) for i, v in pairs))
+        n = _IOCTL(self.fd, K.KVM_SET_MSRS, buf)
+        if n != len(pairs):
+            raise api.nvmm_error(errno.EINVAL, f"KVM refused MSR {pairs[n][0]:#x}={pairs[n][1]:#x}")
+
+    def _commit_state(self):
+        flags, self._commit = self._commit, 0
+        st, mm = self.state, self.mm
+        dirty = 0
+        if flags & _GPRS:
+            if self._msr_pending is not None:
+                self._complete_msr()
+            L.REGS_FMT.pack_into(mm, L.RUN_S_REGS, *L.gprs_to_regs(st.gprs))
+            dirty |= K.KVM_SYNC_X86_REGS
+        if flags & (_SEGS | _CRS | _MSRS):
+            sregs = list(self._sregs())
+            L.state_to_sregs(st, sregs, segs=bool(flags & _SEGS), crs=bool(flags & _CRS),
+                             efer=st.msrs[C.NVMM_X64_MSR_EFER] if flags & _MSRS else None)
+            sregs[-4:] = [0, 0, 0, 0]   # interrupt_bitmap: never re-queue an interrupt through sregs
+            L.SREGS_FMT.pack_into(mm, L.RUN_S_SREGS, *sregs)
+            dirty |= K.KVM_SYNC_X86_SREGS
+        if flags & _CRS and st.crs[C.NVMM_X64_CR_XCR0] != self._xcr0:
+            buf = bytearray(L.KVM_XCRS.sizeof())
+            struct.pack_into("<II I4xQ", buf, 0, 1, 0, 0, st.crs[C.NVMM_X64_CR_XCR0])
+            _IOCTL(self.fd, K.KVM_SET_XCRS, buf)
+            self._xcr0 = st.crs[C.NVMM_X64_CR_XCR0]
+        if flags & _MSRS:
+            self.set_msrs([(m, st.msrs[i]) for i, m in L.MSRS_VIA_IOCTL])
+        if flags & _DRS:
+            buf = bytearray(L.KVM_DEBUGREGS.sizeof())
+            struct.pack_into("<6Q", buf, 0, *st.drs[0:6])
+            _IOCTL(self.fd, K.KVM_SET_DEBUGREGS, buf)
+        if flags & _INTR:
+            bits = st.intr
+            mm[L.RUN_REQUEST_IRQ_WINDOW] = 1 if bits & INTR_INT_WINDOW_EXITING else 0
+            shadow_off = L.RUN_S_EVENTS + 11
+            want = K.KVM_X86_SHADOW_INT_STI if bits & INTR_INT_SHADOW else 0
+            if bool(mm[shadow_off]) != bool(want):
+                mm[shadow_off] = want
+                self._events_flags(K.KVM_VCPUEVENT_VALID_SHADOW)
+                dirty |= K.KVM_SYNC_X86_EVENTS
+        if flags & _FPU:
+            buf = bytearray(L.KVM_FPU.sizeof())
+            _fxsave_to_fpu_kvm(st.fpu, buf)
+            _IOCTL(self.fd, K.KVM_SET_FPU, buf)
+        if dirty:
+            struct.pack_into("<Q", mm, L.RUN_DIRTY_REGS,
+                             struct.unpack_from("<Q", mm, L.RUN_DIRTY_REGS)[0] | dirty)
+
+    def _events_flags(self, flags):
+        off = L.RUN_S_EVENTS + 20
+        struct.pack_into("<I", self.mm, off, flags)
+
+    def _complete_msr(self):
+        """Turn an NVMM-style MSR completion (RIP = npc, RAX/RDX for RDMSR) into KVM's."""
+        is_rd, rip = self._msr_pending
+        self._msr_pending = None
+        gprs = self.state.gprs
+        if gprs[C.NVMM_X64_GPR_RIP] == rip + _MSR_INSN_LEN:
+            gprs[C.NVMM_X64_GPR_RIP] = rip      # KVM skips the instruction itself
+        if is_rd:
+            struct.pack_into("<Q", self.mm, L.MSR_DATA, (gprs[C.NVMM_X64_GPR_RDX] & 0xFFFFFFFF) << 32 |
+                             (gprs[C.NVMM_X64_GPR_RAX] & 0xFFFFFFFF))
+        self.mm[L.MSR_ERROR] = 0
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def inject(self):
+        type_, vector, error = self.event.get()
+        if type_ == C.NVMM_VCPU_EVENT_INTR:
+            if vector == C.X86_EXC_NMI:
+                _IOCTL(self.fd, K.KVM_NMI)
+                return
+            try:
+                _IOCTL(self.fd, K.KVM_INTERRUPT, struct.pack("<I", vector))
+            except OSError as exc:
+                raise api.nvmm_error(exc.errno, f"KVM refused interrupt vector {vector}") from None
+            return
+        if type_ != C.NVMM_VCPU_EVENT_EXCP:
+            raise api.nvmm_error(errno.EINVAL, f"unknown event type {type_}")
+        if vector >= 32 or vector in C.NVMM_EXCP_REFUSED:
+            raise api.nvmm_error(errno.EINVAL, f"exception vector {vector} cannot be injected")
+        if self._msr_pending is not None and vector == C.X86_EXC_GP:
+            self._msr_pending = None          # KVM raises the #GP itself when it completes the MSR access
+            self.mm[L.MSR_ERROR] = 1
+            return
+        has_error = vector in C.X86_EXC_HAS_ERROR
+        struct.pack_into("<BBBBI", self.mm, L.RUN_S_EVENTS, 1, vector, int(has_error), 0,
+                         error & 0xFFFFFFFF if has_error else 0)
+        self._events_flags(struct.unpack_from("<I", self.mm, L.RUN_S_EVENTS + 20)[0] &
+                           ~K.KVM_VCPUEVENT_VALID_PAYLOAD)
+        struct.pack_into("<Q", self.mm, L.RUN_DIRTY_REGS,
+                         struct.unpack_from("<Q", self.mm, L.RUN_DIRTY_REGS)[0] | K.KVM_SYNC_X86_EVENTS)
+
+    # -- run ---------------------------------------------------------------------------------------------------
+    def _configure(self, op, conf):
+        if op == C.NVMM_VCPU_CONF_CPUID:
+            if not isinstance(conf, api.ConfCpuid):
+                raise api.nvmm_error(errno.EINVAL, "NVMM_VCPU_CONF_CPUID takes a ConfCpuid")
+            if conf.exit:
+                raise api.nvmm_error(errno.ENOTSUP, "KVM cannot make CPUID exit to userland (limit "
+                                     f"{api.LIMIT_CPUID_EXIT!r})")
+            self._cpuid_masks[conf.leaf] = conf
+            if self._cpuid_applied:
+                self._apply_cpuid()
+            return
+        raise api.nvmm_error(errno.EINVAL, f"vCPU configuration op {op} is not supported on KVM")
+
+    def _apply_cpuid(self):
+        table = cpuidmod.filtered(self.machine.provider.supported_cpuid, self.cpuid, self._cpuid_masks)
+        try:
+            _IOCTL(self.fd, K.KVM_SET_CPUID2, bytearray(cpuidmod.pack_entries(table)))
+        except OSError as exc:
+            raise api.nvmm_error(exc.errno, "KVM refused the CPUID table (changing it after the first run "
+                                 f"is limit {api.LIMIT_CPUID_LATE!r})") from None
+        self._cpuid_applied = True
+
+    def run(self):
+        if self._commit:
+            self._commit_state()
+        if not self._cpuid_applied:
+            self._apply_cpuid()
+        self._thread = threading.get_ident()
+        try:
+            _IOCTL(self.fd, K.KVM_RUN)
+        except InterruptedError:
+            self.mm[L.RUN_IMMEDIATE_EXIT] = 0
+            self._cached = 0
+            self.exit.reason = C.NVMM_VCPU_EXIT_STOPPED
+            self.exit.kvm_reason = K.KVM_EXIT_INTR
+            return self.exit
+        except OSError as exc:
+            raise api.nvmm_error(exc.errno, "KVM_RUN failed") from None
+        self._cached = 0
+        mm = self.mm
+        kreason = mm[L.RUN_EXIT_REASON]    # every reason we map is below 256
+        ex = self.exit
+        ex.kvm_reason = kreason
+        if kreason == K.KVM_EXIT_IO:
+            ex.reason = C.NVMM_VCPU_EXIT_IO
+            return ex
+        return self._exit_other(ex, kreason)
+
+    def _exit_other(self, ex, kreason):
+        mm = self.mm
+        if mm[L.RUN_EXIT_REASON + 1] or mm[L.RUN_EXIT_REASON + 2] or mm[L.RUN_EXIT_REASON + 3]:
+            kreason = struct.unpack_from("<I", mm, L.RUN_EXIT_REASON)[0]
+            ex.kvm_reason = kreason
+            ex.reason = C.NVMM_VCPU_EXIT_INVALID
+            return ex
+        ex.reason = _EXIT_MAP[kreason] if kreason < K.KVM_EXIT_NR else C.NVMM_VCPU_EXIT_INVALID
+        if kreason == K.KVM_EXIT_IRQ_WINDOW_OPEN:
+            mm[L.RUN_REQUEST_IRQ_WINDOW] = 0     # NVMM: the kernel disables window exiting itself
+        elif kreason in (K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR):
+            ex.rip = struct.unpack_from("<Q", mm, L.RUN_S_REGS + 16 * 8)[0]
+            self._msr_pending = (kreason == K.KVM_EXIT_X86_RDMSR, ex.rip)
+        elif kreason == K.KVM_EXIT_INTR:
+            mm[L.RUN_IMMEDIATE_EXIT] = 0
+        return ex
+
+    def stop(self):
+        """``nvmm_vcpu_stop`` plus the kick: safe from any thread, before or during a run."""
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 1
+        with self._lock:
+            tid = self._thread
+            if tid is not None and tid != threading.get_ident():
+                try:
+                    signal.pthread_kill(tid, SIG_KICK)
+                except ProcessLookupError:
+                    pass
+
+    # -- assists -----------------------------------------------------------------------------------------------
+    def assist_io(self):
+        if self.exit.reason != C.NVMM_VCPU_EXIT_IO:
+            raise api.nvmm_error(errno.EINVAL, "assist_io after a non-IO exit")
+        direction, size, port, count, off = L.IO_FMT.unpack_from(self.mm, L.RUN_U)
+        cb = self.cbs.io
+        if count == 1:
+            key = off << 4 | size
+            view = self._io_views.get(key)
+            if view is None:
+                view = self._io_views[key] = self._mv[off:off + size]
+            cb(port, direction == 0, view)
+            return
+        is_in = direction == 0
+        mv = self._mv
+        for i in range(count):
+            cb(port, is_in, mv[off + i * size:off + (i + 1) * size])
+
+    def assist_mem(self):
+        if self.exit.reason != C.NVMM_VCPU_EXIT_MEMORY:
+            raise api.nvmm_error(errno.EINVAL, "assist_mem after a non-MEMORY exit")
+        mm = self.mm
+        gpa, = struct.unpack_from("<Q", mm, L.MMIO_GPA)
+        length, = struct.unpack_from("<I", mm, L.MMIO_LEN)
+        self.cbs.mem(gpa, bool(mm[L.MMIO_IS_WRITE]), self._mv[L.MMIO_DATA:L.MMIO_DATA + min(length, 8)])
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def paging_regs(self):
+        sregs = self._sregs()
+        cr = L._CR0
+        return sregs[cr], sregs[cr + 2], sregs[cr + 3], sregs[cr + 5]
+
+    def decode_io_insn(self):
+        """``(rep, str, length, address_size)`` of the I/O instruction at CS:RIP (for ``exit.io``)."""
+        rip = struct.unpack_from("<Q", self.mm, L.RUN_S_REGS + 16 * 8)[0]
+        self.exit.rip = rip
+        sregs = self._sregs()
+        cs_base, cs_l, cs_db = sregs[0], sregs[8], sregs[6]
+        efer = L.sregs_efer(sregs)
+        long64 = bool(efer & C.EFER_LMA) and cs_l
+        addr_size = 8 if long64 else (4 if cs_db else 2)
+        try:
+            gpa, _ = self.gva_to_gpa(cs_base + rip if not long64 else rip)
+            code = self.machine.read_phys(gpa, 15)
+        except OSError:
+            return False, False, 1, addr_size
+        i, rep = 0, False
+        while i < 14 and (code[i] in _IO_PREFIXES or (long64 and 0x40 <= code[i] <= 0x4F)):
+            rep |= code[i] in (0xF2, 0xF3)
+            if code[i] == 0x67:
+                addr_size = 4 if long64 else (2 if addr_size == 4 else 4)
+            i += 1
+        op = code[i]
+        str_ = 0x6C <= op <= 0x6F
+        length = i + (2 if op in (0xE4, 0xE5, 0xE6, 0xE7) else 1)
+        return rep and str_, str_, length, addr_size
+
+    def _destroy(self):
+        with self._lock:
+            self._thread = None
+        self._mv.release()
+        self._io_views.clear()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        import os
+        os.close(self.fd)
+
+
+def _fpu_kvm_to_fxsave(kvm, fx):
+    """kvm_fpu -> the 512-byte FXSAVE image of NVMM's FPU category (SDM vol. 1, table 10-2)."""
+    v = L.KVM_FPU.parse(bytes(kvm))
+    out = bytearray(512)
+    struct.pack_into("<HHBxHQQII", out, 0, v.fcw, v.fsw, v.ftwx, v.last_opcode, v.last_ip, v.last_dp,
+                     v.mxcsr, 0xFFBF)
+    for i in range(8):
+        out[32 + 16 * i:48 + 16 * i] = v.fpr[i]
+    for i in range(16):
+        out[160 + 16 * i:176 + 16 * i] = v.xmm[i]
+    fx[:] = out
+
+
+def _fxsave_to_fpu_kvm(fx, kvm):
+    fcw, fsw, ftwx, fop, fip, fdp, mxcsr, _ = struct.unpack_from("<HHBxHQQII", fx, 0)
+    kvm[:] = L.KVM_FPU.build(dict(fpr=[bytes(fx[32 + 16 * i:48 + 16 * i]) for i in range(8)], fcw=fcw, fsw=fsw,
+                                  ftwx=ftwx, last_opcode=fop, last_ip=fip, last_dp=fdp,
+                                  xmm=[bytes(fx[160 + 16 * i:176 + 16 * i]) for i in range(16)], mxcsr=mxcsr))
