@@ -1,0 +1,156 @@
+"""The local APIC timer: one-shot, periodic and TSC-deadline counting over a :class:`TimerService` clock.
+
+Intel SDM vol. 3A section 10.5.4 "APIC Timer" and 10.5.4.1 "TSC-Deadline Mode". The counter runs at bhyve's bus
+clock of 128 MiHz (134217728 Hz) divided by the DCR value; nothing counts in software: the current count is
+computed from the time left to the armed deadline (``ccr = ceil(remaining_ns * rate / 1e9)``, never above the
+initial count), the way bhyve computes it from the callout's bintime.
+
+The owner (:class:`bhyve_devices.vlapic.Vlapic`) serialises every call under its lock; the armed callback calls
+the owner's ``on_expire(generation)``, which calls :meth:`ApicTimer.expired` and fires the LVT if it returns True.
+A callback whose generation is stale (the timer was re-armed or stopped meanwhile) is ignored, so a timer thread
+that fires late never injects a cancelled tick.
+
+Not supported: a periodic period shorter than :data:`MIN_PERIOD_NS` (100 us) is stretched to it, as KVM does, so a
+guest cannot flood the timer thread; missed periodic ticks are coalesced, not replayed; the TSC-deadline clock is
+the TimerService clock scaled by ``tsc_hz`` (no TSC offset or scaling from the VM unless ``tsc_now`` is given).
+"""
+
+from . import vlapic_regs as R
+
+NS_PER_S = 1_000_000_000
+MIN_PERIOD_NS = 100_000
+
+
+class ApicTimer:
+    def __init__(self, timers, on_expire, tsc_hz=None, tsc_now=None):
+        self._timers = timers
+        self._on_expire = on_expire
+        self.tsc_hz = tsc_hz
+        if tsc_now is None and tsc_hz:
+            tsc_now = lambda: timers.now_ns() * tsc_hz // NS_PER_S  # noqa: E731
+        self._tsc_now = tsc_now
+        self.mode = R.TIMER_ONESHOT
+        self.icr = 0
+        self.dcr = 0
+        self.divisor = 2
+        self.running = False
+        self.deadline_ns = 0
+        self.period_ns = 0
+        self.tsc_deadline = 0
+        self.generation = 0
+        self.fires = 0          # statistics: expirations so far
+        self._handle = None
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _ns_for(self, count):
+        return max(1, -(-count * self.divisor * NS_PER_S // R.BUS_HZ))
+
+    def _arm(self, deadline_ns):
+        self.generation += 1
+        gen = self.generation
+        self.deadline_ns = deadline_ns
+        self.running = True
+        self._handle = self._timers.arm(deadline_ns, lambda: self._on_expire(gen))
+
+    def stop(self):
+        if self._handle is not None:
+            self._timers.cancel(self._handle)
+            self._handle = None
+        self.generation += 1
+        self.running = False
+
+    def _start_count(self, count):
+        now = self._timers.now_ns()
+        self.period_ns = self._ns_for(self.icr)
+        if self.mode == R.TIMER_PERIODIC:
+            self.period_ns = max(self.period_ns, MIN_PERIOD_NS)
+        self._arm(now + self._ns_for(count))
+
+    # -- register interface ---------------------------------------------------------------------------------
+    def write_icr(self, value):
+        """Initial-count write: (re)starts counting from ``value``; 0 stops the timer. Ignored in TSC-deadline."""
+        if self.mode == R.TIMER_TSC_DEADLINE:
+            return
+        self.stop()
+        self.icr = value & 0xFFFFFFFF
+        if self.icr:
+            self._start_count(self.icr)
+
+    def write_dcr(self, value):
+        """Divide-configuration write; a running count keeps its current value and goes on at the new rate."""
+        value &= R.DCR_WRITABLE
+        if self.running and self.mode != R.TIMER_TSC_DEADLINE:
+            count = self.ccr()
+            self.stop()
+            self.dcr, self.divisor = value, R.dcr_divisor(value)
+            if count:
+                self._start_count(count)
+        else:
+            self.dcr, self.divisor = value, R.dcr_divisor(value)
+
+    def ccr(self):
+        """Current count: 0 when stopped, after a one-shot expiry and always in TSC-deadline mode."""
+        if not self.running or self.mode == R.TIMER_TSC_DEADLINE:
+            return 0
+        remaining = self.deadline_ns - self._timers.now_ns()
+        if remaining <= 0:
+            return 0
+        count = -(-remaining * R.BUS_HZ // (self.divisor * NS_PER_S))
+        return min(count, self.icr)
+
+    def set_mode(self, mode):
+        """LVT timer mode change; a transition into or out of TSC-deadline mode disarms the timer (10.5.4.1)."""
+        if mode == self.mode:
+            return
+        tsc_change = R.TIMER_TSC_DEADLINE in (mode, self.mode)
+        self.mode = mode
+        if tsc_change:
+            self.stop()
+            self.icr = 0
+            self.tsc_deadline = 0
+
+    def restart_periodic(self):
+        """After an SVR re-enable bhyve restarts a periodic timer from its initial count."""
+        if self.mode == R.TIMER_PERIODIC and self.icr and not self.running:
+            self._start_count(self.icr)
+
+    def expired(self, generation):
+        """Called (under the owner's lock) from the armed callback; True if the LVT should fire now."""
+        if generation != self.generation or not self.running:
+            return False
+        self._handle = None
+        self.fires += 1
+        if self.mode == R.TIMER_PERIODIC and self.icr:
+            now = self._timers.now_ns()
+            nxt = self.deadline_ns + self.period_ns
+            if nxt <= now:  # a late timer thread: coalesce the missed ticks
+                nxt += ((now - nxt) // self.period_ns + 1) * self.period_ns
+            self._arm(nxt)
+        else:
+            self.running = False
+            if self.mode == R.TIMER_TSC_DEADLINE:
+                self.tsc_deadline = 0
+        return True
+
+    # -- IA32_TSC_DEADLINE ----------------------------------------------------------------------------------
+    def tsc_now(self):
+        return self._tsc_now() if self._tsc_now else 0
+
+    def write_tsc_deadline(self, value):
+        """Returns True if the deadline is already past (the owner fires the LVT at once)."""
+        if self.mode != R.TIMER_TSC_DEADLINE or not self.tsc_hz:
+            return False
+        self.stop()
+        self.tsc_deadline = value & 0xFFFFFFFFFFFFFFFF
+        if not self.tsc_deadline:
+            return False
+        delta = self.tsc_deadline - self.tsc_now()
+        if delta <= 0:
+            self.running = True
+            return self.expired(self.generation)
+        now = self._timers.now_ns()
+        self._arm(now + max(1, -(-delta * NS_PER_S // self.tsc_hz)))
+        return False
+
+    def read_tsc_deadline(self):
+        return self.tsc_deadline if self.mode == R.TIMER_TSC_DEADLINE else 0
