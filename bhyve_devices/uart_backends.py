@@ -1,0 +1,277 @@
+"""Host ends for :class:`bhyve_devices.uart16550.UART16550` (xhyve/bhyve ``-l com1,stdio``, ``com2,autopty``,
+``com1,/dev/ttyX``; plus a file and a Unix socket).
+
+A backend is the UART's ``sink`` (``write(bytes)``) and, once :meth:`start` is given the UART (or any
+``enqueue_input(bytes) -> int`` callable), runs one daemon reader thread that feeds input, retrying the bytes the
+UART has no room for. :meth:`close` stops the thread and restores what it changed (the tty mode of stdin).
+:func:`open_backend` turns a bhyve option string into a backend.
+
+Not supported: TCP sockets (``tcp=``), bhyve's ``ttyS`` capsicum rights, more than one socket client at a time
+(a second one waits until the first has gone), hot-plugging a pty reader (output written while no one has the
+pty open stays in the kernel's pty buffer and may block, so output to a full pty is dropped instead).
+"""
+
+import errno
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+
+RETRY_S = 0.005
+
+
+class _Backend:
+    def __init__(self):
+        self._thread = None
+        self._stop_r, self._stop_w = os.pipe()
+        self._closed = False
+        self._feed = None
+
+    # the sink
+    def write(self, data):
+        raise NotImplementedError
+
+    def start(self, uart):
+        self._feed = uart.enqueue_input if hasattr(uart, "enqueue_input") else uart
+        fd = self._input_fd()
+        if fd is None:
+            return self
+        self._thread = threading.Thread(target=self._reader, name=f"uart-{type(self).__name__}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _input_fd(self):
+        return None
+
+    def _wait_readable(self, fd, timeout=None):
+        """True when ``fd`` is readable, False when :meth:`close` was called."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ, "fd")
+            sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+            for key, _ in sel.select(timeout):
+                if key.data == "stop":
+                    return False
+            return True
+
+    def _deliver(self, data):
+        while data and not self._closed:
+            n = self._feed(data)
+            data = data[n:]
+            if data:
+                time.sleep(RETRY_S)
+
+    def _reader(self):
+        fd = self._input_fd()
+        while not self._closed:
+            if not self._wait_readable(fd):
+                return
+            try:
+                data = os.read(fd, 4096)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                if e.errno == errno.EIO:   # a pty whose other end is closed: wait for a new opener
+                    time.sleep(0.1)
+                    continue
+                return
+            if not data:
+                if not self._on_eof():
+                    return
+                continue
+            self._deliver(data)
+
+    def _on_eof(self):
+        return False
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._stop_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+class StdioBackend(_Backend):
+    """Output to stdout; input from stdin, in raw mode when stdin is a tty (restored by :meth:`close`)."""
+
+    def __init__(self, stdin_fd=0, stdout_fd=1):
+        super().__init__()
+        self._in, self._out = stdin_fd, stdout_fd
+        self._saved = None
+        if os.isatty(stdin_fd):
+            import termios
+            import tty
+            self._saved = termios.tcgetattr(stdin_fd)
+            tty.setraw(stdin_fd)
+
+    def write(self, data):
+        try:
+            os.write(self._out, data)
+        except OSError:
+            pass
+
+    def _input_fd(self):
+        return self._in
+
+    def close(self):
+        super().close()
+        if self._saved is not None:
+            import termios
+            termios.tcsetattr(self._in, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+
+class FileBackend(_Backend):
+    """Output appended to a file; no input."""
+
+    def __init__(self, path):
+        super().__init__()
+        self._f = open(path, "ab", buffering=0)
+
+    def write(self, data):
+        self._f.write(data)
+
+    def close(self):
+        super().close()
+        self._f.close()
+
+
+class TtyBackend(_Backend):
+    """A host character device (``/dev/ttyX`` or a pty slave) for both directions, set raw."""
+
+    def __init__(self, path):
+        super().__init__()
+        self._fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        if os.isatty(self._fd):
+            import tty
+            tty.setraw(self._fd)
+
+    def write(self, data):
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            pass
+
+    def _input_fd(self):
+        return self._fd
+
+    def close(self):
+        super().close()
+        os.close(self._fd)
+
+
+class PtyBackend(_Backend):
+    """``autopty``: a new pseudo-terminal; the guest is the master side and ``path`` names the slave, which is
+    printed to ``announce`` (stderr) so that a user can ``screen``/``cu`` it."""
+
+    def __init__(self, announce=sys.stderr):
+        super().__init__()
+        import tty
+        self._master, slave = os.openpty()
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        self._slave = slave             # kept open so that the master never sees EIO between readers
+        os.set_blocking(self._master, False)
+        if announce is not None:
+            print(f"vmmshim: com port on {self.path}", file=announce, flush=True)
+
+    def write(self, data):
+        try:
+            os.write(self._master, data)
+        except OSError:
+            pass                        # full: nobody is reading the pty
+
+    def _input_fd(self):
+        return self._master
+
+    def close(self):
+        super().close()
+        os.close(self._master)
+        os.close(self._slave)
+
+
+class UnixSocketBackend(_Backend):
+    """A listening Unix stream socket at ``path``; one client at a time gets the output and sends input.
+    Output while no client is connected is dropped."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lsock.bind(path)
+        self._lsock.listen(1)
+        self._client = None
+        self._clock = threading.Lock()
+
+    def write(self, data):
+        with self._clock:
+            c = self._client
+        if c is not None:
+            try:
+                c.sendall(data)
+            except OSError:
+                pass
+
+    def _input_fd(self):
+        return self._lsock.fileno()
+
+    def _reader(self):
+        while not self._closed:
+            if not self._wait_readable(self._lsock.fileno()):
+                return
+            try:
+                client, _ = self._lsock.accept()
+            except OSError:
+                continue
+            with self._clock:
+                self._client = client
+            try:
+                while not self._closed and self._wait_readable(client.fileno()):
+                    data = client.recv(4096)
+                    if not data:
+                        break
+                    self._deliver(data)
+            except OSError:
+                pass
+            finally:
+                with self._clock:
+                    self._client = None
+                client.close()
+
+    def close(self):
+        super().close()
+        self._lsock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def open_backend(spec):
+    """``stdio``, ``autopty``, ``file:PATH``, ``unix:PATH`` (listen there), or a path: a character device is
+    opened as a tty, anything else is a file the output is appended to."""
+    if spec == "stdio":
+        return StdioBackend()
+    if spec == "autopty":
+        return PtyBackend()
+    if spec.startswith("file:"):
+        return FileBackend(spec[5:])
+    if spec.startswith("unix:"):
+        return UnixSocketBackend(spec[5:])
+    import stat
+    try:
+        mode = os.stat(spec).st_mode
+    except FileNotFoundError:
+        return FileBackend(spec)
+    if stat.S_ISCHR(mode):
+        return TtyBackend(spec)
+    return FileBackend(spec)
