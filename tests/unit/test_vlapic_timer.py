@@ -1,0 +1,217 @@
+"""LAPIC timer against ManualTimers: one-shot, periodic, divide values, CCR, TSC-deadline."""
+
+import pytest
+
+from bhyve_devices import vlapic_regs as R
+from bhyve_devices.base import ManualTimers
+from bhyve_devices.vlapic import Vlapic
+from bhyve_devices.vlapic_timer import MIN_PERIOD_NS
+
+VEC = 0xEC
+ICR = 1 << 20                      # with divide-by-2: 2**21 bus clocks = 1/64 s
+T = 1_000_000_000 // 64
+
+
+def make(mode=0, dcr=0, tsc_hz=None):
+    t = ManualTimers()
+    v = Vlapic(0, t, tsc_hz=tsc_hz)
+    v.write(R.SVR, 4, 0x1FF)
+    v.write(R.TIMER_DCR, 4, dcr)
+    v.write(R.LVT_TIMER, 4, (mode << 17) | VEC)
+    return v, t
+
+
+def take(v):
+    vec = v.pending_intr()
+    if vec is not None:
+        v.intr_accepted(vec)
+        v.write(R.EOI, 4, 0)
+    return vec
+
+
+def test_bus_frequency_and_divisors():
+    assert R.BUS_HZ == 128 * 1024 * 1024
+    expect = {0x0: 2, 0x1: 4, 0x2: 8, 0x3: 16, 0x8: 32, 0x9: 64, 0xA: 128, 0xB: 1}
+    for dcr, div in expect.items():
+        assert R.dcr_divisor(dcr) == div
+
+
+def test_one_shot_counts_down_and_fires_once():
+    v, t = make()
+    v.write(R.TIMER_ICR, 4, ICR)
+    assert v.read(R.TIMER_ICR, 4) == ICR
+    assert v.read(R.TIMER_CCR, 4) == ICR
+    t.advance(T // 2)
+    assert v.read(R.TIMER_CCR, 4) == ICR // 2
+    assert v.pending_intr() is None
+    t.advance(T // 2 - 1)
+    assert v.read(R.TIMER_CCR, 4) > 0 and v.pending_intr() is None
+    t.advance(1)
+    assert v.read(R.TIMER_CCR, 4) == 0
+    assert take(v) == VEC
+    t.advance(10 * T)
+    assert take(v) is None and v.timer.fires == 1
+
+
+def test_ccr_decreases_monotonically():
+    v, t = make(dcr=0xB)
+    v.write(R.TIMER_ICR, 4, 0xFFFFFFFF)
+    last = v.read(R.TIMER_CCR, 4)
+    for _ in range(50):
+        t.advance(12345)
+        ccr = v.read(R.TIMER_CCR, 4)
+        assert ccr < last
+        last = ccr
+
+
+@pytest.mark.parametrize("dcr,div", [(0x0, 2), (0x1, 4), (0x2, 8), (0x3, 16), (0x8, 32), (0x9, 64), (0xA, 128),
+                                     (0xB, 1)])
+def test_divide_values(dcr, div):
+    v, t = make(dcr=dcr)
+    count = 1 << 20
+    ns = count * div * 1_000_000_000 // R.BUS_HZ          # exact for these values
+    v.write(R.TIMER_ICR, 4, count)
+    t.advance(ns - 1)
+    assert v.pending_intr() is None
+    assert v.read(R.TIMER_CCR, 4) == 1
+    t.advance(1)
+    assert take(v) == VEC
+
+
+def test_periodic_reloads():
+    v, t = make(mode=R.TIMER_PERIODIC)
+    v.write(R.TIMER_ICR, 4, ICR)
+    for i in range(1, 6):
+        t.advance(T)
+        assert take(v) == VEC
+        assert v.timer.fires == i
+        assert v.read(R.TIMER_CCR, 4) == ICR                # reloaded
+    t.advance(T // 4)
+    assert v.read(R.TIMER_CCR, 4) == ICR * 3 // 4
+    t.advance(10 * T - T // 4)                               # ticks while not taken coalesce in IRR
+    assert v.timer.fires == 15
+    assert take(v) == VEC and take(v) is None
+
+
+def test_periodic_minimum_period():
+    v, t = make(mode=R.TIMER_PERIODIC, dcr=0xB)
+    v.write(R.TIMER_ICR, 4, 1)
+    t.advance(MIN_PERIOD_NS * 10)
+    assert v.timer.fires == 10
+
+
+def test_icr_zero_stops_and_rewrite_restarts():
+    v, t = make()
+    v.write(R.TIMER_ICR, 4, ICR)
+    t.advance(T // 2)
+    v.write(R.TIMER_ICR, 4, 0)
+    assert v.read(R.TIMER_CCR, 4) == 0
+    t.advance(T)
+    assert take(v) is None
+    v.write(R.TIMER_ICR, 4, ICR)
+    t.advance(T // 2)
+    v.write(R.TIMER_ICR, 4, ICR)                            # restart from the top
+    t.advance(T - 1)
+    assert take(v) is None
+    t.advance(1)
+    assert take(v) == VEC
+    assert t.pending() == 0
+
+
+def test_dcr_change_keeps_count():
+    v, t = make(dcr=0x0)                                     # /2
+    v.write(R.TIMER_ICR, 4, ICR)
+    t.advance(T // 2)
+    v.write(R.TIMER_DCR, 4, 0x1)                             # /4: the remaining half takes twice as long
+    assert v.read(R.TIMER_CCR, 4) == ICR // 2
+    t.advance(T // 2)
+    assert take(v) is None
+    assert v.read(R.TIMER_CCR, 4) == ICR // 4
+    t.advance(T // 2)
+    assert take(v) == VEC
+
+
+def test_masked_lvt_counts_without_interrupt():
+    v, t = make()
+    v.write(R.LVT_TIMER, 4, R.LVT_MASKED | VEC)
+    v.write(R.TIMER_ICR, 4, ICR)
+    t.advance(T)
+    assert v.timer.fires == 1 and take(v) is None
+
+
+def test_svr_disable_stops_and_enable_restarts_periodic():
+    v, t = make(mode=R.TIMER_PERIODIC)
+    v.write(R.TIMER_ICR, 4, ICR)
+    v.write(R.SVR, 4, 0xFF)
+    t.advance(3 * T)
+    assert v.timer.fires == 0
+    v.write(R.SVR, 4, 0x1FF)
+    v.write(R.LVT_TIMER, 4, (R.TIMER_PERIODIC << 17) | VEC)  # LVTs stay masked until rewritten
+    t.advance(T)
+    assert v.timer.fires == 1 and take(v) == VEC
+
+
+def test_stale_callback_ignored():
+    v, t = make()
+    v.write(R.TIMER_ICR, 4, ICR)
+    old = v.timer.generation
+    v.write(R.TIMER_ICR, 4, ICR)
+    v._on_timer(old)                                         # a late timer thread
+    assert v.timer.fires == 0 and take(v) is None
+
+
+# -- TSC deadline -------------------------------------------------------------------------------------------
+
+def test_tsc_deadline_fires_and_clears():
+    v, t = make(mode=R.TIMER_TSC_DEADLINE, tsc_hz=1_000_000_000)   # TSC ticks = ns
+    assert v.read(R.LVT_TIMER, 4) == (R.TIMER_TSC_DEADLINE << 17) | VEC
+    v.write(R.TIMER_ICR, 4, 1234)                                    # ignored in TSC-deadline mode
+    assert v.read(R.TIMER_ICR, 4) == 0 and v.read(R.TIMER_CCR, 4) == 0
+    v.write_tsc_deadline(5000)
+    assert v.read_tsc_deadline() == 5000 and v.rdmsr(R.MSR_TSC_DEADLINE) == 5000
+    t.advance(4999)
+    assert take(v) is None
+    t.advance(1)
+    assert take(v) == VEC
+    assert v.read_tsc_deadline() == 0
+
+
+def test_tsc_deadline_scaled_past_and_disarm():
+    v, t = make(mode=R.TIMER_TSC_DEADLINE, tsc_hz=3_000_000_000)   # 3 GHz
+    t.advance(1000)                                                  # TSC = 3000
+    v.wrmsr(R.MSR_TSC_DEADLINE, 3000 + 3_000_000)                    # 1 ms ahead
+    t.advance(999_999)
+    assert take(v) is None
+    t.advance(1)
+    assert take(v) == VEC
+    v.wrmsr(R.MSR_TSC_DEADLINE, 1)                                   # in the past: fires at once
+    assert take(v) == VEC
+    v.wrmsr(R.MSR_TSC_DEADLINE, 10**12)
+    v.wrmsr(R.MSR_TSC_DEADLINE, 0)                                   # disarm
+    t.advance(10**9)
+    assert take(v) is None and t.pending() == 0
+
+
+def test_tsc_deadline_mode_switch_disarms_and_other_modes_ignore():
+    v, t = make(mode=R.TIMER_TSC_DEADLINE, tsc_hz=1_000_000_000)
+    v.write_tsc_deadline(1000)
+    v.write(R.LVT_TIMER, 4, VEC)                                     # -> one-shot: disarmed
+    t.advance(2000)
+    assert take(v) is None
+    v.write_tsc_deadline(5000)                                       # ignored outside TSC-deadline mode
+    assert v.read_tsc_deadline() == 0
+    t.advance(5000)
+    assert take(v) is None
+
+
+def test_tsc_deadline_custom_clock():
+    tsc = [100]
+    t = ManualTimers()
+    v = Vlapic(0, t, tsc_hz=1_000_000, tsc_now=lambda: tsc[0])       # 1 MHz guest TSC
+    v.write(R.SVR, 4, 0x1FF)
+    v.write(R.LVT_TIMER, 4, (R.TIMER_TSC_DEADLINE << 17) | VEC)
+    v.write_tsc_deadline(110)                                        # 10 ticks = 10 us
+    t.advance(9_999)
+    assert take(v) is None
+    t.advance(1)
+    assert take(v) == VEC
