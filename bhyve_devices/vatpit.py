@@ -13,7 +13,9 @@ channel 2, bit 1 is speaker data, bit 4 the refresh toggle (flips every 15.085 u
 
 Not supported: gates of channels 0 and 1 (always high); in modes 2 and 3 a new count takes effect at once
 instead of at the end of the current period; mode 3 with an odd count is modelled as the even count below it
-for the count value (OUT still uses the 8254 high/low split); no speaker sound; the one-clock load delay.
+for the count value (OUT still uses the 8254 high/low split); no speaker sound; the one-clock load delay;
+channel 0 periods below 60 ticks (50 us) pulse IRQ0 only every 50 us (the edges in between are coalesced, as an
+edge-triggered PIC input would coalesce them when the guest is slow).
 """
 
 import threading
@@ -22,6 +24,7 @@ from construct import BitStruct, BitsInteger, Enum, Flag
 
 PIT_HZ = 1193182
 NS = 1_000_000_000
+MIN_PERIOD_TICKS = 60           # channel 0 pulses IRQ0 at most every 50 us (about 20 kHz)
 
 # The control word (port 0x43), for documentation and tests; the access path uses ints.
 CONTROL_WORD = BitStruct(
@@ -285,6 +288,8 @@ class PIT8254:
         n, t = c.initial, c.ticks(self._timers.now_ns())
         if c.mode in (2, 3):
             edge = (t // n + 1) * n     # OUT rises at the end of every period
+            if n < MIN_PERIOD_TICKS:    # a tiny count: coalesce edges rather than flood the timer thread
+                edge = -(-(t + MIN_PERIOD_TICKS) // n) * n
         elif c.mode in (0, 1):
             if t >= n:
                 return

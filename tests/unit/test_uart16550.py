@@ -280,3 +280,32 @@ def test_pty_backend_both_ways():
     finally:
         os.close(fd)
         be.close()
+
+
+def test_stdio_backend_over_pipes_and_tty_device_path():
+    from bhyve_devices.uart_backends import StdioBackend, TtyBackend
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    be = StdioBackend(stdin_fd=in_r, stdout_fd=out_w)
+    u = UART16550(RecordingLine(), be)
+    be.start(u)
+    os.write(in_w, b"typed")
+    got = bytearray()
+    assert _wait(lambda: (got.extend(_drain(u)), bytes(got) == b"typed")[1])
+    u.write(0, 1, ord("!"))
+    assert os.read(out_r, 10) == b"!"
+    be.close()
+    for fd in (in_r, in_w, out_r, out_w):
+        os.close(fd)
+    # a host tty given by path (here the slave of a fresh pty)
+    master, slave = os.openpty()
+    be2 = open_backend(os.ttyname(slave))
+    assert isinstance(be2, TtyBackend)
+    u2 = UART16550(RecordingLine(), be2)
+    be2.start(u2)
+    os.write(master, b"z")
+    assert _wait(lambda: u2.read(U.REG_LSR, 1) & U.LSR_DR)
+    assert u2.read(0, 1) == ord("z")
+    be2.close()
+    os.close(master)
+    os.close(slave)

@@ -214,3 +214,12 @@ def test_any_access_never_raises(ops):
             r = dev.read(o, size)
             assert 0 <= r < 1 << (8 * size)
         d.t.advance(dt)
+
+
+def test_tiny_period_is_coalesced():
+    d = Driver()
+    d.outb(0x43, 0x34)
+    d.outb(0x40, 2)
+    d.outb(0x40, 0)
+    d.t.advance(NS // 100)
+    assert 150 <= d.irq.pulses <= 201
