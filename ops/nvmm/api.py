@@ -106,6 +106,7 @@ LIMIT_PAGING32 = "paging32"              # cannot run 32-bit or PAE paging
 LIMIT_CPUID_MASK_1_7 = "cpuid-mask-1-7"  # CPUID leaves 1 and 7 ignore masks
 LIMIT_CPUID_LATE = "cpuid-after-run"     # CPUID configuration refused after the first run
 LIMIT_SOFT_INT = "int-n"                 # guest `int n`/`int3` fail
+LIMIT_IRQ_WINDOW_LATE = "irq-window-late"  # INT_READY comes at the next exit after the window opens
 
 
 class Provider:

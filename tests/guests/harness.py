@@ -17,6 +17,8 @@ from ops.nvmm import constants as C
 PAGE = 4096
 PML4, PDPT, PD, PT = 0x3000, 0x4000, 0x5000, 0x6000
 CODE = 0x2000
+GDT, IDT = 0x7000, 0x8000
+GDT_ENTRIES = (0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)   # null, 0x08 64-bit code, 0x10 flat data
 PTE_P, PTE_W, PTE_PS = 1, 2, 0x80
 
 # NVMM attrib words (type | S | DPL | P | L | DEF | G)
@@ -156,6 +158,22 @@ class Guest:
         s.gprs[C.NVMM_X64_GPR_RFLAGS] = C.RFLAGS_RESERVED1
         v.setstate(C.NVMM_X64_STATE_SEGS | C.NVMM_X64_STATE_GPRS | C.NVMM_X64_STATE_CRS |
                    C.NVMM_X64_STATE_MSRS)
+
+    def setup_idt64(self, handlers, vcpu=None):
+        """A GDT at 0x7000 (null, 64-bit code 0x08, data 0x10) and a 64-bit IDT at 0x8000 whose gates for the
+        ``{vector: handler address}`` given are present interrupt gates; GDTR and IDTR are loaded."""
+        for i, d in enumerate(GDT_ENTRIES):
+            struct.pack_into("<Q", self.mem.view, GDT + 8 * i, d)
+        for vec in range(256):
+            struct.pack_into("<QQ", self.mem.view, IDT + 16 * vec, 0, 0)
+        for vec, addr in handlers.items():
+            lo = (addr & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((addr >> 16) & 0xFFFF) << 48
+            struct.pack_into("<QQ", self.mem.view, IDT + 16 * vec, lo, addr >> 32)
+        v = vcpu or self.vcpu
+        v.getstate(C.NVMM_X64_STATE_SEGS)
+        v.state.segs[C.NVMM_X64_SEG_GDT].set(0, 0, 8 * len(GDT_ENTRIES) - 1, GDT)
+        v.state.segs[C.NVMM_X64_SEG_IDT].set(0, 0, 16 * 256 - 1, IDT)
+        v.setstate(C.NVMM_X64_STATE_SEGS)
 
     # -- running -----------------------------------------------------------------------------------------------
     def run(self, until=(C.NVMM_VCPU_EXIT_HALTED,), max_exits=10000, vcpu=None):

@@ -278,3 +278,21 @@ def test_never_raises(ops):
             if pic.pending() is not None:
                 assert 0 <= pic.intr_accepted() < 256
     assert line == [] or all(a != b for a, b in zip(line, line[1:]))   # only changes are signalled
+
+
+def test_irq0_through_lint0_extint():
+    from bhyve_devices import vlapic_regs as R
+    from bhyve_devices.base import ManualTimers
+    from bhyve_devices.vlapic import Vlapic
+
+    v = Vlapic(0, ManualTimers())
+    v.write(R.SVR, 4, 0x1FF)
+    v.write(R.LVT_LINT0, 4, R.DELMODE_EXTINT << 8)          # Linux's virtual-wire setup on the BSP
+    pic, _ = linux_init()
+    pic._intr_line = v.set_lint0_level
+    unmask(pic, 0)
+    pic.pulse_irq(0)
+    assert v.lint0_pending() and v.pending_intr() is None
+    assert pic.intr_accepted() == 0x20
+    v.extint_accepted()
+    assert not v.lint0_pending()

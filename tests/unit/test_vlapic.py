@@ -338,6 +338,20 @@ def test_cpuid_features():
     assert w.cpuid_leaf1(0xFFFFFFFF, 0) == (0xFFFFFFFF & ~((1 << 21) | (1 << 24)), 1 << 9)
 
 
+def test_tsc_deadline_msr_needs_cpuid_bit():
+    v = make()
+    with pytest.raises(ApicGP):
+        v.rdmsr(R.MSR_TSC_DEADLINE)
+    with pytest.raises(ApicGP):
+        v.wrmsr(R.MSR_TSC_DEADLINE, 5)
+    v.write_tsc_deadline(5)
+    assert v.read_tsc_deadline() == 0
+    assert Vlapic.handles_msr(0x1B) and Vlapic.handles_msr(0x6E0) and Vlapic.handles_msr(0x8FF)
+    assert not Vlapic.handles_msr(0x900)
+    with pytest.raises(ValueError):
+        v.rdmsr(0x10)
+
+
 def test_init_reset_keeps_id():
     v = make(vcpu=3)
     wr(v, R.TPR, 0x40)

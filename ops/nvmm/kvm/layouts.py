@@ -65,6 +65,12 @@ KVM_FPU = cs.Struct("fpr" / cs.Array(8, cs.Bytes(16)), "fcw" / cs.Int16ul, "fsw"
                     "last_dp" / cs.Int64ul, "xmm" / cs.Array(16, cs.Bytes(16)), "mxcsr" / cs.Int32ul,
                     cs.Padding(4))
 
+#: ``struct kvm_xsave``: the FXSAVE image (NVMM's FPU category) is its first 512 bytes, then the XSAVE header.
+KVM_XSAVE = cs.Bytes(4096)
+XSAVE_LEGACY_SIZE = 512
+XSAVE_XSTATE_BV = 512
+XSTATE_FP_SSE = 0x3
+
 #: The fixed head of ``struct kvm_run`` (x86), up to and including the sync-regs area.
 KVM_RUN_HEADER = cs.Struct(
     "request_interrupt_window" / cs.Int8ul, "immediate_exit" / cs.Int8ul, cs.Padding(6),

@@ -121,7 +121,7 @@ class KvmProvider(api.Provider):
                 xcr0 = e[3] | (e[6] << 32)
         limits = {api.LIMIT_CPUID_EXIT, api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, api.LIMIT_CPUID_LATE}
         if self.kind == "kvm_pvm":
-            limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT}
+            limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT, api.LIMIT_IRQ_WINDOW_LATE}
         return api.Capability(
             max_machines=128, max_vcpus=self.max_vcpus, max_ram=1 << 46,
             arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=xcr0,

@@ -51,6 +51,7 @@ _EXIT_MAP[K.KVM_EXIT_X86_RDMSR] = C.NVMM_VCPU_EXIT_RDMSR
 _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
 _MSR_INSN_LEN = 2   # rdmsr 0F 32 / wrmsr 0F 30
+K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
 
 class KvmExit(Exit):
@@ -121,7 +122,6 @@ class KvmVcpu(api.Vcpu):
         self.fd = _IOCTL(machine.vmfd, K.KVM_CREATE_VCPU, cpuid)
         self.mm = mmap.mmap(self.fd, prov.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mv = memoryview(self.mm)
-        self._io_views = {}
         self._cached = 0          # categories already converted into self.state
         self._commit = 0          # categories setstate marked for the next run
         self._msr_pending = None  # (is_rdmsr, rip) of an MSR exit KVM will complete at the next run
@@ -141,6 +141,8 @@ class KvmVcpu(api.Vcpu):
         self._mv[L.RUN_S_SREGS:L.RUN_S_SREGS + len(sregs)] = sregs
         self._mv[L.RUN_S_EVENTS:L.RUN_S_EVENTS + len(events)] = events
         struct.pack_into("<QQ", self.mm, L.RUN_VALID_REGS, K.KVM_SYNC_X86_ALL, 0)
+        self._slow = True         # the next run must commit state or apply CPUID first
+        self._install_fast_paths()
 
     # -- state -------------------------------------------------------------------------------------------------
     def _sregs(self):
@@ -173,14 +175,13 @@ class KvmVcpu(api.Vcpu):
         if need & _INTR:
             st.intr = self.intr_bits()
         if need & _FPU:
-            buf = bytearray(L.KVM_FPU.sizeof())
-            _IOCTL(self.fd, K.KVM_GET_FPU, buf)
-            _fpu_kvm_to_fxsave(buf, st.fpu)
+            st.fpu[:] = self._get_xsave()[:L.XSAVE_LEGACY_SIZE]
         self._cached |= need
 
     def setstate(self, flags):
         self._commit |= flags
         self._cached |= flags
+        self._slow = True
 
     def intr_bits(self):
         """NVMM's ``nvmm_x64_state_intr`` word from the synced events and our window request."""
@@ -192,6 +193,11 @@ class KvmVcpu(api.Vcpu):
         if exc_inj or irq_inj or nmi_inj:
             bits |= INTR_EVT_PENDING
         return bits
+
+    def _get_xsave(self):
+        buf = bytearray(L.KVM_XSAVE.sizeof())
+        _IOCTL(self.fd, K.KVM_GET_XSAVE, buf)
+        return buf
 
     def _get_xcr0(self):
         buf = bytearray(L.KVM_XCRS.sizeof())
@@ -232,6 +238,8 @@ class KvmVcpu(api.Vcpu):
             L.state_to_sregs(st, sregs, segs=bool(flags & _SEGS), crs=bool(flags & _CRS),
                              efer=st.msrs[C.NVMM_X64_MSR_EFER] if flags & _MSRS else None)
             sregs[-4:] = [0, 0, 0, 0]   # interrupt_bitmap: never re-queue an interrupt through sregs
+            if flags & _CRS:           # without an in-kernel LAPIC, KVM reloads CR8 from kvm_run.cr8 on entry
+                struct.pack_into("<Q", mm, L.RUN_CR8, st.crs[C.NVMM_X64_CR_CR8])
             L.SREGS_FMT.pack_into(mm, L.RUN_S_SREGS, *sregs)
             dirty |= K.KVM_SYNC_X86_SREGS
         if flags & _CRS and st.crs[C.NVMM_X64_CR_XCR0] != self._xcr0:
@@ -255,9 +263,11 @@ class KvmVcpu(api.Vcpu):
                 self._events_flags(K.KVM_VCPUEVENT_VALID_SHADOW)
                 dirty |= K.KVM_SYNC_X86_EVENTS
         if flags & _FPU:
-            buf = bytearray(L.KVM_FPU.sizeof())
-            _fxsave_to_fpu_kvm(st.fpu, buf)
-            _IOCTL(self.fd, K.KVM_SET_FPU, buf)
+            xsave = self._get_xsave()      # KVM_SET_FPU drops MXCSR on some kernels: go through XSAVE
+            xsave[:L.XSAVE_LEGACY_SIZE] = st.fpu
+            bv, = struct.unpack_from("<Q", xsave, L.XSAVE_XSTATE_BV)
+            struct.pack_into("<Q", xsave, L.XSAVE_XSTATE_BV, bv | L.XSTATE_FP_SSE)
+            _IOCTL(self.fd, K.KVM_SET_XSAVE, xsave)
         if dirty:
             struct.pack_into("<Q", mm, L.RUN_DIRTY_REGS,
                              struct.unpack_from("<Q", mm, L.RUN_DIRTY_REGS)[0] | dirty)
@@ -329,31 +339,78 @@ class KvmVcpu(api.Vcpu):
                                  f"is limit {api.LIMIT_CPUID_LATE!r})") from None
         self._cpuid_applied = True
 
-    def run(self):
+    def _install_fast_paths(self):
+        """``run`` and ``assist_io`` as closures over their locals: the per-exit path does no attribute or
+        global look-up it can avoid (measured by ``bench/exit_bench.py``)."""
+        vcpu, fd, mm, ex, views = self, self.fd, self.mm, self.exit, self._io_fast_views()
+        ioctl, krun, kio, io = _IOCTL, K.KVM_RUN, K.KVM_EXIT_IO, C.NVMM_VCPU_EXIT_IO
+        get_ident, slow_run, exit_other, run_error = threading.get_ident, self._run_slow, self._exit_other, \
+            self._run_error
+        unpack_io, data_off, assist_slow, cb = L.IO_FMT.unpack_from, K_PIO_DATA_OFFSET, self._assist_io_slow, \
+            self.cbs.io
+
+        def run():
+            if vcpu._slow:
+                return slow_run()
+            vcpu._thread = get_ident()
+            try:
+                ioctl(fd, krun)
+            except OSError as exc:
+                return run_error(exc)
+            vcpu._cached = 0
+            k = mm[8]
+            ex.kvm_reason = k
+            if k == kio:
+                ex.reason = io
+                return ex
+            return exit_other(ex, k)
+
+        def assist_io():
+            if ex.reason != io:
+                raise api.nvmm_error(errno.EINVAL, "assist_io after a non-IO exit")
+            direction, size, port, count, off = unpack_io(mm, 32)
+            if count == 1 and off == data_off:
+                cb(port, direction == 0, views[size])
+            else:
+                assist_slow(direction, size, port, count, off)
+
+        self.run, self.assist_io = run, assist_io
+
+    def _callbacks_changed(self):
+        self._install_fast_paths()
+
+    def _io_fast_views(self):
+        return [None] + [self._mv[K_PIO_DATA_OFFSET:K_PIO_DATA_OFFSET + n] for n in range(1, 9)]
+
+    def _run_slow(self):
         if self._commit:
             self._commit_state()
+        self._msr_pending = None
         if not self._cpuid_applied:
             self._apply_cpuid()
+        self._slow = False
         self._thread = threading.get_ident()
         try:
             _IOCTL(self.fd, K.KVM_RUN)
-        except InterruptedError:
-            self.mm[L.RUN_IMMEDIATE_EXIT] = 0
-            self._cached = 0
-            self.exit.reason = C.NVMM_VCPU_EXIT_STOPPED
-            self.exit.kvm_reason = K.KVM_EXIT_INTR
-            return self.exit
         except OSError as exc:
-            raise api.nvmm_error(exc.errno, "KVM_RUN failed") from None
+            return self._run_error(exc)
         self._cached = 0
-        mm = self.mm
-        kreason = mm[L.RUN_EXIT_REASON]    # every reason we map is below 256
+        kreason = self.mm[L.RUN_EXIT_REASON]
         ex = self.exit
         ex.kvm_reason = kreason
         if kreason == K.KVM_EXIT_IO:
             ex.reason = C.NVMM_VCPU_EXIT_IO
             return ex
         return self._exit_other(ex, kreason)
+
+    def _run_error(self, exc):
+        if exc.errno != errno.EINTR:
+            raise api.nvmm_error(exc.errno, "KVM_RUN failed") from None
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 0
+        self._cached = 0
+        self.exit.reason = C.NVMM_VCPU_EXIT_STOPPED
+        self.exit.kvm_reason = K.KVM_EXIT_INTR
+        return self.exit
 
     def _exit_other(self, ex, kreason):
         mm = self.mm
@@ -368,6 +425,7 @@ class KvmVcpu(api.Vcpu):
         elif kreason in (K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR):
             ex.rip = struct.unpack_from("<Q", mm, L.RUN_S_REGS + 16 * 8)[0]
             self._msr_pending = (kreason == K.KVM_EXIT_X86_RDMSR, ex.rip)
+            self._slow = True
         elif kreason == K.KVM_EXIT_INTR:
             mm[L.RUN_IMMEDIATE_EXIT] = 0
         return ex
@@ -384,20 +442,11 @@ class KvmVcpu(api.Vcpu):
                     pass
 
     # -- assists -----------------------------------------------------------------------------------------------
-    def assist_io(self):
-        if self.exit.reason != C.NVMM_VCPU_EXIT_IO:
-            raise api.nvmm_error(errno.EINVAL, "assist_io after a non-IO exit")
-        direction, size, port, count, off = L.IO_FMT.unpack_from(self.mm, L.RUN_U)
-        cb = self.cbs.io
-        if count == 1:
-            key = off << 4 | size
-            view = self._io_views.get(key)
-            if view is None:
-                view = self._io_views[key] = self._mv[off:off + size]
-            cb(port, direction == 0, view)
-            return
-        is_in = direction == 0
-        mv = self._mv
+    def _assist_io_slow(self, direction, size, port, count, off):
+        """String (REP INS/OUTS) forms and unusual data offsets: one callback per element, as libnvmm."""
+        if off + count * size > len(self._mv) or size not in (1, 2, 4):
+            raise api.nvmm_error(errno.EFAULT, f"KVM reported I/O data outside kvm_run ({off:#x}+{count}x{size})")
+        is_in, mv, cb = direction == K.KVM_EXIT_IO_IN, self._mv, self.cbs.io
         for i in range(count):
             cb(port, is_in, mv[off + i * size:off + (i + 1) * size])
 
@@ -443,31 +492,15 @@ class KvmVcpu(api.Vcpu):
     def _destroy(self):
         with self._lock:
             self._thread = None
-        self._mv.release()
-        self._io_views.clear()
+        self.run = self.assist_io = _destroyed
         try:
+            self._mv.release()
             self.mm.close()
         except BufferError:
-            pass
+            pass   # a device still holds a view of kvm_run; the mapping goes with the last reference
         import os
         os.close(self.fd)
 
 
-def _fpu_kvm_to_fxsave(kvm, fx):
-    """kvm_fpu -> the 512-byte FXSAVE image of NVMM's FPU category (SDM vol. 1, table 10-2)."""
-    v = L.KVM_FPU.parse(bytes(kvm))
-    out = bytearray(512)
-    struct.pack_into("<HHBxHQQII", out, 0, v.fcw, v.fsw, v.ftwx, v.last_opcode, v.last_ip, v.last_dp,
-                     v.mxcsr, 0xFFBF)
-    for i in range(8):
-        out[32 + 16 * i:48 + 16 * i] = v.fpr[i]
-    for i in range(16):
-        out[160 + 16 * i:176 + 16 * i] = v.xmm[i]
-    fx[:] = out
-
-
-def _fxsave_to_fpu_kvm(fx, kvm):
-    fcw, fsw, ftwx, fop, fip, fdp, mxcsr, _ = struct.unpack_from("<HHBxHQQII", fx, 0)
-    kvm[:] = L.KVM_FPU.build(dict(fpr=[bytes(fx[32 + 16 * i:48 + 16 * i]) for i in range(8)], fcw=fcw, fsw=fsw,
-                                  ftwx=ftwx, last_opcode=fop, last_ip=fip, last_dp=fdp,
-                                  xmm=[bytes(fx[160 + 16 * i:176 + 16 * i]) for i in range(16)], mxcsr=mxcsr))
+def _destroyed(*_):
+    raise api.nvmm_error(errno.ENOENT, "vCPU destroyed")

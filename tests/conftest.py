@@ -1,0 +1,59 @@
+"""Test fixtures shared by every suite.
+
+``provider`` runs a test body once per NVMM provider present (``kvm``, ``soft``, ``libnvmm``). A provider that
+cannot run here is skipped with its one-line reason, except KVM in CI (``CI`` set): there a missing or broken
+``/dev/kvm`` fails the run, it is never skipped. ``guest_factory`` builds :class:`tests.guests.harness.Guest`
+objects on that provider and destroys them after the test.
+"""
+
+import os
+
+import pytest
+
+from ops.nvmm import PROVIDERS, nvmm_init
+
+IN_CI = bool(os.environ.get("CI"))
+#: Providers the suite is parametrized over (``VMMSHIM_PROVIDERS=kvm,soft`` narrows it).
+SELECTED = [p for p in os.environ.get("VMMSHIM_PROVIDERS", ",".join(PROVIDERS)).split(",") if p]
+
+
+def open_or_skip(name):
+    try:
+        return nvmm_init(name)
+    except OSError as exc:
+        if name == "kvm" and IN_CI:
+            pytest.fail(f"/dev/kvm is required in CI: {exc.strerror or exc}")
+        pytest.skip(f"provider {name} unavailable: {exc.strerror or exc}")
+
+
+@pytest.fixture(params=SELECTED)
+def provider(request):
+    return open_or_skip(request.param)
+
+
+@pytest.fixture
+def kvm_provider():
+    return open_or_skip("kvm")
+
+
+@pytest.fixture
+def guest_factory(provider):
+    from tests.guests.harness import Guest
+    made = []
+
+    def make(**kw):
+        g = Guest(provider, **kw)
+        made.append(g)
+        return g
+    yield make
+    for g in made:
+        g.close()
+
+
+def requires(provider, *limits):
+    """Skips the calling test when ``provider`` declares one of the named ``limits`` (see
+    ``ops.nvmm.api.LIMIT_*``); the skip message names the limit, so a report says why."""
+    cap = provider.capability()
+    hit = sorted(set(limits) & cap.limits)
+    if hit:
+        pytest.skip(f"provider {provider.name} declares limit {', '.join(hit)}")

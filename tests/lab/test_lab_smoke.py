@@ -1,0 +1,51 @@
+"""Smoke test of the nested lab: L1 has SVM and a nested-paging /dev/kvm, and QEMU inside L1 boots the default
+guest (Debian's stock kernel, busybox initramfs) to its marker and powers it off cleanly.
+
+One L1 boot serves every test in this module (the ``smoke`` fixture).
+"""
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+SCRIPT = r"""
+echo "SVM-CPUS=$(grep -c svm /proc/cpuinfo)"
+ls -l /dev/kvm
+dmesg | grep -i nested
+echo "NESTED-PARAM=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
+echo "NPT-PARAM=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
+python3 -m vmmshim.lab.l2boot --timeout 240
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke(lab_ready):
+    from vmmshim.lab import run_in_lab
+    from vmmshim.lab.l2boot import parse_result
+
+    res = run_in_lab(SCRIPT, timeout=420)
+    print(res.stdout)
+    print(res.stderr)
+    print(f"L1 boot {res.boot_s:.1f} s, command {res.cmd_s:.1f} s, attempts {res.attempts}")
+    return res, parse_result(res.stdout)
+
+
+def test_l1_has_svm_and_nested_kvm(smoke):
+    res, _ = smoke
+    assert res.kvm, "L1 found no /dev/kvm after modprobe kvm_amd"
+    lines = res.stdout.splitlines()
+    svm = [int(x.split("=", 1)[1]) for x in lines if x.startswith("SVM-CPUS=")]
+    assert svm and svm[0] >= 1, res.stdout
+    assert any(x.startswith("crw") and x.endswith("/dev/kvm") for x in lines), res.stdout
+    assert "Nested Virtualization enabled" in res.stdout
+    assert "Nested Paging enabled" in res.stdout
+
+
+def test_qemu_in_l1_boots_default_guest(smoke):
+    res, l2 = smoke
+    assert res.status == 0, f"status {res.status}\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
+    assert l2 is not None, res.stdout[-4000:]
+    assert "VMMSHIM-GUEST-UP" in res.stdout
+    assert l2["marker_s"] is not None
+    assert l2["cpus"] == 1
+    assert l2["poweroff"], l2
