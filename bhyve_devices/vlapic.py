@@ -34,6 +34,9 @@ from . import vlapic_regs as R
 from .vlapic_msr import VlapicMsrMixin, ApicGP  # noqa: F401  (ApicGP is part of this module's API)
 from .vlapic_timer import ApicTimer
 
+__all__ = ["Vlapic", "ApicGP", "LVT_LINT0", "LVT_LINT1", "LVT_TIMER", "LVT_ERROR", "LVT_PMC", "LVT_THERMAL",
+           "LVT_CMCI"]
+
 # LVT indices for trigger_lvt, in bhyve's APIC_LVT_* order.
 LVT_LINT0, LVT_LINT1, LVT_TIMER, LVT_ERROR, LVT_PMC, LVT_THERMAL, LVT_CMCI = range(7)
 _LVT_OFF = (R.LVT_LINT0, R.LVT_LINT1, R.LVT_TIMER, R.LVT_ERROR, R.LVT_PMC, R.LVT_THERMAL, R.LVT_CMCI)

@@ -8,7 +8,9 @@ APIC), 10.5.4.1 "TSC-Deadline Mode" (IA32_TSC_DEADLINE, MSR 0x6E0). Also what CP
 export/import of the register state as a :data:`~bhyve_devices.vlapic_regs.LAPIC_PAGE`.
 
 Not supported: relocating the APIC page (:class:`ApicGP`, as bhyve refuses it); the #GP on reserved bits of x2APIC
-registers (they are masked instead); the TSC_ADJUST MSR.
+registers (they are masked instead); the TSC_ADJUST MSR. Without ``tsc_hz`` (CPUID's TSC-deadline bit clear)
+RDMSR/WRMSR of IA32_TSC_DEADLINE raise :class:`ApicGP`, while :meth:`read_tsc_deadline` reads 0 and
+:meth:`write_tsc_deadline` is ignored.
 """
 
 from . import vlapic_regs as R
@@ -35,6 +37,10 @@ class VlapicMsrMixin:
     def handles_msr(msr):
         return msr in (R.MSR_APICBASE, R.MSR_TSC_DEADLINE) or R.MSR_X2APIC_FIRST <= msr <= R.MSR_X2APIC_LAST
 
+    def _tsc_deadline_offered(self):
+        if not self.timer.tsc_hz:
+            raise ApicGP("IA32_TSC_DEADLINE: CPUID does not offer TSC-deadline")
+
     def _x2_off(self, msr, write):
         if not self.x2apic_mode:
             raise ApicGP(f"x2APIC MSR {msr:#x} accessed outside x2APIC mode")
@@ -48,6 +54,7 @@ class VlapicMsrMixin:
             if msr == R.MSR_APICBASE:
                 return self.apicbase
             if msr == R.MSR_TSC_DEADLINE:
+                self._tsc_deadline_offered()
                 return self.timer.read_tsc_deadline()
             if not R.MSR_X2APIC_FIRST <= msr <= R.MSR_X2APIC_LAST:
                 raise ValueError(f"MSR {msr:#x} is not an APIC MSR")
@@ -58,6 +65,7 @@ class VlapicMsrMixin:
             if msr == R.MSR_APICBASE:
                 return self.set_apicbase(value)
             if msr == R.MSR_TSC_DEADLINE:
+                self._tsc_deadline_offered()
                 return self.write_tsc_deadline(value)
             if not R.MSR_X2APIC_FIRST <= msr <= R.MSR_X2APIC_LAST:
                 raise ValueError(f"MSR {msr:#x} is not an APIC MSR")
