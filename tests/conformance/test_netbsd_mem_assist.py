@@ -227,7 +227,8 @@ T13_SUB = """
 
 T14_TEST = """
     movq    $0x1000,%rdi
-    movq    $0x8000C30F,(%rdi)
+    movl    $0x8000C30F,(%rdi)
+    movl    $0,4(%rdi)
     testb   $0x0F,(%rdi)                # f6 07 0f            TEST imm8,m8
     jz      .Lfail1
     testb   $0xF0,(%rdi)
@@ -390,6 +391,7 @@ def _run_and_check(g, expected, gpa):
     ex = g.run(until=(C.NVMM_VCPU_EXIT_RDMSR,))
     assert ex.reason == C.NVMM_VCPU_EXIT_RDMSR, \
         f"stopped on exit {C.EXIT_NAMES.get(ex.reason, ex.reason)} instead of the final RDMSR; mem_log={g.mem_log}"
+    assert g.mem_log, "no MEMORY exit: the MMIO page was not treated as MMIO"
     # NetBSD's mem_callback: "Out of page" for any access outside [0x1000, 0x2000).
     for a, _, data in g.mem_log:
         assert MMIO <= a and a + len(data) <= MMIO + PAGE, f"MMIO access outside the page: {a:#x}+{len(data)}"
