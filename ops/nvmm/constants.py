@@ -176,6 +176,10 @@ X86_EXC_HAS_ERROR = frozenset({X86_EXC_DF, X86_EXC_TS, X86_EXC_NP, X86_EXC_SS, X
 #: Exception vectors NVMM's kernel refuses in an EXCP event (nvmm_x86_vmx.c/svm.c inject).
 NVMM_EXCP_REFUSED = frozenset({X86_EXC_DE, X86_EXC_NMI, X86_EXC_BP})
 
+# CPUID bits the ops layer offers or hides (SDM vol. 2A, CPUID leaf 1)
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
+
 # MSRs NVMM sends to userland that the ops layer handles.
 MSR_APICBASE = 0x1B
 MSR_X2APIC_BASE = 0x800

@@ -1,0 +1,439 @@
+"""``vmm_ops_nvmm``: bhyve's ``vmm_ops`` table on the NVMM primitives (DESIGN.md section 3).
+
+``vmrun`` handles in its own loop what bhyve's kernel module handles: the vlapic page and the APIC MSRs
+(APIC_BASE, x2APIC, TSC_DEADLINE), the vioapic page, interrupt injection from the vlapic when the guest can
+take it (else the interrupt window), NMIs, HLT sleeping until an interrupt or a kick, INIT/SIPI (returned as
+``VM_EXITCODE_SPINUP_AP``), triple fault (``VM_EXITCODE_SUSPENDED``), MONITOR/MWAIT (#UD). Everything else goes
+up as a ``vm_exit``: ``INOUT`` and ``INST_EMUL`` (completed by the VM calling :meth:`VmmOpsNvmm.assist`, which
+runs the provider's assist and so the VM's port or MMIO callback), ``RDMSR``/``WRMSR``, ``HLT`` (with
+``VM_CAP_HALT_EXIT``), ``VMX`` for an NVMM INVALID exit, ``BOGUS`` for a STOPPED exit (a kick).
+
+Besides the table's members this class has the ``vm_*`` calls of bhyve's ``vmm.c``/``vmmapi`` that a VM needs
+and that only the ops layer can do: memory (``vm_mem_alloc``, ``vm_gpa_view``), interrupt sources
+(``vm_ioapic_assert_irq`` ..., ``vm_lapic_msi``, ``vm_inject_nmi``, ``vm_inject_exception``), ``vm_suspend``.
+
+Not supported: ``VM_CAP_MTRAP_EXIT`` (NVMM has no monitor trap; ``ENOENT``), the RENDEZVOUS protocol (not
+needed without a kernel), ``VM_EXITCODE_IPI`` (IPIs are delivered here, as with ``VM_CAP_IPI_EXIT`` off).
+"""
+
+import errno
+import threading
+
+from bhyve_devices.apicbus import ApicBus
+from bhyve_devices.vatpic import Vatpic
+from bhyve_devices.vioapic import Vioapic
+from bhyve_devices.vlapic import ApicGP, Vlapic
+
+from . import nvmm_regs as regs
+from .nvmm import api
+from .nvmm import constants as C
+from .nvmm.api import nvmm_error
+from .vmm_ops import (Hlt, InOut, InstEmul, Msr, SpinupAp, Suspended, VmCapType, VmExit, VmExitCode,
+                      VmSuspendHow, Vmx)
+
+LAPIC_BASE, LAPIC_SIZE = 0xFEE00000, 0x1000
+IOAPIC_BASE, IOAPIC_SIZE = 0xFEC00000, 0x1000
+INTR_WINDOW = 0x2      # nvmm_x64_state_intr.int_window_exiting
+E = VmExitCode
+_IO, _MEM = C.NVMM_VCPU_EXIT_IO, C.NVMM_VCPU_EXIT_MEMORY
+
+
+class VcpuCtx:
+    """The ops layer's per-vCPU state (bhyve's ``struct vcpu`` in the kernel)."""
+
+    def __init__(self, vmi, vcpuid, nvcpu):
+        self.vmi, self.id, self.nv = vmi, vcpuid, nvcpu
+        self.vlapic = None
+        self.vmexit = VmExit()
+        self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
+        self.nmi = False
+        self.spinup = None           # (target, rip) after this vCPU sent a SIPI
+        self.cond = threading.Condition()
+        self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
+        self.extra = {}
+        self.halted_if_clear = False
+
+    def kick(self):
+        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs."""
+        self.pending = True
+        with self.cond:
+            self.cond.notify_all()
+        self.nv.stop()
+
+
+class NvmmVmi:
+    """The VM cookie ``vm_init`` returns: the NVMM machine and the kernel-side devices (vlapics, vioapic)."""
+
+    def __init__(self, provider, vm):
+        self.vm = vm
+        self.machine = provider.machine_create()
+        self.vcpus = {}
+        self.hva_mapped = set()
+        self.suspended = None
+        self.timers = vm.timers
+        self.x2apic = bool(getattr(vm, "x2apic", False))
+        self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,
+                               kick=self._kick)
+        self.vioapic = Vioapic(self.apicbus.deliver_intr)
+        self.vatpic = Vatpic(intr_line=self._atpic_intr)
+        self.tls = threading.local()
+
+    def _atpic_intr(self, level):
+        """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT), as on a PC."""
+        bsp = self.vcpus.get(0)
+        if bsp is not None and bsp.vlapic is not None:
+            bsp.vlapic.set_lint0_level(level)
+            if level:
+                bsp.kick()
+
+    def _kick(self, vcpuid):
+        ctx = self.vcpus.get(vcpuid)
+        if ctx is not None:
+            ctx.kick()
+
+    def _on_nmi(self, vcpuid):
+        ctx = self.vcpus.get(vcpuid)
+        if ctx is not None:
+            ctx.nmi = True
+            ctx.kick()
+
+    def _on_init(self, vcpuid):
+        pass    # the target waits for SIPI; its vlapic was reset by the bus
+
+    def _on_sipi(self, vcpuid, vector):
+        sender = getattr(self.tls, "ctx", None)
+        if sender is not None:
+            sender.spinup = (vcpuid, vector << 12)
+
+
+class VmmOpsNvmm:
+    """The table. One instance per provider; ``vm_init`` makes a VM on it."""
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    # -- module and VM lifetime -------------------------------------------------------------------------------
+    def init(self):
+        cap = self.provider.capability()
+        if cap.version < C.NVMM_KERN_VERSION or cap.state_size != C_STATE_SIZE:
+            raise nvmm_error(errno.EPROTO, f"NVMM version {cap.version}/state size {cap.state_size} unsupported")
+        return 0
+
+    def cleanup(self):
+        return 0
+
+    def vm_init(self, vm):
+        """``vm`` gives ``timers`` (a TimerService), ``io(port, is_in, data)`` and ``mem(gpa, is_write, data)``
+        callbacks for the VM's buses, and optionally ``x2apic``."""
+        return NvmmVmi(self.provider, vm)
+
+    def vm_cleanup(self, vmi):
+        for vcpuid in list(vmi.vcpus):
+            self.vcpu_cleanup(vmi, vcpuid)
+        vmi.machine.destroy()
+
+    def vcpu_init(self, vmi, vcpu):
+        nv = vmi.machine.vcpu_create(vcpu)
+        ctx = VcpuCtx(vmi, vcpu, nv)
+        mem_cb = self._make_mem_cb(vmi, ctx)
+        nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.vm.io, mem=mem_cb))
+        vmi.vcpus[vcpu] = ctx
+        return 0
+
+    def vcpu_cleanup(self, vmi, vcpu):
+        ctx = vmi.vcpus.pop(vcpu, None)
+        if ctx is not None:
+            ctx.nv.destroy()
+
+    def vlapic_init(self, vmi, vcpu):
+        ctx = vmi.vcpus[vcpu]
+        vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_allowed=vmi.x2apic, eoi_level=vmi.vioapic.eoi)
+        vmi.apicbus.add(vl)
+        ctx.vlapic = vl
+        if vmi.x2apic:      # CPUID tells the guest the truth about the vlapic it has
+            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID,
+                             api.ConfCpuid(leaf=1, mask=True, set=(0, 0, C.CPUID_1_ECX_X2APIC, 0)))
+        return vl
+
+    def vlapic_cleanup(self, vmi, vlapic):
+        for ctx in vmi.vcpus.values():
+            if ctx.vlapic is vlapic:
+                ctx.vlapic = None
+
+    def vcpu_interrupt(self, vmi, vcpu):
+        vmi.vcpus[vcpu].kick()
+
+    # -- registers, descriptors, capabilities ------------------------------------------------------------------
+    def vmgetreg(self, vmi, vcpu, num):
+        ctx = vmi.vcpus[vcpu]
+        return regs.getreg(ctx.nv, num, ctx.extra)
+
+    def vmsetreg(self, vmi, vcpu, num, val):
+        ctx = vmi.vcpus[vcpu]
+        regs.setreg(ctx.nv, num, val, ctx.extra)
+
+    def vmgetdesc(self, vmi, vcpu, num):
+        return regs.getdesc(vmi.vcpus[vcpu].nv, num)
+
+    def vmsetdesc(self, vmi, vcpu, num, desc):
+        regs.setdesc(vmi.vcpus[vcpu].nv, num, desc)
+
+    def vmgetcap(self, vmi, vcpu, num):
+        ctx = vmi.vcpus[vcpu]
+        if num in ctx.caps:
+            return ctx.caps[num]
+        if num == VmCapType.VM_CAP_UNRESTRICTED_GUEST:
+            return 1
+        raise nvmm_error(errno.ENOENT, f"capability {num} is not supported")
+
+    def vmsetcap(self, vmi, vcpu, num, val):
+        ctx = vmi.vcpus[vcpu]
+        if num in ctx.caps:
+            ctx.caps[num] = 1 if val else 0
+            return
+        if num == VmCapType.VM_CAP_UNRESTRICTED_GUEST and val:
+            return
+        raise nvmm_error(errno.ENOENT, f"capability {num} is not supported")
+
+    # -- the run loop ------------------------------------------------------------------------------------------
+    def vmrun(self, vmi, vcpu, rip=None, rendezvous_cookie=None, suspend_cookie=None):
+        """Runs vCPU ``vcpu`` (at ``rip`` if given, else where it stopped) until an exit userland handles."""
+        ctx = vmi.vcpus[vcpu]
+        nv = ctx.nv
+        vmi.tls.ctx = ctx
+        if rip is not None:
+            regs.setreg(nv, regs.R.VM_REG_GUEST_RIP, rip, ctx.extra)
+        vmexit = ctx.vmexit
+        run = nv.run
+        while True:
+            if ctx.pending:
+                r = self._before_entry(vmi, ctx)
+                if r is not None:
+                    return r
+            ex = run()
+            reason = ex.reason
+            if reason == _IO:
+                vmexit.exitcode = E.VM_EXITCODE_INOUT
+                vmexit.u = None
+                return vmexit
+            r = self._exit(vmi, ctx, ex, reason)
+            if r is not None:
+                return r
+
+    def _before_entry(self, vmi, ctx):
+        if vmi.suspended is not None:
+            return self._suspended_exit(vmi, ctx)
+        if ctx.spinup is not None:
+            target, rip = ctx.spinup
+            ctx.spinup = None
+            return self._vmexit(ctx, E.VM_EXITCODE_SPINUP_AP, SpinupAp(target, rip))
+        ctx.pending = False
+        nv = ctx.nv
+        if ctx.nmi:
+            ctx.nmi = False
+            nv.event.set(C.NVMM_VCPU_EVENT_INTR, C.X86_EXC_NMI)
+            nv.inject()
+        vl = ctx.vlapic
+        if vl is None:
+            return None
+        vec = vl.pending_intr()
+        extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
+        if vec is None and not extint:
+            return None
+        es = nv.exit.exitstate
+        if es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending:
+            if extint:
+                vec = vmi.vatpic.intr_accepted()     # the INTA cycle
+                vl.extint_accepted()
+            else:
+                vl.intr_accepted(vec)
+            nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
+            nv.inject()
+            ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
+            if ctx.pending:
+                self._request_window(nv)
+        else:
+            self._request_window(nv)
+            ctx.pending = True
+        return None
+
+    @staticmethod
+    def _request_window(nv):
+        nv.getstate(C.NVMM_X64_STATE_INTR)
+        if not nv.state.intr & INTR_WINDOW:
+            nv.state.intr = nv.state.intr | INTR_WINDOW
+            nv.setstate(C.NVMM_X64_STATE_INTR)
+
+    def _exit(self, vmi, ctx, ex, reason):
+        """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter."""
+        nv = ctx.nv
+        if reason == _MEM:
+            gpa = ex.mem.gpa
+            if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
+                nv.assist_mem()
+                return None
+            return self._vmexit(ctx, E.VM_EXITCODE_INST_EMUL, InstEmul(gpa))
+        if reason in (C.NVMM_VCPU_EXIT_RDMSR, C.NVMM_VCPU_EXIT_WRMSR):
+            return self._msr(vmi, ctx, ex, reason)
+        if reason == C.NVMM_VCPU_EXIT_HALTED:
+            return self._halt(vmi, ctx, ex)
+        if reason in (C.NVMM_VCPU_EXIT_INT_READY, C.NVMM_VCPU_EXIT_NMI_READY, C.NVMM_VCPU_EXIT_NONE):
+            ctx.pending = True
+            return None
+        if reason == C.NVMM_VCPU_EXIT_STOPPED:
+            ctx.pending = True
+            if vmi.suspended is not None or ctx.spinup is not None:
+                return None
+            return self._vmexit(ctx, E.VM_EXITCODE_BOGUS, None)
+        if reason == C.NVMM_VCPU_EXIT_SHUTDOWN:
+            self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT)
+            return self._suspended_exit(vmi, ctx)
+        if reason in (C.NVMM_VCPU_EXIT_MONITOR, C.NVMM_VCPU_EXIT_MWAIT):
+            self.vm_inject_exception(vmi, ctx.id, C.X86_EXC_UD)
+            return None
+        if reason == C.NVMM_VCPU_EXIT_TPR_CHANGED:
+            if ctx.vlapic is not None:
+                ctx.vlapic.set_cr8(ex.exitstate.cr8)
+            ctx.pending = True
+            return None
+        hw = ex.inv.hwcode if reason == C.NVMM_VCPU_EXIT_INVALID else reason
+        return self._vmexit(ctx, E.VM_EXITCODE_VMX, Vmx(status=0, exit_reason=hw))
+
+    def _vmexit(self, ctx, code, payload, rip=None, inst_length=0):
+        vmexit = ctx.vmexit
+        vmexit.exitcode, vmexit.u, vmexit.inst_length = code, payload, inst_length
+        vmexit.rip = rip if rip is not None else regs.getreg(ctx.nv, regs.R.VM_REG_GUEST_RIP, ctx.extra)
+        return vmexit
+
+    def _suspended_exit(self, vmi, ctx):
+        return self._vmexit(ctx, E.VM_EXITCODE_SUSPENDED, Suspended(vmi.suspended))
+
+    def _msr(self, vmi, ctx, ex, reason):
+        nv, vl = ctx.nv, ctx.vlapic
+        rd = reason == C.NVMM_VCPU_EXIT_RDMSR
+        msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
+        rip = npc - 2
+        if vl is not None and vl.handles_msr(msr):
+            try:
+                if rd:
+                    value = vl.rdmsr(msr)
+                    nv.getstate(C.NVMM_X64_STATE_GPRS)
+                    nv.state.gprs[C.NVMM_X64_GPR_RAX] = value & 0xFFFFFFFF
+                    nv.state.gprs[C.NVMM_X64_GPR_RDX] = value >> 32
+                else:
+                    vl.wrmsr(msr, ex.wrmsr.val)
+                    nv.getstate(C.NVMM_X64_STATE_GPRS)
+                nv.state.gprs[C.NVMM_X64_GPR_RIP] = npc
+                nv.setstate(C.NVMM_X64_STATE_GPRS)
+            except ApicGP:
+                self.vm_inject_exception(vmi, ctx.id, C.X86_EXC_GP, 0)
+            ctx.pending = True
+            return None
+        payload = Msr(msr) if rd else Msr(msr, ex.wrmsr.val)
+        return self._vmexit(ctx, E.VM_EXITCODE_RDMSR if rd else E.VM_EXITCODE_WRMSR, payload, rip, 2)
+
+    def _halt(self, vmi, ctx, ex):
+        rflags = ex.exitstate.rflags
+        if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
+            return self._vmexit(ctx, E.VM_EXITCODE_HLT, Hlt(rflags))
+        if not rflags & C.RFLAGS_IF and not ctx.nmi:
+            ctx.halted_if_clear = True
+            if all(c.halted_if_clear for c in vmi.vcpus.values()):
+                self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_HALT)
+                return self._suspended_exit(vmi, ctx)
+        with ctx.cond:
+            while (vmi.suspended is None and ctx.spinup is None and not ctx.nmi and
+                   not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and ctx.vlapic.pending_intr() is not None)):
+                ctx.cond.wait(0.5)
+        ctx.halted_if_clear = False
+        ctx.pending = True
+        return None
+
+    # -- completing exits and the vmm.c calls the VM needs ----------------------------------------------------
+    def assist(self, vmi, vcpu):
+        """Completes an INOUT or INST_EMUL exit: the provider's assist calls the VM's port or MMIO callback."""
+        nv = vmi.vcpus[vcpu].nv
+        if nv.exit.reason == _IO:
+            nv.assist_io()
+        else:
+            nv.assist_mem()
+
+    def exit_inout(self, vmi, vcpu):
+        """The ``InOut`` payload of the current INOUT exit, decoded on demand (never on the fast path)."""
+        io = vmi.vcpus[vcpu].nv.exit.io
+        return InOut(io.operand_size, io.in_, io.str_, io.rep, io.port)
+
+    def _make_mem_cb(self, vmi, ctx):
+        vm_mem = vmi.vm.mem
+
+        def mem(gpa, is_write, data):
+            if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE:
+                dev, off = ctx.vlapic, gpa - LAPIC_BASE
+            elif IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
+                dev, off = vmi.vioapic, gpa - IOAPIC_BASE
+            else:
+                return vm_mem(gpa, is_write, data)
+            if dev is None:
+                if not is_write:
+                    data[:] = b"\xff" * len(data)
+                return None
+            if is_write:
+                dev.write(off, len(data), int.from_bytes(data, "little"))
+            else:
+                data[:] = (dev.read(off, len(data)) & ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "little")
+            return None
+        return mem
+
+    def vm_mem_alloc(self, vmi, hostmem, offset, gpa, size, prot=C.NVMM_PROT_ALL):
+        """Maps ``size`` bytes of ``hostmem`` (``addr``, ``size``) from ``offset`` at ``gpa`` (xhyve's
+        ``vmm_mem_alloc``); the host range is registered with ``hva_map`` on first use."""
+        if hostmem.addr not in vmi.hva_mapped:
+            vmi.machine.hva_map(hostmem.addr, hostmem.size)
+            vmi.hva_mapped.add(hostmem.addr)
+        vmi.machine.gpa_map(hostmem.addr + offset, gpa, size, prot)
+
+    def vm_gpa_view(self, vmi, gpa, size):
+        return vmi.machine.gpa_view(gpa, size)
+
+    def vm_suspend(self, vmi, how):
+        if vmi.suspended is None:
+            vmi.suspended = how
+        for ctx in vmi.vcpus.values():
+            ctx.kick()
+
+    def vm_inject_exception(self, vmi, vcpu, vector, errcode=0):
+        nv = vmi.vcpus[vcpu].nv
+        nv.event.set(C.NVMM_VCPU_EVENT_EXCP, vector, errcode)
+        nv.inject()
+
+    def vm_inject_nmi(self, vmi, vcpu):
+        vmi._on_nmi(vcpu)
+
+    def vm_lapic_msi(self, vmi, addr, data):
+        """An MSI write (Intel SDM vol. 3, 10.11): address selects the destination, data the vector/mode."""
+        dest = (addr >> 12) & 0xFF
+        logical = bool(addr & 0x4)
+        vector, delmode, level = data & 0xFF, (data >> 8) & 0x7, bool(data & 0x8000)
+        vmi.apicbus.deliver_intr(dest, not logical, delmode, vector, level)
+
+    def vm_isa_set_irq(self, vmi, irq, level):
+        """An ISA interrupt line (bhyve ``vm_isa_assert_irq``): the 8259 input and the IOAPIC pin (IRQ0 is
+        wired to pin 2, as the MADT's interrupt source override says)."""
+        vmi.vatpic.set_irq_level(irq, level)
+        vmi.vioapic.set_pin_level(2 if irq == 0 else irq, level)
+
+    def vm_isa_pulse_irq(self, vmi, irq):
+        vmi.vatpic.pulse_irq(irq)
+        vmi.vioapic.pulse_pin(2 if irq == 0 else irq)
+
+    def vm_ioapic_assert_irq(self, vmi, pin):
+        vmi.vioapic.set_pin_level(pin, True)
+
+    def vm_ioapic_deassert_irq(self, vmi, pin):
+        vmi.vioapic.set_pin_level(pin, False)
+
+    def vm_ioapic_pulse_irq(self, vmi, pin):
+        vmi.vioapic.pulse_pin(pin)
+
+
+from .nvmm.state import STATE_SIZE as C_STATE_SIZE  # noqa: E402

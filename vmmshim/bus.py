@@ -1,0 +1,89 @@
+"""Port and MMIO buses: sorted, non-overlapping ranges mapped to devices (Firecracker ``vstate/bus.rs`` style).
+
+``insert(base, size, device, name)`` refuses an empty range and any overlap (:class:`BusError`); ``lookup(addr)``
+finds ``(base, device)``; ``remove(base)`` unmaps. :meth:`Bus.access` is the callback the NVMM assists call,
+``(addr, is_write_or_in, data)``: it turns the memoryview into the device's ``read(offset, size)`` /
+``write(offset, size, value)``. An access no device claims reads all-ones and drops writes, unless the bus is
+strict (bhyve ``-e`` / ``x86.strictio``), where it is recorded in ``unhandled`` and ``on_unhandled`` is called
+(the VM stops with an error). A device that raises is a VMM bug: the exception propagates, no guest access is
+silently lost.
+
+Not supported: accesses that span two devices (each goes to the device at its first byte, as in bhyve).
+"""
+
+import bisect
+
+
+class BusError(ValueError):
+    pass
+
+
+class Bus:
+    def __init__(self, name, strict=False, on_unhandled=None, is_port_bus=False):
+        self.name = name
+        self.strict = strict
+        self.on_unhandled = on_unhandled
+        self._starts, self._ranges = [], []     # sorted starts; (start, end, device, name)
+        self._cache = {}                          # addr -> (start, device), for port buses
+        self._cacheable = is_port_bus
+        self.unhandled = []
+
+    def insert(self, base, size, device, name=None):
+        if size <= 0:
+            raise BusError(f"{self.name}: empty range at {base:#x}")
+        end = base + size
+        i = bisect.bisect_left(self._starts, base)
+        for s, e, _, n in self._ranges[max(i - 1, 0):i + 1]:
+            if base < e and s < end:
+                raise BusError(f"{self.name}: {name or device!r} at {base:#x}-{end - 1:#x} overlaps {n} at "
+                               f"{s:#x}-{e - 1:#x}")
+        self._starts.insert(i, base)
+        self._ranges.insert(i, (base, end, device, name or type(device).__name__))
+        self._cache.clear()
+
+    def remove(self, base):
+        i = bisect.bisect_left(self._starts, base)
+        if i == len(self._starts) or self._starts[i] != base:
+            raise BusError(f"{self.name}: nothing mapped at {base:#x}")
+        del self._starts[i], self._ranges[i]
+        self._cache.clear()
+
+    def lookup(self, addr):
+        """``(base, device)`` of the range holding ``addr``, or ``None``."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            s, e, dev, _ = self._ranges[i]
+            if addr < e:
+                return s, dev
+        return None
+
+    def ranges(self):
+        return [(s, e - s, n) for s, e, _, n in self._ranges]
+
+    def access(self, addr, is_write, data):
+        """The assist callback. For a port bus ``is_write`` is "not IN"; see :meth:`io`."""
+        hit = self._cache.get(addr) if self._cacheable else None
+        if hit is None:
+            hit = self.lookup(addr)
+            if hit is None:
+                return self._unhandled(addr, is_write, data)
+            if self._cacheable:
+                self._cache[addr] = hit
+        base, dev = hit
+        n = len(data)
+        if is_write:
+            dev.write(addr - base, n, int.from_bytes(data, "little"))
+        else:
+            data[:] = (dev.read(addr - base, n) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+
+    def io(self, port, is_in, data):
+        """The NVMM io callback shape: ``(port, is_in, data)``."""
+        return self.access(port, not is_in, data)
+
+    def _unhandled(self, addr, is_write, data):
+        if not is_write:
+            data[:] = b"\xff" * len(data)
+        if self.strict:
+            self.unhandled.append((addr, is_write, bytes(data)))
+            if self.on_unhandled is not None:
+                self.on_unhandled(self.name, addr, is_write, len(data))

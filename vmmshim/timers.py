@@ -1,0 +1,74 @@
+"""One timer thread with a deadline heap, the ``TimerService`` every timer device is built on
+(``bhyve_devices.base.TimerService``: ``now_ns``, ``arm``, ``cancel``).
+
+The thread sleeps on a condition variable until the earliest deadline or until an earlier timer is armed, so an
+idle guest costs no host CPU (no tick, no polling). Callbacks run on the timer thread; a device callback raises
+an interrupt line, which kicks the vCPU concerned.
+
+Not supported: timer slack or coalescing (a device that wants it, like the PIT, coalesces itself).
+"""
+
+import heapq
+import itertools
+import threading
+import time
+
+
+class TimerThread:
+    def __init__(self, clock=time.monotonic_ns, name="vmmshim-timers"):
+        self._clock = clock
+        self._heap = []
+        self._seq = itertools.count()
+        self._cancelled = set()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.errors = []
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def now_ns(self):
+        return self._clock()
+
+    def arm(self, deadline_ns, fn):
+        with self._cond:
+            handle = next(self._seq)
+            heapq.heappush(self._heap, (deadline_ns, handle, fn))
+            if self._heap[0][1] == handle:
+                self._cond.notify()
+            return handle
+
+    def cancel(self, handle):
+        if handle is None:
+            return
+        with self._cond:
+            self._cancelled.add(handle)
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._stop:
+                    if self._heap:
+                        deadline, handle, fn = self._heap[0]
+                        if handle in self._cancelled:
+                            heapq.heappop(self._heap)
+                            self._cancelled.discard(handle)
+                            continue
+                        delay = deadline - self._clock()
+                        if delay <= 0:
+                            heapq.heappop(self._heap)
+                            break
+                        self._cond.wait(delay / 1e9)
+                    else:
+                        self._cond.wait()
+                if self._stop:
+                    return
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a device bug must not kill every timer
+                self.errors.append(exc)
+
+    def close(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(5)

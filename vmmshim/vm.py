@@ -1,0 +1,237 @@
+"""The VM above the ``vmm_ops`` table: guest memory as bhyve lays it out, one thread per vCPU, the exit-handler
+table (bhyve ``vmexit.c``'s ``vmexit_handlers``), the port and MMIO buses, and a clean shutdown with bhyve's
+exit statuses (0 reset, 1 power off, 2 halt, 3 triple fault, 4 error).
+
+Memory: lowmem from 0 up to ``min(memsize, 3 GiB)``, highmem above 4 GiB for the rest (bhyve's
+``vm_setup_memory``), one anonymous host mapping. The VM talks to the CPU only through the ops table.
+
+Not supported: memory hot-plug, more than one memory segment per range, the bootrom (``-l bootrom``).
+"""
+
+import ctypes
+import mmap
+import sys
+import threading
+
+from ops.vmm_ops import SegDesc, VmExitCode as E, VmRegName as R, VmSuspendHow
+
+from .bus import Bus
+from .msr import MsrEmulator
+from .timers import TimerThread
+
+GiB = 1 << 30
+LOWMEM_LIMIT = 3 * GiB
+HIGHMEM_BASE = 4 * GiB
+EXIT_RESET, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
+SUSPEND_STATUS = {VmSuspendHow.VM_SUSPEND_RESET: EXIT_RESET, VmSuspendHow.VM_SUSPEND_POWEROFF: EXIT_POWEROFF,
+                  VmSuspendHow.VM_SUSPEND_HALT: EXIT_HALT, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT: EXIT_TRIPLEFAULT}
+CONTINUE, ABORT = 0, 1
+# real-mode code segment for an AP started by SIPI (access: present, code, read, accessed)
+AP_CS_ACCESS = 0x9B
+
+
+class HostMemory:
+    """Anonymous host memory with a stable address, backing guest RAM."""
+
+    def __init__(self, size):
+        self.size = size
+        self.mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+
+class VmConfig:
+    def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm"):
+        self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
+        self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
+
+
+class VM:
+    def __init__(self, ops, config, log=None):
+        self.ops, self.config = ops, config
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.x2apic = config.x2apic
+        self.timers = TimerThread()
+        self.pio = Bus("port", strict=config.strictio, on_unhandled=self._unhandled, is_port_bus=True)
+        self.mmio = Bus("mmio", strict=config.strictio, on_unhandled=self._unhandled)
+        self.io, self.mem = self.pio.io, self.mmio.access
+        self.msrs = MsrEmulator(ignore_unknown=config.ignore_msrs)
+        self.status = None
+        self.error = None
+        self._status_lock = threading.Lock()
+        self.threads = {}
+        self.vmi = ops.vm_init(self)
+        self.lowmem = min(config.memsize, LOWMEM_LIMIT)
+        self.highmem = config.memsize - self.lowmem
+        self.ram = HostMemory(config.memsize)
+        ops.vm_mem_alloc(self.vmi, self.ram, 0, 0, self.lowmem)
+        if self.highmem:
+            ops.vm_mem_alloc(self.vmi, self.ram, self.lowmem, HIGHMEM_BASE, self.highmem)
+        self.vlapics = []
+        for i in range(config.ncpus):
+            ops.vcpu_init(self.vmi, i)
+            self.vlapics.append(ops.vlapic_init(self.vmi, i))
+        self.handlers = {
+            E.VM_EXITCODE_INOUT: self._vmexit_assist, E.VM_EXITCODE_INST_EMUL: self._vmexit_assist,
+            E.VM_EXITCODE_RDMSR: self._vmexit_rdmsr, E.VM_EXITCODE_WRMSR: self._vmexit_wrmsr,
+            E.VM_EXITCODE_SPINUP_AP: self._vmexit_spinup_ap, E.VM_EXITCODE_SUSPENDED: self._vmexit_suspended,
+            E.VM_EXITCODE_BOGUS: self._vmexit_bogus, E.VM_EXITCODE_HLT: self._vmexit_bogus,
+            E.VM_EXITCODE_VMX: self._vmexit_vmx, E.VM_EXITCODE_PAGING: self._vmexit_vmx,
+        }
+
+    # -- memory and devices -----------------------------------------------------------------------------------
+    def view(self, gpa, size):
+        """Bounds-checked view of guest RAM (``EFAULT`` outside it): the GuestMemory devices are given."""
+        return self.ops.vm_gpa_view(self.vmi, gpa, size)
+
+    def load(self, gpa, data):
+        self.view(gpa, len(data))[:] = data
+
+    def add_port_device(self, base, size, device, name=None):
+        self.pio.insert(base, size, device, name)
+
+    def add_mmio_device(self, base, size, device, name=None):
+        self.mmio.insert(base, size, device, name)
+
+    def isa_irq(self, irq):
+        """An IrqLine for ISA interrupt ``irq`` (8259 input and IOAPIC pin)."""
+        return _IsaLine(self, irq)
+
+    # -- registers (the boot state a loader computed) ----------------------------------------------------------
+    def set_boot_state(self, vcpu, regs=None, segs=None, gdtr=None, idtr=None):
+        ops, vmi = self.ops, self.vmi
+        for name, (sel, base, limit, access) in (segs or {}).items():
+            num = R[f"VM_REG_GUEST_{name.upper()}"]
+            ops.vmsetdesc(vmi, vcpu, num, SegDesc(base, limit, access))
+            ops.vmsetreg(vmi, vcpu, num, sel)
+        for num, value in (("GDTR", gdtr), ("IDTR", idtr)):
+            if value is not None:
+                ops.vmsetdesc(vmi, vcpu, R[f"VM_REG_GUEST_{num}"], SegDesc(value[0], value[1], 0))
+        order = ("cr0", "cr4", "efer", "cr3")     # CR0/CR4 before EFER so LMA follows LME and PG
+        for name in sorted(regs or {}, key=lambda n: order.index(n) if n in order else len(order)):
+            ops.vmsetreg(vmi, vcpu, R[f"VM_REG_GUEST_{name.upper()}"], regs[name])
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def run(self, rip=None, timeout=None):
+        """Runs the BSP (APs start through INIT/SIPI) until the VM suspends or fails; returns the exit
+        status."""
+        self._start_vcpu(0, rip)
+        done = self._wait(timeout)
+        if not done:
+            self.stop(EXIT_ERROR, "timed out")
+            self._wait(10)
+        self.timers.close()
+        return self.status
+
+    def _wait(self, timeout):
+        import time
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            threads = list(self.threads.values())
+            if not any(t.is_alive() for t in threads):
+                return True
+            for t in threads:
+                t.join(0.2 if end is None else max(0.0, min(0.2, end - time.monotonic())))
+            if end is not None and time.monotonic() >= end:
+                return not any(t.is_alive() for t in self.threads.values())
+
+    def _start_vcpu(self, vcpu, rip):
+        t = threading.Thread(target=self._vcpu_loop, args=(vcpu, rip), name=f"vcpu{vcpu}", daemon=True)
+        self.threads[vcpu] = t
+        t.start()
+
+    def _vcpu_loop(self, vcpu, rip):
+        vmrun, vmi, handlers = self.ops.vmrun, self.vmi, self.handlers
+        try:
+            while True:
+                vmexit = vmrun(vmi, vcpu, rip)
+                rip = None
+                handler = handlers.get(vmexit.exitcode)
+                if handler is None:
+                    self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r} has no handler")
+                    return
+                if handler(vcpu, vmexit) != CONTINUE:
+                    return
+        except Exception as exc:  # noqa: BLE001 - a VMM bug ends the VM with status 4 and a message
+            import traceback
+            self.stop(EXIT_ERROR, f"vcpu{vcpu}: {exc!r}\n{traceback.format_exc()}")
+
+    def stop(self, status, why=None):
+        """Ends the VM with ``status`` (the first stop wins) and kicks every vCPU out."""
+        with self._status_lock:
+            if self.status is None:
+                self.status = status
+                self.error = why
+        self.ops.vm_suspend(self.vmi, VmSuspendHow.VM_SUSPEND_HALT if status == EXIT_ERROR else
+                            {v: k for k, v in SUSPEND_STATUS.items()}.get(status, VmSuspendHow.VM_SUSPEND_HALT))
+
+    def request(self, how):
+        """A device asks for reset or power off (pm.c, 8042, 0xCF9)."""
+        self.stop(SUSPEND_STATUS[how])
+
+    def close(self):
+        self.ops.vm_cleanup(self.vmi)
+
+    # -- exit handlers -----------------------------------------------------------------------------------------
+    def _vmexit_assist(self, vcpu, vmexit):
+        self.ops.assist(self.vmi, vcpu)
+        return CONTINUE
+
+    def _complete_msr(self, vcpu, vmexit, value=None):
+        ops, vmi = self.ops, self.vmi
+        if value is not None:
+            ops.vmsetreg(vmi, vcpu, R.VM_REG_GUEST_RAX, value & 0xFFFFFFFF)
+            ops.vmsetreg(vmi, vcpu, R.VM_REG_GUEST_RDX, value >> 32)
+        ops.vmsetreg(vmi, vcpu, R.VM_REG_GUEST_RIP, vmexit.rip + vmexit.inst_length)
+
+    def _vmexit_rdmsr(self, vcpu, vmexit):
+        value = self.msrs.rdmsr(vmexit.u.code)
+        if value is None:
+            self.ops.vm_inject_exception(self.vmi, vcpu, 13, 0)
+        else:
+            self._complete_msr(vcpu, vmexit, value)
+        return CONTINUE
+
+    def _vmexit_wrmsr(self, vcpu, vmexit):
+        if self.msrs.wrmsr(vmexit.u.code, vmexit.u.wval):
+            self._complete_msr(vcpu, vmexit)
+        else:
+            self.ops.vm_inject_exception(self.vmi, vcpu, 13, 0)
+        return CONTINUE
+
+    def _vmexit_spinup_ap(self, vcpu, vmexit):
+        target, rip = vmexit.u.vcpu, vmexit.u.rip
+        if target in self.threads or target >= self.config.ncpus:
+            return CONTINUE
+        ops, vmi = self.ops, self.vmi
+        ops.vmsetdesc(vmi, target, R.VM_REG_GUEST_CS, SegDesc(rip, 0xFFFF, AP_CS_ACCESS))
+        ops.vmsetreg(vmi, target, R.VM_REG_GUEST_CS, rip >> 4)
+        self._start_vcpu(target, 0)
+        return CONTINUE
+
+    def _vmexit_suspended(self, vcpu, vmexit):
+        with self._status_lock:
+            if self.status is None:
+                self.status = SUSPEND_STATUS.get(vmexit.u.how, EXIT_ERROR)
+        return ABORT
+
+    def _vmexit_bogus(self, vcpu, vmexit):
+        return CONTINUE
+
+    def _vmexit_vmx(self, vcpu, vmexit):
+        self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r}: the CPU could not run the guest")
+        return ABORT
+
+    def _unhandled(self, bus, addr, is_write, size):
+        self.stop(EXIT_ERROR, f"unhandled {bus} {'write' if is_write else 'read'} of {size} bytes at {addr:#x} "
+                  "(strict I/O, -e)")
+
+
+class _IsaLine:
+    def __init__(self, vm, irq):
+        self.vm, self.irq = vm, irq
+
+    def set_level(self, level):
+        self.vm.ops.vm_isa_set_irq(self.vm.vmi, self.irq, level)
+
+    def pulse(self):
+        self.vm.ops.vm_isa_pulse_irq(self.vm.vmi, self.irq)
