@@ -1,0 +1,82 @@
+"""The NVMM primitives on a software CPU: the provider and the machine (guest memory shared by the vCPUs).
+
+Follows libnvmm(3) for the machine calls and the KVM provider (``ops/nvmm/kvm/provider.py``) for the shape. Each
+vCPU is one unicorn engine; guest RAM is the caller's host memory, mapped into every engine with
+``uc.mem_map_ptr`` so all vCPUs and the VMM see the same bytes. ``prot`` becomes ``UC_PROT_*``: a mapping without
+write permission makes guest writes stop with a MEMORY exit (prot WRITE) and leaves the memory unchanged; a
+page that is not mapped (MMIO) makes every access a MEMORY exit.
+
+Not supported: more than ``MAX_VCPUS`` vCPUs, guest-physical addresses above 2^48, mappings whose host memory
+moves (hva ranges must stay mapped while gpa-mapped, as with libnvmm).
+"""
+
+import errno
+
+import unicorn
+from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+
+from .. import api
+from .. import constants as C
+from .. import ProviderUnavailable
+from . import ucstate
+
+MAX_VCPUS = 64
+MAX_RAM = 1 << 40
+#: What this provider cannot do (api.LIMIT_* plus the soft ones below).
+LIMIT_NMI_BLOCKING = "nmi-blocking"      # NMIs are delivered without blocking further NMIs until IRET
+LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardware task switches) fail
+LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
+LIMITS = frozenset({api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES,
+                    LIMIT_SMC_IN_RUN})
+
+
+def uc_prot(prot):
+    out = 0
+    if prot & C.NVMM_PROT_READ:
+        out |= UC_PROT_READ
+    if prot & C.NVMM_PROT_WRITE:
+        out |= UC_PROT_WRITE
+    if prot & C.NVMM_PROT_EXEC:
+        out |= UC_PROT_EXEC
+    return out
+
+
+class SoftProvider(api.Provider):
+    name = "soft"
+
+    def __init__(self):
+        major = unicorn.uc_version()[0]
+        if major < 2:
+            raise ProviderUnavailable(errno.ENOTSUP, f"unicorn {major}.x is too old for the soft provider (need 2)")
+        why = ucstate.probe_layout()
+        if why:
+            raise ProviderUnavailable(errno.ENOTSUP, why)
+
+    def capability(self):
+        return api.Capability(
+            max_machines=128, max_vcpus=MAX_VCPUS, max_ram=MAX_RAM,
+            arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=0x3,
+                           mxcsr_mask=0xFFBF, conf_cpuid_maxops=256),
+            limits=LIMITS)
+
+    def machine_create(self):
+        return SoftMachine(self)
+
+
+class SoftMachine(api.Machine):
+    """Guest memory as a list of areas that every vCPU's engine maps."""
+
+    def _gpa_map(self, hva, gpa, size, prot):
+        for vcpu in self.vcpus.values():
+            vcpu.map_area(gpa, size, prot, hva)
+
+    def _gpa_unmap(self, area):
+        for vcpu in self.vcpus.values():
+            vcpu.unmap_area(area.start, area.size)
+
+    def _vcpu_create(self, cpuid):
+        from .vcpu import SoftVcpu
+        vcpu = SoftVcpu(self, cpuid)
+        for a in self._gpa:
+            vcpu.map_area(a.start, a.size, a.prot, a.hva)
+        return vcpu
