@@ -8,17 +8,21 @@ with DF=1, RSI/RDI and RCX move, and RIP becomes ``npc`` only when the count rea
 through the page walk; a piece that is not RAM goes to the ``mem`` callback, as libnvmm does.
 
 ``assist_mem`` lets unicorn complete the instruction (one iteration of a REP form): the page of the exit, and
-any other non-RAM page the instruction touches, is mapped for that one step as unicorn MMIO whose accesses call
-the ``mem`` callback with the guest-physical address, the size and the data; a read-only RAM page reads its RAM
-and sends its writes to the callback.
+any other non-RAM page the instruction touches, is mapped for that one step over a scratch host page with memory
+hooks; a read hook fills the bytes from the ``mem`` callback before unicorn reads them, a write hook hands the
+written value to it, so the device sees the guest-physical address and the full access size (8-byte accesses
+stay one call). A read-only RAM page's scratch copy holds its RAM: reads are plain, writes go to the callback.
 
 Not supported: instruction fetches from MMIO (``ENODEV``), segment limit checks beyond libnvmm's (limit and
 present bit), expand-down segments.
 """
 
+import ctypes
 import errno
+import mmap
 
-from unicorn import UcError
+from unicorn import UcError, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_PROT_READ, UC_PROT_WRITE
+from unicorn import x86_const as X
 
 from .. import api
 from .. import constants as C
@@ -113,33 +117,55 @@ def assist_io(vcpu):
 
 
 # -- assist_mem -----------------------------------------------------------------------------------------------------
+class _Scratch:
+    """Host pages that stand in for MMIO (or read-only RAM) pages during one assisted instruction."""
+
+    def __init__(self):
+        self.mm = mmap.mmap(-1, 4096 * SCRATCH_PAGES)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.view = memoryview(self.mm)
+
+
+SCRATCH_PAGES = 4
+
+
 def map_mmio_page(vcpu, gpa):
-    """Maps the page of ``gpa`` as callback-backed MMIO for the assist's single step; True when done."""
+    """Maps the page of ``gpa`` over a scratch page whose accesses the assist's memory hooks send to the
+    ``mem`` callback, for the single step; True when done."""
     page = gpa & ~0xFFF
-    if any(p == page for p, _ in vcpu._assisting):
+    pages = vcpu._assisting
+    if page in pages or len(pages) >= SCRATCH_PAGES:
         return False
     area = vcpu.machine._area(page)
-    uc, cbs = vcpu.uc, vcpu.cbs
     if area is not None and area.prot & C.NVMM_PROT_WRITE:
         return False
-    ram = vcpu.machine.gpa_view(page, 4096) if area is not None else None
-
-    def read(uc, off, size, _):
-        data = bytearray(size)
-        if ram is not None:
-            data[:] = ram[off:off + size]
-        else:
-            cbs.mem(page + off, False, memoryview(data))
-        return int.from_bytes(data, "little")
-
-    def write(uc, off, size, value, _):
-        cbs.mem(page + off, True, memoryview(bytearray((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))))
-
+    if vcpu._scratch is None:
+        vcpu._scratch = _Scratch()
+    slot = len(pages)
+    view = vcpu._scratch.view[slot * 4096:(slot + 1) * 4096]
+    view[:] = vcpu.machine.gpa_view(page, 4096) if area is not None else bytes(4096)
     if area is not None:
-        uc.mem_unmap(page, 4096)
-    uc.mmio_map(page, 4096, read, None, write, None)
-    vcpu._assisting.append((page, area))
+        vcpu.uc.mem_unmap(page, 4096)
+    vcpu.uc.mem_map_ptr(page, 4096, UC_PROT_READ | UC_PROT_WRITE, vcpu._scratch.addr + slot * 4096)
+    pages[page] = (area, view)
     return True
+
+
+def _read_hook(vcpu):
+    def hook(uc, access, address, size, value, _):
+        entry = vcpu._assisting.get(address & ~0xFFF)
+        if entry is not None and entry[0] is None:
+            off = address & 0xFFF
+            vcpu.cbs.mem(address, False, entry[1][off:off + size])
+    return hook
+
+
+def _write_hook(vcpu):
+    def hook(uc, access, address, size, value, _):
+        if (address & ~0xFFF) in vcpu._assisting:
+            data = bytearray((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            vcpu.cbs.mem(address, True, memoryview(data))
+    return hook
 
 
 def assist_mem(vcpu):
@@ -154,8 +180,9 @@ def assist_mem(vcpu):
     if vcpu._commit:
         vcpu._commit_state()
     uc = vcpu.uc
-    vcpu._assisting = []
+    vcpu._assisting = {}
     vcpu._why = None
+    hooks = [uc.hook_add(UC_HOOK_MEM_READ, _read_hook(vcpu)), uc.hook_add(UC_HOOK_MEM_WRITE, _write_hook(vcpu))]
     try:
         map_mmio_page(vcpu, gpa)
         try:
@@ -164,7 +191,9 @@ def assist_mem(vcpu):
             if vcpu._why is None or vcpu._why[0] != "exc":
                 raise api.nvmm_error(errno.ENODEV, f"the instruction at the MEMORY exit failed: {exc}") from None
     finally:
-        for page, area in vcpu._assisting:
+        for h in hooks:
+            uc.hook_del(h)
+        for page, (area, _) in vcpu._assisting.items():
             uc.mem_unmap(page, 4096)
             if area is not None:
                 uc.mem_map_ptr(page, 4096, uc_prot(area.prot), area.hva + (page - area.start))

@@ -68,7 +68,8 @@ class SoftVcpu(api.Vcpu):
         self._lock = threading.Lock()
         self._why = None                # what stopped the engine: a tuple set by a hook
         self._step = None               # single-stepping (see step()): False before the first instruction
-        self._assisting = None          # list of pages mapped as MMIO while assist_mem steps
+        self._assisting = None          # {page: (area, view)} mapped over scratch pages while assist_mem steps
+        self._scratch = None
         self._pages = {}                # linear page -> memoryview of host memory, for the code hook
         self._paging = (0, 0, 0, 0)
         self._hf_cache, self._shadow = 0, False
