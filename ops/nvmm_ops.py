@@ -102,8 +102,9 @@ class NvmmVmi:
 
     def _on_sipi(self, vcpuid, vector):
         sender = getattr(self.tls, "ctx", None)
-        if sender is not None:
+        if sender is not None:          # returned as SPINUP_AP before the sender re-enters the guest
             sender.spinup = (vcpuid, vector << 12)
+            sender.pending = True
 
 
 class VmmOpsNvmm:
@@ -342,7 +343,7 @@ class VmmOpsNvmm:
                 self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_HALT)
                 return self._suspended_exit(vmi, ctx)
         with ctx.cond:
-            while (vmi.suspended is None and ctx.spinup is None and not ctx.nmi and
+            while (vmi.suspended is None and not ctx.nmi and
                    not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and ctx.vlapic.pending_intr() is not None)):
                 ctx.cond.wait(0.5)
         ctx.halted_if_clear = False
