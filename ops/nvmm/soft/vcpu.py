@@ -56,6 +56,10 @@ class SoftVcpu(api.Vcpu):
     def __init__(self, machine, cpuid):
         super().__init__(machine, cpuid)
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # With an "until" address unicorn walks the guest's page tables for it before each start, and a failed
+        # walk writes CR2; an empty exit list avoids that (the run ends through hooks only).
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         self.img = U.CpuImage(self.uc)
         self._cached = 0
         self._commit = 0
@@ -390,6 +394,10 @@ class SoftVcpu(api.Vcpu):
             return C.NVMM_VCPU_EXIT_IO
         if insn.kind == H.HLT:
             uc.reg_write(X.UC_X86_REG_RIP, npc)
+            img = self.img.load()
+            if img.hflags & U.HF_INHIBIT_IRQ:     # the HLT after STI ends the shadow
+                img.hflags &= ~U.HF_INHIBIT_IRQ
+                img.store()
             return C.NVMM_VCPU_EXIT_HALTED
         if insn.kind in (H.MONITOR, H.MWAIT):
             buf[8:16] = npc.to_bytes(8, "little")
