@@ -1,0 +1,401 @@
+"""virtio-blk over a raw image (VIRTIO 1.1 section 5.2; bhyve ``pci_virtio_block.c`` + ``block_if.c``).
+
+``-s N,virtio-blk,PATH[,ro][,sectorsize=LOGICAL[/PHYSICAL]][,nodelete][,ser=ID]`` -> :func:`parse_options` then
+:class:`VirtioBlock`. The image is opened read-write, or read-only with ``ro`` or when a read-write open is
+refused (as ``blockif_open``). Capacity is the file size in 512-byte sectors.
+
+Requests (5.2.6): a 16-byte header (:data:`BLK_REQ_HDR`: type, reserved, sector) in the device-readable part, the
+data, and a status byte as the last device-writable byte, in any descriptor arrangement (2.6.4.1):
+
+- IN: ``os.preadv`` straight into the guest's buffers; OUT: ``os.pwritev`` straight from them (no copies);
+- FLUSH: ``os.fsync`` of the image;
+- GET_ID: the 20-byte serial, ``BHYVE-XXXX-XXXX-XXX`` from the MD5 of the path as FreeBSD's bhyve makes it
+  (``snprintf`` into 20 bytes keeps 19 characters), or ``ser=``;
+- DISCARD: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``, else zeros are written; WRITE_ZEROES: ``PUNCH_HOLE`` with the
+  unmap flag, else ``ZERO_RANGE``, else zeros are written (1 segment per request, as advertised);
+- unknown types: S_UNSUPP; a range beyond the capacity, a data length that is not a multiple of 512, a host I/O
+  error: S_IOERR; on a read-only image (VIRTIO_BLK_F_RO offered) OUT, DISCARD and WRITE_ZEROES get S_IOERR and
+  write nothing (5.2.6.2). A chain without a device-writable status byte cannot be answered: the device reports
+  DEVICE_NEEDS_RESET.
+
+Requests run on one worker thread per device (``threaded=True``, the default) so the vCPU that notified returns
+at once; each batch ends with the queue's interrupt (through the transport's callable). ``threaded=False``
+serves them on the notifying thread (tests).
+
+Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max (queue size - 2, as bhyve), blk_size (the logical
+sector size), topology (physical_block_exp, min_io_size), discard and write-zeroes limits.
+
+Features: SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, and RO for read-only images, else DISCARD and WRITE_ZEROES (unless
+``nodelete``).
+
+Not supported: multiple queues (VIRTIO_BLK_F_MQ), CONFIG_WCE (the cache is always write-back: the guest
+flushes), SCSI passthrough, geometry, ``nocache``/``direct``/``sync`` (accepted, ignored), lifetime/secure erase
+(1.2), block devices' BLKDISCARD.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import struct
+import threading
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+
+from .device import VIRTIO_ID_BLOCK, VirtioDevice, bit
+from .virtqueue import split_segments, split_tail
+
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+SECTOR = 512
+MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per request
+IOV_MAX = 1024
+_RW_CHUNK = 0x7FFFF000          # Linux's MAX_RW_COUNT
+
+BLK_REQ_HDR = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
+BLK_DISCARD_WZ = Struct("sector" / Int64ul, "num_sectors" / Int32ul, "flags" / Int32ul)
+BLK_CONFIG = Struct(
+    "capacity" / Int64ul,
+    "size_max" / Int32ul,
+    "seg_max" / Int32ul,
+    "geometry" / Struct("cylinders" / Int16ul, "heads" / Int8ul, "sectors" / Int8ul),
+    "blk_size" / Int32ul,
+    "topology" / Struct("physical_block_exp" / Int8ul, "alignment_offset" / Int8ul, "min_io_size" / Int16ul,
+                        "opt_io_size" / Int32ul),
+    "writeback" / Int8ul,
+    Padding(3),
+    "max_discard_sectors" / Int32ul,
+    "max_discard_seg" / Int32ul,
+    "discard_sector_alignment" / Int32ul,
+    "max_write_zeroes_sectors" / Int32ul,
+    "max_write_zeroes_seg" / Int32ul,
+    "write_zeroes_may_unmap" / Int8ul,
+    Padding(3),
+)
+_HDR = struct.Struct("<IIQ")
+_SEG = struct.Struct("<QII")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _libc_fallocate():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_fallocate()
+
+
+def fallocate(fd, mode, offset, length):
+    """Linux fallocate(2) with flags; raises OSError (ENOSYS where there is none)."""
+    if _fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def bhyve_ident(path):
+    """The GET_ID string bhyve makes from the image path (19 characters, see the module docstring)."""
+    d = hashlib.md5(path.encode()).digest()
+    s = "BHYVE-%02X%02X-%02X%02X-%02X%02X" % tuple(d[:6])
+    return s[:VIRTIO_BLK_ID_BYTES - 1]
+
+
+def parse_options(opts):
+    """bhyve's ``PATH[,ro][,sectorsize=L[/P]][,nodelete][,ser=ID]...`` -> keyword arguments of VirtioBlock."""
+    parts = [p for p in opts.split(",")] if opts else []
+    if not parts or not parts[0]:
+        raise ValueError("virtio-blk needs a path")
+    kw = dict(path=parts[0])
+    for p in parts[1:]:
+        key, _, val = p.partition("=")
+        if key == "ro":
+            kw["readonly"] = True
+        elif key == "sectorsize":
+            log, _, phys = val.partition("/")
+            kw["sectorsize"] = int(log, 0)
+            kw["physical_sectorsize"] = int(phys, 0) if phys else int(log, 0)
+        elif key == "nodelete":
+            kw["nodelete"] = True
+        elif key in ("ser", "serial"):
+            kw["serial"] = val
+        elif key in ("nocache", "direct", "sync", "path"):
+            if key == "path":
+                kw["path"] = val
+        elif key:
+            raise ValueError(f"virtio-blk: unknown option {p!r}")
+    return kw
+
+
+def _rw_full(fn, fd, segs, offset):
+    """preadv/pwritev over all of ``segs`` (in IOV_MAX groups, retrying short transfers); returns bytes moved."""
+    done = 0
+    segs = [m for m in segs if len(m)]
+    while segs:
+        group = segs[:IOV_MAX]
+        want = sum(len(m) for m in group)
+        if want > _RW_CHUNK:
+            group, _ = split_segments(group, _RW_CHUNK)
+            want = _RW_CHUNK
+        n = fn(fd, group, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short transfer at end of image")
+        done += n
+        segs = split_segments(segs, n)[1]
+    return done
+
+
+class VirtioBlock(VirtioDevice):
+    name = "virtio-blk"
+    device_type = VIRTIO_ID_BLOCK
+    num_queues = 1
+    queue_size = 256
+    config_size = BLK_CONFIG.sizeof()   # 60
+
+    def __init__(self, path, readonly=False, sectorsize=512, physical_sectorsize=None, nodelete=False,
+                 serial=None, threaded=True, queue_size=None):
+        super().__init__()
+        if queue_size is not None:
+            self.queue_size = queue_size
+        phys = physical_sectorsize or sectorsize
+        for s in (sectorsize, phys):
+            if s < 512 or s & (s - 1) or s > 65536:
+                raise ValueError(f"virtio-blk: bad sector size {s}")
+        if phys < sectorsize:
+            raise ValueError("virtio-blk: physical sector size below the logical one")
+        self.path = path
+        self.sectorsize = sectorsize
+        self.physical_sectorsize = phys
+        fd = -1
+        if not readonly:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                    raise
+        if fd < 0:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            readonly = True
+        self.fd = fd
+        self.readonly = readonly
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.capacity = self.size // SECTOR
+        self.ident = (serial if serial is not None else bhyve_ident(path)).encode()[:VIRTIO_BLK_ID_BYTES]
+        self.candelete = not readonly and not nodelete
+        f = (bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH)
+             | bit(VIRTIO_BLK_F_TOPOLOGY))
+        if readonly:
+            f |= bit(VIRTIO_BLK_F_RO)
+        elif self.candelete:
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        self.features = f
+        self._config = BLK_CONFIG.build(self.config_dict())
+        self.stats = dict(requests=0, ioerr=0, unsupp=0, bytes_read=0, bytes_written=0, flushes=0)
+        self._lock = threading.Lock()       # held while the worker touches the queue
+        self._cond = threading.Condition()
+        self._kick = False
+        self._stop = False
+        self._thread = None
+        self.threaded = threaded
+        if threaded:
+            self._thread = threading.Thread(target=self._worker, name=f"virtio-blk {path}", daemon=True)
+            self._thread.start()
+
+    def config_dict(self):
+        align = self.sectorsize // SECTOR
+        return dict(capacity=self.capacity, size_max=0, seg_max=max(self.queue_size - 2, 1),
+                    geometry=dict(cylinders=0, heads=0, sectors=0), blk_size=self.sectorsize,
+                    topology=dict(physical_block_exp=(self.physical_sectorsize // self.sectorsize).bit_length() - 1,
+                                  alignment_offset=0, min_io_size=self.physical_sectorsize // self.sectorsize,
+                                  opt_io_size=0),
+                    writeback=1,
+                    max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=1, discard_sector_alignment=align,
+                    max_write_zeroes_sectors=MAX_DISCARD_SECTORS, max_write_zeroes_seg=1,
+                    write_zeroes_may_unmap=1)
+
+    def config_bytes(self):
+        return self._config
+
+    # ---- notification and the worker ---------------------------------------------------------------------------------
+    def queue_notify(self, qidx, queue):
+        if not self.threaded:
+            with self._lock:
+                self._drain(queue)
+            return
+        with self._cond:
+            self._kick = True
+            self._cond.notify()
+
+    def _worker(self):
+        while True:
+            with self._cond:
+                while not self._kick and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._kick = False
+            with self._lock:
+                if self.queues:
+                    self._drain(self.queues[0])
+
+    def _drain(self, queue):
+        served = 0
+        while True:
+            chain = queue.get_chain()
+            if chain is None:
+                break
+            self._serve(queue, chain)
+            served += 1
+            if served % 64 == 0:
+                self.notify_used(queue)
+        if served:
+            self.notify_used(queue, used_all_avail=True)
+
+    def reset(self):
+        with self._lock:
+            super().reset()
+
+    def close(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # ---- requests ----------------------------------------------------------------------------------------------------
+    def _serve(self, queue, chain):
+        self.stats["requests"] += 1
+        data_w, status = split_tail(chain.writable, 1)
+        if not status or len(status[0]) != 1:
+            queue.put_used(chain.head, 0)
+            self.fail(f"virtio-blk: request {chain.head} has no status byte")
+            return
+        hdr_segs, data_r = split_segments(chain.readable, _HDR.size)
+        hdr = b"".join(bytes(m) for m in hdr_segs)
+        written = 0
+        if len(hdr) < _HDR.size:
+            st = VIRTIO_BLK_S_IOERR
+        else:
+            rtype, _, sector = _HDR.unpack(hdr)
+            try:
+                st, written = self._request(rtype, sector, data_r, data_w)
+            except OSError:
+                st = VIRTIO_BLK_S_IOERR
+        if st == VIRTIO_BLK_S_IOERR:
+            self.stats["ioerr"] += 1
+        elif st == VIRTIO_BLK_S_UNSUPP:
+            self.stats["unsupp"] += 1
+        status[0][0] = st
+        queue.put_used(chain.head, written + 1)
+
+    def _range_ok(self, sector, nbytes):
+        return nbytes % SECTOR == 0 and sector * SECTOR + nbytes <= self.capacity * SECTOR
+
+    def _request(self, rtype, sector, data_r, data_w):
+        if rtype == VIRTIO_BLK_T_IN:
+            n = sum(len(m) for m in data_w)
+            if not self._range_ok(sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            got = _rw_full(os.preadv, self.fd, data_w, sector * SECTOR)
+            self.stats["bytes_read"] += got
+            return VIRTIO_BLK_S_OK, got
+        if rtype == VIRTIO_BLK_T_OUT:
+            n = sum(len(m) for m in data_r)
+            if self.readonly or not self._range_ok(sector, n):
+                return VIRTIO_BLK_S_IOERR, 0
+            put = _rw_full(os.pwritev, self.fd, data_r, sector * SECTOR)
+            self.stats["bytes_written"] += put
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            os.fsync(self.fd)
+            self.stats["flushes"] += 1
+            return VIRTIO_BLK_S_OK, 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            ident = self.ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+            n = 0
+            for m in data_w:
+                k = min(len(m), len(ident) - n)
+                if k <= 0:
+                    break
+                m[:k] = ident[n:n + k]
+                n += k
+            return VIRTIO_BLK_S_OK, n
+        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            return self._discard_wz(rtype, data_r), 0
+        return VIRTIO_BLK_S_UNSUPP, 0
+
+    def _discard_wz(self, rtype, data_r):
+        if not self.candelete:
+            return VIRTIO_BLK_S_IOERR if self.readonly else VIRTIO_BLK_S_UNSUPP
+        raw = b"".join(bytes(m) for m in split_segments(data_r, _SEG.size * 2)[0])
+        total = sum(len(m) for m in data_r)
+        if total == 0 or total % _SEG.size or total // _SEG.size > 1:
+            return VIRTIO_BLK_S_IOERR
+        sector, nsec, flags = _SEG.unpack(raw[:_SEG.size])
+        if rtype == VIRTIO_BLK_T_DISCARD and flags:
+            return VIRTIO_BLK_S_UNSUPP
+        if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+            return VIRTIO_BLK_S_UNSUPP
+        if nsec > MAX_DISCARD_SECTORS or not self._range_ok(sector, nsec * SECTOR):
+            return VIRTIO_BLK_S_IOERR
+        off, length = sector * SECTOR, nsec * SECTOR
+        if length == 0:
+            return VIRTIO_BLK_S_OK
+        if rtype == VIRTIO_BLK_T_DISCARD or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+            modes = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        else:
+            modes = (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode, off, length)
+                return VIRTIO_BLK_S_OK
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+                    raise
+        self._write_zeros(off, length)
+        return VIRTIO_BLK_S_OK
+
+    def _write_zeros(self, off, length):
+        zero = bytes(min(length, 1 << 20))
+        while length:
+            k = min(length, len(zero))
+            n = os.pwrite(self.fd, memoryview(zero)[:k], off)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            off += n
+            length -= n

@@ -1,0 +1,515 @@
+"""Virtio over PCI, a transitional device (VIRTIO 1.1 section 4.1; bhyve ``virtio.c``).
+
+:class:`VirtioPciDevice` is a :class:`bhyve_devices.pci.device.PciDevice` that carries one
+:class:`~bhyve_devices.virtio.device.VirtioDevice` and offers both interfaces a guest may use:
+
+- **legacy** (virtio 0.9.5, what bhyve's models implement): an I/O BAR 0 with HOSTCAP 0, GUESTCAP 4, PFN 8,
+  QNUM 12, QSEL 14, QNOTIFY 16, STATUS 18, ISR 19; with MSI-X enabled CFGVEC 20 and QVEC 22; the device
+  configuration at 20 (MSI-X off) or 24 (MSI-X on). Rings at ``PFN * 4096`` with the 4096-byte alignment of
+  ``vring_init``. Features are the low 32 bits; the GUESTCAP write applies them at once (as bhyve).
+- **modern** (virtio 1.x): vendor capabilities (ID 0x09, :data:`VIRTIO_PCI_CAP`) pointing into memory BAR 4:
+  common configuration at 0x0000 (:data:`COMMON_CFG`), ISR at 0x1000, device configuration at 0x2000, notify at
+  0x3000 (``notify_off_multiplier`` 4, queue ``i`` notifies at ``0x3000 + 4*i``), plus the
+  VIRTIO_PCI_CAP_PCI_CFG window capability (4.1.4.7). VIRTIO_F_VERSION_1 is offered only here; FEATURES_OK is
+  refused (the bit does not stick) when the driver accepts a feature not offered or does not accept VERSION_1.
+
+Identity: vendor 0x1AF4, transitional device ID (0x1000 net, 0x1001 blk, 0x1003 console, 0x1005 rnd), revision
+0, subsystem vendor 0x1AF4 and subsystem ID = virtio device type.
+
+Interrupts, as bhyve's ``vi_intr_init``/``vq_interrupt``: an MSI-X capability in BAR 1 with one vector per queue
+plus one for configuration changes (unless ``single_vector=True``, xhyve's ``-W``), a 1-vector MSI capability and
+INTx pin A. With MSI-X enabled, queue ``i`` interrupts through its ``queue_msix_vector`` (NO_VECTOR 0xFFFF: no
+interrupt; a vector beyond the table reads back as NO_VECTOR, 4.1.5.1.2). Otherwise the ISR register gets bit 0
+(queue) or bit 1 (configuration) and the interrupt goes out through MSI vector 0 if MSI is enabled, else INTx,
+which stays asserted until the driver reads ISR (the read clears it).
+
+Status and reset (2.1, 4.1.4.3): writing 0 to the status resets the device (the device's :meth:`reset` first,
+which stops its workers, then every queue, the features, the vectors, ISR). A driver error found in a queue or
+reported by the device sets DEVICE_NEEDS_RESET (0x40) and, after DRIVER_OK, raises a configuration interrupt.
+
+Not supported: the packed ring (VIRTIO_F_RING_PACKED), VIRTIO_F_NOTIFICATION_DATA, queue_reset (1.2), per-queue
+notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern BAR (it is a MEM32 BAR).
+"""
+
+import threading
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+
+from bhyve_devices.pci.device import IO, MEM32, PciDevice
+
+from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_ANY_LAYOUT,
+                     VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+                     VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG,
+                     VirtioDevice, bit)
+from .virtqueue import Virtqueue
+
+VIRTIO_VENDOR = 0x1AF4
+TRANSITIONAL_DEVICE_ID = {VIRTIO_ID_NET: 0x1000, VIRTIO_ID_BLOCK: 0x1001, VIRTIO_ID_CONSOLE: 0x1003,
+                          VIRTIO_ID_RNG: 0x1005}
+PCI_CLASS = {VIRTIO_ID_NET: (0x02, 0x00), VIRTIO_ID_BLOCK: (0x01, 0x00), VIRTIO_ID_CONSOLE: (0x07, 0x80),
+             VIRTIO_ID_RNG: (0xFF, 0x00)}
+
+NO_VECTOR = 0xFFFF
+
+# ---- legacy I/O BAR registers (virtio 0.9.5 / bhyve virtio.h) --------------------------------------------------------
+VIRTIO_PCI_HOST_FEATURES = 0
+VIRTIO_PCI_GUEST_FEATURES = 4
+VIRTIO_PCI_QUEUE_PFN = 8
+VIRTIO_PCI_QUEUE_NUM = 12
+VIRTIO_PCI_QUEUE_SEL = 14
+VIRTIO_PCI_QUEUE_NOTIFY = 16
+VIRTIO_PCI_STATUS = 18
+VIRTIO_PCI_ISR = 19
+VIRTIO_MSI_CONFIG_VECTOR = 20
+VIRTIO_MSI_QUEUE_VECTOR = 22
+VIRTIO_PCI_QUEUE_ADDR_SHIFT = 12
+
+
+def legacy_config_offset(msix_enabled):
+    return 24 if msix_enabled else 20
+
+
+LEGACY_HEADER = Struct("host_features" / Int32ul, "guest_features" / Int32ul, "queue_pfn" / Int32ul,
+                       "queue_num" / Int16ul, "queue_sel" / Int16ul, "queue_notify" / Int16ul,
+                       "status" / Int8ul, "isr" / Int8ul, "config_vector" / Int16ul, "queue_vector" / Int16ul)
+_LEGACY_REGS = {VIRTIO_PCI_HOST_FEATURES: 4, VIRTIO_PCI_GUEST_FEATURES: 4, VIRTIO_PCI_QUEUE_PFN: 4,
+                VIRTIO_PCI_QUEUE_NUM: 2, VIRTIO_PCI_QUEUE_SEL: 2, VIRTIO_PCI_QUEUE_NOTIFY: 2,
+                VIRTIO_PCI_STATUS: 1, VIRTIO_PCI_ISR: 1, VIRTIO_MSI_CONFIG_VECTOR: 2, VIRTIO_MSI_QUEUE_VECTOR: 2}
+
+VIRTIO_PCI_ISR_INTR = 1
+VIRTIO_PCI_ISR_CONFIG = 2
+
+# ---- modern capabilities (4.1.4) ------------------------------------------------------------------------------------
+PCI_CAP_ID_VNDR = 0x09
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+
+VIRTIO_PCI_CAP = Struct("cap_vndr" / Int8ul, "cap_next" / Int8ul, "cap_len" / Int8ul, "cfg_type" / Int8ul,
+                        "bar" / Int8ul, Padding(3), "offset" / Int32ul, "length" / Int32ul)
+VIRTIO_PCI_NOTIFY_CAP = Struct("cap" / VIRTIO_PCI_CAP, "notify_off_multiplier" / Int32ul)
+VIRTIO_PCI_CFG_CAP = Struct("cap" / VIRTIO_PCI_CAP, "pci_cfg_data" / Int32ul)
+
+COMMON_CFG = Struct(
+    "device_feature_select" / Int32ul,   # 0
+    "device_feature" / Int32ul,          # 4
+    "driver_feature_select" / Int32ul,   # 8
+    "driver_feature" / Int32ul,          # 12
+    "msix_config" / Int16ul,             # 16
+    "num_queues" / Int16ul,              # 18
+    "device_status" / Int8ul,            # 20
+    "config_generation" / Int8ul,        # 21
+    "queue_select" / Int16ul,            # 22
+    "queue_size" / Int16ul,              # 24
+    "queue_msix_vector" / Int16ul,       # 26
+    "queue_enable" / Int16ul,            # 28
+    "queue_notify_off" / Int16ul,        # 30
+    "queue_desc" / Int64ul,              # 32
+    "queue_driver" / Int64ul,            # 40
+    "queue_device" / Int64ul,            # 48
+)
+COMMON_CFG_SIZE = COMMON_CFG.sizeof()  # 56
+_COMMON_FIELDS = {}
+_o = 0
+for _sc in COMMON_CFG.subcons:
+    _COMMON_FIELDS[_sc.name] = (_o, _sc.sizeof())
+    _o += _sc.sizeof()
+del _o, _sc
+
+MODERN_BAR = 4
+MSIX_BAR = 1
+LEGACY_BAR = 0
+COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
+NOTIFY_MULTIPLIER = 4
+MODERN_BAR_SIZE = 0x4000
+
+
+def _mask(size):
+    return (1 << (8 * size)) - 1
+
+
+class VirtioPciDevice(PciDevice):
+    """A transitional virtio PCI function around ``device`` with guest memory ``mem``."""
+
+    def __init__(self, device: VirtioDevice, mem, single_vector=False, name=None):
+        dtype = device.device_type
+        cls, sub = getattr(device, "pci_class", PCI_CLASS.get(dtype, (0xFF, 0x00)))
+        super().__init__(name or device.name, VIRTIO_VENDOR, TRANSITIONAL_DEVICE_ID.get(dtype, 0x1040 + dtype),
+                         cls, sub, revision=0, subsys_vendor=VIRTIO_VENDOR, subsys_id=dtype)
+        self.vdev = device
+        self.mem = mem
+        self.single_vector = single_vector
+        self._vlock = threading.RLock()     # transport registers (never held while calling into the device)
+        self.queues = [Virtqueue(mem, i, device.queue_size, on_error=self._queue_error)
+                       for i in range(device.num_queues)]
+        self.errors = []
+        self.status = 0
+        self.isr = 0
+        self.negotiated = 0
+        self.modern = False
+        self.queue_sel = 0
+        self.config_vector = NO_VECTOR
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.config_generation = 0
+        self.interrupts = 0
+
+        legacy_size = legacy_config_offset(True) + max(device.config_size, 0)
+        self.alloc_bar(LEGACY_BAR, IO, legacy_size)
+        self._nvec = 0
+        if not single_vector:
+            self._nvec = device.num_queues + 1
+            self.add_msix_cap(self._nvec, MSIX_BAR)
+        self.add_msi_cap(1)
+        self.lintr_request(1)
+        self.alloc_bar(MODERN_BAR, MEM32, MODERN_BAR_SIZE)
+        self._add_vcap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, COMMON_CFG_SIZE)
+        self._add_vcap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 4)
+        if device.config_size:
+            self._add_vcap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, device.config_size)
+        self._add_vcap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(device.num_queues, 1),
+                       extra=NOTIFY_MULTIPLIER.to_bytes(4, "little"))
+        self._pcicfg_off = self._add_vcap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4))
+        self.set_writable(self._pcicfg_off + 4, 1, 0xFF)       # bar
+        self.set_writable(self._pcicfg_off + 8, 4, 0xFFFFFFFF)  # offset
+        self.set_writable(self._pcicfg_off + 12, 4, 0xFFFFFFFF)  # length
+
+        device.attach(self.queues, self._queue_interrupt, self._device_error, self._device_config_changed)
+
+    def _add_vcap(self, cfg_type, offset, length, extra=b""):
+        cap = VIRTIO_PCI_CAP.build(dict(cap_vndr=PCI_CAP_ID_VNDR, cap_next=0, cap_len=16 + len(extra),
+                                        cfg_type=cfg_type, bar=MODERN_BAR if cfg_type != VIRTIO_PCI_CAP_PCI_CFG
+                                        else 0, offset=offset, length=length)) + extra
+        return self.add_capability(cap)
+
+    # ---- features -------------------------------------------------------------------------------------------------
+    def offered_features(self, modern):
+        f = (self.vdev.features | bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_F_RING_EVENT_IDX))
+        if modern:
+            f |= bit(VIRTIO_F_VERSION_1)
+        else:
+            f = (f | bit(VIRTIO_F_NOTIFY_ON_EMPTY) | bit(VIRTIO_F_ANY_LAYOUT)) & 0xFFFFFFFF
+        return f & ~self.vdev.unsupported
+
+    def _apply_features(self, features):
+        self.negotiated = features
+        for q in self.queues:
+            q.set_features(features)
+        self.vdev.apply_features(features)
+
+    # ---- interrupts -----------------------------------------------------------------------------------------------
+    def _queue_interrupt(self, qidx):
+        self.interrupts += 1
+        if self.msix_enabled:
+            v = self.queues[qidx].msix_vector if 0 <= qidx < len(self.queues) else NO_VECTOR
+            if v != NO_VECTOR:
+                self.msi_notify(v)
+            return
+        with self._vlock:
+            self.isr |= VIRTIO_PCI_ISR_INTR
+        self.msi_notify(0)
+
+    def _config_interrupt(self):
+        if self.msix_enabled:
+            if self.config_vector != NO_VECTOR:
+                self.msi_notify(self.config_vector)
+            return
+        with self._vlock:
+            self.isr |= VIRTIO_PCI_ISR_CONFIG
+        self.msi_notify(0)
+
+    def _read_isr(self):
+        with self._vlock:
+            v, self.isr = self.isr, 0
+        if v:
+            self.lintr_deassert()
+        return v
+
+    def _queue_error(self, msg):
+        self._device_error(msg)
+
+    def _device_error(self, msg):
+        with self._vlock:
+            self.errors.append(msg)
+            already = self.status & STATUS_DEVICE_NEEDS_RESET
+            self.status |= STATUS_DEVICE_NEEDS_RESET
+            ok = self.status & STATUS_DRIVER_OK
+        if ok and not already:
+            self._config_interrupt()
+
+    def _device_config_changed(self):
+        with self._vlock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            ok = self.status & STATUS_DRIVER_OK
+        if ok:
+            self._config_interrupt()
+
+    @property
+    def needs_reset(self):
+        return bool(self.status & STATUS_DEVICE_NEEDS_RESET)
+
+    # ---- status and reset -----------------------------------------------------------------------------------------
+    def reset_device(self):
+        """The driver wrote 0 to the status (or the VM resets): device, queues, features, vectors, ISR."""
+        try:
+            self.vdev.reset()
+        except Exception as exc:  # a device bug must not take the vCPU down
+            self.errors.append(f"reset: {exc!r}")
+        with self._vlock:
+            for q in self.queues:
+                q.reset()
+            self.status = 0
+            self.isr = 0
+            self.negotiated = 0
+            self.modern = False
+            self.queue_sel = 0
+            self.config_vector = NO_VECTOR
+            self.device_feature_select = self.driver_feature_select = 0
+            self.driver_features = 0
+        self.lintr_deassert()
+
+    def _write_status(self, value, modern):
+        value &= 0xFF
+        if value == 0:
+            self.reset_device()
+            return
+        notify_ok = False
+        with self._vlock:
+            old = self.status
+            if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+                offered = self.offered_features(True)
+                drv = self.driver_features
+                if drv & ~offered or not drv & bit(VIRTIO_F_VERSION_1):
+                    value &= ~STATUS_FEATURES_OK
+                else:
+                    self.modern = True
+                    self._apply_features(drv)
+            self.status = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+            notify_ok = bool(value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK)
+        if notify_ok:
+            self.vdev.driver_ok()
+
+    def _selected(self):
+        qs = self.queue_sel
+        return self.queues[qs] if 0 <= qs < len(self.queues) else None
+
+    def _notify(self, qidx):
+        if not 0 <= qidx < len(self.queues):
+            return
+        q = self.queues[qidx]
+        if not q.ready:
+            return
+        try:
+            self.vdev.queue_notify(qidx, q)
+        except Exception as exc:  # never out of a guest access
+            self._device_error(f"queue {qidx} notify: {exc!r}")
+
+    def _vector(self, value):
+        return value if value == NO_VECTOR or value < self._nvec else NO_VECTOR
+
+    # ---- BARs -------------------------------------------------------------------------------------------------------
+    def barread(self, idx, off, size):
+        try:
+            if idx == LEGACY_BAR:
+                return self._legacy_read(off, size) & _mask(size)
+            if idx == MODERN_BAR:
+                return self._modern_read(off, size) & _mask(size)
+        except Exception as exc:
+            self.errors.append(f"barread {idx}:{off:#x}: {exc!r}")
+        return _mask(size)
+
+    def barwrite(self, idx, off, size, value):
+        value &= _mask(size)
+        try:
+            if idx == LEGACY_BAR:
+                self._legacy_write(off, size, value)
+            elif idx == MODERN_BAR:
+                self._modern_write(off, size, value)
+        except Exception as exc:
+            self.errors.append(f"barwrite {idx}:{off:#x}: {exc!r}")
+
+    # ---- legacy -------------------------------------------------------------------------------------------------------
+    def _legacy_read(self, off, size):
+        cfg = legacy_config_offset(self.msix_enabled)
+        if off >= cfg:
+            return self.vdev.config_read(off - cfg, size)
+        if _LEGACY_REGS.get(off) != size:
+            return _mask(size)
+        q = self._selected()
+        if off == VIRTIO_PCI_HOST_FEATURES:
+            return self.offered_features(False)
+        if off == VIRTIO_PCI_GUEST_FEATURES:
+            return self.negotiated & 0xFFFFFFFF
+        if off == VIRTIO_PCI_QUEUE_PFN:
+            return (q.desc_addr >> VIRTIO_PCI_QUEUE_ADDR_SHIFT) if q is not None and q.ready else 0
+        if off == VIRTIO_PCI_QUEUE_NUM:
+            return q.max_size if q is not None else 0
+        if off == VIRTIO_PCI_QUEUE_SEL:
+            return self.queue_sel
+        if off == VIRTIO_PCI_QUEUE_NOTIFY:
+            return 0
+        if off == VIRTIO_PCI_STATUS:
+            return self.status
+        if off == VIRTIO_PCI_ISR:
+            return self._read_isr()
+        if off == VIRTIO_MSI_CONFIG_VECTOR:
+            return self.config_vector
+        if off == VIRTIO_MSI_QUEUE_VECTOR:
+            return q.msix_vector if q is not None else NO_VECTOR
+        return _mask(size)
+
+    def _legacy_write(self, off, size, value):
+        cfg = legacy_config_offset(self.msix_enabled)
+        if off >= cfg:
+            self.vdev.config_write(off - cfg, size, value)
+            return
+        if _LEGACY_REGS.get(off) != size:
+            return
+        q = self._selected()
+        if off == VIRTIO_PCI_GUEST_FEATURES:
+            with self._vlock:
+                self._apply_features(value & self.offered_features(False))
+        elif off == VIRTIO_PCI_QUEUE_PFN:
+            if q is None:
+                return
+            if value == 0:
+                q.reset()
+            else:
+                q.set_features(self.negotiated)
+                q.enable_legacy(value)
+        elif off == VIRTIO_PCI_QUEUE_SEL:
+            self.queue_sel = value
+        elif off == VIRTIO_PCI_QUEUE_NOTIFY:
+            self._notify(value)
+        elif off == VIRTIO_PCI_STATUS:
+            self._write_status(value, modern=False)
+        elif off == VIRTIO_MSI_CONFIG_VECTOR:
+            self.config_vector = self._vector(value)
+        elif off == VIRTIO_MSI_QUEUE_VECTOR:
+            if q is not None:
+                q.msix_vector = self._vector(value)
+
+    # ---- modern -------------------------------------------------------------------------------------------------------
+    def _modern_read(self, off, size):
+        if COMMON_OFF <= off < COMMON_OFF + COMMON_CFG_SIZE:
+            return self._common_read(off - COMMON_OFF, size)
+        if ISR_OFF <= off < ISR_OFF + 4:
+            return self._read_isr() if off == ISR_OFF else 0
+        if DEVICE_OFF <= off < DEVICE_OFF + 0x1000:
+            return self.vdev.config_read(off - DEVICE_OFF, size)
+        return 0 if NOTIFY_OFF <= off < MODERN_BAR_SIZE else _mask(size)
+
+    def _modern_write(self, off, size, value):
+        if COMMON_OFF <= off < COMMON_OFF + COMMON_CFG_SIZE:
+            self._common_write(off - COMMON_OFF, size, value)
+        elif DEVICE_OFF <= off < DEVICE_OFF + 0x1000:
+            self.vdev.config_write(off - DEVICE_OFF, size, value)
+        elif NOTIFY_OFF <= off < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
+            self._notify((off - NOTIFY_OFF) // NOTIFY_MULTIPLIER)
+
+    def common_cfg(self):
+        """The common configuration structure as the driver would read it now (a dict)."""
+        q = self._selected()
+        sel = self.device_feature_select
+        offered = self.offered_features(True)
+        return dict(
+            device_feature_select=sel,
+            device_feature=(offered >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0,
+            driver_feature_select=self.driver_feature_select,
+            driver_feature=((self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
+                            if self.driver_feature_select < 2 else 0),
+            msix_config=self.config_vector,
+            num_queues=len(self.queues),
+            device_status=self.status,
+            config_generation=self.config_generation,
+            queue_select=self.queue_sel,
+            queue_size=q.size if q is not None else 0,
+            queue_msix_vector=q.msix_vector if q is not None else NO_VECTOR,
+            queue_enable=int(q.ready) if q is not None else 0,
+            queue_notify_off=self.queue_sel if q is not None else 0,
+            queue_desc=q.desc_addr if q is not None else 0,
+            queue_driver=q.avail_addr if q is not None else 0,
+            queue_device=q.used_addr if q is not None else 0,
+        )
+
+    def _common_read(self, off, size):
+        with self._vlock:
+            raw = COMMON_CFG.build(self.common_cfg())
+        chunk = raw[off:off + size]
+        return int.from_bytes(chunk + b"\xff" * (size - len(chunk)), "little")
+
+    def _common_write(self, off, size, value):
+        for name, (foff, fsize) in _COMMON_FIELDS.items():
+            if foff <= off and off + size <= foff + fsize:
+                break
+        else:
+            return
+        shift = 8 * (off - foff)
+        with self._vlock:
+            cur = self.common_cfg()[name]
+        m = _mask(size) << shift
+        new = (cur & ~m) | (value << shift)
+        q = self._selected()
+        if name == "device_feature_select":
+            self.device_feature_select = new
+        elif name == "driver_feature_select":
+            self.driver_feature_select = new
+        elif name == "driver_feature":
+            sel = self.driver_feature_select
+            if sel < 2 and not self.status & STATUS_FEATURES_OK:
+                with self._vlock:
+                    self.driver_features = ((self.driver_features & ~(0xFFFFFFFF << (32 * sel)))
+                                            | (new << (32 * sel)))
+        elif name == "msix_config":
+            self.config_vector = self._vector(new)
+        elif name == "device_status":
+            self._write_status(new, modern=True)
+        elif name == "queue_select":
+            self.queue_sel = new
+        elif q is None:
+            return
+        elif name == "queue_msix_vector":
+            q.msix_vector = self._vector(new)
+        elif q.ready:
+            return  # size and addresses are fixed while the queue is enabled (4.1.4.3.2)
+        elif name == "queue_size":
+            q.size = new
+        elif name == "queue_desc":
+            q.desc_addr = new
+        elif name == "queue_driver":
+            q.avail_addr = new
+        elif name == "queue_device":
+            q.used_addr = new
+        elif name == "queue_enable":
+            if new == 1:
+                q.set_features(self.negotiated)
+                q.enable()
+
+    # ---- the VIRTIO_PCI_CAP_PCI_CFG window (4.1.4.7) ------------------------------------------------------------------
+    def _pcicfg_target(self):
+        o = self._pcicfg_off
+        return self.get_cfg(o + 4, 1), self.get_cfg(o + 8, 4), self.get_cfg(o + 12, 4)
+
+    def cfgread_hook(self, off, size):
+        o = self._pcicfg_off + 16
+        if off == o and size == 4:
+            bar, boff, blen = self._pcicfg_target()
+            if blen in (1, 2, 4):
+                return self.bar_access_read(bar, boff, blen)
+            return 0
+        return None
+
+    def cfgwrite_hook(self, off, size, value):
+        o = self._pcicfg_off + 16
+        if off == o and size == 4:
+            bar, boff, blen = self._pcicfg_target()
+            if blen in (1, 2, 4):
+                self.bar_access_write(bar, boff, blen, value & _mask(blen))
+            return True
+        return False
+
+    def close(self):
+        self.vdev.close()

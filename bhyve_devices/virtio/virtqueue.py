@@ -1,0 +1,426 @@
+"""Split virtqueues (VIRTIO 1.1 section 2.6) over guest memory, the device side.
+
+A :class:`Virtqueue` is the device's view of one queue: the descriptor table, the available ring (the driver
+area) and the used ring (the device area), each a memoryview straight into guest RAM obtained once through
+``GuestMemory.view`` when the queue is enabled. :meth:`Virtqueue.get_chain` pops the next available descriptor
+chain and returns a :class:`Chain` whose ``readable`` and ``writable`` lists are memoryviews of the guest buffers
+(no copy: ``os.preadv(fd, chain.writable, off)`` reads a disk straight into guest RAM);
+:meth:`Virtqueue.put_used` returns it with the number of bytes written; :meth:`Virtqueue.needs_notify` says
+whether the driver wants an interrupt now (``VRING_AVAIL_F_NO_INTERRUPT`` or, with ``VIRTIO_F_EVENT_IDX``,
+``used_event``, section 2.6.7.2). With EVENT_IDX the queue publishes ``avail_event`` (the index it will look at
+next) every time it finds the ring empty, so the driver notifies exactly when there is new work (2.6.8.2).
+
+Mapping onto bhyve's ``virtio.c``: ``vq_getchain`` -> :meth:`get_chain`, ``vq_relchain`` -> :meth:`put_used`,
+``vq_endchains`` -> :meth:`needs_notify` (then the transport's interrupt), ``vq_retchains`` -> :meth:`unget`,
+``vq_has_descs`` -> :meth:`has_chain`.
+
+Every value the guest supplies is checked before use, and read exactly once (each descriptor is unpacked into
+locals, so a driver changing the ring under us cannot make a checked value unchecked):
+
+- the avail index may be at most ``size`` ahead of the device's ``last_avail`` (more is a bad index);
+- a head or ``next`` index must be below the table size (``size``, or the entry count of an indirect table);
+- a chain may hold at most ``size`` descriptors (direct) or table-size descriptors (indirect): a longer chain,
+  which is what a loop looks like, is rejected;
+- an INDIRECT descriptor needs ``VIRTIO_RING_F_INDIRECT_DESC``, a non-zero length that is a multiple of 16 and
+  no NEXT flag (2.6.5.3.1); an INDIRECT flag inside an indirect table is an error;
+- a device-readable descriptor after a device-writable one is an error (2.6.4.2);
+- every buffer address/length and the rings themselves must lie in guest RAM (``GuestMemory.view`` raises
+  ``OSError(EFAULT)`` otherwise);
+- the queue size must be a power of two between 1 and 32768 and the rings suitably aligned (2.6).
+
+Any violation is reported once through ``on_error(message)`` (the transport sets DEVICE_NEEDS_RESET and raises a
+configuration interrupt, 2.1.2) and the queue is *broken*: it serves nothing until the driver resets the device.
+No exception leaves :meth:`get_chain`, :meth:`put_used` or :meth:`needs_notify`.
+
+Layouts are declared with construct (:data:`VIRTQ_DESC`, :data:`VIRTQ_AVAIL_HDR`, :data:`VIRTQ_USED_ELEM`...)
+and the hot path uses ``struct`` formats of the same sizes (checked by the unit tests).
+"""
+
+import struct
+
+from construct import Array, Int16ul, Int32ul, Int64ul, Struct
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+
+MAX_QUEUE_SIZE = 32768
+LEGACY_ALIGN = 4096
+
+# ---- layouts (construct) -----------------------------------------------------------------------------------------
+VIRTQ_DESC = Struct("addr" / Int64ul, "len" / Int32ul, "flags" / Int16ul, "next" / Int16ul)
+VIRTQ_AVAIL_HDR = Struct("flags" / Int16ul, "idx" / Int16ul)
+VIRTQ_USED_HDR = Struct("flags" / Int16ul, "idx" / Int16ul)
+VIRTQ_USED_ELEM = Struct("id" / Int32ul, "len" / Int32ul)
+
+
+def avail_ring(size):
+    """The whole driver area of a queue of ``size`` entries (``used_event`` is the trailing field)."""
+    return Struct("flags" / Int16ul, "idx" / Int16ul, "ring" / Array(size, Int16ul), "used_event" / Int16ul)
+
+
+def used_ring(size):
+    """The whole device area of a queue of ``size`` entries (``avail_event`` is the trailing field)."""
+    return Struct("flags" / Int16ul, "idx" / Int16ul, "ring" / Array(size, VIRTQ_USED_ELEM),
+                  "avail_event" / Int16ul)
+
+
+# ---- hot-path formats --------------------------------------------------------------------------------------------
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_ELEM = struct.Struct("<II")
+DESC_SIZE = _DESC.size
+
+
+def avail_size(size):
+    return 6 + 2 * size
+
+
+def used_size(size):
+    return 6 + 8 * size
+
+
+def legacy_layout(pfn, size, align=LEGACY_ALIGN):
+    """(desc, avail, used) guest addresses of a legacy queue at page frame ``pfn`` (virtio 0.9.5 vring_init)."""
+    desc = pfn * align
+    avail = desc + DESC_SIZE * size
+    used = (avail + avail_size(size) + align - 1) & ~(align - 1)
+    return desc, avail, used
+
+
+def need_event(event, new, old):
+    """vring_need_event: whether moving the index from ``old`` to ``new`` crosses ``event`` (all mod 2**16)."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+_GUEST_ERRORS = (OSError, ValueError, OverflowError, IndexError, TypeError, struct.error)
+
+
+class VirtqueueError(Exception):
+    """A driver error in a queue (internal; never raised out of the public methods)."""
+
+
+class Chain:
+    """One descriptor chain: ``head`` (the index to hand back to :meth:`Virtqueue.put_used`), ``readable`` and
+    ``writable`` (lists of memoryviews into guest RAM, in chain order)."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head, readable, writable):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    @property
+    def readable_len(self):
+        return sum(len(m) for m in self.readable)
+
+    @property
+    def writable_len(self):
+        return sum(len(m) for m in self.writable)
+
+    def read_bytes(self, limit=None):
+        """The readable bytes (a copy; for small headers and tests), at most ``limit``."""
+        segs = self.readable if limit is None else split_segments(self.readable, limit)[0]
+        return b"".join(bytes(m) for m in segs)
+
+    def write_bytes(self, data):
+        """Scatters ``data`` over the writable segments; returns how many bytes fitted."""
+        return scatter(self.writable, data)
+
+    def __repr__(self):
+        return (f"Chain(head={self.head}, readable={[len(m) for m in self.readable]}, "
+                f"writable={[len(m) for m in self.writable]})")
+
+
+def split_segments(segs, n):
+    """Splits a list of memoryviews after ``n`` bytes: ``(first, rest)`` (views of views, no copy). ``first``
+    holds fewer than ``n`` bytes if the segments are shorter."""
+    first = []
+    rest = []
+    it = iter(segs)
+    for m in it:
+        if n <= 0:
+            rest.append(m)
+            break
+        if len(m) <= n:
+            first.append(m)
+            n -= len(m)
+        else:
+            first.append(m[:n])
+            rest.append(m[n:])
+            n = 0
+            break
+    rest.extend(it)
+    return first, rest
+
+
+def split_tail(segs, n):
+    """Splits off the last ``n`` bytes: ``(head_segs, tail_segs)``."""
+    total = sum(len(m) for m in segs)
+    return split_segments(segs, max(total - n, 0))
+
+
+def scatter(segs, data):
+    """Copies ``data`` into the segments in order; returns the number of bytes copied."""
+    data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    done = 0
+    for m in segs:
+        if done >= len(data):
+            break
+        k = min(len(m), len(data) - done)
+        m[:k] = data[done:done + k]
+        done += k
+    return done
+
+
+def gather(segs, limit=None):
+    """Concatenates the segments (a copy), at most ``limit`` bytes."""
+    if limit is not None:
+        segs = split_segments(segs, limit)[0]
+    return b"".join(bytes(m) for m in segs)
+
+
+class Virtqueue:
+    """The device side of one split virtqueue.
+
+    The transport owns the queue object for the whole life of the device: it sets ``size`` (at most
+    ``max_size``), the three ring addresses and ``msix_vector``, calls :meth:`enable` (modern ``queue_enable`` or
+    a legacy PFN write) and :meth:`reset`. ``on_error(msg)`` is called once when the driver breaks the queue.
+    A queue is used by one thread at a time (the vCPU that notified, or the device's worker).
+    """
+
+    def __init__(self, mem, index, max_size, on_error=None):
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two in [1, 32768]")
+        self.mem = mem
+        self.index = index
+        self.max_size = max_size
+        self.on_error = on_error
+        self.msix_vector = 0xFFFF
+        self.reset()
+
+    # ---- configuration (transport) ------------------------------------------------------------------------------
+    def reset(self):
+        self.size = self.max_size
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.ready = False
+        self.broken = False
+        self.error = None
+        self.event_idx = False
+        self.indirect = False
+        self.notify_on_empty = False
+        self.last_avail = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.msix_vector = 0xFFFF
+        self._desc = self._avail = self._used = None
+        self.chains = 0
+
+    def set_features(self, features):
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        self.notify_on_empty = bool(features >> VIRTIO_F_NOTIFY_ON_EMPTY & 1)
+
+    def enable(self):
+        """Maps the rings (``size`` and the addresses are set); returns False (and reports) if they are bad."""
+        self.ready = False
+        size = self.size
+        try:
+            if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+                raise VirtqueueError(f"queue size {size} is not a power of two in [1, 32768]")
+            if self.desc_addr & 15 or self.avail_addr & 1 or self.used_addr & 3:
+                raise VirtqueueError("misaligned ring addresses "
+                                     f"{self.desc_addr:#x}/{self.avail_addr:#x}/{self.used_addr:#x}")
+            self._desc = self.mem.view(self.desc_addr, DESC_SIZE * size)
+            self._avail = self.mem.view(self.avail_addr, avail_size(size))
+            self._used = self.mem.view(self.used_addr, used_size(size))
+        except (VirtqueueError,) + _GUEST_ERRORS as exc:
+            self._desc = self._avail = self._used = None
+            self._fail(f"cannot map the rings: {exc}")
+            return False
+        self.ready = True
+        self.broken = False
+        self.last_avail = self.used_idx = self.signalled_used = 0
+        return True
+
+    def enable_legacy(self, pfn, align=LEGACY_ALIGN):
+        self.size = self.max_size
+        self.desc_addr, self.avail_addr, self.used_addr = legacy_layout(pfn, self.size, align)
+        return self.enable()
+
+    def disable(self):
+        self.ready = False
+        self._desc = self._avail = self._used = None
+
+    @property
+    def usable(self):
+        return self.ready and not self.broken
+
+    def _fail(self, msg):
+        self.broken = True
+        if self.error is None:
+            self.error = f"queue {self.index}: {msg}"
+            if self.on_error is not None:
+                try:
+                    self.on_error(self.error)
+                except Exception:  # the transport's problem; never out of a queue operation
+                    pass
+
+    # ---- device side ----------------------------------------------------------------------------------------------
+    def _avail_idx(self):
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_chain(self):
+        """Whether the driver has made a chain available that :meth:`get_chain` has not returned yet."""
+        if not self.usable:
+            return False
+        try:
+            return self._avail_idx() != self.last_avail
+        except _GUEST_ERRORS:
+            return False
+
+    def _publish_avail_event(self):
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+
+    def get_chain(self):
+        """Pops the next available chain, or returns None (ring empty, queue not ready, or broken: see
+        ``broken``/``error``). With EVENT_IDX an empty ring publishes ``avail_event`` and is checked again."""
+        if not self.usable:
+            return None
+        try:
+            return self._get_chain()
+        except VirtqueueError as exc:
+            self._fail(str(exc))
+        except _GUEST_ERRORS as exc:
+            self._fail(f"guest memory: {exc}")
+        except Exception as exc:  # defensive: a device must never raise on a guest's rings
+            self._fail(f"internal error: {exc!r}")
+        return None
+
+    def _get_chain(self):
+        size = self.size
+        last = self.last_avail
+        idx = self._avail_idx()
+        pending = (idx - last) & 0xFFFF
+        if pending == 0:
+            if not self.event_idx:
+                return None
+            self._publish_avail_event()
+            idx = self._avail_idx()
+            pending = (idx - last) & 0xFFFF
+            if pending == 0:
+                return None
+        if pending > size:
+            raise VirtqueueError(f"avail index {idx} is {pending} ahead of {last} (queue size {size})")
+        head = _U16.unpack_from(self._avail, 4 + 2 * (last % size))[0]
+        if head >= size:
+            raise VirtqueueError(f"avail ring entry {last % size}: head {head} >= queue size {size}")
+        chain = self._walk(head)
+        self.last_avail = (last + 1) & 0xFFFF
+        self.chains += 1
+        if self.event_idx:
+            self._publish_avail_event()
+        return chain
+
+    def _walk(self, head):
+        mem = self.mem
+        size = self.size
+        table = self._desc
+        tsize = size
+        readable = []
+        writable = []
+        n = 0
+        i = head
+        in_indirect = False
+        while True:
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            n += 1
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise VirtqueueError(f"descriptor {i}: INDIRECT inside an indirect table")
+                if not self.indirect:
+                    raise VirtqueueError(f"descriptor {i}: INDIRECT without VIRTIO_RING_F_INDIRECT_DESC")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"descriptor {i}: INDIRECT with NEXT")
+                if length == 0 or length % DESC_SIZE:
+                    raise VirtqueueError(f"descriptor {i}: indirect table length {length}")
+                tsize = length // DESC_SIZE
+                if tsize > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"descriptor {i}: indirect table of {tsize} entries")
+                table = mem.view(addr, length)
+                in_indirect = True
+                n = 0
+                i = 0
+                continue
+            if n > tsize:
+                raise VirtqueueError(f"chain from head {head} is longer than its table ({tsize}): a loop?")
+            buf = mem.view(addr, length)
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append(buf)
+            else:
+                if writable:
+                    raise VirtqueueError(f"chain from head {head}: readable descriptor after a writable one")
+                readable.append(buf)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= tsize:
+                raise VirtqueueError(f"descriptor {i}: next {nxt} >= table size {tsize}")
+            i = nxt
+
+    def unget(self, n=1):
+        """Gives back the last ``n`` chains returned by :meth:`get_chain` (bhyve's ``vq_retchains``): they will
+        be returned again. Used by a receive path that found too little buffer space."""
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+        self.chains -= n
+
+    def put_used(self, head, written_len):
+        """Returns chain ``head`` with ``written_len`` bytes written into its writable part."""
+        if not self.usable:
+            return
+        try:
+            size = self.size
+            slot = self.used_idx % size
+            _ELEM.pack_into(self._used, 4 + 8 * slot, head & 0xFFFFFFFF, written_len & 0xFFFFFFFF)
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
+            _U16.pack_into(self._used, 2, self.used_idx)
+        except Exception as exc:
+            self._fail(f"cannot write the used ring: {exc!r}")
+
+    def needs_notify(self, used_all_avail=False):
+        """Whether the driver wants an interrupt for the chains put since the last call (bhyve ``vq_endchains``).
+        Call once after a batch of :meth:`put_used`; a True answer is consumed (the transport then interrupts)."""
+        if not self.usable:
+            return False
+        try:
+            old = self.signalled_used
+            new = self.used_idx
+            self.signalled_used = new
+            if self.event_idx:
+                if new == old:
+                    return False
+                used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+                return need_event(used_event, new, old)
+            if new == old and not used_all_avail:
+                return False
+            if self.notify_on_empty and used_all_avail and self._avail_idx() == self.last_avail:
+                return True
+            return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        except Exception as exc:
+            self._fail(f"cannot read the avail ring: {exc!r}")
+            return False
+
+    def suppress_notifications(self, suppress):
+        """Sets or clears VIRTQ_USED_F_NO_NOTIFY (only meaningful without EVENT_IDX; a hint to the driver)."""
+        if self.usable and not self.event_idx:
+            try:
+                _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY if suppress else 0)
+            except Exception:
+                pass
