@@ -48,7 +48,10 @@ class _Backend:
     def _wait_readable(self, fd, timeout=None):
         """True when ``fd`` is readable, False when :meth:`close` was called."""
         with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ, "fd")
+            try:
+                sel.register(fd, selectors.EVENT_READ, "fd")
+            except PermissionError:      # a regular file or /dev/null: epoll refuses it, it is always readable
+                return not self._closed
             sel.register(self._stop_r, selectors.EVENT_READ, "stop")
             for key, _ in sel.select(timeout):
                 if key.data == "stop":

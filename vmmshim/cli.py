@@ -1,0 +1,178 @@
+"""The ``vmmshim`` command: xhyve's flags and bhyve's ``-o key=value``/``-k file`` on one configuration tree.
+
+    vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile] [-g port] [-k file] [-l lpc]
+            [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
+    vmmshim doctor
+
+Firmware (``-f``): ``kexec,KERNEL,INITRD,"CMDLINE"`` (Linux bzImage, xhyve), ``multiboot,KERNEL[,MOD:MOD...],
+"CMDLINE"`` (hyperkit), and ``hello`` (vmmshim's built-in smoke guest). Exit status: 0 reset, 1 power off,
+2 halt, 3 triple fault, 4 error (bad flags, bad images and missing hypervisors too, with one line on stderr).
+SIGTERM presses the ACPI power button, as bhyve does.
+
+Not supported: ``-b`` (bvmconsole), ``-g`` (debug port), ``-M`` (vmnet MAC), ``-l bootrom``, ``fbsd`` firmware.
+"""
+
+import getopt
+import os
+import signal
+import sys
+
+from .config import Config, ConfigError, parse_lpc, parse_size, parse_slot
+
+EXIT_ERROR = 4
+OPTSTRING = "AbCehHPuvwWxYc:f:F:g:k:l:m:o:s:U:M"
+VERSION = "vmmshim 0.1 (bhyve vmm_ops on NVMM primitives)"
+USAGE = """usage: vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile] [-k file] [-l lpc]
+               [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
+       vmmshim doctor
+  -A  create ACPI tables             -c  number of vCPUs (default 1)
+  -e  exit on unhandled I/O port     -f  firmware: kexec,KERNEL,INITRD,"CMDLINE" | multiboot,KERNEL[,MODS],"CMDLINE"
+  -h  this help                      |   hello (built-in smoke guest)
+  -H  vmexit on HLT (always sleeps)  -k  configuration file of key=value lines
+  -l  LPC device: com1,stdio | com2,autopty | comN,PATH
+  -m  memory size (K/M/G suffix; default 256M)          -o  set a configuration key (bhyve_config(5))
+  -P  vmexit on PAUSE                -s  PCI slot: slot[:func],emulation[,conf]
+  -u  RTC keeps UTC                  -U  VM UUID
+  -v  version                        -w  ignore unimplemented MSRs
+  -W  single-vector virtio MSI       -x  x2APIC mode
+  -Y  no MP table
+exit status: 0 reset, 1 power off, 2 halt, 3 triple fault, 4 error"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv):
+    """The configuration tree for ``argv`` (raises UsageError/ConfigError with a one-line message)."""
+    try:
+        opts, args = getopt.getopt(argv, OPTSTRING)
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    cfg = Config()
+    flag_keys = {"-A": ("acpi_tables", "true"), "-e": ("x86.strictio", "true"), "-H": ("x86.vmexit_on_hlt", "true"),
+                 "-P": ("x86.vmexit_on_pause", "true"), "-u": ("rtc.use_localtime", "false"),
+                 "-w": ("x86.strictmsr", "false"), "-W": ("virtio_msix", "false"), "-x": ("x86.x2apic", "true"),
+                 "-Y": ("x86.mptable", "false"), "-C": ("memory.guest_in_core", "true")}
+    for opt, val in opts:
+        if opt in flag_keys:
+            cfg.set(*flag_keys[opt])
+        elif opt == "-h":
+            cfg.set("vmmshim.help", "true")
+        elif opt == "-v":
+            cfg.set("vmmshim.version", "true")
+        elif opt == "-c":
+            if not val.isdigit() or not 1 <= int(val) <= 64:
+                raise ConfigError(f"invalid vCPU count {val!r} (1-64)")
+            cfg.set("cpus", val)
+        elif opt == "-m":
+            cfg.set("memory.size", str(parse_size(val)))
+        elif opt == "-f":
+            cfg.set("firmware.spec", val)
+        elif opt == "-F":
+            cfg.set("pidfile", val)
+        elif opt == "-k":
+            cfg.load_file(val)
+        elif opt == "-l":
+            parse_lpc(val, cfg)
+        elif opt == "-o":
+            cfg.set_option(val)
+        elif opt == "-s":
+            parse_slot(val, cfg)
+        elif opt == "-U":
+            cfg.set("uuid", val)
+        elif opt in ("-b", "-g", "-M"):
+            raise ConfigError(f"{opt} is not supported by vmmshim")
+    if len(args) > 1:
+        raise UsageError(f"one VM name expected, got {' '.join(args)}")
+    if args:
+        cfg.set("name", args[0])
+    return cfg
+
+
+def boot_image(cfg, lowmem, highmem):
+    """The BootImage ``-f`` asks for (LoaderError on a bad image)."""
+    from .firmware.hello import hello_image
+    from .loader import LoaderError, load_kexec, load_multiboot
+    spec = cfg.get("firmware.spec")
+    if not spec:
+        raise ConfigError("no firmware: give -f kexec,KERNEL,INITRD,\"CMDLINE\" (or -f hello)")
+    parts = spec.split(",", 3)
+    kind = parts[0]
+    if kind == "hello":
+        return hello_image()
+    if kind == "kexec":
+        if len(parts) < 2 or not parts[1]:
+            raise ConfigError("-f kexec needs a kernel: kexec,KERNEL[,INITRD[,\"CMDLINE\"]]")
+        initrd = parts[2] if len(parts) > 2 and parts[2] else None
+        cmdline = parts[3] if len(parts) > 3 else ""
+        return load_kexec(parts[1], initrd, cmdline.strip('"'), lowmem, highmem)
+    if kind == "multiboot":
+        parts = spec.split(",")
+        if len(parts) < 2 or not parts[1]:
+            raise ConfigError("-f multiboot needs a kernel: multiboot,KERNEL[,MOD:MOD...][,\"CMDLINE\"]")
+        cmdline = parts[-1].strip('"') if len(parts) > 2 else ""
+        mods = [(m, m) for m in parts[2].split(":") if m] if len(parts) > 3 else []
+        return load_multiboot(parts[1], mods, cmdline, lowmem, highmem)
+    raise LoaderError(f"unknown firmware {kind!r} (kexec, multiboot, hello)")
+
+
+def run_vm(cfg):
+    from ops.nvmm import nvmm_init
+    from ops.nvmm_ops import VmmOpsNvmm
+    from .platform import Platform
+    from .vm import VM, VmConfig
+    ncpus, memsize = cfg.get_int("cpus", 1, 64), cfg.get_int("memory.size", 1 << 20)
+    provider = nvmm_init(cfg.get("vmmshim.provider"))
+    vm = VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=memsize, strictio=cfg.get_bool("x86.strictio"),
+                                            ignore_msrs=not cfg.get_bool("x86.strictmsr"),
+                                            x2apic=cfg.get_bool("x86.x2apic"), name=cfg.get("name")))
+    image = boot_image(cfg, vm.lowmem, vm.highmem)
+    uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
+             if cfg.get(f"lpc.{name}.path")}
+    platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts)
+    from .machine import build_pci_and_tables
+    build_pci_and_tables(vm, cfg, platform)
+    for gpa, data in image.writes:
+        vm.load(gpa, data)
+    vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
+    signal.signal(signal.SIGTERM, lambda *_: platform.power_button())
+    pidfile = cfg.get("pidfile")
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        status = vm.run()
+    finally:
+        platform.close()
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+    if vm.error:
+        print(f"vmmshim: {vm.error.splitlines()[0]}", file=sys.stderr)
+    return status
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from .doctor import doctor
+        return doctor()
+    try:
+        cfg = parse_args(argv)
+        if cfg.get_bool("vmmshim.help"):
+            print(USAGE)
+            return 0
+        if cfg.get_bool("vmmshim.version"):
+            print(VERSION)
+            return 0
+        return run_vm(cfg)
+    except (UsageError, ConfigError) as exc:
+        print(f"vmmshim: {exc}\n{USAGE.splitlines()[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OSError) as exc:     # LoaderError, ProviderUnavailable, unreadable files
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"vmmshim: {msg}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,1 @@
+"""Built-in guests (``-f hello``)."""

@@ -1,0 +1,91 @@
+"""The PC platform a bhyve guest sees, wired onto a :class:`vmmshim.vm.VM`: the 8259 pair, 8254 PIT and port
+0x61, MC146818 RTC, ACPI PM timer and PM registers (reset, power off, power button), POST ports, the 8042's
+reset, HPET, and COM1/COM2 16550 UARTs on their backends (bhyve's in-kernel devices plus ``pm.c``, ``post.c``,
+``atkbdc.c`` and ``uart_emul.c``). Addresses and IRQs are bhyve's.
+
+Not supported: the bootrom, PS/2 keyboard and mouse, COM3/COM4 backends beyond the ports, the fwctl port.
+"""
+
+import time
+
+from bhyve_devices.atkbdc import KeyboardController
+from bhyve_devices.pm import PowerManagement
+from bhyve_devices.post import PostPort
+from bhyve_devices.uart16550 import UART16550
+from bhyve_devices.uart_backends import open_backend
+from bhyve_devices.vatpit import NMISC, PIT8254
+from bhyve_devices.vhpet import HPET, HPET_BASE, HPET_SIZE
+from bhyve_devices.vpmtmr import PMTimer
+from bhyve_devices.vrtc import RTC
+from ops.vmm_ops import VmSuspendHow
+
+COM_PORTS = {"com1": (0x3F8, 4), "com2": (0x2F8, 3), "com3": (0x3E8, 4), "com4": (0x2E8, 3)}
+PIC_MASTER, PIC_SLAVE, ELCR, PIT, NMISC_PORT, RTC_PORT = 0x20, 0xA0, 0x4D0, 0x40, 0x61, 0x70
+PMTMR_PORT, POST_PORTS, ISA_IRQ_SCI = 0x408, (0x80, 0x84), 9
+
+
+class Platform:
+    def __init__(self, vm, utc=False, uarts=None, on_console=None):
+        """``uarts``: ``{"com1": backend spec}`` (``stdio``, ``autopty``, a path ...)."""
+        self.vm = vm
+        t = vm.timers
+        atpic = vm.vmi.vatpic
+        vm.add_port_device(PIC_MASTER, 2, atpic.master, "atpic-master")
+        vm.add_port_device(PIC_SLAVE, 2, atpic.slave, "atpic-slave")
+        vm.add_port_device(ELCR, 2, atpic.elcr, "elcr")
+        self.pit = PIT8254(t, vm.isa_irq(0))
+        vm.add_port_device(PIT, 4, self.pit, "atpit")
+        vm.add_port_device(NMISC_PORT, 1, NMISC(self.pit, t), "nmisc")
+        self.rtc = RTC(t, vm.isa_irq(8), utc=utc, memsize=(vm.lowmem, vm.highmem))
+        vm.add_port_device(RTC_PORT, 2, self.rtc, "rtc")
+        vm.add_port_device(PMTMR_PORT, 4, PMTimer(t), "pmtmr")
+        self.pm = PowerManagement(vm.isa_irq(ISA_IRQ_SCI), on_reset=self._reset, on_poweroff=self._poweroff)
+        for port, length, dev in self.pm.ranges():
+            vm.add_port_device(port, length, dev, f"pm-{port:#x}")
+        for port in POST_PORTS:
+            vm.add_port_device(port, 1, PostPort(), f"post-{port:#x}")
+        self.kbd = KeyboardController(on_reset=self._reset, irq1=vm.isa_irq(1), irq12=vm.isa_irq(12))
+        for port, length, dev in self.kbd.ranges():
+            vm.add_port_device(port, length, dev, f"atkbdc-{port:#x}")
+        self.hpet = HPET(t, self._hpet_irq)
+        vm.add_mmio_device(HPET_BASE, HPET_SIZE, self.hpet, "hpet")
+        self.uarts, self.backends = {}, []
+        for name, (port, irq) in COM_PORTS.items():
+            uart = UART16550(vm.isa_irq(irq))
+            spec = (uarts or {}).get(name)
+            if spec:
+                backend = open_backend(spec)
+                uart.sink = backend
+                backend.start(uart)
+                self.backends.append(backend)
+            self.uarts[name] = uart
+            vm.add_port_device(port, 8, uart, name)
+
+    def _hpet_irq(self, pin, level):
+        """HPET routing: legacy pins 2 and 8 are ISA IRQ0/IRQ8, others IOAPIC pins."""
+        vm = self.vm
+        if pin in (2, 8):
+            vm.ops.vm_isa_set_irq(vm.vmi, 0 if pin == 2 else 8, level)
+        elif level:
+            vm.ops.vm_ioapic_assert_irq(vm.vmi, pin)
+        else:
+            vm.ops.vm_ioapic_deassert_irq(vm.vmi, pin)
+
+    def _reset(self):
+        self.vm.request(VmSuspendHow.VM_SUSPEND_RESET)
+
+    def _poweroff(self):
+        self.vm.request(VmSuspendHow.VM_SUSPEND_POWEROFF)
+
+    def power_button(self):
+        """SIGTERM, as bhyve: the ACPI power button if the guest enabled ACPI, else power off at once."""
+        if not self.pm.press_power_button():
+            self._poweroff()
+
+    def close(self):
+        for b in self.backends:
+            b.close()
+
+
+def wall_clock_ns():
+    return time.time_ns()
