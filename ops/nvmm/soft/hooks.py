@@ -9,13 +9,23 @@ and REX as the SDM vol. 2A chapter 2 lays them out and classifies the opcode: IN
 that leave an interrupt shadow (STI, MOV SS, POP SS). CPUID answers are filtered as NVMM's kernel filters them
 (:func:`filter_cpuid`, the same hidden bits as ``ops/nvmm/kvm/cpuid.py``).
 
-Not supported: prefixes beyond 14 bytes, VEX/EVEX-encoded forms (none of the instructions above has one).
+Not supported: prefixes beyond 14 bytes, VEX/EVEX-encoded forms (none of the instructions above has one), HLT
+or I/O with redundant prefixes counted differently from the CPU's limit of 15 bytes.
 """
 
 import struct
 from typing import NamedTuple, Optional
 
+from unicorn import x86_const as X
+
 from .. import constants as C
+from ..state import EXIT_IO_FMT, EXIT_RDMSR_FMT, EXIT_WRMSR_FMT
+from . import ucstate as U
+
+#: MSRs the emulated CPU keeps itself (NVMM's msrs[] plus FS/GS base); every other RDMSR/WRMSR exits.
+KERNEL_MSRS = frozenset(U.MSR_NUMBERS) | {0xC0000100, 0xC0000101}
+#: MSRs NVMM's kernel answers without exiting (anchors (b)): BIOS_SIGN, PLATFORM_ID read 0, MISC_ENABLE.
+KERNEL_CONST_MSRS = {0x8B: 0, 0x17: 0, 0x1A0: 1}
 
 IO, HLT, CPUID, RDMSR, WRMSR, MONITOR, MWAIT, SHADOW = range(1, 9)
 SEG_PREFIX = {0x26: C.NVMM_X64_SEG_ES, 0x2E: C.NVMM_X64_SEG_CS, 0x36: C.NVMM_X64_SEG_SS,
@@ -126,3 +136,51 @@ def filter_cpuid(leaf, regs, apic_id, masks):
         for r in range(4):
             out[r] = (out[r] & ~conf.del_[r] & 0xFFFFFFFF) | conf.set[r]
     return out
+
+
+def insn_exit(vcpu, insn, rip):
+    """The NVMM exit for ``insn`` at ``rip`` (the code hook stopped before it), or ``None`` when the provider
+    completed it itself (CPUID without exit, the MSRs NVMM's kernel answers) and the run goes on."""
+    uc, buf = vcpu.uc, vcpu.exit.buf
+    npc = rip + insn.length
+    if insn.kind == IO:
+        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
+        EXIT_IO_FMT.pack_into(buf, 8, insn.in_, port, insn.seg, insn.address_size, insn.operand_size,
+                              insn.rep, insn.str_, npc)
+        vcpu._io_rip = rip
+        return C.NVMM_VCPU_EXIT_IO
+    if insn.kind == HLT:
+        uc.reg_write(X.UC_X86_REG_RIP, npc)
+        img = vcpu.img.load()
+        if img.hflags & U.HF_INHIBIT_IRQ:     # the HLT after STI ends the shadow
+            img.hflags &= ~U.HF_INHIBIT_IRQ
+            img.store()
+        return C.NVMM_VCPU_EXIT_HALTED
+    if insn.kind in (MONITOR, MWAIT):
+        buf[8:16] = npc.to_bytes(8, "little")
+        return C.NVMM_VCPU_EXIT_MONITOR if insn.kind == MONITOR else C.NVMM_VCPU_EXIT_MWAIT
+    if insn.kind == CPUID:
+        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        conf = vcpu._cpuid_masks.get(leaf)
+        if conf is not None and conf.exit:
+            buf[8:16] = npc.to_bytes(8, "little")
+            return C.NVMM_VCPU_EXIT_CPUID
+        vcpu.step()
+        regs = (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
+        vals = filter_cpuid(leaf, [v & 0xFFFFFFFF for v in uc.reg_read_batch(regs)], vcpu.cpuid,
+                            vcpu._cpuid_masks)
+        uc.reg_write_batch(list(zip(regs, vals)))
+        return None
+    msr = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+    if msr in KERNEL_CONST_MSRS:
+        if insn.kind == RDMSR:
+            v = KERNEL_CONST_MSRS[msr]
+            uc.reg_write_batch([(X.UC_X86_REG_RAX, v & 0xFFFFFFFF), (X.UC_X86_REG_RDX, v >> 32)])
+        uc.reg_write(X.UC_X86_REG_RIP, npc)
+        return None
+    if insn.kind == RDMSR:
+        EXIT_RDMSR_FMT.pack_into(buf, 8, msr, npc)
+        return C.NVMM_VCPU_EXIT_RDMSR
+    val = (uc.reg_read(X.UC_X86_REG_EDX) << 32) | uc.reg_read(X.UC_X86_REG_EAX)
+    EXIT_WRMSR_FMT.pack_into(buf, 8, msr, val, npc)
+    return C.NVMM_VCPU_EXIT_WRMSR

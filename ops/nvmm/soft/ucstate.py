@@ -282,3 +282,29 @@ def set_fpu(uc, fx):
         uc.reg_write(X.UC_X86_REG_FP0 + ((top + i) & 7), (mant, exp))
     for i in range(16):
         uc.reg_write(X.UC_X86_REG_XMM0 + i, int.from_bytes(bytes(fx[160 + 16 * i:176 + 16 * i]), "little"))
+
+
+_ATTR_CODE16, _ATTR_DATA16 = 0x9B, 0x93
+
+
+def reset_state(st):
+    """``nvmm_x86_reset_state``: the x86 RESET state in NVMM's layout (real mode at F000:FFF0)."""
+    st.buf[:] = bytes(len(st.buf))
+    for i in range(6):
+        st.segs[i].set(0, _ATTR_DATA16, 0xFFFF, 0)
+    st.segs[C.NVMM_X64_SEG_CS].set(0xF000, _ATTR_CODE16, 0xFFFF, 0xFFFF0000)
+    st.segs[C.NVMM_X64_SEG_GDT].set(0, 0, 0xFFFF, 0)
+    st.segs[C.NVMM_X64_SEG_IDT].set(0, 0, 0xFFFF, 0)
+    st.segs[C.NVMM_X64_SEG_LDT].set(0, 0x82, 0xFFFF, 0)
+    st.segs[C.NVMM_X64_SEG_TR].set(0, 0x8B, 0xFFFF, 0)
+    st.gprs[C.NVMM_X64_GPR_RIP] = 0xFFF0
+    st.gprs[C.NVMM_X64_GPR_RFLAGS] = C.RFLAGS_RESERVED1
+    st.gprs[C.NVMM_X64_GPR_RDX] = 0x600
+    st.crs[C.NVMM_X64_CR_CR0] = C.CR0_CD | C.CR0_NW | C.CR0_ET
+    st.crs[C.NVMM_X64_CR_XCR0] = 1
+    st.drs[C.NVMM_X64_DR_DR6] = 0xFFFF0FF0
+    st.drs[C.NVMM_X64_DR_DR7] = 0x400
+    st.msrs[C.NVMM_X64_MSR_PAT] = 0x0007040600070406
+    st.fpu[0:2] = (0x40).to_bytes(2, "little")
+    st.fpu[24:28] = (0x1F80).to_bytes(4, "little")
+    st.fpu[28:32] = (0xFFBF).to_bytes(4, "little")

@@ -31,8 +31,7 @@ from unicorn import x86_const as X
 
 from .. import api
 from .. import constants as C
-from ..state import EXIT_IO_FMT, EXIT_MEM_FMT, EXIT_RDMSR_FMT, EXIT_WRMSR_FMT, EXITSTATE_FMT, \
-    INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
+from ..state import EXIT_MEM_FMT, EXITSTATE_FMT, INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
 from ..x86 import mmu
 from . import hooks as H
 from . import ucstate as U
@@ -41,15 +40,11 @@ from .provider import uc_prot
 from .assist import assist_io, assist_mem
 
 UNTIL = 0xFFFFFFFFFFFFFFFF
-#: MSRs the emulated CPU keeps itself (NVMM's msrs[] plus FS/GS base); every other RDMSR/WRMSR exits.
-KERNEL_MSRS = frozenset(U.MSR_NUMBERS) | {0xC0000100, 0xC0000101}
-#: MSRs NVMM's kernel answers without exiting (anchors (b)): BIOS_SIGN, PLATFORM_ID read 0, MISC_ENABLE.
-KERNEL_CONST_MSRS = {0x8B: 0, 0x17: 0, 0x1A0: 1}
+KERNEL_MSRS = H.KERNEL_MSRS
 _GPRS, _SEGS, _CRS, _DRS, _MSRS, _INTR, _FPU = (C.NVMM_X64_STATE_GPRS, C.NVMM_X64_STATE_SEGS,
                                                 C.NVMM_X64_STATE_CRS, C.NVMM_X64_STATE_DRS,
                                                 C.NVMM_X64_STATE_MSRS, C.NVMM_X64_STATE_INTR,
                                                 C.NVMM_X64_STATE_FPU)
-_ATTR_CODE16, _ATTR_DATA16 = 0x9B, 0x93
 
 
 class SoftVcpu(api.Vcpu):
@@ -91,27 +86,7 @@ class SoftVcpu(api.Vcpu):
 
     # -- state ------------------------------------------------------------------------------------------------
     def _reset_state(self):
-        """``nvmm_x86_reset_state``: the x86 RESET state, committed at the first run."""
-        st = self.state
-        st.buf[:] = bytes(len(st.buf))
-        for i in range(6):
-            st.segs[i].set(0, _ATTR_DATA16, 0xFFFF, 0)
-        st.segs[C.NVMM_X64_SEG_CS].set(0xF000, _ATTR_CODE16, 0xFFFF, 0xFFFF0000)
-        st.segs[C.NVMM_X64_SEG_GDT].set(0, 0, 0xFFFF, 0)
-        st.segs[C.NVMM_X64_SEG_IDT].set(0, 0, 0xFFFF, 0)
-        st.segs[C.NVMM_X64_SEG_LDT].set(0, 0x82, 0xFFFF, 0)
-        st.segs[C.NVMM_X64_SEG_TR].set(0, 0x8B, 0xFFFF, 0)
-        st.gprs[C.NVMM_X64_GPR_RIP] = 0xFFF0
-        st.gprs[C.NVMM_X64_GPR_RFLAGS] = C.RFLAGS_RESERVED1
-        st.gprs[C.NVMM_X64_GPR_RDX] = 0x600
-        st.crs[C.NVMM_X64_CR_CR0] = C.CR0_CD | C.CR0_NW | C.CR0_ET
-        st.crs[C.NVMM_X64_CR_XCR0] = 1
-        st.drs[C.NVMM_X64_DR_DR6] = 0xFFFF0FF0
-        st.drs[C.NVMM_X64_DR_DR7] = 0x400
-        st.msrs[C.NVMM_X64_MSR_PAT] = 0x0007040600070406
-        st.fpu[0:2] = (0x40).to_bytes(2, "little")
-        st.fpu[24:28] = (0x1F80).to_bytes(4, "little")
-        st.fpu[28:32] = (0xFFBF).to_bytes(4, "little")
+        U.reset_state(self.state)
         self.setstate(C.NVMM_X64_STATE_ALL)
 
     def getstate(self, flags):
@@ -384,49 +359,7 @@ class SoftVcpu(api.Vcpu):
                 return reason
 
     def _insn_exit(self, insn, rip):
-        uc, buf = self.uc, self.exit.buf
-        npc = rip + insn.length
-        if insn.kind == H.IO:
-            port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
-            EXIT_IO_FMT.pack_into(buf, 8, insn.in_, port, insn.seg, insn.address_size, insn.operand_size,
-                                  insn.rep, insn.str_, npc)
-            self._io_rip = rip
-            return C.NVMM_VCPU_EXIT_IO
-        if insn.kind == H.HLT:
-            uc.reg_write(X.UC_X86_REG_RIP, npc)
-            img = self.img.load()
-            if img.hflags & U.HF_INHIBIT_IRQ:     # the HLT after STI ends the shadow
-                img.hflags &= ~U.HF_INHIBIT_IRQ
-                img.store()
-            return C.NVMM_VCPU_EXIT_HALTED
-        if insn.kind in (H.MONITOR, H.MWAIT):
-            buf[8:16] = npc.to_bytes(8, "little")
-            return C.NVMM_VCPU_EXIT_MONITOR if insn.kind == H.MONITOR else C.NVMM_VCPU_EXIT_MWAIT
-        if insn.kind == H.CPUID:
-            leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
-            conf = self._cpuid_masks.get(leaf)
-            if conf is not None and conf.exit:
-                buf[8:16] = npc.to_bytes(8, "little")
-                return C.NVMM_VCPU_EXIT_CPUID
-            self.step()
-            regs = (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
-            vals = H.filter_cpuid(leaf, [v & 0xFFFFFFFF for v in uc.reg_read_batch(regs)], self.cpuid,
-                                  self._cpuid_masks)
-            uc.reg_write_batch(list(zip(regs, vals)))
-            return None
-        msr = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
-        if msr in KERNEL_CONST_MSRS:
-            if insn.kind == H.RDMSR:
-                v = KERNEL_CONST_MSRS[msr]
-                uc.reg_write_batch([(X.UC_X86_REG_RAX, v & 0xFFFFFFFF), (X.UC_X86_REG_RDX, v >> 32)])
-            uc.reg_write(X.UC_X86_REG_RIP, npc)
-            return None
-        if insn.kind == H.RDMSR:
-            EXIT_RDMSR_FMT.pack_into(buf, 8, msr, npc)
-            return C.NVMM_VCPU_EXIT_RDMSR
-        val = (uc.reg_read(X.UC_X86_REG_EDX) << 32) | uc.reg_read(X.UC_X86_REG_EAX)
-        EXIT_WRMSR_FMT.pack_into(buf, 8, msr, val, npc)
-        return C.NVMM_VCPU_EXIT_WRMSR
+        return H.insn_exit(self, insn, rip)
 
     def step(self):
         """Executes one instruction (one REP iteration) with no exit checks; unicorn's own ``count`` is not
