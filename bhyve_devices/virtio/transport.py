@@ -179,6 +179,12 @@ class VirtioPciDevice(PciDevice):
 
         device.attach(self.queues, self._queue_interrupt, self._device_error, self._device_config_changed)
 
+    def set_memory(self, mem):
+        """Gives the device its guest memory (when the registry built it without one)."""
+        self.mem = mem
+        for q in self.queues:
+            q.mem = mem
+
     def _add_vcap(self, cfg_type, offset, length, extra=b""):
         cap = VIRTIO_PCI_CAP.build(dict(cap_vndr=PCI_CAP_ID_VNDR, cap_next=0, cap_len=16 + len(extra),
                                         cfg_type=cfg_type, bar=MODERN_BAR if cfg_type != VIRTIO_PCI_CAP_PCI_CFG

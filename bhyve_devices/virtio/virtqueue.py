@@ -235,6 +235,8 @@ class Virtqueue:
         try:
             if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
                 raise VirtqueueError(f"queue size {size} is not a power of two in [1, 32768]")
+            if self.mem is None:
+                raise VirtqueueError("no guest memory attached")
             if self.desc_addr & 15 or self.avail_addr & 1 or self.used_addr & 3:
                 raise VirtqueueError("misaligned ring addresses "
                                      f"{self.desc_addr:#x}/{self.avail_addr:#x}/{self.used_addr:#x}")

@@ -1,0 +1,103 @@
+"""The virtio emulations by bhyve name, registered with :mod:`bhyve_devices.pci.registry`: ``virtio-blk``,
+``virtio-net``, ``virtio-tap``, ``virtio-rnd``, ``virtio-console``.
+
+The registry builds ``cls(opts)``. ``opts`` is the emulation's bhyve config keys as a dict (``path``, ``ro``,
+``sectorsize``, ``nodelete``, ``ser`` for blk; ``backend``/``tap``, ``mac`` for net; ``backend`` for the console, a
+``uart_backends`` spec such as ``stdio``) or the legacy ``-s`` option string (``disk.img,ro``, ``tap0,mac=..``).
+Values the VM itself must supply go in the same dict: ``guest_memory`` (a ``GuestMemory``; or call
+:meth:`~bhyve_devices.virtio.transport.VirtioPciDevice.set_memory` before the guest runs), ``virtio_msix``
+(``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``, ``slot`` and ``func`` (for the default MAC).
+"""
+
+from bhyve_devices.pci.registry import register
+
+from . import blk as _blk
+from . import net as _net
+from .console import VirtioConsole
+from .rnd import VirtioRnd
+from .transport import VirtioPciDevice
+
+_FALSE = ("false", "0", "no", "off")
+
+
+def _opts(opts, parse):
+    if opts is None:
+        return {}
+    if isinstance(opts, str):
+        return parse(opts)
+    return dict(opts)
+
+
+def _single_vector(o):
+    v = o.get("virtio_msix", True)
+    return bool(o.get("single_vector")) or (isinstance(v, str) and v.lower() in _FALSE) or v is False
+
+
+def _flag(v):
+    return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
+
+
+@register("virtio-blk")
+class VirtioBlkPci(VirtioPciDevice):
+    def __init__(self, opts=None):
+        o = _opts(opts, _blk.parse_options)
+        kw = dict(path=o["path"], readonly=_flag(o.get("ro", o.get("readonly", False))),
+                  nodelete=_flag(o.get("nodelete", False)))
+        if "sectorsize" in o:
+            ss = o["sectorsize"]
+            if isinstance(ss, str):
+                log, _, phys = ss.partition("/")
+                kw["sectorsize"], kw["physical_sectorsize"] = int(log, 0), int(phys or log, 0)
+            else:
+                kw["sectorsize"] = int(ss)
+                kw["physical_sectorsize"] = int(o.get("physical_sectorsize", ss))
+        ser = o.get("ser", o.get("serial"))
+        if ser is not None:
+            kw["serial"] = ser
+        super().__init__(_blk.VirtioBlock(**kw), o.get("guest_memory"), single_vector=_single_vector(o))
+
+
+def _net_opts(opts):
+    o = _opts(opts, _net.parse_options)
+    backend = o.get("backend", o.get("tap"))
+    if isinstance(backend, str):
+        backend = _net.open_backend(backend)
+    mac = o.get("mac")
+    if isinstance(mac, str):
+        mac = _net.parse_mac(mac)
+    return o, _net.VirtioNet(backend=backend, mac=mac, slot=o.get("slot", 0), func=o.get("func", 0),
+                             vmname=o.get("vmname", "vm"))
+
+
+@register("virtio-net")
+class VirtioNetPci(VirtioPciDevice):
+    def __init__(self, opts=None):
+        o, dev = _net_opts(opts)
+        super().__init__(dev, o.get("guest_memory"), single_vector=_single_vector(o))
+
+
+@register("virtio-tap")
+class VirtioTapPci(VirtioNetPci):
+    pass
+
+
+@register("virtio-rnd")
+class VirtioRndPci(VirtioPciDevice):
+    def __init__(self, opts=None):
+        o = _opts(opts, lambda s: {})
+        super().__init__(VirtioRnd(), o.get("guest_memory"), single_vector=_single_vector(o))
+
+
+@register("virtio-console")
+class VirtioConsolePci(VirtioPciDevice):
+    def __init__(self, opts=None):
+        o = _opts(opts, lambda s: {"backend": s} if s else {})
+        backend = o.get("backend")
+        started = None
+        if isinstance(backend, str):
+            from bhyve_devices.uart_backends import open_backend
+            backend = started = open_backend(backend)
+        dev = VirtioConsole(backend)
+        super().__init__(dev, o.get("guest_memory"), single_vector=_single_vector(o))
+        if started is not None:
+            started.start(dev)
