@@ -28,7 +28,7 @@ from . import nvmm_regs as regs
 from .nvmm import api
 from .nvmm import constants as C
 from .nvmm.api import nvmm_error
-from .vmm_ops import (Hlt, InOut, InstEmul, Msr, SpinupAp, Suspended, VmCapType, VmExit, VmExitCode,
+from .vmm_ops import (LAZY, Hlt, InOut, InstEmul, Msr, SpinupAp, Suspended, VmCapType, VmExit, VmExitCode,
                       VmSuspendHow, Vmx)
 
 LAPIC_BASE, LAPIC_SIZE = 0xFEE00000, 0x1000
@@ -36,6 +36,7 @@ IOAPIC_BASE, IOAPIC_SIZE = 0xFEC00000, 0x1000
 INTR_WINDOW = 0x2      # nvmm_x64_state_intr.int_window_exiting
 E = VmExitCode
 _IO, _MEM = C.NVMM_VCPU_EXIT_IO, C.NVMM_VCPU_EXIT_MEMORY
+_INOUT = int(E.VM_EXITCODE_INOUT)
 
 
 class VcpuCtx:
@@ -44,7 +45,8 @@ class VcpuCtx:
     def __init__(self, vmi, vcpuid, nvcpu):
         self.vmi, self.id, self.nv = vmi, vcpuid, nvcpu
         self.vlapic = None
-        self.vmexit = VmExit()
+        self.vmexit = VmExit(decoder=self)
+        self.runner = None
         self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
         self.nmi = False
         self.spinup = None           # (target, rip) after this vCPU sent a SIPI
@@ -52,6 +54,18 @@ class VcpuCtx:
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
         self.extra = {}
         self.halted_if_clear = False
+
+    def current_rip(self):
+        return regs.getreg(self.nv, regs.R.VM_REG_GUEST_RIP, self.extra)
+
+    def decode_u(self, exitcode):
+        """The payload of an exit that left it undecoded (INOUT)."""
+        if exitcode == _INOUT:
+            io = self.nv.exit.io
+            self.vmexit.inst_length = io.npc - self.vmexit.rip
+            return InOut(io.operand_size, io.in_, io.str_, io.rep, io.port,
+                         regs.getreg(self.nv, regs.R.VM_REG_GUEST_RAX, self.extra))
+        return None
 
     def kick(self):
         """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs."""
@@ -199,27 +213,40 @@ class VmmOpsNvmm:
     # -- the run loop ------------------------------------------------------------------------------------------
     def vmrun(self, vmi, vcpu, rip=None, rendezvous_cookie=None, suspend_cookie=None):
         """Runs vCPU ``vcpu`` (at ``rip`` if given, else where it stopped) until an exit userland handles."""
+        return self.runner(vmi, vcpu)(rip)
+
+    def runner(self, vmi, vcpu):
+        """``vmrun`` for one vCPU as a closure with its look-ups done once (vmmshim's extension: the VM's
+        vCPU loop calls it per exit; ``bench/exit_bench.py`` measures the path)."""
         ctx = vmi.vcpus[vcpu]
-        nv = ctx.nv
-        vmi.tls.ctx = ctx
-        if rip is not None:
-            regs.setreg(nv, regs.R.VM_REG_GUEST_RIP, rip, ctx.extra)
-        vmexit = ctx.vmexit
-        run = nv.run
-        while True:
-            if ctx.pending:
-                r = self._before_entry(vmi, ctx)
+        if ctx.runner is not None:
+            return ctx.runner
+        nv, vmexit, before_entry, handle_exit = ctx.nv, ctx.vmexit, self._before_entry, self._exit
+        run, io, inout, setreg, rip_reg = nv.run, _IO, _INOUT, regs.setreg, regs.R.VM_REG_GUEST_RIP
+
+        def run_vcpu(rip=None):
+            if rip is not None:
+                setreg(nv, rip_reg, rip, ctx.extra)
+            while True:
+                if ctx.pending:
+                    r = before_entry(vmi, ctx)
+                    if r is not None:
+                        return r
+                ex = run()
+                if ex.reason == io:
+                    vmexit.exitcode = inout
+                    vmexit._u = LAZY
+                    vmexit._rip = None
+                    return vmexit
+                r = handle_exit(vmi, ctx, ex, ex.reason)
                 if r is not None:
                     return r
-            ex = run()
-            reason = ex.reason
-            if reason == _IO:
-                vmexit.exitcode = E.VM_EXITCODE_INOUT
-                vmexit.u = None
-                return vmexit
-            r = self._exit(vmi, ctx, ex, reason)
-            if r is not None:
-                return r
+        ctx.runner = run_vcpu
+        return run_vcpu
+
+    def assist_fn(self, vmi, vcpu):
+        """The provider's I/O assist for one vCPU (vmmshim's extension, for the VM's INOUT handler)."""
+        return vmi.vcpus[vcpu].nv.assist_io
 
     def _before_entry(self, vmi, ctx):
         if vmi.suspended is not None:
@@ -268,6 +295,7 @@ class VmmOpsNvmm:
     def _exit(self, vmi, ctx, ex, reason):
         """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter."""
         nv = ctx.nv
+        vmi.tls.ctx = ctx            # an IPI sent while handling this exit knows its sender
         if reason == _MEM:
             gpa = ex.mem.gpa
             if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
@@ -358,11 +386,6 @@ class VmmOpsNvmm:
             nv.assist_io()
         else:
             nv.assist_mem()
-
-    def exit_inout(self, vmi, vcpu):
-        """The ``InOut`` payload of the current INOUT exit, decoded on demand (never on the fast path)."""
-        io = vmi.vcpus[vcpu].nv.exit.io
-        return InOut(io.operand_size, io.in_, io.str_, io.rep, io.port)
 
     def _make_mem_cb(self, vmi, ctx):
         vm_mem = vmi.vm.mem

@@ -232,15 +232,38 @@ class Vmx:
 
 class VmExit:
     """``struct vm_exit``: ``exitcode``, ``inst_length``, ``rip`` and the payload ``u`` (one of the classes
-    above, or ``None``). The ops layer reuses one object per vCPU, so a handler copies what it keeps."""
+    above, or ``None``). The ops layer reuses one object per vCPU, so a handler copies what it keeps. For the
+    exits of the hot path (INOUT) ``u`` and ``rip`` are decoded only when a handler reads them, through the
+    ``decoder`` the ops layer attached (``decode_u(exitcode)``, ``current_rip()``)."""
 
-    __slots__ = ("exitcode", "inst_length", "rip", "u")
+    __slots__ = ("exitcode", "inst_length", "_rip", "_u", "decoder")
 
-    def __init__(self):
+    def __init__(self, decoder=None):
         self.exitcode = VmExitCode.VM_EXITCODE_BOGUS
         self.inst_length = 0
-        self.rip = 0
-        self.u = None
+        self._rip = 0
+        self._u = None
+        self.decoder = decoder
+
+    @property
+    def rip(self):
+        if self._rip is None:
+            self._rip = self.decoder.current_rip()
+        return self._rip
+
+    @rip.setter
+    def rip(self, value):
+        self._rip = value
+
+    @property
+    def u(self):
+        if self._u is LAZY:
+            self._u = self.decoder.decode_u(self.exitcode)
+        return self._u
+
+    @u.setter
+    def u(self, value):
+        self._u = value
 
     def __repr__(self):
         try:
@@ -248,6 +271,10 @@ class VmExit:
         except ValueError:
             name = str(self.exitcode)
         return f"<vm_exit {name} rip={self.rip:#x} {self.u}>"
+
+
+#: ``VmExit._u`` of an exit whose payload is decoded on first access.
+LAZY = object()
 
 
 class VmmOps(Protocol):

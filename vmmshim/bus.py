@@ -27,6 +27,7 @@ class Bus:
         self._cache = {}                          # addr -> (start, device), for port buses
         self._cacheable = is_port_bus
         self.unhandled = []
+        self.io = self._make_io()
 
     def insert(self, base, size, device, name=None):
         if size <= 0:
@@ -76,9 +77,24 @@ class Bus:
         else:
             data[:] = (dev.read(addr - base, n) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
-    def io(self, port, is_in, data):
-        """The NVMM io callback shape: ``(port, is_in, data)``."""
-        return self.access(port, not is_in, data)
+    def _make_io(self):
+        """The NVMM io callback ``(port, is_in, data)`` as a closure over the port cache (the hot path)."""
+        cache, lookup, unhandled, from_bytes = self._cache, self.lookup, self._unhandled, int.from_bytes
+
+        def io(port, is_in, data):
+            hit = cache.get(port)
+            if hit is None:
+                hit = lookup(port)
+                if hit is None:
+                    return unhandled(port, not is_in, data)
+                cache[port] = hit
+            base, dev = hit
+            n = len(data)
+            if is_in:
+                data[:] = (dev.read(port - base, n) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+            else:
+                dev.write(port - base, n, from_bytes(data, "little"))
+        return io
 
     def _unhandled(self, addr, is_write, data):
         if not is_write:

@@ -139,13 +139,28 @@ class VM:
         self.threads[vcpu] = t
         t.start()
 
+    def _vcpu_handlers(self, vcpu):
+        """This vCPU's handler table: a list indexed by exit code (bhyve's ``vmexit_handlers``), the INOUT
+        entry bound to the vCPU's I/O assist so the hottest exit costs one call."""
+        table = [None] * (max(self.handlers) + 1)
+        for code, handler in self.handlers.items():
+            table[code] = handler
+        assist_io = self.ops.assist_fn(self.vmi, vcpu)
+
+        def inout(vcpu, vmexit):
+            assist_io()
+            return CONTINUE
+        table[E.VM_EXITCODE_INOUT] = inout
+        return table
+
     def _vcpu_loop(self, vcpu, rip):
-        vmrun, vmi, handlers = self.ops.vmrun, self.vmi, self.handlers
+        vmrun, handlers = self.ops.runner(self.vmi, vcpu), self._vcpu_handlers(vcpu)
         try:
             while True:
-                vmexit = vmrun(vmi, vcpu, rip)
+                vmexit = vmrun(rip)
                 rip = None
-                handler = handlers.get(vmexit.exitcode)
+                code = vmexit.exitcode
+                handler = handlers[code] if code < len(handlers) else None
                 if handler is None:
                     self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r} has no handler")
                     return

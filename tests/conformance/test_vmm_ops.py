@@ -9,15 +9,9 @@ import pytest
 
 from ops.nvmm_ops import VmmOpsNvmm
 from ops.vmm_ops import SEG_ACCESS_UNUSABLE, SegDesc, VmCapType, VmRegName as R, missing_members
-from tests.guests.asm import assemble, symbols
+from tests.guests.asm import assemble
+from tests.guests.vmboot import CODE, PML4, boot64
 from vmmshim.vm import EXIT_HALT, EXIT_TRIPLEFAULT, VM, VmConfig
-
-CODE = 0x10000
-GDT = 0x7000
-PML4, PDPT, PD_LOW, PD_HIGH = 0x1000, 0x2000, 0x3000, 0x4000
-FLAT_CODE64 = (0x08, 0, 0xFFFFFFFF, 0xA09B)
-FLAT_DATA = (0x10, 0, 0xFFFFFFFF, 0xC093)
-
 
 @pytest.fixture
 def make_vm(provider):
@@ -31,24 +25,6 @@ def make_vm(provider):
     for vm in made:
         vm.timers.close()
         vm.close()
-
-
-def boot64(vm, source, vcpu=0):
-    """A 64-bit program at CODE, with identity 2 MiB pages over the first GiB and 3-4 GiB (the LAPIC, IOAPIC
-    and the MMIO window), a GDT, and the vCPU in long mode pointing at it (kvm_pvm runs 64-bit guests best)."""
-    src = ".code64\n.globl start\nstart:\n" + source
-    vm.load(CODE, assemble(src, CODE))
-    vm.load(GDT, struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF))
-    vm.load(PML4, struct.pack("<Q", PDPT | 3))
-    vm.load(PDPT, struct.pack("<4Q", PD_LOW | 3, 0, 0, PD_HIGH | 3))
-    vm.load(PD_LOW, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512)))
-    vm.load(PD_HIGH, b"".join(struct.pack("<Q", (3 << 30) + (i << 21) | 0x83) for i in range(512)))
-    vm.set_boot_state(vcpu, regs={"cr0": 0x80000031, "cr4": 0x20, "efer": 0x500, "cr3": PML4, "rip": CODE,
-                                  "rflags": 2, "rsp": 0x9000},
-                      segs={"cs": FLAT_CODE64, **{s: FLAT_DATA for s in ("ds", "es", "ss", "fs", "gs")},
-                            "tr": (0, 0, 0xFFFF, 0x8B), "ldtr": (0, 0, 0, 0x82)},
-                      gdtr=(GDT, 23), idtr=(0, 0xFFFF))
-    return symbols(src, CODE)
 
 
 def gate(vec, handler):
@@ -255,3 +231,21 @@ def test_init_sipi_starts_the_second_vcpu(make_vm):
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert vm.view(0x8100, 1)[0] == 0x41, "the AP did not run"
     assert set(vm.threads) == {0, 1}
+
+
+def test_inout_exit_payload_decoded_on_demand(make_vm):
+    vm = make_vm()
+    dev = Recorder(0x42)
+    vm.add_port_device(0x70, 2, dev, "rtc-like")
+    boot64(vm, "mov $0x1234abcd, %eax\nin $0x71, %al\ncli\nhlt\n")
+    ops, vmi = vm.ops, vm.vmi
+    vmexit = ops.vmrun(vmi, 0, CODE)
+    assert vmexit.exitcode == 0                      # VM_EXITCODE_INOUT
+    u = vmexit.u
+    assert (u.bytes, u.in_, u.string, u.rep, u.port) == (1, True, False, False, 0x71)
+    assert u.eax == 0x1234ABCD
+    assert vmexit.rip == CODE + 5 and vmexit.inst_length == 2
+    ops.assist(vmi, 0)
+    assert dev.log == [("r", 1, 1)]
+    assert ops.vmrun(vmi, 0).exitcode == 14          # VM_EXITCODE_SUSPENDED (halt)
+    assert ops.vmgetreg(vmi, 0, R.VM_REG_GUEST_RAX) == 0x1234AB42
