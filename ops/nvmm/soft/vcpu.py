@@ -31,7 +31,8 @@ from unicorn import x86_const as X
 
 from .. import api
 from .. import constants as C
-from ..state import EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE, INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
+from ..state import (EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE, INTR_EVT_PENDING, INTR_INT_SHADOW,
+                     INTR_INT_WINDOW_EXITING)
 from ..x86 import mmu
 from . import hooks as H
 from . import ucstate as U
@@ -299,7 +300,8 @@ class SoftVcpu(api.Vcpu):
         ex.reason = reason
         ex.buf[0:8] = reason.to_bytes(8, "little")
         self.img.load()
-        EXITSTATE_FMT.pack_into(ex.buf, OFF_EXITSTATE, self.uc.reg_read(X.UC_X86_REG_RFLAGS), self._cr8, self._intr_bits())
+        EXITSTATE_FMT.pack_into(ex.buf, OFF_EXITSTATE, self.uc.reg_read(X.UC_X86_REG_RFLAGS), self._cr8,
+                                self._intr_bits())
         self.stats["exits"] += 1
         return ex
 
