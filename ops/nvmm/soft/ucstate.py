@@ -109,7 +109,8 @@ class CpuImage:
     def __init__(self, uc):
         self.uc = uc
         self.ctx = uc.context_save()
-        self.buf = (ctypes.c_char * self.ctx.size).from_address(self.ctx.context.value if hasattr(self.ctx.context, "value") else self.ctx.context)
+        ptr = self.ctx.context
+        self.buf = (ctypes.c_char * self.ctx.size).from_address(getattr(ptr, "value", ptr))
         self.mv = memoryview(self.buf).cast("B")
         self.b = Layout.base
 
