@@ -29,7 +29,7 @@ USAGE = """usage: vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile]
   -e  exit on unhandled I/O port     -f  firmware: kexec,KERNEL,INITRD,"CMDLINE" | multiboot,KERNEL[,MODS],"CMDLINE"
   -h  this help                      |   hello (built-in smoke guest)
   -H  vmexit on HLT (always sleeps)  -k  configuration file of key=value lines
-  -l  LPC device: com1,stdio | com2,autopty | comN,PATH
+  -l  LPC device: com1,stdio | com2,autopty | comN,PATH | debug-exit[,PORT] (QEMU isa-debug-exit)
   -m  memory size (K/M/G suffix; default 256M)          -o  set a configuration key (bhyve_config(5))
   -P  vmexit on PAUSE                -s  PCI slot: slot[:func],emulation[,conf]
   -u  RTC keeps UTC                  -U  VM UUID
@@ -131,6 +131,10 @@ def run_vm(cfg):
     uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
              if cfg.get(f"lpc.{name}.path")}
     platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts)
+    if cfg.get("lpc.debug_exit.port"):
+        from bhyve_devices.debugexit import PORT_SIZE, DebugExit
+        vm.add_port_device(cfg.get_int("lpc.debug_exit.port", 0, 0xFFFF), PORT_SIZE,
+                           DebugExit(lambda status: vm.stop(status)), "debug-exit")
     from .machine import build_pci_and_tables
     build_pci_and_tables(vm, cfg, platform)
     for gpa, data in image.writes:

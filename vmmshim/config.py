@@ -135,8 +135,11 @@ def parse_lpc(text, config):
     """``-l com1,stdio`` / ``-l com2,/dev/ttyX`` / ``-l com1,autopty``."""
     parts = text.split(",", 1)
     dev = parts[0].lower()
+    if dev == "debug-exit":     # QEMU's isa-debug-exit, for guest test suites: -l debug-exit[,PORT]
+        config.set("lpc.debug_exit.port", parts[1] if len(parts) > 1 and parts[1] else "0xf4")
+        return
     if dev not in ("com1", "com2", "com3", "com4", "bootrom"):
-        raise ConfigError(f"unknown LPC device {parts[0]!r} in -l {text!r} (com1, com2, bootrom)")
+        raise ConfigError(f"unknown LPC device {parts[0]!r} in -l {text!r} (com1, com2, debug-exit)")
     if len(parts) < 2 or not parts[1]:
         raise ConfigError(f"-l {dev} needs a backend (stdio, autopty, a path)")
     if dev == "bootrom":

@@ -1,0 +1,30 @@
+"""A test device compatible with QEMU's ``isa-debug-exit`` (``hw/misc/debugexit.c``): a guest write of ``value``
+to its port (default 0xF4, one to four bytes wide) ends the VM with exit status ``(value << 1) | 1``, so guest
+test suites written for QEMU (kvm-unit-tests' ``exit(code)``) report their result to vmmshim's exit status.
+Reads return all-ones, as from an empty ISA port.
+
+Not supported: QEMU's ``iosize`` other than its four-byte default window.
+"""
+
+DEFAULT_PORT = 0xF4
+PORT_SIZE = 4
+
+
+def exit_status(value):
+    """The process exit status QEMU reports for a write of ``value`` (truncated to 8 bits by the OS)."""
+    return ((value << 1) | 1) & 0xFF
+
+
+class DebugExit:
+    def __init__(self, on_exit):
+        """``on_exit(status)`` ends the VM."""
+        self._on_exit = on_exit
+        self.value = None
+
+    def read(self, offset, size):
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset, size, value):
+        if self.value is None:
+            self.value = value
+            self._on_exit(exit_status(value))
