@@ -5,7 +5,8 @@
 
 - :class:`TapBackend` (Linux): ``/dev/net/tun`` with ``TUNSETIFF`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) on the
   named interface (an existing, persistent tap is attached; a new one is created if we may), non-blocking, with
-  ``TUNSETVNETHDRSZ`` following the negotiated header length, so the virtio-net header travels through the tap
+  ``TUNSETVNETHDRSZ`` following the negotiated header length (tested against a real tap where the tests may
+  create one), so the virtio-net header travels through the tap
   unchanged and frames move between the tap and guest memory with ``readv``/``writev`` (no copy when a frame fits
   the first receive chain).
 - :class:`NetBSDTapBackend`: ``/dev/tapN`` (or the cloning ``/dev/tap`` with ``TAPGIFNAME``), plain Ethernet frames
@@ -31,7 +32,6 @@ Features: MAC, STATUS (link up), MRG_RXBUF. Not supported: checksum/TSO offloads
 netgraph/slirp backends.
 """
 
-import errno
 import fcntl
 import hashlib
 import os

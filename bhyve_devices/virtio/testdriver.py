@@ -9,7 +9,7 @@ from bhyve_devices.base import RecordingLine
 from bhyve_devices.pci import config as PC
 
 from . import transport as T
-from .device import STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1
+from .device import STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
 from .virtqueue import (DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, avail_size,
                         legacy_layout, used_size)
 

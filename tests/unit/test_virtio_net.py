@@ -247,3 +247,55 @@ def test_hostile_chains(ops, modern):
     assert not nic.pci.errors or nic.drv.status() & STATUS_DEVICE_NEEDS_RESET
     assert all("internal" not in e and "notify" not in e for e in nic.pci.errors)
     nic.close()
+
+
+def test_linux_tap_backend_both_ways():
+    import fcntl
+    import os
+    import struct as S
+    name = f"vmmt{os.getpid() % 100000}"
+    try:
+        tap = N.TapBackend(name)
+        ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ifr = S.pack("16sH22x", name.encode(), 0)
+        flags = S.unpack("16sH22x", fcntl.ioctl(ctl, 0x8913, ifr))[1]            # SIOCGIFFLAGS
+        fcntl.ioctl(ctl, 0x8914, S.pack("16sH22x", name.encode(), flags | 1))   # SIOCSIFFLAGS IFF_UP
+        ctl.close()
+        pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        pkt.bind((name, 0))
+        pkt.settimeout(5)
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"no tap here: {exc}")
+    mem = BytesMemory(4 << 20)
+    dev = N.VirtioNet(tap, mac=bytes([2, 0, 0, 0, 0, 7]), start=True)
+    pci = VirtioPciDevice(dev, mem)
+    drv = PciDriver(pci, mem, modern=True)
+    got_irq = threading.Event()
+    pci.msi = lambda a, d: got_irq.set()
+    drv.init(msix=True)
+    rx, tx = drv.queues[0], drv.queues[1]
+    try:
+        eth = b"\xff" * 6 + bytes([2, 0, 0, 0, 0, 7]) + b"\x88\xb5" + frame(200, b"to-host")
+        a = drv.alloc
+        tx.add(out=[(a.put(bytes(12)), 12), (a.put(eth), len(eth))])
+        drv.notify(1)
+        assert pkt.recv(4096) == eth
+        bufs = [a.alloc(2048) for _ in range(4)]
+        for b in bufs:
+            rx.add(inn=[(b, 2048)])
+        drv.notify(0)
+        back = b"\xff" * 6 + bytes([2, 0, 0, 0, 0, 8]) + b"\x88\xb5" + frame(300, b"to-guest")
+        pkt.send(back)
+        assert got_irq.wait(5)
+        deadline = time.time() + 5
+        used = []
+        while time.time() < deadline:
+            used += rx.get_used()
+            if any(a.read(bufs[h], n)[12:] == back for h, n in used):
+                break
+            time.sleep(0.01)
+        assert any(a.read(bufs[h], n)[12:] == back and a.read(bufs[h], 12)[10:12] == b"\x01\x00"
+                   for h, n in used)
+    finally:
+        pkt.close()
+        dev.close()
