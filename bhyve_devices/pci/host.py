@@ -279,9 +279,16 @@ class PciHost:
                 irq = self.router.isa_irq_of(pirq)
                 dev.set_cfg(C.INTR_LINE, 1, irq if irq is not None else 0xFF)
                 dev.intx_line = _IntxLine(self.router, r)
-        for idx, b in enumerate(dev.bars):
-            if b.kind in (BarKind.IO, BarKind.MEM32, BarKind.MEM64):
-                dev.place_bar(idx, self.allocate(dev, idx, b.kind, b.size))
+        try:
+            addrs = [(idx, self.allocate(dev, idx, b.kind, b.size)) for idx, b in enumerate(dev.bars)
+                     if b.kind in (BarKind.IO, BarKind.MEM32, BarKind.MEM64)]
+        except ValueError:
+            with self._lock:
+                del self.functions[(slot, func)]
+                self.routes.pop((slot, func), None)
+            raise
+        for idx, addr in addrs:
+            dev.place_bar(idx, addr)
         dev.bar_allocator = self.allocate
         return dev
 

@@ -137,6 +137,7 @@ def test_window_full():
 
     with pytest.raises(ValueError):
         host.add(1, 0, Big())
+    assert host.function(1, 0) is None
 
 
 def test_intx_routing_swizzle_and_pirq_registers():
