@@ -7,6 +7,7 @@ objects on that provider and destroys them after the test.
 """
 
 import os
+import re
 
 import pytest
 
@@ -28,7 +29,15 @@ def open_or_skip(name):
 
 @pytest.fixture(params=SELECTED)
 def provider(request):
-    return open_or_skip(request.param)
+    prov = open_or_skip(request.param)
+    trace_dir = os.environ.get("VMMSHIM_TRACE_DIR")
+    if not trace_dir:
+        yield prov
+        return
+    from ops.nvmm.trace import TracingProvider
+    case = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name.replace(f"[{request.param}", "["))
+    with open(os.path.join(trace_dir, f"{case}.{request.param}.trace"), "w") as sink:
+        yield TracingProvider(prov, sink)
 
 
 @pytest.fixture

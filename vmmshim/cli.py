@@ -24,7 +24,7 @@ OPTSTRING = "AbCehHPuvwWxYc:f:F:g:k:l:m:o:s:U:M"
 VERSION = "vmmshim 0.1 (bhyve vmm_ops on NVMM primitives)"
 USAGE = """usage: vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile] [-k file] [-l lpc]
                [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
-       vmmshim doctor
+       vmmshim doctor | vmmshim conformance [--record DIR] [--diff DIR]
   -A  create ACPI tables             -c  number of vCPUs (default 1)
   -e  exit on unhandled I/O port     -f  firmware: kexec,KERNEL,INITRD,"CMDLINE" | multiboot,KERNEL[,MODS],"CMDLINE"
   -h  this help                      |   hello (built-in smoke guest)
@@ -164,6 +164,9 @@ def main(argv=None):
     if argv[:1] == ["doctor"]:
         from .doctor import doctor
         return doctor()
+    if argv[:1] == ["conformance"]:
+        from .conformance import main as conformance
+        return conformance(argv[1:])
     try:
         cfg = parse_args(argv)
         if cfg.get_bool("vmmshim.help"):
