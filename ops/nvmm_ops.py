@@ -54,6 +54,7 @@ class VcpuCtx:
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
         self.extra = {}
         self.halted_if_clear = False
+        self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
 
     def current_rip(self):
         return regs.getreg(self.nv, regs.R.VM_REG_GUEST_RIP, self.extra)
@@ -225,6 +226,7 @@ class VmmOpsNvmm:
         run, io, inout, setreg, rip_reg = nv.run, _IO, _INOUT, regs.setreg, regs.R.VM_REG_GUEST_RIP
 
         def run_vcpu(rip=None):
+            ctx.started = True
             if rip is not None:
                 setreg(nv, rip_reg, rip, ctx.extra)
             while True:
@@ -367,7 +369,7 @@ class VmmOpsNvmm:
             return self._vmexit(ctx, E.VM_EXITCODE_HLT, Hlt(rflags))
         if not rflags & C.RFLAGS_IF and not ctx.nmi:
             ctx.halted_if_clear = True
-            if all(c.halted_if_clear for c in vmi.vcpus.values()):
+            if all(c.halted_if_clear for c in vmi.vcpus.values() if c.started):
                 self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_HALT)
                 return self._suspended_exit(vmi, ctx)
         with ctx.cond:

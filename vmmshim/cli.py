@@ -112,7 +112,7 @@ def boot_image(cfg, lowmem, highmem):
         if len(parts) < 2 or not parts[1]:
             raise ConfigError("-f multiboot needs a kernel: multiboot,KERNEL[,MOD:MOD...][,\"CMDLINE\"]")
         cmdline = parts[-1].strip('"') if len(parts) > 2 else ""
-        mods = [(m, m) for m in parts[2].split(":") if m] if len(parts) > 3 else []
+        mods = [(m, None) for m in parts[2].split(":") if m] if len(parts) > 3 else []
         return load_multiboot(parts[1], mods, cmdline, lowmem, highmem)
     raise LoaderError(f"unknown firmware {kind!r} (kexec, multiboot, hello)")
 
@@ -182,4 +182,9 @@ def main(argv=None):
     except (ValueError, OSError) as exc:     # LoaderError, ProviderUnavailable, unreadable files
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"vmmshim: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a vmmshim bug: one line, status 4 (VMMSHIM_DEBUG=1 re-raises)
+        if os.environ.get("VMMSHIM_DEBUG"):
+            raise
+        print(f"vmmshim: internal error: {exc!r} (VMMSHIM_DEBUG=1 shows where)", file=sys.stderr)
         return EXIT_ERROR

@@ -1,13 +1,92 @@
-"""PCI devices (``-s``) and firmware tables (``-A`` ACPI, else the MP table unless ``-Y``) for a VM.
+"""PCI devices (``-s``) and the firmware tables (``-A`` for ACPI, else the MP table unless ``-Y``) of a VM, as
+bhyve's ``pci_emul.c``, ``acpi.c`` and ``mptbl.c`` set them up: the PCI host on configuration mechanism 1 and
+ECAM, each function built by its bhyve emulation name from ``pci.0.S.F.*`` keys, BARs (un)mapped on the port and
+MMIO buses as the guest programs them, INTx through the LPC PIRQs to IOAPIC pins 16-23 and the 8259, MSI to the
+vlapics. Guest-physical placement of the tables is bhyve's (MP table 0xF0000, ACPI 0xF2400).
 
-Filled in as the PCI host lands; until then a VM with ``-s`` devices is refused with a clear error.
+Not supported: buses other than 0, PCI passthrough, the bootrom.
 """
+
+from bhyve_devices.pci import registry
+from bhyve_devices.pci.device import BarKind
+from bhyve_devices.pci.host import PciHost
+from bhyve_devices.tables.acpi import build_acpi
+from bhyve_devices.tables.mptable import build_mptable
 
 from .config import ConfigError
 
+# Options the VM adds for every PCI device (the devices read what they need).
+_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func")
+
 
 def build_pci_and_tables(vm, cfg, platform):
-    slots = cfg.pci_slots()
-    if slots:
-        raise ConfigError("PCI devices (-s) are not wired into the VM yet")
-    return None
+    """Builds the PCI host and its devices, then writes the firmware tables into guest RAM. Returns the host."""
+    ops, vmi = vm.ops, vm.vmi
+    host = PciHost(mem32_base=max(vm.lowmem, 0xC0000000), msi=lambda a, d: ops.vm_lapic_msi(vmi, a, d),
+                   bar_changed=lambda *a: _bar_changed(vm, *a),
+                   ioapic_irq=lambda pin, level: (ops.vm_ioapic_assert_irq if level else
+                                                  ops.vm_ioapic_deassert_irq)(vmi, pin),
+                   isa_irq=lambda irq, level: vmi.vatpic.set_irq_level(irq, level),
+                   isa_level_trigger=lambda irq: _elcr_level(vmi.vatpic, irq))
+    for port, size, dev in host.conf1_ranges():
+        vm.add_port_device(port, size, dev, f"pci-conf1-{port:#x}")
+    base, size, ecam = host.ecam_range()
+    vm.add_mmio_device(base, size, ecam, "pci-ecam")
+    lpc_slot = None
+    for bus, slot, func, opts in cfg.pci_slots():
+        name = opts.get("device")
+        if not name:
+            raise ConfigError(f"pci.{bus}.{slot}.{func} has options but no device")
+        devopts = {k: v for k, v in opts.items() if k != "device"}
+        devopts.update(guest_memory=_GuestMemory(vm), virtio_msix=cfg.get("virtio_msix"), vmname=cfg.get("name"),
+                       slot=slot, func=func)
+        if name == "lpc":
+            devopts["uarts"] = [u for u in ("com1", "com2") if cfg.get(f"lpc.{u}.path")] or ["com1", "com2"]
+            lpc_slot = (slot, func)
+        try:
+            dev = registry.create(name, devopts)
+        except KeyError as exc:
+            raise ConfigError(str(exc).strip('"')) from None
+        except (OSError, ValueError) as exc:
+            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"-s {slot}:{func},{name}: {msg}") from None
+        host.add(slot, func, dev)
+        vm.closers.append(getattr(dev, "close", None))
+    _write_tables(vm, cfg, host, lpc_slot)
+    return host
+
+
+def _write_tables(vm, cfg, host, lpc_slot):
+    ncpu = vm.config.ncpus
+    if cfg.get_bool("acpi_tables"):
+        lpc = host.function(*lpc_slot) if lpc_slot else None
+        isa = lpc.legacy_devices() if lpc is not None else ()
+        tables = build_acpi(ncpu, host.info(), isa_devices=isa, lpc_adr=lpc_slot)
+    elif cfg.get_bool("x86.mptable"):
+        tables = build_mptable(ncpu, host.all_routes(), ioapic_id=0)
+    else:
+        tables = []
+    for gpa, data in tables:
+        vm.load(gpa, data)
+
+
+def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
+    bus = vm.pio if kind == BarKind.IO else vm.mmio
+    name = f"{getattr(dev, 'name', type(dev).__name__)}-bar{idx}"
+    if bus.lookup(old) is not None and bus.lookup(old)[0] == old and bus.lookup(old)[1] is dev.bar_device(idx):
+        bus.remove(old)
+    if enabled:
+        bus.insert(new, size, dev.bar_device(idx), name)
+
+
+def _elcr_level(atpic, irq):
+    """Marks an ISA IRQ level-triggered in the ELCR (a PCI INTx routed through a PIRQ)."""
+    reg, bit = (0, irq) if irq < 8 else (1, irq - 8)
+    atpic.elcr.write(reg, 1, atpic.elcr.read(reg, 1) | (1 << bit))
+
+
+class _GuestMemory:
+    """The GuestMemory a device gets: bounds-checked views of the VM's RAM."""
+
+    def __init__(self, vm):
+        self.view = vm.view

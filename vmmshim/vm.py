@@ -59,6 +59,7 @@ class VM:
         self.error = None
         self._status_lock = threading.Lock()
         self.threads = {}
+        self.closers = []           # device close() callables, run by close()
         self.vmi = ops.vm_init(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
@@ -184,6 +185,9 @@ class VM:
         self.stop(SUSPEND_STATUS[how])
 
     def close(self):
+        for close in self.closers:
+            if close is not None:
+                close()
         self.ops.vm_cleanup(self.vmi)
 
     # -- exit handlers -----------------------------------------------------------------------------------------

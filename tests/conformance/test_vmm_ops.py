@@ -166,7 +166,7 @@ gp_handler:
   hlt
 .align 8
 idt:
-  .fill 14, 16, 0
+  .skip 14 * 16
 idtr:
   .word 14 * 16 - 1
   .quad idt
@@ -195,7 +195,7 @@ timer_handler:
   iretq
 .align 8
 idt:
-  .fill 0x41, 16, 0
+  .skip 0x41 * 16
 idtr:
   .word 0x41 * 16 - 1
   .quad idt

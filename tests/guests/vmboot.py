@@ -23,11 +23,16 @@ def boot64(vm, source, vcpu=0):
     vm.load(PDPT, struct.pack("<4Q", PD_LOW | 3, 0, 0, PD_HIGH | 3))
     vm.load(PD_LOW, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512)))
     vm.load(PD_HIGH, b"".join(struct.pack("<Q", (3 << 30) + (i << 21) | 0x83) for i in range(512)))
-    vm.set_boot_state(vcpu, regs={"cr0": 0x80000031, "cr4": 0x20, "efer": 0x500, "cr3": PML4, "rip": CODE,
-                                  "rflags": 2, "rsp": 0x9000},
+    long_mode(vm, vcpu, CODE)
+    return symbols(src, CODE)
+
+
+def long_mode(vm, vcpu, rip, rsp=0x9000):
+    """Puts ``vcpu`` in 64-bit mode on the tables :func:`boot64` wrote, at ``rip``."""
+    vm.set_boot_state(vcpu, regs={"cr0": 0x80000031, "cr4": 0x20, "efer": 0x500, "cr3": PML4, "rip": rip,
+                                  "rflags": 2, "rsp": rsp},
                       segs={"cs": FLAT_CODE64, **{s: FLAT_DATA for s in ("ds", "es", "ss", "fs", "gs")},
                             "tr": (0, 0, 0xFFFF, 0x8B), "ldtr": (0, 0, 0, 0x82)},
                       gdtr=(GDT, 23), idtr=(0, 0xFFFF))
-    return symbols(src, CODE)
 
 
