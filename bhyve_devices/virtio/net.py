@@ -105,8 +105,8 @@ def parse_options(opts):
 
 # ---- backends ---------------------------------------------------------------------------------------------------------
 class NetBackend:
-    """A frame transport: ``fileno()`` for poll, ``recv_into(segs) -> n`` (0 when nothing is waiting),
-    ``send(segs)``. ``vnet_hdr`` says whether frames carry the virtio-net header (then
+    """A frame transport: ``fileno()`` for poll, ``recv_into(segs) -> n`` (None when nothing is waiting, 0 when
+    the peer is gone), ``send(segs)``. ``vnet_hdr`` says whether frames carry the virtio-net header (then
     :meth:`set_vnet_hdr_len` follows the negotiated length)."""
 
     vnet_hdr = False
@@ -115,10 +115,11 @@ class NetBackend:
         raise NotImplementedError
 
     def recv_into(self, segs):
+        """Bytes read into ``segs``; ``None`` when no frame is waiting; 0 at end of file (the peer is gone)."""
         try:
             return os.readv(self.fileno(), segs)
         except BlockingIOError:
-            return 0
+            return None
 
     def send(self, segs):
         try:
@@ -373,8 +374,13 @@ class VirtioNet(VirtioDevice):
             else:
                 got = backend.recv_into(body + [spill])
         except OSError:
-            got = 0
-        if not got:
+            got = 0                      # a backend error ends backend polling, as an end of file does
+        if got is None:
+            q.unget()
+            return None
+        if got == 0:
+            self._stop_backend = True    # peer gone: stop polling it (no busy loop on POLLHUP)
+            self.stats["rx_backend_closed"] = 1
             q.unget()
             return None
         n = got - hl if backend.vnet_hdr else got   # the frame's length

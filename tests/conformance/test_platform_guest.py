@@ -6,22 +6,21 @@ import struct
 
 import pytest
 
-from ops.nvmm_ops import VmmOpsNvmm
-from tests.guests.vmboot import boot64, long_mode
+from tests.guests.vmboot import boot64, gate, idt, long_mode
 from vmmshim.config import Config, parse_slot
 from vmmshim.machine import build_pci_and_tables
 from vmmshim.platform import Platform
-from vmmshim.vm import EXIT_HALT, VM, VmConfig
+from vmmshim.vm import EXIT_HALT
 
 RESULT = 0x8000
 
 
 @pytest.fixture
-def platform_vm(provider):
+def platform_vm(make_vm):
     made = []
 
     def make(ncpus=1, acpi=False, slots=("0:0,hostbridge", "31,lpc")):
-        vm = VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=32 << 20), log=lambda m: None)
+        vm = make_vm(ncpus=ncpus, memsize=32 << 20)
         cfg = Config()
         cfg.set("acpi_tables", "true" if acpi else "false")
         cfg.set("cpus", str(ncpus))
@@ -29,39 +28,18 @@ def platform_vm(provider):
             parse_slot(s, cfg)
         plat = Platform(vm, utc=True)
         build_pci_and_tables(vm, cfg, plat)
-        made.append((vm, plat))
+        made.append(plat)
         return vm
     yield make
-    for vm, plat in made:
+    for plat in made:
         plat.close()
-        vm.timers.close()
-        vm.close()
 
 
 def results(vm, n):
     return struct.unpack_from(f"<{n}I", vm.view(RESULT, 4 * n))
 
 
-# A 64-bit IDT at label `idt`, gates filled at run time (GNU as cannot split relocatable label addresses).
-def gate(vec, handler):
-    return f"""
-  mov ${handler}, %eax
-  mov %ax, idt + {vec} * 16
-  movw $0x08, idt + {vec} * 16 + 2
-  movw $0x8e00, idt + {vec} * 16 + 4
-  shr $16, %eax
-  mov %ax, idt + {vec} * 16 + 6
-"""
-
-
-IDT = """
-.align 16
-idt:
-  .skip 0x60 * 16
-idtr:
-  .word 0x60 * 16 - 1
-  .quad idt
-"""
+IDT = idt(0x60)
 
 
 def test_pci_config_space_through_mechanism_1(platform_vm):

@@ -10,34 +10,8 @@ import pytest
 from ops.nvmm_ops import VmmOpsNvmm
 from ops.vmm_ops import SEG_ACCESS_UNUSABLE, SegDesc, VmCapType, VmRegName as R, missing_members
 from tests.guests.asm import assemble
-from tests.guests.vmboot import CODE, PML4, boot64
-from vmmshim.vm import EXIT_HALT, EXIT_TRIPLEFAULT, VM, VmConfig
-
-@pytest.fixture
-def make_vm(provider):
-    made = []
-
-    def make(**kw):
-        vm = VM(VmmOpsNvmm(provider), VmConfig(**{"memsize": 16 << 20, **kw}), log=lambda m: None)
-        made.append(vm)
-        return vm
-    yield make
-    for vm in made:
-        vm.timers.close()
-        vm.close()
-
-
-def gate(vec, handler):
-    """Guest code that fills 64-bit interrupt gate ``vec`` of the table at label ``idt`` with ``handler``."""
-    return f"""
-  mov ${handler}, %eax
-  mov %ax, idt + {vec} * 16
-  movw $0x08, idt + {vec} * 16 + 2
-  movw $0x8e00, idt + {vec} * 16 + 4
-  shr $16, %eax
-  mov %ax, idt + {vec} * 16 + 6
-"""
-
+from tests.guests.vmboot import CODE, PML4, boot64, gate, idt
+from vmmshim.vm import EXIT_HALT, EXIT_TRIPLEFAULT
 
 class Recorder:
     """A device recording accesses; reads answer ``value``."""
@@ -164,13 +138,7 @@ gp_handler:
   movl $0xbad6, 0x8000
   cli
   hlt
-.align 8
-idt:
-  .skip 14 * 16
-idtr:
-  .word 14 * 16 - 1
-  .quad idt
-""")
+""" + idt(14))
     assert sym["gp_handler"] < CODE + 0x1000
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert struct.unpack_from("<I", vm.view(0x8000, 4))[0] == (0 if ignore else 0xBAD6)
@@ -193,13 +161,7 @@ timer_handler:
   incl 0x8000
   movl $0, 0xB0(%rsi)           # EOI
   iretq
-.align 8
-idt:
-  .skip 0x41 * 16
-idtr:
-  .word 0x41 * 16 - 1
-  .quad idt
-""")
+""" + idt(0x41))
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert struct.unpack_from("<I", vm.view(0x8000, 4))[0] == 1
 

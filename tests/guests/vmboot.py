@@ -36,3 +36,28 @@ def long_mode(vm, vcpu, rip, rsp=0x9000):
                       gdtr=(GDT, 23), idtr=(0, 0xFFFF))
 
 
+
+
+def gate(vec, handler):
+    """Guest code that fills 64-bit interrupt gate ``vec`` of the table at label ``idt`` with ``handler`` at run
+    time (GNU as cannot split a relocatable label's address into the gate's fields)."""
+    return f"""
+  mov ${handler}, %eax
+  mov %ax, idt + {vec} * 16
+  movw $0x08, idt + {vec} * 16 + 2
+  movw $0x8e00, idt + {vec} * 16 + 4
+  shr $16, %eax
+  mov %ax, idt + {vec} * 16 + 6
+"""
+
+
+def idt(entries):
+    """An IDT of ``entries`` 16-byte gates at label ``idt`` and its ``idtr`` (for ``lidt idtr``)."""
+    return f"""
+.align 16
+idt:
+  .skip {entries} * 16
+idtr:
+  .word {entries} * 16 - 1
+  .quad idt
+"""

@@ -7,7 +7,7 @@ import struct
 import time
 
 from ops.nvmm_ops import VmmOpsNvmm
-from tests.guests.vmboot import boot64
+from tests.guests.vmboot import boot64, gate, idt
 from vmmshim.vm import EXIT_HALT, VM, VmConfig
 
 TICKS = 200        # 2 s at 100 Hz
@@ -17,13 +17,7 @@ BUS_HZ = 128 * 1024 * 1024
 def test_idle_guest_with_periodic_timer_leaves_the_host_idle(kvm_provider, capsys):
     vm = VM(VmmOpsNvmm(kvm_provider), VmConfig(memsize=16 << 20), log=lambda m: None)
     try:
-        boot64(vm, f"""
-  mov $timer, %eax
-  mov %ax, idt + 0x40 * 16
-  movw $0x08, idt + 0x40 * 16 + 2
-  movw $0x8e00, idt + 0x40 * 16 + 4
-  shr $16, %eax
-  mov %ax, idt + 0x40 * 16 + 6
+        boot64(vm, gate(0x40, "timer") + f"""
   lidt idtr
   mov $0xFEE00000, %esi
   movl $0x1ff, 0xF0(%rsi)
@@ -40,13 +34,7 @@ timer:
   incl 0x8000
   movl $0, 0xB0(%rsi)
   iretq
-.align 16
-idt:
-  .skip 0x41 * 16
-idtr:
-  .word 0x41 * 16 - 1
-  .quad idt
-""")
+""" + idt(0x41))
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
         assert vm.run(timeout=60) == EXIT_HALT, vm.error
         r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
