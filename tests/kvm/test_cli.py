@@ -65,3 +65,41 @@ def test_doctor_reports_the_kvm_kind(kvm_provider):
     p = vmmshim("doctor")
     assert p.returncode == 0
     assert "provider kvm" in p.stdout and "/dev/kvm present" in p.stdout
+
+
+SPIN_KERNEL = r"""
+.code32
+.globl _start
+.align 4
+  .long 0x1BADB002, 0x0, -0x1BADB002
+_start:
+  mov $0x3f8, %dx
+  mov $'R', %al
+  out %al, %dx
+1: pause
+  jmp 1b
+"""
+
+
+def test_sigterm_presses_the_power_button(kvm_provider, tmp_path):
+    """bhyve: SIGTERM is the ACPI power button; a guest that never enabled ACPI is powered off (status 1)."""
+    import signal
+    import time
+    src, obj, elf = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf"
+    src.write_text(SPIN_KERNEL)
+    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-e", "_start", "-o", str(elf), str(obj)],
+                   check=True, capture_output=True)
+    p = subprocess.Popen([sys.executable, "-m", "vmmshim", "-m", "32M", "-l", "com1,stdio", "-f",
+                          f"multiboot,{elf}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.read(1) == b"R", "the guest did not start"
+        time.sleep(0.3)
+        assert p.poll() is None, "the guest stopped by itself"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 1
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
