@@ -3,6 +3,7 @@
 The guest is the same 64-bit loop in every case (``out %al,(%dx); dec %rcx; jnz``, N iterations). Rows:
 
 - ``C raw KVM``: ``bench/kvm_loop.c``, built here with gcc, one ``KVM_RUN`` per exit;
+- ``bare``: Python's floor, ``fcntl.ioctl(fd, KVM_RUN)`` in a loop with no decoding, assist or device;
 - ``provider``: the NVMM primitives (``Vcpu.run`` -> IO exit -> ``assist_io`` -> a counting device callback);
 - ``vmm_ops`` (when ``ops.nvmm_ops`` exists): the whole path, ``vmm_ops_nvmm.vmrun`` + the VM's exit-handler
   table + the port bus + a device.
@@ -77,6 +78,37 @@ def worker_provider(n):
     print(f"exits={dev.count} seconds={dt:.6f}")
 
 
+def worker_bare(n):
+    """The floor for Python: the same guest, the loop only re-enters (``fcntl.ioctl(fd, KVM_RUN)`` and one byte
+    of kvm_run read per exit), no decoding, no assist, no device."""
+    sys.path.insert(0, ROOT)
+    import fcntl
+    from ops.nvmm import nvmm_init, constants as C
+    from ops.nvmm.kvm import ioctls as K
+    from tests.guests.asm import assemble
+    from tests.guests.harness import Guest, CODE
+
+    g = Guest(nvmm_init("kvm"))
+    g.load(CODE, assemble(GUEST, CODE))
+    g.setup_long64(CODE, large=True)
+    v = g.vcpu
+    v.getstate(C.NVMM_X64_STATE_GPRS)
+    v.state.gprs[C.NVMM_X64_GPR_RCX] = n
+    v.state.gprs[C.NVMM_X64_GPR_RDX] = PORT
+    v.setstate(C.NVMM_X64_STATE_GPRS)
+    v.run()                        # commits the state; the first OUT exit
+    fd, mm, ioctl, krun, kio = v.fd, v.mm, fcntl.ioctl, K.KVM_RUN, K.KVM_EXIT_IO
+    count = 1
+    t0 = time.perf_counter()
+    while True:
+        ioctl(fd, krun)
+        if mm[8] != kio:
+            break
+        count += 1
+    dt = time.perf_counter() - t0
+    print(f"exits={count} seconds={dt:.6f}")
+
+
 def worker_vmm_ops(n):
     sys.path.insert(0, ROOT)
     from bench.ops_path import run_ops_loop
@@ -138,8 +170,10 @@ def main(argv=None):
         return worker_provider(args.n)
     if args.worker == "vmm_ops":
         return worker_vmm_ops(args.n)
+    if args.worker == "bare":
+        return worker_bare(args.n)
 
-    kinds = ["C raw KVM", "provider"]
+    kinds = ["C raw KVM", "bare", "provider"]
     if os.path.exists(os.path.join(HERE, "ops_path.py")):
         kinds.append("vmm_ops")
     with tempfile.TemporaryDirectory() as d:

@@ -53,6 +53,8 @@ class VcpuCtx:
         self.cond = threading.Condition()
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
         self.extra = {}
+        self.exits = [0] * 0x10000      # NVMM exits handled here, by reason (low 16 bits)
+        self.injected = 0
         self.halted_if_clear = False
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
 
@@ -279,6 +281,7 @@ class VmmOpsNvmm:
                 vl.intr_accepted(vec)
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
             nv.inject()
+            ctx.injected += 1
             ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
             if ctx.pending:
                 self._request_window(nv)
@@ -297,6 +300,7 @@ class VmmOpsNvmm:
     def _exit(self, vmi, ctx, ex, reason):
         """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter."""
         nv = ctx.nv
+        ctx.exits[reason & 0xFFFF] += 1
         vmi.tls.ctx = ctx            # an IPI sent while handling this exit knows its sender
         if reason == _MEM:
             gpa = ex.mem.gpa
@@ -312,10 +316,8 @@ class VmmOpsNvmm:
             ctx.pending = True
             return None
         if reason == C.NVMM_VCPU_EXIT_STOPPED:
-            ctx.pending = True
-            if vmi.suspended is not None or ctx.spinup is not None:
-                return None
-            return self._vmexit(ctx, E.VM_EXITCODE_BOGUS, None)
+            ctx.pending = True       # a kick: re-evaluate interrupts and suspension before the next entry
+            return None
         if reason == C.NVMM_VCPU_EXIT_SHUTDOWN:
             self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT)
             return self._suspended_exit(vmi, ctx)
@@ -379,6 +381,19 @@ class VmmOpsNvmm:
         ctx.halted_if_clear = False
         ctx.pending = True
         return None
+
+    def vcpu_stats(self, vmi, vcpu):
+        """Counters and interrupt state of one vCPU, for ``--stats``/debug dumps (vmmshim's extension)."""
+        ctx = vmi.vcpus[vcpu]
+        names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
+        out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
+               "injected": ctx.injected, "pending": ctx.pending, "started": ctx.started}
+        vl = ctx.vlapic
+        if vl is not None:
+            out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]
+            out["isr"] = [hex(vl.read(0x100 + 0x10 * i, 4)) for i in range(8) if vl.read(0x100 + 0x10 * i, 4)]
+            out["tpr"] = vl.read(0x80, 4)
+        return out
 
     # -- completing exits and the vmm.c calls the VM needs ----------------------------------------------------
     def assist(self, vmi, vcpu):

@@ -27,6 +27,7 @@ class Bus:
         self._cache = {}                          # addr -> (start, device), for port buses
         self._cacheable = is_port_bus
         self.unhandled = []
+        self.trace = None           # a file: every access is logged there (debugging aid, MMIO path only)
         self.io = self._make_io()
 
     def insert(self, base, size, device, name=None):
@@ -76,6 +77,9 @@ class Bus:
             dev.write(addr - base, n, int.from_bytes(data, "little"))
         else:
             data[:] = (dev.read(addr - base, n) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+        if self.trace is not None:
+            print(f"[{self.name}] {'W' if is_write else 'R'} {addr:#x}/{n} = {int.from_bytes(data, 'little'):#x}",
+                  file=self.trace, flush=True)
 
     def _make_io(self):
         """The NVMM io callback ``(port, is_in, data)`` as a closure over the port cache (the hot path)."""

@@ -145,9 +145,25 @@ def run_vm(cfg):
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
+    if os.environ.get("VMMSHIM_TRACE_MMIO"):
+        vm.mmio.trace = sys.stderr
+    dump = os.environ.get("VMMSHIM_DEBUG_DUMP")       # seconds between state dumps on stderr
+    if dump:
+        import threading
+        import time
+
+        def dumper():
+            while vm.status is None:
+                time.sleep(float(dump))
+                for line in vm.debug_state():
+                    print(f"[vmmshim] {line}", file=sys.stderr, flush=True)
+        threading.Thread(target=dumper, daemon=True).start()
     try:
         status = vm.run()
     finally:
+        if cfg.get_bool("vmmshim.stats"):
+            for vcpu, st in vm.stats().items():
+                print(f"vmmshim: vcpu{vcpu} {st}", file=sys.stderr)
         platform.close()
         if pidfile:
             try:

@@ -37,7 +37,8 @@ class Config:
         self.values = {"cpus": "1", "memory.size": str(256 * MiB), "x86.strictio": "false",
                        "x86.strictmsr": "true", "x86.mptable": "true", "acpi_tables": "false",
                        "x86.x2apic": "false", "virtio_msix": "true", "rtc.use_localtime": "true",
-                       "vmmshim.provider": "kvm", "name": "vm"}
+                       "vmmshim.provider": "kvm", "name": "vm",
+                       "vmmshim.stats": "false"}
 
     def set(self, key, value):
         if not re.match(r"^[A-Za-z0-9_.-]+$", key) or key.startswith(".") or key.endswith(".") or ".." in key:

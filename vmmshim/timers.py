@@ -15,8 +15,9 @@ import time
 
 
 class TimerThread:
-    def __init__(self, clock=time.monotonic_ns, name="vmmshim-timers"):
+    def __init__(self, clock=time.monotonic_ns, name="vmmshim-timers", on_error=None):
         self._clock = clock
+        self.on_error = on_error          # called with the exception when a callback raises
         self._heap = []
         self._seq = itertools.count()
         self._cancelled = set()
@@ -64,8 +65,10 @@ class TimerThread:
                     return
             try:
                 fn()
-            except Exception as exc:  # noqa: BLE001 - a device bug must not kill every timer
+            except Exception as exc:  # noqa: BLE001 - a device bug must not kill every timer silently
                 self.errors.append(exc)
+                if self.on_error is not None:
+                    self.on_error(exc)
 
     def close(self):
         with self._cond:

@@ -50,7 +50,7 @@ class VM:
         self.ops, self.config = ops, config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.x2apic = config.x2apic
-        self.timers = TimerThread()
+        self.timers = TimerThread(on_error=self._timer_error)
         self.pio = Bus("port", strict=config.strictio, on_unhandled=self._unhandled, is_port_bus=True)
         self.mmio = Bus("mmio", strict=config.strictio, on_unhandled=self._unhandled)
         self.io, self.mem = self.pio.io, self.mmio.access
@@ -60,6 +60,7 @@ class VM:
         self._status_lock = threading.Lock()
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
+        self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
@@ -156,12 +157,14 @@ class VM:
 
     def _vcpu_loop(self, vcpu, rip):
         vmrun, handlers = self.ops.runner(self.vmi, vcpu), self._vcpu_handlers(vcpu)
+        counts = self.exit_counts[vcpu] = [0] * len(handlers)
         try:
             while True:
                 vmexit = vmrun(rip)
                 rip = None
                 code = vmexit.exitcode
                 handler = handlers[code] if code < len(handlers) else None
+                counts[code] += 1
                 if handler is None:
                     self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r} has no handler")
                     return
@@ -170,6 +173,29 @@ class VM:
         except Exception as exc:  # noqa: BLE001 - a VMM bug ends the VM with status 4 and a message
             import traceback
             self.stop(EXIT_ERROR, f"vcpu{vcpu}: {exc!r}\n{traceback.format_exc()}")
+
+    def stats(self):
+        """Exits by reason per vCPU: the VM's (vm_exitcode) and the ops layer's (NVMM reasons handled there)."""
+        out = {}
+        for vcpu, counts in sorted(self.exit_counts.items()):
+            st = self.ops.vcpu_stats(self.vmi, vcpu)
+            st["vm_exits"] = {E(i).name[len("VM_EXITCODE_"):]: n for i, n in enumerate(counts) if n}
+            out[vcpu] = st
+        return out
+
+    def debug_state(self):
+        """One line per vCPU: RIP, RFLAGS and the counters (a debugging aid; reads racily from another thread)."""
+        lines = []
+        for vcpu, st in self.stats().items():
+            try:
+                rip = self.ops.vmgetreg(self.vmi, vcpu, R.VM_REG_GUEST_RIP)
+                rflags = self.ops.vmgetreg(self.vmi, vcpu, R.VM_REG_GUEST_RFLAGS)
+            except OSError:
+                rip = rflags = -1
+            lines.append(f"vcpu{vcpu} rip={rip:#x} rflags={rflags:#x} {st}")
+        vio = self.vmi.vioapic
+        lines.append("ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)))
+        return lines
 
     def stop(self, status, why=None):
         """Ends the VM with ``status`` (the first stop wins) and kicks every vCPU out."""
@@ -239,6 +265,10 @@ class VM:
     def _vmexit_vmx(self, vcpu, vmexit):
         self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r}: the CPU could not run the guest")
         return ABORT
+
+    def _timer_error(self, exc):
+        import traceback
+        self.stop(EXIT_ERROR, f"a device timer failed: {exc!r}\n{''.join(traceback.format_exception(exc))}")
 
     def _unhandled(self, bus, addr, is_write, size):
         self.stop(EXIT_ERROR, f"unhandled {bus} {'write' if is_write else 'read'} of {size} bytes at {addr:#x} "
