@@ -14,7 +14,7 @@ from bhyve_devices.post import PostPort
 from bhyve_devices.uart16550 import UART16550
 from bhyve_devices.uart_backends import open_backend
 from bhyve_devices.vatpit import NMISC, PIT8254
-from bhyve_devices.vhpet import HPET, HPET_BASE, HPET_SIZE
+from bhyve_devices.vhpet import CNF_LEG_RT, HPET, HPET_BASE, HPET_SIZE
 from bhyve_devices.vpmtmr import PMTimer
 from bhyve_devices.vrtc import RTC
 from ops.vmm_ops import VmSuspendHow
@@ -33,7 +33,7 @@ class Platform:
         vm.add_port_device(PIC_MASTER, 2, atpic.master, "atpic-master")
         vm.add_port_device(PIC_SLAVE, 2, atpic.slave, "atpic-slave")
         vm.add_port_device(ELCR, 2, atpic.elcr, "elcr")
-        self.pit = PIT8254(t, vm.isa_irq(0))
+        self.pit = PIT8254(t, _PitLine(self, vm.isa_irq(0)))
         vm.add_port_device(PIT, 4, self.pit, "atpit")
         vm.add_port_device(NMISC_PORT, 1, NMISC(self.pit, t), "nmisc")
         self.rtc = RTC(t, vm.isa_irq(8), utc=utc, memsize=(vm.lowmem, vm.highmem))
@@ -61,6 +61,11 @@ class Platform:
             self.uarts[name] = uart
             vm.add_port_device(port, 8, uart, name)
 
+    def hpet_legacy(self):
+        """True while the HPET's legacy replacement route owns IRQ0 and IRQ8 (the PIT and RTC are cut off)."""
+        hpet = getattr(self, "hpet", None)
+        return hpet is not None and bool(hpet.config & CNF_LEG_RT)
+
     def _hpet_irq(self, pin, level):
         """HPET routing: legacy pins 2 and 8 are ISA IRQ0/IRQ8, others IOAPIC pins."""
         vm = self.vm
@@ -85,6 +90,22 @@ class Platform:
     def close(self):
         for b in self.backends:
             b.close()
+
+
+class _PitLine:
+    """The 8254's OUT0 to IRQ0, cut while the HPET's legacy replacement route is on (IA-PC HPET 1.0a, 2.3.9.2.2):
+    otherwise both would drive IOAPIC pin 2 and the PIT's pulses would swallow the HPET's edges."""
+
+    def __init__(self, platform, line):
+        self._platform, self._line = platform, line
+
+    def set_level(self, level):
+        if not self._platform.hpet_legacy():
+            self._line.set_level(level)
+
+    def pulse(self):
+        if not self._platform.hpet_legacy():
+            self._line.pulse()
 
 
 def wall_clock_ns():
