@@ -26,8 +26,8 @@ import threading
 
 from .. import api
 from .. import constants as C
-from ..state import (ExitInsn, ExitInvalid, ExitIo, ExitMemory, ExitRdmsr, ExitState, ExitWrmsr,
-                     INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING, Exit)
+from ..state import INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
+from .exit import MSR_INSN_LEN as _MSR_INSN_LEN, KvmExit
 from . import cpuid as cpuidmod
 from . import ioctls as K
 from . import layouts as L
@@ -50,68 +50,7 @@ _EXIT_MAP[K.KVM_EXIT_INTR] = C.NVMM_VCPU_EXIT_STOPPED
 _EXIT_MAP[K.KVM_EXIT_X86_RDMSR] = C.NVMM_VCPU_EXIT_RDMSR
 _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
-_MSR_INSN_LEN = 2   # rdmsr 0F 32 / wrmsr 0F 30
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
-
-
-class KvmExit(Exit):
-    """NVMM's exit payloads decoded from the ``kvm_run`` page on access."""
-
-    __slots__ = ("vcpu", "kvm_reason", "rip")
-
-    def __init__(self, vcpu):
-        super().__init__()
-        self.vcpu = vcpu
-        self.kvm_reason = 0
-        self.rip = 0      # RIP of the exiting instruction, where KVM leaves it
-
-    @property
-    def io(self):
-        v = self.vcpu
-        direction, size, port, count, _ = L.IO_FMT.unpack_from(v.mm, L.RUN_U)
-        rep, str_, length, addr_size = v.decode_io_insn()
-        return ExitIo(direction == K.KVM_EXIT_IO_IN, port, -1, addr_size, size, rep or count > 1,
-                      str_ or count > 1, self.rip + length)
-
-    @property
-    def mem(self):
-        mm = self.vcpu.mm
-        gpa, = struct.unpack_from("<Q", mm, L.MMIO_GPA)
-        prot = C.NVMM_PROT_WRITE if mm[L.MMIO_IS_WRITE] else C.NVMM_PROT_READ
-        return ExitMemory(prot, gpa, 0, bytes(15))
-
-    @property
-    def rdmsr(self):
-        return ExitRdmsr(struct.unpack_from("<I", self.vcpu.mm, L.MSR_INDEX)[0], self.rip + _MSR_INSN_LEN)
-
-    @property
-    def wrmsr(self):
-        mm = self.vcpu.mm
-        return ExitWrmsr(struct.unpack_from("<I", mm, L.MSR_INDEX)[0], struct.unpack_from("<Q", mm, L.MSR_DATA)[0],
-                         self.rip + _MSR_INSN_LEN)
-
-    @property
-    def insn(self):
-        return ExitInsn(self.rip)
-
-    @property
-    def inv(self):
-        mm = self.vcpu.mm
-        if self.kvm_reason == K.KVM_EXIT_FAIL_ENTRY:
-            return ExitInvalid(struct.unpack_from("<Q", mm, L.RUN_U)[0])
-        if self.kvm_reason == K.KVM_EXIT_INTERNAL_ERROR:
-            return ExitInvalid(L.INTERNAL_FMT.unpack_from(mm, L.RUN_U)[0])
-        if self.kvm_reason == K.KVM_EXIT_UNKNOWN:
-            return ExitInvalid(struct.unpack_from("<Q", mm, L.RUN_U)[0])
-        return ExitInvalid(self.kvm_reason)
-
-    @property
-    def exitstate(self):
-        v = self.vcpu
-        bits = v.intr_bits()
-        return ExitState(struct.unpack_from("<Q", v.mm, L.RUN_S_REGS + 17 * 8)[0],
-                         struct.unpack_from("<Q", v.mm, L.RUN_CR8)[0], bool(bits & INTR_INT_SHADOW),
-                         bool(bits & INTR_INT_WINDOW_EXITING), False, bool(bits & INTR_EVT_PENDING))
 
 
 class KvmVcpu(api.Vcpu):

@@ -1,0 +1,102 @@
+"""The kernel-side state of ``vmm_ops_nvmm`` (bhyve's ``struct vm``/``struct vcpu`` in vmm.ko): the NVMM machine,
+the interrupt controllers bhyve keeps in its kernel (vlapics on an APIC bus, the vioapic, the vatpic pair), and
+per vCPU the pending-interrupt flag, the HLT sleep, the SIPI hand-off and the exit counters.
+
+Not supported: rendezvous, snapshot state.
+"""
+
+import threading
+
+from bhyve_devices.apicbus import ApicBus
+from bhyve_devices.vatpic import Vatpic
+from bhyve_devices.vioapic import Vioapic
+
+from . import nvmm_regs as regs
+from .vmm_ops import InOut, VmCapType, VmExit, VmExitCode
+
+INOUT_CODE = _INOUT = int(VmExitCode.VM_EXITCODE_INOUT)
+
+
+class VcpuCtx:
+    """The ops layer's per-vCPU state (bhyve's ``struct vcpu`` in the kernel)."""
+
+    def __init__(self, vmi, vcpuid, nvcpu):
+        self.vmi, self.id, self.nv = vmi, vcpuid, nvcpu
+        self.vlapic = None
+        self.vmexit = VmExit(decoder=self)
+        self.runner = None
+        self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
+        self.nmi = False
+        self.spinup = None           # (target, rip) after this vCPU sent a SIPI
+        self.cond = threading.Condition()
+        self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
+        self.extra = {}
+        self.exits = [0] * 0x10000      # NVMM exits handled here, by reason (low 16 bits)
+        self.injected = 0
+        self.halted_if_clear = False
+        self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
+
+    def current_rip(self):
+        return regs.getreg(self.nv, regs.R.VM_REG_GUEST_RIP, self.extra)
+
+    def decode_u(self, exitcode):
+        """The payload of an exit that left it undecoded (INOUT)."""
+        if exitcode == _INOUT:
+            io = self.nv.exit.io
+            self.vmexit.inst_length = io.npc - self.vmexit.rip
+            return InOut(io.operand_size, io.in_, io.str_, io.rep, io.port,
+                         regs.getreg(self.nv, regs.R.VM_REG_GUEST_RAX, self.extra))
+        return None
+
+    def kick(self):
+        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs."""
+        self.pending = True
+        with self.cond:
+            self.cond.notify_all()
+        self.nv.stop()
+
+
+class NvmmVmi:
+    """The VM cookie ``vm_init`` returns: the NVMM machine and the kernel-side devices (vlapics, vioapic)."""
+
+    def __init__(self, provider, vm):
+        self.vm = vm
+        self.machine = provider.machine_create()
+        self.vcpus = {}
+        self.hva_mapped = set()
+        self.suspended = None
+        self.timers = vm.timers
+        self.x2apic = bool(getattr(vm, "x2apic", False))
+        self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,
+                               kick=self._kick)
+        self.vioapic = Vioapic(self.apicbus.deliver_intr)
+        self.vatpic = Vatpic(intr_line=self._atpic_intr)
+        self.tls = threading.local()
+
+    def _atpic_intr(self, level):
+        """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT), as on a PC."""
+        bsp = self.vcpus.get(0)
+        if bsp is not None and bsp.vlapic is not None:
+            bsp.vlapic.set_lint0_level(level)
+            if level:
+                bsp.kick()
+
+    def _kick(self, vcpuid):
+        ctx = self.vcpus.get(vcpuid)
+        if ctx is not None:
+            ctx.kick()
+
+    def _on_nmi(self, vcpuid):
+        ctx = self.vcpus.get(vcpuid)
+        if ctx is not None:
+            ctx.nmi = True
+            ctx.kick()
+
+    def _on_init(self, vcpuid):
+        pass    # the target waits for SIPI; its vlapic was reset by the bus
+
+    def _on_sipi(self, vcpuid, vector):
+        sender = getattr(self.tls, "ctx", None)
+        if sender is not None:          # returned as SPINUP_AP before the sender re-enters the guest
+            sender.spinup = (vcpuid, vector << 12)
+            sender.pending = True
