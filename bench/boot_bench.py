@@ -14,9 +14,11 @@ import sys
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--boot-timeout", type=float, default=120, help="seconds one boot may take")
     args = ap.parse_args(argv)
     from vmmshim.lab import run_in_lab
-    res = run_in_lab(f"python3 -m bench.boot_l2 --rounds {args.rounds}", timeout=300 * args.rounds + 60)
+    res = run_in_lab(f"python3 -m bench.boot_l2 --rounds {args.rounds} --timeout {args.boot_timeout}",
+                     timeout=2 * (args.boot_timeout + 15) * args.rounds + 60)
     times, fails = {"vmmshim": [], "qemu": []}, {"vmmshim": 0, "qemu": 0}
     for m in re.finditer(r"^BOOT (\S+) round=\d+ marker_s=(\S+) status=(\d+)", res.stdout, re.M):
         if m.group(2) == "None":
