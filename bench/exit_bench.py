@@ -42,12 +42,12 @@ def build_c_peer(outdir):
 
 
 # -- workers (run in a child process so strace can count them alone) -------------------------------------------
-def worker_provider(n):
+def _loop_vcpu(n):
+    """The benchmark guest on a KVM vCPU through the harness, RCX = ``n`` iterations, RDX = the port."""
     sys.path.insert(0, ROOT)
     from ops.nvmm import nvmm_init, constants as C
     from tests.guests.asm import assemble
     from tests.guests.harness import Guest, CODE
-    from ops.nvmm import api
 
     g = Guest(nvmm_init("kvm"))
     g.load(CODE, assemble(GUEST, CODE))
@@ -56,6 +56,13 @@ def worker_provider(n):
     v.getstate(C.NVMM_X64_STATE_GPRS)
     v.state.gprs[C.NVMM_X64_GPR_RCX] = n
     v.state.gprs[C.NVMM_X64_GPR_RDX] = PORT
+    v.setstate(C.NVMM_X64_STATE_GPRS)
+    return g, v
+
+
+def worker_provider(n):
+    from ops.nvmm import api, constants as C
+    g, v = _loop_vcpu(n)
 
     class Counter:                      # the device: counts what the guest writes
         count = 0
@@ -67,7 +74,6 @@ def worker_provider(n):
 
     dev = Counter()
     v.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=dev.io))
-    v.setstate(C.NVMM_X64_STATE_GPRS)
     run, assist, IO = v.run, v.assist_io, C.NVMM_VCPU_EXIT_IO
     t0 = time.perf_counter()
     while True:
@@ -81,21 +87,9 @@ def worker_provider(n):
 def worker_bare(n):
     """The floor for Python: the same guest, the loop only re-enters (``fcntl.ioctl(fd, KVM_RUN)`` and one byte
     of kvm_run read per exit), no decoding, no assist, no device."""
-    sys.path.insert(0, ROOT)
     import fcntl
-    from ops.nvmm import nvmm_init, constants as C
     from ops.nvmm.kvm import ioctls as K
-    from tests.guests.asm import assemble
-    from tests.guests.harness import Guest, CODE
-
-    g = Guest(nvmm_init("kvm"))
-    g.load(CODE, assemble(GUEST, CODE))
-    g.setup_long64(CODE, large=True)
-    v = g.vcpu
-    v.getstate(C.NVMM_X64_STATE_GPRS)
-    v.state.gprs[C.NVMM_X64_GPR_RCX] = n
-    v.state.gprs[C.NVMM_X64_GPR_RDX] = PORT
-    v.setstate(C.NVMM_X64_STATE_GPRS)
+    g, v = _loop_vcpu(n)
     v.run()                        # commits the state; the first OUT exit
     fd, mm, ioctl, krun, kio = v.fd, v.mm, fcntl.ioctl, K.KVM_RUN, K.KVM_EXIT_IO
     count = 1
