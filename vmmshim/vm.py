@@ -25,6 +25,7 @@ HIGHMEM_BASE = 4 * GiB
 EXIT_RESET, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
 SUSPEND_STATUS = {VmSuspendHow.VM_SUSPEND_RESET: EXIT_RESET, VmSuspendHow.VM_SUSPEND_POWEROFF: EXIT_POWEROFF,
                   VmSuspendHow.VM_SUSPEND_HALT: EXIT_HALT, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT: EXIT_TRIPLEFAULT}
+HOW_OF_STATUS = {v: k for k, v in SUSPEND_STATUS.items()}
 CONTINUE, ABORT = 0, 1
 # real-mode code segment for an AP started by SIPI (access: present, code, read, accessed)
 AP_CS_ACCESS = 0x9B
@@ -203,8 +204,7 @@ class VM:
             if self.status is None:
                 self.status = status
                 self.error = why
-        self.ops.vm_suspend(self.vmi, VmSuspendHow.VM_SUSPEND_HALT if status == EXIT_ERROR else
-                            {v: k for k, v in SUSPEND_STATUS.items()}.get(status, VmSuspendHow.VM_SUSPEND_HALT))
+        self.ops.vm_suspend(self.vmi, HOW_OF_STATUS.get(status, VmSuspendHow.VM_SUSPEND_HALT))
 
     def request(self, how):
         """A device asks for reset or power off (pm.c, 8042, 0xCF9)."""

@@ -328,19 +328,7 @@ class KvmVcpu(api.Vcpu):
         if not self._cpuid_applied:
             self._apply_cpuid()
         self._slow = False
-        self._thread = threading.get_ident()
-        try:
-            _IOCTL(self.fd, K.KVM_RUN)
-        except OSError as exc:
-            return self._run_error(exc)
-        self._cached = 0
-        kreason = self.mm[L.RUN_EXIT_REASON]
-        ex = self.exit
-        ex.kvm_reason = kreason
-        if kreason == K.KVM_EXIT_IO:
-            ex.reason = C.NVMM_VCPU_EXIT_IO
-            return ex
-        return self._exit_other(ex, kreason)
+        return self.run()           # the fast path, now that nothing is pending
 
     def _run_error(self, exc):
         if exc.errno != errno.EINTR:
