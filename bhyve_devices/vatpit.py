@@ -77,6 +77,7 @@ class _Channel:
         self.latch = None               # latched count: list of bytes still to read
         self.status = None              # latched status byte
         self.timer = None
+        self.timer_seq = 0              # which arm the pending callback belongs to
 
     def ticks(self, now):
         if self.load_ns is None:
@@ -130,6 +131,7 @@ class PIT8254:
         self._lock = threading.RLock()
         self.channels = [_Channel(i) for i in range(3)]
         self.speaker = False
+        self._seq = 0                   # numbers every arm, so a stale callback knows it is stale
 
     # -- bus interface -------------------------------------------------------------------------------------
     def read(self, offset, size):
@@ -299,12 +301,14 @@ class PIT8254:
                 return
             edge = n + 1
         deadline = c.load_ns + _ticks_to_ns(edge - c.frozen_ticks)
-        c.timer = self._timers.arm(deadline, lambda ch=c, e=edge: self._fire(ch, e))
+        c.timer = self._timers.arm(deadline, lambda ch=c, h=self._seq + 1: self._fire(ch, h))
+        self._seq += 1
+        c.timer_seq = self._seq
 
-    def _fire(self, c, edge):
+    def _fire(self, c, seq):
         with self._lock:
-            if c.timer is None:
-                return
+            if c.timer is None or seq != c.timer_seq:
+                return                  # stale: cancelled or re-armed after the timer thread took it
             c.timer = None
             if c.initial == 0 or c.load_ns is None:
                 return

@@ -84,6 +84,7 @@ class _Timer:
         self.target = None          # the unbounded counter value the armed deadline waits for
         self.fsb = 0
         self.handle = None
+        self.gen = 0                # bumped by every arm: tells a stale callback from the live one
         self.pin = None             # the pin held high for a level interrupt
 
 
@@ -226,31 +227,37 @@ class HPET:
     def _wrap(self, t):
         return 1 << (32 if t.config & TN_32MODE else 64)
 
-    def _arm(self, t, fresh=False):
+    def _arm(self, t, fresh=False, target=None):
         """Arm ``t`` for its next match; a comparator equal to the counter matches now only when just
-        written (``fresh``), otherwise (just fired) on the next wrap."""
+        written (``fresh``), otherwise (just fired) on the next wrap. ``target``: the unbounded counter value of
+        the next match, when the caller knows it (a periodic timer that just fired: its grid does not depend on
+        when this thread gets to run, so a late timer thread never pushes the match past the counter)."""
+        t.gen += 1                   # a callback already taken off the heap is stale from now on
         if t.handle is not None:
             self._timers.cancel(t.handle)
             t.handle = None
         if not (self.config & CNF_ENABLE and t.config & TN_INT_ENB):
             return
-        count, wrap = self._counter(), self._wrap(t)
-        dist = (t.comparator - count) % wrap
-        if dist == 0 and not fresh:
-            dist = wrap
-        t.target = count + dist
-        step = count + min(dist, MAX_ARM_TICKS) - self._counter_base
-        deadline = self._start_ns + _ticks_to_ns(step)
-        t.handle = self._timers.arm(deadline, lambda tm=t: self._fire(tm))
+        count = self._counter()
+        if target is None:
+            wrap = self._wrap(t)
+            dist = (t.comparator - count) % wrap
+            if dist == 0 and not fresh:
+                dist = wrap
+            target = count + dist
+        t.target = target
+        step = min(target, count + MAX_ARM_TICKS) - self._counter_base
+        deadline = self._start_ns + _ticks_to_ns(max(step, 0))
+        t.handle = self._timers.arm(deadline, lambda tm=t, g=t.gen: self._fire(tm, g))
 
-    def _fire(self, t):
+    def _fire(self, t, gen):
         with self._lock:
-            if t.handle is None:
+            if gen != t.gen:
                 return
             t.handle = None
             count = self._counter()
             if count < t.target:
-                self._arm(t, fresh=True)
+                self._arm(t, target=t.target)
                 return
             pin = self._pin(t)
             if t.config & TN_INT_TYPE_LEVEL:
@@ -260,6 +267,8 @@ class HPET:
                 self._irq(pin, True)
                 self._irq(pin, False)
             if t.config & TN_TYPE_PERIODIC and t.period:
-                k = (count - t.target) // t.period + 1
+                k = (count - t.target) // t.period + 1      # missed matches are coalesced into this one
                 t.comparator = (t.comparator + k * t.period) & (self._wrap(t) - 1)
-            self._arm(t)
+                self._arm(t, target=t.target + k * t.period)
+            else:
+                self._arm(t)

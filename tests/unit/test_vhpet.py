@@ -168,3 +168,38 @@ def test_any_access_never_raises(ops):
         else:
             assert 0 <= d.hpet.read(off, size) < 1 << (8 * size)
         d.t.advance(dt)
+
+
+def test_periodic_timer_survives_a_late_timer_thread():
+    """The lab bug: the timer thread lost the GIL between reading the counter and re-arming, so the advanced
+    comparator was already behind the counter and the next match waited for the 32-bit wrap (256 s)."""
+    d = Driver()
+    late = {"n": 0}
+
+    def slow_irq(pin, level):
+        d._irq(pin, level)
+        if level and late["n"] < 3:          # the first three deliveries take longer than two periods
+            late["n"] += 1
+            d.t._now += 3 * d.ticks_ns(delta)
+    d.hpet._irq = slow_irq
+    d.wr(0x10, 1 | 2)
+    delta = HPET_FREQ // 250
+    d.wr(0x100, d.rd(0x100) | 0x4 | 0x8 | 0x40 | 0x100)
+    d.wr(0x108, d.rd(0xF0) + delta)
+    d.wr(0x108, delta)
+    d.t.advance(NS)
+    assert d.edges(2) >= 240                  # still ticking at 250 Hz after the late ones (coalesced)
+    assert d.t.pending() == 1
+
+
+def test_stale_callback_after_rearm_does_not_double_fire():
+    d = Driver()
+    d.wr(0x10, 1 | 2)
+    d.wr(0x100, d.rd(0x100) | 0x4 | 0x100)      # one-shot, 32-bit
+    d.wr(0x108, d.rd(0xF0) + 1000)
+    stale = [fn for _, _, fn in d.t._heap]
+    d.wr(0x108, d.rd(0xF0) + 100000)             # re-armed before the first callback ran
+    stale[0]()                                   # the timer thread had already taken it off the heap
+    assert d.edges(2) == 0
+    d.t.advance(d.ticks_ns(100000))
+    assert d.edges(2) == 1
