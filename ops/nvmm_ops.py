@@ -184,6 +184,7 @@ class VmmOpsNvmm:
         extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
         if vec is None and not extint:
             return None
+        nv.complete_exit()                       # events its completion queues (a #GP) come first
         es = nv.exit.exitstate
         if es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending:
             if extint:
@@ -200,6 +201,10 @@ class VmmOpsNvmm:
         else:
             self._request_window(nv)
             ctx.pending = True
+        if ctx.itrace is not None:
+            ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
+                               hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))
+            ctx.itrace_n = ctx.injected
         return None
 
     @staticmethod
@@ -299,12 +304,14 @@ class VmmOpsNvmm:
         ctx = vmi.vcpus[vcpu]
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
-               "injected": ctx.injected, "pending": ctx.pending, "started": ctx.started}
+               "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending, "started": ctx.started}
         vl = ctx.vlapic
         if vl is not None:
             out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]
             out["isr"] = [hex(vl.read(0x100 + 0x10 * i, 4)) for i in range(8) if vl.read(0x100 + 0x10 * i, 4)]
             out["tpr"] = vl.read(0x80, 4)
+        if ctx.itrace is not None:
+            out["itrace"] = list(ctx.itrace)
         return out
 
     # -- completing exits and the vmm.c calls the VM needs ----------------------------------------------------
@@ -372,10 +379,13 @@ class VmmOpsNvmm:
     def vm_isa_set_irq(self, vmi, irq, level):
         """An ISA interrupt line (bhyve ``vm_isa_assert_irq``): the 8259 input and the IOAPIC pin (IRQ0 is
         wired to pin 2, as the MADT's interrupt source override says)."""
+        if level:
+            vmi.irq_events[irq] = vmi.irq_events.get(irq, 0) + 1
         vmi.vatpic.set_irq_level(irq, level)
         vmi.vioapic.set_pin_level(2 if irq == 0 else irq, level)
 
     def vm_isa_pulse_irq(self, vmi, irq):
+        vmi.irq_events[irq] = vmi.irq_events.get(irq, 0) + 1
         vmi.vatpic.pulse_irq(irq)
         vmi.vioapic.pulse_pin(2 if irq == 0 else irq)
 

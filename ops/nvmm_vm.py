@@ -5,6 +5,8 @@ per vCPU the pending-interrupt flag, the HLT sleep, the SIPI hand-off and the ex
 Not supported: rendezvous, snapshot state.
 """
 
+import collections
+import os
 import threading
 
 from bhyve_devices.apicbus import ApicBus
@@ -33,6 +35,10 @@ class VcpuCtx:
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits handled here, by reason (low 16 bits)
         self.injected = 0
+        self.kicks = 0
+        self.itrace_n = 0
+        # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
+        self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
         self.halted_if_clear = False
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
 
@@ -51,6 +57,7 @@ class VcpuCtx:
     def kick(self):
         """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs."""
         self.pending = True
+        self.kicks += 1
         with self.cond:
             self.cond.notify_all()
         self.nv.stop()
@@ -72,6 +79,7 @@ class NvmmVmi:
         self.vioapic = Vioapic(self.apicbus.deliver_intr)
         self.vatpic = Vatpic(intr_line=self._atpic_intr)
         self.tls = threading.local()
+        self.irq_events = {}             # ISA IRQ -> assertions and pulses (a debugging counter)
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT), as on a PC."""

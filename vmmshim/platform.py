@@ -61,6 +61,17 @@ class Platform:
             self.uarts[name] = uart
             vm.add_port_device(port, 8, uart, name)
 
+    def debug_state(self):
+        """The timer devices' state, one line each (a debugging aid; read racily)."""
+        c = self.pit.channels[0]
+        lines = [f"pit0 mode={c.mode} initial={c.initial} armed={c.timer is not None}"]
+        hpet = getattr(self, "hpet", None)
+        if hpet is not None:
+            lines.append(f"hpet cfg={hpet.config:#x} isr={hpet.isr:#x} counter={hpet._counter():#x} " + " ".join(
+                f"t{t.n}(cfg={t.config:#x} cmp={t.comparator:#x} per={t.period:#x} armed={t.handle is not None})"
+                for t in hpet.timer))
+        return lines
+
     def hpet_legacy(self):
         """True while the HPET's legacy replacement route owns IRQ0 and IRQ8 (the PIT and RTC are cut off)."""
         hpet = getattr(self, "hpet", None)

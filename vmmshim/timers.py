@@ -24,6 +24,7 @@ class TimerThread:
         self._cond = threading.Condition()
         self._stop = False
         self.errors = []
+        self.fired = 0                    # callbacks run (a debugging counter)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -63,12 +64,21 @@ class TimerThread:
                         self._cond.wait()
                 if self._stop:
                     return
+            self.fired += 1
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001 - a device bug must not kill every timer silently
                 self.errors.append(exc)
                 if self.on_error is not None:
                     self.on_error(exc)
+
+    def snapshot(self):
+        """Pending timers, the earliest deadline from now (ms), callbacks run, errors, thread alive (debugging)."""
+        with self._cond:
+            live = [d for d, h, _ in self._heap if h not in self._cancelled]
+        first = (min(live) - self._clock()) / 1e6 if live else None
+        return {"pending": len(live), "next_ms": None if first is None else round(first, 3), "fired": self.fired,
+                "errors": len(self.errors), "alive": self._thread.is_alive()}
 
     def close(self):
         with self._cond:

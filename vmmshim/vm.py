@@ -195,7 +195,11 @@ class VM:
                 rip = rflags = -1
             lines.append(f"vcpu{vcpu} rip={rip:#x} rflags={rflags:#x} {st}")
         vio = self.vmi.vioapic
-        lines.append("ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)))
+        lines.append("ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)) +
+                     f" isa-irqs {dict(sorted(self.vmi.irq_events.items()))}")
+        snap = getattr(self.timers, "snapshot", None)
+        if snap is not None:
+            lines.append(f"timers {snap()}")
         return lines
 
     def stop(self, status, why=None):

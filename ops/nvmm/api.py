@@ -304,6 +304,12 @@ class Vcpu:
     def inject(self):
         raise NotImplementedError
 
+    def complete_exit(self):
+        """vmmshim's extension, called after the exit was handled (assists done, state set) and before the
+        interrupt state is read to decide an injection: a provider whose kernel finishes the exiting instruction
+        only at the next run (KVM) finishes it now, so the events that completion queues (a #GP) are seen.
+        NVMM's kernel needs nothing here."""
+
     def run(self) -> Exit:
         raise NotImplementedError
 

@@ -9,7 +9,7 @@ from ops.nvmm import ProviderUnavailable
 from ops.nvmm import constants as C
 from ops.nvmm.kvm import provider as kvmprov
 from ops.nvmm.kvm import vcpu as kvmvcpu
-from tests.guests.asm import assemble
+from tests.guests.asm import assemble, symbols
 from tests.guests.harness import CODE, Guest
 
 
@@ -87,3 +87,30 @@ def test_capability_declares_pvm_limits(kvm_provider):
     assert cap.arch.vcpu_conf_support & C.NVMM_CAP_ARCH_VCPU_CONF_CPUID
     if kvmprov.is_paravirtual():
         assert {"paging32", "irq-window-late"} <= cap.limits
+
+
+def test_interrupt_after_an_io_exit_waits_for_the_completion(kvm_provider, ioctl_counter):
+    """KVM finishes an exiting I/O (or MMIO, or MSR) instruction only at the next KVM_RUN; an interrupt queued
+    before that was lost under nested SVM. The provider first completes the instruction (KVM_RUN with
+    immediate_exit, no guest entry), then queues the interrupt, which the guest then takes after the IN."""
+    from ops.nvmm.kvm import ioctls as K
+
+    g = Guest(kvm_provider)
+    try:
+        src = ".code64\n.globl handler\nsti\nin $0x60, %al\n1: jmp 1b\nhandler:\nmov %rax, %rcx\nhlt\n"
+        g.load(CODE, assemble(src, CODE))
+        g.setup_long64(CODE, large=True)
+        g.setup_idt64({0x40: symbols(src, CODE)["handler"]})
+        g.io_in[0x60] = b"\x5a"
+        v = g.vcpu
+        assert v.run().reason == C.NVMM_VCPU_EXIT_IO
+        v.assist_io()
+        ioctl_counter.clear()
+        v.event.set(C.NVMM_VCPU_EVENT_INTR, 0x40)
+        v.inject()
+        assert ioctl_counter[:2] == [K.KVM_RUN, K.KVM_INTERRUPT], ioctl_counter
+        assert g.run().reason == C.NVMM_VCPU_EXIT_HALTED
+        assert g.gpr(C.NVMM_X64_GPR_RCX) & 0xFF == 0x5A, "the IN completed before the handler ran"
+        assert g.gpr(C.NVMM_X64_GPR_RIP) == symbols(src, CODE)["handler"] + 4
+    finally:
+        g.close()

@@ -50,6 +50,8 @@ _EXIT_MAP[K.KVM_EXIT_INTR] = C.NVMM_VCPU_EXIT_STOPPED
 _EXIT_MAP[K.KVM_EXIT_X86_RDMSR] = C.NVMM_VCPU_EXIT_RDMSR
 _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
+# exits whose instruction KVM completes at the next KVM_RUN
+_NEEDS_COMPLETION = frozenset((K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR))
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
 
@@ -68,6 +70,7 @@ class KvmVcpu(api.Vcpu):
         self._cpuid_applied = False
         self._xcr0 = 1
         self._thread = None
+        self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
         regs = bytearray(L.KVM_REGS.sizeof())
@@ -231,6 +234,7 @@ class KvmVcpu(api.Vcpu):
     def inject(self):
         type_, vector, error = self.event.get()
         if type_ == C.NVMM_VCPU_EVENT_INTR:
+            self.complete_exit()
             if vector == C.X86_EXC_NMI:
                 _IOCTL(self.fd, K.KVM_NMI)
                 return
@@ -254,6 +258,33 @@ class KvmVcpu(api.Vcpu):
                            ~K.KVM_VCPUEVENT_VALID_PAYLOAD)
         struct.pack_into("<Q", self.mm, L.RUN_DIRTY_REGS,
                          struct.unpack_from("<Q", self.mm, L.RUN_DIRTY_REGS)[0] | K.KVM_SYNC_X86_EVENTS)
+
+    def complete_exit(self):
+        if self.exit.kvm_reason in _NEEDS_COMPLETION:
+            self._complete_exit()
+
+    def _complete_exit(self):
+        """Let KVM finish the instruction that exited (an I/O, MMIO or MSR access completes only at the next
+        ``KVM_RUN``) before an interrupt is queued: ``KVM_RUN`` with ``immediate_exit`` completes it and returns
+        ``EINTR`` without entering the guest (KVM API, ``kvm_run.immediate_exit``). Queued before the completion,
+        an interrupt was lost after a user-space RDMSR that failed: the #GP KVM queued while completing it took
+        the entry, and KVM 6.1 cleared the interrupt with it (the vlapic had it in service, the guest never ran
+        its handler: the lab's hang after "Mountpoint-cache"). Done once per exit (``kvm_reason`` becomes INTR)."""
+        if self._commit:
+            self._commit_state()
+        self._msr_pending = None
+        kicks = self._kicks
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 1
+        try:
+            _IOCTL(self.fd, K.KVM_RUN)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise api.nvmm_error(exc.errno, "KVM_RUN (completing the exit) failed") from None
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 0
+        if self._kicks != kicks:            # a stop() meanwhile: keep its request for the next run
+            self.mm[L.RUN_IMMEDIATE_EXIT] = 1
+        self._cached = 0
+        self.exit.kvm_reason = K.KVM_EXIT_INTR
 
     # -- run ---------------------------------------------------------------------------------------------------
     def _configure(self, op, conf):
@@ -359,6 +390,7 @@ class KvmVcpu(api.Vcpu):
 
     def stop(self):
         """``nvmm_vcpu_stop`` plus the kick: safe from any thread, before or during a run."""
+        self._kicks += 1
         self.mm[L.RUN_IMMEDIATE_EXIT] = 1
         with self._lock:
             tid = self._thread
