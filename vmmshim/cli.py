@@ -3,6 +3,7 @@
     vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile] [-g port] [-k file] [-l lpc]
             [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
     vmmshim doctor
+    vmmshim linux [-c N] [-m MEM] [--run CMD]   (the default Linux guest: here on a hardware KVM, else in the lab)
 
 Firmware (``-f``): ``kexec,KERNEL,INITRD,"CMDLINE"`` (Linux bzImage, xhyve), ``multiboot,KERNEL[,MOD:MOD...],
 "CMDLINE"`` (hyperkit), and ``hello`` (vmmshim's built-in smoke guest). Exit status: 0 reset, 1 power off,
@@ -25,6 +26,7 @@ VERSION = "vmmshim 0.1 (bhyve vmm_ops on NVMM primitives)"
 USAGE = """usage: vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile] [-k file] [-l lpc]
                [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
        vmmshim doctor | vmmshim conformance [--record DIR] [--diff DIR]
+       vmmshim linux [-c N] [-m MEM] [--run CMD]   (the default Linux guest, here or in the nested lab)
   -A  create ACPI tables             -c  number of vCPUs (default 1)
   -e  exit on unhandled I/O port     -f  firmware: kexec,KERNEL,INITRD,"CMDLINE" | multiboot,KERNEL[,MODS],"CMDLINE"
   -h  this help                      |   hello (built-in smoke guest)
@@ -155,7 +157,7 @@ def run_vm(cfg):
         def dumper():
             while vm.status is None:
                 time.sleep(float(dump))
-                for line in vm.debug_state():
+                for line in vm.debug_state() + platform.debug_state():
                     print(f"[vmmshim] {line}", file=sys.stderr, flush=True)
         threading.Thread(target=dumper, daemon=True).start()
     try:
@@ -180,6 +182,9 @@ def main(argv=None):
     if argv[:1] == ["doctor"]:
         from .doctor import doctor
         return doctor()
+    if argv[:1] == ["linux"]:
+        from .default_guest import main as linux
+        return linux(argv[1:])
     if argv[:1] == ["conformance"]:
         from .conformance import main as conformance
         return conformance(argv[1:])

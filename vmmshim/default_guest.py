@@ -1,0 +1,90 @@
+"""``vmmshim linux``: the README's main job, the default guest (Debian's kernel and a busybox initramfs, built by
+``vmmshim.lab.guest``) booted with the xhyve command line a user would type.
+
+Where it runs depends on this host's ``/dev/kvm`` (``ops.nvmm.kvm.provider.hardware_kind``):
+
+- **kvm_intel / kvm_amd** (hardware-assisted): vmmshim boots the guest right here, console on stdio;
+- **kvm_pvm** (paravirtual) or no KVM module: a stock kernel crawls in supervisor mode there, so the same
+  command runs inside the nested lab (QEMU TCG with nested SVM and a real ``kvm_amd`` in L1, ``docs/lab.md``)
+  and the guest's console is printed when it ends.
+
+The exit status is the VM's (bhyve's: 0 reset, 1 power off, 2 halt, 3 triple fault, 4 error). The guest's init
+powers off after running ``--run CMD`` (``vmmshim.run=`` on the kernel command line), so a clean boot exits 1.
+
+Not supported: an interactive shell through the lab (the lab returns output when the command ends).
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+HW_KINDS = ("kvm_intel", "kvm_amd")
+LAB_TIMEOUT_S = 600
+
+
+def guest_argv(guest_dir, cpus, mem, console, run=None, cmdline_extra=""):
+    """The xhyve-style argv that boots the default guest."""
+    from vmmshim.lab.guest import encode_run
+
+    cmdline = "console=ttyS0 panic=-1"
+    if cmdline_extra:
+        cmdline += " " + cmdline_extra
+    if run:
+        cmdline += " " + encode_run(run)
+    return ["-A", "-m", mem, "-c", str(cpus), "-s", "0:0,hostbridge", "-s", "31,lpc",
+            "-l", f"com1,{console}",
+            "-f", f"kexec,{guest_dir}/vmlinuz,{guest_dir}/initramfs.gz,{cmdline}"]
+
+
+def where_to_run():
+    """("here" or "lab", why)."""
+    from ops.nvmm.kvm.provider import hardware_kind
+
+    kind = hardware_kind()
+    if kind in HW_KINDS:
+        return "here", f"/dev/kvm is {kind} (hardware-assisted): booting the default guest directly"
+    if os.environ.get("VMMSHIM_LAB"):
+        return "here", "inside the nested lab: booting the default guest directly"
+    return "lab", (f"/dev/kvm is {kind} ({'paravirtual' if kind == 'kvm_pvm' else 'not hardware-assisted'}): "
+                   "a stock Linux kernel crawls there, so the default guest boots in the nested lab "
+                   "(QEMU TCG, nested SVM, kvm_amd in L1; docs/lab.md), about a minute and a half")
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="vmmshim linux", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--cpus", type=int, default=2)
+    ap.add_argument("-m", "--mem", default="512M")
+    ap.add_argument("--run", default="", help="shell command the guest runs before it powers off")
+    ap.add_argument("--append", default="", help="more kernel command line")
+    ap.add_argument("--here", action="store_true", help="boot here even if /dev/kvm is paravirtual")
+    args = ap.parse_args(argv)
+    from vmmshim.lab import guest as guest_mod
+
+    where, why = where_to_run()
+    if args.here:
+        where = "here"
+    print(f"vmmshim: {why}", file=sys.stderr, flush=True)
+    if where == "here":
+        gdir = os.environ.get("VMMSHIM_GUEST_DIR") or str(guest_mod.guest_dir())
+        if not os.path.exists(os.path.join(gdir, "vmlinuz")):
+            print(f"vmmshim: default guest not built in {gdir} (scripts/install-deps.sh or "
+                  "python3 -m vmmshim.lab guest)", file=sys.stderr)
+            return 4
+        from vmmshim.cli import main as vmmshim_main
+
+        return vmmshim_main(guest_argv(gdir, args.cpus, args.mem, "stdio", args.run, args.append))
+    from vmmshim.lab import lab_available, run_in_lab
+
+    ok, reason = lab_available()
+    if not ok:
+        print(f"vmmshim: the nested lab cannot run: {reason}", file=sys.stderr)
+        return 4
+    inner = ["python3", "-m", "vmmshim", *guest_argv("/lab/guest", args.cpus, args.mem, "stdio", args.run,
+                                                     args.append)]
+    res = run_in_lab(f"timeout -k 5 {LAB_TIMEOUT_S - 60} " + shlex.join(inner), timeout=LAB_TIMEOUT_S)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    print(f"vmmshim: lab: L1 boot {res.boot_s:.1f} s, guest run {res.cmd_s:.1f} s, VM exit status {res.status}",
+          file=sys.stderr)
+    return res.status
