@@ -13,6 +13,7 @@ from bhyve_devices.pci.host import PciHost
 from bhyve_devices.tables.acpi import build_acpi
 from bhyve_devices.tables.mptable import build_mptable
 
+from .bus import BusError
 from .config import ConfigError
 
 # Options the VM adds for every PCI device (the devices read what they need).
@@ -71,12 +72,25 @@ def _write_tables(vm, cfg, host, lpc_slot):
 
 
 def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
+    """Maps or unmaps BAR ``idx`` of ``dev`` on the port or MMIO bus (see ``PciDevice.bar_changed``).
+
+    Only the BAR's own window is ever unmapped. The guest chooses BAR addresses: one that overlaps another device
+    (a BAR sized with decoding left on, a bad allocation) is left unmapped with a warning instead of ending the
+    VM; the BAR is mapped again when the guest moves it somewhere free or toggles decoding."""
     bus = vm.pio if kind == BarKind.IO else vm.mmio
     name = f"{getattr(dev, 'name', type(dev).__name__)}-bar{idx}"
-    if bus.lookup(old) is not None and bus.lookup(old)[0] == old and bus.lookup(old)[1] is dev.bar_device(idx):
+    window = dev.bar_device(idx)
+    hit = bus.lookup(old)
+    if hit is not None and hit[0] == old and hit[1] is window:
         bus.remove(old)
     if enabled:
-        bus.insert(new, size, dev.bar_device(idx), name)
+        hit = bus.lookup(new)
+        if hit is not None and hit[0] == new and hit[1] is window:
+            return      # already decoded there
+        try:
+            bus.insert(new, size, window, name)
+        except BusError as exc:
+            vm.log(f"vmmshim: PCI {name} not mapped: {exc}")
 
 
 def _elcr_level(atpic, irq):

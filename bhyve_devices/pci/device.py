@@ -105,6 +105,7 @@ class PciDevice(MsiMixin):
         self.wmask = bytearray(C.CFG_SIZE)     # per byte: bits the generic code lets the guest write
         self.w1cmask = bytearray(C.CFG_SIZE)   # per byte: write-1-to-clear bits
         self.bars = [Bar() for _ in range(C.NBARS)]
+        self._bar_windows = {}
         self.msi = None
         self.intx_line = None
         self.bar_changed = None
@@ -259,8 +260,12 @@ class PciDevice(MsiMixin):
         self._report(actions)
 
     def bar_device(self, idx):
-        """The :class:`~bhyve_devices.base.Device` to map at BAR ``idx`` (routes MSI-X table/PBA accesses)."""
-        return BarWindow(self, idx)
+        """The :class:`~bhyve_devices.base.Device` to map at BAR ``idx`` (routes MSI-X table/PBA accesses). The
+        same object every time, so a bus can tell whether what it maps at an address is this BAR."""
+        w = self._bar_windows.get(idx)
+        if w is None:
+            w = self._bar_windows[idx] = BarWindow(self, idx)
+        return w
 
     def bar_access_read(self, idx, off, size):
         v = self._msix_bar_read(idx, off, size)
