@@ -2,11 +2,12 @@
 ``virtio-net``, ``virtio-tap``, ``virtio-rnd``, ``virtio-console``.
 
 The registry builds ``cls(opts)``. ``opts`` is the emulation's bhyve config keys as a dict (``path``, ``ro``,
-``sectorsize``, ``nodelete``, ``ser`` for blk; ``backend``/``tap``, ``mac`` for net; ``backend`` for the console, a
-``uart_backends`` spec such as ``stdio``) or the legacy ``-s`` option string (``disk.img,ro``, ``tap0,mac=..``).
-Values the VM itself must supply go in the same dict: ``guest_memory`` (a ``GuestMemory``; or call
-:meth:`~bhyve_devices.virtio.transport.VirtioPciDevice.set_memory` before the guest runs), ``virtio_msix``
-(``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``, ``slot`` and ``func`` (for the default MAC).
+``sectorsize``, ``nodelete``, ``ser`` for blk; ``backend`` (or ``tap``, or ``path``: what ``-s N,virtio-net,tap0``
+becomes), ``mac`` for net; ``backend`` for the console, a ``uart_backends`` spec such as ``stdio``) or the legacy
+``-s`` option string (``disk.img,ro``, ``tap0,mac=..``). Values the VM itself must supply go in the same dict:
+``guest_memory`` (a ``GuestMemory``; or call :meth:`~bhyve_devices.virtio.transport.VirtioPciDevice.set_memory`
+before the guest runs), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``,
+``slot`` and ``func`` (for the default MAC).
 """
 
 from bhyve_devices.pci.registry import register
@@ -59,7 +60,8 @@ class VirtioBlkPci(VirtioPciDevice):
 
 def _net_opts(opts):
     o = _opts(opts, _net.parse_options)
-    backend = o.get("backend", o.get("tap"))
+    # bhyve's legacy ``-s N,virtio-net,tap0`` puts the backend first; the command line stores it as ``path``
+    backend = o.get("backend", o.get("tap", o.get("path")))
     if isinstance(backend, str):
         backend = _net.open_backend(backend)
     mac = o.get("mac")
