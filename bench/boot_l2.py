@@ -10,7 +10,7 @@ import sys
 import time
 
 GUEST = "/lab/guest"
-APPEND = "console=ttyS0 panic=-1 hpet=disable"
+APPEND = "console=ttyS0 panic=-1"     # the stock command line: each VMM's default clock devices
 MARKER = b"VMMSHIM-GUEST-UP"
 
 

@@ -1,0 +1,97 @@
+"""Run inside L1 by ``test_linux_clock_idle.py``: boots the default guest with vmmshim (and, with ``--peer``, with
+QEMU, ``-machine pc,kernel_irqchip=off``), lets the guest sleep ``SLEEP_S`` seconds between two console lines
+that carry its own uptime, and prints one ``RESULT`` line per VMM: the guest's elapsed time, the host's elapsed
+time between the two lines' arrival, the CPU seconds the VMM process used meanwhile (utime + stime of all its
+threads, /proc/PID/stat), and the guest's timer interrupts over the sleep (LOC + IRQ 0 in /proc/interrupts)."""
+
+import argparse
+import base64
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+
+SLEEP_S = 10
+BOOT_LIMIT_S = 200
+GUEST_DIR = os.environ.get("VMMSHIM_GUEST_DIR", "/lab/guest")
+RUN = (f"grep -E '^ *(LOC|0):' /proc/interrupts | tr -s ' ' | tr '\\n' ' ' | sed 's/^/IRQ0 /'; echo; "
+       f"echo CLK0 $(cut -d' ' -f1 /proc/uptime); sleep {SLEEP_S}; echo CLK1 $(cut -d' ' -f1 /proc/uptime); "
+       f"grep -E '^ *(LOC|0):' /proc/interrupts | tr -s ' ' | tr '\\n' ' ' | sed 's/^/IRQ1 /'; echo")
+
+
+def cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def argv_for(vmm):
+    cmdline = f"console=ttyS0 panic=-1 vmmshim.run={base64.b64encode(RUN.encode()).decode()}"
+    k, i = f"{GUEST_DIR}/vmlinuz", f"{GUEST_DIR}/initramfs.gz"
+    if vmm == "qemu":
+        return ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc,kernel_irqchip=off", "-m", "512",
+                "-nographic", "-no-reboot", "-kernel", k, "-initrd", i, "-append", cmdline]
+    return [sys.executable, "-m", "vmmshim", "-o", "vmmshim.stats=true", "-A", "-m", "512M", "-c", "1",
+            "-s", "0:0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio", "-f", f"kexec,{k},{i},{cmdline}"]
+
+
+def ticks(line):
+    """Sum of the per-CPU counts on an IRQ0/IRQ1 line (IRQ 0 and LOC rows)."""
+    return sum(int(x) for x in re.findall(r"(?<=\s)\d+(?=\s)", " " + line.split(" ", 1)[1] + " "))
+
+
+def measure(vmm):
+    p = subprocess.Popen(argv_for(vmm), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marks, buf, console = {}, b"", []
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + BOOT_LIMIT_S
+    while "IRQ1" not in marks and time.monotonic() < deadline:
+        if not sel.select(1.0):
+            continue
+        chunk = os.read(p.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        now = time.monotonic()
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            console.append(line)
+            for tag in ("CLK0", "CLK1"):
+                if line.startswith(tag + " "):
+                    marks[tag] = (now, float(line.split()[1]), cpu_s(p.pid))
+            for tag in ("IRQ0", "IRQ1"):
+                if line.startswith(tag + " "):
+                    marks[tag] = ticks(line)
+    p.terminate()
+    try:
+        _, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    if not all(t in marks for t in ("CLK0", "CLK1", "IRQ0", "IRQ1")):
+        print(f"RESULT {vmm} missing marks={sorted(marks)}")
+        print("\n".join(console[-40:]))
+        print(err.decode(errors="replace")[-3000:])
+        return False
+    (h0, g0, c0), (h1, g1, c1) = marks["CLK0"], marks["CLK1"]
+    print(f"RESULT {vmm} guest_s={g1 - g0:.3f} host_s={h1 - h0:.3f} cpu_s={c1 - c0:.3f} "
+          f"timer_irqs={marks['IRQ1'] - marks['IRQ0']}", flush=True)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer", action="store_true", help="measure QEMU too")
+    args = ap.parse_args()
+    ok = measure("vmmshim")
+    if args.peer:
+        measure("qemu")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
