@@ -7,6 +7,7 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import time
 
 GUEST = "/lab/guest"
@@ -25,7 +26,8 @@ def argv_for(vmm):
 
 def boot(vmm, timeout):
     t0 = time.monotonic()
-    p = subprocess.Popen(argv_for(vmm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    errf = tempfile.TemporaryFile()         # a file, not a pipe: a chatty VMM must never block on stderr
+    p = subprocess.Popen(argv_for(vmm), stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)
     buf, marker = b"", None
@@ -42,8 +44,10 @@ def boot(vmm, timeout):
         status = p.wait(max(1.0, timeout - (time.monotonic() - t0)))
     except subprocess.TimeoutExpired:
         p.kill()
+        p.wait()
         status = 124
-    err = p.stderr.read().decode(errors="replace")
+    errf.seek(0)
+    err = errf.read().decode(errors="replace")
     stats = [line for line in err.splitlines() if line.startswith("vmmshim: vcpu")]
     return marker, status, stats
 
