@@ -37,6 +37,7 @@ and the hot path uses ``struct`` formats of the same sizes (checked by the unit 
 """
 
 import struct
+import threading
 
 from construct import Array, Int16ul, Int32ul, Int64ul, Struct
 
@@ -100,6 +101,19 @@ def need_event(event, new, old):
 
 
 _GUEST_ERRORS = (OSError, ValueError, OverflowError, IndexError, TypeError, struct.error)
+_FENCE = threading.Lock()
+
+
+def full_fence():
+    """A full memory barrier between this thread's stores to guest memory and its next loads (bhyve's
+    ``atomic_thread_fence_seq_cst``, QEMU's ``smp_mb``): x86 lets a load pass an earlier store to another
+    address, and both notification-suppression handshakes (2.6.7, 2.6.10) are store-then-load on each side --
+    the device stores the used index (or ``avail_event``) then loads ``used_event``/flags (or the avail index),
+    the driver the reverse. Without it both may read the old value: the device skips an interrupt the driver
+    waits for (or misses a request it was not kicked for). Taking an uncontended lock does it: the lock's
+    atomic read-modify-write (LOCK-prefixed on x86) drains the store buffer."""
+    with _FENCE:
+        pass
 
 
 class VirtqueueError(Exception):
@@ -316,6 +330,7 @@ class Virtqueue:
             if not self.event_idx:
                 return None
             self._publish_avail_event()
+            full_fence()
             idx = self._avail_idx()
             pending = (idx - last) & 0xFFFF
             if pending == 0:
@@ -405,6 +420,7 @@ class Virtqueue:
             old = self.signalled_used
             new = self.used_idx
             self.signalled_used = new
+            full_fence()        # the used index stored by put_used before used_event / flags are read
             if self.event_idx:
                 if new == old:
                     return False

@@ -302,6 +302,32 @@ def test_event_idx_rechecks_after_publishing():
     assert q.get_chain() is not None
 
 
+def test_fences_sit_between_the_device_store_and_its_load(monkeypatch):
+    """The suppression handshakes are store-then-load on both sides (Dekker): the device's store must be in
+    guest memory when the fence runs, and what the driver stored before the fence must be seen after it. The
+    fence hook plays the driver, whose stores become visible exactly at the fence."""
+    from bhyve_devices.virtio import virtqueue as V
+    mem, q, ring, errors = make(features=F_EVENT_IDX)
+    ring.d(0, BASE + 0x4000, 1)
+    used_event, avail_event = ring.avail + 4 + 2 * 8, ring.used + 4 + 8 * 8
+    seen = []
+
+    def driver_adds_a_request():
+        seen.append(("avail_event", ring.r(avail_event, "<H")[0]))
+        ring.post(0)
+    monkeypatch.setattr(V, "full_fence", driver_adds_a_request)
+    chain = q.get_chain()                   # empty at first look, published avail_event 0, fenced, looked again
+    assert chain is not None and seen == [("avail_event", 0)]
+
+    def driver_asks_for_an_interrupt():
+        seen.append(("used_idx", ring.used_idx()))
+        ring.w(used_event, "<H", 0)         # virtqueue_enable_cb_delayed: interrupt at the next used entry
+    ring.w(used_event, "<H", 0x8000)        # the driver had suppressed interrupts
+    monkeypatch.setattr(V, "full_fence", driver_asks_for_an_interrupt)
+    q.put_used(chain.head, 0)
+    assert q.needs_notify() and seen[-1] == ("used_idx", 1)
+
+
 def test_need_event_wraps():
     assert need_event(0xFFFF, 0, 0xFFFE)
     assert not need_event(5, 3, 1)
