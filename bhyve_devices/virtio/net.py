@@ -27,9 +27,13 @@ receive queue (with EVENT_IDX the queue has published ``avail_event`` so that no
 spins. A frame for which the guest has too little buffer space is dropped (counted in ``stats['rx_dropped']``).
 Transmit runs on the notifying vCPU: each chain is written to the backend with one ``writev``.
 
-Features: MAC, STATUS (link up), MRG_RXBUF. Not supported: checksum/TSO offloads (CSUM, GUEST_CSUM, *_TSO*,
-*_UFO), the control queue (promiscuous mode, VLAN filters, MAC tables, announce), multiqueue, MTU, vmnet/vale/
-netgraph/slirp backends.
+Features: MAC, STATUS (link up), MRG_RXBUF; with a backend that carries the virtio-net header and takes offload
+settings (the Linux tap) also the offloads QEMU's tap networking has: CSUM and HOST_TSO4/TSO6/ECN (the guest may
+send partially checksummed and GSO frames: the header goes to the tap as it is) and GUEST_CSUM and
+GUEST_TSO4/TSO6/ECN (``TUNSETOFFLOAD`` lets the tap hand over such frames, following the GUEST_* bits the driver
+accepted; none after a reset). A guest sending 64 KiB TCP segments instead of 1.5 KiB frames makes 40 times fewer
+exits. Not supported: UFO/USO, the control queue (promiscuous mode, VLAN filters, MAC tables, announce, guest
+offload changes), multiqueue, MTU, vmnet/vale/netgraph/slirp backends.
 """
 
 import fcntl
@@ -47,6 +51,12 @@ from .virtqueue import scatter, split_segments
 
 VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
@@ -64,7 +74,31 @@ _U16 = struct.Struct("<H")
 
 # Linux <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+
+#: Offload features offered over a backend with ``offloads`` (the virtio-net header passes through it).
+OFFLOAD_FEATURES = (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4
+                    | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN | 1 << VIRTIO_NET_F_HOST_TSO4
+                    | 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_HOST_ECN)
+
+
+def tun_offload_flags(features):
+    """The TUNSETOFFLOAD flags for the GUEST_* offloads in ``features`` (what the driver can receive)."""
+    if not features >> VIRTIO_NET_F_GUEST_CSUM & 1:
+        return 0
+    flags = TUN_F_CSUM
+    if features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features >> VIRTIO_NET_F_GUEST_ECN & 1:
+        flags |= TUN_F_TSO_ECN
+    return flags
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -107,9 +141,11 @@ def parse_options(opts):
 class NetBackend:
     """A frame transport: ``fileno()`` for poll, ``recv_into(segs) -> n`` (None when nothing is waiting, 0 when
     the peer is gone), ``send(segs)``. ``vnet_hdr`` says whether frames carry the virtio-net header (then
-    :meth:`set_vnet_hdr_len` follows the negotiated length)."""
+    :meth:`set_vnet_hdr_len` follows the negotiated length); ``offloads`` whether it takes partially checksummed
+    and GSO frames and can be told by :meth:`set_offload` which ones it may hand over."""
 
     vnet_hdr = False
+    offloads = False
 
     def fileno(self):
         raise NotImplementedError
@@ -128,6 +164,9 @@ class NetBackend:
             pass  # the backend is full: the frame is dropped, as a NIC would
 
     def set_vnet_hdr_len(self, n):
+        pass
+
+    def set_offload(self, tun_flags):
         pass
 
     def close(self):
@@ -150,6 +189,13 @@ class TapBackend(NetBackend):
             os.close(self.fd)
             raise
         self.vnet_hdr = vnet_hdr
+        self.offloads = False
+        if vnet_hdr:
+            try:
+                self.set_offload(0)
+                self.offloads = True
+            except OSError:
+                pass
 
     def fileno(self):
         return self.fd
@@ -157,6 +203,9 @@ class TapBackend(NetBackend):
     def set_vnet_hdr_len(self, n):
         if self.vnet_hdr:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", n))
+
+    def set_offload(self, tun_flags):
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_flags)
 
     def close(self):
         if self.fd >= 0:
@@ -183,12 +232,18 @@ class NetBSDTapBackend(NetBackend):
 
 
 class SocketPairBackend(NetBackend):
-    """Frames over an AF_UNIX SOCK_SEQPACKET pair; the test (or a switch) uses ``peer``."""
+    """Frames over an AF_UNIX SOCK_SEQPACKET pair; the test (or a switch) uses ``peer``. With ``offloads`` (and
+    ``vnet_hdr``) the peer promises to cope with offloaded frames; ``offload_flags`` records the last setting."""
 
-    def __init__(self, vnet_hdr=False):
+    def __init__(self, vnet_hdr=False, offloads=False):
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.setblocking(False)
         self.vnet_hdr = vnet_hdr
+        self.offloads = offloads and vnet_hdr
+        self.offload_flags = None
+
+    def set_offload(self, tun_flags):
+        self.offload_flags = tun_flags
 
     def fileno(self):
         return self.sock.fileno()
@@ -215,13 +270,16 @@ class VirtioNet(VirtioDevice):
     queue_size = 256
     config_size = VIRTIO_NET_CONFIG.sizeof()   # 8
 
-    def __init__(self, backend=None, mac=None, slot=0, func=0, vmname="vm", mergeable=True, start=True):
+    def __init__(self, backend=None, mac=None, slot=0, func=0, vmname="vm", mergeable=True, start=True,
+                 offloads=True):
         super().__init__()
         self.backend = backend
         self.mac = bytes(mac) if mac is not None else genmac(slot, func, vmname)
         self.features = bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS)
         if mergeable:
             self.features |= bit(VIRTIO_NET_F_MRG_RXBUF)
+        if offloads and backend is not None and backend.vnet_hdr and getattr(backend, "offloads", False):
+            self.features |= OFFLOAD_FEATURES
         self.hdr_len = VIRTIO_NET_HDR_LEGACY_LEN
         self.mrg = False
         self.stats = dict(rx_frames=0, rx_bytes=0, rx_dropped=0, tx_frames=0, tx_bytes=0, tx_dropped=0,
@@ -247,14 +305,21 @@ class VirtioNet(VirtioDevice):
         if self.backend is not None and self.backend.vnet_hdr:
             try:
                 self.backend.set_vnet_hdr_len(self.hdr_len)
+                if self.features & OFFLOAD_FEATURES:
+                    self.backend.set_offload(tun_offload_flags(features & self.features))
             except OSError as exc:
-                self.fail(f"virtio-net: cannot set the tap header length: {exc}")
+                self.fail(f"virtio-net: cannot set the tap header length or offloads: {exc}")
 
     def reset(self):
         with self._rx_lock, self._tx_lock:
             super().reset()
             self.hdr_len = VIRTIO_NET_HDR_LEGACY_LEN
             self.mrg = False
+            if self.features & OFFLOAD_FEATURES:
+                try:
+                    self.backend.set_offload(0)     # no GSO frames for the next driver until it asks
+                except OSError:
+                    pass
 
     def _wake(self):
         try:
