@@ -15,6 +15,7 @@ from bhyve_devices.tables.mptable import build_mptable
 
 from .bus import BusError
 from .config import ConfigError
+from .vm import HIGHMEM_BASE
 
 # Options the VM adds for every PCI device (the devices read what they need).
 _RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func")
@@ -100,7 +101,24 @@ def _elcr_level(atpic, irq):
 
 
 class _GuestMemory:
-    """The GuestMemory a device gets: bounds-checked views of the VM's RAM."""
+    """The GuestMemory a device gets: bounds-checked views of the VM's RAM.
+
+    Virtqueues ask for a view per descriptor (256 for a 1 MiB block request), so the RAM areas (lowmem from 0,
+    highmem from 4 GiB) are viewed whole once and sliced here; anything else goes to ``vm.view``, which raises
+    ``EFAULT`` outside guest RAM."""
 
     def __init__(self, vm):
-        self.view = vm.view
+        self._slow = vm.view
+        self._areas = []
+        for start, size in ((0, getattr(vm, "lowmem", 0)), (HIGHMEM_BASE, getattr(vm, "highmem", 0))):
+            if size:
+                try:
+                    self._areas.append((start, start + size, vm.view(start, size)))
+                except OSError:
+                    pass
+
+    def view(self, gpa, size):
+        for start, end, whole in self._areas:
+            if start <= gpa and 0 <= size and gpa + size <= end:
+                return whole[gpa - start:gpa - start + size]
+        return self._slow(gpa, size)

@@ -159,8 +159,19 @@ def parse_options(opts):
     return kw
 
 
-def _rw_full(fn, fd, segs, offset):
-    """preadv/pwritev over all of ``segs`` (in IOV_MAX groups, retrying short transfers); returns bytes moved."""
+def _rw_full(fn, fd, segs, offset, total=None):
+    """preadv/pwritev over all of ``segs`` (in IOV_MAX groups, retrying short transfers); returns bytes moved.
+    ``total``: the bytes in ``segs`` if the caller has counted them. A request that fits one call (what a Linux
+    guest sends: at most seg_max segments) makes that one call and nothing else."""
+    if len(segs) <= IOV_MAX:
+        want = sum(map(len, segs)) if total is None else total
+        if want <= _RW_CHUNK:
+            n = fn(fd, segs, offset) if want else 0
+            if n == want:
+                return n
+            if n <= 0:
+                raise OSError(errno.EIO, "short transfer at end of image")
+            return n + _rw_full(fn, fd, split_segments(segs, n)[1], offset + n)
     done = 0
     segs = [m for m in segs if len(m)]
     while segs:
@@ -300,7 +311,11 @@ class VirtioBlock(VirtioDevice):
     # ---- requests ----------------------------------------------------------------------------------------------------
     def _serve(self, queue, chain):
         self.stats["requests"] += 1
-        data_w, status = split_tail(chain.writable, 1)
+        w = chain.writable
+        if w and len(w[-1]) == 1:       # the status byte in a descriptor of its own, as Linux sends it
+            data_w, status = w[:-1], w[-1:]
+        else:
+            data_w, status = split_tail(w, 1)
         if not status or len(status[0]) != 1:
             queue.put_used(chain.head, 0)
             self.fail(f"virtio-blk: request {chain.head} has no status byte")
@@ -328,17 +343,17 @@ class VirtioBlock(VirtioDevice):
 
     def _request(self, rtype, sector, data_r, data_w):
         if rtype == VIRTIO_BLK_T_IN:
-            n = sum(len(m) for m in data_w)
+            n = sum(map(len, data_w))
             if not self._range_ok(sector, n):
                 return VIRTIO_BLK_S_IOERR, 0
-            got = _rw_full(os.preadv, self.fd, data_w, sector * SECTOR)
+            got = _rw_full(os.preadv, self.fd, data_w, sector * SECTOR, n)
             self.stats["bytes_read"] += got
             return VIRTIO_BLK_S_OK, got
         if rtype == VIRTIO_BLK_T_OUT:
-            n = sum(len(m) for m in data_r)
+            n = sum(map(len, data_r))
             if self.readonly or not self._range_ok(sector, n):
                 return VIRTIO_BLK_S_IOERR, 0
-            put = _rw_full(os.pwritev, self.fd, data_r, sector * SECTOR)
+            put = _rw_full(os.pwritev, self.fd, data_r, sector * SECTOR, n)
             self.stats["bytes_written"] += put
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_FLUSH:

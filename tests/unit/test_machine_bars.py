@@ -88,3 +88,36 @@ def test_a_bar_moved_onto_another_device_is_left_unmapped_not_fatal():
     b.cfgwrite(C.BAR0, 4, b_io | 1)                   # and back
     assert vm.pio.lookup(b_io)[1] is b.bar_device(0)
     assert vm.pio.lookup(a_io)[1] is a.bar_device(0)
+
+
+class RamVm:
+    """A VM with lowmem [0, 1 MiB) and highmem [4 GiB, 4 GiB + 64 KiB); ``view`` counts calls, EFAULT outside."""
+
+    def __init__(self):
+        import errno
+        self.errno = errno
+        self.lowmem, self.highmem = 1 << 20, 1 << 16
+        self.low, self.high = bytearray(self.lowmem), bytearray(self.highmem)
+        self.calls = 0
+
+    def view(self, gpa, size):
+        self.calls += 1
+        for start, buf in ((0, self.low), (4 << 30, self.high)):
+            if start <= gpa and size >= 0 and gpa + size <= start + len(buf):
+                return memoryview(buf)[gpa - start:gpa - start + size]
+        raise OSError(self.errno.EFAULT, "outside guest RAM")
+
+
+def test_guest_memory_views_slice_the_ram_areas_and_refuse_the_rest():
+    import pytest
+    from vmmshim.machine import _GuestMemory
+    vm = RamVm()
+    mem = _GuestMemory(vm)
+    setup_calls = vm.calls
+    mem.view(0x1000, 4)[:] = b"abcd"
+    mem.view((4 << 30) + 16, 2)[:] = b"hi"
+    assert bytes(vm.low[0x1000:0x1004]) == b"abcd" and bytes(vm.high[16:18]) == b"hi"
+    assert len(mem.view(0, 1 << 20)) == 1 << 20 and vm.calls == setup_calls     # no call per descriptor
+    for gpa, size in (((1 << 20) - 2, 4), (-4, 8), (3 << 30, 1), ((4 << 30) + (1 << 16), 1), (0x1000, -1)):
+        with pytest.raises(OSError):
+            mem.view(gpa, size)

@@ -252,3 +252,35 @@ def test_hostile_requests(image, chains):
     assert not d.pci.errors or st_ & STATUS_DEVICE_NEEDS_RESET
     assert all("internal" not in e for e in d.pci.errors)
     d.close()
+
+
+def test_status_byte_at_the_end_of_a_data_descriptor(image):
+    """2.6.4.1: any arrangement; the status may share the last writable descriptor with the data."""
+    d = Disk(image, modern=True)
+    a = d.drv.alloc
+    hdr = a.put(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 5))
+    buf = a.alloc(1024 + 1)
+    d.q.add(out=[(hdr, 16)], inn=[(buf, 1024 + 1)])
+    d.drv.notify(0)
+    (_, n), = d.q.get_used()
+    got = a.read(buf, 1025)
+    assert n == 1025 and got[:1024] == original(image, 5, 1024) and got[1024] == B.VIRTIO_BLK_S_OK
+    d.close()
+
+
+def test_rw_full_retries_short_transfers(image):
+    """One call when it fits; a short one continues where it stopped; nothing at all is an I/O error."""
+    mem = bytearray(4096)
+    segs = [memoryview(mem)[i:i + 512] for i in range(0, 4096, 512)]
+    calls = []
+
+    def short(fd, group, off):
+        calls.append((off, sum(map(len, group))))
+        return min(700, sum(map(len, group)))
+
+    assert B._rw_full(short, -1, segs, 1000) == 4096
+    assert calls[0] == (1000, 4096) and calls[1] == (1700, 3396) and len(calls) == 6
+    assert B._rw_full(lambda fd, g, off: 4096, -1, segs, 0) == 4096
+    with pytest.raises(OSError):
+        B._rw_full(lambda fd, g, off: 0, -1, segs, 0)
+    assert B._rw_full(lambda fd, g, off: 1 / 0, -1, [], 0) == 0          # nothing to move: no call
