@@ -6,7 +6,7 @@ One L1 boot serves every test in this module (the ``smoke`` fixture).
 
 import pytest
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]   # two L1 attempts at most
 
 SCRIPT = r"""
 echo "SVM-CPUS=$(grep -c svm /proc/cpuinfo)"
@@ -23,8 +23,13 @@ def smoke(lab_ready):
     from vmmshim.lab import run_in_lab
     from vmmshim.lab.l2boot import parse_result
 
-    # worst case (a hung L1 boot, then a full run) stays inside pytest.ini's 600 s timeout
-    res = run_in_lab(SCRIPT, timeout=300, boot_timeout=120)
+    # L1 is QEMU TCG: once in CI its kernel soft-locked a CPU under QEMU-in-L1 ("watchdog: BUG: soft lockup"),
+    # killing the command (status 124). That is the lab's emulation, not the code under test: one more L1.
+    for attempt in range(2):
+        res = run_in_lab(SCRIPT, timeout=200, boot_timeout=100)
+        if res.status != 124:
+            break
+        print(f"lab command killed (attempt {attempt + 1}): {res.stderr.strip()[-300:]}")
     print(res.stdout)
     print(res.stderr)
     print(f"L1 boot {res.boot_s:.1f} s, command {res.cmd_s:.1f} s, attempts {res.attempts}")
