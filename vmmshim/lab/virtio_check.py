@@ -22,6 +22,9 @@ block size), ``VX-SERIAL`` (GET_ID), ``VX-DISCARD`` (``blkdiscard`` of 3-4 MiB),
 then virtio_pci is removed (every device is reset) and loaded again with ``force_legacy=1``, and the same checks
 run through the legacy I/O BAR (``VX-LEGACY-*``, the write at 2 MiB).
 
+Case ``smp``: ``main`` with two vCPUs (MSI-X vectors spread over both, the block worker and the receive thread
+interrupting either).
+
 Each guest powers off (vmmshim status 1) and L1 reads the images back. The result is one line
 ``VIRTIO-RESULT {json}`` per case (:func:`parse_result`) with the boot, the facts L1 checked (``expect``), what
 the guest said (``vx``: the last value of each ``VX-`` key) and its virtio interrupt lines (``irqs``); the
@@ -124,8 +127,9 @@ def _irq_counts(console):
 
 
 def run_case(case, vmm="vmmshim", tries=3, workdir="/tmp/vx", timeout=240.0):
-    """Boots one guest for ``case`` ('main': MSI-X, modern; 'intx': ``-o virtio_msix=false``, modern, then
-    the legacy interface after reloading virtio_pci with ``force_legacy=1``) and prints its result."""
+    """Boots one guest for ``case`` ('main': MSI-X, modern; 'smp': the same with two vCPUs; 'intx': ``-o
+    virtio_msix=false``, modern, then the legacy interface after reloading virtio_pci with ``force_legacy=1``)
+    and prints its result."""
     os.makedirs(workdir, exist_ok=True)
     rw, ro, console = f"{workdir}/rw.img", f"{workdir}/ro.img", f"{workdir}/console-{case}.txt"
     rw_head, ro_data, src = l2vm.pattern(MiB, b"rw"), l2vm.pattern(8 * MiB, b"ro"), l2vm.pattern(MiB, b"src")
@@ -141,13 +145,14 @@ def run_case(case, vmm="vmmshim", tries=3, workdir="/tmp/vx", timeout=240.0):
 
     l2vm.tap_up()
     servers = [l2vm.Sink(SINK_PORT), l2vm.Source(SOURCE_PORT, src), l2vm.Gate(GATE_PORT, l2vm.l1_ping)]
-    if case == "main":
+    main = case in ("main", "smp")
+    if main:
         script, opts, disks = GUEST_SCRIPT, (), [l2vm.Disk(rw), l2vm.Disk(ro, ro=True)]
     else:
         script, opts, disks = INTX_SCRIPT, ("-o", "virtio_msix=false"), [l2vm.Disk(rw)]
     append = f"{l2vm.BASE_APPEND} {encode_run(script)}"
     make = l2vm.vmmshim_argv if vmm == "vmmshim" else l2vm.qemu_argv
-    devs = dict(disks=disks, tap=l2vm.TAP, rnd=True, opts=opts)
+    devs = dict(disks=disks, tap=l2vm.TAP, rnd=True, opts=opts, ncpus=2 if case == "smp" else 1)
     try:
         res, hangs = l2vm.boot_retry(lambda: make(append, console, **devs), console, tries=tries,
                                      prepare=prepare, timeout=timeout)
@@ -161,7 +166,7 @@ def run_case(case, vmm="vmmshim", tries=3, workdir="/tmp/vx", timeout=240.0):
     md5 = lambda b: hashlib.md5(b).hexdigest()  # noqa: E731
     sink = servers[0].results
     expect = dict(rw_head_md5=md5(rw_head), rw_head_intact=rw_now[:MiB] == rw_head)
-    if case == "main":
+    if main:
         expect.update(
             ro_md5=md5(ro_data), seq_md5=md5(seq_pattern()), src_md5=md5(src),
             ro_sent_sha256=hashlib.sha256(ro_data[:MiB]).hexdigest(),
@@ -184,11 +189,11 @@ def run_case(case, vmm="vmmshim", tries=3, workdir="/tmp/vx", timeout=240.0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vmm", choices=("vmmshim", "qemu"), default="vmmshim")
-    ap.add_argument("--case", action="append", choices=("main", "intx"), help="default: both")
+    ap.add_argument("--case", action="append", choices=("main", "intx", "smp"), help="default: all three")
     ap.add_argument("--tries", type=int, default=3, help="boots to try while they hang before the marker")
     ap.add_argument("--timeout", type=float, default=240.0)
     args = ap.parse_args()
-    for case in args.case or ("main", "intx"):
+    for case in args.case or ("main", "intx", "smp"):
         run_case(case, args.vmm, args.tries, timeout=args.timeout)
 
 
