@@ -35,7 +35,8 @@ class MatrixPlugin:
             prov = cs.params.get("provider") if cs else None
             case = re.sub(r"\[.*\]$", "", item.nodeid.split("::", 1)[-1])
             if cs is not None:
-                rest = [str(v) for k, v in sorted(cs.params.items()) if k != "provider"]
+                rest = [str(v)[:40] for k, v in sorted(cs.params.items()) if k != "provider"]   # a long param
+                # (a guest program) must not widen the whole table
                 if rest:
                     case += "[" + "-".join(rest) + "]"
             self.params[item.nodeid] = (case, prov or "-")
