@@ -55,3 +55,15 @@ def test_qemu_in_l1_boots_default_guest(smoke):
     assert l2["marker_s"] is not None
     assert l2["cpus"] == 1
     assert l2["poweroff"], l2
+
+
+def test_a_crashed_l1_still_returns_what_the_command_printed(lab_ready):
+    """L1 streams the command's stdout and stderr to two more serial ports as it runs, so a run that ends
+    without a status (here L1 panics on purpose) still says what the command printed."""
+    from vmmshim.lab import run_in_lab
+    from vmmshim.lab.run import LabError
+
+    cmd = "echo streamed-out; echo streamed-err >&2; sleep 2; echo c >/proc/sysrq-trigger; sleep 60"
+    with pytest.raises(LabError) as err:
+        run_in_lab(cmd, timeout=120, boot_timeout=100, retries=0)
+    assert "streamed-out" in str(err.value) and "streamed-err" in str(err.value), str(err.value)

@@ -1,20 +1,22 @@
-"""Stock Linux drives vmmshim's virtio devices inside the nested lab (issue 7), in one L1 boot, through
+"""Stock Linux drives vmmshim's virtio devices inside the nested lab (issue 7), through
 ``python3 -m vmmshim.lab.virtio_check`` (see there for what each guest does and what L1 checks): ``main`` (one
 guest with virtio-blk read-write and read-only, virtio-net on a tap in L1 and virtio-rnd; MSI-X, the modern
 interface), ``intx`` (no MSI-X: INTx, then a driver reload onto the legacy interface; GET_ID, discard) and
 ``smp`` (``main`` on two vCPUs).
 
-Opt-in like the other Linux boots (``pytest -m linux_boot tests/lab``): some boots hang early on a lost timer
-interrupt (an open bug, not virtio's); ``virtio_check`` boots again when one hangs before ``VMMSHIM-GUEST-UP``
-(3 tries), and the tests judge only a boot that reached it.
+Each case is its own L1 boot (L1 is QEMU TCG: its kernel has crashed inside KVM_RUN once, "stack guard page was
+hit" in fpu_swap_kvm_fpstate, and soft-locked once), tried twice when L1 gives no result for it;
+``virtio_check`` boots the guest again when one hangs before ``VMMSHIM-GUEST-UP``, and the tests judge only a
+boot that reached it. Measured here: main 83 s, intx 46 s, smp 134 s of guest runs.
 """
 
 import pytest
 
-# three cases, each up to 3 guest boots (a hang is killed after 100 s), in one L1 boot that the lab retries once
-pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(2000)]
+# per case: up to two L1 boots, each up to 120 s to boot + 450 s of command + 90 s of grace
+pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1500)]
 
 MiB = 1 << 20
+L1_ATTEMPTS = 2
 
 
 def _need_up(result, console):
@@ -23,43 +25,41 @@ def _need_up(result, console):
                     f"bug?):\n{console[-2000:]}\n{result['stderr']}")
 
 
-@pytest.fixture(scope="module")
-def lab_out(lab_ready):
+def _case(case):
+    """Runs one case in its own L1 (a second L1 when the first gives no result) and returns (result, console)."""
     from vmmshim.lab import run_in_lab
-
     from vmmshim.lab.virtio_check import parse_result
 
-    res = run_in_lab("python3 -m vmmshim.lab.virtio_check --tries 3 --timeout 200", timeout=780, boot_timeout=120)
-    for case in ("main", "intx", "smp"):
-        r = parse_result(res.stdout, case)[0] or {}
-        print(f"virtio lab case {case}: up={r.get('up')} failed boots before it={r.get('hangs')} "
-              f"marker {r.get('marker_s')} s, run {r.get('total_s')} s, status {r.get('status')}")
-    return res
-
-
-def _case(lab_out, case):
-    from vmmshim.lab.virtio_check import parse_result
-
-    result, console = parse_result(lab_out.stdout, case)
-    assert result is not None, (f"no VIRTIO-RESULT for {case} (status {lab_out.status}):\n"
-                                f"{lab_out.stdout[-2000:]}\n{lab_out.stderr[-2000:]}")
+    for attempt in range(1, L1_ATTEMPTS + 1):
+        res = run_in_lab(f"python3 -m vmmshim.lab.virtio_check --case {case} --tries 2 --timeout 200",
+                         timeout=450, boot_timeout=120)
+        result, console = parse_result(res.stdout, case)
+        if result is not None:
+            print(f"virtio lab case {case}: L1 attempt {attempt}, up={result.get('up')} failed boots before "
+                  f"it={result.get('hangs')} marker {result.get('marker_s')} s, run {result.get('total_s')} s, "
+                  f"status {result.get('status')}")
+            break
+        print(f"virtio lab case {case}: L1 attempt {attempt} gave no result (status {res.status}):\n"
+              f"{res.stdout[-1500:]}\n{res.stderr[-1500:]}\n--- L1 console ---\n{res.console[-1500:]}")
+    assert result is not None, (f"no VIRTIO-RESULT for {case} in {L1_ATTEMPTS} L1 boots (status {res.status}):\n"
+                                f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{res.console[-1500:]}")
     _need_up(result, console)
     return result, console
 
 
 @pytest.fixture(scope="module")
-def check(lab_out):
-    return _case(lab_out, "main")
+def check(lab_ready):
+    return _case("main")
 
 
 @pytest.fixture(scope="module")
-def intx(lab_out):
-    return _case(lab_out, "intx")
+def intx(lab_ready):
+    return _case("intx")
 
 
 @pytest.fixture(scope="module")
-def smp(lab_out):
-    return _case(lab_out, "smp")
+def smp(lab_ready):
+    return _case("smp")
 
 
 def tail(console, n=2500):

@@ -15,7 +15,9 @@ Each run:
 The host watches L1's console: if the marker ``VMMSHIM-LAB-L1-UP`` does not appear within ``boot_timeout``
 seconds, or L1 stops without writing a status, QEMU is killed (the QEMU process itself, so the image lock
 goes with it) and L1 is booted once more.  A command that outlives ``timeout`` is killed inside L1 and
-reported with status 124; the host gives L1 a grace period beyond that and then kills QEMU.
+reported with status 124; the host gives L1 a grace period beyond that and then kills QEMU.  L1 also streams
+the command's stdout and stderr to its ttyS1 and ttyS2, files on the host, so a run killed from outside still
+returns what it printed (``LabResult.stdout``/``stderr`` with status 124).
 """
 
 import ctypes
@@ -67,13 +69,22 @@ ln -s /lab/guest /lab/cache/guest
 cd /lab/project
 start=$(cut -d' ' -f1 /proc/uptime)
 : >/lab/out/stdout; : >/lab/out/stderr
+# the command's output also streams to ttyS1 (stdout) and ttyS2 (stderr), files on the host, so a run that is
+# killed still shows what it printed
+streams=""
+for n in 1 2; do
+    [ -c /dev/ttyS$n ] && stty -F /dev/ttyS$n raw -echo 2>/dev/null || continue
+    f=stdout; [ $n = 2 ] && f=stderr
+    tail -n +1 -f /lab/out/$f >/dev/ttyS$n 2>/dev/null &
+    streams="$streams $!"
+done
 if grep -qw vmmshim.echo=1 /proc/cmdline; then
     tail -q -n +1 -f /lab/out/stdout /lab/out/stderr >/dev/console 2>&1 &
     echo_pid=$!
 fi
 timeout -s KILL @TIMEOUT@ /bin/sh /lab/run.sh </dev/null >/lab/out/stdout 2>/lab/out/stderr
 status=$?
-[ -n "$echo_pid" ] && sleep 0.5 && kill $echo_pid
+[ -n "$echo_pid$streams" ] && sleep 0.5 && kill $echo_pid $streams 2>/dev/null
 [ $status = 137 ] && status=124
 end=$(cut -d' ' -f1 /proc/uptime)
 echo "$start $end" >/lab/out/uptime
@@ -169,6 +180,11 @@ def _read_out(disk: pathlib.Path, dest: pathlib.Path) -> pathlib.Path | None:
     return out if (out / "status").is_file() else None
 
 
+def _streamed(streams) -> list[str]:
+    """What L1 streamed of the command's stdout and stderr (its ttyS1 and ttyS2) so far."""
+    return [pth.read_bytes().decode(errors="replace") if pth.is_file() else "" for pth in streams]
+
+
 def _die_with_parent() -> None:
     """In the QEMU child: get SIGKILL when the Python process that started it dies, however it dies."""
     try:
@@ -191,11 +207,14 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _l1_command(img: pathlib.Path, disk: pathlib.Path, smp: int, mem: str, append_extra: str) -> list[str]:
+def _l1_command(img: pathlib.Path, disk: pathlib.Path, smp: int, mem: str, append_extra: str,
+                streams: tuple[pathlib.Path, pathlib.Path]) -> list[str]:
     append = ("root=/dev/vda rw rootfstype=ext4 console=ttyS0 init=/lab-init panic=-1 quiet loglevel=3 "
               "net.ifnames=0 mitigations=off " + append_extra).strip()
     return [QEMU, "-accel", "tcg,thread=multi", "-cpu", L1_CPU, "-smp", str(smp), "-m", mem, "-nographic",
-            "-no-reboot", "-nic", "none", "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
+            "-no-reboot", "-nic", "none", "-monitor", "none", "-serial", "stdio",
+            "-serial", f"file:{streams[0]}", "-serial", f"file:{streams[1]}",
+            "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
             "-append", append,
             "-drive", f"file={img / 'rootfs.ext4'},if=virtio,format=raw,snapshot=on",
             "-drive", f"file={disk},if=virtio,format=raw"]
@@ -264,7 +283,8 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
             adir = tmp / f"attempt{attempt}"
             adir.mkdir()
             disk = _make_work_disk(adir, cmd, timeout, work_mb, extra_files)
-            argv = _l1_command(img, disk, smp, mem, append + (" vmmshim.echo=1" if echo else ""))
+            streams = (adir / "stdout.stream", adir / "stderr.stream")
+            argv = _l1_command(img, disk, smp, mem, append + (" vmmshim.echo=1" if echo else ""), streams)
             console = adir / "console.log"
             t0 = time.monotonic()
             outcome, boot_s, kvm = _boot_once(argv, console, boot_timeout, t0 + boot_timeout + timeout + 90,
@@ -288,14 +308,19 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                 break
             if outcome == "timeout" and boot_s is not None:
                 # L1 booted and the command ran past the grace period: do not run it twice
-                result = LabResult(124, "", f"lab: L1 killed after {wall:.0f} s\n", boot_s, 0.0,
-                                   time.monotonic() - t_start, attempt, kvm, text)
+                # what the command printed before that, as L1 streamed it to its second and third serial port
+                partial = _streamed(streams)
+                result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s\n", boot_s,
+                                   0.0, time.monotonic() - t_start, attempt, kvm, text)
                 break
             lines = [x for x in text.splitlines() if "TCG doesn't support requested feature" not in x]
             tail = "\n".join(lines[-15:])
-            print(f"[lab] L1 attempt {attempt} gave no result; console tail:\n{tail}", flush=True)
+            partial = _streamed(streams)
+            print(f"[lab] L1 attempt {attempt} gave no result; console tail:\n{tail}\n"
+                  f"[lab] what the command printed:\n{partial[0][-1500:]}\n{partial[1][-1500:]}", flush=True)
         if result is None:
-            raise LabError(f"L1 gave no result in {retries + 1} boots (console logs in {tmp})")
+            raise LabError(f"L1 gave no result in {retries + 1} boots (console logs in {tmp}); the last one's "
+                           f"command printed: {partial[0][-300:]!r} {partial[1][-300:]!r}")
         return result
     finally:
         if not keep and result is not None:
