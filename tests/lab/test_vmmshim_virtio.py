@@ -5,7 +5,7 @@ interface), ``intx`` (no MSI-X: INTx, then a driver reload onto the legacy inter
 ``smp`` (``main`` on two vCPUs).
 
 Each case is its own L1 boot (L1 is QEMU TCG: its kernel has crashed inside KVM_RUN once, "stack guard page was
-hit" in fpu_swap_kvm_fpstate, and soft-locked once), tried twice when L1 gives no result for it;
+hit" in fpu_swap_kvm_fpstate, and soft-locked once), booted twice at most (``run_in_lab(retry_killed=True)``);
 ``virtio_check`` boots the guest again when one hangs before ``VMMSHIM-GUEST-UP``, and the tests judge only a
 boot that reached it. Measured here: main 83 s, intx 46 s, smp 134 s of guest runs.
 """
@@ -26,23 +26,19 @@ def _need_up(result, console):
 
 
 def _case(case):
-    """Runs one case in its own L1 (a second L1 when the first gives no result) and returns (result, console)."""
+    """Runs one case in its own L1 (another L1 when the command is killed) and returns (result, console)."""
     from vmmshim.lab import run_in_lab
     from vmmshim.lab.virtio_check import parse_result
 
-    for attempt in range(1, L1_ATTEMPTS + 1):
-        res = run_in_lab(f"python3 -m vmmshim.lab.virtio_check --case {case} --tries 2 --timeout 200",
-                         timeout=450, boot_timeout=120)
-        result, console = parse_result(res.stdout, case)
-        if result is not None:
-            print(f"virtio lab case {case}: L1 attempt {attempt}, up={result.get('up')} failed boots before "
-                  f"it={result.get('hangs')} marker {result.get('marker_s')} s, run {result.get('total_s')} s, "
-                  f"status {result.get('status')}")
-            break
-        print(f"virtio lab case {case}: L1 attempt {attempt} gave no result (status {res.status}):\n"
-              f"{res.stdout[-1500:]}\n{res.stderr[-1500:]}\n--- L1 console ---\n{res.console[-1500:]}")
-    assert result is not None, (f"no VIRTIO-RESULT for {case} in {L1_ATTEMPTS} L1 boots (status {res.status}):\n"
-                                f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{res.console[-1500:]}")
+    res = run_in_lab(f"python3 -m vmmshim.lab.virtio_check --case {case} --tries 2 --timeout 200",
+                     timeout=450, boot_timeout=120, retries=L1_ATTEMPTS - 1, retry_killed=True)
+    result, console = parse_result(res.stdout, case)
+    if result is not None:
+        print(f"virtio lab case {case}: L1 attempt {res.attempts}, up={result.get('up')} failed boots before "
+              f"it={result.get('hangs')} marker {result.get('marker_s')} s, run {result.get('total_s')} s, "
+              f"status {result.get('status')}")
+    assert result is not None, (f"no VIRTIO-RESULT for {case} in {res.attempts} L1 boots (status {res.status}):"
+                                f"\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{res.console[-1500:]}")
     _need_up(result, console)
     return result, console
 

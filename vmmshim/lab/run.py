@@ -261,12 +261,14 @@ def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
 
 def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_timeout: float = 240,
                retries: int = 1, keep: bool = False, echo: bool = False, extra_files=None,
-               work_mb: int = 512, append: str = "") -> LabResult:
+               work_mb: int = 512, append: str = "", retry_killed: bool = False) -> LabResult:
     """Boot L1, run ``cmd`` (a shell string, or an argv list) inside it, return a :class:`LabResult`.
 
     ``result.status, result.stdout, result.stderr`` (or unpack the result as a 3-tuple).  ``timeout`` is for
     the command inside L1; the L1 boot has ``boot_timeout`` on top and, when it hangs or L1 stops without a
-    status, is tried ``retries`` more times.  Status 124 means the command timed out.  Inside L1 the clone's
+    status, is tried ``retries`` more times; with ``retry_killed`` (for a command that may run twice) also when
+    the command was killed, inside L1 or with L1 from outside (a soft-locked or hung L1: the lab's TCG
+    emulation, not the command).  Status 124 means the command timed out.  Inside L1 the clone's
     source is /lab/project (the working directory, on PYTHONPATH), the default guest /lab/guest
     (``$VMMSHIM_GUEST_DIR``), ``extra_files`` ({name: host path}) /lab/files/<name>.
     """
@@ -305,13 +307,18 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                 result = LabResult(status, (out / "stdout").read_text(errors="replace"),
                                    (out / "stderr").read_text(errors="replace"), boot_s or 0.0, cmd_s,
                                    time.monotonic() - t_start, attempt, kvm, text, out if keep else None)
-                break
-            if outcome == "timeout" and boot_s is not None:
-                # L1 booted and the command ran past the grace period: do not run it twice
-                # what the command printed before that, as L1 streamed it to its second and third serial port
+            elif outcome == "timeout" and boot_s is not None:
+                # L1 booted and the command ran past the grace period; what it printed before that, as L1
+                # streamed it to its second and third serial port
                 partial = _streamed(streams)
                 result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s\n", boot_s,
                                    0.0, time.monotonic() - t_start, attempt, kvm, text)
+            if result is not None:
+                if result.status == 124 and retry_killed and attempt <= retries:
+                    print(f"[lab] L1 attempt {attempt}: the command was killed; L1 again. It printed:\n"
+                          f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}", flush=True)
+                    result = None
+                    continue
                 break
             lines = [x for x in text.splitlines() if "TCG doesn't support requested feature" not in x]
             tail = "\n".join(lines[-15:])
