@@ -17,10 +17,12 @@ needed without a kernel), ``VM_EXITCODE_IPI`` (IPIs are delivered here, as with 
 """
 
 import errno
+import time
 
 from bhyve_devices.vlapic import ApicGP, Vlapic
 
 from . import nvmm_regs as regs
+from . import pvclock
 from .nvmm import api
 from .nvmm import constants as C
 from .nvmm.api import nvmm_error
@@ -67,8 +69,19 @@ class VmmOpsNvmm:
         ctx = VcpuCtx(vmi, vcpu, nv)
         mem_cb = self._make_mem_cb(vmi, ctx)
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.vm.io, mem=mem_cb))
+        hz = nv.tsc_frequency() if vmi.kvmclock else None
+        if hz:
+            for leaf, bits in pvclock.cpuid_leaves().items():
+                nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits))
+            ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, lambda: self._guest_tsc(nv), hz,
+                                          vmi.clock_epoch_ns)
         vmi.vcpus[vcpu] = ctx
         return 0
+
+    @staticmethod
+    def _guest_tsc(nv):
+        nv.getstate(C.NVMM_X64_STATE_MSRS)
+        return nv.state.msrs[C.NVMM_X64_MSR_TSC]
 
     def vcpu_cleanup(self, vmi, vcpu):
         ctx = vmi.vcpus.pop(vcpu, None)
@@ -263,15 +276,17 @@ class VmmOpsNvmm:
         rd = reason == C.NVMM_VCPU_EXIT_RDMSR
         msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
         rip = npc - 2
-        if vl is not None and vl.handles_msr(msr):
+        pv = ctx.pvclock
+        dev = vl if vl is not None and vl.handles_msr(msr) else pv if pv is not None and pv.handles(msr) else None
+        if dev is not None:
             try:
                 if rd:
-                    value = vl.rdmsr(msr)
+                    value = dev.rdmsr(msr)
                     nv.getstate(C.NVMM_X64_STATE_GPRS)
                     nv.state.gprs[C.NVMM_X64_GPR_RAX] = value & 0xFFFFFFFF
                     nv.state.gprs[C.NVMM_X64_GPR_RDX] = value >> 32
                 else:
-                    vl.wrmsr(msr, ex.wrmsr.val)
+                    dev.wrmsr(msr, ex.wrmsr.val)
                     nv.getstate(C.NVMM_X64_STATE_GPRS)
                 nv.state.gprs[C.NVMM_X64_GPR_RIP] = npc
                 nv.setstate(C.NVMM_X64_STATE_GPRS)
@@ -284,6 +299,8 @@ class VmmOpsNvmm:
 
     def _halt(self, vmi, ctx, ex):
         rflags = ex.exitstate.rflags
+        if ctx.pvclock is not None:
+            ctx.pvclock.maybe_refresh(time.monotonic_ns())
         if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
             return self._vmexit(ctx, E.VM_EXITCODE_HLT, Hlt(rflags))
         if not rflags & C.RFLAGS_IF and not ctx.nmi:

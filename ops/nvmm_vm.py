@@ -8,6 +8,7 @@ Not supported: rendezvous, snapshot state.
 import collections
 import os
 import threading
+import time
 
 from bhyve_devices.apicbus import ApicBus
 from bhyve_devices.vatpic import Vatpic
@@ -41,6 +42,7 @@ class VcpuCtx:
         self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
         self.halted_if_clear = False
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
+        self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
 
     def current_rip(self):
         return regs.getreg(self.nv, regs.R.VM_REG_GUEST_RIP, self.extra)
@@ -74,6 +76,8 @@ class NvmmVmi:
         self.suspended = None
         self.timers = vm.timers
         self.x2apic = bool(getattr(vm, "x2apic", False))
+        self.kvmclock = bool(getattr(vm, "kvmclock", True))
+        self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
         self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,
                                kick=self._kick)
         self.vioapic = Vioapic(self.apicbus.deliver_intr)

@@ -27,7 +27,8 @@ at hand. Errors are :class:`OSError` with NVMM's errno (``EINVAL``, ``ENOENT``, 
 
 Extensions beyond libnvmm, marked as such: ``Machine.gpa_view(gpa, size)`` (a bounds-checked view of guest RAM
 for device models), ``Capability.limits`` (named things a provider cannot do, so a test can say why it does not
-run a case), and ``Vcpu.stats`` (counters a benchmark reads).
+run a case), ``Vcpu.stats`` (counters a benchmark reads) and ``Vcpu.tsc_frequency()`` (the rate of the guest's
+TSC, for the ops layer's paravirtual clock).
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init`` (administration), ``nvmm_vcpu_dump``.
 """
@@ -318,6 +319,10 @@ class Vcpu:
 
     def assist_io(self):
         raise NotImplementedError
+
+    def tsc_frequency(self):
+        """vmmshim's extension: the guest TSC's rate in Hz as the hypervisor knows it, or None when unknown."""
+        return None
 
     def assist_mem(self):
         raise NotImplementedError

@@ -49,7 +49,8 @@ def measure(vmm):
     marks, buf, console = {}, b"", []
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + BOOT_LIMIT_S
+    t0 = time.monotonic()
+    deadline = t0 + BOOT_LIMIT_S
     while "CLOCKSOURCE" not in marks and time.monotonic() < deadline:
         if not sel.select(1.0):
             continue
@@ -62,6 +63,7 @@ def measure(vmm):
         for raw in lines:
             line = raw.decode(errors="replace").strip()
             console.append(line)
+            print(f"[{vmm} {now - t0:6.1f}] {line}", file=sys.stderr, flush=True)   # streamed: shows a hang
             for tag in ("CLK0", "CLK1"):
                 if line.startswith(tag + " "):
                     marks[tag] = (now, float(line.split()[1]), cpu_s(p.pid))

@@ -46,3 +46,15 @@ def test_masks_apply_after_the_filter():
     assert not leaf(t, 1)[5] & 1
     assert K.filtered(SUPPORTED, 0, {})[1] == SUPPORTED[1][:4] + [SUPPORTED[1][4] & 0xFFFFFF] + \
         leaf(K.filtered(SUPPORTED, 0, {}), 1)[5:], "filter is a pure function of its inputs"
+
+
+def test_masks_on_absent_hypervisor_leaves_add_them():
+    """The host KVM's own 0x40000001 is dropped; a mask on 0x40000101 (the ops layer's paravirtual clock)
+    makes an entry, as NVMM's kernel ORs ``set`` into its zero answer."""
+    masks = {0x40000100: ConfCpuid(leaf=0x40000100, mask=True, set=(0x40000101, 1, 2, 3)),
+             0x40000101: ConfCpuid(leaf=0x40000101, mask=True, set=(8, 0, 0, 0)),
+             0x40000200: ConfCpuid(leaf=0x40000200, exit=True)}
+    t = K.filtered(SUPPORTED, apic_id=0, masks=masks)
+    assert leaf(t, 0x40000100)[3:] == [0x40000101, 1, 2, 3]
+    assert leaf(t, 0x40000101)[3:] == [8, 0, 0, 0]
+    assert all(e[0] not in (0x40000001, 0x40000200) for e in t)

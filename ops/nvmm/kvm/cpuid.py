@@ -3,7 +3,8 @@
 KVM answers CPUID in the kernel from the table given with ``KVM_SET_CPUID2``. We start from
 ``KVM_GET_SUPPORTED_CPUID`` and hide what NVMM's kernel hides by default (anchors (b): x2APIC, TSC-deadline,
 MONITOR/MWAIT, VMX/SVM, SMX, MCE/MCA/MTRR, PDCM, EST/TM2, the debug-store and thermal bits), set the hypervisor
-bit and NVMM's signature leaf, put each vCPU's APIC id in leaves 1 and 0xB, then apply the vCPU's
+bit and NVMM's signature leaf (the other hypervisor leaves answer zeros, as in NVMM, unless masks set bits),
+put each vCPU's APIC id in leaves 1 and 0xB, then apply the vCPU's
 ``NVMM_VCPU_CONF_CPUID`` masks (AND out ``del``, OR in ``set``), as NVMM does after its own filtering.
 
 Not supported: CPUID exits (KVM never sends CPUID to userland; ``capability().limits`` says ``cpuid-exit``), and
@@ -67,6 +68,10 @@ def filtered(supported, apic_id, masks):
             out.append(e)
     sig = struct.unpack("<3I", NVMM_SIGNATURE)
     out.append([HYPERVISOR_LEAF, 0, 0, HYPERVISOR_LEAF, *sig])
+    present = {e[0] for e in out}
+    for leaf in sorted(masks):        # a masked hypervisor leaf NVMM answers with zeros gets its own entry
+        if HYPERVISOR_LEAF < leaf < 0x80000000 and leaf not in present and masks[leaf].mask:
+            out.append([leaf, 0, 0, 0, 0, 0, 0])
     for e in out:
         conf = masks.get(e[0])
         if conf is not None and conf.mask:

@@ -4,8 +4,9 @@ KVM with a userspace interrupt controller has NVMM's shape: no ``KVM_CREATE_IRQC
 IOAPIC, PIC or PIT; interrupts go in with ``KVM_INTERRUPT``. Guest memory is a set of KVM memory slots, one per
 ``gpa_map``; a mapping without write permission becomes a ``KVM_MEM_READONLY`` slot, whose writes exit as MMIO
 (an NVMM MEMORY exit). MSRs that NVMM sends to userland exit here too: unknown MSRs through
-``KVM_CAP_X86_USER_SPACE_MSR``, and APIC_BASE, the x2APIC range and TSC_DEADLINE through an MSR filter, because
-the vlapic that owns them is in Python.
+``KVM_CAP_X86_USER_SPACE_MSR``, and through an MSR filter APIC_BASE, the x2APIC range and TSC_DEADLINE, because
+the vlapic that owns them is in Python, and KVM's own paravirtual MSRs (kvmclock and the rest), which NVMM does
+not know: the ops layer answers the clock ones itself (``ops/pvclock.py``), on every provider alike.
 
 Not supported: dirty-page logging, more machines or slots than the kernel allows (reported as ``ENOBUFS``).
 """
@@ -30,11 +31,12 @@ TSS_ADDR = 0xFFFBD000          # three pages below the BIOS area, as QEMU places
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_CPUID_ENTRIES = 256
 MSR_TSC_DEADLINE = 0x6E0
+MSR_KVM_WALL_CLOCK, MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT = 0x11, 0x4B564D00, 0x100   # 0x11-0x12: the old kvmclock
 #: Signal used to knock a vCPU thread out of KVM_RUN (its handler does nothing).
 SIG_KICK = signal.SIGUSR2
 #: MSR ranges that must exit to userland although KVM knows them: (first, count).
 USERLAND_MSR_RANGES = ((C.MSR_APICBASE, 1), (C.MSR_X2APIC_BASE, C.MSR_X2APIC_LAST - C.MSR_X2APIC_BASE + 1),
-                      (MSR_TSC_DEADLINE, 1))
+                      (MSR_TSC_DEADLINE, 1), (MSR_KVM_WALL_CLOCK, 2), (MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT))
 
 _kick_handler_installed = False
 _libc = ctypes.CDLL(None, use_errno=True)

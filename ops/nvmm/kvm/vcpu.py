@@ -388,6 +388,14 @@ class KvmVcpu(api.Vcpu):
             mm[L.RUN_IMMEDIATE_EXIT] = 0
         return ex
 
+    def tsc_frequency(self):
+        """``KVM_GET_TSC_KHZ``: the rate KVM runs this vCPU's TSC at."""
+        try:
+            khz = fcntl.ioctl(self.fd, K.KVM_GET_TSC_KHZ)
+        except OSError:
+            return None
+        return khz * 1000 if khz > 0 else None
+
     def stop(self):
         """``nvmm_vcpu_stop`` plus the kick: safe from any thread, before or during a run."""
         self._kicks += 1

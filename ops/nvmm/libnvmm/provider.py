@@ -28,6 +28,7 @@ when the provider was first opened outside the main thread or ``KICK_SIGNAL`` ha
 Nothing here has run on NetBSD: it was checked against ``shared/reference/nvmm-abi.md`` on Linux only.
 """
 
+import ctypes
 import errno
 import mmap
 import os
@@ -230,6 +231,10 @@ class LibnvmmVcpu(api.Vcpu):
             self.c.exit.reason = C.NVMM_VCPU_EXIT_NONE     # a signal before entry: the caller just loops
         return self.exit.load()
 
+    def tsc_frequency(self):
+        """NVMM runs the guest's TSC at the host's rate: NetBSD's ``machdep.tsc_freq``."""
+        return tsc_freq_sysctl()
+
     def stop(self):
         """``nvmm_vcpu_stop`` (the next or current run returns STOPPED) plus a kick of the running thread."""
         if self.destroyed:
@@ -341,6 +346,18 @@ def install_kick(sig=KICK_SIGNAL):
         return sig
     except ValueError:
         return None
+
+
+def tsc_freq_sysctl():
+    """``sysctlbyname("machdep.tsc_freq")`` (NetBSD, uint64 Hz), or None where there is no such sysctl."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "sysctlbyname", None)
+    if fn is None:
+        return None
+    value, size = ctypes.c_uint64(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint64))
+    if fn(b"machdep.tsc_freq", ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        return None
+    return value.value or None
 
 
 def dlopen():
