@@ -309,9 +309,14 @@ class VmmOpsNvmm:
                 self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_HALT)
                 return self._suspended_exit(vmi, ctx)
         with ctx.cond:
-            while (vmi.suspended is None and not ctx.nmi and
-                   not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and ctx.vlapic.pending_intr() is not None)):
-                ctx.cond.wait(0.5)
+            ctx.sleeping = True
+            try:
+                while (vmi.suspended is None and not ctx.nmi and
+                       not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and
+                            ctx.vlapic.pending_intr() is not None)):
+                    ctx.cond.wait(0.5)
+            finally:
+                ctx.sleeping = False
         ctx.halted_if_clear = False
         ctx.pending = True
         return None

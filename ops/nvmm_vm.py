@@ -42,6 +42,7 @@ class VcpuCtx:
         self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
         self.halted_if_clear = False
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
+        self.sleeping = False         # waiting in HLT (under ``cond``): a kick needs no nvmm_vcpu_stop
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
 
     def current_rip(self):
@@ -62,6 +63,8 @@ class VcpuCtx:
         self.kicks += 1
         with self.cond:
             self.cond.notify_all()
+            if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
+                return              # so a stop would only cost a STOPPED exit on the next run
         self.nv.stop()
 
 

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from ops.nvmm import constants as C
 from ops.nvmm_ops import VmmOpsNvmm
 from ops.vmm_ops import SEG_ACCESS_UNUSABLE, SegDesc, VmCapType, VmRegName as R, missing_members
 from tests.guests.asm import assemble
@@ -164,6 +165,8 @@ timer_handler:
 """ + idt(0x41))
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert struct.unpack_from("<I", vm.view(0x8000, 4))[0] == 1
+    stopped = vm.vmi.vcpus[0].exits[C.NVMM_VCPU_EXIT_STOPPED & 0xFFFF]
+    assert stopped == 0, "the timer's kick found the vCPU asleep in HLT: no nvmm_vcpu_stop, no STOPPED exit"
 
 
 def test_triple_fault_ends_with_status_3(make_vm):
