@@ -183,6 +183,18 @@ class Vlapic(VlapicMsrMixin):
             self.irr &= ~bit
             self.isr |= bit
 
+    def eoi(self):
+        """Ends the highest interrupt in service, as a write of the EOI register does (for a paravirtual EOI)."""
+        with self._guard:
+            self._eoi()
+
+    def only_edge_in_service(self):
+        """True when nothing is requested and the one vector in service is edge-triggered: its EOI has no effect
+        but clearing it, so the guest may signal it through memory (KVM's PV EOI condition)."""
+        with self._guard:
+            isr = self.isr
+            return not self.irr and isr != 0 and isr & (isr - 1) == 0 and not self.tmr & isr
+
     def _eoi(self):
         if not self.isr:
             return

@@ -21,6 +21,7 @@ import time
 
 from bhyve_devices.vlapic import ApicGP, Vlapic
 
+from . import kvm_para
 from . import nvmm_regs as regs
 from . import pvclock
 from .nvmm import api
@@ -69,14 +70,24 @@ class VmmOpsNvmm:
         ctx = VcpuCtx(vmi, vcpu, nv)
         mem_cb = self._make_mem_cb(vmi, ctx)
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.vm.io, mem=mem_cb))
-        hz = nv.tsc_frequency() if vmi.kvmclock else None
+        hz = nv.tsc_frequency() if vmi.kvm_pv else None
         if hz:
-            for leaf, bits in pvclock.cpuid_leaves().items():
-                nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits))
             ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, lambda: self._guest_tsc(nv), hz,
                                           vmi.clock_epoch_ns)
+        self._kvm_para_cpuid(vmi, ctx)
         vmi.vcpus[vcpu] = ctx
         return 0
+
+    @staticmethod
+    def _kvm_para_cpuid(vmi, ctx):
+        """KVM's signature and the features this vCPU has (``ops/kvm_para.py``), with ``kvm_pv`` on."""
+        if not vmi.kvm_pv:
+            return
+        features = kvm_para.KVM_FEATURE_NOP_IO_DELAY
+        features |= kvm_para.KVM_FEATURE_CLOCKSOURCE2 if ctx.pvclock is not None else 0
+        features |= kvm_para.KVM_FEATURE_PV_EOI if ctx.pv_eoi is not None else 0
+        for leaf, bits in kvm_para.cpuid_leaves(features).items():
+            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits))
 
     @staticmethod
     def _guest_tsc(nv):
@@ -93,6 +104,9 @@ class VmmOpsNvmm:
         vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_allowed=vmi.x2apic, eoi_level=vmi.vioapic.eoi)
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
+        if vmi.kvm_pv:
+            ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
+            self._kvm_para_cpuid(vmi, ctx)
         if vmi.x2apic:      # CPUID tells the guest the truth about the vlapic it has
             ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID,
                              api.ConfCpuid(leaf=1, mask=True, set=(0, 0, C.CPUID_1_ECX_X2APIC, 0)))
@@ -193,6 +207,9 @@ class VmmOpsNvmm:
         vl = ctx.vlapic
         if vl is None:
             return None
+        pv_eoi = ctx.pv_eoi
+        if pv_eoi is not None and pv_eoi.armed:
+            pv_eoi.sync()                        # the guest may have ended the interrupt in memory
         vec = vl.pending_intr()
         extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
         if vec is None and not extint:
@@ -208,6 +225,8 @@ class VmmOpsNvmm:
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
             nv.inject()
             ctx.injected += 1
+            if pv_eoi is not None and pv_eoi.word is not None and vl.only_edge_in_service():
+                pv_eoi.arm()
             ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
             if ctx.pending:
                 self._request_window(nv)
@@ -276,8 +295,10 @@ class VmmOpsNvmm:
         rd = reason == C.NVMM_VCPU_EXIT_RDMSR
         msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
         rip = npc - 2
-        pv = ctx.pvclock
-        dev = vl if vl is not None and vl.handles_msr(msr) else pv if pv is not None and pv.handles(msr) else None
+        dev = vl if vl is not None and vl.handles_msr(msr) else None
+        for pv in (ctx.pvclock, ctx.pv_eoi):
+            if dev is None and pv is not None and pv.handles(msr):
+                dev = pv
         if dev is not None:
             try:
                 if rd:
@@ -290,7 +311,7 @@ class VmmOpsNvmm:
                     nv.getstate(C.NVMM_X64_STATE_GPRS)
                 nv.state.gprs[C.NVMM_X64_GPR_RIP] = npc
                 nv.setstate(C.NVMM_X64_STATE_GPRS)
-            except ApicGP:
+            except (ApicGP, kvm_para.PvEoiGP):
                 self.vm_inject_exception(vmi, ctx.id, C.X86_EXC_GP, 0)
             ctx.pending = True
             return None
@@ -301,6 +322,8 @@ class VmmOpsNvmm:
         rflags = ex.exitstate.rflags
         if ctx.pvclock is not None:
             ctx.pvclock.maybe_refresh(time.monotonic_ns())
+        if ctx.pv_eoi is not None and ctx.pv_eoi.armed:
+            ctx.pv_eoi.sync()                    # before the wait looks at what is in service
         if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
             return self._vmexit(ctx, E.VM_EXITCODE_HLT, Hlt(rflags))
         if not rflags & C.RFLAGS_IF and not ctx.nmi:

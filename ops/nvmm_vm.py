@@ -44,6 +44,7 @@ class VcpuCtx:
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
         self.sleeping = False         # waiting in HLT (under ``cond``): a kick needs no nvmm_vcpu_stop
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
+        self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
 
     def current_rip(self):
         return regs.getreg(self.nv, regs.R.VM_REG_GUEST_RIP, self.extra)
@@ -79,7 +80,7 @@ class NvmmVmi:
         self.suspended = None
         self.timers = vm.timers
         self.x2apic = bool(getattr(vm, "x2apic", False))
-        self.kvmclock = bool(getattr(vm, "kvmclock", True))
+        self.kvm_pv = bool(getattr(vm, "kvm_pv", True))     # KVM's paravirtual interface (ops/kvm_para.py)
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
         self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,
                                kick=self._kick)

@@ -3,10 +3,7 @@
 Follows the KVM paravirtual interface as Linux documents it (``Documentation/virt/kvm/x86/msr.rst`` and
 ``cpuid.rst``) and Linux's ``pvclock`` ABI (``struct pvclock_vcpu_time_info``, ``struct pvclock_wall_clock``):
 
-- CPUID ``0x40000100`` answers ``"KVMKVMKVM\\0\\0\\0"`` and the last KVM leaf in EAX; ``0x40000101`` EAX holds the
-  features: ``KVM_FEATURE_CLOCKSOURCE2`` (bit 3, the MSRs below) and ``KVM_FEATURE_NOP_IO_DELAY`` (bit 1: port 0x80
-  delays are not needed). Linux looks for the KVM signature every 0x100 leaves from 0x40000000, so NVMM's own
-  signature stays at 0x40000000 for the guests that look for NVMM.
+- The guest finds it through KVM's signature and ``KVM_FEATURE_CLOCKSOURCE2`` (``ops/kvm_para.py``).
 - ``MSR_KVM_SYSTEM_TIME_NEW`` (0x4b564d01): the guest writes the physical address of its vCPU's time record with
   bit 0 set (0 turns it off); we fill the record: the guest TSC at a moment, nanoseconds since the VM started at
   that moment, and the TSC-to-nanosecond scale ``ns = ((tsc - tsc_timestamp) << shift) * mul >> 32`` (a negative
@@ -19,24 +16,17 @@ The record is refreshed at most once a second (:meth:`Pvclock.maybe_refresh`, ca
 clock MSR writes) from a new (TSC, host monotonic time) pair, with the TSC rate measured over the life of the
 record once it is long enough: so the guest's clock follows the host's even when the provider's TSC frequency
 is a little off (a nested KVM's calibration). The provider tells the frequency (``Vcpu.tsc_frequency()``);
-without it there is no paravirtual clock (the CPUID leaves are not set).
+without it there is no paravirtual clock (the feature bit is not offered).
 
 Not supported: ``PVCLOCK_TSC_STABLE_BIT`` and ``KVM_FEATURE_CLOCKSOURCE_STABLE_BIT`` (the records of different
 vCPUs are refreshed independently, so the guest keeps its own monotonic guard), the old MSRs 0x11/0x12
-(``KVM_FEATURE_CLOCKSOURCE``), steal time, async page faults, PV EOI and the other KVM features.
+(``KVM_FEATURE_CLOCKSOURCE``).
 """
 
 import struct
 import time
 
 import construct as cs
-
-KVM_CPUID_SIGNATURE = 0x40000100
-KVM_CPUID_FEATURES = 0x40000101
-KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
-KVM_FEATURE_NOP_IO_DELAY = 1 << 1
-KVM_FEATURE_CLOCKSOURCE2 = 1 << 3
-FEATURES = KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_NOP_IO_DELAY
 
 MSR_KVM_WALL_CLOCK_NEW = 0x4B564D00
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
@@ -74,12 +64,6 @@ _OFF_TIME_BODY = 8
 _WALL_BODY = struct.Struct("<II")
 assert TIME_INFO_SIZE == 32 and WALL_CLOCK_SIZE == 12
 assert _OFF_TIME_BODY + _TIME_BODY.size + 2 == TIME_INFO_SIZE
-
-
-def cpuid_leaves():
-    """``{leaf: (eax, ebx, ecx, edx)}`` to OR into the (otherwise zero) hypervisor leaves."""
-    sig = struct.unpack("<3I", KVM_SIGNATURE)
-    return {KVM_CPUID_SIGNATURE: (KVM_CPUID_FEATURES, *sig), KVM_CPUID_FEATURES: (FEATURES, 0, 0, 0)}
 
 
 def time_scale(hz):

@@ -5,8 +5,8 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 (false is ``-w``), ``x86.mptable``, ``x86.x2apic``, ``x86.vmexit_on_hlt``, ``x86.vmexit_on_pause``,
 ``virtio_msix``, ``rtc.use_localtime``, ``uuid``, ``lpc.com1.path`` / ``lpc.com2.path``,
 ``pci.B.S.F.device`` and ``pci.B.S.F.<option>`` (e.g. ``pci.0.4.0.path``), ``firmware.kind`` and its
-``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvmclock`` (the paravirtual clock,
-``ops/pvclock.py``; on by default, as QEMU offers ``kvmclock``; false hides it).
+``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock
+and PV EOI, ``ops/kvm_para.py``; on by default, as QEMU offers it to its guests; false hides it).
 
 Not supported: ``-k`` file includes, ``%(var)`` expansion.
 """
@@ -37,7 +37,7 @@ class Config:
     def __init__(self):
         self.values = {"cpus": "1", "memory.size": str(256 * MiB), "x86.strictio": "false",
                        "x86.strictmsr": "true", "x86.mptable": "true", "acpi_tables": "false",
-                       "x86.x2apic": "false", "x86.kvmclock": "true", "virtio_msix": "true", "rtc.use_localtime": "true",
+                       "x86.x2apic": "false", "x86.kvm_pv": "true", "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
                        "vmmshim.stats": "false"}
 

@@ -1,15 +1,15 @@
 """The paravirtual clock (``ops/pvclock.py``) on every provider, through the ops table and a real guest: the KVM
 signature and features at CPUID 0x40000100, the time record and wall clock the guest asks for with the kvmclock
 MSRs, and the guest's own reading of the clock (``ns = system_time + scaled (TSC - tsc_timestamp)``) against the
-host's monotonic clock. A provider that does not know its TSC rate offers no paravirtual clock: the leaves read
-zero and the MSRs #GP, as any unknown MSR."""
+host's monotonic clock. A provider that does not know its TSC rate offers no paravirtual clock: the feature bit
+is clear and the MSRs #GP, as any unknown MSR. With ``kvm_pv`` off the leaves read zero."""
 
 import struct
 import time
 
 import pytest
 
-from ops import pvclock
+from ops import kvm_para, pvclock
 from tests.guests.vmboot import CODE, boot64, gate, idt
 from vmmshim.vm import EXIT_HALT
 
@@ -18,13 +18,13 @@ BAD_RECORD = 0x7FFF0000          # far beyond the 16 MiB of RAM: taken, nothing 
 
 GUEST = gate(13, "gp_handler") + f"""
   lidt idtr
-  mov ${pvclock.KVM_CPUID_SIGNATURE:#x}, %eax
+  mov ${kvm_para.KVM_CPUID_SIGNATURE:#x}, %eax
   cpuid
   mov %eax, {OUT}
   mov %ebx, {OUT + 4}
   mov %ecx, {OUT + 8}
   mov %edx, {OUT + 12}
-  mov ${pvclock.KVM_CPUID_FEATURES:#x}, %eax
+  mov ${kvm_para.KVM_CPUID_FEATURES:#x}, %eax
   cpuid
   mov %eax, {OUT + 16}
   mov ${pvclock.MSR_KVM_SYSTEM_TIME_NEW:#x}, %ecx
@@ -65,13 +65,14 @@ def test_kvmclock_record_tracks_the_host_clock(make_vm):
     out = bytes(vm.view(OUT, 36))
     eax, ebx, ecx, edx, features, msr_lo, tsc_lo, tsc_hi, done = struct.unpack("<9I", out)
     hz = _freq(vm)
+    assert struct.pack("<3I", ebx, ecx, edx) == kvm_para.KVM_SIGNATURE
+    assert eax == kvm_para.KVM_CPUID_FEATURES
+    base = kvm_para.KVM_FEATURE_NOP_IO_DELAY | kvm_para.KVM_FEATURE_PV_EOI
     if not hz:
-        assert (eax, ebx, ecx, edx, features) == (0, 0, 0, 0, 0)
+        assert features == base
         assert done == 0xBAD6, "without a paravirtual clock its MSRs are unknown: #GP"
         return
-    assert struct.pack("<3I", ebx, ecx, edx) == pvclock.KVM_SIGNATURE
-    assert eax == pvclock.KVM_CPUID_FEATURES
-    assert features == pvclock.FEATURES
+    assert features == base | kvm_para.KVM_FEATURE_CLOCKSOURCE2
     assert done == 1, "the clock MSRs must not fault"
     assert msr_lo == RECORD | 1, "RDMSR returns what the guest wrote"
 
@@ -92,8 +93,8 @@ def test_kvmclock_record_tracks_the_host_clock(make_vm):
 
 
 @pytest.mark.parametrize("setting", [False])
-def test_kvmclock_can_be_turned_off(make_vm, setting):
-    vm = make_vm(kvmclock=setting)
+def test_kvm_pv_interface_can_be_turned_off(make_vm, setting):
+    vm = make_vm(kvm_pv=setting)
     boot64(vm, GUEST)
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     eax, ebx, ecx, edx, features = struct.unpack_from("<5I", vm.view(OUT, 20))
