@@ -225,7 +225,7 @@ class VmmOpsNvmm:
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
             nv.inject()
             ctx.injected += 1
-            if pv_eoi is not None and pv_eoi.word is not None and vl.only_edge_in_service():
+            if pv_eoi is not None and not extint and pv_eoi.word is not None and vl.only_edge_in_service():
                 pv_eoi.arm()
             ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
             if ctx.pending:
