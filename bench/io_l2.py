@@ -55,7 +55,8 @@ def guest_script(mib, rand, net_mib, seq4k):
 
 def parse_steps(console):
     out = {}
-    for m in re.finditer(r"^VB-([A-Z0-9]+) (\d+) ([\d.]+) ([\d.]+)\r?$", console, re.M):
+    # a kernel message may land on the same console line, before or after ours
+    for m in re.finditer(r"(?<![\w-])VB-([A-Z0-9]+) (\d+) ([\d.]+) ([\d.]+)(?![\d.])", console):
         out[m.group(1)] = {"status": int(m.group(2)), "seconds": round(float(m.group(4)) - float(m.group(3)), 2)}
     if "VB-RERR" in console and "RAND4K" in out:
         out["RAND4K"]["status"] = 1

@@ -63,17 +63,18 @@ def test_acpi_boot_reaches_the_shell_and_powers_off(boots):
 def test_two_vcpus_are_online(boots):
     status, secs, console = boots["smp2"]
     assert "VMMSHIM-CPUS=2" in console, console[-2000:]
-    assert status == 1
+    assert status == 1, (status, console[-1500:])
 
 
 def test_mptable_boot_without_acpi(boots):
     status, secs, console = boots["mptable"]
     assert "VMMSHIM-GUEST-UP" in console, console[-2000:]
     assert "MultiProcessor Specification" in console, "Linux did not read the MP table"
-    assert status == 2, "without ACPI Linux cannot power off: it halts (bhyve status 2)"
+    assert status == 2, f"without ACPI Linux cannot power off: it halts (bhyve status 2): {status} " \
+        f"{console[-1500:]}"
 
 
 def test_reboot_exits_with_status_0(boots):
     status, secs, console = boots["reboot"]
     assert "VMMSHIM-GUEST-UP" in console, console[-2000:]
-    assert status == 0
+    assert status == 0, (status, console[-1500:])

@@ -15,6 +15,14 @@ def test_guest_lines_become_steps():
     assert steps["NETTX"]["status"] == 1
 
 
+def test_guest_lines_glued_to_kernel_messages_still_count():
+    console = ("VB-SEQW 0 12.55 13.23[   16.732676] IPv6: ADDRCONF(NETDEV_CHANGE): eth0: link becomes ready\n"
+               "[   17.1] x VB-SEQR 0 13.32 13.98\nXVB-SEQ4K 0 1.00 2.00\n")
+    steps = io_l2.parse_steps(console)
+    assert steps["SEQW"] == {"status": 0, "seconds": 0.68} and steps["SEQR"]["seconds"] == 0.66
+    assert "SEQ4K" not in steps
+
+
 def test_table_takes_medians_and_the_time_ratio():
     cfg = dict(mib=64, seq4k=256, rand=100, net_mib=1)
     recs = [dict(vmm="vmmshim", steps={"SEQW": {"status": 0, "seconds": s}}) for s in (4.0, 6.0, 5.0)]
