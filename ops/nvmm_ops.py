@@ -1,7 +1,8 @@
 """``vmm_ops_nvmm``: bhyve's ``vmm_ops`` table on the NVMM primitives (DESIGN.md section 3).
 
 ``vmrun`` handles in its own loop what bhyve's kernel module handles: the vlapic page and the APIC MSRs
-(APIC_BASE, x2APIC, TSC_DEADLINE), the vioapic page, interrupt injection from the vlapic when the guest can
+(APIC_BASE, x2APIC, TSC_DEADLINE), KVM's paravirtual clock and PV EOI MSRs (``kvm_para.py``, ``pvclock.py``;
+vmmshim's extension, as QEMU offers them), the vioapic page, interrupt injection from the vlapic when the guest can
 take it (else the interrupt window), NMIs, HLT sleeping until an interrupt or a kick, INIT/SIPI (returned as
 ``VM_EXITCODE_SPINUP_AP``), triple fault (``VM_EXITCODE_SUSPENDED``), MONITOR/MWAIT (#UD). Everything else goes
 up as a ``vm_exit``: ``INOUT`` and ``INST_EMUL`` (completed by the VM calling :meth:`VmmOpsNvmm.assist`, which
