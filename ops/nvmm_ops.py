@@ -88,7 +88,10 @@ class VmmOpsNvmm:
         features |= kvm_para.KVM_FEATURE_CLOCKSOURCE2 if ctx.pvclock is not None else 0
         features |= kvm_para.KVM_FEATURE_PV_EOI if ctx.pv_eoi is not None else 0
         for leaf, bits in kvm_para.cpuid_leaves(features).items():
-            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits))
+            # exact values whatever the kernel answers above its last hypervisor leaf (NVMM on Intel repeats
+            # the last basic leaf there): delete every bit that is not set
+            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits,
+                                                                   del_=tuple(~b & 0xFFFFFFFF for b in bits)))
 
     @staticmethod
     def _guest_tsc(nv):
