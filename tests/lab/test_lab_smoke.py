@@ -63,3 +63,17 @@ def test_a_crashed_l1_still_returns_what_the_command_printed(lab_ready):
     with pytest.raises(LabError) as err:
         run_in_lab(cmd, timeout=120, boot_timeout=100, retries=0)
     assert "streamed-out" in str(err.value) and "streamed-err" in str(err.value), str(err.value)
+
+
+def test_a_hung_l1_is_killed_when_its_heartbeat_stops(lab_ready):
+    """L1 prints a heartbeat on its console; when it stops (here the command freezes the heartbeat loop, as a
+    hung L1 would), the host kills L1 after ``HB_LIMIT_S``, long before the command's deadline, and returns
+    what the command printed with status 124."""
+    from vmmshim.lab import run_in_lab
+    from vmmshim.lab.run import HB_LIMIT_S
+
+    cmd = "echo before-the-hang; kill -STOP $(cat /run/lab-hb.pid); sleep 1000"
+    res = run_in_lab(cmd, timeout=900, boot_timeout=100, retries=0)
+    assert res.status == 124, (res.status, res.stdout, res.stderr)
+    assert "before-the-hang" in res.stdout and "no heartbeat" in res.stderr, (res.stdout, res.stderr)
+    assert res.total_s < res.boot_s + HB_LIMIT_S + 120, f"not killed early: {res.total_s:.0f} s"

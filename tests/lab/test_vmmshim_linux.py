@@ -39,7 +39,7 @@ def boots(lab_ready):
         f"echo \"CASE {n} status=$st seconds=$(( $(date +%s) - s )) tries=$try\"; sed 's/^/{n}| /' /tmp/{n}.txt; "
         f"tail -3 /tmp/{n}.err | sed 's/^/{n}! /'"
         for n, (a, x) in CASES.items())
-    res = run_in_lab(script, timeout=1200)
+    res = run_in_lab(script, timeout=1200, retry_killed=True)       # a hung L1: once more
     print(re.findall(r"^CASE .*$", res.stdout, re.M), res.stderr[-3000:])
     out = {}
     for name in CASES:

@@ -15,7 +15,9 @@ Each run:
 The host watches L1's console: if the marker ``VMMSHIM-LAB-L1-UP`` does not appear within ``boot_timeout``
 seconds, or L1 stops without writing a status, QEMU is killed (the QEMU process itself, so the image lock
 goes with it) and L1 is booted once more.  A command that outlives ``timeout`` is killed inside L1 and
-reported with status 124; the host gives L1 a grace period beyond that and then kills QEMU.  L1 also streams
+reported with status 124; the host gives L1 a grace period beyond that and then kills QEMU, and kills it early
+when L1's console heartbeat (``VMMSHIM-LAB-HB`` every ``HB_PERIOD_S``) has stopped for ``HB_LIMIT_S``: a hung
+L1 (its timers dead, or its CPUs stuck) then costs minutes, not the whole deadline.  L1 also streams
 the command's stdout and stderr to its ttyS1 and ttyS2, files on the host, so a run killed from outside still
 returns what it printed (``LabResult.stdout``/``stderr`` with status 124).
 """
@@ -41,6 +43,9 @@ L1_CPU = "EPYC,+svm,+npt"
 MARK_UP = "VMMSHIM-LAB-L1-UP"
 MARK_KVM = "VMMSHIM-LAB-KVM="
 MARK_DONE = "VMMSHIM-LAB-DONE"
+MARK_HB = "VMMSHIM-LAB-HB"
+HB_PERIOD_S = 15        # L1 prints a heartbeat on its console this often while the command runs ...
+HB_LIMIT_S = 150        # ... and is taken for hung (its clock or its CPUs stuck) when none came for this long
 
 #: What of the clone travels to L1 (whatever of it exists).
 PROJECT_PATHS = ("ops", "vmmshim", "bhyve_devices", "tests", "bench", "scripts", "docs", "pyproject.toml",
@@ -68,6 +73,10 @@ mkdir -p /lab/cache
 ln -s /lab/guest /lab/cache/guest
 cd /lab/project
 start=$(cut -d' ' -f1 /proc/uptime)
+# a heartbeat on the console: the host takes L1 for hung when it stops (L1's timers died or its CPUs are stuck)
+( while :; do echo "@MARK_HB@"; sleep @HB_PERIOD@; done ) &
+hb=$!
+echo $hb >/run/lab-hb.pid
 : >/lab/out/stdout; : >/lab/out/stderr
 # the command's output also streams to ttyS1 (stdout) and ttyS2 (stderr), files on the host, so a run that is
 # killed still shows what it printed
@@ -84,6 +93,7 @@ if grep -qw vmmshim.echo=1 /proc/cmdline; then
 fi
 timeout -s KILL @TIMEOUT@ /bin/sh /lab/run.sh </dev/null >/lab/out/stdout 2>/lab/out/stderr
 status=$?
+kill $hb 2>/dev/null
 [ -n "$echo_pid$streams" ] && sleep 0.5 && kill $echo_pid $streams 2>/dev/null
 [ $status = 137 ] && status=124
 end=$(cut -d' ' -f1 /proc/uptime)
@@ -163,7 +173,8 @@ def _make_work_disk(workdir: pathlib.Path, cmd: str, timeout: int, size_mb: int,
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
     (stage / "run.sh").write_text("#!/bin/sh\n" + cmd + "\n")
-    (stage / "lab-init.sh").write_text(LAB_INIT.replace("@TIMEOUT@", str(int(timeout))))
+    (stage / "lab-init.sh").write_text(LAB_INIT.replace("@TIMEOUT@", str(int(timeout))).replace(
+        "@MARK_HB@", MARK_HB).replace("@HB_PERIOD@", str(HB_PERIOD_S)))
     disk = workdir / "work.ext4"
     r = subprocess.run([_tool("mkfs.ext4"), "-q", "-F", "-L", "vmmshim-work", "-d", str(stage), str(disk),
                         f"{size_mb}M"], capture_output=True, text=True)
@@ -221,9 +232,11 @@ def _l1_command(img: pathlib.Path, disk: pathlib.Path, smp: int, mem: str, appen
 
 
 def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
-    """Run one L1 boot.  Returns (outcome, boot_s, kvm) with outcome 'done', 'boot-hang', 'timeout' or 'exit'."""
+    """Run one L1 boot.  Returns (outcome, boot_s, kvm) with outcome 'done', 'boot-hang', 'timeout', 'hung' (no
+    heartbeat for ``HB_LIMIT_S``) or 'exit'."""
     t0 = time.monotonic()
     boot_s = None
+    beats, last_beat = 0, t0
     kvm = False
     # SIGTERM/SIGHUP (timeout(1), a CI runner) end this process through `finally`, which kills QEMU
     old = {}
@@ -239,10 +252,14 @@ def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
             rc = proc.poll()
             text = console_path.read_bytes().decode(errors="replace")
             if echo and len(text) > pos:
-                print(text[pos:], end="", flush=True)
+                print("".join(x for x in text[pos:].splitlines(True) if MARK_HB not in x), end="", flush=True)
             pos = len(text)
             if boot_s is None and MARK_UP in text:
                 boot_s = time.monotonic() - t0
+                last_beat = time.monotonic()
+            n = text.count(MARK_HB)
+            if n != beats:
+                beats, last_beat = n, time.monotonic()
             if MARK_KVM + "yes" in text:
                 kvm = True
             if rc is not None:
@@ -252,6 +269,8 @@ def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
                 return "boot-hang", None, kvm
             if now > hard_deadline:
                 return "timeout", boot_s, kvm
+            if boot_s is not None and beats and now - last_beat > HB_LIMIT_S:
+                return "hung", boot_s, kvm
             time.sleep(0.25)
     finally:
         _kill(proc)
@@ -307,12 +326,13 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                 result = LabResult(status, (out / "stdout").read_text(errors="replace"),
                                    (out / "stderr").read_text(errors="replace"), boot_s or 0.0, cmd_s,
                                    time.monotonic() - t_start, attempt, kvm, text, out if keep else None)
-            elif outcome == "timeout" and boot_s is not None:
+            elif outcome in ("timeout", "hung") and boot_s is not None:
                 # L1 booted and the command ran past the grace period; what it printed before that, as L1
                 # streamed it to its second and third serial port
                 partial = _streamed(streams)
-                result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s\n", boot_s,
-                                   0.0, time.monotonic() - t_start, attempt, kvm, text)
+                why = "no heartbeat: L1 hung" if outcome == "hung" else "past the deadline"
+                result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s ({why})\n",
+                                   boot_s, 0.0, time.monotonic() - t_start, attempt, kvm, text)
             if result is not None:
                 if result.status == 124 and retry_killed and attempt <= retries:
                     print(f"[lab] L1 attempt {attempt}: the command was killed; L1 again. It printed:\n"
