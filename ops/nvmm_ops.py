@@ -108,7 +108,7 @@ class VmmOpsNvmm:
         vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_allowed=vmi.x2apic, eoi_level=vmi.vioapic.eoi)
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
-        if vmi.kvm_pv:
+        if vmi.kvm_pv and vmi.pv_eoi:
             ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
             self._kvm_para_cpuid(vmi, ctx)
         if vmi.x2apic:      # CPUID tells the guest the truth about the vlapic it has

@@ -5,8 +5,9 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 (false is ``-w``), ``x86.mptable``, ``x86.x2apic``, ``x86.vmexit_on_hlt``, ``x86.vmexit_on_pause``,
 ``virtio_msix``, ``rtc.use_localtime``, ``uuid``, ``lpc.com1.path`` / ``lpc.com2.path``,
 ``pci.B.S.F.device`` and ``pci.B.S.F.<option>`` (e.g. ``pci.0.4.0.path``), ``firmware.kind`` and its
-``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock
-and PV EOI, ``ops/kvm_para.py``; on by default, as QEMU offers it to its guests; false hides it).
+``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock,
+``ops/kvm_para.py``; on by default, as QEMU offers it to its guests; false hides it) and ``x86.pv_eoi`` (KVM's
+PV EOI as well; off by default until it has more lab runs behind it).
 
 Not supported: ``-k`` file includes, ``%(var)`` expansion.
 """
@@ -37,7 +38,8 @@ class Config:
     def __init__(self):
         self.values = {"cpus": "1", "memory.size": str(256 * MiB), "x86.strictio": "false",
                        "x86.strictmsr": "true", "x86.mptable": "true", "acpi_tables": "false",
-                       "x86.x2apic": "false", "x86.kvm_pv": "true", "virtio_msix": "true", "rtc.use_localtime": "true",
+                       "x86.x2apic": "false", "x86.kvm_pv": "true", "x86.pv_eoi": "false",
+                       "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
                        "vmmshim.stats": "false"}
 

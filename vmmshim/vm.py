@@ -42,10 +42,10 @@ class HostMemory:
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=True):
+                 kvm_pv=True, pv_eoi=False):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
-        self.kvm_pv = kvm_pv
+        self.kvm_pv, self.pv_eoi = kvm_pv, pv_eoi
 
 
 class VM:
@@ -53,7 +53,7 @@ class VM:
         self.ops, self.config = ops, config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.x2apic = config.x2apic
-        self.kvm_pv = config.kvm_pv
+        self.kvm_pv, self.pv_eoi = config.kvm_pv, config.pv_eoi
         self.timers = TimerThread(on_error=self._timer_error)
         self.pio = Bus("port", strict=config.strictio, on_unhandled=self._unhandled, is_port_bus=True)
         self.mmio = Bus("mmio", strict=config.strictio, on_unhandled=self._unhandled)
