@@ -37,6 +37,11 @@ NSEC_PER_SEC = 1_000_000_000
 REFRESH_NS = NSEC_PER_SEC           # how often a record is rewritten from a new (TSC, time) pair
 MEASURE_MIN_NS = 2 * NSEC_PER_SEC   # a measured TSC rate is trusted over at least this long ...
 MEASURE_MAX_SKEW = 0.05             # ... and when it is within 5 % of the provider's frequency
+#: How far back on the (TSC, time) line a record is anchored. KVM on a host whose TSC it finds unstable (L1 in the
+#: lab, now and then) puts the guest's TSC back to its value at the last exit on every vCPU load, so the TSC we
+#: read during the exit can be ahead of what the guest reads after re-entry; a TSC below ``tsc_timestamp`` makes
+#: Linux's unsigned delta enormous and its clock stops at that reading for good. 10 ms is far beyond that gap.
+ANCHOR_BACK_NS = 10_000_000
 
 #: ``struct pvclock_vcpu_time_info`` (32 bytes, Linux ``asm/pvclock-abi.h``).
 PVCLOCK_VCPU_TIME_INFO = cs.Struct(
@@ -136,10 +141,12 @@ class Pvclock:
             self.base = (tsc, now)
         else:
             self._measure(tsc, now)
+        back = min(ANCHOR_BACK_NS, now - self.epoch_ns, tsc * NSEC_PER_SEC // self.hz)
         rec = self.record
         self.version = (self.version + 1) | 1            # odd: being written
-        _VERSION.pack_into(rec, 0, self.version)
-        _TIME_BODY.pack_into(rec, _OFF_TIME_BODY, tsc, max(now - self.epoch_ns, 0), self.mul, self.shift, 0)
+        _VERSION.pack_into(rec, 0, self.version & 0xFFFFFFFF)
+        _TIME_BODY.pack_into(rec, _OFF_TIME_BODY, tsc - back * self.hz // NSEC_PER_SEC,
+                             max(now - back - self.epoch_ns, 0), self.mul, self.shift, 0)
         self.version += 1
         _VERSION.pack_into(rec, 0, self.version & 0xFFFFFFFF)
         self.last_ns = now
