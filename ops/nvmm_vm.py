@@ -80,7 +80,7 @@ class NvmmVmi:
         self.suspended = None
         self.timers = vm.timers
         self.x2apic = bool(getattr(vm, "x2apic", False))
-        self.kvm_pv = bool(getattr(vm, "kvm_pv", True))     # KVM's paravirtual interface (ops/kvm_para.py)
+        self.kvm_pv = bool(getattr(vm, "kvm_pv", False))     # KVM's paravirtual interface (ops/kvm_para.py)
         self.pv_eoi = bool(getattr(vm, "pv_eoi", False))    # ... with PV EOI (opt-in, see kvm_para.py)
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
         self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,

@@ -52,7 +52,7 @@ timer_handler:
 
 
 def test_pv_eoi_ends_interrupts_without_apic_writes(make_vm):
-    vm = make_vm(pv_eoi=True)
+    vm = make_vm(kvm_pv=True, pv_eoi=True)
     boot64(vm, TIMER_GUEST)
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     ticks, pv, apic = struct.unpack_from("<3I", vm.view(OUT, 12))
@@ -63,7 +63,7 @@ def test_pv_eoi_ends_interrupts_without_apic_writes(make_vm):
     assert ctx.vlapic.read(0x100 + 0x10 * (0x40 >> 5), 4) == 0, "nothing left in service"
 
 
-@pytest.mark.parametrize("opts", [dict(kvm_pv=False), dict()])
+@pytest.mark.parametrize("opts", [dict(kvm_pv=False), dict(kvm_pv=True)])
 def test_without_pv_eoi_the_guest_writes_the_apic(make_vm, opts):
     """With the interface off, or PV EOI not asked for (the default), the MSR #GPs (skipped here) and every
     EOI is an APIC write."""
@@ -77,7 +77,7 @@ def test_without_pv_eoi_the_guest_writes_the_apic(make_vm, opts):
 @pytest.mark.parametrize("value", [WORD | 2 | 1, 0x8402 | 1, (1 << 40) | 1])
 def test_bad_pv_eoi_words_gp(make_vm, value):
     """Reserved bit 1, a misaligned word, a word outside RAM: #GP (KVM refuses these writes)."""
-    vm = make_vm(pv_eoi=True)
+    vm = make_vm(kvm_pv=True, pv_eoi=True)
     boot64(vm, gate(13, "gp_handler") + f"""
   lidt idtr
   mov ${kvm_para.MSR_KVM_PV_EOI_EN:#x}, %ecx
@@ -97,7 +97,7 @@ gp_handler:
 
 
 def test_pv_eoi_msr_reads_back(make_vm):
-    vm = make_vm(pv_eoi=True)
+    vm = make_vm(kvm_pv=True, pv_eoi=True)
     boot64(vm, f"""
   mov ${kvm_para.MSR_KVM_PV_EOI_EN:#x}, %ecx
   mov ${WORD | 1:#x}, %eax

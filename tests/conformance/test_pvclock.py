@@ -57,7 +57,7 @@ def _freq(vm):
 
 
 def test_kvmclock_record_tracks_the_host_clock(make_vm):
-    vm = make_vm()
+    vm = make_vm(kvm_pv=True)
     boot64(vm, GUEST)
     t_start = time.monotonic_ns()
     assert vm.run(timeout=30) == EXIT_HALT, vm.error

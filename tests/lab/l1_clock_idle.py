@@ -35,7 +35,8 @@ def argv_for(vmm):
         cpu = ["-cpu", "qemu64,-kvmclock"] if vmm == "qemu-nokvmclock" else []
         return ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc,kernel_irqchip=off", *cpu, "-m", "512",
                 "-nographic", "-no-reboot", "-kernel", k, "-initrd", i, "-append", cmdline]
-    return [sys.executable, "-m", "vmmshim", "-o", "vmmshim.stats=true", "-A", "-m", "512M", "-c", "1",
+    return [sys.executable, "-m", "vmmshim", "-o", "vmmshim.stats=true", "-o", "x86.kvm_pv=true",
+            "-A", "-m", "512M", "-c", "1",
             "-s", "0:0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio", "-f", f"kexec,{k},{i},{cmdline}"]
 
 
