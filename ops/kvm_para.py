@@ -38,7 +38,7 @@ _U32 = struct.Struct("<I")
 
 
 def cpuid_leaves(features):
-    """``{leaf: (eax, ebx, ecx, edx)}`` to OR into the (otherwise zero) hypervisor leaves."""
+    """``{leaf: (eax, ebx, ecx, edx)}``: the exact values of KVM's signature and feature leaves."""
     sig = struct.unpack("<3I", KVM_SIGNATURE)
     return {KVM_CPUID_SIGNATURE: (KVM_CPUID_FEATURES, *sig), KVM_CPUID_FEATURES: (features, 0, 0, 0)}
 
@@ -58,7 +58,7 @@ class PvEoi:
         self.view, self.eoi, self.msr_value, self.word, self.armed = view, eoi, 0, None, False
 
     @staticmethod
-    def handles(msr):
+    def handles_msr(msr):
         return msr == MSR_KVM_PV_EOI_EN
 
     def rdmsr(self, msr):
@@ -75,8 +75,7 @@ class PvEoi:
                 word = self.view(gpa, 4)
             except (OSError, ValueError):
                 raise PvEoiGP(f"PV EOI word {gpa:#x} is outside guest RAM") from None
-        if self.armed:
-            self.sync()             # an armed bit left behind would swallow the guest's next EOI
+        self.sync()                 # an armed bit left behind would swallow the guest's next EOI
         self.msr_value, self.word = value, word
 
     def arm(self):
@@ -86,8 +85,10 @@ class PvEoi:
         self.armed = True
 
     def sync(self):
-        """Disarms: does the EOI when the guest ended the interrupt meanwhile (it cleared the bit), else clears
-        the bit, so the guest's EOI goes to the APIC again."""
+        """Disarms, if armed: does the EOI when the guest ended the interrupt meanwhile (it cleared the bit), else
+        clears the bit, so the guest's EOI goes to the APIC again."""
+        if not self.armed:
+            return
         self.armed = False
         w = self.word
         v = _U32.unpack_from(w, 0)[0]

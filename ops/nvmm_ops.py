@@ -212,7 +212,7 @@ class VmmOpsNvmm:
         if vl is None:
             return None
         pv_eoi = ctx.pv_eoi
-        if pv_eoi is not None and pv_eoi.armed:
+        if pv_eoi is not None:
             pv_eoi.sync()                        # the guest may have ended the interrupt in memory
         vec = vl.pending_intr()
         extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
@@ -299,10 +299,7 @@ class VmmOpsNvmm:
         rd = reason == C.NVMM_VCPU_EXIT_RDMSR
         msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
         rip = npc - 2
-        dev = vl if vl is not None and vl.handles_msr(msr) else None
-        for pv in (ctx.pvclock, ctx.pv_eoi):
-            if dev is None and pv is not None and pv.handles(msr):
-                dev = pv
+        dev = next((d for d in (vl, ctx.pvclock, ctx.pv_eoi) if d is not None and d.handles_msr(msr)), None)
         if dev is not None:
             try:
                 if rd:
@@ -326,7 +323,7 @@ class VmmOpsNvmm:
         rflags = ex.exitstate.rflags
         if ctx.pvclock is not None:
             ctx.pvclock.maybe_refresh(time.monotonic_ns())
-        if ctx.pv_eoi is not None and ctx.pv_eoi.armed:
+        if ctx.pv_eoi is not None:
             ctx.pv_eoi.sync()                    # before the wait looks at what is in service
         if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
             return self._vmexit(ctx, E.VM_EXITCODE_HLT, Hlt(rflags))

@@ -62,7 +62,8 @@ PVCLOCK_WALL_CLOCK = cs.Struct(
 )
 TIME_INFO_SIZE = PVCLOCK_VCPU_TIME_INFO.sizeof()
 WALL_CLOCK_SIZE = PVCLOCK_WALL_CLOCK.sizeof()
-# the formats the writers use, taken from the layouts (construct stays off the exit path)
+# the formats the writers use, matching the layouts (the asserts below and the round-trip test check them;
+# construct stays off the exit path)
 _VERSION = struct.Struct("<I")
 _TIME_BODY = struct.Struct("<QQIbB")           # tsc_timestamp .. flags, written between the two versions
 _OFF_TIME_BODY = 8
@@ -107,7 +108,7 @@ class Pvclock:
         self.last_ns = 0
 
     @staticmethod
-    def handles(msr):
+    def handles_msr(msr):
         return msr in MSRS
 
     def rdmsr(self, msr):
