@@ -160,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--strace-n", type=int, default=20000)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker and ROOT not in sys.path:
+        sys.path.insert(0, ROOT)       # a worker runs as a script: bench/ is its sys.path[0], not the repository
     if args.worker == "provider":
         return worker_provider(args.n)
     if args.worker == "vmm_ops":
