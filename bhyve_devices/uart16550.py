@@ -17,6 +17,10 @@ Behaviour the guest can rely on (all of what Linux's 8250 ``autoconfig``/``seria
 - The interrupt output is a level on the injected :class:`IrqLine`: asserted while an enabled interrupt is
   pending and MCR.OUT2 is set (the PC's IRQ enable) and not in loopback; ``out2_gates_irq=False`` drops the OUT2
   condition as bhyve does.
+- Writes to THR (offset 0, also DLL under DLAB) may be *posted* (``posted_writes``): a VMM that can buffer
+  them (KVM's coalesced PIO) delivers them in order before the guest's next exit, so a polling console costs one
+  exit per character (the LSR read) instead of two. What the guest sees does not change: LSR, IIR and RBR reads
+  exit and see every earlier write; only the THRE interrupt of a posted write comes at that next exit.
 - Output goes to ``sink.write(bytes)``; input arrives with :meth:`enqueue_input`, which fills the RX FIFO (16
   bytes, or the 1-byte holding register with FIFOs off) and keeps up to ``backlog`` further bytes (64 KiB)
   that move into the FIFO as the guest reads: input is never overrun, :meth:`enqueue_input` returns how many
@@ -63,6 +67,8 @@ MSR = BitStruct("dcd" / Flag, "ri" / Flag, "dsr" / Flag, "cts" / Flag, "ddcd" / 
 
 class UART16550:
     """One PC16550D; map it at 0x3F8 (COM1, IRQ4) or 0x2F8 (COM2, IRQ3) with length 8."""
+
+    posted_writes = ((REG_DATA, 1),)
 
     def __init__(self, irq, sink=None, *, backlog=64 * 1024, out2_gates_irq=True):
         self._irq = irq

@@ -7,7 +7,9 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 ``pci.B.S.F.device`` and ``pci.B.S.F.<option>`` (e.g. ``pci.0.4.0.path``), ``firmware.kind`` and its
 ``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock,
 ``ops/kvm_para.py``; off by default until a Linux guest without ACPI halts with it: in the lab that guest's
-``poweroff -f`` hung in 3 of 4 runs with it on) and ``x86.pv_eoi`` (KVM's PV EOI as well; off by default).
+``poweroff -f`` hung in 3 of 4 runs with it on), ``x86.pv_eoi`` (KVM's PV EOI as well; off by default) and
+``vmmshim.posted_io`` (devices' posted port writes, e.g. the UART's transmit register, buffered by KVM's
+coalesced PIO; on by default).
 
 Not supported: ``-k`` file includes, ``%(var)`` expansion.
 """
@@ -41,7 +43,7 @@ class Config:
                        "x86.x2apic": "false", "x86.kvm_pv": "false", "x86.pv_eoi": "false",
                        "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
-                       "vmmshim.stats": "false"}
+                       "vmmshim.stats": "false", "vmmshim.posted_io": "true"}
 
     def set(self, key, value):
         if not re.match(r"^[A-Za-z0-9_.-]+$", key) or key.startswith(".") or key.endswith(".") or ".." in key:

@@ -22,6 +22,7 @@ from .timers import TimerThread
 GiB = 1 << 30
 LOWMEM_LIMIT = 3 * GiB
 HIGHMEM_BASE = 4 * GiB
+POSTED_FLUSH_NS = 50_000_000      # posted port writes reach their device within this even with no exit
 EXIT_RESET, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
 SUSPEND_STATUS = {VmSuspendHow.VM_SUSPEND_RESET: EXIT_RESET, VmSuspendHow.VM_SUSPEND_POWEROFF: EXIT_POWEROFF,
                   VmSuspendHow.VM_SUSPEND_HALT: EXIT_HALT, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT: EXIT_TRIPLEFAULT}
@@ -42,10 +43,10 @@ class HostMemory:
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=False, pv_eoi=False):
+                 kvm_pv=False, pv_eoi=False, posted_io=True):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
-        self.kvm_pv, self.pv_eoi = kvm_pv, pv_eoi
+        self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
 
 
 class VM:
@@ -64,6 +65,7 @@ class VM:
         self._status_lock = threading.Lock()
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
+        self.posted_ports = []      # (port, size) ranges whose writes the provider posts
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
@@ -93,7 +95,28 @@ class VM:
         self.view(gpa, len(data))[:] = data
 
     def add_port_device(self, base, size, device, name=None):
+        """Maps ``device`` at ports ``[base, base+size)``. A device may name registers whose writes can be
+        *posted* (``posted_writes``: ``(offset, size)`` pairs, e.g. a UART's transmit register): where the
+        provider can buffer them (KVM's coalesced PIO) the guest's OUTs there stop exiting and reach the device,
+        in order, before the guest's next exit is handled."""
         self.pio.insert(base, size, device, name)
+        if self.config.posted_io:
+            io = self.io
+            for off, n in getattr(device, "posted_writes", ()):
+                if self.ops.vm_post_io(self.vmi, base + off, n, lambda port, data: io(port, False, data)):
+                    if not self.posted_ports:
+                        self._arm_posted_flush()
+                    self.posted_ports.append((base + off, n))
+
+    def _arm_posted_flush(self):
+        """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would
+        leave its last posted bytes in the provider's buffer: the timer thread hands them over every
+        ``POSTED_FLUSH_NS`` as well."""
+        def flush():
+            if self.status is None:
+                self.ops.vm_drain_posted(self.vmi)
+                self.timers.arm(self.timers.now_ns() + POSTED_FLUSH_NS, flush)
+        self.timers.arm(self.timers.now_ns() + POSTED_FLUSH_NS, flush)
 
     def add_mmio_device(self, base, size, device, name=None):
         self.mmio.insert(base, size, device, name)

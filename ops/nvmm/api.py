@@ -27,8 +27,10 @@ at hand. Errors are :class:`OSError` with NVMM's errno (``EINVAL``, ``ENOENT``, 
 
 Extensions beyond libnvmm, marked as such: ``Machine.gpa_view(gpa, size)`` (a bounds-checked view of guest RAM
 for device models), ``Capability.limits`` (named things a provider cannot do, so a test can say why it does not
-run a case), ``Vcpu.stats`` (counters a benchmark reads) and ``Vcpu.tsc_frequency()`` (the rate of the guest's
-TSC, for the ops layer's paravirtual clock).
+run a case), ``Vcpu.stats`` (counters a benchmark reads), ``Vcpu.tsc_frequency()`` (the rate of the guest's
+TSC, for the ops layer's paravirtual clock) and ``Machine.post_io(port, size, cb)`` (posted port writes: the
+provider may buffer a range's OUTs instead of exiting, as KVM's coalesced PIO does, and hands them to ``cb`` in
+order before the next exit of any vCPU is returned).
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init`` (administration), ``nvmm_vcpu_dump``.
 """
@@ -242,6 +244,19 @@ class Machine:
         self.vcpus[cpuid] = vcpu
         return vcpu
 
+    def post_io(self, port, size, cb):
+        """Extension: asks that guest OUTs to ports ``[port, port+size)`` be *posted*, buffered without an exit.
+        Returns False where the provider cannot (they keep exiting as IO exits). Where it can, every posted write
+        is handed to ``cb(port, data)`` in guest order before any vCPU's next exit is returned by ``run`` (and
+        by :meth:`drain_posted`), so a device sees them before any access that did exit. Only for registers whose
+        writes need no answer and whose side effects may wait for the next exit (a UART's transmit register)."""
+        return self._post_io(port, size, cb)
+
+    def drain_posted(self):
+        """Extension: hands the posted writes buffered so far to their callbacks (``run`` does it itself)."""
+        if not self.destroyed:
+            self._drain_posted()
+
     def configure(self, op, conf):
         """``nvmm_machine_configure``: x86 defines no machine-level op in version 2."""
         raise nvmm_error(errno.EINVAL, f"machine configuration op {op} is not defined")
@@ -278,6 +293,12 @@ class Machine:
 
     def _vcpu_create(self, cpuid):
         raise NotImplementedError
+
+    def _post_io(self, port, size, cb):
+        return False
+
+    def _drain_posted(self):
+        pass
 
     def _destroy(self):
         pass

@@ -20,6 +20,16 @@ def test_ioctl_numbers_match_linux_headers():
     assert K.KVM_GET_VCPU_EVENTS == 0x8040AE9F and K.KVM_SET_VCPU_EVENTS == 0x4040AEA0
     assert K.KVM_ENABLE_CAP == 0x4068AEA3 and K.KVM_X86_SET_MSR_FILTER == 0x4188AEC6
     assert K.KVM_GET_XSAVE == 0x9000AEA4 and K.KVM_GET_MSRS == 0xC008AE88
+    assert K.KVM_REGISTER_COALESCED_MMIO == 0x4010AE67 and K.KVM_UNREGISTER_COALESCED_MMIO == 0x4010AE68
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 8), st.integers(0, 1), st.binary(min_size=8, max_size=8))
+def test_coalesced_ring_entry_round_trip(addr, n, pio, data):
+    """The ring entry the provider unpacks with a struct format is the construct layout, field for field."""
+    raw = L.KVM_COALESCED_MMIO.build(dict(phys_addr=addr, len=n, pio=pio, data=data))
+    assert L.RING_ENTRY_FMT.unpack(raw) == (addr, n, pio, data)
+    assert L.KVM_COALESCED_MMIO.parse(L.RING_ENTRY_FMT.pack(addr, n, pio, data)).phys_addr == addr
+    assert L.KVM_COALESCED_MMIO_ZONE.sizeof() == 16 and L.RING_HDR_FMT.size == 8
 
 
 def test_kvm_run_offsets():

@@ -331,7 +331,8 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                 # streamed it to its second and third serial port
                 partial = _streamed(streams)
                 why = "no heartbeat: L1 hung" if outcome == "hung" else "past the deadline"
-                result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s ({why})\n",
+                result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s ({why}); "
+                                   f"its console is kept in {adir}\n",
                                    boot_s, 0.0, time.monotonic() - t_start, attempt, kvm, text)
             if result is not None:
                 if result.status == 124 and retry_killed and attempt <= retries:
@@ -350,7 +351,7 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                            f"command printed: {partial[0][-300:]!r} {partial[1][-300:]!r}")
         return result
     finally:
-        if not keep and result is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not keep and result is not None and "lab: L1 killed after" not in result.stderr:
+            shutil.rmtree(tmp, ignore_errors=True)      # a killed L1's consoles stay for the post-mortem
         elif keep:
             print(f"[lab] kept {tmp}", flush=True)

@@ -26,6 +26,14 @@ KVM_MSR_FILTER_RANGE = cs.Struct("flags" / cs.Int32ul, "nmsrs" / cs.Int32ul, "ba
                                  cs.Padding(4), "bitmap" / cs.Int64ul)
 KVM_MSR_FILTER = cs.Struct("flags" / cs.Int32ul, cs.Padding(4), "ranges" / cs.Array(16, KVM_MSR_FILTER_RANGE))
 KVM_INTERRUPT = cs.Struct("irq" / cs.Int32ul)
+#: ``struct kvm_coalesced_mmio_zone`` (KVM_REGISTER_COALESCED_MMIO): a guest-physical or, with ``pio``, port range
+#: whose writes KVM appends to the coalesced ring instead of exiting.
+KVM_COALESCED_MMIO_ZONE = cs.Struct("addr" / cs.Int64ul, "size" / cs.Int32ul, "pio" / cs.Int32ul)
+#: ``struct kvm_coalesced_mmio``: one buffered write in the ring (``data`` holds ``len`` bytes).
+KVM_COALESCED_MMIO = cs.Struct("phys_addr" / cs.Int64ul, "len" / cs.Int32ul, "pio" / cs.Int32ul,
+                               "data" / cs.Bytes(8))
+#: ``struct kvm_coalesced_mmio_ring``'s header: the consumer's and the producer's index, then the entries.
+KVM_COALESCED_RING_HDR = cs.Struct("first" / cs.Int32ul, "last" / cs.Int32ul)
 KVM_MSRS_HDR = cs.Struct("nmsrs" / cs.Int32ul, cs.Padding(4))
 KVM_MSR_ENTRY = cs.Struct("index" / cs.Int32ul, cs.Padding(4), "data" / cs.Int64ul)
 KVM_MSR_LIST_HDR = cs.Struct("nmsrs" / cs.Int32ul)
@@ -99,6 +107,11 @@ IO_FMT = struct.Struct("<BBHIQ")                 # direction, size, port, count,
 MMIO_GPA, MMIO_DATA, MMIO_LEN, MMIO_IS_WRITE = RUN_U, RUN_U + 8, RUN_U + 16, RUN_U + 20
 MSR_ERROR, MSR_REASON, MSR_INDEX, MSR_DATA = RUN_U, RUN_U + 8, RUN_U + 12, RUN_U + 16
 INTERNAL_FMT = struct.Struct("<II")              # suberror, ndata (then u64 data[16])
+
+RING_HDR_FMT = struct.Struct("<II")
+RING_ENTRY_FMT = struct.Struct("<QII8s")
+assert RING_HDR_FMT.size == KVM_COALESCED_RING_HDR.sizeof()
+assert RING_ENTRY_FMT.size == KVM_COALESCED_MMIO.sizeof()
 
 REGS_FMT = struct.Struct("<18Q")
 SEG_FMT = struct.Struct("<QIHBBBBBBBBBx")

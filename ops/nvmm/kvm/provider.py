@@ -30,6 +30,10 @@ KVM_DEVICE = "/dev/kvm"
 TSS_ADDR = 0xFFFBD000          # three pages below the BIOS area, as QEMU places them
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_CPUID_ENTRIES = 256
+PAGE_SIZE = 4096
+ENTRY_SIZE = L.RING_ENTRY_FMT.size
+RING_ENTRIES = (PAGE_SIZE - L.RING_HDR_FMT.size) // ENTRY_SIZE     # KVM_COALESCED_MMIO_MAX
+_U32 = struct.Struct("<I")
 MSR_TSC_DEADLINE = 0x6E0
 MSR_KVM_WALL_CLOCK, MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT = 0x11, 0x4B564D00, 0x100   # 0x11-0x12: the old kvmclock
 #: Signal used to knock a vCPU thread out of KVM_RUN (its handler does nothing).
@@ -102,7 +106,11 @@ class KvmProvider(api.Provider):
         self.readonly_mem = bool(self.check_extension(K.KVM_CAP_READONLY_MEM))
         self.max_vcpus = self.check_extension(K.KVM_CAP_MAX_VCPUS) or self.check_extension(K.KVM_CAP_NR_VCPUS)
         self.max_slots = self.check_extension(K.KVM_CAP_NR_MEMSLOTS) or 32
+        # posted port writes: the coalesced ring's page in a vCPU's mmap, 0 where this KVM has none for ports
+        page = self.check_extension(K.KVM_CAP_COALESCED_MMIO) if self.check_extension(K.KVM_CAP_COALESCED_PIO) \
+            else 0
         self.mmap_size = fcntl.ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
+        self.ring_offset = page * PAGE_SIZE if page and (page + 1) * PAGE_SIZE <= self.mmap_size else 0
         self.supported_cpuid = self._supported_cpuid()
         self.kind = hardware_kind()
         _install_kick_handler()
@@ -148,6 +156,10 @@ class KvmMachine(api.Machine):
             raise
         self._free_slots = list(range(provider.max_slots - 1, -1, -1))
         self._slot_of = {}
+        self._posted = []               # (first port, end, callback) of the posted ranges
+        self.posted_on = [False]        # read by the vCPUs' run paths (a list: they keep a reference)
+        self._ring = None
+        self._ring_lock = threading.Lock()
 
     def _enable_cap(self, cap, arg0):
         buf = L.KVM_ENABLE_CAP.build(dict(cap=cap, flags=0, args=[arg0, 0, 0, 0], pad=bytes(64)))
@@ -195,5 +207,57 @@ class KvmMachine(api.Machine):
         from .vcpu import KvmVcpu
         return KvmVcpu(self, cpuid)
 
+    # -- posted port writes: KVM's coalesced PIO ring (KVM API, KVM_REGISTER_COALESCED_MMIO) --------------------
+    def _post_io(self, port, size, cb):
+        if not 0 < size <= 0x10000 - port or port < 0:
+            raise api.nvmm_error(errno.EINVAL, f"port range {port:#x}+{size} outside the I/O space")
+        if not self.provider.ring_offset:
+            return False
+        zone = L.KVM_COALESCED_MMIO_ZONE.build(dict(addr=port, size=size, pio=1))
+        try:
+            fcntl.ioctl(self.vmfd, K.KVM_REGISTER_COALESCED_MMIO, zone)
+        except OSError:
+            return False
+        self._posted.append((port, port + size, cb))
+        self.posted_on[0] = True
+        return True
+
+    def _drain_posted(self):
+        """Consumes the ring (KVM appends at ``last``, we consume from ``first``), in order, under a lock: any
+        vCPU thread may drain it. The ring is the VM's, seen through every vCPU's mmap."""
+        if not self._posted:
+            return
+        with self._ring_lock:
+            ring = self._ring
+            if ring is None:
+                off = self.provider.ring_offset
+                for vcpu in self.vcpus.values():
+                    if not vcpu.dying:
+                        ring = self._ring = vcpu._mv[off:off + PAGE_SIZE]
+                        break
+                else:
+                    return
+            first, last = L.RING_HDR_FMT.unpack_from(ring, 0)
+            while first != last:
+                if first >= RING_ENTRIES:                   # the kernel's index, checked all the same
+                    first = 0
+                    continue
+                port, n, _pio, data = L.RING_ENTRY_FMT.unpack_from(ring, L.RING_HDR_FMT.size + first * ENTRY_SIZE)
+                first = (first + 1) % RING_ENTRIES
+                _U32.pack_into(ring, 0, first)
+                for lo, hi, cb in self._posted:
+                    if lo <= port < hi:
+                        cb(port, data[:min(n, 8)])
+                        break
+                last = L.RING_HDR_FMT.unpack_from(ring, 0)[1]
+
+    def forget_ring(self):
+        """Drops the ring's view (a vCPU's mapping is going away); the next drain maps it again."""
+        with self._ring_lock:
+            if self._ring is not None:
+                self._ring.release()
+                self._ring = None
+
     def _destroy(self):
+        self.forget_ring()
         os.close(self.vmfd)

@@ -71,6 +71,7 @@ class KvmVcpu(api.Vcpu):
         self._xcr0 = 1
         self._thread = None
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
+        self.dying = False        # set by destroy: its mapping may no longer serve the posted-write ring
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
         regs = bytearray(L.KVM_REGS.sizeof())
@@ -312,12 +313,15 @@ class KvmVcpu(api.Vcpu):
     def _install_fast_paths(self):
         """``run`` and ``assist_io`` as closures over their locals: the per-exit path does no attribute or
         global look-up it can avoid (measured by ``bench/exit_bench.py``)."""
-        vcpu, fd, mm, ex, views = self, self.fd, self.mm, self.exit, self._io_fast_views()
+        vcpu, fd, mm, ex, views, machine = self, self.fd, self.mm, self.exit, self._io_fast_views(), self.machine
         ioctl, krun, kio, io = _IOCTL, K.KVM_RUN, K.KVM_EXIT_IO, C.NVMM_VCPU_EXIT_IO
         get_ident, slow_run, exit_other, run_error = threading.get_ident, self._run_slow, self._exit_other, \
             self._run_error
         unpack_io, data_off, assist_slow, cb = L.IO_FMT.unpack_from, K_PIO_DATA_OFFSET, self._assist_io_slow, \
             self.cbs.io
+
+        posted, drain, ring_hdr, ring_off = machine.posted_on, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
+            machine.provider.ring_offset
 
         def run():
             if vcpu._slow:
@@ -326,7 +330,13 @@ class KvmVcpu(api.Vcpu):
             try:
                 ioctl(fd, krun)
             except OSError as exc:
+                if posted[0]:
+                    drain()
                 return run_error(exc)
+            if posted[0]:
+                first, last = ring_hdr(mm, ring_off)
+                if first != last:
+                    drain()                 # posted writes reach their device before this exit is handled
             vcpu._cached = 0
             k = mm[8]
             ex.kvm_reason = k
@@ -460,6 +470,8 @@ class KvmVcpu(api.Vcpu):
         with self._lock:
             self._thread = None
         self.run = self.assist_io = _destroyed
+        self.dying = True
+        self.machine.forget_ring()          # the posted-write ring is a view of this mapping
         try:
             self._mv.release()
             self.mm.close()
