@@ -292,13 +292,9 @@ class PIT8254:
             edge = (t // n + 1) * n     # OUT rises at the end of every period
             if n < MIN_PERIOD_TICKS:    # a tiny count: coalesce edges rather than flood the timer thread
                 edge = -(-(t + MIN_PERIOD_TICKS) // n) * n
-        elif c.mode in (0, 1):
-            if t >= n:
-                return
-            edge = n
+        elif c.mode in (0, 1):          # one edge per load, at n: armed even when this call comes after it
+            edge = n                    # (it then fires at once; a slow VMM must not lose a short one-shot)
         else:                           # modes 4 and 5: OUT goes low at n and rises one clock later
-            if t > n:
-                return
             edge = n + 1
         deadline = c.load_ns + _ticks_to_ns(edge - c.frozen_ticks)
         c.timer = self._timers.arm(deadline, lambda ch=c, h=self._seq + 1: self._fire(ch, h))

@@ -6,7 +6,9 @@ Follows Linux's ``Documentation/virt/kvm/x86/cpuid.rst`` and ``msr.rst``:
 - CPUID ``0x40000100`` answers ``"KVMKVMKVM\\0\\0\\0"`` and the last KVM leaf in EAX; ``0x40000101`` EAX holds the
   features. Linux looks for the KVM signature every 0x100 leaves from 0x40000000, so NVMM's own signature stays at
   0x40000000 for guests that look for NVMM. Offered: ``KVM_FEATURE_NOP_IO_DELAY`` (port 0x80 delays are not
-  needed), ``KVM_FEATURE_PV_EOI`` and, when the provider knows its TSC rate, ``KVM_FEATURE_CLOCKSOURCE2``.
+  needed), ``KVM_FEATURE_PV_EOI`` and ``KVM_FEATURE_CLOCKSOURCE2``: the hypervisor's own kvmclock where the
+  provider has one (KVM: ``Machine.kernel_pvclock()``, with ``KVM_FEATURE_CLOCKSOURCE_STABLE_BIT``, as QEMU offers
+  it), else ``ops/pvclock.py``'s when the provider knows its TSC rate.
 - ``MSR_KVM_PV_EOI_EN`` (0x4b564d04): the guest gives a 4-byte aligned word of its RAM (bit 0 enables). When the
   ops layer injects an interrupt that needs nothing but the EOI (the only vector in service, nothing else
   requested, edge-triggered), it sets bit 0 of that word (:meth:`PvEoi.arm`); the guest then ends the interrupt
@@ -29,6 +31,7 @@ KVM_CPUID_FEATURES = 0x40000101
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_FEATURE_NOP_IO_DELAY = 1 << 1
 KVM_FEATURE_CLOCKSOURCE2 = 1 << 3
+KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 1 << 24
 KVM_FEATURE_PV_EOI = 1 << 6
 
 MSR_KVM_PV_EOI_EN = 0x4B564D04

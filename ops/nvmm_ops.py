@@ -72,7 +72,9 @@ class VmmOpsNvmm:
         ctx = VcpuCtx(vmi, vcpu, nv)
         mem_cb = self._make_mem_cb(vmi, ctx)
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.vm.io, mem=mem_cb))
-        hz = nv.tsc_frequency() if vmi.kvm_pv else None
+        if vmi.kvm_pv and vmi.kernel_clock is None:
+            vmi.kernel_clock = vmi.machine.kernel_pvclock()
+        hz = nv.tsc_frequency() if vmi.kvm_pv and not vmi.kernel_clock else None
         if hz:
             ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, lambda: self._guest_tsc(nv), hz,
                                           vmi.clock_epoch_ns)
@@ -86,7 +88,10 @@ class VmmOpsNvmm:
         if not vmi.kvm_pv:
             return
         features = kvm_para.KVM_FEATURE_NOP_IO_DELAY
-        features |= kvm_para.KVM_FEATURE_CLOCKSOURCE2 if ctx.pvclock is not None else 0
+        if vmi.kernel_clock:
+            features |= kvm_para.KVM_FEATURE_CLOCKSOURCE2 | kvm_para.KVM_FEATURE_CLOCKSOURCE_STABLE_BIT
+        elif ctx.pvclock is not None:
+            features |= kvm_para.KVM_FEATURE_CLOCKSOURCE2
         features |= kvm_para.KVM_FEATURE_PV_EOI if ctx.pv_eoi is not None else 0
         for leaf, bits in kvm_para.cpuid_leaves(features).items():
             # exact values whatever the kernel answers above its last hypervisor leaf (NVMM on Intel repeats

@@ -12,6 +12,12 @@ Follows the KVM paravirtual interface as Linux documents it (``Documentation/vir
 - ``MSR_KVM_WALL_CLOCK_NEW`` (0x4b564d00): the guest writes an address; we write there the wall-clock time at
   which system time was zero.
 
+Used where the provider has no paravirtual clock of its own (NVMM, the soft CPU). On KVM the ops layer lets KVM's
+kvmclock answer these MSRs (``Machine.kernel_pvclock()``): KVM rewrites the record at every entry, which a
+user-space clock cannot, and that matters where KVM rewinds the guest TSC on entry because the host's TSC is
+unstable (the nested lab's L1: "TSCs unsynchronized"). There this module's records ran ahead of the guest's TSC
+now and then; the guest's clock froze and Linux hung in ``poweroff -f`` (3 of 4 MP-table boots).
+
 The record is refreshed at most once a second (:meth:`Pvclock.maybe_refresh`, called on the vCPU's halts and
 clock MSR writes) from a new (TSC, host monotonic time) pair, with the TSC rate measured over the life of the
 record once it is long enough: so the guest's clock follows the host's even when the provider's TSC frequency

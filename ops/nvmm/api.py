@@ -28,7 +28,8 @@ at hand. Errors are :class:`OSError` with NVMM's errno (``EINVAL``, ``ENOENT``, 
 Extensions beyond libnvmm, marked as such: ``Machine.gpa_view(gpa, size)`` (a bounds-checked view of guest RAM
 for device models), ``Capability.limits`` (named things a provider cannot do, so a test can say why it does not
 run a case), ``Vcpu.stats`` (counters a benchmark reads), ``Vcpu.tsc_frequency()`` (the rate of the guest's
-TSC, for the ops layer's paravirtual clock) and ``Machine.post_io(port, size, cb)`` (posted port writes: the
+TSC, for the ops layer's paravirtual clock), ``Machine.kernel_pvclock()`` (the hypervisor's own paravirtual
+clock, where it has one) and ``Machine.post_io(port, size, cb)`` (posted port writes: the
 provider may buffer a range's OUTs instead of exiting, as KVM's coalesced PIO does, and hands them to ``cb`` in
 order before the next exit of any vCPU is returned).
 
@@ -252,6 +253,12 @@ class Machine:
         writes need no answer and whose side effects may wait for the next exit (a UART's transmit register)."""
         return self._post_io(port, size, cb)
 
+    def kernel_pvclock(self):
+        """Extension: lets the hypervisor's own paravirtual clock (KVM's kvmclock) answer the guest's clock MSRs
+        (0x4b564d00 and 0x4b564d01) instead of exiting. Returns False where there is none (NVMM, the soft CPU):
+        the ops layer then emulates the clock itself."""
+        return self._kernel_pvclock()
+
     def drain_posted(self):
         """Extension: hands the posted writes buffered so far to their callbacks (``run`` does it itself)."""
         if not self.destroyed:
@@ -295,6 +302,9 @@ class Machine:
         raise NotImplementedError
 
     def _post_io(self, port, size, cb):
+        return False
+
+    def _kernel_pvclock(self):
         return False
 
     def _drain_posted(self):

@@ -1,8 +1,10 @@
 """The paravirtual clock (``ops/pvclock.py``) on every provider, through the ops table and a real guest: the KVM
 signature and features at CPUID 0x40000100, the time record and wall clock the guest asks for with the kvmclock
 MSRs, and the guest's own reading of the clock (``ns = system_time + scaled (TSC - tsc_timestamp)``) against the
-host's monotonic clock. A provider that does not know its TSC rate offers no paravirtual clock: the feature bit
-is clear and the MSRs #GP, as any unknown MSR. With ``kvm_pv`` off the leaves read zero."""
+host's monotonic clock. On KVM the record is KVM's own kvmclock's (``Machine.kernel_pvclock``; with the stable
+bit offered, as QEMU does); elsewhere the ops layer writes it. A provider that does not know its TSC rate and has
+no clock of its own offers no paravirtual clock: the feature bit is clear and the MSRs #GP, as any unknown MSR.
+With ``kvm_pv`` off the leaves read zero."""
 
 import struct
 import time
@@ -72,13 +74,18 @@ def test_kvmclock_record_tracks_the_host_clock(make_vm):
         assert features == base
         assert done == 0xBAD6, "without a paravirtual clock its MSRs are unknown: #GP"
         return
-    assert features == base | kvm_para.KVM_FEATURE_CLOCKSOURCE2
+    kernel = vm.vmi.kernel_clock
+    stable = kvm_para.KVM_FEATURE_CLOCKSOURCE_STABLE_BIT if kernel else 0
+    assert features == base | kvm_para.KVM_FEATURE_CLOCKSOURCE2 | stable
     assert done == 1, "the clock MSRs must not fault"
     assert msr_lo == RECORD | 1, "RDMSR returns what the guest wrote"
 
     version, _, tsc_ts, system_time, mul, shift, flags = struct.unpack_from("<IIQQIbB", vm.view(RECORD, 30))
     assert version and version % 2 == 0, "the record is complete (even version)"
-    assert (mul, shift) == pvclock.time_scale(hz) and flags == 0
+    if kernel:      # KVM's scale from its own TSC rate, and its stable bit where it has a master clock
+        assert abs(pvclock.ticks_to_ns(hz, mul, shift) - 1e9) < 1e7 and flags & ~1 == 0
+    else:
+        assert (mul, shift) == pvclock.time_scale(hz) and flags == 0
     guest_tsc = tsc_hi << 32 | tsc_lo
     assert tsc_ts <= guest_tsc
     # the guest's reading of the clock just after the MSR write, on the host's monotonic scale

@@ -41,6 +41,11 @@ SIG_KICK = signal.SIGUSR2
 #: MSR ranges that must exit to userland although KVM knows them: (first, count).
 USERLAND_MSR_RANGES = ((C.MSR_APICBASE, 1), (C.MSR_X2APIC_BASE, C.MSR_X2APIC_LAST - C.MSR_X2APIC_BASE + 1),
                       (MSR_TSC_DEADLINE, 1), (MSR_KVM_WALL_CLOCK, 2), (MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT))
+#: The same with KVM's own kvmclock answering MSR_KVM_WALL_CLOCK_NEW and MSR_KVM_SYSTEM_TIME_NEW (the first two
+#: paravirtual MSRs); the others (PV EOI needs our local APIC) still exit.
+KERNEL_CLOCK_MSRS = 2
+USERLAND_MSR_RANGES_KERNEL_CLOCK = USERLAND_MSR_RANGES[:-1] + (
+    (MSR_KVM_PV_BASE + KERNEL_CLOCK_MSRS, MSR_KVM_PV_COUNT - KERNEL_CLOCK_MSRS),)
 
 _kick_handler_installed = False
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -165,10 +170,20 @@ class KvmMachine(api.Machine):
         buf = L.KVM_ENABLE_CAP.build(dict(cap=cap, flags=0, args=[arg0, 0, 0, 0], pad=bytes(64)))
         fcntl.ioctl(self.vmfd, K.KVM_ENABLE_CAP, buf)
 
-    def _set_msr_filter(self):
+    def _kernel_pvclock(self):
+        """KVM's kvmclock keeps each vCPU's time record in step with the guest TSC at every entry, also where
+        KVM rewinds that TSC because the host's is unstable (the nested lab's L1: a record written from user
+        space then ran ahead of the guest and froze its clock). Its two MSRs stop exiting."""
+        try:
+            self._set_msr_filter(USERLAND_MSR_RANGES_KERNEL_CLOCK)
+        except OSError:
+            return False
+        return True
+
+    def _set_msr_filter(self, userland=USERLAND_MSR_RANGES):
         ranges = []
         self._msr_bitmaps = []   # kept alive: the kernel copies them, but only during the ioctl
-        for first, count in USERLAND_MSR_RANGES:
+        for first, count in userland:
             bitmap = ctypes.create_string_buffer((count + 7) // 8)   # all zero: deny, i.e. exit to userland
             self._msr_bitmaps.append(bitmap)
             ranges.append(dict(flags=K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE, nmsrs=count, base=first,
