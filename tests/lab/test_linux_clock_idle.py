@@ -4,8 +4,8 @@ L1 times the lines' arrival and the vmmshim process's CPU use over the same inte
 
 In the lab every exit and every wake-up costs milliseconds (L1 is QEMU TCG), so an idle guest's CPU use is
 compared with QEMU's (``-machine pc,kernel_irqchip=off``) booting the same guest in the same L1 with the same
-clocksource: both guests read kvm-clock (vmmshim's is ``ops/pvclock.py``, turned on here with
-``-o x86.kvm_pv=true``; it is off by default), and the test checks vmmshim's guest did choose it. QEMU with ``-cpu qemu64,-kvmclock`` (its guest reads the HPET) is printed beside it.
+clocksource: both guests read kvm-clock (KVM's own in both, ``Machine.kernel_pvclock``; vmmshim offers it by
+default, the test's ``-o x86.kvm_pv=true`` only says so), and the test checks vmmshim's guest did choose it. QEMU with ``-cpu qemu64,-kvmclock`` (its guest reads the HPET) is printed beside it.
 
 Measured (10 s of idle guest, % of one L1 core, three runs): with the paravirtual clock vmmshim 8.0-9.6 %,
 QEMU 5.4-9.1 % (1.0-1.5x); the clock within 0.2 % twice, 0.7 % slow once (by the host's arrival times of the
