@@ -108,6 +108,8 @@ class UART16550:
 
     # -- bus interface -------------------------------------------------------------------------------------
     def read(self, offset, size):
+        if size == 1:                   # the guest's only access size, in practice
+            return self._read8(offset) if 0 <= offset < 8 else 0xFF
         v = 0
         for i in range(size):
             o = offset + i
@@ -115,6 +117,10 @@ class UART16550:
         return v
 
     def write(self, offset, size, value):
+        if size == 1:
+            if 0 <= offset < 8:
+                self._write8(offset, value & 0xFF)
+            return
         for i in range(size):
             if 0 <= offset + i < 8:
                 self._write8(offset + i, (value >> (8 * i)) & 0xFF)
@@ -194,10 +200,12 @@ class UART16550:
                 return self.lcr
             elif off == REG_MCR:
                 return self.mcr
-            elif off == REG_LSR:
+            elif off == REG_LSR:            # a polling console reads this once per character
                 v = LSR_THRE | LSR_TEMT | self.lsr_errors
                 if self._rx:
                     v |= LSR_DR
+                if not self.lsr_errors:
+                    return v                # nothing cleared: the interrupt line cannot change
                 self.lsr_errors = 0
             elif off == REG_MSR:
                 v = self.msr
