@@ -32,8 +32,11 @@ def main(argv=None):
         print(f"{vmm:<10} {med:>9.2f} {' '.join(f'{t:.1f}' for t in times[vmm]):<30} {fails[vmm]}")
     if times["vmmshim"] and times["qemu"]:
         print(f"ratio vmmshim/qemu: {statistics.median(times['vmmshim']) / statistics.median(times['qemu']):.2f}x")
-    for line in re.findall(r"^STATS (.*)$", res.stdout, re.M)[:1]:
+    stats = re.findall(r"^STATS (.*)$", res.stdout, re.M)
+    for line in [x for x in stats if not x.startswith("(failed boot)")][:1]:
         print(f"exits by reason (first vmmshim boot): {line}")
+    for line in [x for x in stats if x.startswith("(failed boot)")]:
+        print(line)
     return 0 if times["vmmshim"] else 1
 
 

@@ -49,6 +49,9 @@ def boot(vmm, timeout):
     errf.seek(0)
     err = errf.read().decode(errors="replace")
     stats = [line for line in err.splitlines() if line.startswith("vmmshim: vcpu")]
+    if marker is None:              # say why: the console's and stderr's last lines
+        tail = buf.decode(errors="replace").splitlines()[-6:] + err.splitlines()[-4:]
+        stats = stats + [f"(failed boot) {line[:200]}" for line in tail]
     return marker, status, stats
 
 
