@@ -40,6 +40,11 @@ _IO, _MEM = C.NVMM_VCPU_EXIT_IO, C.NVMM_VCPU_EXIT_MEMORY
 _INOUT = INOUT_CODE
 
 
+def _injectable(es):
+    """Whether an exit state lets an external interrupt in: IF set, no interrupt shadow, no event pending."""
+    return es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending
+
+
 class VmmOpsNvmm:
     """The table. One instance per provider; ``vm_init`` makes a VM on it."""
 
@@ -72,8 +77,6 @@ class VmmOpsNvmm:
         ctx = VcpuCtx(vmi, vcpu, nv)
         mem_cb = self._make_mem_cb(vmi, ctx)
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.vm.io, mem=mem_cb))
-        if vmi.kvm_pv and vmi.kernel_clock is None:
-            vmi.kernel_clock = vmi.machine.kernel_pvclock()
         hz = nv.tsc_frequency() if vmi.kvm_pv and not vmi.kernel_clock else None
         if hz:
             ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, lambda: self._guest_tsc(nv), hz,
@@ -224,14 +227,14 @@ class VmmOpsNvmm:
         extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
         if vec is None and not extint:
             return None
+        # Completing the exiting instruction (one more KVM_RUN) only when the exit state allows an injection:
+        # completion cannot set IF, and while a guest with IF=0 has an interrupt pending every exit comes here
+        # (36,000 times in a Linux boot, whose console writes run with interrupts off).
         es = nv.exit.exitstate
-        if es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending:
+        if _injectable(es):
             nv.complete_exit()                   # events its completion queues (a #GP) come first
             es = nv.exit.exitstate
-        # else: not injectable at the exit, and completing the instruction cannot set IF: skip the completion
-        # (one more KVM_RUN per exit while a guest with IF=0 has an interrupt pending: 36,000 of them in a
-        # Linux boot, whose console writes run with interrupts off) and ask for the window below
-        if es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending:
+        if _injectable(es):
             if extint:
                 vec = vmi.vatpic.intr_accepted()     # the INTA cycle
                 vl.extint_accepted()

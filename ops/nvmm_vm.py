@@ -83,7 +83,8 @@ class NvmmVmi:
         self.kvm_pv = bool(getattr(vm, "kvm_pv", False))     # KVM's paravirtual interface (ops/kvm_para.py)
         self.pv_eoi = bool(getattr(vm, "pv_eoi", False))    # ... with PV EOI (opt-in, see kvm_para.py)
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
-        self.kernel_clock = None        # whether the hypervisor's own kvmclock serves the guest (asked once)
+        # KVM's paravirtual clock: the hypervisor's own where it has one, else ops/pvclock.py per vCPU
+        self.kernel_clock = self.kvm_pv and self.machine.kernel_pvclock()
         self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self._on_nmi,
                                kick=self._kick)
         self.vioapic = Vioapic(self.apicbus.deliver_intr)

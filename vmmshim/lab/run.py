@@ -299,6 +299,7 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="vmmshim-lab-"))
     t_start = time.monotonic()
     result = None
+    killed = False          # an L1 was killed from outside: its consoles stay for the post-mortem
     try:
         for attempt in range(1, retries + 2):
             adir = tmp / f"attempt{attempt}"
@@ -330,6 +331,7 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                 # L1 booted and the command ran past the grace period; what it printed before that, as L1
                 # streamed it to its second and third serial port
                 partial = _streamed(streams)
+                killed = True
                 why = "no heartbeat: L1 hung" if outcome == "hung" else "past the deadline"
                 result = LabResult(124, partial[0], partial[1] + f"\nlab: L1 killed after {wall:.0f} s ({why}); "
                                    f"its console is kept in {adir}\n",
@@ -351,7 +353,7 @@ def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_ti
                            f"command printed: {partial[0][-300:]!r} {partial[1][-300:]!r}")
         return result
     finally:
-        if not keep and result is not None and "lab: L1 killed after" not in result.stderr:
-            shutil.rmtree(tmp, ignore_errors=True)      # a killed L1's consoles stay for the post-mortem
+        if not keep and result is not None and not killed:
+            shutil.rmtree(tmp, ignore_errors=True)
         elif keep:
             print(f"[lab] kept {tmp}", flush=True)

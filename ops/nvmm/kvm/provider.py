@@ -14,6 +14,7 @@ Not supported: dirty-page logging, more machines or slots than the kernel allows
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import signal
 import struct
@@ -161,9 +162,8 @@ class KvmMachine(api.Machine):
             raise
         self._free_slots = list(range(provider.max_slots - 1, -1, -1))
         self._slot_of = {}
-        self._posted = []               # (first port, end, callback) of the posted ranges
-        self.posted_on = [False]        # read by the vCPUs' run paths (a list: they keep a reference)
-        self._ring = None
+        self.posted = []                # (first port, end, callback) of the posted ranges; the vCPUs' run
+        self._ring = None               # paths test it, so it stays this one list
         self._ring_lock = threading.Lock()
 
     def _enable_cap(self, cap, arg0):
@@ -233,25 +233,26 @@ class KvmMachine(api.Machine):
             fcntl.ioctl(self.vmfd, K.KVM_REGISTER_COALESCED_MMIO, zone)
         except OSError:
             return False
-        self._posted.append((port, port + size, cb))
-        self.posted_on[0] = True
+        self.posted.append((port, port + size, cb))
         return True
 
     def _drain_posted(self):
         """Consumes the ring (KVM appends at ``last``, we consume from ``first``), in order, under a lock: any
-        vCPU thread may drain it. The ring is the VM's, seen through every vCPU's mmap."""
-        if not self._posted:
+        vCPU thread, or the VM's flush timer, may drain it. The ring is the VM's, at the same page of every vCPU's
+        mmap; the machine maps that page once for itself, so the mapping lives as long as the machine."""
+        if not self.posted:
             return
         with self._ring_lock:
             ring = self._ring
             if ring is None:
-                off = self.provider.ring_offset
-                for vcpu in self.vcpus.values():
-                    if not vcpu.dying:
-                        ring = self._ring = vcpu._mv[off:off + PAGE_SIZE]
-                        break
-                else:
-                    return
+                vcpu = next(iter(self.vcpus.values()), None)
+                if vcpu is None:
+                    return                                  # no vCPU: nothing can have been posted
+                try:
+                    ring = self._ring = mmap.mmap(vcpu.fd, PAGE_SIZE, mmap.MAP_SHARED,
+                                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=self.provider.ring_offset)
+                except OSError:
+                    return                                  # the vCPUs are being destroyed: nothing runs any more
             first, last = L.RING_HDR_FMT.unpack_from(ring, 0)
             while first != last:
                 if first >= RING_ENTRIES:                   # the kernel's index, checked all the same
@@ -260,19 +261,15 @@ class KvmMachine(api.Machine):
                 port, n, _pio, data = L.RING_ENTRY_FMT.unpack_from(ring, L.RING_HDR_FMT.size + first * ENTRY_SIZE)
                 first = (first + 1) % RING_ENTRIES
                 _U32.pack_into(ring, 0, first)
-                for lo, hi, cb in self._posted:
+                for lo, hi, cb in self.posted:
                     if lo <= port < hi:
                         cb(port, data[:min(n, 8)])
                         break
                 last = L.RING_HDR_FMT.unpack_from(ring, 0)[1]
 
-    def forget_ring(self):
-        """Drops the ring's view (a vCPU's mapping is going away); the next drain maps it again."""
+    def _destroy(self):
         with self._ring_lock:
             if self._ring is not None:
-                self._ring.release()
+                self._ring.close()
                 self._ring = None
-
-    def _destroy(self):
-        self.forget_ring()
         os.close(self.vmfd)

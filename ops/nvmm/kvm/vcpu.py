@@ -71,7 +71,6 @@ class KvmVcpu(api.Vcpu):
         self._xcr0 = 1
         self._thread = None
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
-        self.dying = False        # set by destroy: its mapping may no longer serve the posted-write ring
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
         regs = bytearray(L.KVM_REGS.sizeof())
@@ -320,7 +319,7 @@ class KvmVcpu(api.Vcpu):
         unpack_io, data_off, assist_slow, cb = L.IO_FMT.unpack_from, K_PIO_DATA_OFFSET, self._assist_io_slow, \
             self.cbs.io
 
-        posted, drain, ring_hdr, ring_off = machine.posted_on, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
+        posted, drain, ring_hdr, ring_off = machine.posted, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
             machine.provider.ring_offset
 
         def run():
@@ -330,10 +329,10 @@ class KvmVcpu(api.Vcpu):
             try:
                 ioctl(fd, krun)
             except OSError as exc:
-                if posted[0]:
+                if posted:
                     drain()
                 return run_error(exc)
-            if posted[0]:
+            if posted:
                 first, last = ring_hdr(mm, ring_off)
                 if first != last:
                     drain()                 # posted writes reach their device before this exit is handled
@@ -470,8 +469,6 @@ class KvmVcpu(api.Vcpu):
         with self._lock:
             self._thread = None
         self.run = self.assist_io = _destroyed
-        self.dying = True
-        self.machine.forget_ring()          # the posted-write ring is a view of this mapping
         try:
             self._mv.release()
             self.mm.close()
