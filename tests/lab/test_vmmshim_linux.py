@@ -58,6 +58,7 @@ def test_acpi_boot_reaches_the_shell_and_powers_off(boots):
     assert "Linux version" in console.splitlines()[0] or "Linux version" in console[:2000], \
         "the console lost the start of the boot log"
     assert console.count("VMMSHIM-GUEST-UP") == 1
+    assert "Switched to clocksource kvm-clock" in console, "kvmclock is offered by default (x86.kvm_pv)"
 
 
 def test_two_vcpus_are_online(boots):
