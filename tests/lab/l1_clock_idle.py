@@ -14,7 +14,7 @@ import sys
 import time
 
 SLEEP_S = 10
-BOOT_LIMIT_S = 200
+BOOT_LIMIT_S = 120          # a boot takes 17-40 s here; a hung L2 is retried once
 GUEST_DIR = os.environ.get("VMMSHIM_GUEST_DIR", "/lab/guest")
 RUN = (f"grep -E '^ *(LOC|0):' /proc/interrupts | tr -s ' ' | tr '\\n' ' ' | sed 's/^/IRQ0 /'; echo; "
        f"echo CLK0 $(cut -d' ' -f1 /proc/uptime); sleep {SLEEP_S}; echo CLK1 $(cut -d' ' -f1 /proc/uptime); "
@@ -96,7 +96,7 @@ def main():
     args = ap.parse_args()
     ok = measure("vmmshim") or measure("vmmshim")   # one more boot if the lab's L2 hung before the shell
     if args.peer:
-        measure("qemu")
+        measure("qemu") or measure("qemu")   # QEMU's L2 hangs in the lab too (docs/lab.md): one more boot
         measure("qemu-nokvmclock")
     return 0 if ok else 1
 
