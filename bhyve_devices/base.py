@@ -8,7 +8,9 @@
 - :class:`TimerService`: ``now_ns()``, ``arm(deadline_ns, fn) -> handle``, ``cancel(handle)``; the VM runs one
   timer thread with a deadline heap, tests use :class:`ManualTimers` and move time by hand.
 - :class:`GuestMemory`: ``view(gpa, size) -> memoryview`` of guest RAM, raising ``OSError(EFAULT)`` for any
-  byte outside RAM, so a guest-supplied address never reaches other host memory.
+  byte outside RAM, so a guest-supplied address never reaches other host memory. It may also have ``ram``: one
+  memoryview of the RAM from guest-physical 0 (every ``[gpa, gpa+size)`` with ``gpa + size <= len(ram)`` is RAM),
+  which a hot loop may slice itself instead of calling ``view`` per buffer (virtqueue descriptors); None if not.
 
 Not here: bus registration (``vmmshim.bus``) and the PCI configuration-space helpers (``bhyve_devices.pci``).
 """
@@ -39,6 +41,8 @@ class TimerService(Protocol):
 
 
 class GuestMemory(Protocol):
+    ram: "memoryview | None"
+
     def view(self, gpa: int, size: int) -> memoryview: ...
 
 
@@ -131,6 +135,7 @@ class BytesMemory:
         self.base = base
         self.buf = bytearray(size)
         self._mv = memoryview(self.buf)
+        self.ram = self._mv if base == 0 else None
 
     def view(self, gpa, size):
         off = gpa - self.base

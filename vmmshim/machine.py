@@ -105,7 +105,7 @@ class _GuestMemory:
 
     Virtqueues ask for a view per descriptor (256 for a 1 MiB block request), so the RAM areas (lowmem from 0,
     highmem from 4 GiB) are viewed whole once and sliced here; anything else goes to ``vm.view``, which raises
-    ``EFAULT`` outside guest RAM."""
+    ``EFAULT`` outside guest RAM. ``ram`` is lowmem's view, which the virtqueues slice themselves."""
 
     def __init__(self, vm):
         self._slow = vm.view
@@ -116,6 +116,7 @@ class _GuestMemory:
                     self._areas.append((start, start + size, vm.view(start, size)))
                 except OSError:
                     pass
+        self.ram = self._areas[0][2] if self._areas and self._areas[0][0] == 0 else None
 
     def view(self, gpa, size):
         for start, end, whole in self._areas:

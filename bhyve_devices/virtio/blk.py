@@ -22,8 +22,12 @@ Requests run on one worker thread per device (``threaded=True``, the default) so
 at once; each batch ends with the queue's interrupt (through the transport's callable). ``threaded=False``
 serves them on the notifying thread (tests).
 
-Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max (queue size - 2, as bhyve), blk_size (the logical
-sector size), topology (physical_block_exp, min_io_size), discard and write-zeroes limits.
+Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology (physical_block_exp, min_io_size), discard and write-zeroes limits.
+
+seg_max is the queue size - 2 (as QEMU; a chain without indirect descriptors must fit the ring), and
+:data:`SEG_MAX_INDIRECT` once the driver has accepted VIRTIO_RING_F_INDIRECT_DESC (the config space is read after
+feature negotiation, 3.1.1): one indirect table then carries a whole 1 MiB request of scattered 4 KiB pages
+(256 segments) where 254 made Linux split it in two, and every request costs a notification and an interrupt.
 
 Features: SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, and RO for read-only images, else DISCARD and WRITE_ZEROES (unless
 ``nodelete``).
@@ -73,6 +77,8 @@ VIRTIO_BLK_ID_BYTES = 20
 SECTOR = 512
 MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per request
 IOV_MAX = 1024
+SEG_MAX_INDIRECT = IOV_MAX - 2      # with indirect descriptors: a request's data is one preadv/pwritev
+VIRTIO_RING_F_INDIRECT_DESC = 28
 _RW_CHUNK = 0x7FFFF000          # Linux's MAX_RW_COUNT
 
 BLK_REQ_HDR = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
@@ -246,7 +252,8 @@ class VirtioBlock(VirtioDevice):
 
     def config_dict(self):
         align = self.sectorsize // SECTOR
-        return dict(capacity=self.capacity, size_max=0, seg_max=max(self.queue_size - 2, 1),
+        seg_max = SEG_MAX_INDIRECT if self.has_feature(VIRTIO_RING_F_INDIRECT_DESC) else max(self.queue_size - 2, 1)
+        return dict(capacity=self.capacity, size_max=0, seg_max=seg_max,
                     geometry=dict(cylinders=0, heads=0, sectors=0), blk_size=self.sectorsize,
                     topology=dict(physical_block_exp=(self.physical_sectorsize // self.sectorsize).bit_length() - 1,
                                   alignment_offset=0, min_io_size=self.physical_sectorsize // self.sectorsize,
@@ -297,6 +304,11 @@ class VirtioBlock(VirtioDevice):
     def reset(self):
         with self._lock:
             super().reset()
+            self._config = BLK_CONFIG.build(self.config_dict())
+
+    def apply_features(self, features):
+        super().apply_features(features)
+        self._config = BLK_CONFIG.build(self.config_dict())
 
     def close(self):
         with self._cond:

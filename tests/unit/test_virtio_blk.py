@@ -81,7 +81,7 @@ def original(image, sector, n):
 def test_config_and_features(image, modern):
     d = Disk(image, modern=modern)
     cfg = B.BLK_CONFIG.parse(d.drv.config_bytes(B.BLK_CONFIG.sizeof()))
-    assert cfg.capacity == SECTORS and cfg.blk_size == 512 and cfg.seg_max == 254
+    assert cfg.capacity == SECTORS and cfg.blk_size == 512 and cfg.seg_max == B.SEG_MAX_INDIRECT
     assert cfg.max_discard_seg == 1 and cfg.write_zeroes_may_unmap == 1
     f = d.drv.device_features()
     for b in (B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, B.VIRTIO_BLK_F_TOPOLOGY,
@@ -89,6 +89,33 @@ def test_config_and_features(image, modern):
         assert f >> b & 1
     assert not f >> B.VIRTIO_BLK_F_RO & 1
     assert B.BLK_CONFIG.build(cfg) == d.dev.config_bytes()
+    d.close()
+
+
+def test_seg_max_follows_indirect_descriptors(image):
+    """Without indirect descriptors a chain must fit the ring (queue size - 2 data segments); with them one
+    request may carry a whole 1 MiB of scattered pages."""
+    d = Disk(image)
+    assert d.feats >> B.VIRTIO_RING_F_INDIRECT_DESC & 1
+    d.drv.init(want=d.drv.device_features() & ~(1 << B.VIRTIO_RING_F_INDIRECT_DESC))
+    assert B.BLK_CONFIG.parse(d.drv.config_bytes(B.BLK_CONFIG.sizeof())).seg_max == 254
+    d.drv.set_status(0)
+    assert B.BLK_CONFIG.parse(d.dev.config_bytes()).seg_max == 254
+    d.close()
+
+
+def test_a_request_of_256_scattered_pages_is_served_whole(image):
+    d = Disk(image, modern=True)
+    a = d.drv.alloc
+    hdr = a.put(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 0))
+    pages = [a.alloc(64) for _ in range(256)]          # 256 segments of 64 bytes
+    status = a.alloc(1)
+    table = a.alloc(16 * 258)
+    head = d.q.add(out=[(hdr, 16)], inn=[(p, 64) for p in pages] + [(status, 1)], indirect_at=table)
+    d.drv.notify(0)
+    assert [h for h, _ in d.q.get_used()] == [head]
+    assert d.mem.buf[status - d.mem.base] == B.VIRTIO_BLK_S_OK
+    assert b"".join(a.read(p, 64) for p in pages) == original(image, 0, 256 * 64)
     d.close()
 
 

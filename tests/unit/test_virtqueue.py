@@ -37,6 +37,19 @@ class RecordingMemory(BytesMemory):
         return mv
 
 
+class RamMemory(BytesMemory):
+    """Guest RAM from 0 with a ``ram`` view (as the VM's): the queue slices it itself for in-RAM buffers."""
+
+    def __init__(self):
+        super().__init__(BASE + RAM, 0)
+        assert self.ram is not None
+        self.views = 0
+
+    def view(self, gpa, size):
+        self.views += 1
+        return super().view(gpa, size)
+
+
 class Ring:
     """Raw ring writer (the test is the driver)."""
 
@@ -176,6 +189,22 @@ def test_avail_index_too_far_ahead():
     def b(r):
         r.w(r.avail + 2, "<H", 9)
     expect_error(b, fragment="ahead")
+
+
+def test_ram_view_serves_buffers_and_the_rest_is_checked():
+    mem, q, r, errors = make(mem=RamMemory())
+    r.d(0, BASE + 0x3000, 16, VIRTQ_DESC_F_NEXT, 1)
+    r.d(1, BASE + 0x4000, 32, VIRTQ_DESC_F_WRITE)
+    r.post(0)
+    before = mem.views
+    c = q.get_chain()
+    assert [len(m) for m in c.readable + c.writable] == [16, 32] and mem.views == before
+    c.writable[0][:4] = b"abcd"
+    assert bytes(mem.buf[BASE + 0x4000:BASE + 0x4004]) == b"abcd"
+    q.put_used(c.head, 4)
+    r.d(2, BASE + RAM - 8, 16)                  # runs past the end of RAM: not silently cut short
+    r.post(2)
+    assert q.get_chain() is None and q.broken and "guest memory" in errors[0]
 
 
 def test_buffer_outside_ram():
@@ -382,9 +411,10 @@ DESC = st.tuples(ADDR, LEN, FLAGS, st.one_of(st.integers(0, 9), st.integers(0, 0
        avail_idx=st.one_of(st.integers(0, 10), st.integers(0, 0xFFFF)),
        used_event=st.integers(0, 0xFFFF), avail_flags=st.integers(0, 0xFFFF),
        features=st.sampled_from([0, F_INDIRECT, F_EVENT_IDX, F_INDIRECT | F_EVENT_IDX]),
-       rounds=st.integers(1, 12))
-def test_hostile_rings_never_escape(descs, table, heads, avail_idx, used_event, avail_flags, features, rounds):
-    mem, q, ring, errors = make(features=features)
+       rounds=st.integers(1, 12), ram=st.booleans())
+def test_hostile_rings_never_escape(descs, table, heads, avail_idx, used_event, avail_flags, features, rounds, ram):
+    mem, q, ring, errors = make(features=features, mem=RamMemory() if ram else None)
+    lengths = {n for _, n, _, _ in descs + table}
     for i, (a, n, f, nx) in enumerate(descs):
         ring.d(i, a, n, f, nx)
     for i, (a, n, f, nx) in enumerate(table):
@@ -402,7 +432,7 @@ def test_hostile_rings_never_escape(descs, table, heads, avail_idx, used_event, 
         got += 1
         assert len(c.readable) + len(c.writable) <= 8 + 6 + 1
         for m in c.readable + c.writable:
-            assert isinstance(m, memoryview)
+            assert isinstance(m, memoryview) and len(m) in lengths     # never a view cut short at RAM's end
         c.write_bytes(b"\xAA" * 8)
         q.put_used(c.head, c.writable_len)
         q.needs_notify()
