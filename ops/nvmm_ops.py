@@ -205,14 +205,19 @@ class VmmOpsNvmm:
         return vmi.vcpus[vcpu].nv.assist_io
 
     def _before_entry(self, vmi, ctx):
+        # Everything a kick so far asked for (suspension, a SIPI, an NMI, an interrupt) is looked at below, so its
+        # stop is withdrawn first (no STOPPED exit for it); a kick from here on stops the run.
+        ctx.pending = False
+        nv = ctx.nv
+        nv.clear_stop()
         if vmi.suspended is not None:
+            ctx.pending = True
             return self._suspended_exit(vmi, ctx)
         if ctx.spinup is not None:
             target, rip = ctx.spinup
             ctx.spinup = None
+            ctx.pending = True
             return self._vmexit(ctx, E.VM_EXITCODE_SPINUP_AP, SpinupAp(target, rip))
-        ctx.pending = False
-        nv = ctx.nv
         if ctx.nmi:
             ctx.nmi = False
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, C.X86_EXC_NMI)

@@ -348,6 +348,12 @@ class Vcpu:
     def stop(self):
         raise NotImplementedError
 
+    def clear_stop(self):
+        """vmmshim's extension: withdraws a ``stop`` not yet delivered. For a caller about to look at everything
+        a stop could have been asked for (the ops layer, before it decides what to inject): a kick that found the
+        vCPU outside the guest then costs no STOPPED exit. A stop after the call is kept. Where the provider
+        cannot withdraw one (the default) the next run returns STOPPED at once, which is correct, one exit more."""
+
     def assist_io(self):
         raise NotImplementedError
 

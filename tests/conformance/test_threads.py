@@ -60,3 +60,19 @@ def test_stop_interrupts_a_spinning_guest(guest_factory):
     # the vCPU is usable afterwards: stop before run gives STOPPED at once, then the guest runs again
     v.stop()
     assert v.run().reason == C.NVMM_VCPU_EXIT_STOPPED
+
+
+def test_clear_stop_withdraws_a_stop_not_yet_delivered(guest_factory):
+    """The ops layer withdraws a kick's stop when it is about to look at what the kick was for; a stop after
+    that is kept."""
+    g = guest_factory()
+    g.load(CODE, assemble(".code64\nout %al, (%dx)\nout %al, (%dx)\nhlt\n", CODE))
+    g.setup_long64(CODE, large=True)
+    v = g.vcpu
+    v.stop()
+    v.clear_stop()
+    assert v.run().reason == C.NVMM_VCPU_EXIT_IO
+    v.assist_io()
+    v.stop()
+    assert v.run().reason == C.NVMM_VCPU_EXIT_STOPPED
+    assert v.run().reason == C.NVMM_VCPU_EXIT_IO

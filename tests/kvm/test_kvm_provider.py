@@ -114,3 +114,45 @@ def test_interrupt_after_an_io_exit_waits_for_the_completion(kvm_provider, ioctl
         assert g.gpr(C.NVMM_X64_GPR_RIP) == symbols(src, CODE)["handler"] + 4
     finally:
         g.close()
+
+
+def test_stop_signals_only_a_thread_inside_kvm_run(kvm_provider, monkeypatch):
+    """A kick to a vCPU outside KVM_RUN sets immediate_exit and sends no signal (the signal interrupts
+    whatever the thread is doing, and its handler runs on the main thread); inside KVM_RUN it signals."""
+    import threading
+    import time
+
+    sent = []
+    real_kill = kvmvcpu.signal.pthread_kill
+
+    def kill(tid, sig):
+        sent.append(tid)
+        real_kill(tid, sig)
+    monkeypatch.setattr(kvmvcpu.signal, "pthread_kill", kill)
+    g = Guest(kvm_provider)
+    try:
+        g.load(CODE, assemble(".code64\nout %al, $0x98\n1: jmp 1b\n", CODE))
+        g.setup_long64(CODE, large=True)
+        v = g.vcpu
+        out = {}
+
+        def worker():
+            out["first"] = v.run().reason
+            ready.wait(10)
+            out["second"] = v.run().reason
+        ready = threading.Event()
+        t = threading.Thread(target=worker)
+        t.start()
+        while "first" not in out and t.is_alive():
+            time.sleep(0.01)
+        v.stop()                                     # the worker waits outside KVM_RUN
+        assert sent == []
+        v.clear_stop()
+        ready.set()
+        time.sleep(0.3)
+        assert t.is_alive() and "second" not in out  # the withdrawn stop did not end the spin
+        v.stop()
+        t.join(10)
+        assert out == {"first": C.NVMM_VCPU_EXIT_IO, "second": C.NVMM_VCPU_EXIT_STOPPED} and len(sent) == 1
+    finally:
+        g.close()

@@ -70,6 +70,7 @@ class KvmVcpu(api.Vcpu):
         self._cpuid_applied = False
         self._xcr0 = 1
         self._thread = None
+        self._in_run = False            # inside the run path's KVM_RUN: a stop() signals the thread
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -326,12 +327,15 @@ class KvmVcpu(api.Vcpu):
             if vcpu._slow:
                 return slow_run()
             vcpu._thread = get_ident()
+            vcpu._in_run = True
             try:
                 ioctl(fd, krun)
             except OSError as exc:
+                vcpu._in_run = False
                 if posted:
                     drain()
                 return run_error(exc)
+            vcpu._in_run = False
             if posted:
                 first, last = ring_hdr(mm, ring_off)
                 if first != last:
@@ -406,16 +410,22 @@ class KvmVcpu(api.Vcpu):
         return khz * 1000 if khz > 0 else None
 
     def stop(self):
-        """``nvmm_vcpu_stop`` plus the kick: safe from any thread, before or during a run."""
+        """``nvmm_vcpu_stop`` plus the kick: safe from any thread, before or during a run. The signal goes only
+        to a thread inside ``KVM_RUN`` (``_in_run``): a thread outside it sees ``immediate_exit`` at its next
+        entry. Both flags are set and read under the GIL, so a run that starts after the test finds
+        ``immediate_exit`` already set."""
         self._kicks += 1
         self.mm[L.RUN_IMMEDIATE_EXIT] = 1
         with self._lock:
             tid = self._thread
-            if tid is not None and tid != threading.get_ident():
+            if self._in_run and tid is not None and tid != threading.get_ident():
                 try:
                     signal.pthread_kill(tid, SIG_KICK)
                 except ProcessLookupError:
                     pass
+
+    def clear_stop(self):
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 0
 
     # -- assists -----------------------------------------------------------------------------------------------
     def _assist_io_slow(self, direction, size, port, count, off):

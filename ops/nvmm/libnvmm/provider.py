@@ -248,6 +248,11 @@ class LibnvmmVcpu(api.Vcpu):
             except (OSError, ValueError):
                 pass            # the thread left run() meanwhile: the stop flag still holds
 
+    def clear_stop(self):
+        """Clears the comm page's ``stop`` flag (``nvmm_vcpu.stop`` points at it; ``nvmm_vcpu_stop`` sets it)."""
+        if not self.destroyed:
+            self.c.stop[0] = 0
+
     # -- assists -----------------------------------------------------------------------------------------------
     def _callback(self, fn, where, flag, fills, data, size):
         """Called from a trampoline: runs ``fn(where, flag, view)`` (``fills``: an IN or a read, the callback

@@ -287,6 +287,10 @@ class SoftVcpu(api.Vcpu):
             if self._running:
                 self.uc.emu_stop()
 
+    def clear_stop(self):
+        with self._lock:
+            self._stop_req = False
+
     def run(self):
         if self.destroyed:
             raise api.nvmm_error(errno.ENOENT, "vCPU destroyed")
