@@ -425,6 +425,14 @@ class VmmOpsNvmm:
         whether the provider does it. ``cb(port, data)`` gets them before the next exit is handled."""
         return vmi.machine.post_io(port, size, cb)
 
+    def vm_doorbell(self, vmi, addr, size, pio, datamatch, fd):
+        """vmmshim's extension: guest writes to ``addr`` signal the eventfd ``fd`` instead of exiting
+        (``Machine.doorbell``); returns whether the provider does it."""
+        return vmi.machine.doorbell(addr, size, pio, datamatch, fd)
+
+    def vm_remove_doorbell(self, vmi, addr, size, pio, datamatch, fd):
+        vmi.machine.remove_doorbell(addr, size, pio, datamatch, fd)
+
     def vm_drain_posted(self, vmi):
         """vmmshim's extension: hands the posted writes buffered so far to their callbacks (any thread)."""
         vmi.machine.drain_posted()

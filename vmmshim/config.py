@@ -8,7 +8,8 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 ``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock,
 ``ops/kvm_para.py``; on by default, as QEMU offers kvmclock), ``x86.pv_eoi`` (KVM's PV EOI as well; off by default) and
 ``vmmshim.posted_io`` (devices' posted port writes, e.g. the UART's transmit register, buffered by KVM's
-coalesced PIO; on by default).
+coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications through KVM's ioeventfd,
+``vmmshim/doorbells.py``; on by default).
 
 Not supported: ``-k`` file includes, ``%(var)`` expansion.
 """
@@ -42,7 +43,8 @@ class Config:
                        "x86.x2apic": "false", "x86.kvm_pv": "true", "x86.pv_eoi": "false",
                        "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
-                       "vmmshim.stats": "false", "vmmshim.posted_io": "true"}
+                       "vmmshim.stats": "false", "vmmshim.posted_io": "true",
+                       "vmmshim.doorbells": "true"}
 
     def set(self, key, value):
         if not re.match(r"^[A-Za-z0-9_.-]+$", key) or key.startswith(".") or key.endswith(".") or ".." in key:

@@ -73,7 +73,8 @@ def _write_tables(vm, cfg, host, lpc_slot):
 
 
 def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
-    """Maps or unmaps BAR ``idx`` of ``dev`` on the port or MMIO bus (see ``PciDevice.bar_changed``).
+    """Maps or unmaps BAR ``idx`` of ``dev`` on the port or MMIO bus (see ``PciDevice.bar_changed``), with the
+    device's doorbells in it (``doorbells(idx)``, see ``vmmshim.doorbells``).
 
     Only the BAR's own window is ever unmapped. The guest chooses BAR addresses: one that overlaps another device
     (a BAR sized with decoding left on, a bad allocation) is left unmapped with a warning instead of ending the
@@ -84,6 +85,7 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
     hit = bus.lookup(old)
     if hit is not None and hit[0] == old and hit[1] is window:
         bus.remove(old)
+        vm.remove_doorbells(vm.bar_doorbells.pop(window, ()))
     if enabled:
         hit = bus.lookup(new)
         if hit is not None and hit[0] == new and hit[1] is window:
@@ -92,6 +94,10 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
             bus.insert(new, size, window, name)
         except BusError as exc:
             vm.log(f"vmmshim: PCI {name} not mapped: {exc}")
+            return
+        bells = dev.doorbells(idx) if hasattr(dev, "doorbells") else ()
+        if bells:
+            vm.bar_doorbells[window] = vm.add_doorbells(new, kind == BarKind.IO, bells)
 
 
 def _elcr_level(atpic, irq):

@@ -16,6 +16,7 @@ import threading
 from ops.vmm_ops import SegDesc, VmExitCode as E, VmRegName as R, VmSuspendHow
 
 from .bus import Bus
+from .doorbells import Doorbells
 from .msr import MsrEmulator
 from .timers import TimerThread
 
@@ -43,10 +44,11 @@ class HostMemory:
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=False, pv_eoi=False, posted_io=True):
+                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
+        self.doorbells = doorbells
 
 
 class VM:
@@ -66,8 +68,12 @@ class VM:
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
+        self.bar_doorbells = {}     # a PCI BAR's window -> the keys of its doorbells where it is mapped
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(self)
+        self.doorbells = Doorbells(lambda *k: ops.vm_doorbell(self.vmi, *k),
+                                   lambda *k: ops.vm_remove_doorbell(self.vmi, *k),
+                                   on_error=lambda exc: self.log(f"vmmshim: doorbell: {exc!r}"))
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
         self.ram = HostMemory(config.memsize)
@@ -120,6 +126,19 @@ class VM:
 
     def add_mmio_device(self, base, size, device, name=None):
         self.mmio.insert(base, size, device, name)
+
+    def add_doorbells(self, base, pio, bells):
+        """Registers a device's doorbells (``(offset, size, datamatch, fn)``, see ``vmmshim.doorbells``) at
+        ``base`` in the port (``pio``) or memory space; returns the keys of those the provider took (the others'
+        writes keep exiting to the bus), for :meth:`remove_doorbells`. None with ``config.doorbells`` off."""
+        if not self.config.doorbells:
+            return []
+        keys = (self.doorbells.add(base + off, size, pio, match, fn) for off, size, match, fn in bells)
+        return [k for k in keys if k is not None]
+
+    def remove_doorbells(self, keys):
+        for k in keys:
+            self.doorbells.remove(k)
 
     def isa_irq(self, irq):
         """An IrqLine for ISA interrupt ``irq`` (8259 input and IOAPIC pin)."""
@@ -241,6 +260,7 @@ class VM:
         self.stop(SUSPEND_STATUS[how])
 
     def close(self):
+        self.doorbells.close()
         for close in self.closers:
             if close is not None:
                 close()

@@ -31,6 +31,7 @@ Not supported: the packed ring (VIRTIO_F_RING_PACKED), VIRTIO_F_NOTIFICATION_DAT
 notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern BAR (it is a MEM32 BAR).
 """
 
+import functools
 import threading
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
@@ -312,6 +313,19 @@ class VirtioPciDevice(PciDevice):
             self.vdev.queue_notify(qidx, q)
         except Exception as exc:  # never out of a guest access
             self._device_error(f"queue {qidx} notify: {exc!r}")
+
+    def doorbells(self, idx):
+        """The queue-notify registers of BAR ``idx`` as doorbells (``(offset, size, datamatch, fn)``; the VM may
+        have them signal instead of exit, ``vmmshim.doorbells``): each queue's modern notify address, a write of
+        any size (the address names the queue), and the legacy QUEUE_NOTIFY once per queue, a 16-bit write of the
+        queue's index. A write that matches none of them still exits and is handled by :meth:`barwrite`."""
+        n = len(self.queues)
+        if idx == MODERN_BAR:
+            return [(NOTIFY_OFF + NOTIFY_MULTIPLIER * i, 0, None, functools.partial(self._notify, i))
+                    for i in range(n)]
+        if idx == LEGACY_BAR:
+            return [(VIRTIO_PCI_QUEUE_NOTIFY, 2, i, functools.partial(self._notify, i)) for i in range(n)]
+        return []
 
     def _vector(self, value):
         return value if value == NO_VECTOR or value < self._nvec else NO_VECTOR

@@ -31,7 +31,9 @@ run a case), ``Vcpu.stats`` (counters a benchmark reads), ``Vcpu.tsc_frequency()
 TSC, for the ops layer's paravirtual clock), ``Machine.kernel_pvclock()`` (the hypervisor's own paravirtual
 clock, where it has one) and ``Machine.post_io(port, size, cb)`` (posted port writes: the
 provider may buffer a range's OUTs instead of exiting, as KVM's coalesced PIO does, and hands them to ``cb`` in
-order before the next exit of any vCPU is returned).
+order before the next exit of any vCPU is returned), ``Machine.doorbell(addr, size, pio, datamatch, fd)`` /
+``remove_doorbell`` (a register whose writes signal an eventfd instead of exiting, KVM's ioeventfd) and
+``Vcpu.clear_stop()`` (withdraws a stop not yet delivered).
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init`` (administration), ``nvmm_vcpu_dump``.
 """
@@ -259,6 +261,19 @@ class Machine:
         the ops layer then emulates the clock itself."""
         return self._kernel_pvclock()
 
+    def doorbell(self, addr, size, pio, datamatch, fd):
+        """Extension: asks that guest writes to ``addr`` (a port if ``pio``, else guest-physical; of ``size``
+        bytes, 0 meaning any size of an MMIO write; of the value ``datamatch`` only, unless None) signal the
+        eventfd ``fd`` instead of exiting: a *doorbell*, for a register whose writes need no answer and whose
+        effect may run on another thread (a virtio queue notification). Returns False where the provider cannot
+        (NVMM, the soft CPU): the writes keep exiting."""
+        return self._doorbell(addr, size, pio, datamatch, fd, assign=True)
+
+    def remove_doorbell(self, addr, size, pio, datamatch, fd):
+        """Extension: undoes :meth:`doorbell` (same arguments); the writes exit again."""
+        if not self.destroyed:
+            self._doorbell(addr, size, pio, datamatch, fd, assign=False)
+
     def drain_posted(self):
         """Extension: hands the posted writes buffered so far to their callbacks (``run`` does it itself)."""
         if not self.destroyed:
@@ -305,6 +320,9 @@ class Machine:
         return False
 
     def _kernel_pvclock(self):
+        return False
+
+    def _doorbell(self, addr, size, pio, datamatch, fd, assign):
         return False
 
     def _drain_posted(self):

@@ -29,6 +29,16 @@ class Dev(PciDevice):
 class FakeVm:
     def __init__(self):
         self.pio, self.mmio, self.logged = Bus("port", is_port_bus=True), Bus("mmio"), []
+        self.bar_doorbells, self.bells = {}, set()     # the doorbells registered: (address, pio, size, match)
+
+    def add_doorbells(self, base, pio, bells):
+        keys = [(base + off, pio, size, match) for off, size, match, _ in bells]
+        self.bells.update(keys)
+        return keys
+
+    def remove_doorbells(self, keys):
+        for k in keys:
+            self.bells.remove(k)
 
     def log(self, msg):
         self.logged.append(msg)
@@ -45,6 +55,26 @@ def io_read(bus, port, size=1):
     data = bytearray(size)
     bus.io(port, True, memoryview(data))
     return int.from_bytes(data, "little")
+
+
+class BellDev(Dev):
+    def doorbells(self, idx):
+        return [(0x10, 2, 1, lambda: None)] if idx == 0 else [(0x20, 0, None, lambda: None)]
+
+
+def test_doorbells_follow_their_bar():
+    vm = FakeVm()
+    host = PciHost(bar_changed=lambda *a: _bar_changed(vm, *a))
+    d = host.add(4, 0, BellDev("bell"))
+    io, mem = d.bars[0].addr, d.bars[1].addr
+    assert vm.bells == {(io + 0x10, True, 2, 1), (mem + 0x20, False, 0, None)}
+    size_bar(d, 0)
+    size_bar(d, 1, decode_off=False)                 # moved to all-ones and back: removed, then added again
+    assert vm.bells == {(io + 0x10, True, 2, 1), (mem + 0x20, False, 0, None)}
+    d.cfgwrite(C.BAR0 + 4, 4, mem + 0x10000)
+    assert vm.bells == {(io + 0x10, True, 2, 1), (mem + 0x10020, False, 0, None)}
+    d.cfgwrite(C.COMMAND, 2, d.cfgread(C.COMMAND, 2) & ~C.CMD_IO)
+    assert vm.bells == {(mem + 0x10020, False, 0, None)}
 
 
 def size_bar(dev, idx, decode_off=True):

@@ -3,7 +3,8 @@
 Every request number is computed here, once, from ``_IOC`` with the size of its argument layout in
 ``ops.nvmm.kvm.layouts`` (asm-generic ``ioctl.h`` encoding: dir << 30 | size << 16 | type << 8 | nr).
 
-Not here: the ARM, s390 and PPC ioctls, dirty logging, irqfd/ioeventfd (NVMM has no in-kernel devices).
+Not here: the ARM, s390 and PPC ioctls, dirty logging, irqfd (it needs KVM's in-kernel interrupt controller;
+ioeventfd does not).
 """
 
 from . import layouts as L
@@ -54,6 +55,7 @@ KVM_SET_TSS_ADDR = _IO(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(0x48, L.U64)
 KVM_REGISTER_COALESCED_MMIO = _IOW(0x67, L.KVM_COALESCED_MMIO_ZONE)
 KVM_UNREGISTER_COALESCED_MMIO = _IOW(0x68, L.KVM_COALESCED_MMIO_ZONE)
+KVM_IOEVENTFD = _IOW(0x79, L.KVM_IOEVENTFD)
 KVM_ENABLE_CAP = _IOW(0xA3, L.KVM_ENABLE_CAP)
 KVM_X86_SET_MSR_FILTER = _IOW(0xC6, L.KVM_MSR_FILTER)
 # vCPU ioctls
@@ -95,6 +97,13 @@ KVM_CAP_SYNC_REGS = 74
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+
+# kvm_ioeventfd.flags
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 # kvm_run.exit_reason
 KVM_EXIT_UNKNOWN = 0

@@ -29,6 +29,10 @@ KVM_INTERRUPT = cs.Struct("irq" / cs.Int32ul)
 #: ``struct kvm_coalesced_mmio_zone`` (KVM_REGISTER_COALESCED_MMIO): a guest-physical or, with ``pio``, port range
 #: whose writes KVM appends to the coalesced ring instead of exiting.
 KVM_COALESCED_MMIO_ZONE = cs.Struct("addr" / cs.Int64ul, "size" / cs.Int32ul, "pio" / cs.Int32ul)
+#: ``struct kvm_ioeventfd`` (KVM_IOEVENTFD): writes to ``addr`` (``len`` bytes, 0: any length, MMIO only; with the
+#: DATAMATCH flag only the value ``datamatch``) signal the eventfd ``fd`` instead of exiting.
+KVM_IOEVENTFD = cs.Struct("datamatch" / cs.Int64ul, "addr" / cs.Int64ul, "len" / cs.Int32ul, "fd" / cs.Int32sl,
+                          "flags" / cs.Int32ul, "pad" / cs.Bytes(36))
 #: ``struct kvm_coalesced_mmio``: one buffered write in the ring (``data`` holds ``len`` bytes).
 KVM_COALESCED_MMIO = cs.Struct("phys_addr" / cs.Int64ul, "len" / cs.Int32ul, "pio" / cs.Int32ul,
                                "data" / cs.Bytes(8))

@@ -117,6 +117,9 @@ class KvmProvider(api.Provider):
             else 0
         self.mmap_size = fcntl.ioctl(self.fd, K.KVM_GET_VCPU_MMAP_SIZE)
         self.ring_offset = page * PAGE_SIZE if page and (page + 1) * PAGE_SIZE <= self.mmap_size else 0
+        # doorbells: ioeventfd, with a length of 0 (any MMIO write) where KVM has it
+        self.ioeventfd = bool(self.check_extension(K.KVM_CAP_IOEVENTFD))
+        self.ioeventfd_any_length = bool(self.check_extension(K.KVM_CAP_IOEVENTFD_ANY_LENGTH))
         self.supported_cpuid = self._supported_cpuid()
         self.kind = hardware_kind()
         _install_kick_handler()
@@ -234,6 +237,24 @@ class KvmMachine(api.Machine):
         except OSError:
             return False
         self.posted.append((port, port + size, cb))
+        return True
+
+    # -- doorbells: KVM_IOEVENTFD (KVM API 4.59; it needs no in-kernel interrupt controller) ------------------
+    def _doorbell(self, addr, size, pio, datamatch, fd, assign):
+        if size not in ((1, 2, 4) if pio else (0, 1, 2, 4, 8)) or (size == 0 and datamatch is not None):
+            raise api.nvmm_error(errno.EINVAL, f"doorbell of size {size} (datamatch {datamatch})")
+        if not self.provider.ioeventfd or (size == 0 and not self.provider.ioeventfd_any_length):
+            return False
+        flags = (K.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (0 if assign else K.KVM_IOEVENTFD_FLAG_DEASSIGN)
+        if datamatch is not None:
+            flags |= K.KVM_IOEVENTFD_FLAG_DATAMATCH
+        buf = L.KVM_IOEVENTFD.build(dict(datamatch=datamatch or 0, addr=addr, len=size, fd=fd, flags=flags,
+                                         pad=bytes(36)))
+        try:
+            fcntl.ioctl(self.vmfd, K.KVM_IOEVENTFD, buf)
+        except OSError:
+            if assign:
+                return False
         return True
 
     def _drain_posted(self):

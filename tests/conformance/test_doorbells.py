@@ -1,0 +1,94 @@
+"""Doorbells on every provider (vmmshim/doorbells.py): a device's notify registers may signal an eventfd
+instead of exiting (KVM's ioeventfd); the guest must not be able to tell, short of timing. The guest rings a
+port doorbell (a 16-bit write of the matched value, as virtio's legacy QUEUE_NOTIFY) and an MMIO one (any
+size, as the modern notify address) and each time spins until the device has written its count into guest
+memory, as a driver waits for its used ring; a write of another value goes through the bus. Where the provider
+takes them (KVM) the rings cost no exits; elsewhere each one exits and reaches the device through the bus."""
+
+import struct
+
+from ops.vmm_ops import VmExitCode as E
+from tests.guests.vmboot import boot64
+from vmmshim.vm import EXIT_HALT
+
+N = 40
+PORT = 0x520
+MMIO = 0xD0000000
+FLAG = 0x8000           # guest RAM the device writes its count to
+RING_VALUE = 1
+
+
+class NotifyDevice:
+    """A notify register in a port range and an MMIO page; every notification bumps the count in guest RAM."""
+
+    def __init__(self, vm):
+        self.vm, self.count, self.other = vm, 0, []
+
+    def notify(self):
+        self.count += 1
+        self.vm.load(FLAG, struct.pack("<I", self.count))
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        if offset in (0, 0x10) and (offset == 0x10 or value == RING_VALUE):
+            self.notify()
+        else:
+            self.other.append((offset, value))
+            self.vm.load(FLAG, struct.pack("<I", self.count + 1000))
+
+    def bells(self, pio):
+        return [(0, 2, RING_VALUE, self.notify)] if pio else [(0x10, 0, None, self.notify)]
+
+
+GUEST = f"""
+  xor %ecx, %ecx
+  mov ${PORT}, %dx
+1:inc %ecx
+  mov ${RING_VALUE}, %ax
+  out %ax, %dx
+2:cmp {FLAG}, %ecx
+  jne 2b
+  cmp ${N}, %ecx
+  jne 1b
+3:inc %ecx
+  mov ${MMIO + 0x10}, %rbx
+  movw %cx, (%rbx)
+4:cmp {FLAG}, %ecx
+  jne 4b
+  cmp ${2 * N}, %ecx
+  jne 3b
+  mov $7, %ax
+  out %ax, %dx            # not the doorbell's value: an exit to the device
+  add $1000, %ecx
+5:cmp {FLAG}, %ecx
+  jne 5b
+  cli
+  hlt
+"""
+
+
+def test_doorbells_reach_the_device_without_exits_where_the_provider_has_them(make_vm, provider):
+    vm = make_vm()
+    dev = NotifyDevice(vm)
+    vm.add_port_device(PORT, 4, dev, "notify-port")
+    vm.add_mmio_device(MMIO, 0x1000, dev, "notify-mmio")
+    keys = vm.add_doorbells(PORT, True, dev.bells(True)) + vm.add_doorbells(MMIO, False, dev.bells(False))
+    boot64(vm, GUEST)
+    assert vm.run(timeout=60) == EXIT_HALT, vm.error
+    assert dev.count == 2 * N and dev.other == [(0, 7)]
+    counts = vm.exit_counts[0]
+    if provider.name == "kvm":
+        assert len(keys) == 2, "this KVM has ioeventfd: both doorbells should be taken"
+    if keys:
+        assert counts[E.VM_EXITCODE_INOUT] == 1 and counts[E.VM_EXITCODE_INST_EMUL] == 0, counts
+        assert vm.doorbells.rings == 2 * N
+    else:
+        assert counts[E.VM_EXITCODE_INOUT] == N + 1 and counts[E.VM_EXITCODE_INST_EMUL] == N
+
+
+def test_doorbells_can_be_turned_off(make_vm):
+    vm = make_vm(doorbells=False)
+    dev = NotifyDevice(vm)
+    assert vm.add_doorbells(PORT, True, dev.bells(True)) == [] and vm.doorbells.active == 0
