@@ -3,8 +3,10 @@
 A device names them (``doorbells(bar)`` of a PCI device: ``(offset, size, datamatch, fn)``; the virtio transport's
 queue-notify registers); the VM registers each where the BAR is mapped, through the provider's
 ``Machine.doorbell`` extension (KVM's ioeventfd, KVM API 4.59), and removes it when the BAR moves. A write then
-costs the guest no exit to user space: KVM signals the eventfd and the guest runs on, while this module's thread
-(``vmmshim-doorbells``), waiting on every eventfd with epoll, calls the doorbell's ``fn()``. Rings that arrive
+costs the guest no exit to user space: KVM signals the eventfd and the guest runs on, while a doorbell thread,
+waiting on its eventfds with epoll, calls the doorbell's ``fn()``. There is one thread per *group* (a device:
+``vmmshim-doorbells <name>``), so a device may do its work in ``fn`` itself (virtio-blk serves its queue there)
+without holding up another device's doorbells, and a request costs no hand-off to a worker. Rings that arrive
 before the thread reads the eventfd count as one: a doorbell says "look at your queue", not how often.
 
 Where the provider has none (NVMM, the soft CPU) or ``-o vmmshim.doorbells=false``, the writes exit and reach
@@ -29,17 +31,13 @@ class Doorbells:
         self._register, self._unregister = register, unregister
         self._on_error = on_error or (lambda exc: None)
         self._lock = threading.Lock()
-        self._bells = {}            # eventfd -> (fn, key)
-        self._closing = []          # eventfds removed, closed by the thread after its current round
-        self._ep = None
-        self._stop_fd = None
-        self._thread = None
-        self._stopping = False
+        self._groups = {}           # group -> _Group
+        self._keys = {}             # eventfd -> (fn, key, _Group)
         self.rings = 0
 
-    def add(self, addr, size, pio, datamatch, fn):
-        """Registers one doorbell; returns its key for :meth:`remove`, or None where the provider refused it
-        (the writes keep exiting)."""
+    def add(self, addr, size, pio, datamatch, fn, group=None, name=None):
+        """Registers one doorbell, served by ``group``'s thread; returns its key for :meth:`remove`, or None
+        where the provider refused it (the writes keep exiting)."""
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         key = (addr, size, pio, datamatch, fd)
         try:
@@ -50,100 +48,124 @@ class Doorbells:
             os.close(fd)
             return None
         with self._lock:
-            if self._thread is None:
-                self._start()
-            self._bells[fd] = (fn, key)
-            self._ep.register(fd, select.EPOLLIN)
+            g = self._groups.get(group)
+            if g is None:
+                g = self._groups[group] = _Group(self, name or (str(group) if group is not None else "shared"))
+            self._keys[fd] = (fn, key, g)
+            g.add(fd, fn)
         return key
 
     def remove(self, key):
         """Unregisters a doorbell (its writes exit again); a ring it still holds is served here."""
         fd = key[4]
         with self._lock:
-            entry = self._bells.pop(fd, None)
-            if entry is None:
-                return
-            try:
-                self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
+            entry = self._keys.pop(fd, None)
+        if entry is None:
+            return
+        fn, _, g = entry
+        g.forget(fd)
         try:
             self._unregister(*key)
         except OSError:
             pass                    # the machine is gone: nothing rings any more
-        if self._take(fd):
-            self._call(entry[0])
-        with self._lock:
-            self._closing.append(fd)
-        self._wake()
+        if _take(fd):
+            self._call(fn)
+        g.close_later(fd)
 
     def close(self):
-        """Removes every doorbell and stops the thread (before the machine is destroyed)."""
-        for fd in list(self._bells):
-            entry = self._bells.get(fd)
+        """Removes every doorbell and stops the threads (before the machine is destroyed)."""
+        for fd in list(self._keys):
+            entry = self._keys.get(fd)
             if entry is not None:
                 self.remove(entry[1])
-        thread = self._thread
-        if thread is None:
-            return
-        self._stopping = True
-        self._wake()
-        if thread is not threading.current_thread():
-            thread.join(5)
-        if not thread.is_alive():
-            for fd in self._closing:
-                os.close(fd)
-            self._closing = []
-            os.close(self._stop_fd)
-            self._ep.close()
-            self._thread = None
+        with self._lock:
+            groups, self._groups = list(self._groups.values()), {}
+        for g in groups:
+            g.stop()
 
     @property
     def active(self):
-        return len(self._bells)
+        return len(self._keys)
 
-    # ---- the thread --------------------------------------------------------------------------------------------------
-    def _start(self):
-        self._ep = select.epoll()
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep.register(self._stop_fd, select.EPOLLIN)
-        self._thread = threading.Thread(target=self._loop, name="vmmshim-doorbells", daemon=True)
-        self._thread.start()
-
-    def _wake(self):
-        if self._stop_fd is not None:
-            os.eventfd_write(self._stop_fd, 1)
-
-    @staticmethod
-    def _take(fd):
-        try:
-            return os.eventfd_read(fd) > 0
-        except BlockingIOError:
-            return False
+    @property
+    def threads(self):
+        return [g.thread for g in self._groups.values()]
 
     def _call(self, fn):
         self.rings += 1
         try:
             fn()
-        except Exception as exc:    # a device's bug must not end the doorbell thread
+        except Exception as exc:    # a device's bug must not end a doorbell thread
             self._on_error(exc)
 
+
+def _take(fd):
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
+
+
+class _Group:
+    """One doorbell thread and its epoll set."""
+
+    def __init__(self, owner, name):
+        self.owner = owner
+        self.ep = select.epoll()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ep.register(self.wake_fd, select.EPOLLIN)
+        self.fns = {}               # eventfd -> fn
+        self.closing = []           # eventfds removed, closed by the thread after its current round
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"vmmshim-doorbells {name}", daemon=True)
+        self.thread.start()
+
+    def add(self, fd, fn):
+        self.fns[fd] = fn
+        self.ep.register(fd, select.EPOLLIN)
+
+    def forget(self, fd):
+        self.fns.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def close_later(self, fd):
+        with self.lock:
+            self.closing.append(fd)
+        os.eventfd_write(self.wake_fd, 1)
+
+    def stop(self):
+        self.stopping = True
+        os.eventfd_write(self.wake_fd, 1)
+        if self.thread is not threading.current_thread():
+            self.thread.join(5)
+        if not self.thread.is_alive():
+            self._close_pending()
+            os.close(self.wake_fd)
+            self.ep.close()
+
+    def _close_pending(self):
+        with self.lock:
+            closing, self.closing = self.closing, []
+        for fd in closing:
+            os.close(fd)
+
     def _loop(self):
-        ep, stop_fd, bells = self._ep, self._stop_fd, self._bells
-        while not self._stopping:
+        ep, wake_fd, fns, call = self.ep, self.wake_fd, self.fns, self.owner._call
+        while not self.stopping:
             try:
                 events = ep.poll()
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == stop_fd:
-                    self._take(fd)
+                if fd == wake_fd:
+                    _take(fd)
                     continue
-                entry = bells.get(fd)
-                if entry is not None and self._take(fd):
-                    self._call(entry[0])
-            if self._closing:
-                with self._lock:
-                    closing, self._closing = self._closing, []
-                for fd in closing:
-                    os.close(fd)
+                fn = fns.get(fd)
+                if fn is not None and _take(fd):
+                    call(fn)
+            if self.closing:
+                self._close_pending()

@@ -97,7 +97,8 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
             return
         bells = dev.doorbells(idx) if hasattr(dev, "doorbells") else ()
         if bells:
-            vm.bar_doorbells[window] = vm.add_doorbells(new, kind == BarKind.IO, bells)
+            vm.bar_doorbells[window] = vm.add_doorbells(new, kind == BarKind.IO, bells, group=dev,
+                                                        name=getattr(dev, "name", None))
 
 
 def _elcr_level(atpic, irq):

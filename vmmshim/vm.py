@@ -127,13 +127,14 @@ class VM:
     def add_mmio_device(self, base, size, device, name=None):
         self.mmio.insert(base, size, device, name)
 
-    def add_doorbells(self, base, pio, bells):
+    def add_doorbells(self, base, pio, bells, group=None, name=None):
         """Registers a device's doorbells (``(offset, size, datamatch, fn)``, see ``vmmshim.doorbells``) at
-        ``base`` in the port (``pio``) or memory space; returns the keys of those the provider took (the others'
-        writes keep exiting to the bus), for :meth:`remove_doorbells`. None with ``config.doorbells`` off."""
+        ``base`` in the port (``pio``) or memory space, served by ``group``'s thread (one per device); returns the
+        keys of those the provider took (the others' writes keep exiting to the bus), for
+        :meth:`remove_doorbells`. None with ``config.doorbells`` off."""
         if not self.config.doorbells:
             return []
-        keys = (self.doorbells.add(base + off, size, pio, match, fn) for off, size, match, fn in bells)
+        keys = (self.doorbells.add(base + off, size, pio, match, fn, group, name) for off, size, match, fn in bells)
         return [k for k in keys if k is not None]
 
     def remove_doorbells(self, keys):

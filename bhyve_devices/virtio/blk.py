@@ -19,7 +19,7 @@ data, and a status byte as the last device-writable byte, in any descriptor arra
   DEVICE_NEEDS_RESET.
 
 Requests run on one worker thread per device (``threaded=True``, the default) so the vCPU that notified returns
-at once; each batch ends with the queue's interrupt (through the transport's callable). ``threaded=False``
+at once, or on the device's doorbell thread when the notification came as a doorbell (``queue_doorbell``); each batch ends with the queue's interrupt (through the transport's callable). ``threaded=False``
 serves them on the notifying thread (tests).
 
 Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology (physical_block_exp, min_io_size), discard and write-zeroes limits.
@@ -275,6 +275,12 @@ class VirtioBlock(VirtioDevice):
         with self._cond:
             self._kick = True
             self._cond.notify()
+
+    def queue_doorbell(self, qidx, queue):
+        """A doorbell ring arrives on this device's own doorbell thread: serve the queue right here, with no
+        hand-off to the worker (in the nested lab each hand-off between Python threads cost about 0.3-0.6 ms)."""
+        with self._lock:
+            self._drain(queue)
 
     def _worker(self):
         while True:

@@ -303,14 +303,17 @@ class VirtioPciDevice(PciDevice):
         qs = self.queue_sel
         return self.queues[qs] if 0 <= qs < len(self.queues) else None
 
-    def _notify(self, qidx):
+    def _notify(self, qidx, doorbell=False):
         if not 0 <= qidx < len(self.queues):
             return
         q = self.queues[qidx]
         if not q.ready:
             return
         try:
-            self.vdev.queue_notify(qidx, q)
+            if doorbell:
+                self.vdev.queue_doorbell(qidx, q)
+            else:
+                self.vdev.queue_notify(qidx, q)
         except Exception as exc:  # never out of a guest access
             self._device_error(f"queue {qidx} notify: {exc!r}")
 
@@ -318,13 +321,14 @@ class VirtioPciDevice(PciDevice):
         """The queue-notify registers of BAR ``idx`` as doorbells (``(offset, size, datamatch, fn)``; the VM may
         have them signal instead of exit, ``vmmshim.doorbells``): each queue's modern notify address, a write of
         any size (the address names the queue), and the legacy QUEUE_NOTIFY once per queue, a 16-bit write of the
-        queue's index. A write that matches none of them still exits and is handled by :meth:`barwrite`."""
+        queue's index. A write that matches none of them still exits and is handled by :meth:`barwrite`. A ring
+        reaches the device's ``queue_doorbell``, on the doorbell thread."""
         n = len(self.queues)
         if idx == MODERN_BAR:
-            return [(NOTIFY_OFF + NOTIFY_MULTIPLIER * i, 0, None, functools.partial(self._notify, i))
+            return [(NOTIFY_OFF + NOTIFY_MULTIPLIER * i, 0, None, functools.partial(self._notify, i, True))
                     for i in range(n)]
         if idx == LEGACY_BAR:
-            return [(VIRTIO_PCI_QUEUE_NOTIFY, 2, i, functools.partial(self._notify, i)) for i in range(n)]
+            return [(VIRTIO_PCI_QUEUE_NOTIFY, 2, i, functools.partial(self._notify, i, True)) for i in range(n)]
         return []
 
     def _vector(self, value):

@@ -39,9 +39,10 @@ def test_a_ring_calls_the_function_on_the_doorbell_thread():
     key = db.add(0x3000, 0, False, None, lambda: seen.append(threading.current_thread().name))
     assert key is not None and db.active == 1
     prov.ring(0x3000)
-    assert wait_for(lambda: seen == ["vmmshim-doorbells"])
+    assert wait_for(lambda: seen == ["vmmshim-doorbells shared"])
+    threads = db.threads
     db.close()
-    assert prov.live == {} and db._thread is None
+    assert prov.live == {} and db.threads == [] and not threads[0].is_alive()
 
 
 def test_rings_before_the_read_count_once_and_later_rings_again():
@@ -68,7 +69,24 @@ def test_a_refused_doorbell_is_none_and_starts_nothing():
     prov = FakeProvider(accept=False)
     db = Doorbells(prov.register, prov.unregister)
     assert db.add(0x3000, 0, False, None, lambda: None) is None
-    assert db.active == 0 and db._thread is None
+    assert db.active == 0 and db.threads == []
+    db.close()
+
+
+def test_each_group_has_its_own_thread():
+    """A device that works in its doorbell function (virtio-blk serves its queue there) does not hold up
+    another device's doorbells."""
+    prov = FakeProvider()
+    db = Doorbells(prov.register, prov.unregister)
+    block, seen = threading.Event(), []
+    db.add(0x20, 0, False, None, lambda: block.wait(5), group="blk", name="blk")
+    db.add(0x30, 0, False, None, lambda: seen.append(threading.current_thread().name), group="net", name="net")
+    prov.ring(0x20)
+    time.sleep(0.05)
+    prov.ring(0x30)
+    assert wait_for(lambda: seen == ["vmmshim-doorbells net"])
+    block.set()
+    assert len(db.threads) == 2
     db.close()
 
 

@@ -31,7 +31,7 @@ class FakeVm:
         self.pio, self.mmio, self.logged = Bus("port", is_port_bus=True), Bus("mmio"), []
         self.bar_doorbells, self.bells = {}, set()     # the doorbells registered: (address, pio, size, match)
 
-    def add_doorbells(self, base, pio, bells):
+    def add_doorbells(self, base, pio, bells, group=None, name=None):
         keys = [(base + off, pio, size, match) for off, size, match, _ in bells]
         self.bells.update(keys)
         return keys

@@ -311,3 +311,28 @@ def test_rw_full_retries_short_transfers(image):
     with pytest.raises(OSError):
         B._rw_full(lambda fd, g, off: 0, -1, segs, 0)
     assert B._rw_full(lambda fd, g, off: 1 / 0, -1, [], 0) == 0          # nothing to move: no call
+
+
+def test_a_doorbell_ring_is_served_on_the_ringing_thread(image):
+    """The transport's doorbells call queue_doorbell; virtio-blk serves the queue there, not on its worker."""
+    from bhyve_devices.virtio.transport import MODERN_BAR, NOTIFY_OFF
+    d = Disk(image, modern=True, threaded=True)
+    served_on = []
+    real = d.dev._serve
+
+    def spy(queue, chain):
+        served_on.append(threading.current_thread().name)
+        real(queue, chain)
+    d.dev._serve = spy
+    (off, size, match, ring), = d.pci.doorbells(MODERN_BAR)
+    assert (off, size, match) == (NOTIFY_OFF, 0, None)
+    a = d.drv.alloc
+    hdr, status = a.put(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 1)), a.alloc(1)
+    data = a.alloc(512)
+    head = d.q.add(out=[(hdr, 16)], inn=[(data, 512), (status, 1)])
+    t = threading.Thread(target=ring, name="doorbell-test")
+    t.start()
+    t.join(5)
+    assert served_on == ["doorbell-test"] and [h for h, _ in d.q.get_used()] == [head]
+    assert a.read(data, 512) == original(image, 1, 512)
+    d.close()
