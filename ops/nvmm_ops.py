@@ -277,6 +277,8 @@ class VmmOpsNvmm:
         if reason == _MEM:
             gpa = ex.mem.gpa
             if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
+                if ctx.pv_eoi is not None:
+                    ctx.pv_eoi.sync()        # an EOI the guest made in memory shows in ISR/PPR before it reads them
                 nv.assist_mem()
                 return None
             return self._vmexit(ctx, E.VM_EXITCODE_INST_EMUL, InstEmul(gpa))
@@ -320,6 +322,8 @@ class VmmOpsNvmm:
         rip = npc - 2
         dev = next((d for d in (vl, ctx.pvclock, ctx.pv_eoi) if d is not None and d.handles_msr(msr)), None)
         if dev is not None:
+            if dev is vl and ctx.pv_eoi is not None:
+                ctx.pv_eoi.sync()            # as for the APIC page: the x2APIC registers see a PV EOI first
             try:
                 if rd:
                     value = dev.rdmsr(msr)

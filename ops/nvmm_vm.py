@@ -81,7 +81,7 @@ class NvmmVmi:
         self.timers = vm.timers
         self.x2apic = bool(getattr(vm, "x2apic", False))
         self.kvm_pv = bool(getattr(vm, "kvm_pv", False))     # KVM's paravirtual interface (ops/kvm_para.py)
-        self.pv_eoi = bool(getattr(vm, "pv_eoi", False))    # ... with PV EOI (opt-in, see kvm_para.py)
+        self.pv_eoi = bool(getattr(vm, "pv_eoi", False))    # ... with PV EOI (see kvm_para.py)
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
         # KVM's paravirtual clock: the hypervisor's own where it has one, else ops/pvclock.py per vCPU
         self.kernel_clock = self.kvm_pv and self.machine.kernel_pvclock()

@@ -6,7 +6,7 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 ``virtio_msix``, ``rtc.use_localtime``, ``uuid``, ``lpc.com1.path`` / ``lpc.com2.path``,
 ``pci.B.S.F.device`` and ``pci.B.S.F.<option>`` (e.g. ``pci.0.4.0.path``), ``firmware.kind`` and its
 ``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock,
-``ops/kvm_para.py``; on by default, as QEMU offers kvmclock), ``x86.pv_eoi`` (KVM's PV EOI as well; off by default) and
+``ops/kvm_para.py``; on by default, as QEMU offers kvmclock), ``x86.pv_eoi`` (KVM's PV EOI as well; on by default, as QEMU offers it) and
 ``vmmshim.posted_io`` (devices' posted port writes, e.g. the UART's transmit register, buffered by KVM's
 coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications through KVM's ioeventfd,
 ``vmmshim/doorbells.py``; on by default).
@@ -40,7 +40,7 @@ class Config:
     def __init__(self):
         self.values = {"cpus": "1", "memory.size": str(256 * MiB), "x86.strictio": "false",
                        "x86.strictmsr": "true", "x86.mptable": "true", "acpi_tables": "false",
-                       "x86.x2apic": "false", "x86.kvm_pv": "true", "x86.pv_eoi": "false",
+                       "x86.x2apic": "false", "x86.kvm_pv": "true", "x86.pv_eoi": "true",
                        "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
                        "vmmshim.stats": "false", "vmmshim.posted_io": "true",

@@ -63,6 +63,19 @@ def test_pv_eoi_ends_interrupts_without_apic_writes(make_vm):
     assert ctx.vlapic.read(0x100 + 0x10 * (0x40 >> 5), 4) == 0, "nothing left in service"
 
 
+def test_the_apic_shows_an_interrupt_ended_in_memory_as_ended(make_vm):
+    """Right after its PV EOI the handler reads the in-service register of its vector through the APIC page
+    (an exit): it must read 0, as KVM syncs the PV EOI word on every exit."""
+    vm = make_vm(kvm_pv=True, pv_eoi=True)
+    isr_0x40 = 0x100 + 0x10 * (0x40 >> 5)
+    boot64(vm, TIMER_GUEST.replace(f"  incl {OUT + 4}\n",
+                                   f"  incl {OUT + 4}\n  mov {isr_0x40:#x}(%rsi), %eax\n  or %eax, {OUT + 12}\n"))
+    assert vm.run(timeout=30) == EXIT_HALT, vm.error
+    ticks, pv, apic, isr_seen = struct.unpack_from("<4I", vm.view(OUT, 16))
+    assert (ticks, pv, apic) == (TICKS, TICKS, 0)
+    assert isr_seen == 0, "the APIC still showed the vector in service after the guest's PV EOI"
+
+
 @pytest.mark.parametrize("opts", [dict(kvm_pv=False), dict(kvm_pv=True)])
 def test_without_pv_eoi_the_guest_writes_the_apic(make_vm, opts):
     """With the interface off, or PV EOI not asked for (the default), the MSR #GPs (skipped here) and every
