@@ -3,7 +3,13 @@
 
 A backend is the UART's ``sink`` (``write(bytes)``) and, once :meth:`start` is given the UART (or any
 ``enqueue_input(bytes) -> int`` callable), runs one daemon reader thread that feeds input, retrying the bytes the
-UART has no room for. :meth:`close` stops the thread and restores what it changed (the tty mode of stdin).
+UART has no room for. :meth:`close` writes what is buffered, stops the thread and restores what it changed (the
+tty mode of stdin).
+
+Output is written as the guest sends it, unless :meth:`_Backend.buffer_lines` gave the backend a timer service:
+then it is written a line at a time (a polling console sends a byte per port write, and a system call per byte
+was most of what a console byte cost in the nested lab), a partial line (a prompt) at most ``FLUSH_NS`` after its
+first byte, and at once past ``BUFFER_MAX`` bytes.
 :func:`open_backend` turns a bhyve option string into a backend.
 
 Not supported: TCP sockets (``tcp=``), bhyve's ``ttyS`` capsicum rights, more than one socket client at a time
@@ -20,6 +26,8 @@ import threading
 import time
 
 RETRY_S = 0.005
+FLUSH_NS = 5_000_000        # a partial line waits at most this long
+BUFFER_MAX = 4096
 
 
 class _Backend:
@@ -28,10 +36,41 @@ class _Backend:
         self._stop_r, self._stop_w = os.pipe()
         self._closed = False
         self._feed = None
+        self._timers = None
+        self._obuf = bytearray()
+        self._out_lock = threading.Lock()
+        self._flush_armed = False
 
     # the sink
     def write(self, data):
+        if self._timers is None:
+            self._emit(data)
+            return
+        with self._out_lock:
+            self._obuf += data
+            if b"\n" in data or len(self._obuf) >= BUFFER_MAX:
+                self._flush_locked()
+            elif not self._flush_armed:
+                self._flush_armed = True
+                self._timers.arm(self._timers.now_ns() + FLUSH_NS, self.flush)
+
+    def _emit(self, data):
         raise NotImplementedError
+
+    def buffer_lines(self, timers):
+        """Writes output a line at a time from now on; ``timers`` (``now_ns``/``arm``) flushes a partial line."""
+        self._timers = timers
+
+    def flush(self):
+        with self._out_lock:
+            self._flush_armed = False
+            self._flush_locked()
+
+    def _flush_locked(self):
+        if self._obuf:
+            data = bytes(self._obuf)
+            self._obuf.clear()
+            self._emit(data)            # under the lock: flushes from two threads stay in order
 
     def start(self, uart):
         self._feed = uart.enqueue_input if hasattr(uart, "enqueue_input") else uart
@@ -91,6 +130,7 @@ class _Backend:
     def close(self):
         if self._closed:
             return
+        self.flush()
         self._closed = True
         os.write(self._stop_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -112,7 +152,7 @@ class StdioBackend(_Backend):
             self._saved = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd)
 
-    def write(self, data):
+    def _emit(self, data):
         try:
             os.write(self._out, data)
         except OSError:
@@ -136,7 +176,7 @@ class FileBackend(_Backend):
         super().__init__()
         self._f = open(path, "ab", buffering=0)
 
-    def write(self, data):
+    def _emit(self, data):
         self._f.write(data)
 
     def close(self):
@@ -154,7 +194,7 @@ class TtyBackend(_Backend):
             import tty
             tty.setraw(self._fd)
 
-    def write(self, data):
+    def _emit(self, data):
         try:
             os.write(self._fd, data)
         except OSError:
@@ -183,7 +223,7 @@ class PtyBackend(_Backend):
         if announce is not None:
             print(f"vmmshim: com port on {self.path}", file=announce, flush=True)
 
-    def write(self, data):
+    def _emit(self, data):
         try:
             os.write(self._master, data)
         except OSError:
@@ -215,7 +255,7 @@ class UnixSocketBackend(_Backend):
         self._client = None
         self._clock = threading.Lock()
 
-    def write(self, data):
+    def _emit(self, data):
         with self._clock:
             c = self._client
         if c is not None:

@@ -55,6 +55,7 @@ class Platform:
             spec = (uarts or {}).get(name)
             if spec:
                 backend = open_backend(spec)
+                backend.buffer_lines(vm.timers)      # a line per write(2), not a byte (uart_backends.py)
                 uart.sink = backend
                 backend.start(uart)
                 self.backends.append(backend)

@@ -309,3 +309,27 @@ def test_stdio_backend_over_pipes_and_tty_device_path():
     be2.close()
     os.close(master)
     os.close(slave)
+
+
+def test_buffered_backend_writes_lines_and_flushes_a_partial_line_by_timer(tmp_path):
+    from bhyve_devices.base import ManualTimers
+    from bhyve_devices.uart_backends import BUFFER_MAX, FLUSH_NS, FileBackend
+    path = tmp_path / "console"
+    b = FileBackend(str(path))
+    t = ManualTimers()
+    b.buffer_lines(t)
+    for ch in b"boot":
+        b.write(bytes([ch]))
+    assert path.read_bytes() == b""                     # a partial line waits
+    b.write(b"\n")
+    assert path.read_bytes() == b"boot\n"               # a whole line goes out at once
+    b.write(b"login: ")
+    t.set_time(FLUSH_NS - 1)
+    assert path.read_bytes() == b"boot\n"
+    t.set_time(FLUSH_NS)
+    assert path.read_bytes() == b"boot\nlogin: "        # the prompt within FLUSH_NS
+    b.write(b"x" * BUFFER_MAX)
+    assert path.stat().st_size == 12 + BUFFER_MAX        # a long line without a newline is not held back
+    b.write(b"tail")
+    b.close()
+    assert path.read_bytes().endswith(b"xtail")          # close() writes what is left
