@@ -107,9 +107,12 @@ class VM:
         in order, before the guest's next exit is handled."""
         self.pio.insert(base, size, device, name)
         if self.config.posted_io:
-            io = self.io
+            write, from_bytes = device.write, int.from_bytes
+
+            def posted(port, data):     # straight to the device: the range is its own, no bus look-up
+                write(port - base, len(data), from_bytes(data, "little"))
             for off, n in getattr(device, "posted_writes", ()):
-                if self.ops.vm_post_io(self.vmi, base + off, n, lambda port, data: io(port, False, data)):
+                if self.ops.vm_post_io(self.vmi, base + off, n, posted):
                     if not self.posted_ports:
                         self._arm_posted_flush()
                     self.posted_ports.append((base + off, n))

@@ -34,6 +34,7 @@ MAX_CPUID_ENTRIES = 256
 PAGE_SIZE = 4096
 ENTRY_SIZE = L.RING_ENTRY_FMT.size
 RING_ENTRIES = (PAGE_SIZE - L.RING_HDR_FMT.size) // ENTRY_SIZE     # KVM_COALESCED_MMIO_MAX
+RING_DATA = L.RING_HDR_FMT.size     # the first entry
 _U32 = struct.Struct("<I")
 MSR_TSC_DEADLINE = 0x6E0
 MSR_KVM_WALL_CLOCK, MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT = 0x11, 0x4B564D00, 0x100   # 0x11-0x12: the old kvmclock
@@ -274,19 +275,21 @@ class KvmMachine(api.Machine):
                                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=self.provider.ring_offset)
                 except OSError:
                     return                                  # the vCPUs are being destroyed: nothing runs any more
-            first, last = L.RING_HDR_FMT.unpack_from(ring, 0)
+            hdr, entry, posted = L.RING_HDR_FMT.unpack_from, L.RING_ENTRY_FMT.unpack_from, self.posted
+            first, last = hdr(ring, 0)
             while first != last:
-                if first >= RING_ENTRIES:                   # the kernel's index, checked all the same
-                    first = 0
-                    continue
-                port, n, _pio, data = L.RING_ENTRY_FMT.unpack_from(ring, L.RING_HDR_FMT.size + first * ENTRY_SIZE)
-                first = (first + 1) % RING_ENTRIES
-                _U32.pack_into(ring, 0, first)
-                for lo, hi, cb in self.posted:
-                    if lo <= port < hi:
-                        cb(port, data[:min(n, 8)])
-                        break
-                last = L.RING_HDR_FMT.unpack_from(ring, 0)[1]
+                while first != last:                        # what the kernel had appended when we looked
+                    if first >= RING_ENTRIES:               # the kernel's index, checked all the same
+                        first = 0
+                        continue
+                    port, n, _pio, data = entry(ring, RING_DATA + first * ENTRY_SIZE)
+                    first = (first + 1) % RING_ENTRIES
+                    for lo, hi, cb in posted:
+                        if lo <= port < hi:
+                            cb(port, data[:n] if n < 8 else data)
+                            break
+                _U32.pack_into(ring, 0, first)              # consumed: the kernel may reuse those slots
+                last = hdr(ring, 0)[1]
 
     def _destroy(self):
         with self._ring_lock:
