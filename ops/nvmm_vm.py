@@ -36,6 +36,7 @@ class VcpuCtx:
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits handled here, by reason (low 16 bits)
         self.injected = 0
+        self.inout_assisted = 0       # port exits the runner assisted itself (NvmmOps.runner)
         self.kicks = 0
         self.itrace_n = 0
         # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
