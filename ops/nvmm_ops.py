@@ -177,8 +177,8 @@ class VmmOpsNvmm:
         exits itself and runs on, as bhyve's kernel handles its own devices' ports, instead of returning each one
         (counted in ``inout_assisted``). A console byte in the nested lab cost about 400 us of Python per exit."""
         ctx = vmi.vcpus[vcpu]
-        if ctx.runner is not None:
-            return ctx.runner
+        if ctx.runner is not None and ctx.runner[0] == inout_assist:
+            return ctx.runner[1]
         nv, vmexit, before_entry, handle_exit = ctx.nv, ctx.vmexit, self._before_entry, self._exit
         run, io, inout, setreg, rip_reg = nv.run, _IO, _INOUT, regs.setreg, regs.R.VM_REG_GUEST_RIP
 
@@ -204,7 +204,7 @@ class VmmOpsNvmm:
                 r = handle_exit(vmi, ctx, ex, ex.reason)
                 if r is not None:
                     return r
-        ctx.runner = run_vcpu
+        ctx.runner = (inout_assist, run_vcpu)
         return run_vcpu
 
     def inout_assisted(self, vmi, vcpu):

@@ -27,7 +27,7 @@ class VcpuCtx:
         self.vmi, self.id, self.nv = vmi, vcpuid, nvcpu
         self.vlapic = None
         self.vmexit = VmExit(decoder=self)
-        self.runner = None
+        self.runner = None           # (inout_assist, the vmrun closure VmmOpsNvmm.runner made)
         self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
         self.nmi = False
         self.spinup = None           # (target, rip) after this vCPU sent a SIPI
@@ -36,7 +36,7 @@ class VcpuCtx:
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits handled here, by reason (low 16 bits)
         self.injected = 0
-        self.inout_assisted = 0       # port exits the runner assisted itself (NvmmOps.runner)
+        self.inout_assisted = 0       # port exits the runner assisted itself (VmmOpsNvmm.runner)
         self.kicks = 0
         self.itrace_n = 0
         # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
