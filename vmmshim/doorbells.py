@@ -9,8 +9,8 @@ waiting on its eventfds with epoll, calls the doorbell's ``fn()``. There is one 
 without holding up another device's doorbells, and a request costs no hand-off to a worker. Rings that arrive
 before the thread reads the eventfd count as one: a doorbell says "look at your queue", not how often.
 
-Where the provider has none (NVMM, the soft CPU) or ``-o vmmshim.doorbells=false``, the writes exit and reach
-the device through the bus as before, so a device answers the same either way. A doorbell removed with a ring
+Where the provider has none (NVMM, the soft CPU), the host has no eventfd and epoll (NetBSD) or
+``-o vmmshim.doorbells=false``, the writes exit and reach the device through the bus as before, so a device answers the same either way. A doorbell removed with a ring
 not yet served is served by the caller of :meth:`Doorbells.remove` before it returns.
 
 Not supported: doorbells that carry data (``fn`` gets no value: a register whose value matters is registered
@@ -20,6 +20,8 @@ once per value with ``datamatch``), reads.
 import os
 import select
 import threading
+
+HOST_HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "epoll")      # Linux
 
 
 class Doorbells:
@@ -38,6 +40,8 @@ class Doorbells:
     def add(self, addr, size, pio, datamatch, fn, group=None, name=None):
         """Registers one doorbell, served by ``group``'s thread; returns its key for :meth:`remove`, or None
         where the provider refused it (the writes keep exiting)."""
+        if not HOST_HAS_EVENTFD:
+            return None
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         key = (addr, size, pio, datamatch, fd)
         try:

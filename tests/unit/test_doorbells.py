@@ -119,3 +119,13 @@ def test_an_exception_in_a_function_is_reported_and_the_thread_goes_on():
     prov.ring(0x50)
     assert wait_for(lambda: calls == [1])
     db.close()
+
+
+def test_a_host_without_eventfd_declines_every_doorbell(monkeypatch):
+    """NetBSD has neither eventfd nor epoll: no doorbell is offered to the provider, the writes keep exiting."""
+    import vmmshim.doorbells as mod
+    monkeypatch.setattr(mod, "HOST_HAS_EVENTFD", False)
+    prov = FakeProvider()
+    db = Doorbells(prov.register, prov.unregister)
+    assert db.add(0x3000, 0, False, None, lambda: None) is None and prov.live == {} and db.threads == []
+    db.close()
