@@ -34,7 +34,7 @@ class Doorbells:
         self._on_error = on_error or (lambda exc: None)
         self._lock = threading.Lock()
         self._groups = {}           # group -> _Group
-        self._keys = {}             # eventfd -> (fn, key, _Group)
+        self._keys = {}             # eventfd -> (key, _Group); the function is the group's
         self.rings = 0
 
     def add(self, addr, size, pio, datamatch, fn, group=None, name=None):
@@ -55,7 +55,7 @@ class Doorbells:
             g = self._groups.get(group)
             if g is None:
                 g = self._groups[group] = _Group(self, name or (str(group) if group is not None else "shared"))
-            self._keys[fd] = (fn, key, g)
+            self._keys[fd] = (key, g)
             g.add(fd, fn)
         return key
 
@@ -66,22 +66,20 @@ class Doorbells:
             entry = self._keys.pop(fd, None)
         if entry is None:
             return
-        fn, _, g = entry
-        g.forget(fd)
+        _, g = entry
+        fn = g.forget(fd)
         try:
             self._unregister(*key)
         except OSError:
             pass                    # the machine is gone: nothing rings any more
-        if _take(fd):
+        if fn is not None and _take(fd):
             self._call(fn)
         g.close_later(fd)
 
     def close(self):
         """Removes every doorbell and stops the threads (before the machine is destroyed)."""
-        for fd in list(self._keys):
-            entry = self._keys.get(fd)
-            if entry is not None:
-                self.remove(entry[1])
+        for key, _ in list(self._keys.values()):
+            self.remove(key)
         with self._lock:
             groups, self._groups = list(self._groups.values()), {}
         for g in groups:
@@ -130,11 +128,13 @@ class _Group:
         self.ep.register(fd, select.EPOLLIN)
 
     def forget(self, fd):
-        self.fns.pop(fd, None)
+        """Stops waiting on ``fd``; returns its function."""
+        fn = self.fns.pop(fd, None)
         try:
             self.ep.unregister(fd)
         except (OSError, ValueError):
             pass
+        return fn
 
     def close_later(self, fd):
         with self.lock:

@@ -95,7 +95,7 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
         except BusError as exc:
             vm.log(f"vmmshim: PCI {name} not mapped: {exc}")
             return
-        bells = dev.doorbells(idx) if hasattr(dev, "doorbells") else ()
+        bells = dev.doorbells(idx)
         if bells:
             vm.bar_doorbells[window] = vm.add_doorbells(new, kind == BarKind.IO, bells, group=dev,
                                                         name=getattr(dev, "name", None))

@@ -134,7 +134,7 @@ class VM:
         """Registers a device's doorbells (``(offset, size, datamatch, fn)``, see ``vmmshim.doorbells``) at
         ``base`` in the port (``pio``) or memory space, served by ``group``'s thread (one per device); returns the
         keys of those the provider took (the others' writes keep exiting to the bus), for
-        :meth:`remove_doorbells`. None with ``config.doorbells`` off."""
+        :meth:`remove_doorbells`; none with ``config.doorbells`` off."""
         if not self.config.doorbells:
             return []
         keys = (self.doorbells.add(base + off, size, pio, match, fn, group, name) for off, size, match, fn in bells)

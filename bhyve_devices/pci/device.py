@@ -267,6 +267,11 @@ class PciDevice(MsiMixin):
             w = self._bar_windows[idx] = BarWindow(self, idx)
         return w
 
+    def doorbells(self, idx):
+        """Registers of BAR ``idx`` whose writes need no answer and may be served off the vCPU (``(offset, size,
+        datamatch, fn)``; see ``vmmshim.doorbells``). None by default."""
+        return ()
+
     def bar_access_read(self, idx, off, size):
         v = self._msix_bar_read(idx, off, size)
         return self.barread(idx, off, size) if v is None else v

@@ -19,15 +19,17 @@ data, and a status byte as the last device-writable byte, in any descriptor arra
   DEVICE_NEEDS_RESET.
 
 Requests run on one worker thread per device (``threaded=True``, the default) so the vCPU that notified returns
-at once, or on the device's doorbell thread when the notification came as a doorbell (``queue_doorbell``); each batch ends with the queue's interrupt (through the transport's callable). ``threaded=False``
-serves them on the notifying thread (tests).
+at once, or on the device's doorbell thread when the notification came as a doorbell (``queue_doorbell``); each
+batch ends with the queue's interrupt (through the transport's callable). ``threaded=False`` serves them on the
+notifying thread (tests).
 
-Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology (physical_block_exp, min_io_size), discard and write-zeroes limits.
+Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology
+(physical_block_exp, min_io_size), discard and write-zeroes limits.
 
 seg_max is the queue size - 2 (as QEMU; a chain without indirect descriptors must fit the ring), and
 :data:`SEG_MAX_INDIRECT` once the driver has accepted VIRTIO_RING_F_INDIRECT_DESC (the config space is read after
 feature negotiation, 3.1.1): one indirect table then carries a whole 1 MiB request of scattered 4 KiB pages
-(256 segments) where 254 made Linux split it in two, and every request costs a notification and an interrupt.
+(256 segments), which 254 would split in two, and every request costs a notification and an interrupt.
 
 Features: SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, and RO for read-only images, else DISCARD and WRITE_ZEROES (unless
 ``nodelete``).
@@ -47,7 +49,7 @@ import threading
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
-from .device import VIRTIO_ID_BLOCK, VirtioDevice, bit
+from .device import VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_ID_BLOCK, VirtioDevice, bit
 from .virtqueue import split_segments, split_tail
 
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -78,7 +80,6 @@ SECTOR = 512
 MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per request
 IOV_MAX = 1024
 SEG_MAX_INDIRECT = IOV_MAX - 2      # with indirect descriptors: a request's data is one preadv/pwritev
-VIRTIO_RING_F_INDIRECT_DESC = 28
 _RW_CHUNK = 0x7FFFF000          # Linux's MAX_RW_COUNT
 
 BLK_REQ_HDR = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
@@ -238,7 +239,7 @@ class VirtioBlock(VirtioDevice):
         elif self.candelete:
             f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
         self.features = f
-        self._config = BLK_CONFIG.build(self.config_dict())
+        self._build_config()
         self.stats = dict(requests=0, ioerr=0, unsupp=0, bytes_read=0, bytes_written=0, flushes=0)
         self._lock = threading.Lock()       # held while the worker touches the queue
         self._cond = threading.Condition()
@@ -252,7 +253,7 @@ class VirtioBlock(VirtioDevice):
 
     def config_dict(self):
         align = self.sectorsize // SECTOR
-        seg_max = SEG_MAX_INDIRECT if self.has_feature(VIRTIO_RING_F_INDIRECT_DESC) else max(self.queue_size - 2, 1)
+        seg_max = SEG_MAX_INDIRECT if self.has_feature(VIRTIO_F_RING_INDIRECT_DESC) else max(self.queue_size - 2, 1)
         return dict(capacity=self.capacity, size_max=0, seg_max=seg_max,
                     geometry=dict(cylinders=0, heads=0, sectors=0), blk_size=self.sectorsize,
                     topology=dict(physical_block_exp=(self.physical_sectorsize // self.sectorsize).bit_length() - 1,
@@ -262,6 +263,10 @@ class VirtioBlock(VirtioDevice):
                     max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=1, discard_sector_alignment=align,
                     max_write_zeroes_sectors=MAX_DISCARD_SECTORS, max_write_zeroes_seg=1,
                     write_zeroes_may_unmap=1)
+
+    def _build_config(self):
+        """The config space as bytes, built again when what it depends on changes (the negotiated features)."""
+        self._config = BLK_CONFIG.build(self.config_dict())
 
     def config_bytes(self):
         return self._config
@@ -310,11 +315,11 @@ class VirtioBlock(VirtioDevice):
     def reset(self):
         with self._lock:
             super().reset()
-            self._config = BLK_CONFIG.build(self.config_dict())
+            self._build_config()
 
     def apply_features(self, features):
         super().apply_features(features)
-        self._config = BLK_CONFIG.build(self.config_dict())
+        self._build_config()
 
     def close(self):
         with self._cond:

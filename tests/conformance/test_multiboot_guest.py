@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.guests.asm import multiboot_elf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A multiboot 1 kernel: header (magic, flags = 0x3: page-align modules, memory info; checksum), then
@@ -60,13 +62,7 @@ msg: .asciz "multiboot guest: magic and command line ok\n"
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mb")
-    src, obj, elf = d / "k.S", d / "k.o", d / "kernel.elf"
-    src.write_text(KERNEL)
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-e", "_start", "-o", str(elf), str(obj)],
-                   check=True, capture_output=True)
-    return elf
+    return multiboot_elf(KERNEL, str(tmp_path_factory.mktemp("mb")))
 
 
 def test_multiboot_kernel_exits_through_debug_exit(provider, kernel):

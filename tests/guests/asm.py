@@ -45,6 +45,20 @@ def _build(source, base):
             return f.read(), syms
 
 
+def multiboot_elf(source, directory, name="kernel"):
+    """Links the 32-bit multiboot kernel ``source`` (its own header, entry ``_start``) at 1 MiB in
+    ``directory``; returns the ELF's path."""
+    src, obj, elf = (os.path.join(directory, f"{name}{ext}") for ext in (".S", ".o", ".elf"))
+    with open(src, "w") as f:
+        f.write(source)
+    try:
+        _run(["as", "--32", "-o", obj, src])
+        _run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-e", "_start", "-o", elf, obj])
+    except FileNotFoundError as exc:
+        raise AssemblerMissing(f"GNU binutils are needed to build guest programs: {exc}") from None
+    return elf
+
+
 def _run(cmd):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.guests.asm import multiboot_elf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -85,11 +87,7 @@ def test_sigterm_presses_the_power_button(kvm_provider, tmp_path):
     """bhyve: SIGTERM is the ACPI power button; a guest that never enabled ACPI is powered off (status 1)."""
     import signal
     import time
-    src, obj, elf = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf"
-    src.write_text(SPIN_KERNEL)
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-e", "_start", "-o", str(elf), str(obj)],
-                   check=True, capture_output=True)
+    elf = multiboot_elf(SPIN_KERNEL, str(tmp_path))
     p = subprocess.Popen([sys.executable, "-m", "vmmshim", "-m", "32M", "-l", "com1,stdio", "-f",
                           f"multiboot,{elf}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.guests.asm import multiboot_elf
+
 ROOT = Path(__file__).resolve().parents[2]
 N = 500
 KERNEL = rf"""
@@ -25,11 +27,7 @@ _start:
 
 
 def test_profile_counts_the_port_exits(kvm_provider, tmp_path):
-    src, obj, elf, out = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf", tmp_path / "profile.txt"
-    src.write_text(KERNEL)
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-e", "_start", "-o", str(elf), str(obj)],
-                   check=True, capture_output=True)
+    elf, out = multiboot_elf(KERNEL, str(tmp_path)), tmp_path / "profile.txt"
     p = subprocess.run([sys.executable, "-m", "bench.exit_profile", "--out", str(out), "--", "-m", "32M",
                         "-f", f"multiboot,{elf}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr          # halted with interrupts off: bhyve's status 2

@@ -96,8 +96,8 @@ def test_seg_max_follows_indirect_descriptors(image):
     """Without indirect descriptors a chain must fit the ring (queue size - 2 data segments); with them one
     request may carry a whole 1 MiB of scattered pages."""
     d = Disk(image)
-    assert d.feats >> B.VIRTIO_RING_F_INDIRECT_DESC & 1
-    d.drv.init(want=d.drv.device_features() & ~(1 << B.VIRTIO_RING_F_INDIRECT_DESC))
+    assert d.feats >> B.VIRTIO_F_RING_INDIRECT_DESC & 1
+    d.drv.init(want=d.drv.device_features() & ~(1 << B.VIRTIO_F_RING_INDIRECT_DESC))
     assert B.BLK_CONFIG.parse(d.drv.config_bytes(B.BLK_CONFIG.sizeof())).seg_max == 254
     d.drv.set_status(0)
     assert B.BLK_CONFIG.parse(d.dev.config_bytes()).seg_max == 254
