@@ -21,6 +21,10 @@ Behaviour the guest can rely on (all of what Linux's 8250 ``autoconfig``/``seria
   them (KVM's coalesced PIO) delivers them in order before the guest's next exit, so a polling console costs one
   exit per character (the LSR read) instead of two. What the guest sees does not change: LSR, IIR and RBR reads
   exit and see every earlier write; only the THRE interrupt of a posted write comes at that next exit.
+- LSR may be *published* (:meth:`publish_reads`): the UART tells the VMM the value an LSR read returns whenever
+  it changes, and a VMM that can answer such reads itself (vmmshim's KVM provider) lets the polling console run
+  with no exit at all between its posted THR writes. LSR is withdrawn (its reads exit) while an error bit is set
+  (the read clears it) and in loopback (a posted THR write would change DR). The guest sees the same values.
 - Output goes to ``sink.write(bytes)``; input arrives with :meth:`enqueue_input`, which fills the RX FIFO (16
   bytes, or the 1-byte holding register with FIFOs off) and keeps up to ``backlog`` further bytes (64 KiB)
   that move into the FIFO as the guest reads: input is never overrun, :meth:`enqueue_input` returns how many
@@ -79,6 +83,8 @@ class UART16550:
         self._rx = collections.deque()
         self._backlog = collections.deque()
         self._irq_level = False
+        self._publish = None            # publish_reads' fn(offset, value or None)
+        self._published = None          # the LSR value last published (None: withdrawn)
         self.reset()
 
     def reset(self):
@@ -102,6 +108,13 @@ class UART16550:
             self._update_irq()
             return len(taken)
 
+    def publish_reads(self, fn):
+        """Publishes LSR: ``fn(REG_LSR, value)`` now and whenever the value a read returns changes, and
+        ``fn(REG_LSR, None)`` while a read would have a side effect (see the module's docstring)."""
+        with self._lock:
+            self._publish, self._published = fn, None
+            self._publish_lsr()
+
     def rx_space(self):
         with self._lock:
             return self._backlog_max - len(self._backlog) + self._fifo_room()
@@ -115,6 +128,18 @@ class UART16550:
             o = offset + i
             v |= (self._read8(o) if 0 <= o < 8 else 0xFF) << (8 * i)
         return v
+
+    def posted_run(self, offset, data):
+        """Posted one-byte writes to ``offset``, in order (a VMM's batch of THR writes): one sink write and one
+        interrupt update for the run where THR transmits, else :meth:`write` byte by byte."""
+        with self._lock:
+            if offset != REG_DATA or self.lcr & LCR_DLAB or self.mcr & MCR_LOOP or self.sink is None:
+                for b in data:
+                    self.write(offset, 1, b)
+                return
+            self.sink.write(bytes(data))
+            self._thre_pending = True
+            self._update_irq()
 
     def write(self, offset, size, value):
         if size == 1:
@@ -169,6 +194,17 @@ class UART16550:
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set_level(level)
+        if self._publish is not None:       # every state change ends here
+            self._publish_lsr()
+
+    def _publish_lsr(self):
+        if self.lsr_errors or self.mcr & MCR_LOOP:
+            v = None
+        else:
+            v = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0)
+        if v != self._published:
+            self._published = v
+            self._publish(REG_LSR, v)
 
     def _transmit(self, byte):
         if self.mcr & MCR_LOOP:

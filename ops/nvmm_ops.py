@@ -208,8 +208,10 @@ class VmmOpsNvmm:
         return run_vcpu
 
     def inout_assisted(self, vmi, vcpu):
-        """Port exits the runner assisted itself (``runner(..., inout_assist=True)``; vmmshim's extension)."""
-        return vmi.vcpus[vcpu].inout_assisted
+        """Port exits the runner assisted itself (``runner(..., inout_assist=True)``) and port reads the provider
+        answered without an exit (``vm_answer_io``); vmmshim's extension."""
+        ctx = vmi.vcpus[vcpu]
+        return ctx.inout_assisted + ctx.nv.answered_io()
 
     def assist_fn(self, vmi, vcpu):
         """The provider's I/O assist for one vCPU (vmmshim's extension, for the VM's INOUT handler)."""
@@ -384,7 +386,8 @@ class VmmOpsNvmm:
         ctx = vmi.vcpus[vcpu]
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
-               "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending, "started": ctx.started}
+               "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending, "started": ctx.started,
+               "answered_io": ctx.nv.answered_io()}
         vl = ctx.vlapic
         if vl is not None:
             out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]
@@ -439,6 +442,11 @@ class VmmOpsNvmm:
         """vmmshim's extension: OUTs to ``[port, port+size)`` may be posted (``Machine.post_io``); returns
         whether the provider does it. ``cb(port, data)`` gets them before the next exit is handled."""
         return vmi.machine.post_io(port, size, cb)
+
+    def vm_answer_io(self, vmi, port, value):
+        """vmmshim's extension: one-byte reads of ``port`` read ``value`` (None: they exit again) without an exit
+        where the provider can (``Machine.answer_io``); returns whether it can."""
+        return vmi.machine.answer_io(port, value)
 
     def vm_doorbell(self, vmi, addr, size, pio, datamatch, fd):
         """vmmshim's extension: guest writes to ``addr`` signal the eventfd ``fd`` instead of exiting

@@ -132,7 +132,8 @@ def run_vm(cfg):
                                             kvm_pv=cfg.get_bool("x86.kvm_pv"),
                                             pv_eoi=cfg.get_bool("x86.pv_eoi"),
                                             posted_io=cfg.get_bool("vmmshim.posted_io"),
-                                            doorbells=cfg.get_bool("vmmshim.doorbells")))
+                                            doorbells=cfg.get_bool("vmmshim.doorbells"),
+                                            answer_io=cfg.get_bool("vmmshim.answer_io")))
     image = boot_image(cfg, vm.lowmem, vm.highmem)
     uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
              if cfg.get(f"lpc.{name}.path")}

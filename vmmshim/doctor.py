@@ -1,5 +1,6 @@
 """``vmmshim doctor``: what this host can run (providers present, and whether /dev/kvm is hardware-assisted or
-kvm_pvm, which runs small guests only), one line each, exit status 0 when at least one provider works."""
+kvm_pvm, which runs small guests only), and whether the KVM provider's compiled run loop could be built
+(``ops/nvmm/kvm/fastrun.py``), one line each, exit status 0 when at least one provider works."""
 
 import os
 
@@ -18,4 +19,8 @@ def doctor():
                           "(python3 -m vmmshim.lab)",
                "unknown": "no KVM module found"}[kind]
     print(f"/dev/kvm {'present' if os.path.exists('/dev/kvm') else 'absent'}: {verdict}")
+    from ops.nvmm.kvm import fastrun
+    why = fastrun.unavailable()
+    print("compiled run loop " + ("built: KVM answers published port reads without leaving C" if why is None else
+                                  f"unavailable ({why}): every port read exits to Python"))
     return 0 if ok else 4

@@ -44,11 +44,11 @@ class HostMemory:
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True):
+                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
-        self.doorbells = doorbells
+        self.doorbells, self.answer_io = doorbells, answer_io
 
 
 class VM:
@@ -104,18 +104,39 @@ class VM:
         """Maps ``device`` at ports ``[base, base+size)``. A device may name registers whose writes can be
         *posted* (``posted_writes``: ``(offset, size)`` pairs, e.g. a UART's transmit register): where the
         provider can buffer them (KVM's coalesced PIO) the guest's OUTs there stop exiting and reach the device,
-        in order, before the guest's next exit is handled."""
+        in order, before the guest's next exit is handled. A device may also publish what some one-byte reads
+        return (``publish_reads(fn)``, then ``fn(offset, value or None)`` whenever that changes, e.g. a UART's
+        line status): where the provider can answer them (the KVM provider's compiled loop) those reads do not
+        exit."""
         self.pio.insert(base, size, device, name)
+        publish_reads = getattr(device, "publish_reads", None)
+        if self.config.answer_io and publish_reads is not None and \
+                self.ops.vm_answer_io(self.vmi, base, None):
+            ops, vmi = self.ops, self.vmi
+            publish_reads(lambda offset, value: ops.vm_answer_io(vmi, base + offset, value))
         if self.config.posted_io:
-            write, from_bytes = device.write, int.from_bytes
-
-            def posted(port, data):     # straight to the device: the range is its own, no bus look-up
-                write(port - base, len(data), from_bytes(data, "little"))
             for off, n in getattr(device, "posted_writes", ()):
-                if self.ops.vm_post_io(self.vmi, base + off, n, posted):
+                if self.ops.vm_post_io(self.vmi, base + off, n, self._posted_cb(base, n, device)):
                     if not self.posted_ports:
                         self._arm_posted_flush()
                     self.posted_ports.append((base + off, n))
+
+    @staticmethod
+    def _posted_cb(base, n, device):
+        """Posted writes go straight to the device (the range is its own, no bus look-up). A one-port range's
+        writes come in runs (``Machine.post_io``): to the device's ``posted_run(offset, data)`` if it has one,
+        else one ``write`` per byte."""
+        write, from_bytes = device.write, int.from_bytes
+        if n != 1:
+            return lambda port, data: write(port - base, len(data), from_bytes(data, "little"))
+        posted_run = getattr(device, "posted_run", None)
+        if posted_run is not None:
+            return lambda port, data: posted_run(port - base, data)
+
+        def each(port, data):
+            for b in data:
+                write(port - base, 1, b)
+        return each
 
     def _arm_posted_flush(self):
         """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would

@@ -251,9 +251,23 @@ class Machine:
         """Extension: asks that guest OUTs to ports ``[port, port+size)`` be *posted*, buffered without an exit.
         Returns False where the provider cannot (they keep exiting as IO exits). Where it can, every posted write
         is handed to ``cb(port, data)`` in guest order before any vCPU's next exit is returned by ``run`` (and
-        by :meth:`drain_posted`), so a device sees them before any access that did exit. Only for registers whose
-        writes need no answer and whose side effects may wait for the next exit (a UART's transmit register)."""
+        by :meth:`drain_posted`), so a device sees them before any access that did exit. For a one-port range
+        (``size`` 1) consecutive writes come as one call whose ``data`` holds one byte per write, in order. Only
+        for registers whose writes need no answer and whose side effects may wait for the next exit (a UART's
+        transmit register)."""
         return self._post_io(port, size, cb)
+
+    def answer_io(self, port, value):
+        """Extension: publishes what a one-byte IN from ``port`` reads (``value``, 0..255) until the next call;
+        ``None`` withdraws it. Where the provider can, it answers such reads itself, without an exit (and
+        without the assist callback), and returns True; it returns False where it cannot (libnvmm): the reads
+        keep exiting. Only for registers whose reads have no side effect and whose value the device can keep
+        published whenever its state changes (a UART's line status); wider and string reads always exit.
+        Each vCPU counts the reads it answered (``Vcpu.answered_io``). ``answer_io(port, None)`` on a port never
+        published tells whether the provider can answer at all."""
+        if not 0 <= port < 0x10000 or (value is not None and not 0 <= value <= 0xFF):
+            raise nvmm_error(errno.EINVAL, f"cannot answer port {port:#x} with {value!r}")
+        return False if self.destroyed else self._answer_io(port, value)
 
     def kernel_pvclock(self):
         """Extension: lets the hypervisor's own paravirtual clock (KVM's kvmclock) answer the guest's clock MSRs
@@ -322,6 +336,9 @@ class Machine:
     def _kernel_pvclock(self):
         return False
 
+    def _answer_io(self, port, value):
+        return False
+
     def _doorbell(self, addr, size, pio, datamatch, fd, assign):
         return False
 
@@ -371,6 +388,11 @@ class Vcpu:
         a stop could have been asked for (the ops layer, before it decides what to inject): a kick that found the
         vCPU outside the guest then costs no STOPPED exit. A stop after the call is kept. Where the provider
         cannot withdraw one (the default) the next run returns STOPPED at once, which is correct, one exit more."""
+
+    def answered_io(self):
+        """vmmshim's extension: how many port reads this vCPU's runs answered without an exit
+        (``Machine.answer_io``)."""
+        return 0
 
     def assist_io(self):
         raise NotImplementedError

@@ -213,6 +213,68 @@ def test_any_access_never_raises(ops):
         assert irq.level == (u._irq_level)
 
 
+_OPS = st.lists(st.tuples(st.integers(-1, 8), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1),
+                          st.integers(0, 3), st.binary(max_size=40)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_published_lsr_is_what_a_read_returns(ops):
+    """Whatever the guest and the host did, a published LSR is the value a read returns, and such a read
+    changes nothing (the VMM answers it without calling the device)."""
+    u, irq, _ = make(backlog=64)
+    published = {}
+    u.publish_reads(published.__setitem__)
+    for off, size, val, kind, data in ops:
+        if kind == 0:
+            u.write(off, size, val & ((1 << (8 * size)) - 1))
+        elif kind == 1:
+            u.read(off, size)
+        else:
+            u.enqueue_input(data)
+        v = published[U.REG_LSR]
+        if v is not None:
+            assert u.read(U.REG_LSR, 1) == v and published[U.REG_LSR] == v
+
+
+def test_lsr_is_withdrawn_while_a_read_has_a_side_effect():
+    u, irq, _ = make(out2_gates_irq=False)
+    published = {}
+    u.publish_reads(published.__setitem__)
+    assert published == {U.REG_LSR: U.LSR_THRE | U.LSR_TEMT}
+    u.enqueue_input(b"ab")
+    assert published[U.REG_LSR] == U.LSR_THRE | U.LSR_TEMT | U.LSR_DR
+    u.read(0, 1), u.read(0, 1)
+    assert published[U.REG_LSR] == U.LSR_THRE | U.LSR_TEMT
+    u.write(U.REG_MCR, 1, U.MCR_LOOP)
+    assert published[U.REG_LSR] is None           # posted THR writes would feed the receiver
+    for i in range(2):
+        u.write(0, 1, i)                           # FIFOs off: the second byte overruns the holding register
+    u.write(U.REG_MCR, 1, 0)
+    assert published[U.REG_LSR] is None           # OE set: the read that clears it must reach the UART
+    assert u.read(U.REG_LSR, 1) & U.LSR_OE
+    assert published[U.REG_LSR] == U.LSR_THRE | U.LSR_TEMT | U.LSR_DR
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([U.REG_LCR, U.REG_MCR, U.REG_IER, U.REG_IIR]), st.integers(0, 255),
+                          st.binary(min_size=1, max_size=20)), max_size=8))
+def test_a_posted_run_is_the_same_as_its_writes_one_by_one(steps):
+    """``posted_run`` (a VMM's batch of posted THR writes) leaves the UART, its interrupt line and its output as
+    the same bytes written one at a time would, in every mode (DLAB, loopback, FIFOs, interrupts enabled)."""
+    a, irq_a, sink_a = make(backlog=64)
+    b, irq_b, sink_b = make(backlog=64)
+    for reg, val, data in steps:
+        for u in (a, b):
+            u.write(reg, 1, val)
+        a.posted_run(U.REG_DATA, data)
+        for x in data:
+            b.write(U.REG_DATA, 1, x)
+        assert sink_a.data == sink_b.data and irq_a.level == irq_b.level
+        assert [a.read(r, 1) for r in range(1, 8)] == [b.read(r, 1) for r in range(1, 8)]
+        assert (a.dll, list(a._rx)) == (b.dll, list(b._rx))
+
+
 # -- backends --------------------------------------------------------------------------------------------------
 
 def _wait(pred, timeout=3.0):

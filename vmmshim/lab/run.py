@@ -72,6 +72,8 @@ export PYTHONPATH=/lab/project VMMSHIM_LAB=1 VMMSHIM_GUEST_DIR=/lab/guest VMMSHI
 mkdir -p /lab/cache
 ln -s /lab/guest /lab/cache/guest
 cd /lab/project
+# the compiled run loop (ops/nvmm/kvm/fastrun.c), built once per L1 boot, not inside a timed command
+python3 -m ops.nvmm.kvm.fastrun >/lab/out/fastrun.log 2>&1
 start=$(cut -d' ' -f1 /proc/uptime)
 # a heartbeat on the console: the host takes L1 for hung when it stops (L1's timers died or its CPUs are stuck)
 ( while :; do echo "@MARK_HB@"; sleep @HB_PERIOD@; done ) &

@@ -24,6 +24,7 @@ from .. import api
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import cpuid as cpuidmod
+from . import fastrun
 from . import ioctls as K
 from . import layouts as L
 
@@ -169,6 +170,7 @@ class KvmMachine(api.Machine):
         self.posted = []                # (first port, end, callback) of the posted ranges; the vCPUs' run
         self._ring = None               # paths test it, so it stays this one list
         self._ring_lock = threading.Lock()
+        self._answers = None            # fastrun.Answers once answer_io is called and the loop is built
 
     def _enable_cap(self, cap, arg0):
         buf = L.KVM_ENABLE_CAP.build(dict(cap=cap, flags=0, args=[arg0, 0, 0, 0], pad=bytes(64)))
@@ -240,6 +242,16 @@ class KvmMachine(api.Machine):
         self.posted.append((port, port + size, cb))
         return True
 
+    # -- answered port reads: the compiled run loop (fastrun.c) -------------------------------------------------
+    def _answer_io(self, port, value):
+        if self._answers is None:
+            loaded = fastrun.load()
+            if loaded is None:
+                return False
+            self._answers = fastrun.Answers(loaded[0])
+        self._answers.set(port, value)
+        return True
+
     # -- doorbells: KVM_IOEVENTFD (KVM API 4.59; it needs no in-kernel interrupt controller) ------------------
     def _doorbell(self, addr, size, pio, datamatch, fd, assign):
         if size not in ((1, 2, 4) if pio else (0, 1, 2, 4, 8)) or (size == 0 and datamatch is not None):
@@ -275,21 +287,36 @@ class KvmMachine(api.Machine):
                                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=self.provider.ring_offset)
                 except OSError:
                     return                                  # the vCPUs are being destroyed: nothing runs any more
-            hdr, entry, posted = L.RING_HDR_FMT.unpack_from, L.RING_ENTRY_FMT.unpack_from, self.posted
+            hdr, entries, posted = L.RING_HDR_FMT.unpack_from, L.RING_ENTRY_FMT.iter_unpack, self.posted
             first, last = hdr(ring, 0)
+            run_port, run_cb, run = None, None, bytearray()     # a run of one-byte writes to a one-port range
             while first != last:
-                while first != last:                        # what the kernel had appended when we looked
-                    if first >= RING_ENTRIES:               # the kernel's index, checked all the same
-                        first = 0
+                if first >= RING_ENTRIES or last >= RING_ENTRIES:   # the kernel's indexes, checked all the same
+                    first = 0
+                    if last >= RING_ENTRIES:
+                        break
+                end = last if last > first else RING_ENTRIES      # what the kernel had appended, up to the wrap
+                for port, n, _pio, data in entries(ring[RING_DATA + first * ENTRY_SIZE:RING_DATA + end * ENTRY_SIZE]):
+                    if port == run_port and n == 1:
+                        run.append(data[0])
                         continue
-                    port, n, _pio, data = entry(ring, RING_DATA + first * ENTRY_SIZE)
-                    first = (first + 1) % RING_ENTRIES
+                    if run:
+                        run_cb(run_port, bytes(run))
+                        run.clear()
+                        run_port = None
                     for lo, hi, cb in posted:
                         if lo <= port < hi:
-                            cb(port, data[:n] if n < 8 else data)
+                            if hi - lo == 1 and n == 1:
+                                run_port, run_cb = port, cb
+                                run.append(data[0])
+                            else:
+                                cb(port, data[:n] if n < 8 else data)
                             break
+                first = end % RING_ENTRIES
                 _U32.pack_into(ring, 0, first)              # consumed: the kernel may reuse those slots
                 last = hdr(ring, 0)[1]
+            if run:
+                run_cb(run_port, bytes(run))
 
     def _destroy(self):
         with self._ring_lock:

@@ -20,6 +20,7 @@ and the NMI window itself); IO and MMIO exits must be completed with the assists
 import errno
 import fcntl
 import mmap
+import os
 import signal
 import struct
 import threading
@@ -29,6 +30,7 @@ from .. import constants as C
 from ..state import INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
 from .exit import MSR_INSN_LEN as _MSR_INSN_LEN, KvmExit
 from . import cpuid as cpuidmod
+from . import fastrun
 from . import ioctls as K
 from . import layouts as L
 from .provider import SIG_KICK
@@ -71,6 +73,7 @@ class KvmVcpu(api.Vcpu):
         self._xcr0 = 1
         self._thread = None
         self._in_run = False            # inside the run path's KVM_RUN: a stop() signals the thread
+        self._answered = None           # the compiled loop's count of answered port reads (_compiled_run)
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -323,18 +326,32 @@ class KvmVcpu(api.Vcpu):
         posted, drain, ring_hdr, ring_off = machine.posted, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
             machine.provider.ring_offset
 
+        compiled = None
+
         def run():
+            nonlocal compiled
             if vcpu._slow:
                 return slow_run()
             vcpu._thread = get_ident()
             vcpu._in_run = True
-            try:
-                ioctl(fd, krun)
-            except OSError as exc:
-                vcpu._in_run = False
-                if posted:
-                    drain()
-                return run_error(exc)
+            answers = machine._answers
+            if answers is not None and answers.count:
+                if compiled is None:
+                    compiled = vcpu._compiled_run()
+                err = compiled(answers.table)       # KVM_RUN, answering the published reads, in C
+                if err:
+                    vcpu._in_run = False
+                    if posted:
+                        drain()
+                    return run_error(OSError(err, os.strerror(err)))
+            else:
+                try:
+                    ioctl(fd, krun)
+                except OSError as exc:
+                    vcpu._in_run = False
+                    if posted:
+                        drain()
+                    return run_error(exc)
             vcpu._in_run = False
             if posted:
                 first, last = ring_hdr(mm, ring_off)
@@ -358,6 +375,19 @@ class KvmVcpu(api.Vcpu):
                 assist_slow(direction, size, port, count, off)
 
         self.run, self.assist_io = run, assist_io
+
+    def _compiled_run(self):
+        """The compiled loop (``fastrun.c``) bound to this vCPU: ``f(answers) -> errno`` (0: an exit to handle).
+        Only called once the machine has published a read, so the library is loaded."""
+        ffi, lib = fastrun.load()
+        lay = ffi.new("struct vmmshim_run_layout *", dict(
+            kvm_run=K.KVM_RUN, reason_off=L.RUN_EXIT_REASON, io_off=L.RUN_U, exit_io=K.KVM_EXIT_IO,
+            io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm)))
+        # the view keeps the mapping alive (a later mm.close() in _destroy then leaves it to the last reference)
+        runp = ffi.from_buffer("uint8_t[]", self.mm)
+        counter, fd, crun = ffi.new("uint64_t[1]"), self.fd, lib.vmmshim_kvm_run
+        self._answered = counter
+        return lambda table: crun(fd, runp, lay, table, counter)
 
     def _callbacks_changed(self):
         self._install_fast_paths()
@@ -427,6 +457,9 @@ class KvmVcpu(api.Vcpu):
     def clear_stop(self):
         self.mm[L.RUN_IMMEDIATE_EXIT] = 0
 
+    def answered_io(self):
+        return self._answered[0] if self._answered is not None else 0
+
     # -- assists -----------------------------------------------------------------------------------------------
     def _assist_io_slow(self, direction, size, port, count, off):
         """String (REP INS/OUTS) forms and unusual data offsets: one callback per element, as libnvmm."""
@@ -484,7 +517,6 @@ class KvmVcpu(api.Vcpu):
             self.mm.close()
         except BufferError:
             pass   # a device still holds a view of kvm_run; the mapping goes with the last reference
-        import os
         os.close(self.fd)
 
 

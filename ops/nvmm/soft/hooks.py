@@ -144,7 +144,14 @@ def insn_exit(vcpu, insn, rip):
     uc, buf = vcpu.uc, vcpu.exit.buf
     npc = rip + insn.length
     if insn.kind == IO:
-        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX)
+        port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
+        if insn.in_ and insn.operand_size == 1 and not insn.str_:
+            value = vcpu.machine.answers.get(port)
+            if value is not None:           # a published read (Machine.answer_io): AL, and the run goes on
+                vcpu.answered += 1
+                al = uc.reg_read(X.UC_X86_REG_RAX) & ~0xFF
+                uc.reg_write_batch([(X.UC_X86_REG_RAX, al | value), (X.UC_X86_REG_RIP, npc)])
+                return None
         EXIT_IO_FMT.pack_into(buf, 8, insn.in_, port, insn.seg, insn.address_size, insn.operand_size,
                               insn.rep, insn.str_, npc)
         vcpu._io_rip = rip

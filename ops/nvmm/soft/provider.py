@@ -64,7 +64,19 @@ class SoftProvider(api.Provider):
 
 
 class SoftMachine(api.Machine):
-    """Guest memory as a list of areas that every vCPU's engine maps."""
+    """Guest memory as a list of areas that every vCPU's engine maps; published port reads (``answer_io``) are
+    answered by the instruction hook (``hooks.insn_exit``) without an exit."""
+
+    def __init__(self, provider):
+        super().__init__(provider)
+        self.answers = {}           # port -> the value a one-byte IN reads
+
+    def _answer_io(self, port, value):
+        if value is None:
+            self.answers.pop(port, None)
+        else:
+            self.answers[port] = value
+        return True
 
     def _gpa_map(self, hva, gpa, size, prot):
         for vcpu in self.vcpus.values():

@@ -57,6 +57,7 @@ class SoftVcpu(api.Vcpu):
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
         self.img = U.CpuImage(self.uc)
+        self.answered = 0               # published port reads the instruction hook answered (hooks.insn_exit)
         self._cached = 0
         self._commit = 0
         self._cr8, self._xcr0 = 0, 1
@@ -290,6 +291,9 @@ class SoftVcpu(api.Vcpu):
     def clear_stop(self):
         with self._lock:
             self._stop_req = False
+
+    def answered_io(self):
+        return self.answered
 
     def run(self):
         if self.destroyed:

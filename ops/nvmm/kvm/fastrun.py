@@ -1,0 +1,137 @@
+"""The compiled KVM run loop (``fastrun.c``): built once with the host's C compiler, loaded with cffi in ABI mode.
+
+It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
+without coming back to Python: in the nested lab a kernel console's LSR read cost about 390 us of Python per
+character, and 25,000 of them were most of a boot's user-space time. The C file needs only libc (the kvm_run
+offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``, ``libc6-dev``).
+
+The library is cached under ``$VMMSHIM_CACHE`` (else ``~/.cache/vmmshim``, else a temporary directory) by the hash
+of its source, built to a temporary name and renamed, so concurrent first runs do not see half a file.
+:func:`load` returns ``None`` (and :func:`unavailable` says why) when it cannot be built: the provider then
+publishes nothing and every port read exits to Python as before. ``VMMSHIM_FASTRUN=0`` turns it off.
+
+Not supported: other compilers than ``$CC`` (default ``cc``), hosts where cffi cannot ``dlopen``.
+"""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import tempfile
+import threading
+
+SOURCE = pathlib.Path(__file__).with_name("fastrun.c")
+ENV_OFF = "VMMSHIM_FASTRUN"
+CDEF = """
+struct vmmshim_run_layout {
+    unsigned long kvm_run;
+    uint32_t reason_off;
+    uint32_t io_off;
+    uint32_t exit_io;
+    uint32_t io_in;
+    uint64_t data_off;
+    uint64_t run_size;
+};
+int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
+                    uint64_t *answered);
+"""
+NO_ANSWER = -1
+PORTS = 0x10000
+
+_lock = threading.Lock()
+_loaded = None          # (ffi, lib) once loaded, False once it failed
+_why = None
+_path = None
+
+
+def _cache_dirs():
+    env = os.environ.get("VMMSHIM_CACHE")
+    if env:
+        yield pathlib.Path(env)
+    yield pathlib.Path.home() / ".cache" / "vmmshim"
+    yield pathlib.Path(tempfile.gettempdir()) / f"vmmshim-{os.getuid()}"
+
+
+def _build(src):
+    tag = hashlib.sha256(src).hexdigest()[:16]
+    last = None
+    for d in _cache_dirs():
+        lib = d / f"fastrun-{tag}.so"
+        if lib.exists():
+            return lib
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".fastrun-", suffix=".so", dir=d)
+            os.close(fd)
+        except OSError as exc:
+            last = f"{d}: {exc.strerror}"
+            continue
+        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            os.unlink(tmp)
+            raise OSError(f"cannot run {cmd[0]}: {exc}") from None
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise OSError(f"{cmd[0]} failed on {SOURCE.name}: {err}")
+        os.replace(tmp, lib)
+        return lib
+    raise OSError(f"no writable cache directory ({last})")
+
+
+def load():
+    """``(ffi, lib)`` of the compiled loop, or ``None`` when it cannot be had (see :func:`unavailable`)."""
+    global _loaded, _why, _path
+    with _lock:
+        if _loaded is None:
+            if os.environ.get(ENV_OFF, "1") in ("0", "false", "no", "off"):
+                _loaded, _why = False, f"{ENV_OFF}={os.environ[ENV_OFF]}"
+            else:
+                try:
+                    import cffi
+                    ffi = cffi.FFI()
+                    ffi.cdef(CDEF)
+                    _path = _build(SOURCE.read_bytes())
+                    _loaded = (ffi, ffi.dlopen(str(_path)))
+                except (ImportError, OSError) as exc:
+                    _loaded, _why = False, str(exc)
+        return _loaded or None
+
+
+def unavailable():
+    """Why :func:`load` returned ``None`` (``None`` when it did not)."""
+    load()
+    return _why
+
+
+class Answers:
+    """One VM's published port reads: a table of ``PORTS`` 16-bit cells, -1 where a read exits. Written from
+    any thread (a cell at a time, under the GIL); the vCPUs' compiled loops read it with atomic loads."""
+
+    def __init__(self, ffi):
+        self.table = ffi.new("int16_t[]", PORTS)
+        ffi.memmove(self.table, b"\xff" * (2 * PORTS), 2 * PORTS)
+        self.count = 0              # ports published now: the vCPUs take the compiled loop while non-zero
+        self._lock = threading.Lock()
+
+    def set(self, port, value):
+        with self._lock:
+            old = self.table[port]
+            self.table[port] = NO_ANSWER if value is None else value & 0xFF
+            self.count += (value is not None) - (old != NO_ANSWER)
+
+
+
+def main():
+    """``python3 -m ops.nvmm.kvm.fastrun``: builds the library (if it is not cached yet) and says where it is."""
+    if load() is None:
+        print(f"fastrun: unavailable: {unavailable()}")
+        return 1
+    print(f"fastrun: {_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

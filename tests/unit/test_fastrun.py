@@ -1,0 +1,62 @@
+"""The compiled KVM run loop's build and load (``ops/nvmm/kvm/fastrun.py``): cached by the source's hash, a clear
+reason when it cannot be built, and the published-reads table. The loop itself runs in
+``tests/conformance/test_answered_io.py`` (a real KVM guest)."""
+
+import shutil
+
+import pytest
+
+from ops.nvmm.kvm import fastrun
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """fastrun as if nothing had been loaded yet, caching under ``tmp_path``."""
+    for name in ("_loaded", "_why", "_path"):
+        monkeypatch.setattr(fastrun, name, None)
+    monkeypatch.setenv("VMMSHIM_CACHE", str(tmp_path))
+    monkeypatch.delenv(fastrun.ENV_OFF, raising=False)
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_built_once_and_cached_by_source_hash(fresh, monkeypatch):
+    assert fastrun.load() is not None and fastrun.unavailable() is None
+    built = list(fresh.glob("fastrun-*.so"))
+    assert len(built) == 1 and fastrun._path == built[0]
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(fastrun, "_loaded", None)
+    monkeypatch.setenv("CC", "false")                   # a rebuild would fail: the cached file must be used
+    assert fastrun.load() is not None
+    assert built[0].stat().st_mtime_ns == mtime and not list(fresh.glob(".fastrun-*"))
+
+
+def test_a_failed_build_is_a_reason_not_an_exception(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    assert fastrun.load() is None
+    assert "false failed on fastrun.c" in fastrun.unavailable()
+    assert not list(fresh.iterdir())                    # no half-built library left behind
+
+
+def test_a_missing_compiler_is_a_reason(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert fastrun.load() is None and "cannot run /nonexistent/cc" in fastrun.unavailable()
+
+
+def test_turned_off_by_the_environment(fresh, monkeypatch):
+    monkeypatch.setenv(fastrun.ENV_OFF, "0")
+    assert fastrun.load() is None and fastrun.unavailable() == f"{fastrun.ENV_OFF}=0"
+
+
+def test_answers_table_counts_published_ports():
+    import cffi
+    a = fastrun.Answers(cffi.FFI())
+    assert a.count == 0 and a.table[0x3FD] == fastrun.NO_ANSWER and a.table[0xFFFF] == fastrun.NO_ANSWER
+    a.set(0x3FD, 0x60)
+    a.set(0x3FD, 0x61)                                  # a new value of the same port
+    a.set(0x2FD, 0x60)
+    assert a.count == 2 and a.table[0x3FD] == 0x61
+    a.set(0x3FD, None)
+    a.set(0x3FD, None)                                  # withdrawing twice counts once
+    a.set(0x80, None)
+    assert a.count == 1 and a.table[0x3FD] == fastrun.NO_ANSWER
