@@ -8,6 +8,8 @@ the GIL), without the time slept in HLT. At exit it prints one line per exit kin
 the MMIO page or the MSR), the slowest first by total time in user space. This is how the nested lab's boot was
 found to spend 10 of its 12 s of user space on the console's LSR reads (``docs/lab.md``); in the lab:
 ``python3 -m vmmshim.lab run -- 'cd /lab/project && python3 -m bench.exit_profile -- -A -m 512M ...'``.
+With the compiled run loop it also tells the time KVM_RUN itself took (C's clock) and the time from its return to
+Python running again, which is the wait for the GIL while another thread (a doorbell, the timers) holds it.
 
 Not supported: the NVMM and soft providers (the timing wraps the KVM provider's ioctl), per-vCPU breakdowns.
 """
@@ -36,6 +38,7 @@ class Profile:
         self.runs = []          # (start, end, kind)
         self.halts = []         # (start, end) of the HLT waits
         self.vcpus = {}         # vCPU fd -> KvmVcpu
+        self.return_ns = 0      # compiled loop: from KVM_RUN's return (C's clock) to Python running (the GIL)
 
     def kind(self, fd):
         v = self.vcpus.get(fd)
@@ -72,11 +75,14 @@ class Profile:
 
         def compiled_run(vcpu):             # the compiled loop (fastrun.c): one call, KVM_RUNs until an exit
             f, fd = real_compiled(vcpu), vcpu.fd
+            stats, mono = vcpu.run_stats, time.monotonic_ns
 
             def timed(table):
                 t0 = clock()
                 err = f(table)
+                back = mono()
                 prof.runs.append((t0, clock(), "EINTR (a kick)" if err else prof.kind(fd)))
+                prof.return_ns += back - stats.ns_last_return     # KVM_RUN's return to Python running again
                 return err
             return timed
         kvm_vcpu.KvmVcpu._compiled_run = compiled_run
@@ -117,8 +123,11 @@ class Profile:
             row[2] += t1 - t0
             total_in, total_out, total_halt = total_in + t1 - t0, total_out + out, total_halt + slept
         answered = sum(v.answered_io() for v in self.vcpus.values())
+        in_c = sum(v.run_stats.ns_in_run for v in self.vcpus.values() if v.run_stats is not None) / 1e9
         lines = [f"{len(runs)} KVM_RUNs: {total_in:.2f} s inside, {total_out:.2f} s in user space, "
                  f"{total_halt:.2f} s asleep in HLT; {answered} port reads answered inside (published reads)",
+                 f"compiled loop: {in_c:.2f} s in KVM_RUN by its own clock, {self.return_ns / 1e9:.2f} s from "
+                 "KVM_RUN's return to Python running again (taking the GIL back)",
                  f"{'exit':<28}{'count':>8}{'user us/exit':>14}{'user s':>8}{'kernel us/exit':>16}"]
         for kind, (n, out, inside) in sorted(per.items(), key=lambda kv: -kv[1][1])[:TOP]:
             lines.append(f"{kind:<28}{n:>8}{out / n * 1e6:>14.1f}{out:>8.2f}{inside / n * 1e6:>16.1f}")

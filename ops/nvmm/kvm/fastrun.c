@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 struct vmmshim_run_layout {
 	unsigned long kvm_run;      /* the KVM_RUN request number */
@@ -23,22 +24,43 @@ struct vmmshim_run_layout {
 	uint64_t run_size;          /* the mapping's size */
 };
 
+/* the counters a vCPU's loop keeps (read by Python at any time, for statistics) */
+struct vmmshim_run_stats {
+	uint64_t answered;          /* port reads answered here */
+	uint64_t ns_in_run;         /* time inside KVM_RUN (the guest and the kernel), CLOCK_MONOTONIC */
+	uint64_t ns_last_return;    /* when the last KVM_RUN returned: the caller's own clock after the call
+	                               minus this is what the return cost (taking Python's GIL back) */
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /*
  * Returns 0 with an exit for the caller in kvm_run, or the errno of a failed KVM_RUN (EINTR after a kick).
  * answers[port] is the published value of a one-byte read of port, or -1; another thread may change it at
- * any time (each read of it is one atomic load). *answered counts the reads answered here.
+ * any time (each read of it is one atomic load).
  */
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-		    uint64_t *answered)
+		    struct vmmshim_run_stats *stats)
 {
 	for (;;) {
 		uint32_t reason, count;
 		uint16_t port;
-		uint64_t off;
+		uint64_t off, t0;
 		int16_t value;
 		const uint8_t *io;
+		int r;
 
-		if (ioctl(fd, lay->kvm_run, 0) < 0)
+		t0 = now_ns();
+		r = ioctl(fd, lay->kvm_run, 0);
+		stats->ns_last_return = now_ns();
+		stats->ns_in_run += stats->ns_last_return - t0;
+		if (r < 0)
 			return errno;
 		memcpy(&reason, run + lay->reason_off, sizeof(reason));
 		if (reason != lay->exit_io)
@@ -53,6 +75,6 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		if (value < 0)
 			return 0;
 		run[off] = (uint8_t)value;
-		++*answered;
+		++stats->answered;
 	}
 }

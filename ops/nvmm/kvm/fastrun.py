@@ -32,8 +32,13 @@ struct vmmshim_run_layout {
     uint64_t data_off;
     uint64_t run_size;
 };
+struct vmmshim_run_stats {
+    uint64_t answered;
+    uint64_t ns_in_run;
+    uint64_t ns_last_return;
+};
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-                    uint64_t *answered);
+                    struct vmmshim_run_stats *stats);
 """
 NO_ANSWER = -1
 PORTS = 0x10000

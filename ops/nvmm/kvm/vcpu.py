@@ -73,7 +73,7 @@ class KvmVcpu(api.Vcpu):
         self._xcr0 = 1
         self._thread = None
         self._in_run = False            # inside the run path's KVM_RUN: a stop() signals the thread
-        self._answered = None           # the compiled loop's count of answered port reads (_compiled_run)
+        self.run_stats = None           # the compiled loop's counters (fastrun.c's vmmshim_run_stats), once used
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -385,9 +385,9 @@ class KvmVcpu(api.Vcpu):
             io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm)))
         # the view keeps the mapping alive (a later mm.close() in _destroy then leaves it to the last reference)
         runp = ffi.from_buffer("uint8_t[]", self.mm)
-        counter, fd, crun = ffi.new("uint64_t[1]"), self.fd, lib.vmmshim_kvm_run
-        self._answered = counter
-        return lambda table: crun(fd, runp, lay, table, counter)
+        stats, fd, crun = ffi.new("struct vmmshim_run_stats *"), self.fd, lib.vmmshim_kvm_run
+        self.run_stats = stats
+        return lambda table: crun(fd, runp, lay, table, stats)
 
     def _callbacks_changed(self):
         self._install_fast_paths()
@@ -458,7 +458,7 @@ class KvmVcpu(api.Vcpu):
         self.mm[L.RUN_IMMEDIATE_EXIT] = 0
 
     def answered_io(self):
-        return self._answered[0] if self._answered is not None else 0
+        return self.run_stats.answered if self.run_stats is not None else 0
 
     # -- assists -----------------------------------------------------------------------------------------------
     def _assist_io_slow(self, direction, size, port, count, off):
