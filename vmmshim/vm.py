@@ -29,17 +29,30 @@ SUSPEND_STATUS = {VmSuspendHow.VM_SUSPEND_RESET: EXIT_RESET, VmSuspendHow.VM_SUS
                   VmSuspendHow.VM_SUSPEND_HALT: EXIT_HALT, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT: EXIT_TRIPLEFAULT}
 HOW_OF_STATUS = {v: k for k, v in SUSPEND_STATUS.items()}
 CONTINUE, ABORT = 0, 1
+HUGE_PAGE = 2 << 20
 # real-mode code segment for an AP started by SIPI (access: present, code, read, accessed)
 AP_CS_ACCESS = 0x9B
 
 
 class HostMemory:
-    """Anonymous host memory with a stable address, backing guest RAM."""
+    """Anonymous host memory with a stable address, backing guest RAM. From 2 MiB up it starts on a 2 MiB boundary
+    and is advised for transparent huge pages (``MADV_HUGEPAGE``, as QEMU does its RAM), so that the hypervisor
+    can map the guest with 2 MiB pages where the host allows (THP ``always`` or ``madvise``)."""
 
     def __init__(self, size):
         self.size = size
-        self.mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        pad = HUGE_PAGE if size >= HUGE_PAGE else 0
+        self.mm = mmap.mmap(-1, size + pad,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.addr = (base + pad - 1) & ~(HUGE_PAGE - 1) if pad else base
+        self.huge = False
+        if pad and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self.mm.madvise(mmap.MADV_HUGEPAGE, self.addr - base, size)
+                self.huge = True
+            except OSError:
+                pass                    # THP compiled out or "never": 4 KiB pages, as before
 
 
 class VmConfig:
