@@ -50,6 +50,7 @@ class VmmOpsNvmm:
 
     def __init__(self, provider):
         self.provider = provider
+        self._handlers = self._exit_table()
 
     # -- module and VM lifetime -------------------------------------------------------------------------------
     def init(self):
@@ -283,41 +284,60 @@ class VmmOpsNvmm:
             nv.setstate(C.NVMM_X64_STATE_INTR)
 
     def _exit(self, vmi, ctx, ex, reason):
-        """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter."""
-        nv = ctx.nv
+        """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter. A table by NVMM
+        exit reason (:meth:`_exit_table`), as bhyve's ``vmexit.c``; a reason not in it goes up as ``VMX``."""
         ctx.exits[reason & 0xFFFF] += 1
         vmi.tls.ctx = ctx            # an IPI sent while handling this exit knows its sender
-        if reason == _MEM:
-            gpa = ex.mem.gpa
-            if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
-                if ctx.pv_eoi is not None:
-                    ctx.pv_eoi.sync()        # an EOI the guest made in memory shows in ISR/PPR before it reads them
-                nv.assist_mem()
-                return None
-            return self._vmexit(ctx, E.VM_EXITCODE_INST_EMUL, InstEmul(gpa))
-        if reason in (C.NVMM_VCPU_EXIT_RDMSR, C.NVMM_VCPU_EXIT_WRMSR):
-            return self._msr(vmi, ctx, ex, reason)
-        if reason == C.NVMM_VCPU_EXIT_HALTED:
-            return self._halt(vmi, ctx, ex)
-        if reason in (C.NVMM_VCPU_EXIT_INT_READY, C.NVMM_VCPU_EXIT_NMI_READY, C.NVMM_VCPU_EXIT_NONE):
-            ctx.pending = True
+        handler = self._handlers.get(reason)
+        if handler is None:
+            hw = ex.inv.hwcode if reason == C.NVMM_VCPU_EXIT_INVALID else reason
+            return self._vmexit(ctx, E.VM_EXITCODE_VMX, Vmx(status=0, exit_reason=hw))
+        return handler(vmi, ctx, ex, reason)
+
+    def _exit_table(self):
+        pend = self._exit_pending
+        return {
+            _MEM: self._exit_mem,
+            C.NVMM_VCPU_EXIT_RDMSR: self._msr, C.NVMM_VCPU_EXIT_WRMSR: self._msr,
+            C.NVMM_VCPU_EXIT_HALTED: self._exit_halt,
+            C.NVMM_VCPU_EXIT_INT_READY: pend, C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
+            C.NVMM_VCPU_EXIT_STOPPED: pend,          # a kick: re-evaluate interrupts and suspension before entry
+            C.NVMM_VCPU_EXIT_SHUTDOWN: self._exit_shutdown,
+            C.NVMM_VCPU_EXIT_MONITOR: self._exit_ud, C.NVMM_VCPU_EXIT_MWAIT: self._exit_ud,
+            C.NVMM_VCPU_EXIT_TPR_CHANGED: self._exit_tpr,
+        }
+
+    def _exit_mem(self, vmi, ctx, ex, reason):
+        gpa = ex.mem.gpa
+        if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
+            if ctx.pv_eoi is not None:
+                ctx.pv_eoi.sync()            # an EOI the guest made in memory shows in ISR/PPR before it reads them
+            ctx.nv.assist_mem()
             return None
-        if reason == C.NVMM_VCPU_EXIT_STOPPED:
-            ctx.pending = True       # a kick: re-evaluate interrupts and suspension before the next entry
-            return None
-        if reason == C.NVMM_VCPU_EXIT_SHUTDOWN:
-            self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT)
-            return self._suspended_exit(vmi, ctx)
-        if reason in (C.NVMM_VCPU_EXIT_MONITOR, C.NVMM_VCPU_EXIT_MWAIT):
-            self.vm_inject_exception(vmi, ctx.id, C.X86_EXC_UD)
-            return None
-        if reason == C.NVMM_VCPU_EXIT_TPR_CHANGED:
-            if ctx.vlapic is not None:
-                ctx.vlapic.set_cr8(ex.exitstate.cr8)
-            ctx.pending = True
-            return None
-        hw = ex.inv.hwcode if reason == C.NVMM_VCPU_EXIT_INVALID else reason
-        return self._vmexit(ctx, E.VM_EXITCODE_VMX, Vmx(status=0, exit_reason=hw))
+        return self._vmexit(ctx, E.VM_EXITCODE_INST_EMUL, InstEmul(gpa))
+
+    def _exit_halt(self, vmi, ctx, ex, reason):
+        return self._halt(vmi, ctx, ex)
+
+    @staticmethod
+    def _exit_pending(vmi, ctx, ex, reason):
+        ctx.pending = True
+        return None
+
+    def _exit_shutdown(self, vmi, ctx, ex, reason):
+        self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT)
+        return self._suspended_exit(vmi, ctx)
+
+    def _exit_ud(self, vmi, ctx, ex, reason):
+        self.vm_inject_exception(vmi, ctx.id, C.X86_EXC_UD)
+        return None
+
+    @staticmethod
+    def _exit_tpr(vmi, ctx, ex, reason):
+        if ctx.vlapic is not None:
+            ctx.vlapic.set_cr8(ex.exitstate.cr8)
+        ctx.pending = True
+        return None
 
     def _vmexit(self, ctx, code, payload, rip=None, inst_length=0):
         vmexit = ctx.vmexit
