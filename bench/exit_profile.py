@@ -56,6 +56,8 @@ class Profile:
         return name
 
     def install(self):
+        from ops.nvmm.kvm import fastrun
+        fastrun.TIMING = True                   # the compiled loop's clock counters, for the GIL line
         real_ioctl, real_init = kvm_vcpu._IOCTL, kvm_vcpu.KvmVcpu.__init__
         prof, clock = self, time.perf_counter
 

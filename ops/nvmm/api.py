@@ -260,7 +260,8 @@ class Machine:
     def answer_io(self, port, value):
         """Extension: publishes what a one-byte IN from ``port`` reads (``value``, 0..255) until the next call;
         ``None`` withdraws it. Where the provider can, it answers such reads itself, without an exit (and
-        without the assist callback), and returns True; it returns False where it cannot (libnvmm): the reads
+        without the assist callback), and returns True (it may still let one exit now and then: the read then
+        reaches the callback, which returns the same value); it returns False where it cannot (libnvmm): the reads
         keep exiting. Only for registers whose reads have no side effect and whose value the device can keep
         published whenever its state changes (a UART's line status); wider and string reads always exit.
         Each vCPU counts the reads it answered (``Vcpu.answered_io``). ``answer_io(port, None)`` on a port never

@@ -31,6 +31,7 @@ struct vmmshim_run_layout {
     uint32_t io_in;
     uint64_t data_off;
     uint64_t run_size;
+    uint32_t timing;
 };
 struct vmmshim_run_stats {
     uint64_t answered;
@@ -42,6 +43,8 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 """
 NO_ANSWER = -1
 PORTS = 0x10000
+#: vCPUs created while this is True keep the loop's clock counters (``bench/exit_profile.py`` sets it).
+TIMING = False
 
 _lock = threading.Lock()
 _loaded = None          # (ffi, lib) once loaded, False once it failed

@@ -326,16 +326,18 @@ class KvmVcpu(api.Vcpu):
         posted, drain, ring_hdr, ring_off = machine.posted, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
             machine.provider.ring_offset
 
-        compiled = None
+        compiled, after_io = None, False
 
         def run():
-            nonlocal compiled
+            nonlocal compiled, after_io
             if vcpu._slow:
                 return slow_run()
             vcpu._thread = get_ident()
             vcpu._in_run = True
             answers = machine._answers
-            if answers is not None and answers.count:
+            # The compiled loop after a port exit (a console's IER access starts the run of LSR reads it
+            # answers); else the plain ioctl, which costs less per call (natively 15.5 against 16.2 us per exit)
+            if after_io and answers is not None and answers.count:
                 if compiled is None:
                     compiled = vcpu._compiled_run()
                 err = compiled(answers.table)       # KVM_RUN, answering the published reads, in C
@@ -361,8 +363,10 @@ class KvmVcpu(api.Vcpu):
             k = mm[8]
             ex.kvm_reason = k
             if k == kio:
+                after_io = True
                 ex.reason = io
                 return ex
+            after_io = False
             return exit_other(ex, k)
 
         def assist_io():
@@ -382,7 +386,7 @@ class KvmVcpu(api.Vcpu):
         ffi, lib = fastrun.load()
         lay = ffi.new("struct vmmshim_run_layout *", dict(
             kvm_run=K.KVM_RUN, reason_off=L.RUN_EXIT_REASON, io_off=L.RUN_U, exit_io=K.KVM_EXIT_IO,
-            io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm)))
+            io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm), timing=fastrun.TIMING))
         # the view keeps the mapping alive (a later mm.close() in _destroy then leaves it to the last reference)
         runp = ffi.from_buffer("uint8_t[]", self.mm)
         stats, fd, crun = ffi.new("struct vmmshim_run_stats *"), self.fd, lib.vmmshim_kvm_run
