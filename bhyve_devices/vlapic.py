@@ -317,6 +317,8 @@ class Vlapic(VlapicMsrMixin):
             self.tpr = v & 0xFF
         elif off == R.EOI:
             self._eoi()
+        elif off == R.TIMER_ICR:            # with EOI, what a tickless guest writes most
+            self.timer.write_icr(v)
         elif off == R.LDR and not x2:
             self.ldr = v & R.LDR_XAPIC_WRITABLE
         elif off == R.DFR and not x2:
@@ -334,8 +336,6 @@ class Vlapic(VlapicMsrMixin):
             self.icr_hi = v & 0xFF000000
         elif off in self.lvt:
             self._write_lvt(off, v)
-        elif off == R.TIMER_ICR:
-            self.timer.write_icr(v)
         elif off == R.TIMER_DCR:
             self.timer.write_dcr(v)
         elif off == R.SELF_IPI and x2:

@@ -308,7 +308,7 @@ class VmmOpsNvmm:
         }
 
     def _exit_mem(self, vmi, ctx, ex, reason):
-        gpa = ex.mem.gpa
+        gpa = ex.mem_gpa
         if LAPIC_BASE <= gpa < LAPIC_BASE + LAPIC_SIZE or IOAPIC_BASE <= gpa < IOAPIC_BASE + IOAPIC_SIZE:
             if ctx.pv_eoi is not None:
                 ctx.pv_eoi.sync()            # an EOI the guest made in memory shows in ISR/PPR before it reads them

@@ -268,6 +268,11 @@ class Exit:
         return ExitMemory(*EXIT_MEM_FMT.unpack_from(self.buf, _U))
 
     @property
+    def mem_gpa(self):
+        """``mem.gpa`` alone (what the ops layer reads on every MEMORY exit; a provider may read it cheaper)."""
+        return self.mem.gpa
+
+    @property
     def rdmsr(self):
         return ExitRdmsr(*EXIT_RDMSR_FMT.unpack_from(self.buf, _U))
 

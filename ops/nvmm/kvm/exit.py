@@ -16,6 +16,7 @@ from . import ioctls as K
 from . import layouts as L
 
 MSR_INSN_LEN = 2   # rdmsr 0F 32 / wrmsr 0F 30
+_U64 = struct.Struct("<Q")
 
 
 class KvmExit(Exit):
@@ -43,6 +44,10 @@ class KvmExit(Exit):
         gpa, = struct.unpack_from("<Q", mm, L.MMIO_GPA)
         prot = C.NVMM_PROT_WRITE if mm[L.MMIO_IS_WRITE] else C.NVMM_PROT_READ
         return ExitMemory(prot, gpa, 0, bytes(15))
+
+    @property
+    def mem_gpa(self):
+        return _U64.unpack_from(self.vcpu.mm, L.MMIO_GPA)[0]
 
     @property
     def rdmsr(self):

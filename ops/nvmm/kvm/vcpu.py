@@ -54,6 +54,8 @@ _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
 # exits whose instruction KVM completes at the next KVM_RUN
 _NEEDS_COMPLETION = frozenset((K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR))
+_MMIO_FMT = struct.Struct("<Q8sIB")      # kvm_run.mmio: phys_addr, data, len, is_write
+assert _MMIO_FMT.size - 1 + L.MMIO_GPA == L.MMIO_IS_WRITE
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
 
@@ -476,10 +478,8 @@ class KvmVcpu(api.Vcpu):
     def assist_mem(self):
         if self.exit.reason != C.NVMM_VCPU_EXIT_MEMORY:
             raise api.nvmm_error(errno.EINVAL, "assist_mem after a non-MEMORY exit")
-        mm = self.mm
-        gpa, = struct.unpack_from("<Q", mm, L.MMIO_GPA)
-        length, = struct.unpack_from("<I", mm, L.MMIO_LEN)
-        self.cbs.mem(gpa, bool(mm[L.MMIO_IS_WRITE]), self._mv[L.MMIO_DATA:L.MMIO_DATA + min(length, 8)])
+        gpa, _, length, is_write = _MMIO_FMT.unpack_from(self.mm, L.MMIO_GPA)
+        self.cbs.mem(gpa, bool(is_write), self._mv[L.MMIO_DATA:L.MMIO_DATA + min(length, 8)])
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def paging_regs(self):
