@@ -3,8 +3,8 @@
 
 Runs vmmshim in this process with ``KVM_RUN`` timed: each run's time inside the ioctl (the guest and the
 kernel; with the compiled loop, ``fastrun.c``, one call that may answer published port reads and run again
-counts as one run), and the time from its return to the next run (user space: handling the exit, injecting, waiting for
-the GIL), without the time slept in HLT. At exit it prints one line per exit kind (the reason, and the port,
+counts as one run), and the time from its return to the next run (user space: handling the exit, injecting,
+waiting for the GIL), without the time slept in HLT. At exit it prints one line per exit kind (the reason, and the port,
 the MMIO page or the MSR), the slowest first by total time in user space. This is how the nested lab's boot was
 found to spend 10 of its 12 s of user space on the console's LSR reads (``docs/lab.md``); in the lab:
 ``python3 -m vmmshim.lab run -- 'cd /lab/project && python3 -m bench.exit_profile -- -A -m 512M ...'``.

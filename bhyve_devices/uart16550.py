@@ -133,11 +133,12 @@ class UART16550:
         """Posted one-byte writes to ``offset``, in order (a VMM's batch of THR writes): one sink write and one
         interrupt update for the run where THR transmits, else :meth:`write` byte by byte."""
         with self._lock:
-            if offset != REG_DATA or self.lcr & LCR_DLAB or self.mcr & MCR_LOOP or self.sink is None:
+            if offset != REG_DATA or self.lcr & LCR_DLAB or self.mcr & MCR_LOOP:
                 for b in data:
                     self.write(offset, 1, b)
                 return
-            self.sink.write(bytes(data))
+            if self.sink is not None:
+                self.sink.write(bytes(data))
             self._thre_pending = True
             self._update_irq()
 
@@ -197,11 +198,12 @@ class UART16550:
         if self._publish is not None:       # every state change ends here
             self._publish_lsr()
 
+    def _lsr(self):
+        """LSR as a read returns it (transmission is instantaneous: THRE and TEMT always set)."""
+        return LSR_THRE | LSR_TEMT | self.lsr_errors | (LSR_DR if self._rx else 0)
+
     def _publish_lsr(self):
-        if self.lsr_errors or self.mcr & MCR_LOOP:
-            v = None
-        else:
-            v = LSR_THRE | LSR_TEMT | (LSR_DR if self._rx else 0)
+        v = None if self.lsr_errors or self.mcr & MCR_LOOP else self._lsr()
         if v != self._published:
             self._published = v
             self._publish(REG_LSR, v)
@@ -237,9 +239,7 @@ class UART16550:
             elif off == REG_MCR:
                 return self.mcr
             elif off == REG_LSR:            # a polling console reads this once per character
-                v = LSR_THRE | LSR_TEMT | self.lsr_errors
-                if self._rx:
-                    v |= LSR_DR
+                v = self._lsr()
                 if not self.lsr_errors:
                     return v                # nothing cleared: the interrupt line cannot change
                 self.lsr_errors = 0

@@ -46,11 +46,9 @@ class HostMemory:
                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.addr = (base + pad - 1) & ~(HUGE_PAGE - 1) if pad else base
-        self.huge = False
         if pad and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self.mm.madvise(mmap.MADV_HUGEPAGE, self.addr - base, size)
-                self.huge = True
             except OSError:
                 pass                    # THP compiled out or "never": 4 KiB pages, as before
 

@@ -131,7 +131,6 @@ class Answers:
             self.count += (value is not None) - (old != NO_ANSWER)
 
 
-
 def main():
     """``python3 -m ops.nvmm.kvm.fastrun``: builds the library (if it is not cached yet) and says where it is."""
     if load() is None:

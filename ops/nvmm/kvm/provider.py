@@ -291,10 +291,11 @@ class KvmMachine(api.Machine):
             first, last = hdr(ring, 0)
             run_port, run_cb, run = None, None, bytearray()     # a run of one-byte writes to a one-port range
             while first != last:
-                if first >= RING_ENTRIES or last >= RING_ENTRIES:   # the kernel's indexes, checked all the same
+                if last >= RING_ENTRIES:                    # the kernel's indexes, checked all the same
+                    break
+                if first >= RING_ENTRIES:
                     first = 0
-                    if last >= RING_ENTRIES:
-                        break
+                    continue
                 end = last if last > first else RING_ENTRIES      # what the kernel had appended, up to the wrap
                 for port, n, _pio, data in entries(ring[RING_DATA + first * ENTRY_SIZE:RING_DATA + end * ENTRY_SIZE]):
                     if port == run_port and n == 1:

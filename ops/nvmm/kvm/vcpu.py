@@ -343,20 +343,18 @@ class KvmVcpu(api.Vcpu):
                 if compiled is None:
                     compiled = vcpu._compiled_run()
                 err = compiled(answers.table)       # KVM_RUN, answering the published reads, in C
-                if err:
-                    vcpu._in_run = False
-                    if posted:
-                        drain()
-                    return run_error(OSError(err, os.strerror(err)))
+                failed = OSError(err, os.strerror(err)) if err else None
             else:
                 try:
                     ioctl(fd, krun)
+                    failed = None
                 except OSError as exc:
-                    vcpu._in_run = False
-                    if posted:
-                        drain()
-                    return run_error(exc)
+                    failed = exc
             vcpu._in_run = False
+            if failed is not None:
+                if posted:
+                    drain()
+                return run_error(failed)
             if posted:
                 first, last = ring_hdr(mm, ring_off)
                 if first != last:
