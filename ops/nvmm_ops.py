@@ -480,6 +480,12 @@ class VmmOpsNvmm:
         """vmmshim's extension: hands the posted writes buffered so far to their callbacks (any thread)."""
         vmi.machine.drain_posted()
 
+    def vm_activate_cpu(self, vmi, vcpu):
+        """Marks ``vcpu`` active before its thread first runs it (bhyve's ``vm_activate_cpu``, which
+        ``spinup_ap`` calls): from here on the VM halts only when this vCPU halts too, so an AP whose thread has
+        not started yet cannot be missed by a BSP that halts right after its SIPI."""
+        vmi.vcpus[vcpu].started = True
+
     def vm_suspend(self, vmi, how):
         if vmi.suspended is None:
             vmi.suspended = how

@@ -342,6 +342,7 @@ class VM:
         ops, vmi = self.ops, self.vmi
         ops.vmsetdesc(vmi, target, R.VM_REG_GUEST_CS, SegDesc(rip, 0xFFFF, AP_CS_ACCESS))
         ops.vmsetreg(vmi, target, R.VM_REG_GUEST_CS, rip >> 4)
+        ops.vm_activate_cpu(vmi, target)
         self._start_vcpu(target, 0)
         return CONTINUE
 

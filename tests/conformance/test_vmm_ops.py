@@ -4,6 +4,7 @@ and without ``-w``, HLT woken by the LAPIC timer, a triple fault, INIT/SIPI star
 
 import errno
 import struct
+import time
 
 import pytest
 
@@ -196,6 +197,31 @@ def test_init_sipi_starts_the_second_vcpu(make_vm):
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert vm.view(0x8100, 1)[0] == 0x41, "the AP did not run"
     assert set(vm.threads) == {0, 1}
+
+
+def test_halting_bsp_waits_for_an_ap_whose_thread_starts_late(make_vm):
+    """The VM halts when every active vCPU has halted with IF clear; an AP is active from its SIPI on, not from
+    when its thread first runs (a loaded host once started the thread after the BSP had halted)."""
+    vm = make_vm(ncpus=2)
+    loop = vm._vcpu_loop
+
+    def late(vcpu, rip):
+        if vcpu:
+            time.sleep(0.3)
+        loop(vcpu, rip)
+    vm._vcpu_loop = late
+    ap = assemble(".code16\nmovb $0x41, %al\nmovb %al, 0x8100\ncli\nhlt\n", 0x8000)
+    vm.load(0x8000, ap)
+    boot64(vm, """
+  mov $0xFEE00000, %esi
+  movl $0x01000000, 0x310(%rsi)
+  movl $0x00004500, 0x300(%rsi)
+  movl $0x00004608, 0x300(%rsi)
+  cli
+  hlt
+""")
+    assert vm.run(timeout=30) == EXIT_HALT, vm.error
+    assert vm.view(0x8100, 1)[0] == 0x41, "the VM halted before the AP ran"
 
 
 def test_inout_exit_payload_decoded_on_demand(make_vm):
