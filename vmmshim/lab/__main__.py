@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="boot L1 and run a command in it")
     r.add_argument("--timeout", type=float, default=600, help="seconds for the command inside L1 (default 600)")
     r.add_argument("--boot-timeout", type=float, default=240, help="seconds for L1 to reach its init")
-    r.add_argument("--retries", type=int, default=1, help="L1 boots to retry when one hangs (default 1)")
+    r.add_argument("--retries", type=int, default=2, help="L1 boots to retry when one hangs (default 2)")
     r.add_argument("--smp", type=int, default=2)
     r.add_argument("--mem", default="6G")
     r.add_argument("--echo", action="store_true", help="show L1's console as it runs")

@@ -281,7 +281,7 @@ def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
 
 
 def run_in_lab(cmd, timeout: float = 600, smp: int = 2, mem: str = "6G", boot_timeout: float = 240,
-               retries: int = 1, keep: bool = False, echo: bool = False, extra_files=None,
+               retries: int = 2, keep: bool = False, echo: bool = False, extra_files=None,
                work_mb: int = 512, append: str = "", retry_killed: bool = False) -> LabResult:
     """Boot L1, run ``cmd`` (a shell string, or an argv list) inside it, return a :class:`LabResult`.
 
