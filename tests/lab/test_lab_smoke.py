@@ -14,7 +14,7 @@ ls -l /dev/kvm
 dmesg | grep -i nested
 echo "NESTED-PARAM=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
 echo "NPT-PARAM=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
-python3 -m vmmshim.lab.l2boot --timeout 100 --tries 2
+python3 -m vmmshim.lab.l2boot --timeout 100 --tries 3
 """
 
 
@@ -25,7 +25,7 @@ def smoke(lab_ready):
 
     # L1 is QEMU TCG: once in CI its kernel soft-locked a CPU under QEMU-in-L1 ("watchdog: BUG: soft lockup"),
     # killing the command (status 124). That is the lab's emulation, not the code under test: one more L1.
-    res = run_in_lab(SCRIPT, timeout=260, boot_timeout=100, retry_killed=True)
+    res = run_in_lab(SCRIPT, timeout=360, boot_timeout=100, retry_killed=True)
     print(res.stdout)
     print(res.stderr)
     print(f"L1 boot {res.boot_s:.1f} s, command {res.cmd_s:.1f} s, attempts {res.attempts}")
