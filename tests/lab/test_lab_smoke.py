@@ -6,7 +6,7 @@ One L1 boot serves every test in this module (the ``smoke`` fixture).
 
 import pytest
 
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]   # two L1 attempts at most
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]   # three L1 attempts at most (run_in_lab retries twice)
 
 SCRIPT = r"""
 echo "SVM-CPUS=$(grep -c svm /proc/cpuinfo)"
