@@ -7,7 +7,7 @@ converts the wanted categories into ``state`` once per exit (cached afterwards),
 exit: the code hook stops *before* IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR of MSRs outside NVMM's state, CPUID of
 leaves configured to exit, MONITOR/MWAIT, and before the first instruction of an open interrupt window
 (``int_window_exiting`` with IF=1 and no STI/MOV SS shadow); unmapped (MMIO) and write-protected accesses stop
-before the access; ``stop()`` (any thread) stops the engine. Exceptions the guest raises, and events from
+before the access; ``stop()`` (any thread) asks the code hook to stop before the next instruction. Exceptions the guest raises, and events from
 ``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit.
 
 ``assist_io`` is libnvmm's (including REP INS/OUTS in batches of 32 bytes with DF=0, one element with DF=1).
@@ -65,7 +65,6 @@ class SoftVcpu(api.Vcpu):
         self._event = None              # (type, vector, error) queued by inject()
         self._cpuid_masks = {}
         self._stop_req = False
-        self._running = False
         self._lock = threading.Lock()
         self._why = None                # what stopped the engine: a tuple set by a hook
         self._step = None               # single-stepping (see step()): False before the first instruction
@@ -283,10 +282,12 @@ class SoftVcpu(api.Vcpu):
 
     # -- run --------------------------------------------------------------------------------------------------
     def stop(self):
+        # Only the request: the code hook, called before every instruction on the vCPU's own thread, sees it and
+        # stops there. An emu_stop() from this thread would land inside a translation block at no instruction
+        # boundary unicorn promises: under load one re-ran an instruction whose memory write had already
+        # happened (a guest's "addq $2, (%rsp)" twice, and a triple fault).
         with self._lock:
             self._stop_req = True
-            if self._running:
-                self.uc.emu_stop()
 
     def clear_stop(self):
         with self._lock:
@@ -325,11 +326,9 @@ class SoftVcpu(api.Vcpu):
                 if self._stop_req:
                     self._stop_req = False
                     return C.NVMM_VCPU_EXIT_STOPPED
-                self._running = True
             self._hf_cache = self.img.load().hflags
             self._shadow = bool(self._hf_cache & U.HF_INHIBIT_IRQ)
             if self._win and not self._shadow and uc.reg_read(X.UC_X86_REG_EFLAGS) & C.RFLAGS_IF:
-                self._running = False
                 self._win = False
                 return C.NVMM_VCPU_EXIT_INT_READY
             self._paging = self.paging_regs()
@@ -339,8 +338,6 @@ class SoftVcpu(api.Vcpu):
                 uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), UNTIL)
             except UcError as exc:
                 err = exc
-            with self._lock:
-                self._running = False
             why = self._why
             if why is None:
                 if err is None:
