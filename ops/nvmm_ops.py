@@ -232,10 +232,14 @@ class VmmOpsNvmm:
             ctx.spinup = None
             ctx.pending = True
             return self._vmexit(ctx, E.VM_EXITCODE_SPINUP_AP, SpinupAp(target, rip))
+        # NVMM has one event slot per entry: an exception or NMI queued for this entry keeps an interrupt for the
+        # window after it (the exit state, read before the queueing, cannot say so)
+        queued, ctx.event_queued = ctx.event_queued, False
         if ctx.nmi:
             ctx.nmi = False
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, C.X86_EXC_NMI)
             nv.inject()
+            queued = True
         vl = ctx.vlapic
         if vl is None:
             return None
@@ -253,7 +257,7 @@ class VmmOpsNvmm:
         if _injectable(es):
             nv.complete_exit()                   # events its completion queues (a #GP) come first
             es = nv.exit.exitstate
-        if _injectable(es):
+        if not queued and _injectable(es):
             if extint:
                 vec = vmi.vatpic.intr_accepted()     # the INTA cycle
                 vl.extint_accepted()
@@ -493,9 +497,12 @@ class VmmOpsNvmm:
             ctx.kick()
 
     def vm_inject_exception(self, vmi, vcpu, vector, errcode=0):
-        nv = vmi.vcpus[vcpu].nv
+        ctx = vmi.vcpus[vcpu]
+        nv = ctx.nv
         nv.event.set(C.NVMM_VCPU_EVENT_EXCP, vector, errcode)
         nv.inject()
+        ctx.event_queued = True           # no interrupt replaces it at this entry (_before_entry)
+        ctx.pending = True
 
     def vm_inject_nmi(self, vmi, vcpu):
         vmi._on_nmi(vcpu)

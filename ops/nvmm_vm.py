@@ -30,6 +30,7 @@ class VcpuCtx:
         self.runner = None           # (inout_assist, the vmrun closure VmmOpsNvmm.runner made)
         self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
         self.nmi = False
+        self.event_queued = False     # an exception or NMI injected for the next entry: NVMM's one event slot
         self.spinup = None           # (target, rip) after this vCPU sent a SIPI
         self.cond = threading.Condition()
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}

@@ -90,3 +90,44 @@ gp_handler:                    # rdmsr faulted: skip it (2 bytes)
     got = results(vm, 2)
     assert status == EXIT_HALT, (vm.error, got, vm.debug_state())
     assert got[0] >= WANT and got[1] >= WANT
+
+
+def test_nmi_and_interrupt_pending_at_one_entry_are_both_delivered(platform_vm):   # noqa: F811
+    """An NMI and a LAPIC interrupt that become pending during one exit: NVMM (and the soft CPU) has one event
+    slot per entry, so the interrupt must wait for a window instead of replacing the NMI."""
+    vm = platform_vm()
+    ops, vmi = vm.ops, vm.vmi
+
+    class Trigger:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            ops.vm_inject_nmi(vmi, 0)
+            ops.vm_lapic_msi(vmi, 0xFEE00000, 0x40)
+    vm.add_port_device(0x510, 1, Trigger(), "trigger")
+    boot64(vm, gate(2, "nmi_handler") + gate(0x40, "lapic_handler") + f"""
+  lidt idtr
+  mov $0xFEE00000, %esi
+  movl $0x1ff, 0xF0(%rsi)      # LAPIC software enabled
+  sti
+  mov $0x510, %dx
+  out %al, (%dx)               # the NMI and vector 0x40 become pending while this exit is handled
+  mov $100000000, %ecx
+1:cmpl $0, {RESULT}
+  je 2f
+  cmpl $0, {RESULT + 4}
+  jne 3f
+2:loop 1b
+3:cli
+  hlt
+nmi_handler:
+  incl {RESULT}
+  iretq
+lapic_handler:
+  incl {RESULT + 4}
+  movl $0, 0xB0(%rsi)
+  iretq
+""" + IDT)
+    assert vm.run(timeout=60) == EXIT_HALT, vm.error
+    assert results(vm, 2) == (1, 1), "the NMI or the interrupt was lost"
