@@ -7,8 +7,8 @@ converts the wanted categories into ``state`` once per exit (cached afterwards),
 exit: the code hook stops *before* IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR of MSRs outside NVMM's state, CPUID of
 leaves configured to exit, MONITOR/MWAIT, and before the first instruction of an open interrupt window
 (``int_window_exiting`` with IF=1 and no STI/MOV SS shadow); unmapped (MMIO) and write-protected accesses stop
-before the access; ``stop()`` (any thread) asks the code hook to stop before the next instruction. Exceptions the guest raises, and events from
-``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit.
+before the access; ``stop()`` (any thread) asks the code hook to stop before the next instruction. Exceptions
+the guest raises, and events from ``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit.
 
 ``assist_io`` is libnvmm's (including REP INS/OUTS in batches of 32 bytes with DF=0, one element with DF=1).
 ``assist_mem`` completes the instruction in the engine itself: the page of the exit is mapped for one
@@ -283,7 +283,7 @@ class SoftVcpu(api.Vcpu):
     # -- run --------------------------------------------------------------------------------------------------
     def stop(self):
         # Only the request: the code hook, called before every instruction on the vCPU's own thread, sees it and
-        # stops there. An emu_stop() from this thread would land inside a translation block at no instruction
+        # stops there. An emu_stop() from the kicking thread would land inside a translation block at no instruction
         # boundary unicorn promises: under load one re-ran an instruction whose memory write had already
         # happened (a guest's "addq $2, (%rsp)" twice, and a triple fault).
         with self._lock:
