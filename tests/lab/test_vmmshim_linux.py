@@ -30,8 +30,8 @@ CASES = {
 def boots(lab_ready):
     from vmmshim.lab import run_in_lab
     # a boot that never reaches the shell (the lab's L2 has hung and triple-faulted early, in the TCG-emulated
-    # L1) is tried again, BOOT_TRIES boots in all; the failed tries are printed and counted in CASE lines, and a case passes on a
-    # boot that reached the shell
+    # L1) is tried again, BOOT_TRIES boots in all; the failed tries are printed and counted in CASE lines, and a
+    # case passes on a boot that reached the shell
     script = "cd /lab/project\n" + "\n".join(
         f"for try in $(seq 1 {BOOT_TRIES}); do s=$(date +%s); {VMM.format(t=150, args=a, name=n, append=x)} "
         f"2>/tmp/{n}.err; st=$?; grep -q VMMSHIM-GUEST-UP /tmp/{n}.txt && break; "

@@ -8,7 +8,8 @@ exit: the code hook stops *before* IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR of MSRs out
 leaves configured to exit, MONITOR/MWAIT, and before the first instruction of an open interrupt window
 (``int_window_exiting`` with IF=1 and no STI/MOV SS shadow); unmapped (MMIO) and write-protected accesses stop
 before the access; ``stop()`` (any thread) asks the code hook to stop before the next instruction. Exceptions
-the guest raises, and events from ``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit.
+the guest raises, and events from ``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault
+delivering #DF is a SHUTDOWN exit.
 
 ``assist_io`` is libnvmm's (including REP INS/OUTS in batches of 32 bytes with DF=0, one element with DF=1).
 ``assist_mem`` completes the instruction in the engine itself: the page of the exit is mapped for one
