@@ -40,6 +40,11 @@ from vmmshim.lab.paths import REPO_ROOT
 
 QEMU = "qemu-system-x86_64"
 L1_CPU = "EPYC,+svm,+npt"
+#: TCG's threading for L1. Multi-threaded TCG (a host thread per L1 vCPU) lost about half of the two-vCPU virtio
+#: guest runs here (18 boots: 4 L1 kernels panicked or hung, 5 L2 guests triple-faulted; docs/lab.md); with one
+#: TCG thread, 5 of 5 passed at the same speed (guest marker 23-27 s, L1 boot 13-14 s against 11.5-12.5 s).
+#: ``VMMSHIM_LAB_TCG_THREAD=multi`` brings the old mode back, for comparison.
+L1_TCG_THREAD = os.environ.get("VMMSHIM_LAB_TCG_THREAD", "single")
 MARK_UP = "VMMSHIM-LAB-L1-UP"
 MARK_KVM = "VMMSHIM-LAB-KVM="
 MARK_DONE = "VMMSHIM-LAB-DONE"
@@ -224,8 +229,8 @@ def _l1_command(img: pathlib.Path, disk: pathlib.Path, smp: int, mem: str, appen
                 streams: tuple[pathlib.Path, pathlib.Path]) -> list[str]:
     append = ("root=/dev/vda rw rootfstype=ext4 console=ttyS0 init=/lab-init panic=-1 quiet loglevel=3 "
               "net.ifnames=0 mitigations=off " + append_extra).strip()
-    return [QEMU, "-accel", "tcg,thread=multi", "-cpu", L1_CPU, "-smp", str(smp), "-m", mem, "-nographic",
-            "-no-reboot", "-nic", "none", "-monitor", "none", "-serial", "stdio",
+    return [QEMU, "-accel", f"tcg,thread={L1_TCG_THREAD}", "-cpu", L1_CPU, "-smp", str(smp), "-m", mem,
+            "-nographic", "-no-reboot", "-nic", "none", "-monitor", "none", "-serial", "stdio",
             "-serial", f"file:{streams[0]}", "-serial", f"file:{streams[1]}",
             "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
             "-append", append,
