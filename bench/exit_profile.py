@@ -97,10 +97,10 @@ class Profile:
         from ops import nvmm_ops
         real_halt = nvmm_ops.VmmOpsNvmm._halt
 
-        def halt(ops, vmi, ctx, ex):
+        def halt(ops, vmi, ctx, ex, reason):
             t0 = clock()
             try:
-                return real_halt(ops, vmi, ctx, ex)
+                return real_halt(ops, vmi, ctx, ex, reason)
             finally:
                 prof.halts.append((t0, clock()))
         nvmm_ops.VmmOpsNvmm._halt = halt

@@ -250,14 +250,16 @@ class VmmOpsNvmm:
         extint = vec is None and vl.lint0_pending() and vmi.vatpic.pending() is not None
         if vec is None and not extint:
             return None
-        # Completing the exiting instruction (one more KVM_RUN) only when the exit state allows an injection:
-        # completion cannot set IF, and while a guest with IF=0 has an interrupt pending every exit comes here
+        # Completing the exiting instruction (one more KVM_RUN) only when no event is queued and the exit state
+        # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending every exit comes here
         # (36,000 times in a Linux boot, whose console writes run with interrupts off).
         es = nv.exit.exitstate
-        if _injectable(es):
+        injectable = not queued and _injectable(es)
+        if injectable:
             nv.complete_exit()                   # events its completion queues (a #GP) come first
             es = nv.exit.exitstate
-        if not queued and _injectable(es):
+            injectable = _injectable(es)
+        if injectable:
             if extint:
                 vec = vmi.vatpic.intr_accepted()     # the INTA cycle
                 vl.extint_accepted()
@@ -303,7 +305,7 @@ class VmmOpsNvmm:
         return {
             _MEM: self._exit_mem,
             C.NVMM_VCPU_EXIT_RDMSR: self._msr, C.NVMM_VCPU_EXIT_WRMSR: self._msr,
-            C.NVMM_VCPU_EXIT_HALTED: self._exit_halt,
+            C.NVMM_VCPU_EXIT_HALTED: self._halt,
             C.NVMM_VCPU_EXIT_INT_READY: pend, C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
             C.NVMM_VCPU_EXIT_STOPPED: pend,          # a kick: re-evaluate interrupts and suspension before entry
             C.NVMM_VCPU_EXIT_SHUTDOWN: self._exit_shutdown,
@@ -319,9 +321,6 @@ class VmmOpsNvmm:
             ctx.nv.assist_mem()
             return None
         return self._vmexit(ctx, E.VM_EXITCODE_INST_EMUL, InstEmul(gpa))
-
-    def _exit_halt(self, vmi, ctx, ex, reason):
-        return self._halt(vmi, ctx, ex)
 
     @staticmethod
     def _exit_pending(vmi, ctx, ex, reason):
@@ -379,7 +378,7 @@ class VmmOpsNvmm:
         payload = Msr(msr) if rd else Msr(msr, ex.wrmsr.val)
         return self._vmexit(ctx, E.VM_EXITCODE_RDMSR if rd else E.VM_EXITCODE_WRMSR, payload, rip, 2)
 
-    def _halt(self, vmi, ctx, ex):
+    def _halt(self, vmi, ctx, ex, reason):
         rflags = ex.exitstate.rflags
         if ctx.pvclock is not None:
             ctx.pvclock.maybe_refresh(time.monotonic_ns())
