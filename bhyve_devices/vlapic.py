@@ -188,12 +188,16 @@ class Vlapic(VlapicMsrMixin):
         with self._guard:
             self._eoi()
 
-    def only_edge_in_service(self):
-        """True when nothing is requested and the one vector in service is edge-triggered: its EOI has no effect
-        but clearing it, so the guest may signal it through memory (KVM's PV EOI condition)."""
+    def edge_in_service_before(self):
+        """Whether the guest may end the interrupt in service through memory (PV EOI): None unless exactly one
+        vector is in service and it is edge-triggered (its EOI has no effect but clearing it; KVM's condition,
+        which also wants nothing requested), else whether a requested vector waits for just that EOI (its class
+        is above the TPR's, so the EOI alone makes it deliverable)."""
         with self._guard:
             isr = self.isr
-            return not self.irr and isr != 0 and isr & (isr - 1) == 0 and not self.tmr & isr
+            if isr == 0 or isr & (isr - 1) or self.tmr & isr:
+                return None
+            return bool(self.irr) and ((self.irr.bit_length() - 1) & 0xF0) > (self.tpr & 0xF0)
 
     def _eoi(self):
         if not self.isr:

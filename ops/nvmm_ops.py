@@ -18,6 +18,7 @@ needed without a kernel), ``VM_EXITCODE_IPI`` (IPIs are delivered here, as with 
 """
 
 import errno
+import threading
 import time
 
 from bhyve_devices.vlapic import ApicGP, Vlapic
@@ -182,9 +183,11 @@ class VmmOpsNvmm:
             return ctx.runner[1]
         nv, vmexit, before_entry, handle_exit = ctx.nv, ctx.vmexit, self._before_entry, self._exit
         run, io, inout, setreg, rip_reg = nv.run, _IO, _INOUT, regs.setreg, regs.R.VM_REG_GUEST_RIP
+        get_ident = threading.get_ident
 
         def run_vcpu(rip=None):
             ctx.started = True
+            ctx.thread = get_ident()
             if rip is not None:
                 setreg(nv, rip_reg, rip, ctx.extra)
             while True:
@@ -268,10 +271,17 @@ class VmmOpsNvmm:
             nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
             nv.inject()
             ctx.injected += 1
-            if pv_eoi is not None and not extint and pv_eoi.word is not None and vl.only_edge_in_service():
-                pv_eoi.arm()
+            # PV EOI (kvm_para.py). Unlike KVM, also with a request that waits for this vector's EOI (a timer
+            # tick on top of a device's interrupt): the window exit at the handler's IRET then finds the EOI
+            # made in memory (every exit syncs it) instead of the guest's EOI exiting; a guest that opens the
+            # window before its EOI finds PV EOI disarmed there, and its EOI exits as without it.
+            behind = None
+            if pv_eoi is not None and not extint and pv_eoi.word is not None:
+                behind = vl.edge_in_service_before()
+                if behind is not None:
+                    pv_eoi.arm()
             ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
-            if ctx.pending:
+            if ctx.pending or behind:
                 self._request_window(nv)
         else:
             self._request_window(nv)
@@ -391,6 +401,11 @@ class VmmOpsNvmm:
             if all(c.halted_if_clear for c in vmi.vcpus.values() if c.started):
                 self.vm_suspend(vmi, VmSuspendHow.VM_SUSPEND_HALT)
                 return self._suspended_exit(vmi, ctx)
+        hook = vmi.idle_hook
+        if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and vmi.suspended is None:
+            vl = ctx.vlapic
+            if vl is None or vl.pending_intr() is None:
+                hook()
         with ctx.cond:
             ctx.sleeping = True
             try:
@@ -482,6 +497,12 @@ class VmmOpsNvmm:
     def vm_drain_posted(self, vmi):
         """vmmshim's extension: hands the posted writes buffered so far to their callbacks (any thread)."""
         vmi.machine.drain_posted()
+
+    def vm_idle_hook(self, vmi, fn):
+        """vmmshim's extension: a vCPU that halts with interrupts enabled and nothing to take calls ``fn()``
+        (None: nothing) once before it sleeps, then looks again: device work that rang without an exit (a
+        doorbell) done there raises its interrupt before the vCPU would sleep (``vmmshim/doorbells.py``)."""
+        vmi.idle_hook = fn
 
     def vm_activate_cpu(self, vmi, vcpu):
         """Marks ``vcpu`` active before its thread first runs it (bhyve's ``vm_activate_cpu``, which

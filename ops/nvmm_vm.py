@@ -45,6 +45,7 @@ class VcpuCtx:
         self.halted_if_clear = False
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
         self.sleeping = False         # waiting in HLT (under ``cond``): a kick needs no nvmm_vcpu_stop
+        self.thread = None            # the thread that runs it (its runner sets it)
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
         self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
 
@@ -61,9 +62,13 @@ class VcpuCtx:
         return None
 
     def kick(self):
-        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs."""
+        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs. On the
+        vCPU's own thread (an exit it handles, device work in its HLT) it is out of the guest and looks at
+        ``pending`` before it enters: a stop would only cost a STOPPED exit right after the entry."""
         self.pending = True
         self.kicks += 1
+        if self.thread == threading.get_ident():
+            return
         with self.cond:
             self.cond.notify_all()
             if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
@@ -80,6 +85,7 @@ class NvmmVmi:
         self.vcpus = {}
         self.hva_mapped = set()
         self.suspended = None
+        self.idle_hook = None           # called by a vCPU about to sleep in HLT (vm_idle_hook)
         self.timers = vm.timers
         self.x2apic = bool(getattr(vm, "x2apic", False))
         self.kvm_pv = bool(getattr(vm, "kvm_pv", False))     # KVM's paravirtual interface (ops/kvm_para.py)

@@ -133,6 +133,7 @@ def run_vm(cfg):
                                             pv_eoi=cfg.get_bool("x86.pv_eoi"),
                                             posted_io=cfg.get_bool("vmmshim.posted_io"),
                                             doorbells=cfg.get_bool("vmmshim.doorbells"),
+                                            halt_serve=cfg.get_bool("vmmshim.halt_serve"),
                                             answer_io=cfg.get_bool("vmmshim.answer_io")))
     image = boot_image(cfg, vm.lowmem, vm.highmem)
     uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")

@@ -9,7 +9,8 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 ``ops/kvm_para.py``; on by default, as QEMU offers kvmclock), ``x86.pv_eoi`` (KVM's PV EOI as well; on by default, as QEMU offers it) and
 ``vmmshim.posted_io`` (devices' posted port writes, e.g. the UART's transmit register, buffered by KVM's
 coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications through KVM's ioeventfd,
-``vmmshim/doorbells.py``; on by default), ``vmmshim.answer_io`` (port reads a device publishes, e.g. the UART's
+``vmmshim/doorbells.py``; on by default), ``vmmshim.halt_serve`` (a vCPU about to sleep in HLT serves the
+doorbells that rang first, ``vmmshim/doorbells.py``; on by default), ``vmmshim.answer_io`` (port reads a device publishes, e.g. the UART's
 line status, answered by the KVM provider's compiled run loop without an exit, ``ops/nvmm/kvm/fastrun.py``; on by
 default).
 
@@ -46,7 +47,7 @@ class Config:
                        "virtio_msix": "true", "rtc.use_localtime": "true",
                        "vmmshim.provider": "kvm", "name": "vm",
                        "vmmshim.stats": "false", "vmmshim.posted_io": "true",
-                       "vmmshim.doorbells": "true", "vmmshim.answer_io": "true"}
+                       "vmmshim.doorbells": "true", "vmmshim.halt_serve": "true", "vmmshim.answer_io": "true"}
 
     def set(self, key, value):
         if not re.match(r"^[A-Za-z0-9_.-]+$", key) or key.startswith(".") or key.endswith(".") or ".." in key:

@@ -13,6 +13,14 @@ Where the provider has none (NVMM, the soft CPU), the host has no eventfd and ep
 ``-o vmmshim.doorbells=false``, the writes exit and reach the device through the bus as before, so a device answers the same either way. A doorbell removed with a ring
 not yet served is served by the caller of :meth:`Doorbells.remove` before it returns.
 
+A vCPU about to sleep in HLT serves the doorbells that rang first (:meth:`Doorbells.poll_idle`, the VM's idle
+hook): a driver that kicks a queue and then idles (a block request at queue depth 1) has its request served and
+its interrupt pending before the vCPU would sleep, instead of a hand-off to the doorbell thread and a wake-up back
+(two thread switches a request, about 1.5 ms of a 1 MiB request's 8 ms in the nested lab). A group's function
+never runs on two threads at once (``_Group.busy``): a halting vCPU skips a group its thread is serving. The cost:
+while it serves, that vCPU takes no interrupt (it would have slept); ``-o vmmshim.halt_serve=false`` leaves every
+ring to the threads.
+
 Not supported: doorbells that carry data (``fn`` gets no value: a register whose value matters is registered
 once per value with ``datamatch``), reads.
 """
@@ -36,6 +44,8 @@ class Doorbells:
         self._groups = {}           # group -> _Group
         self._keys = {}             # eventfd -> (key, _Group); the function is the group's
         self.rings = 0
+        self.idle_served = 0        # rings a halting vCPU served (poll_idle)
+        self._idle_ep = select.epoll() if HOST_HAS_EVENTFD else None    # every doorbell, for poll_idle
 
     def add(self, addr, size, pio, datamatch, fn, group=None, name=None):
         """Registers one doorbell, served by ``group``'s thread; returns its key for :meth:`remove`, or None
@@ -57,6 +67,7 @@ class Doorbells:
                 g = self._groups[group] = _Group(self, name or (str(group) if group is not None else "shared"))
             self._keys[fd] = (key, g)
             g.add(fd, fn)
+            self._idle_ep.register(fd, select.EPOLLIN)
         return key
 
     def remove(self, key):
@@ -67,13 +78,18 @@ class Doorbells:
         if entry is None:
             return
         _, g = entry
+        try:
+            self._idle_ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
         fn = g.forget(fd)
         try:
             self._unregister(*key)
         except OSError:
             pass                    # the machine is gone: nothing rings any more
-        if fn is not None and _take(fd):
-            self._call(fn)
+        with g.busy:                # not beside a halting vCPU that serves the group
+            if fn is not None and _take(fd):
+                self._call(fn)
         g.close_later(fd)
 
     def close(self):
@@ -84,6 +100,36 @@ class Doorbells:
             groups, self._groups = list(self._groups.values()), {}
         for g in groups:
             g.stop()
+        if self._idle_ep is not None:
+            self._idle_ep.close()
+
+    def poll_idle(self):
+        """Serves, on the calling thread, the doorbells that have rung (a vCPU about to sleep in HLT; see the
+        module docstring); returns how many it served. Never waits: a group busy on its own thread is left to it."""
+        ep = self._idle_ep
+        if ep is None or not self._keys:
+            return 0
+        try:
+            ready = ep.poll(0)
+        except (OSError, ValueError):
+            return 0                # closed under us: the VM is going away
+        served = 0
+        for fd, _ in ready:
+            entry = self._keys.get(fd)
+            if entry is None:
+                continue
+            g = entry[1]
+            if not g.busy.acquire(False):
+                continue
+            try:
+                fn = g.fns.get(fd)
+                if fn is not None and _take(fd):
+                    self._call(fn)
+                    served += 1
+            finally:
+                g.busy.release()
+        self.idle_served += served
+        return served
 
     @property
     def active(self):
@@ -119,6 +165,7 @@ class _Group:
         self.fns = {}               # eventfd -> fn
         self.closing = []           # eventfds removed, closed by the thread after its current round
         self.lock = threading.Lock()
+        self.busy = threading.RLock()   # held while one of the group's functions runs, on any thread
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name=f"vmmshim-doorbells {name}", daemon=True)
         self.thread.start()
@@ -168,8 +215,9 @@ class _Group:
                 if fd == wake_fd:
                     _take(fd)
                     continue
-                fn = fns.get(fd)
-                if fn is not None and _take(fd):
-                    call(fn)
+                with self.busy:
+                    fn = fns.get(fd)
+                    if fn is not None and _take(fd):
+                        call(fn)
             if self.closing:
                 self._close_pending()

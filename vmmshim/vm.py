@@ -55,11 +55,11 @@ class HostMemory:
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True):
+                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True, halt_serve=True):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
-        self.doorbells, self.answer_io = doorbells, answer_io
+        self.doorbells, self.answer_io, self.halt_serve = doorbells, answer_io, halt_serve
 
 
 class VM:
@@ -85,6 +85,8 @@ class VM:
         self.doorbells = Doorbells(lambda *k: ops.vm_doorbell(self.vmi, *k),
                                    lambda *k: ops.vm_remove_doorbell(self.vmi, *k),
                                    on_error=lambda exc: self.log(f"vmmshim: doorbell: {exc!r}"))
+        if config.doorbells and config.halt_serve:
+            ops.vm_idle_hook(self.vmi, self.doorbells.poll_idle)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
         self.ram = HostMemory(config.memsize)

@@ -7,8 +7,10 @@ takes them (KVM) the rings cost no exits; elsewhere each one exits and reaches t
 
 import struct
 
+import pytest
+
 from ops.vmm_ops import VmExitCode as E
-from tests.guests.vmboot import boot64
+from tests.guests.vmboot import boot64, gate, idt
 from vmmshim.vm import EXIT_HALT
 
 N = 40
@@ -92,3 +94,54 @@ def test_doorbells_can_be_turned_off(make_vm):
     vm = make_vm(doorbells=False)
     dev = NotifyDevice(vm)
     assert vm.add_doorbells(PORT, True, dev.bells(True)) == [] and vm.doorbells.active == 0
+
+
+IRQS = FLAG + 4
+HALT_GUEST = gate(0x40, "h40") + f"""
+  lidt idtr
+  mov $0xFEE00000, %esi
+  movl $0x1ff, 0xF0(%rsi)       # SVR: APIC software enabled
+  xor %ecx, %ecx
+  mov ${PORT}, %dx
+1:inc %ecx
+  mov ${RING_VALUE}, %ax
+  cli
+  out %ax, %dx                  # ring, then sleep until the device's interrupt
+2:sti
+  hlt
+  cli
+  cmp {IRQS}, %ecx
+  jne 2b
+  cmp ${N}, %ecx
+  jne 1b
+  hlt
+h40:
+  incl {IRQS}
+  movl $0, 0xB0(%rsi)
+  iretq
+""" + idt(0x41)
+
+
+def test_a_halting_vcpu_serves_the_doorbell_that_rang(make_vm, monkeypatch):
+    """A driver that rings and then idles (a block request at queue depth 1): the vCPU about to sleep in HLT
+    serves the ring itself (the VM's idle hook, ``Doorbells.poll_idle``), so the device's interrupt is pending
+    before it would sleep. The doorbell threads are kept from running here: every one of the N rings must be
+    served by the halting vCPU, on its own thread, or the guest waits for ever."""
+    from vmmshim import doorbells
+    monkeypatch.setattr(doorbells._Group, "_loop", lambda self: None)
+    vm = make_vm()
+    dev = NotifyDevice(vm)
+    threads = set()
+
+    def notify():
+        threads.add(doorbells.threading.current_thread().name)
+        dev.notify()
+        vm.ops.vm_lapic_msi(vm.vmi, 0xFEE00000, 0x40)
+    vm.add_port_device(PORT, 4, dev, "notify-port")
+    if not vm.add_doorbells(PORT, True, [(0, 2, RING_VALUE, notify)]):
+        pytest.skip("the provider has no doorbells")
+    boot64(vm, HALT_GUEST)
+    assert vm.run(timeout=60) == EXIT_HALT, vm.error
+    assert dev.count == N and struct.unpack_from("<I", vm.view(IRQS, 4))[0] == N
+    assert vm.doorbells.idle_served == N and len(threads) == 1
+    assert not any(t.startswith("vmmshim-doorbells") for t in threads)

@@ -129,3 +129,43 @@ def test_a_host_without_eventfd_declines_every_doorbell(monkeypatch):
     db = Doorbells(prov.register, prov.unregister)
     assert db.add(0x3000, 0, False, None, lambda: None) is None and prov.live == {} and db.threads == []
     db.close()
+
+
+def test_poll_idle_serves_a_ring_on_the_calling_thread(monkeypatch):
+    """A halting vCPU's poll (the VM's idle hook) calls the function of a doorbell that rang, on its own thread;
+    with no ring it calls nothing. The group's thread is kept from running so that the poll, not the thread,
+    takes the ring."""
+    from vmmshim import doorbells
+    monkeypatch.setattr(doorbells._Group, "_loop", lambda self: None)
+    prov = FakeProvider()
+    db = Doorbells(prov.register, prov.unregister)
+    seen = []
+    db.add(0x3000, 0, False, None, lambda: seen.append(threading.get_ident()), group="blk")
+    assert db.poll_idle() == 0 and seen == []
+    prov.ring(0x3000)
+    prov.ring(0x3000)
+    assert db.poll_idle() == 1 and seen == [threading.get_ident()], "two rings before the poll count once"
+    assert db.poll_idle() == 0 and db.idle_served == 1 and db.rings == 1
+    db.close()
+    assert db.poll_idle() == 0, "a closed set serves nothing"
+
+
+def test_poll_idle_leaves_a_group_busy_on_its_thread_to_that_thread():
+    """A group's function never runs on two threads at once: while its thread serves one ring, the poll leaves
+    the next ring alone, and the thread takes it afterwards."""
+    prov = FakeProvider()
+    db = Doorbells(prov.register, prov.unregister)
+    gate, calls = threading.Event(), []
+
+    def fn():
+        calls.append(threading.current_thread().name)
+        gate.wait(5)
+    db.add(0x10, 2, True, 1, fn, group="dev", name="dev")
+    prov.ring(0x10, True, 1)
+    assert wait_for(lambda: len(calls) == 1)
+    prov.ring(0x10, True, 1)
+    assert db.poll_idle() == 0 and len(calls) == 1
+    gate.set()
+    assert wait_for(lambda: len(calls) == 2)
+    assert calls == ["vmmshim-doorbells dev"] * 2 and db.idle_served == 0
+    db.close()

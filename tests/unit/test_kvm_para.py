@@ -77,18 +77,21 @@ class NoTimers:
 def test_vlapic_offers_pv_eoi_only_for_a_lone_edge_vector():
     vl = Vlapic(0, NoTimers())
     vl.write(0xF0, 4, 0x1FF)                  # software enabled
-    assert not vl.only_edge_in_service()      # nothing in service
+    assert vl.edge_in_service_before() is None      # nothing in service
     vl.set_intr_ready(0x40)
     vl.intr_accepted(0x40)
-    assert vl.only_edge_in_service()
-    vl.set_intr_ready(0x30)                   # something else requested
-    assert not vl.only_edge_in_service()
+    assert vl.edge_in_service_before() is False     # alone, nothing requested
+    vl.set_intr_ready(0x30)                   # a lower one requested: it waits for this EOI
+    assert vl.edge_in_service_before() is True
+    vl.write(0x80, 4, 0x30)                   # TPR at its class: the EOI alone would not deliver it
+    assert vl.edge_in_service_before() is False
+    vl.write(0x80, 4, 0)
     vl.intr_accepted(0x30)                    # two in service
-    assert not vl.only_edge_in_service()
+    assert vl.edge_in_service_before() is None
     vl.eoi()
     vl.eoi()
     vl.set_intr_ready(0x50, level_triggered=True)
     vl.intr_accepted(0x50)
-    assert not vl.only_edge_in_service(), "a level-triggered vector needs its EOI broadcast at once"
+    assert vl.edge_in_service_before() is None, "a level-triggered vector needs its EOI broadcast at once"
     vl.eoi()
     assert vl.read(0x100 + 0x10 * (0x50 >> 5), 4) == 0
