@@ -170,7 +170,7 @@ class Vlapic(VlapicMsrMixin):
 
     def pending_intr(self):
         """The highest IRR vector whose priority class is above the PPR's, or None."""
-        with self._guard:
+        with self._lock:            # a reader: posts nothing, so not the guard
             if not self.irr or not self.hw_enabled:
                 return None
             v = self.irr.bit_length() - 1
@@ -193,7 +193,7 @@ class Vlapic(VlapicMsrMixin):
         vector is in service and it is edge-triggered (its EOI has no effect but clearing it; KVM's condition,
         which also wants nothing requested), else whether a requested vector waits for just that EOI (its class
         is above the TPR's, so the EOI alone makes it deliverable)."""
-        with self._guard:
+        with self._lock:            # a reader: posts nothing, so not the guard
             isr = self.isr
             if isr == 0 or isr & (isr - 1) or self.tmr & isr:
                 return None
@@ -261,7 +261,7 @@ class Vlapic(VlapicMsrMixin):
         """True if an ExtINT is pending through LINT0 (or through a hardware-disabled APIC, where LINT0 is the
         plain INTR pin): the caller runs the 8259 INTA (vatpic.intr_accepted), injects that vector and calls
         :meth:`extint_accepted`. ExtINT is not subject to the PPR."""
-        with self._guard:
+        with self._lock:            # a reader: posts nothing, so not the guard
             if not self.hw_enabled:
                 return self.lint0_level
             lvt = self.lvt[R.LVT_LINT0]

@@ -17,6 +17,7 @@ from . import layouts as L
 
 MSR_INSN_LEN = 2   # rdmsr 0F 32 / wrmsr 0F 30
 _U64 = struct.Struct("<Q")
+_RFLAGS = L.RUN_S_REGS + 17 * 8     # kvm_regs.rflags in the synced registers
 
 
 class KvmExit(Exit):
@@ -78,6 +79,7 @@ class KvmExit(Exit):
     def exitstate(self):
         v = self.vcpu
         bits = v.intr_bits()
-        return ExitState(struct.unpack_from("<Q", v.mm, L.RUN_S_REGS + 17 * 8)[0],
-                         struct.unpack_from("<Q", v.mm, L.RUN_CR8)[0], bool(bits & INTR_INT_SHADOW),
-                         bool(bits & INTR_INT_WINDOW_EXITING), False, bool(bits & INTR_EVT_PENDING))
+        mm = v.mm
+        return ExitState(_U64.unpack_from(mm, _RFLAGS)[0], _U64.unpack_from(mm, L.RUN_CR8)[0],
+                         bool(bits & INTR_INT_SHADOW), bool(bits & INTR_INT_WINDOW_EXITING), False,
+                         bool(bits & INTR_EVT_PENDING))

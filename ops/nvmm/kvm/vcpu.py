@@ -55,6 +55,9 @@ _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 
 # exits whose instruction KVM completes at the next KVM_RUN
 _NEEDS_COMPLETION = frozenset((K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR))
 _MMIO_FMT = struct.Struct("<Q8sIB")      # kvm_run.mmio: phys_addr, data, len, is_write
+# kvm_vcpu_events, up to nmi.injected: exception (injected, nr, has_error_code, pending, error_code),
+# interrupt (injected, nr, soft, shadow), nmi.injected
+_EVENTS = struct.Struct("<BBBBIBBBBB")
 assert _MMIO_FMT.size - 1 + L.MMIO_GPA == L.MMIO_IS_WRITE
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
@@ -133,8 +136,7 @@ class KvmVcpu(api.Vcpu):
 
     def intr_bits(self):
         """NVMM's ``nvmm_x64_state_intr`` word from the synced events and our window request."""
-        exc_inj, _, _, _, _, irq_inj, _, _, shadow, nmi_inj = \
-            struct.unpack_from("<BBBBIBBBBB", self.mm, L.RUN_S_EVENTS)
+        exc_inj, _, _, _, _, irq_inj, _, _, shadow, nmi_inj = _EVENTS.unpack_from(self.mm, L.RUN_S_EVENTS)
         bits = INTR_INT_SHADOW if shadow else 0
         if self.mm[L.RUN_REQUEST_IRQ_WINDOW]:
             bits |= INTR_INT_WINDOW_EXITING
