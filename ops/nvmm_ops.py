@@ -254,8 +254,8 @@ class VmmOpsNvmm:
         if vec is None and not extint:
             return None
         # Completing the exiting instruction (one more KVM_RUN) only when no event is queued and the exit state
-        # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending every exit comes here
-        # (36,000 times in a Linux boot, whose console writes run with interrupts off).
+        # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending
+        # every exit comes here (36,000 times in a Linux boot, whose console writes run with interrupts off).
         es = nv.exit.exitstate
         injectable = not queued and _injectable(es)
         if injectable:

@@ -15,7 +15,8 @@ from vmmshim.vm import EXIT_HALT
 OUT, WORD = 0x8000, 0x8400
 TICKS = 4
 
-TIMER_GUEST = gate(0x40, "timer_handler") + f"""
+# the IDT loaded, PV EOI enabled at WORD, the APIC software-enabled at %rsi
+SETUP = f"""
   lidt idtr
   mov ${kvm_para.MSR_KVM_PV_EOI_EN:#x}, %ecx
   mov ${WORD | kvm_para.KVM_MSR_ENABLED:#x}, %eax
@@ -23,6 +24,9 @@ TIMER_GUEST = gate(0x40, "timer_handler") + f"""
   wrmsr
   mov $0xFEE00000, %esi
   movl $0x1ff, 0xF0(%rsi)       # SVR: APIC software enabled
+"""
+
+TIMER_GUEST = gate(0x40, "timer_handler") + SETUP + f"""
   movl $0x0b, 0x3E0(%rsi)       # divide by 1
   movl $0x40, 0x320(%rsi)       # LVT timer: one-shot, vector 0x40 (edge)
   movl $0x20000, 0x380(%rsi)
@@ -96,14 +100,7 @@ def _two_at_once_guest(open_early):
 2:
   iretq
 """
-    return gate(0x30, "h30") + gate(0x40, "h40") + f"""
-  lidt idtr
-  mov ${kvm_para.MSR_KVM_PV_EOI_EN:#x}, %ecx
-  mov ${WORD | kvm_para.KVM_MSR_ENABLED:#x}, %eax
-  xor %edx, %edx
-  wrmsr
-  mov $0xFEE00000, %esi
-  movl $0x1ff, 0xF0(%rsi)       # SVR: APIC software enabled
+    return gate(0x30, "h30") + gate(0x40, "h40") + SETUP + f"""
   movl $0x40030, 0x300(%rsi)    # ICR: fixed, to self, vector 0x30
   movl $0x40040, 0x300(%rsi)    # ... and 0x40
 wait:
