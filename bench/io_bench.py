@@ -1,9 +1,11 @@
 """virtio I/O of a Linux guest: vmmshim beside QEMU in the same L1 of the nested lab
 (``python3 -m bench.io_bench [--rounds N] [--quick]``).
 
-Runs ``bench/io_l2.py`` in the lab, one L1 boot per round (each well under 8 minutes): each round boots the default guest once with vmmshim and once with QEMU
-(``-accel kvm -machine pc,kernel_irqchip=off``, ``-drive if=virtio``, ``-netdev tap`` + ``virtio-net-pci``) on
-the same image and tap, and the guest times sequential 1 MiB writes and reads with O_DIRECT, 4 KiB reads one at a
+Runs ``bench/io_l2.py`` in the lab, one L1 boot per round (each well under 8 minutes): each round boots the
+default guest once with vmmshim and once with QEMU (``-accel kvm -machine pc,kernel_irqchip=off``,
+``-drive if=virtio``, ``-netdev tap`` + ``virtio-net-pci``) on the same image and tap, the two taking turns at
+going first (a fresh L1's first guest runs slower; 4 rounds by default, and a line after the table gives each
+VMM's sequential times when first and when second), and the guest times sequential 1 MiB writes and reads with O_DIRECT, 4 KiB reads one at a
 time (one dd process), random 4 KiB reads (a dd per read, with the cost of starting dd measured alone), and nc
 to and from L1. Prints the medians per VMM and the vmmshim/QEMU ratio of the times (a ratio of 5 means vmmshim
 takes 5 times as long, i.e. has a fifth of the throughput).
@@ -64,6 +66,22 @@ def table(cfg, recs, vmms=("vmmshim", "qemu")):
     return "\n".join(lines)
 
 
+def first_second(recs, steps=("SEQW", "SEQR")):
+    """A line per VMM: its median seconds per step when it ran first in its L1 and when second (a fresh L1's first
+    guest runs slower; ``io_l2`` makes the VMMs take turns)."""
+    out = []
+    for v in ("vmmshim", "qemu"):
+        cells = []
+        for step in steps:
+            for first in (True, False):
+                secs = [r["steps"][step]["seconds"] for r in recs if r["vmm"] == v and r.get("first") is first
+                        and step in r["steps"] and r["steps"][step]["status"] == 0]
+                cells.append(f"{step} {'first' if first else 'second'} "
+                             + (f"{statistics.median(secs):.2f} s ({len(secs)})" if secs else "-"))
+        out.append(f"{v}: " + ", ".join(cells))
+    return "\n".join(out)
+
+
 @contextlib.contextmanager
 def lab_lock(path):
     """Holds the lab lock (``flock PATH``, shared with whoever else runs the lab here) for one round."""
@@ -80,7 +98,8 @@ def lab_lock(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="L1 boots; the VMMs take turns at going first in them, so "
+                    "an even number is fair")
     ap.add_argument("--quick", action="store_true", help="1 round, small sizes: one lab command under 8 minutes")
     ap.add_argument("--append", default="", help="more guest kernel parameters (both VMMs)")
     ap.add_argument("--timeout", type=float, default=450, help="seconds for one round's command in L1")
@@ -106,6 +125,7 @@ def main(argv=None):
           f"{cfg['seq4k']} QD1 reads, {cfg['rand']} random reads, {cfg['net_mib']} MiB each way"
           + (f"; guest append {cfg['append']!r}" if cfg.get("append") else ""))
     print(table(cfg, recs))
+    print(first_second(recs))
     for v in ("vmmshim", "qemu"):
         failed = sum(r["failed_boots"] for r in recs if r["vmm"] == v)
         missing = sum(1 for r in recs if r["vmm"] == v and len(r["steps"]) < len(ROWS))

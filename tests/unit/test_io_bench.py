@@ -41,3 +41,14 @@ def test_parse_reads_config_and_records():
     text = "IO-CONFIG " + json.dumps(dict(mib=1)) + "\nnoise\nIO " + json.dumps(rec) + "\n"
     cfg, recs = io_bench.parse(text)
     assert cfg == {"mib": 1} and recs == [rec]
+
+
+def test_first_and_second_boots_are_told_apart_and_rounds_take_turns():
+    def rec(vmm, first, seqw):
+        return dict(vmm=vmm, first=first, steps={"SEQW": {"status": 0, "seconds": seqw},
+                                                 "SEQR": {"status": 1, "seconds": 9.0}})
+    recs = [rec("vmmshim", True, 2.0), rec("qemu", False, 1.0), rec("qemu", True, 1.5), rec("vmmshim", False, 1.6)]
+    lines = io_bench.first_second(recs).splitlines()
+    assert lines[0] == ("vmmshim: SEQW first 2.00 s (1), SEQW second 1.60 s (1), SEQR first -, SEQR second -")
+    assert lines[1].startswith("qemu: SEQW first 1.50 s (1), SEQW second 1.00 s (1)")
+    assert [io_l2.boot_order(["vmmshim", "qemu"], r)[0] for r in range(4)] == ["vmmshim", "qemu"] * 2
