@@ -44,7 +44,9 @@ class _TimerFd:
     """A CLOCK_MONOTONIC timerfd set to absolute deadlines (``time.monotonic_ns`` is that clock on Linux)."""
 
     def __init__(self):
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL: the call keeps the GIL. timerfd_settime never blocks, and a GIL released and taken back at every
+        # arming (a vCPU's TMICT write) let the other threads' Python in between on L1's one CPU
+        libc = ctypes.PyDLL(None, use_errno=True)
         self._settime = libc.timerfd_settime
         self._settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         create = libc.timerfd_create
