@@ -17,8 +17,8 @@ The VMMs take turns at going first: the first guest in a fresh L1 runs slower (L
 translated by TCG; in one L1, the first of eight boots wrote 1 MiB blocks 20-30% slower and spawned processes
 almost 2x slower than the seven after it), so even rounds run vmmshim first and odd rounds QEMU.
 
-One ``IO {json}`` line per boot: ``vmm``, ``round``, ``first`` (the round's first boot), ``marker_s``, ``failed_boots``, and per step
-``{status, seconds}``. QEMU's drive is ``cache=writeback``: the image is on L1's tmpfs, where ``cache=none``
+One ``IO {json}`` line per boot: ``vmm``, ``round``, ``first`` (the round's first boot), ``marker_s``,
+``failed_boots``, and per step ``{status, seconds}``. QEMU's drive is ``cache=writeback``: the image is on L1's tmpfs, where ``cache=none``
 (O_DIRECT) cannot open it; vmmshim's virtio-blk also goes through L1's page cache.
 """
 

@@ -135,12 +135,9 @@ class TimerThread:
         while True:
             with self._cond:
                 while not self._stop:
+                    self._drop_cancelled_top()
                     if self._heap:
-                        deadline, handle, fn = self._heap[0]
-                        if handle in self._cancelled:
-                            heapq.heappop(self._heap)
-                            self._cancelled.discard(handle)
-                            continue
+                        deadline, _, fn = self._heap[0]
                         delay = deadline - self._clock()
                         if delay <= 0:
                             heapq.heappop(self._heap)
@@ -163,12 +160,11 @@ class TimerThread:
                 if self._stop:
                     return
                 now = self._clock()
-                while heap and (heap[0][1] in self._cancelled or heap[0][0] <= now):
-                    _, handle, fn = heapq.heappop(heap)
-                    if handle in self._cancelled:
-                        self._cancelled.discard(handle)
-                    else:
-                        due.append(fn)
+                while True:
+                    self._drop_cancelled_top()
+                    if not heap or heap[0][0] > now:
+                        break
+                    due.append(heapq.heappop(heap)[2])
                 self._tfd.set(heap[0][0] if heap else None)
             for fn in due:
                 self._run(fn)
