@@ -7,8 +7,8 @@ default guest once with vmmshim and once with QEMU (``-accel kvm -machine pc,ker
 going first (a fresh L1's first guest runs slower; 4 rounds by default, and a line after the table gives each
 VMM's sequential times when first and when second), and the guest times sequential 1 MiB writes and reads with
 O_DIRECT, 4 KiB reads one at a time (one dd process), random 4 KiB reads (a dd per read, with the cost of
-starting dd measured alone), and nc to and from L1. Prints the medians per VMM and the vmmshim/QEMU ratio of the times (a ratio of 5 means vmmshim
-takes 5 times as long, i.e. has a fifth of the throughput).
+starting dd measured alone), and nc to and from L1. Prints the medians per VMM and the vmmshim/QEMU ratio of
+the times (a ratio of 5 means vmmshim takes 5 times as long, i.e. has a fifth of the throughput).
 
 Full rounds: 256 MiB, 1024 QD1 reads, 200 random reads, 2 MiB each way (vmmshim's guest sends about 40 KiB/s
 through nc here, so more network would not fit a round in 8 minutes). ``--quick`` (one round, 64 MiB, 256 + 100

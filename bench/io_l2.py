@@ -18,8 +18,8 @@ translated by TCG; in one L1, the first of eight boots wrote 1 MiB blocks 20-30%
 almost 2x slower than the seven after it), so even rounds run vmmshim first and odd rounds QEMU.
 
 One ``IO {json}`` line per boot: ``vmm``, ``round``, ``first`` (the round's first boot), ``marker_s``,
-``failed_boots``, and per step ``{status, seconds}``. QEMU's drive is ``cache=writeback``: the image is on L1's tmpfs, where ``cache=none``
-(O_DIRECT) cannot open it; vmmshim's virtio-blk also goes through L1's page cache.
+``failed_boots``, and per step ``{status, seconds}``. QEMU's drive is ``cache=writeback``: the image is on L1's
+tmpfs, where ``cache=none`` (O_DIRECT) cannot open it; vmmshim's virtio-blk also goes through L1's page cache.
 """
 
 import argparse
