@@ -119,12 +119,37 @@ def boot_image(cfg, lowmem, highmem):
     raise LoaderError(f"unknown firmware {kind!r} (kexec, multiboot, hello)")
 
 
+GIL_SWITCH_AUTO_S = 0.05
+
+
+def gil_switch(cfg):
+    """Applies ``vmmshim.gil_switch_ms`` (``sys.setswitchinterval``); returns the interval in seconds.
+
+    Python makes a thread that holds the GIL hand it over once another has waited this long, and then waits until
+    that thread has taken it. vmmshim's threads (vCPUs, doorbells, the timer) release the GIL whenever they block,
+    which natively is within tens of microseconds; where Python runs slowly (the nested lab's L1 runs it under
+    TCG, some 80 times slower) a device's request takes milliseconds of Python, and Python's 5 ms default split
+    requests in two, with a hand-over each way between threads on different L1 CPUs. 50 ms made sequential
+    virtio-blk 5-15% faster there (docs/lab.md). ``auto`` keeps Python's 5 ms for the soft CPU, whose vCPU
+    threads run the guest in Python and never block: there the interval is how often the timer and device threads
+    get in."""
+    if cfg.get("vmmshim.gil_switch_ms") == "auto":
+        if cfg.get("vmmshim.provider") == "soft":
+            return sys.getswitchinterval()
+        seconds = GIL_SWITCH_AUTO_S
+    else:
+        seconds = cfg.get_int("vmmshim.gil_switch_ms", 1, 10_000) / 1000
+    sys.setswitchinterval(seconds)
+    return seconds
+
+
 def run_vm(cfg):
     from ops.nvmm import nvmm_init
     from ops.nvmm_ops import VmmOpsNvmm
     from .platform import Platform
     from .vm import VM, VmConfig
     ncpus, memsize = cfg.get_int("cpus", 1, 64), cfg.get_int("memory.size", 1 << 20)
+    gil_switch(cfg)
     provider = nvmm_init(cfg.get("vmmshim.provider"))
     vm = VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=memsize, strictio=cfg.get_bool("x86.strictio"),
                                             ignore_msrs=not cfg.get_bool("x86.strictmsr"),

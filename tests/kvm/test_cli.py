@@ -40,6 +40,7 @@ def test_hello_output_to_a_file_backend(kvm_provider, tmp_path):
     (("-f", "bogus"), "unknown firmware"),
     ((), "no firmware"),
     (("-o", "vmmshim.provider=libnvmm", "-f", "hello"), "libnvmm"),
+    (("-o", "vmmshim.gil_switch_ms=0", "-f", "hello"), "gil_switch_ms"),
 ])
 def test_bad_input_is_one_clear_line_and_status_4(args, needle):
     p = vmmshim(*args)
