@@ -12,7 +12,8 @@ coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications
 ``vmmshim/doorbells.py``; on by default), ``vmmshim.halt_serve`` (a vCPU about to sleep in HLT serves the
 doorbells that rang first, ``vmmshim/doorbells.py``; on by default), ``vmmshim.answer_io`` (port reads a device publishes, e.g. the UART's
 line status, answered by the KVM provider's compiled run loop without an exit, ``ops/nvmm/kvm/fastrun.py``; on by
-default), ``vmmshim.gil_switch_ms`` (how long a Python thread waiting for the GIL lets the thread that holds it run
+default), ``vmmshim.blk_compiled`` (virtio-blk serves Linux-shaped read and write requests through its compiled
+request, ``vmmshim/blkfast.py``, where a C compiler can build it; on by default), ``vmmshim.gil_switch_ms`` (how long a Python thread waiting for the GIL lets the thread that holds it run
 before it makes it hand over, ``sys.setswitchinterval``; ``auto`` by default: 50 where the vCPUs run in a
 hypervisor, Python's own 5 with the soft CPU, whose vCPU threads run the guest in Python).
 
@@ -50,7 +51,8 @@ class Config:
                        "vmmshim.provider": "kvm", "name": "vm",
                        "vmmshim.stats": "false", "vmmshim.posted_io": "true",
                        "vmmshim.doorbells": "true", "vmmshim.halt_serve": "true", "vmmshim.answer_io": "true",
-                       "vmmshim.gil_switch_ms": "auto"}
+                       "vmmshim.gil_switch_ms": "auto",
+                       "vmmshim.blk_compiled": "true"}
 
     def set(self, key, value):
         if not re.match(r"^[A-Za-z0-9_.-]+$", key) or key.startswith(".") or key.endswith(".") or ".." in key:

@@ -13,12 +13,13 @@ from bhyve_devices.pci.host import PciHost
 from bhyve_devices.tables.acpi import build_acpi
 from bhyve_devices.tables.mptable import build_mptable
 
+from . import blkfast
 from .bus import BusError
 from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
 # Options the VM adds for every PCI device (the devices read what they need).
-_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func")
+_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func", "blk_accel")
 
 
 def build_pci_and_tables(vm, cfg, platform):
@@ -42,6 +43,8 @@ def build_pci_and_tables(vm, cfg, platform):
         devopts = {k: v for k, v in opts.items() if k != "device"}
         devopts.update(guest_memory=_GuestMemory(vm), virtio_msix=cfg.get("virtio_msix"), vmname=cfg.get("name"),
                        slot=slot, func=func)
+        if name == "virtio-blk":
+            devopts["blk_accel"] = blkfast.accelerator() if cfg.get_bool("vmmshim.blk_compiled") else None
         if name == "lpc":
             devopts["uarts"] = [u for u in ("com1", "com2") if cfg.get(f"lpc.{u}.path")] or ["com1", "com2"]
             lpc_slot = (slot, func)

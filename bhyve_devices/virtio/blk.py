@@ -23,6 +23,11 @@ at once, or on the device's doorbell thread when the notification came as a door
 batch ends with the queue's interrupt (through the transport's callable). ``threaded=False`` serves them on the
 notifying thread (tests).
 
+``accel``, when the VM gives one (``vmmshim/blkfast.py``, a compiled request), serves the requests whose chain is
+one indirect table in Linux's order (header, data, status) with a read or a write within the image: it is offered
+each chain first (``Virtqueue.take_indirect``) and gives back every other one untouched, for the Python path here.
+The device answers the same either way (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
+
 Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology
 (physical_block_exp, min_io_size), discard and write-zeroes limits.
 
@@ -203,8 +208,9 @@ class VirtioBlock(VirtioDevice):
     config_size = BLK_CONFIG.sizeof()   # 60
 
     def __init__(self, path, readonly=False, sectorsize=512, physical_sectorsize=None, nodelete=False,
-                 serial=None, threaded=True, queue_size=None):
+                 serial=None, threaded=True, queue_size=None, accel=None):
         super().__init__()
+        self.accel = accel          # serves Linux-shaped read/write tables itself (vmmshim/blkfast.py), or None
         if queue_size is not None:
             self.queue_size = queue_size
         phys = physical_sectorsize or sectorsize
@@ -301,7 +307,13 @@ class VirtioBlock(VirtioDevice):
 
     def _drain(self, queue):
         served = 0
+        accel = self.accel
         while True:
+            if accel is not None and self._serve_accel(queue, accel):
+                served += 1
+                if served % 64 == 0:
+                    self.notify_used(queue)
+                continue
             chain = queue.get_chain()
             if chain is None:
                 break
@@ -360,6 +372,28 @@ class VirtioBlock(VirtioDevice):
             self.stats["unsupp"] += 1
         status[0][0] = st
         queue.put_used(chain.head, written + 1)
+
+    def _serve_accel(self, queue, accel):
+        """The next request through the accelerator if it is one it serves; False (the chain given back) if not."""
+        got = queue.take_indirect()
+        if got is None:
+            return False
+        head, table, tsize = got
+        res = accel.serve(queue.mem.ram, table, tsize, self.fd, self.capacity * SECTOR, self.readonly)
+        if res is None:
+            queue.unget()
+            return False
+        used, rtype, status, nbytes = res
+        st = self.stats
+        st["requests"] += 1
+        if status != VIRTIO_BLK_S_OK:
+            st["ioerr"] += 1
+        elif rtype == VIRTIO_BLK_T_IN:
+            st["bytes_read"] += nbytes
+        else:
+            st["bytes_written"] += nbytes
+        queue.put_used(head, used)
+        return True
 
     def _range_ok(self, sector, nbytes):
         return nbytes % SECTOR == 0 and sector * SECTOR + nbytes <= self.capacity * SECTOR

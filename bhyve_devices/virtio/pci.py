@@ -6,7 +6,7 @@ The registry builds ``cls(opts)``. ``opts`` is the emulation's bhyve config keys
 becomes), ``mac`` for net; ``backend`` for the console, a ``uart_backends`` spec such as ``stdio``) or the legacy
 ``-s`` option string (``disk.img,ro``, ``tap0,mac=..``). Values the VM itself must supply go in the same dict:
 ``guest_memory`` (a ``GuestMemory``; or call :meth:`~bhyve_devices.virtio.transport.VirtioPciDevice.set_memory`
-before the guest runs), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``,
+before the guest runs), ``blk_accel`` (virtio-blk's compiled request, ``vmmshim/blkfast.py``), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``,
 ``slot`` and ``func`` (for the default MAC).
 """
 
@@ -43,7 +43,7 @@ class VirtioBlkPci(VirtioPciDevice):
     def __init__(self, opts=None):
         o = _opts(opts, _blk.parse_options)
         kw = dict(path=o["path"], readonly=_flag(o.get("ro", o.get("readonly", False))),
-                  nodelete=_flag(o.get("nodelete", False)))
+                  nodelete=_flag(o.get("nodelete", False)), accel=o.get("blk_accel"))
         if "sectorsize" in o:
             ss = o["sectorsize"]
             if isinstance(ss, str):

@@ -443,6 +443,40 @@ class Virtqueue:
                 raise VirtqueueError(f"descriptor {i}: next {nxt} >= table size {tsize}")
             i = nxt
 
+    def take_indirect(self):
+        """Pops the next available chain if it is a lone INDIRECT descriptor whose table lies in the memory's
+        first RAM area (``GuestMemory.ram``): returns ``(head, table_address, entries)`` for a device that serves
+        such a table itself (virtio-blk's compiled request), which then returns it with :meth:`put_used`, or
+        gives it back with :meth:`unget` for :meth:`get_chain` to walk. Returns None, and pops nothing, for any
+        other chain or an empty ring (whose problems :meth:`get_chain` then reports)."""
+        if not self.usable or not self.indirect:
+            return None
+        ram = getattr(self.mem, "ram", None)
+        if ram is None:
+            return None
+        try:
+            last = self.last_avail
+            size = self.size
+            pending = (self._avail_idx() - last) & 0xFFFF
+            if pending == 0 or pending > size:
+                return None
+            head = _U16.unpack_from(self._avail, 4 + 2 * (last % size))[0]
+            if head >= size:
+                return None
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
+        except _GUEST_ERRORS:
+            return None
+        if flags != VIRTQ_DESC_F_INDIRECT or not length or length % DESC_SIZE or addr + length > len(ram):
+            return None
+        tsize = length // DESC_SIZE
+        if tsize > MAX_QUEUE_SIZE:
+            return None
+        self.last_avail = (last + 1) & 0xFFFF
+        self.chains += 1
+        if self.event_idx:
+            self._publish_avail_event()
+        return head, addr, tsize
+
     def unget(self, n=1):
         """Gives back the last ``n`` chains returned by :meth:`get_chain` (bhyve's ``vq_retchains``): they will
         be returned again. Used by a receive path that found too little buffer space."""

@@ -182,6 +182,36 @@ def test_in_order_indirect_tables_take_the_whole_list_path(monkeypatch):
         assert not errors
 
 
+def test_take_indirect_pops_only_a_lone_indirect_head_in_ram():
+    """What virtio-blk's compiled request is offered: ``(head, table, entries)`` of a lone INDIRECT head whose
+    table is in RAM; anything else pops nothing, and a chain given back is walked by get_chain as before."""
+    mem, q, ring, errors = make(mem=RamMemory())
+    assert q.take_indirect() is None                                 # empty ring
+    indirect_table(ring, in_order(1, 2))
+    assert q.take_indirect() == (0, TABLE, 3)
+    assert q.take_indirect() is None
+    q.unget()
+    c = q.get_chain()
+    assert c.head == 0 and len(c.readable) == 1 and len(c.writable) == 2
+    ring.d(1, DATA, 64, VIRTQ_DESC_F_WRITE)                         # a direct chain
+    ring.post(1)
+    assert q.take_indirect() is None and q.get_chain().head == 1
+    ring.d(2, TABLE, 48, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 3)  # INDIRECT with NEXT: get_chain's error
+    ring.post(2)
+    assert q.take_indirect() is None and q.get_chain() is None and errors
+    for table, length in ((BASE + RAM - 16, 32), (2**64 - 16, 16), (TABLE, 24)):   # outside RAM, odd length
+        mem, q, ring, _ = make(mem=RamMemory())
+        ring.d(0, table, length, VIRTQ_DESC_F_INDIRECT)
+        ring.post(0)
+        assert q.take_indirect() is None and q.last_avail == 0
+    mem, q, ring, _ = make(mem=RamMemory(), features=0)             # INDIRECT not negotiated
+    indirect_table(ring, in_order(1, 1))
+    assert q.take_indirect() is None
+    mem, q, ring, _ = make()                                         # no RAM view (base is not 0)
+    indirect_table(ring, in_order(1, 1))
+    assert q.take_indirect() is None
+
+
 def test_other_indirect_tables_are_walked_entry_by_entry():
     """A table out of order is still a valid chain; one with a buffer past RAM, a readable entry after a
     writable one, or a loop is refused exactly as by the general walk."""

@@ -5,20 +5,18 @@ without coming back to Python: in the nested lab a kernel console's LSR read cos
 character, and 25,000 of them were most of a boot's user-space time. The C file needs only libc (the kvm_run
 offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``, ``libc6-dev``).
 
-The library is cached under ``$VMMSHIM_CACHE`` (else ``~/.cache/vmmshim``, else a temporary directory) by the hash
-of its source, built to a temporary name and renamed, so concurrent first runs do not see half a file.
+The library is built and cached by ``ops/native.py`` (by the hash of its source, under ``$VMMSHIM_CACHE``).
 :func:`load` returns ``None`` (and :func:`unavailable` says why) when it cannot be built: the provider then
 publishes nothing and every port read exits to Python as before. ``VMMSHIM_FASTRUN=0`` turns it off.
 
 Not supported: other compilers than ``$CC`` (default ``cc``), hosts where cffi cannot ``dlopen``.
 """
 
-import hashlib
 import os
 import pathlib
-import subprocess
-import tempfile
 import threading
+
+from ... import native
 
 SOURCE = pathlib.Path(__file__).with_name("fastrun.c")
 ENV_OFF = "VMMSHIM_FASTRUN"
@@ -52,41 +50,8 @@ _why = None
 _path = None
 
 
-def _cache_dirs():
-    env = os.environ.get("VMMSHIM_CACHE")
-    if env:
-        yield pathlib.Path(env)
-    yield pathlib.Path.home() / ".cache" / "vmmshim"
-    yield pathlib.Path(tempfile.gettempdir()) / f"vmmshim-{os.getuid()}"
-
-
 def _build(src):
-    tag = hashlib.sha256(src).hexdigest()[:16]
-    last = None
-    for d in _cache_dirs():
-        lib = d / f"fastrun-{tag}.so"
-        if lib.exists():
-            return lib
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".fastrun-", suffix=".so", dir=d)
-            os.close(fd)
-        except OSError as exc:
-            last = f"{d}: {exc.strerror}"
-            continue
-        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            os.unlink(tmp)
-            raise OSError(f"cannot run {cmd[0]}: {exc}") from None
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            raise OSError(f"{cmd[0]} failed on {SOURCE.name}: {err}")
-        os.replace(tmp, lib)
-        return lib
-    raise OSError(f"no writable cache directory ({last})")
+    return native.build(SOURCE, "fastrun", src)
 
 
 def load():

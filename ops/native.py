@@ -1,0 +1,55 @@
+"""Building vmmshim's small C libraries once, with the host's C compiler, for cffi to load in ABI mode.
+
+A library is cached under ``$VMMSHIM_CACHE`` (else ``~/.cache/vmmshim``, else a temporary directory) by the hash
+of its source as ``<stem>-<hash>.so``, built to a temporary name and renamed, so concurrent first runs never see
+half a file. Used by the KVM provider's run loop (``ops/nvmm/kvm/fastrun.py``) and virtio-blk's compiled request
+(``vmmshim/blkfast.py``).
+
+Not supported: other compilers than ``$CC`` (default ``cc``), flags other than ``-O2 -shared -fPIC``.
+"""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import tempfile
+
+
+def cache_dirs():
+    env = os.environ.get("VMMSHIM_CACHE")
+    if env:
+        yield pathlib.Path(env)
+    yield pathlib.Path.home() / ".cache" / "vmmshim"
+    yield pathlib.Path(tempfile.gettempdir()) / f"vmmshim-{os.getuid()}"
+
+
+def build(source, stem, src=None):
+    """The path of the shared library built from ``source`` (a path; ``src``: its bytes, if already read).
+    Raises OSError with a one-line reason when it cannot be built."""
+    src = source.read_bytes() if src is None else src
+    tag = hashlib.sha256(src).hexdigest()[:16]
+    last = None
+    for d in cache_dirs():
+        lib = d / f"{stem}-{tag}.so"
+        if lib.exists():
+            return lib
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=d)
+            os.close(fd)
+        except OSError as exc:
+            last = f"{d}: {exc.strerror}"
+            continue
+        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", tmp, str(source)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            os.unlink(tmp)
+            raise OSError(f"cannot run {cmd[0]}: {exc}") from None
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise OSError(f"{cmd[0]} failed on {pathlib.Path(source).name}: {err}")
+        os.replace(tmp, lib)
+        return lib
+    raise OSError(f"no writable cache directory ({last})")

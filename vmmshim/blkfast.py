@@ -1,0 +1,92 @@
+"""virtio-blk's compiled request (``blkfast.c``): the accelerator the VM hands each virtio-blk device.
+
+``VirtioBlock`` serves a request through it when the chain is one indirect table in the order Linux's driver
+writes it (a header, the data buffers, the status byte), the request is a read or a write within the image, and
+every buffer lies in the first RAM area: the C code checks the table and every buffer against RAM, builds the
+``iovec`` array straight from the descriptors and makes the ``preadv``/``pwritev`` itself, with the GIL released
+(cffi's ABI mode does). In the nested lab the Python walk of a 1 MiB request's 258-entry table cost about 0.65 ms
+of the request's 4.4 ms (L1 runs Python under TCG); natively it is about 45 us. Any other chain, or a request it
+would answer with an error status, falls back to the device's Python path before anything is read or written, so
+the guest sees the same answers either way (``tests/unit/test_virtio_blk.py`` runs its requests both ways).
+
+The library is built and cached by ``ops/native.py``. :func:`accelerator` returns ``None`` (and :func:`unavailable`
+says why) when it cannot be built, or with ``-o vmmshim.blk_compiled=false``: the device then serves every request
+in Python.
+
+Not supported: flush, get-id, discard and write-zeroes (Python serves them), chains in highmem.
+"""
+
+import pathlib
+import threading
+
+from ops import native
+
+SOURCE = pathlib.Path(__file__).with_name("blkfast.c")
+CDEF = """
+struct vmmshim_blk_out {
+    uint32_t type;
+    uint32_t status;
+    uint64_t bytes;
+    int32_t error;
+};
+int64_t vmmshim_blk_indirect(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_t tsize, int fd,
+                             uint64_t capacity, int readonly, struct vmmshim_blk_out *out);
+"""
+FALLBACK = -1
+
+_lock = threading.Lock()
+_loaded = None          # (ffi, lib) once loaded, False once it failed
+_why = None
+
+
+def _load():
+    global _loaded, _why
+    with _lock:
+        if _loaded is None:
+            try:
+                import cffi
+                ffi = cffi.FFI()
+                ffi.cdef(CDEF)
+                _loaded = (ffi, ffi.dlopen(str(native.build(SOURCE, "blkfast"))))
+            except (ImportError, OSError) as exc:
+                _loaded, _why = False, str(exc)
+        return _loaded or None
+
+
+def unavailable():
+    """Why :func:`accelerator` returns ``None`` (``None`` when it does not)."""
+    _load()
+    return _why
+
+
+class Accelerator:
+    """``serve(ram, table, tsize, fd, capacity, readonly)``: one request as ``VirtioBlock`` asks for it. Returns
+    ``(used_len, type, status, nbytes)`` with the status byte written, or None where the Python path must serve the
+    request. ``ram`` is the guest's first RAM area (``GuestMemory.ram``), ``table`` the indirect table's address in
+    it, ``capacity`` the image's size in bytes."""
+
+    def __init__(self, ffi, lib):
+        self._ffi = ffi
+        self._fn = lib.vmmshim_blk_indirect
+        self._out = ffi.new("struct vmmshim_blk_out *")
+        self.served = 0
+
+    def serve(self, ram, table, tsize, fd, capacity, readonly):
+        out = self._out
+        # the buffer is exported for the call only: an export kept in a cycle of objects (device, transport) made
+        # the garbage collector free the memory under it
+        ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
+        try:
+            used = self._fn(ptr, len(ram), table, tsize, fd, capacity, 1 if readonly else 0, out)
+        finally:
+            self._ffi.release(ptr)
+        if used < 0:
+            return None
+        self.served += 1
+        return used, out.type, out.status, out.bytes
+
+
+def accelerator():
+    """A new :class:`Accelerator` (one per device: it keeps its own result buffer), or ``None``."""
+    loaded = _load()
+    return Accelerator(*loaded) if loaded else None
