@@ -53,3 +53,13 @@ def build(source, stem, src=None):
         os.replace(tmp, lib)
         return lib
     raise OSError(f"no writable cache directory ({last})")
+
+
+def open_library(source, stem, cdef):
+    """``(ffi, lib, path)``: the library built from ``source`` (:func:`build`) opened with cffi in ABI mode with the
+    declarations ``cdef``. Raises ImportError without cffi, OSError when it cannot be built or loaded."""
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    path = build(source, stem)
+    return ffi, ffi.dlopen(str(path)), path

@@ -44,10 +44,7 @@ def _load():
     with _lock:
         if _loaded is None:
             try:
-                import cffi
-                ffi = cffi.FFI()
-                ffi.cdef(CDEF)
-                _loaded = (ffi, ffi.dlopen(str(native.build(SOURCE, "blkfast"))))
+                _loaded = native.open_library(SOURCE, "blkfast", CDEF)[:2]
             except (ImportError, OSError) as exc:
                 _loaded, _why = False, str(exc)
         return _loaded or None

@@ -50,10 +50,6 @@ _why = None
 _path = None
 
 
-def _build(src):
-    return native.build(SOURCE, "fastrun", src)
-
-
 def load():
     """``(ffi, lib)`` of the compiled loop, or ``None`` when it cannot be had (see :func:`unavailable`)."""
     global _loaded, _why, _path
@@ -63,11 +59,8 @@ def load():
                 _loaded, _why = False, f"{ENV_OFF}={os.environ[ENV_OFF]}"
             else:
                 try:
-                    import cffi
-                    ffi = cffi.FFI()
-                    ffi.cdef(CDEF)
-                    _path = _build(SOURCE.read_bytes())
-                    _loaded = (ffi, ffi.dlopen(str(_path)))
+                    ffi, lib, _path = native.open_library(SOURCE, "fastrun", CDEF)
+                    _loaded = (ffi, lib)
                 except (ImportError, OSError) as exc:
                     _loaded, _why = False, str(exc)
         return _loaded or None
