@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import threading
 
 
 def cache_dirs():
@@ -23,11 +24,10 @@ def cache_dirs():
     yield pathlib.Path(tempfile.gettempdir()) / f"vmmshim-{os.getuid()}"
 
 
-def build(source, stem, src=None):
-    """The path of the shared library built from ``source`` (a path; ``src``: its bytes, if already read).
-    Raises OSError with a one-line reason when it cannot be built."""
-    src = source.read_bytes() if src is None else src
-    tag = hashlib.sha256(src).hexdigest()[:16]
+def build(source, stem):
+    """The path of the shared library built from ``source`` (a path). Raises OSError with a one-line reason when
+    it cannot be built."""
+    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     last = None
     for d in cache_dirs():
         lib = d / f"{stem}-{tag}.so"
@@ -63,3 +63,33 @@ def open_library(source, stem, cdef):
     ffi.cdef(cdef)
     path = build(source, stem)
     return ffi, ffi.dlopen(str(path)), path
+
+
+_OFF = ("0", "false", "no", "off")
+
+
+class LazyLibrary:
+    """A library opened with :func:`open_library` on first use, once, from any thread: :meth:`get` returns
+    ``(ffi, lib)`` or None, and then ``why`` says why not and ``path`` where it was built. ``env_off``: an
+    environment variable that turns it off (``0``, ``false``, ``no``, ``off``)."""
+
+    def __init__(self, source, stem, cdef, env_off=None):
+        self.source, self.stem, self.cdef, self.env_off = source, stem, cdef, env_off
+        self._lock = threading.Lock()
+        self._loaded = None         # (ffi, lib) once loaded, False once it failed
+        self.why = None
+        self.path = None
+
+    def get(self):
+        with self._lock:
+            if self._loaded is None:
+                off = os.environ.get(self.env_off, "1") if self.env_off else "1"
+                if off in _OFF:
+                    self._loaded, self.why = False, f"{self.env_off}={off}"
+                else:
+                    try:
+                        ffi, lib, self.path = open_library(self.source, self.stem, self.cdef)
+                        self._loaded = (ffi, lib)
+                    except (ImportError, OSError) as exc:
+                        self._loaded, self.why = False, str(exc)
+            return self._loaded or None

@@ -7,7 +7,7 @@ every buffer lies in the first RAM area: the C code checks the table and every b
 (cffi's ABI mode does). In the nested lab the Python walk of a 1 MiB request's 258-entry table cost about 0.65 ms
 of the request's 4.4 ms (L1 runs Python under TCG); natively it is about 45 us. Any other chain, or a request it
 would answer with an error status, falls back to the device's Python path before anything is read or written, so
-the guest sees the same answers either way (``tests/unit/test_virtio_blk.py`` runs its requests both ways).
+the guest sees the same answers either way (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
 
 The library is built and cached by ``ops/native.py``. :func:`accelerator` returns ``None`` (and :func:`unavailable`
 says why) when it cannot be built, or with ``-o vmmshim.blk_compiled=false``: the device then serves every request
@@ -17,7 +17,6 @@ Not supported: flush, get-id, discard and write-zeroes (Python serves them), cha
 """
 
 import pathlib
-import threading
 
 from ops import native
 
@@ -32,28 +31,13 @@ struct vmmshim_blk_out {
 int64_t vmmshim_blk_indirect(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_t tsize, int fd,
                              uint64_t capacity, int readonly, struct vmmshim_blk_out *out);
 """
-FALLBACK = -1
-
-_lock = threading.Lock()
-_loaded = None          # (ffi, lib) once loaded, False once it failed
-_why = None
-
-
-def _load():
-    global _loaded, _why
-    with _lock:
-        if _loaded is None:
-            try:
-                _loaded = native.open_library(SOURCE, "blkfast", CDEF)[:2]
-            except (ImportError, OSError) as exc:
-                _loaded, _why = False, str(exc)
-        return _loaded or None
+_library = native.LazyLibrary(SOURCE, "blkfast", CDEF)
 
 
 def unavailable():
     """Why :func:`accelerator` returns ``None`` (``None`` when it does not)."""
-    _load()
-    return _why
+    _library.get()
+    return _library.why
 
 
 class Accelerator:
@@ -85,5 +69,5 @@ class Accelerator:
 
 def accelerator():
     """A new :class:`Accelerator` (one per device: it keeps its own result buffer), or ``None``."""
-    loaded = _load()
+    loaded = _library.get()
     return Accelerator(*loaded) if loaded else None

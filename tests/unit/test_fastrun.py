@@ -6,14 +6,19 @@ import shutil
 
 import pytest
 
+from ops import native
 from ops.nvmm.kvm import fastrun
+
+
+def _unloaded(monkeypatch):
+    monkeypatch.setattr(fastrun, "_library", native.LazyLibrary(fastrun.SOURCE, "fastrun", fastrun.CDEF,
+                                                                env_off=fastrun.ENV_OFF))
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """fastrun as if nothing had been loaded yet, caching under ``tmp_path``."""
-    for name in ("_loaded", "_why", "_path"):
-        monkeypatch.setattr(fastrun, name, None)
+    _unloaded(monkeypatch)
     monkeypatch.setenv("VMMSHIM_CACHE", str(tmp_path))
     monkeypatch.delenv(fastrun.ENV_OFF, raising=False)
     return tmp_path
@@ -23,9 +28,9 @@ def fresh(monkeypatch, tmp_path):
 def test_built_once_and_cached_by_source_hash(fresh, monkeypatch):
     assert fastrun.load() is not None and fastrun.unavailable() is None
     built = list(fresh.glob("fastrun-*.so"))
-    assert len(built) == 1 and fastrun._path == built[0]
+    assert len(built) == 1 and fastrun._library.path == built[0]
     mtime = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(fastrun, "_loaded", None)
+    _unloaded(monkeypatch)
     monkeypatch.setenv("CC", "false")                   # a rebuild would fail: the cached file must be used
     assert fastrun.load() is not None
     assert built[0].stat().st_mtime_ns == mtime and not list(fresh.glob(".fastrun-*"))

@@ -12,7 +12,6 @@ publishes nothing and every port read exits to Python as before. ``VMMSHIM_FASTR
 Not supported: other compilers than ``$CC`` (default ``cc``), hosts where cffi cannot ``dlopen``.
 """
 
-import os
 import pathlib
 import threading
 
@@ -44,32 +43,18 @@ PORTS = 0x10000
 #: vCPUs created while this is True keep the loop's clock counters (``bench/exit_profile.py`` sets it).
 TIMING = False
 
-_lock = threading.Lock()
-_loaded = None          # (ffi, lib) once loaded, False once it failed
-_why = None
-_path = None
+_library = native.LazyLibrary(SOURCE, "fastrun", CDEF, env_off=ENV_OFF)
 
 
 def load():
     """``(ffi, lib)`` of the compiled loop, or ``None`` when it cannot be had (see :func:`unavailable`)."""
-    global _loaded, _why, _path
-    with _lock:
-        if _loaded is None:
-            if os.environ.get(ENV_OFF, "1") in ("0", "false", "no", "off"):
-                _loaded, _why = False, f"{ENV_OFF}={os.environ[ENV_OFF]}"
-            else:
-                try:
-                    ffi, lib, _path = native.open_library(SOURCE, "fastrun", CDEF)
-                    _loaded = (ffi, lib)
-                except (ImportError, OSError) as exc:
-                    _loaded, _why = False, str(exc)
-        return _loaded or None
+    return _library.get()
 
 
 def unavailable():
     """Why :func:`load` returned ``None`` (``None`` when it did not)."""
     load()
-    return _why
+    return _library.why
 
 
 class Answers:
@@ -94,7 +79,7 @@ def main():
     if load() is None:
         print(f"fastrun: unavailable: {unavailable()}")
         return 1
-    print(f"fastrun: {_path}")
+    print(f"fastrun: {_library.path}")
     return 0
 
 
