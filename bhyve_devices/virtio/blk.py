@@ -309,15 +309,11 @@ class VirtioBlock(VirtioDevice):
         served = 0
         accel = self.accel
         while True:
-            if accel is not None and self._serve_accel(queue, accel):
-                served += 1
-                if served % 64 == 0:
-                    self.notify_used(queue)
-                continue
-            chain = queue.get_chain()
-            if chain is None:
-                break
-            self._serve(queue, chain)
+            if accel is None or not self._serve_accel(queue, accel):
+                chain = queue.get_chain()
+                if chain is None:
+                    break
+                self._serve(queue, chain)
             served += 1
             if served % 64 == 0:
                 self.notify_used(queue)

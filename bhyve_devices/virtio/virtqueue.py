@@ -381,11 +381,15 @@ class Virtqueue:
         if head >= size:
             raise VirtqueueError(f"avail ring entry {last % size}: head {head} >= queue size {size}")
         chain = self._walk(head)
+        self._popped(last)
+        return chain
+
+    def _popped(self, last):
+        """The chain at ring index ``last`` is taken: the next index, and ``avail_event`` with EVENT_IDX."""
         self.last_avail = (last + 1) & 0xFFFF
         self.chains += 1
         if self.event_idx:
             self._publish_avail_event()
-        return chain
 
     def _walk(self, head):
         """The chain from ``head``: the direct table, then at most one indirect table. The hot loop slices the
@@ -471,10 +475,7 @@ class Virtqueue:
         tsize = length // DESC_SIZE
         if tsize > MAX_QUEUE_SIZE:
             return None
-        self.last_avail = (last + 1) & 0xFFFF
-        self.chains += 1
-        if self.event_idx:
-            self._publish_avail_event()
+        self._popped(last)
         return head, addr, tsize
 
     def unget(self, n=1):
