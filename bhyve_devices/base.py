@@ -12,12 +12,24 @@
   memoryview of the RAM from guest-physical 0 (every ``[gpa, gpa+size)`` with ``gpa + size <= len(ram)`` is RAM),
   which a hot loop may slice itself instead of calling ``view`` per buffer (virtqueue descriptors); None if not.
 
+The fast paths a device may offer the VMM (``vmmshim/fastpaths.py`` takes them up where the hypervisor can, and the
+device answers the same when it cannot). Each is a small Protocol, checked with ``isinstance``, never a ``getattr``
+of an attribute name:
+
+- :class:`PostedWrites`: registers whose writes need no answer (a UART's transmit register); the VMM may buffer
+  them in the hypervisor and hand them over later, in order, as runs (``posted_run``).
+- :class:`PublishedReads`: one-byte registers whose reads have no side effect (a UART's line status); the device
+  publishes their value whenever it changes and the VMM may answer the reads without an exit.
+- :class:`Doorbells`: registers whose writes only say "look at your queue" (virtio's queue notify); the VMM may
+  have them signal a thread of the device's own instead of exiting, and rings the same thread itself for a write
+  that did exit (``ring_with``), so the device's work runs on one thread whichever way the write came.
+
 Not here: bus registration (``vmmshim.bus``) and the PCI configuration-space helpers (``bhyve_devices.pci``).
 """
 
 import heapq
 import itertools
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 
 class Device(Protocol):
@@ -44,6 +56,37 @@ class GuestMemory(Protocol):
     ram: "memoryview | None"
 
     def view(self, gpa: int, size: int) -> memoryview: ...
+
+
+#: One doorbell: ``(offset, size, datamatch, fn)``: a write of ``size`` bytes (0: any size) at ``offset`` in a BAR,
+#: of the value ``datamatch`` only unless None, rings it; the VMM then calls ``fn()`` on the device's thread.
+Doorbell = tuple
+
+
+@runtime_checkable
+class PostedWrites(Protocol):
+    #: ``(offset, size)`` ranges whose writes may be posted.
+    posted_writes: tuple
+
+    def posted_run(self, offset: int, data: bytes) -> None:
+        """Posted writes to one register, one byte each, in guest order (a run of ``len(data)`` writes)."""
+
+
+@runtime_checkable
+class PublishedReads(Protocol):
+    def publish_reads(self, fn: Callable[[int, Optional[int]], None]) -> None:
+        """From now on call ``fn(offset, value)`` whenever a one-byte read at ``offset`` would return something
+        else (``None``: no longer answerable without asking the device)."""
+
+
+@runtime_checkable
+class Doorbells(Protocol):
+    def doorbells(self, bar: int) -> list:
+        """The doorbells in BAR ``bar`` (a list of :data:`Doorbell`)."""
+
+    def ring_with(self, ring: Optional[Callable[[int, int], None]]) -> None:
+        """A guest write that reaches the device through the bus and matches doorbell ``i`` of BAR ``bar`` calls
+        ``ring(bar, i)`` instead of the doorbell's ``fn`` (None: ``fn`` at once, on the writing thread)."""
 
 
 class NullLine:

@@ -255,6 +255,14 @@ class Vatpic:
         self.set_irq_level(irq, True)
         self.set_irq_level(irq, False)
 
+    def set_irq_trigger(self, irq, level_triggered):
+        """bhyve's ``vatpic_set_irq_trigger``: the ELCR bit of ISA IRQ ``irq`` (as a guest write of the ELCR)."""
+        if not 0 <= irq < 16:
+            return
+        reg, bit = (0, irq) if irq < 8 else (1, irq - 8)
+        old = self.elcr.read(reg, 1)
+        self.elcr.write(reg, 1, old | (1 << bit) if level_triggered else old & ~(1 << bit))
+
     def pending(self):
         """The vector an INTA would return now, or None when INT is low."""
         with self._lock:

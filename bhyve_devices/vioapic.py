@@ -25,8 +25,11 @@ import threading
 
 from construct import BitsInteger, BitStruct, ByteSwapped, Flag, Int32ul, Padding, Struct
 
-DEFAULT_BASE = 0xFEC00000
-SIZE = 0x1000
+#: Where the I/O APIC's window sits and its size (bhyve's ``VIOAPIC_BASE`` and ``VIOAPIC_SIZE``): the one
+#: definition, which the MP table, the MADT and the ops layer import.
+VIOAPIC_BASE = 0xFEC00000
+VIOAPIC_SIZE = 0x1000
+DEFAULT_BASE, SIZE = VIOAPIC_BASE, VIOAPIC_SIZE     # the names this module used before
 NPINS = 24
 VERSION = 0x20
 

@@ -31,6 +31,7 @@ LINT0/LINT1 (remote IRR is never set); sub-dword and unaligned MMIO writes (drop
 import threading
 
 from . import vlapic_regs as R
+from .vlapic_regs import APIC_SIZE, DEFAULT_APIC_BASE  # noqa: F401 (the xAPIC page: part of this module's API)
 from .vlapic_msr import VlapicMsrMixin, ApicGP  # noqa: F401  (ApicGP is part of this module's API)
 from .vlapic_timer import ApicTimer
 
@@ -83,7 +84,7 @@ class Vlapic(VlapicMsrMixin):
         self._post = []
         self._guard = _Guard(self)
         self.timer = ApicTimer(timers, self._on_timer, tsc_hz, tsc_now)
-        self.apicbase = R.DEFAULT_BASE | R.APICBASE_ENABLED | (R.APICBASE_BSP if vcpu_id == 0 else 0)
+        self.apicbase = R.DEFAULT_APIC_BASE | R.APICBASE_ENABLED | (R.APICBASE_BSP if vcpu_id == 0 else 0)
         if x2apic_enabled:
             self.apicbase |= R.APICBASE_X2APIC
         self.lint0_level = False

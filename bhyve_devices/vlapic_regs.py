@@ -15,8 +15,13 @@ Not supported here: the extended APIC registers of AMD (offsets 0x400+), the 8-b
 
 from construct import Int32ul, Padding, Struct
 
-PAGE_SIZE = 0x1000
-DEFAULT_BASE = 0xFEE00000
+#: Where the local APIC page sits after reset (IA32_APIC_BASE's default; bhyve's ``DEFAULT_APIC_BASE``) and its
+#: size, one 4 KiB page (bhyve's ``APIC_SIZE``): the one definition, which the MP table, the MADT and the ops layer
+#: import.
+DEFAULT_APIC_BASE = 0xFEE00000
+APIC_SIZE = 0x1000
+PAGE_SIZE = APIC_SIZE               # the names this module used before
+DEFAULT_BASE = DEFAULT_APIC_BASE
 
 # Register offsets (SDM table 10-1; anchors (f)).
 ID = 0x020

@@ -3,7 +3,7 @@
 A library is cached under ``$VMMSHIM_CACHE`` (else ``~/.cache/vmmshim``, else a temporary directory) by the hash
 of its source as ``<stem>-<hash>.so``, built to a temporary name and renamed, so concurrent first runs never see
 half a file. Used by the KVM provider's run loop (``ops/nvmm/kvm/fastrun.py``) and virtio-blk's compiled request
-(``vmmshim/blkfast.py``).
+(``vmmshim/backends/blkfast.py``).
 
 Not supported: other compilers than ``$CC`` (default ``cc``), flags other than ``-O2 -shared -fPIC``.
 """

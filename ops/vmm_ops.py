@@ -9,8 +9,9 @@ parameter, Python returns the value and raises ``OSError(errno)`` (``EINVAL`` fo
 
 The enums are current FreeBSD's: ``vm_reg_name`` (with DR0-3, DR6, FS/GS/KGS base and TPR), ``vm_cap_type``,
 ``vm_exitcode``, ``vm_suspend_how``, and ``seg_desc`` with VMX access rights (bit 16 set when the segment is
-unusable). Exits carry no bytes: an INOUT or INST_EMUL exit is completed by calling ``assist`` on the ops table,
-which reaches the VM's port or MMIO callback (DESIGN.md section 1).
+unusable). Exits carry no bytes: a table completes port and MMIO exits itself, its provider's assist calling the
+VM's port or MMIO callback (``ops/vmm_api.py``'s ``VmSpec``), so ``INOUT`` and ``INST_EMUL`` are declared here for
+bhyve's numbering but never reach a VM from ``vmm_ops_nvmm`` (``docs/design.md``).
 
 Not here: ``vmspace_alloc``/``vmspace_free`` (no nested-paging address space in userspace), snapshot and
 suspend/resume hooks.
@@ -232,38 +233,15 @@ class Vmx:
 
 class VmExit:
     """``struct vm_exit``: ``exitcode``, ``inst_length``, ``rip`` and the payload ``u`` (one of the classes
-    above, or ``None``). The ops layer reuses one object per vCPU, so a handler copies what it keeps. For the
-    exits of the hot path (INOUT) ``u`` and ``rip`` are decoded only when a handler reads them, through the
-    ``decoder`` the ops layer attached (``decode_u(exitcode)``, ``current_rip()``)."""
+    above, or ``None``). The ops layer reuses one object per vCPU, so a handler copies what it keeps."""
 
-    __slots__ = ("exitcode", "inst_length", "_rip", "_u", "decoder")
+    __slots__ = ("exitcode", "inst_length", "rip", "u")
 
-    def __init__(self, decoder=None):
+    def __init__(self):
         self.exitcode = VmExitCode.VM_EXITCODE_BOGUS
         self.inst_length = 0
-        self._rip = 0
-        self._u = None
-        self.decoder = decoder
-
-    @property
-    def rip(self):
-        if self._rip is None:
-            self._rip = self.decoder.current_rip()
-        return self._rip
-
-    @rip.setter
-    def rip(self, value):
-        self._rip = value
-
-    @property
-    def u(self):
-        if self._u is LAZY:
-            self._u = self.decoder.decode_u(self.exitcode)
-        return self._u
-
-    @u.setter
-    def u(self, value):
-        self._u = value
+        self.rip = 0
+        self.u = None
 
     def __repr__(self):
         try:
@@ -273,10 +251,6 @@ class VmExit:
         return f"<vm_exit {name} rip={self.rip:#x} {self.u}>"
 
 
-#: ``VmExit._u`` of an exit whose payload is decoded on first access.
-LAZY = object()
-
-
 class VmmOps(Protocol):
     """``struct vmm_ops`` (xhyve member names). Every provider-backed table implements all of it."""
 
@@ -284,7 +258,7 @@ class VmmOps(Protocol):
 
     def cleanup(self) -> int: ...
 
-    def vm_init(self, vm: Any) -> Any: ...
+    def vm_init(self, spec: Any) -> Any: ...
 
     def vcpu_init(self, vmi: Any, vcpu: int) -> int: ...
 

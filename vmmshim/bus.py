@@ -6,12 +6,15 @@ finds ``(base, device)``; ``remove(base)`` unmaps. :meth:`Bus.access` is the cal
 ``write(offset, size, value)``. An access no device claims reads all-ones and drops writes, unless the bus is
 strict (bhyve ``-e`` / ``x86.strictio``), where it is recorded in ``unhandled`` and ``on_unhandled`` is called
 (the VM stops with an error). A device that raises is a VMM bug: the exception propagates, no guest access is
-silently lost.
+silently lost. :meth:`Bus.posted_run` delivers a run of posted one-byte writes to one port (``vmmshim/fastpaths.py``):
+to the device's ``posted_run`` where it is a ``PostedWrites`` device, else one ``write`` per byte.
 
 Not supported: accesses that span two devices (each goes to the device at its first byte, as in bhyve).
 """
 
 import bisect
+
+from bhyve_devices.base import PostedWrites
 
 
 class BusError(ValueError):
@@ -25,6 +28,7 @@ class Bus:
         self.on_unhandled = on_unhandled
         self._starts, self._ranges = [], []     # sorted starts; (start, end, device, name)
         self._cache = {}                          # addr -> (start, device), for port buses
+        self._posted = {}                         # port -> its posted-run function
         self._cacheable = is_port_bus
         self.unhandled = []
         self.trace = None           # a file: every access is logged there (debugging aid, MMIO path only)
@@ -42,6 +46,7 @@ class Bus:
         self._starts.insert(i, base)
         self._ranges.insert(i, (base, end, device, name or type(device).__name__))
         self._cache.clear()
+        self._posted.clear()
 
     def remove(self, base):
         i = bisect.bisect_left(self._starts, base)
@@ -49,6 +54,7 @@ class Bus:
             raise BusError(f"{self.name}: nothing mapped at {base:#x}")
         del self._starts[i], self._ranges[i]
         self._cache.clear()
+        self._posted.clear()
 
     def lookup(self, addr):
         """``(base, device)`` of the range holding ``addr``, or ``None``."""
@@ -80,6 +86,23 @@ class Bus:
         if self.trace is not None:
             print(f"[{self.name}] {'W' if is_write else 'R'} {addr:#x}/{n} = {int.from_bytes(data, 'little'):#x}",
                   file=self.trace, flush=True)
+
+    def posted_run(self, port, data):
+        """Posted one-byte writes to ``port``, in guest order (the provider's callback for a posted port)."""
+        fn = self._posted.get(port)
+        if fn is None:
+            fn = self._posted[port] = self._posted_fn(port)
+        fn(data)
+
+    def _posted_fn(self, port):
+        hit = self.lookup(port)
+        if hit is None:
+            return lambda data: [self._unhandled(port, True, bytes((b,))) for b in data]
+        base, dev = hit
+        off = port - base
+        if isinstance(dev, PostedWrites):
+            return lambda data: dev.posted_run(off, data)
+        return lambda data: [dev.write(off, 1, b) for b in data]
 
     def _make_io(self):
         """The NVMM io callback ``(port, is_in, data)`` as a closure over the port cache (the hot path)."""

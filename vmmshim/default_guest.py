@@ -86,9 +86,11 @@ def main(argv):
             print(f"vmmshim: default guest not built in {gdir} (scripts/install-deps.sh or "
                   "python3 -m vmmshim.lab guest)", file=sys.stderr)
             return 4
-        from vmmshim.cli import main as vmmshim_main
+        from vmmshim.flags import parse_args
+        from vmmshim.runner import reported, run_vm
 
-        return vmmshim_main(guest_argv(gdir, args.cpus, args.mem, "stdio", args.run, args.append))
+        argv = guest_argv(gdir, args.cpus, args.mem, "stdio", args.run, args.append)
+        return reported(lambda: run_vm(parse_args(argv)))
     from vmmshim.lab import lab_available, run_in_lab
 
     ok, reason = lab_available()

@@ -1,7 +1,7 @@
 """``vmmshim doctor``: what this host can run (providers present, and whether /dev/kvm is hardware-assisted or
 kvm_pvm, which runs small guests only), and whether the KVM provider's compiled run loop and virtio-blk's
-compiled request could be built (``ops/nvmm/kvm/fastrun.py``, ``vmmshim/blkfast.py``), one line each, exit status 0
-when at least one provider works."""
+compiled request could be built (``ops/nvmm/kvm/fastrun.py``, ``vmmshim/backends/blkfast.py``), one line each,
+exit status 0 when at least one provider works."""
 
 import os
 
@@ -24,7 +24,7 @@ def doctor():
     why = fastrun.unavailable()
     print("compiled run loop " + ("built: KVM answers published port reads without leaving C" if why is None else
                                   f"unavailable ({why}): every port read exits to Python"))
-    from . import blkfast
+    from .backends import blkfast
     why = blkfast.unavailable()
     print("compiled virtio-blk request " + ("built: Linux's read and write tables are served in C" if why is None else
                                             f"unavailable ({why}): virtio-blk serves every request in Python"))

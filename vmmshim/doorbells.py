@@ -44,28 +44,35 @@ class Doorbells:
         self._groups = {}           # group -> _Group
         self._keys = {}             # eventfd -> (key, _Group); the function is the group's
         self.rings = 0
+        self.hardware = 0           # doorbells the provider signals (the others are rung by their device)
         self.idle_served = 0        # rings a halting vCPU served (poll_idle)
         self._idle_ep = select.epoll() if HOST_HAS_EVENTFD else None    # every doorbell, for poll_idle
 
-    def add(self, addr, size, pio, datamatch, fn, group=None, name=None):
-        """Registers one doorbell, served by ``group``'s thread; returns its key for :meth:`remove`, or None
-        where the provider refused it (the writes keep exiting)."""
+    def add(self, addr, size, pio, datamatch, fn, group=None, name=None, hardware=True, software=False):
+        """Registers one doorbell, served by ``group``'s thread; returns its key for :meth:`remove` (its eventfd is
+        ``key[4]``), or None. With ``hardware`` the provider is asked to signal it; where it refuses (or without
+        ``hardware``) the doorbell is kept only with ``software``: its writes exit, and whoever handles them rings
+        the eventfd (``vmmshim/fastpaths.py``)."""
         if not HOST_HAS_EVENTFD:
             return None
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         key = (addr, size, pio, datamatch, fd)
-        try:
-            ok = self._register(*key)
-        except OSError:
-            ok = False
-        if not ok:
+        ok = False
+        if hardware:
+            try:
+                ok = self._register(*key)
+            except OSError:
+                ok = False
+        if not ok and not software:
             os.close(fd)
             return None
         with self._lock:
             g = self._groups.get(group)
             if g is None:
                 g = self._groups[group] = _Group(self, name or (str(group) if group is not None else "shared"))
-            self._keys[fd] = (key, g)
+            self._keys[fd] = (key, g, ok)
+            if ok:
+                self.hardware += 1
             g.add(fd, fn)
             self._idle_ep.register(fd, select.EPOLLIN)
         return key
@@ -77,16 +84,18 @@ class Doorbells:
             entry = self._keys.pop(fd, None)
         if entry is None:
             return
-        _, g = entry
+        _, g, registered = entry
         try:
             self._idle_ep.unregister(fd)
         except (OSError, ValueError):
             pass
         fn = g.forget(fd)
-        try:
-            self._unregister(*key)
-        except OSError:
-            pass                    # the machine is gone: nothing rings any more
+        if registered:
+            self.hardware -= 1
+            try:
+                self._unregister(*key)
+            except OSError:
+                pass                # the machine is gone: nothing rings any more
         with g.busy:                # not beside a halting vCPU that serves the group
             if fn is not None and _take(fd):
                 self._call(fn)
@@ -94,7 +103,7 @@ class Doorbells:
 
     def close(self):
         """Removes every doorbell and stops the threads (before the machine is destroyed)."""
-        for key, _ in list(self._keys.values()):
+        for key, _, _ in list(self._keys.values()):
             self.remove(key)
         with self._lock:
             groups, self._groups = list(self._groups.values()), {}

@@ -13,13 +13,13 @@ from bhyve_devices.pci.host import PciHost
 from bhyve_devices.tables.acpi import build_acpi
 from bhyve_devices.tables.mptable import build_mptable
 
-from . import blkfast
+from .backends import close_device_backends, open_device_backends
 from .bus import BusError
 from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
 # Options the VM adds for every PCI device (the devices read what they need).
-_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func", "blk_accel")
+_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func", "blk_compiled")
 
 
 def build_pci_and_tables(vm, cfg, platform):
@@ -29,8 +29,8 @@ def build_pci_and_tables(vm, cfg, platform):
                    bar_changed=lambda *a: _bar_changed(vm, *a),
                    ioapic_irq=lambda pin, level: (ops.vm_ioapic_assert_irq if level else
                                                   ops.vm_ioapic_deassert_irq)(vmi, pin),
-                   isa_irq=lambda irq, level: vmi.vatpic.set_irq_level(irq, level),
-                   isa_level_trigger=lambda irq: _elcr_level(vmi.vatpic, irq))
+                   isa_irq=lambda irq, level: ops.vm_atpic_set_irq(vmi, irq, level),
+                   isa_level_trigger=lambda irq: ops.vm_isa_set_irq_trigger(vmi, irq, True))
     for port, size, dev in host.conf1_ranges():
         vm.add_port_device(port, size, dev, f"pci-conf1-{port:#x}")
     base, size, ecam = host.ecam_range()
@@ -44,12 +44,17 @@ def build_pci_and_tables(vm, cfg, platform):
         devopts.update(guest_memory=_GuestMemory(vm), virtio_msix=cfg.get("virtio_msix"), vmname=cfg.get("name"),
                        slot=slot, func=func)
         if name == "virtio-blk":
-            devopts["blk_accel"] = blkfast.accelerator() if cfg.get_bool("vmmshim.blk_compiled") else None
+            devopts["blk_compiled"] = cfg.get_bool("vmmshim.blk_compiled")
         if name == "lpc":
             devopts["uarts"] = [u for u in ("com1", "com2") if cfg.get(f"lpc.{u}.path")] or ["com1", "com2"]
             lpc_slot = (slot, func)
         try:
-            dev = registry.create(name, devopts)
+            devopts = open_device_backends(name, devopts)      # the host side first (vmmshim/backends/)
+            try:
+                dev = registry.create(name, devopts)
+            except BaseException:
+                close_device_backends(devopts)
+                raise
         except KeyError as exc:
             raise ConfigError(str(exc).strip('"')) from None
         except (OSError, ValueError) as exc:
@@ -77,7 +82,7 @@ def _write_tables(vm, cfg, host, lpc_slot):
 
 def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
     """Maps or unmaps BAR ``idx`` of ``dev`` on the port or MMIO bus (see ``PciDevice.bar_changed``), with the
-    device's doorbells in it (``doorbells(idx)``, see ``vmmshim.doorbells``).
+    device's doorbells in it (``vm.bar_mapped``/``bar_unmapped``, see ``vmmshim/fastpaths.py``).
 
     Only the BAR's own window is ever unmapped. The guest chooses BAR addresses: one that overlaps another device
     (a BAR sized with decoding left on, a bad allocation) is left unmapped with a warning instead of ending the
@@ -88,7 +93,7 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
     hit = bus.lookup(old)
     if hit is not None and hit[0] == old and hit[1] is window:
         bus.remove(old)
-        vm.remove_doorbells(vm.bar_doorbells.pop(window, ()))
+        vm.bar_unmapped(window)
     if enabled:
         hit = bus.lookup(new)
         if hit is not None and hit[0] == new and hit[1] is window:
@@ -98,16 +103,7 @@ def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
         except BusError as exc:
             vm.log(f"vmmshim: PCI {name} not mapped: {exc}")
             return
-        bells = dev.doorbells(idx)
-        if bells:
-            vm.bar_doorbells[window] = vm.add_doorbells(new, kind == BarKind.IO, bells, group=dev,
-                                                        name=getattr(dev, "name", None))
-
-
-def _elcr_level(atpic, irq):
-    """Marks an ISA IRQ level-triggered in the ELCR (a PCI INTx routed through a PIRQ)."""
-    reg, bit = (0, irq) if irq < 8 else (1, irq - 8)
-    atpic.elcr.write(reg, 1, atpic.elcr.read(reg, 1) | (1 << bit))
+        vm.bar_mapped(window, dev, idx, new, kind == BarKind.IO, getattr(dev, "name", None))
 
 
 class _GuestMemory:

@@ -12,15 +12,16 @@ from bhyve_devices.atkbdc import KeyboardController
 from bhyve_devices.pm import PowerManagement
 from bhyve_devices.post import PostPort
 from bhyve_devices.uart16550 import UART16550
-from bhyve_devices.uart_backends import open_backend
 from bhyve_devices.vatpit import NMISC, PIT8254
 from bhyve_devices.vhpet import CNF_LEG_RT, HPET, HPET_BASE, HPET_SIZE
 from bhyve_devices.vpmtmr import PMTimer
 from bhyve_devices.vrtc import RTC
 from ops.vmm_ops import VmSuspendHow
 
+from .backends.uart import open_backend
+
 COM_PORTS = {"com1": (0x3F8, 4), "com2": (0x2F8, 3), "com3": (0x3E8, 4), "com4": (0x2E8, 3)}
-PIC_MASTER, PIC_SLAVE, ELCR, PIT, NMISC_PORT, RTC_PORT = 0x20, 0xA0, 0x4D0, 0x40, 0x61, 0x70
+PIT, NMISC_PORT, RTC_PORT = 0x40, 0x61, 0x70
 PMTMR_PORT, POST_PORTS, ISA_IRQ_SCI = 0x408, (0x80, 0x84), 9
 
 
@@ -29,10 +30,8 @@ class Platform:
         """``uarts``: ``{"com1": backend spec}`` (``stdio``, ``autopty``, a path ...)."""
         self.vm = vm
         t = vm.timers
-        atpic = vm.vmi.vatpic
-        vm.add_port_device(PIC_MASTER, 2, atpic.master, "atpic-master")
-        vm.add_port_device(PIC_SLAVE, 2, atpic.slave, "atpic-slave")
-        vm.add_port_device(ELCR, 2, atpic.elcr, "elcr")
+        for port, size, dev, name in vm.ops.vm_atpic_ranges(vm.vmi):      # the 8259 pair lives in the ops layer
+            vm.add_port_device(port, size, dev, name)
         self.pit = PIT8254(t, _PitLine(self, vm.isa_irq(0)))
         vm.add_port_device(PIT, 4, self.pit, "atpit")
         vm.add_port_device(NMISC_PORT, 1, NMISC(self.pit, t), "nmisc")
@@ -55,7 +54,7 @@ class Platform:
             spec = (uarts or {}).get(name)
             if spec:
                 backend = open_backend(spec)
-                backend.buffer_lines(vm.timers)      # a line per write(2), not a byte (uart_backends.py)
+                backend.buffer_lines(vm.timers)      # a line per write(2), not a byte (backends/uart.py)
                 uart.sink = backend
                 backend.start(uart)
                 self.backends.append(backend)

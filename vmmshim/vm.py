@@ -1,9 +1,15 @@
-"""The VM above the ``vmm_ops`` table: guest memory as bhyve lays it out, one thread per vCPU, the exit-handler
-table (bhyve ``vmexit.c``'s ``vmexit_handlers``), the port and MMIO buses, and a clean shutdown with bhyve's
-exit statuses (0 reset, 1 power off, 2 halt, 3 triple fault, 4 error).
+"""The VM above the ops layer: guest memory as bhyve lays it out, one thread per vCPU, the exit-handler table
+(bhyve ``vmexit.c``'s ``vmexit_handlers``: RDMSR, WRMSR, SPINUP_AP, SUSPENDED, HLT, VMX, BOGUS), the port and
+MMIO buses, and a clean shutdown with bhyve's exit statuses (0 reset, 1 power off, 2 halt, 3 triple fault,
+4 error).
+
+The VM talks to the CPU only through the calls ``ops/vmm_api.py`` declares, and describes itself to ``vm_init``
+with a ``VmSpec``. Port and MMIO exits never come up here: the ops layer completes them by calling the buses'
+callbacks (``io``, ``mem``) given in that spec. The fast paths (posted writes, published reads, doorbells, the idle
+poll) are taken up in ``vmmshim/fastpaths.py``.
 
 Memory: lowmem from 0 up to ``min(memsize, 3 GiB)``, highmem above 4 GiB for the rest (bhyve's
-``vm_setup_memory``), one anonymous host mapping. The VM talks to the CPU only through the ops table.
+``vm_setup_memory``), one anonymous host mapping.
 
 Not supported: memory hot-plug, more than one memory segment per range, the bootrom (``-l bootrom``).
 """
@@ -13,17 +19,17 @@ import mmap
 import sys
 import threading
 
+from ops.vmm_api import VmSpec
 from ops.vmm_ops import SegDesc, VmExitCode as E, VmRegName as R, VmSuspendHow
 
 from .bus import Bus
-from .doorbells import Doorbells
+from .fastpaths import FastPaths
 from .msr import MsrEmulator
 from .timers import TimerThread
 
 GiB = 1 << 30
 LOWMEM_LIMIT = 3 * GiB
 HIGHMEM_BASE = 4 * GiB
-POSTED_FLUSH_NS = 50_000_000      # posted port writes reach their device within this even with no exit
 EXIT_RESET, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
 SUSPEND_STATUS = {VmSuspendHow.VM_SUSPEND_RESET: EXIT_RESET, VmSuspendHow.VM_SUSPEND_POWEROFF: EXIT_POWEROFF,
                   VmSuspendHow.VM_SUSPEND_HALT: EXIT_HALT, VmSuspendHow.VM_SUSPEND_TRIPLEFAULT: EXIT_TRIPLEFAULT}
@@ -78,15 +84,10 @@ class VM:
         self._status_lock = threading.Lock()
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
-        self.posted_ports = []      # (port, size) ranges whose writes the provider posts
-        self.bar_doorbells = {}     # a PCI BAR's window -> the keys of its doorbells where it is mapped
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
-        self.vmi = ops.vm_init(self)
-        self.doorbells = Doorbells(lambda *k: ops.vm_doorbell(self.vmi, *k),
-                                   lambda *k: ops.vm_remove_doorbell(self.vmi, *k),
-                                   on_error=lambda exc: self.log(f"vmmshim: doorbell: {exc!r}"))
-        if config.doorbells and config.halt_serve:
-            ops.vm_idle_hook(self.vmi, self.doorbells.poll_idle)
+        self.vmi = ops.vm_init(VmSpec(timers=self.timers, io=self.io, mem=self.mem, x2apic=config.x2apic,
+                                      kvm_pv=config.kvm_pv, pv_eoi=config.pv_eoi))
+        self.fast = FastPaths(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
         self.ram = HostMemory(config.memsize)
@@ -98,11 +99,10 @@ class VM:
             ops.vcpu_init(self.vmi, i)
             self.vlapics.append(ops.vlapic_init(self.vmi, i))
         self.handlers = {
-            E.VM_EXITCODE_INOUT: self._vmexit_assist, E.VM_EXITCODE_INST_EMUL: self._vmexit_assist,
             E.VM_EXITCODE_RDMSR: self._vmexit_rdmsr, E.VM_EXITCODE_WRMSR: self._vmexit_wrmsr,
             E.VM_EXITCODE_SPINUP_AP: self._vmexit_spinup_ap, E.VM_EXITCODE_SUSPENDED: self._vmexit_suspended,
             E.VM_EXITCODE_BOGUS: self._vmexit_bogus, E.VM_EXITCODE_HLT: self._vmexit_bogus,
-            E.VM_EXITCODE_VMX: self._vmexit_vmx, E.VM_EXITCODE_PAGING: self._vmexit_vmx,
+            E.VM_EXITCODE_VMX: self._vmexit_vmx,
         }
 
     # -- memory and devices -----------------------------------------------------------------------------------
@@ -114,69 +114,41 @@ class VM:
         self.view(gpa, len(data))[:] = data
 
     def add_port_device(self, base, size, device, name=None):
-        """Maps ``device`` at ports ``[base, base+size)``. A device may name registers whose writes can be
-        *posted* (``posted_writes``: ``(offset, size)`` pairs, e.g. a UART's transmit register): where the
-        provider can buffer them (KVM's coalesced PIO) the guest's OUTs there stop exiting and reach the device,
-        in order, before the guest's next exit is handled. A device may also publish what some one-byte reads
-        return (``publish_reads(fn)``, then ``fn(offset, value or None)`` whenever that changes, e.g. a UART's
-        line status): where the provider can answer them (the KVM provider's compiled loop) those reads do not
-        exit."""
+        """Maps ``device`` at ports ``[base, base+size)``, with the fast paths it offers (``vmmshim/fastpaths.py``:
+        posted writes, published reads)."""
         self.pio.insert(base, size, device, name)
-        publish_reads = getattr(device, "publish_reads", None)
-        if self.config.answer_io and publish_reads is not None and \
-                self.ops.vm_answer_io(self.vmi, base, None):
-            ops, vmi = self.ops, self.vmi
-            publish_reads(lambda offset, value: ops.vm_answer_io(vmi, base + offset, value))
-        if self.config.posted_io:
-            for off, n in getattr(device, "posted_writes", ()):
-                if self.ops.vm_post_io(self.vmi, base + off, n, self._posted_cb(base, n, device)):
-                    if not self.posted_ports:
-                        self._arm_posted_flush()
-                    self.posted_ports.append((base + off, n))
-
-    @staticmethod
-    def _posted_cb(base, n, device):
-        """Posted writes go straight to the device (the range is its own, no bus look-up). A one-port range's
-        writes come in runs (``Machine.post_io``): to the device's ``posted_run(offset, data)`` if it has one,
-        else one ``write`` per byte."""
-        write, from_bytes = device.write, int.from_bytes
-        if n != 1:
-            return lambda port, data: write(port - base, len(data), from_bytes(data, "little"))
-        posted_run = getattr(device, "posted_run", None)
-        if posted_run is not None:
-            return lambda port, data: posted_run(port - base, data)
-
-        def each(port, data):
-            for b in data:
-                write(port - base, 1, b)
-        return each
-
-    def _arm_posted_flush(self):
-        """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would
-        leave its last posted bytes in the provider's buffer: the timer thread hands them over every
-        ``POSTED_FLUSH_NS`` as well."""
-        def flush():
-            if self.status is None:
-                self.ops.vm_drain_posted(self.vmi)
-                self.timers.arm(self.timers.now_ns() + POSTED_FLUSH_NS, flush)
-        self.timers.arm(self.timers.now_ns() + POSTED_FLUSH_NS, flush)
+        self.fast.port_device(base, device)
 
     def add_mmio_device(self, base, size, device, name=None):
         self.mmio.insert(base, size, device, name)
 
     def add_doorbells(self, base, pio, bells, group=None, name=None):
-        """Registers a device's doorbells (``(offset, size, datamatch, fn)``, see ``vmmshim.doorbells``) at
-        ``base`` in the port (``pio``) or memory space, served by ``group``'s thread (one per device); returns the
-        keys of those the provider took (the others' writes keep exiting to the bus), for
-        :meth:`remove_doorbells`; none with ``config.doorbells`` off."""
-        if not self.config.doorbells:
-            return []
-        keys = (self.doorbells.add(base + off, size, pio, match, fn, group, name) for off, size, match, fn in bells)
-        return [k for k in keys if k is not None]
+        """Registers doorbells the provider signals (see :meth:`vmmshim.fastpaths.FastPaths.add_doorbells`)."""
+        return self.fast.add_doorbells(base, pio, bells, group, name)
 
     def remove_doorbells(self, keys):
-        for k in keys:
-            self.doorbells.remove(k)
+        self.fast.remove_doorbells(keys)
+
+    def bar_mapped(self, window, dev, idx, base, pio, name=None):
+        """A PCI BAR is decoded at ``base``: its doorbells follow it (``vmmshim/fastpaths.py``)."""
+        self.fast.bar_mapped(window, dev, idx, base, pio, name)
+
+    def bar_unmapped(self, window):
+        self.fast.bar_unmapped(window)
+
+    @property
+    def doorbells(self):
+        return self.fast.doorbells
+
+    @property
+    def posted_ports(self):
+        return self.fast.posted_ports
+
+    def io_exits(self, vcpu):
+        """``(port, mmio)``: the guest's port accesses that reached a device of the port bus by an exit or an
+        answered read, and its MMIO exits to the MMIO bus (not the LAPIC's or IOAPIC's)."""
+        st = self.ops.vcpu_stats(self.vmi, vcpu)
+        return st["exits"].get("IO", 0) + st["answered_io"], st["bus_mmio"]
 
     def isa_irq(self, irq):
         """An IrqLine for ISA interrupt ``irq`` (8259 input and IOAPIC pin)."""
@@ -225,39 +197,22 @@ class VM:
         self.threads[vcpu] = t
         t.start()
 
-    def _vcpu_handlers(self, vcpu):
-        """This vCPU's handler table: a list indexed by exit code (bhyve's ``vmexit_handlers``), the INOUT
-        entry bound to the vCPU's I/O assist so the hottest exit costs one call."""
-        table = [None] * (max(self.handlers) + 1)
-        for code, handler in self.handlers.items():
-            table[code] = handler
-        assist_io = self.ops.assist_fn(self.vmi, vcpu)
-
-        def inout(vcpu, vmexit):
-            assist_io()
-            return CONTINUE
-        table[E.VM_EXITCODE_INOUT] = inout
-        return table
-
     def _vcpu_loop(self, vcpu, rip):
-        handlers = self._vcpu_handlers(vcpu)
-        # The INOUT handler is the port assist and nothing else: where the ops table can, its runner does that
-        # itself and runs on (one return to this loop less per port exit); exit_counts still counts them.
-        direct = hasattr(self.ops, "inout_assisted")
-        vmrun = self.ops.runner(self.vmi, vcpu, inout_assist=True) if direct else self.ops.runner(self.vmi, vcpu)
-        self.exit_counts[vcpu] = _ExitCounts(len(handlers), (lambda: self.ops.inout_assisted(self.vmi, vcpu))
-                                             if direct else None)
-        counts = self.exit_counts[vcpu].raw
+        handlers = [None] * (max(self.handlers) + 1)
+        for code, handler in self.handlers.items():
+            handlers[code] = handler
+        vmrun = self.ops.vcpu_runner(self.vmi, vcpu)
+        counts = self.exit_counts[vcpu] = [0] * len(handlers)
         try:
             while True:
                 vmexit = vmrun(rip)
                 rip = None
                 code = vmexit.exitcode
                 handler = handlers[code] if code < len(handlers) else None
-                counts[code] += 1
                 if handler is None:
                     self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r} has no handler")
                     return
+                counts[code] += 1
                 if handler(vcpu, vmexit) != CONTINUE:
                     return
         except Exception as exc:  # noqa: BLE001 - a VMM bug ends the VM with status 4 and a message
@@ -283,9 +238,7 @@ class VM:
             except OSError:
                 rip = rflags = -1
             lines.append(f"vcpu{vcpu} rip={rip:#x} rflags={rflags:#x} {st}")
-        vio = self.vmi.vioapic
-        lines.append("ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)) +
-                     f" isa-irqs {dict(sorted(self.vmi.irq_events.items()))}")
+        lines += self.ops.vm_debug_state(self.vmi)
         snap = getattr(self.timers, "snapshot", None)
         if snap is not None:
             lines.append(f"timers {snap()}")
@@ -304,17 +257,13 @@ class VM:
         self.stop(SUSPEND_STATUS[how])
 
     def close(self):
-        self.doorbells.close()
+        self.fast.close()
         for close in self.closers:
             if close is not None:
                 close()
         self.ops.vm_cleanup(self.vmi)
 
     # -- exit handlers -----------------------------------------------------------------------------------------
-    def _vmexit_assist(self, vcpu, vmexit):
-        self.ops.assist(self.vmi, vcpu)
-        return CONTINUE
-
     def _complete_msr(self, vcpu, vmexit, value=None):
         ops, vmi = self.ops, self.vmi
         if value is not None:
@@ -368,27 +317,6 @@ class VM:
     def _unhandled(self, bus, addr, is_write, size):
         self.stop(EXIT_ERROR, f"unhandled {bus} {'write' if is_write else 'read'} of {size} bytes at {addr:#x} "
                   "(strict I/O, -e)")
-
-
-class _ExitCounts:
-    """A vCPU's VM exits by exit code (``raw``, counted by the vCPU loop); the INOUT entry adds the port exits
-    the ops runner assisted itself."""
-
-    def __init__(self, n, assisted=None):
-        self.raw = [0] * n
-        self._assisted = assisted
-
-    def __getitem__(self, code):
-        v = self.raw[code]
-        if self._assisted is not None and code == E.VM_EXITCODE_INOUT:
-            v += self._assisted()
-        return v
-
-    def __len__(self):
-        return len(self.raw)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self.raw)))
 
 
 class _IsaLine:

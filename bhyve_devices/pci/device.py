@@ -46,48 +46,11 @@ bit 2), parity/SERR reporting, the PCI power-management capability, a 32-bit-onl
 capabilities, and I/O BARs above 64 KiB.
 """
 
-import enum
 import threading
 
 from bhyve_devices.pci import config as C
+from bhyve_devices.pci.bar import IO, MEM32, MEM64, Bar, BarKind, BarWindow  # noqa: F401 (re-exported)
 from bhyve_devices.pci.msi import MsiMixin
-
-
-class BarKind(enum.IntEnum):
-    NONE = 0
-    IO = 1
-    MEM32 = 2
-    MEM64 = 3
-    MEM64_HI = 4    # the upper half of a MEM64 pair (bhyve's PCIBAR_MEMHI64)
-
-
-IO = BarKind.IO
-MEM32 = BarKind.MEM32
-MEM64 = BarKind.MEM64
-
-
-class Bar:
-    __slots__ = ("kind", "size", "addr", "prefetch", "placed")
-
-    def __init__(self, kind=BarKind.NONE, size=0, addr=0, prefetch=False):
-        self.kind, self.size, self.addr, self.prefetch = kind, size, addr, prefetch
-        self.placed = False     # given an address by the host or the guest; decoded only then
-
-    def __repr__(self):
-        return f"Bar({self.kind.name}, size={self.size:#x}, addr={self.addr:#x}, prefetch={self.prefetch})"
-
-
-class BarWindow:
-    """The :class:`~bhyve_devices.base.Device` the VM maps for one BAR (offsets relative to the BAR)."""
-
-    def __init__(self, dev, idx):
-        self.dev, self.idx = dev, idx
-
-    def read(self, offset, size):
-        return self.dev.bar_access_read(self.idx, offset, size)
-
-    def write(self, offset, size, value):
-        self.dev.bar_access_write(self.idx, offset, size, value)
 
 
 def _pow2(n):

@@ -17,6 +17,7 @@ Vector Control bits (read 0), writes to the PBA (dropped).
 """
 
 from bhyve_devices.pci import config as C
+from bhyve_devices.pci.bar import MEM32
 
 
 class MsiMixin:
@@ -70,7 +71,6 @@ class MsiMixin:
         cap[2:4] = (nvec - 1).to_bytes(2, "little")
         cap[4:8] = bar.to_bytes(4, "little")
         cap[8:12] = (tab | bar).to_bytes(4, "little")
-        from bhyve_devices.pci.device import MEM32
         self.alloc_bar(bar, MEM32, tab + pba)
         off = self.add_capability(cap)
         with self._lock:

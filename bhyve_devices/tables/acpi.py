@@ -23,14 +23,14 @@ from construct import Array, Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, St
 
 from bhyve_devices.tables.dsdt import build_dsdt_body
 from bhyve_devices.vhpet import HPET
+from bhyve_devices.vioapic import VIOAPIC_BASE
+from bhyve_devices.vlapic_regs import DEFAULT_APIC_BASE
 
 BASE = 0xF2400
 OFF_RSDT, OFF_XSDT, OFF_MADT, OFF_FADT = 0x40, 0x80, 0x100, 0x200
 OFF_HPET, OFF_MCFG, OFF_FACS, OFF_DSDT = 0x340, 0x380, 0x3C0, 0x400
 OEM_ID = b"BHYVE "
 CREATOR_ID = b"VMMS"
-LAPIC_BASE = 0xFEE00000
-IOAPIC_BASE = 0xFEC00000
 HPET_BASE = 0xFED00000
 SCI_IRQ = 9
 
@@ -131,10 +131,10 @@ def _gas(space, width, addr, access=0):
 def build_madt(ncpu, ioapic_id=0):
     if not 1 <= ncpu <= 255:
         raise ValueError("1..255 vCPUs (xAPIC MADT entries)")
-    body = Int32ul.build(LAPIC_BASE) + Int32ul.build(1)           # PCAT_COMPAT: dual 8259s present
+    body = Int32ul.build(DEFAULT_APIC_BASE) + Int32ul.build(1)    # PCAT_COMPAT: dual 8259s present
     for i in range(ncpu):
         body += MADT_LAPIC.build(dict(processor_uid=i, apic_id=i, flags=1))
-    body += MADT_IOAPIC.build(dict(ioapic_id=ioapic_id, reserved=0, address=IOAPIC_BASE, gsi_base=0))
+    body += MADT_IOAPIC.build(dict(ioapic_id=ioapic_id, reserved=0, address=VIOAPIC_BASE, gsi_base=0))
     body += MADT_ISO.build(dict(bus=0, source=0, gsi=2, flags=ISO_IRQ0))
     body += MADT_ISO.build(dict(bus=0, source=SCI_IRQ, gsi=SCI_IRQ, flags=ISO_SCI))
     body += MADT_LAPIC_NMI.build(dict(processor_uid=0xFF, flags=0x0005, lint=1))

@@ -23,10 +23,11 @@ wire mode).
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
+from bhyve_devices.vioapic import VIOAPIC_BASE
+from bhyve_devices.vlapic_regs import DEFAULT_APIC_BASE
+
 BASE = 0xF0000
 LIMIT = 0xF2400              # where the ACPI RSDP starts
-LAPIC_BASE = 0xFEE00000
-IOAPIC_BASE = 0xFEC00000
 IOAPIC_VERSION = 0x20
 SCI_IRQ = 9
 CPU_SIGNATURE = (6 << 8) | (26 << 4) | 5       # family 6 model 26 stepping 5, as bhyve
@@ -95,7 +96,7 @@ def build_mptable(ncpu, pci_routes, base=BASE, ioapic_id=None):
                                             reserved=bytes(8))))
     entries.append(BUS.build(dict(bus_id=BUS_PCI, bus_type=b"PCI   ")))
     entries.append(BUS.build(dict(bus_id=BUS_ISA, bus_type=b"ISA   ")))
-    entries.append(IOAPIC.build(dict(apic_id=ioapic_id, version=IOAPIC_VERSION, flags=1, address=IOAPIC_BASE)))
+    entries.append(IOAPIC.build(dict(apic_id=ioapic_id, version=IOAPIC_VERSION, flags=1, address=VIOAPIC_BASE)))
     entries += _isa_entries(ioapic_id)
     seen = set()
     for r in sorted(pci_routes, key=lambda r: (r.slot, r.pin)):
@@ -115,7 +116,7 @@ def build_mptable(ncpu, pci_routes, base=BASE, ioapic_id=None):
         raise ValueError(f"MP table ({length} bytes) would overlap the ACPI tables")
     hdr = bytearray(CONFIG_HEADER.build(dict(
         base_length=length, spec_rev=4, checksum=0, oem_id=b"BHyVe   ", product_id=b"vmmshim     ",
-        oem_table=0, oem_table_size=0, entry_count=len(entries), lapic_address=LAPIC_BASE, ext_length=0,
+        oem_table=0, oem_table_size=0, entry_count=len(entries), lapic_address=DEFAULT_APIC_BASE, ext_length=0,
         ext_checksum=0, reserved=0)))
     table = hdr + body
     table[7] = _csum(table)

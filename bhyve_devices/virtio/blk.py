@@ -1,32 +1,33 @@
-"""virtio-blk over a raw image (VIRTIO 1.1 section 5.2; bhyve ``pci_virtio_block.c`` + ``block_if.c``).
+"""virtio-blk (VIRTIO 1.1 section 5.2; bhyve ``pci_virtio_block.c``) over a
+:class:`bhyve_devices.backends.BlockBackend` (the host side, bhyve's ``block_if.c``, is ``vmmshim/backends/block.py``).
 
-``-s N,virtio-blk,PATH[,ro][,sectorsize=LOGICAL[/PHYSICAL]][,nodelete][,ser=ID]`` -> :func:`parse_options` then
-:class:`VirtioBlock`. The image is opened read-write, or read-only with ``ro`` or when a read-write open is
-refused (as ``blockif_open``). Capacity is the file size in 512-byte sectors.
+``-s N,virtio-blk,PATH[,ro][,sectorsize=LOGICAL[/PHYSICAL]][,nodelete][,ser=ID]`` -> :func:`parse_options`; the VM
+opens the image as a backend (``vmmshim.backends.open_device_backends``: read-write, or read-only with ``ro`` or
+when a read-write open is refused) and builds :class:`VirtioBlock` over it. Capacity is the backend's size in
+512-byte sectors.
 
 Requests (5.2.6): a 16-byte header (:data:`BLK_REQ_HDR`: type, reserved, sector) in the device-readable part, the
 data, and a status byte as the last device-writable byte, in any descriptor arrangement (2.6.4.1):
 
-- IN: ``os.preadv`` straight into the guest's buffers; OUT: ``os.pwritev`` straight from them (no copies);
-- FLUSH: ``os.fsync`` of the image;
-- GET_ID: the 20-byte serial, ``BHYVE-XXXX-XXXX-XXX`` from the MD5 of the path as FreeBSD's bhyve makes it
+- IN: ``backend.preadv_full`` straight into the guest's buffers; OUT: ``backend.pwritev_full`` straight from them;
+- FLUSH: ``backend.flush()``;
+- GET_ID: the 20-byte serial, ``BHYVE-XXXX-XXXX-XXX`` from the MD5 of the backend's path as FreeBSD's bhyve makes it
   (``snprintf`` into 20 bytes keeps 19 characters), or ``ser=``;
-- DISCARD: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``, else zeros are written; WRITE_ZEROES: ``PUNCH_HOLE`` with the
-  unmap flag, else ``ZERO_RANGE``, else zeros are written (1 segment per request, as advertised);
+- DISCARD: ``backend.discard``; WRITE_ZEROES: ``backend.write_zeroes`` with the unmap flag (1 segment per request,
+  as advertised);
 - unknown types: S_UNSUPP; a range beyond the capacity, a data length that is not a multiple of 512, a host I/O
   error: S_IOERR; on a read-only image (VIRTIO_BLK_F_RO offered) OUT, DISCARD and WRITE_ZEROES get S_IOERR and
   write nothing (5.2.6.2). A chain without a device-writable status byte cannot be answered: the device reports
   DEVICE_NEEDS_RESET.
 
-Requests run on one worker thread per device (``threaded=True``, the default) so the vCPU that notified returns
-at once, or on the device's doorbell thread when the notification came as a doorbell (``queue_doorbell``); each
-batch ends with the queue's interrupt (through the transport's callable). ``threaded=False`` serves them on the
-notifying thread (tests).
+:meth:`VirtioBlock.queue_notify` serves the queue right there, under the device's lock, on whichever thread calls
+it (the VMM chooses: a doorbell thread of the device's own where it has one); each batch ends with the queue's
+interrupt (through the transport's callable).
 
-``accel``, when the VM gives one (``vmmshim/blkfast.py``, a compiled request), serves the requests whose chain is
-one indirect table in Linux's order (header, data, status) with a read or a write within the image: it is offered
-each chain first (``Virtqueue.take_indirect``) and gives back every other one untouched, for the Python path here.
-The device answers the same either way (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
+When the backend has a compiled request (``backend.compiled``: ``vmmshim/backends/blkfast.py``), each chain that is
+one indirect table is offered to ``backend.serve_compiled`` first (``Virtqueue.take_indirect``); it serves Linux's
+reads and writes within the image and gives back every other chain untouched, for the Python path here. The
+device answers the same either way (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
 
 Configuration (5.2.4, :data:`BLK_CONFIG`): capacity, seg_max, blk_size (the logical sector size), topology
 (physical_block_exp, min_io_size), discard and write-zeroes limits.
@@ -37,18 +38,13 @@ feature negotiation, 3.1.1): one indirect table then carries a whole 1 MiB reque
 (256 segments), which 254 would split in two, and every request costs a notification and an interrupt.
 
 Features: SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, and RO for read-only images, else DISCARD and WRITE_ZEROES (unless
-``nodelete``).
+``nodelete`` or the backend cannot delete).
 
 Not supported: multiple queues (VIRTIO_BLK_F_MQ), CONFIG_WCE (the cache is always write-back: the guest
 flushes), SCSI passthrough, geometry, ``nocache``/``direct``/``sync`` (accepted, ignored), lifetime/secure erase
-(1.2), block devices' BLKDISCARD.
+(1.2), a worker thread of the device's own (the caller's thread serves).
 """
-
-import ctypes
-import ctypes.util
-import errno
 import hashlib
-import os
 import struct
 import threading
 
@@ -82,10 +78,10 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 VIRTIO_BLK_ID_BYTES = 20
 SECTOR = 512
+MAX_SECTOR_SIZE = 65536
 MAX_DISCARD_SECTORS = 1 << 22   # 2 GiB per request
-IOV_MAX = 1024
+IOV_MAX = 1024                  # Linux's UIO_MAXIOV: the backend's transfers take this many
 SEG_MAX_INDIRECT = IOV_MAX - 2      # with indirect descriptors: a request's data is one preadv/pwritev
-_RW_CHUNK = 0x7FFFF000          # Linux's MAX_RW_COUNT
 
 BLK_REQ_HDR = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
 BLK_DISCARD_WZ = Struct("sector" / Int64ul, "num_sectors" / Int32ul, "flags" / Int32ul)
@@ -109,33 +105,6 @@ BLK_CONFIG = Struct(
 )
 _HDR = struct.Struct("<IIQ")
 _SEG = struct.Struct("<QII")
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-def _libc_fallocate():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _libc_fallocate()
-
-
-def fallocate(fd, mode, offset, length):
-    """Linux fallocate(2) with flags; raises OSError (ENOSYS where there is none)."""
-    if _fallocate is None:
-        raise OSError(errno.ENOSYS, "fallocate is not available")
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def bhyve_ident(path):
@@ -171,35 +140,6 @@ def parse_options(opts):
     return kw
 
 
-def _rw_full(fn, fd, segs, offset, total=None):
-    """preadv/pwritev over all of ``segs`` (in IOV_MAX groups, retrying short transfers); returns bytes moved.
-    ``total``: the bytes in ``segs`` if the caller has counted them. A request that fits one call (what a Linux
-    guest sends: at most seg_max segments) makes that one call and nothing else."""
-    if len(segs) <= IOV_MAX:
-        want = sum(map(len, segs)) if total is None else total
-        if want <= _RW_CHUNK:
-            n = fn(fd, segs, offset) if want else 0
-            if n == want:
-                return n
-            if n <= 0:
-                raise OSError(errno.EIO, "short transfer at end of image")
-            return n + _rw_full(fn, fd, split_segments(segs, n)[1], offset + n)
-    done = 0
-    segs = [m for m in segs if len(m)]
-    while segs:
-        group = segs[:IOV_MAX]
-        want = sum(len(m) for m in group)
-        if want > _RW_CHUNK:
-            group, _ = split_segments(group, _RW_CHUNK)
-            want = _RW_CHUNK
-        n = fn(fd, group, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short transfer at end of image")
-        done += n
-        segs = split_segments(segs, n)[1]
-    return done
-
-
 class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     device_type = VIRTIO_ID_BLOCK
@@ -207,37 +147,24 @@ class VirtioBlock(VirtioDevice):
     queue_size = 256
     config_size = BLK_CONFIG.sizeof()   # 60
 
-    def __init__(self, path, readonly=False, sectorsize=512, physical_sectorsize=None, nodelete=False,
-                 serial=None, threaded=True, queue_size=None, accel=None):
+    def __init__(self, backend, sectorsize=512, physical_sectorsize=None, nodelete=False, serial=None,
+                 queue_size=None):
         super().__init__()
-        self.accel = accel          # serves Linux-shaped read/write tables itself (vmmshim/blkfast.py), or None
         if queue_size is not None:
             self.queue_size = queue_size
         phys = physical_sectorsize or sectorsize
         for s in (sectorsize, phys):
-            if s < 512 or s & (s - 1) or s > 65536:
+            if s < SECTOR or s & (s - 1) or s > MAX_SECTOR_SIZE:
                 raise ValueError(f"virtio-blk: bad sector size {s}")
         if phys < sectorsize:
             raise ValueError("virtio-blk: physical sector size below the logical one")
-        self.path = path
+        self.backend = backend
         self.sectorsize = sectorsize
         self.physical_sectorsize = phys
-        fd = -1
-        if not readonly:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-                    raise
-        if fd < 0:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            readonly = True
-        self.fd = fd
-        self.readonly = readonly
-        self.size = os.lseek(fd, 0, os.SEEK_END)
-        self.capacity = self.size // SECTOR
-        self.ident = (serial if serial is not None else bhyve_ident(path)).encode()[:VIRTIO_BLK_ID_BYTES]
-        self.candelete = not readonly and not nodelete
+        self.readonly = readonly = backend.readonly
+        self.capacity = backend.size // SECTOR
+        self.ident = (serial if serial is not None else bhyve_ident(backend.path)).encode()[:VIRTIO_BLK_ID_BYTES]
+        self.candelete = backend.candelete and not readonly and not nodelete
         f = (bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH)
              | bit(VIRTIO_BLK_F_TOPOLOGY))
         if readonly:
@@ -247,15 +174,7 @@ class VirtioBlock(VirtioDevice):
         self.features = f
         self._build_config()
         self.stats = dict(requests=0, ioerr=0, unsupp=0, bytes_read=0, bytes_written=0, flushes=0)
-        self._lock = threading.Lock()       # held while the worker touches the queue
-        self._cond = threading.Condition()
-        self._kick = False
-        self._stop = False
-        self._thread = None
-        self.threaded = threaded
-        if threaded:
-            self._thread = threading.Thread(target=self._worker, name=f"virtio-blk {path}", daemon=True)
-            self._thread.start()
+        self._lock = threading.Lock()       # held while a thread serves the queue or the device resets
 
     def config_dict(self):
         align = self.sectorsize // SECTOR
@@ -277,39 +196,17 @@ class VirtioBlock(VirtioDevice):
     def config_bytes(self):
         return self._config
 
-    # ---- notification and the worker ---------------------------------------------------------------------------------
+    # ---- notification ------------------------------------------------------------------------------------------------
     def queue_notify(self, qidx, queue):
-        if not self.threaded:
-            with self._lock:
-                self._drain(queue)
-            return
-        with self._cond:
-            self._kick = True
-            self._cond.notify()
-
-    def queue_doorbell(self, qidx, queue):
-        """A doorbell ring arrives on this device's own doorbell thread: serve the queue right here, with no
-        hand-off to the worker (in the nested lab each hand-off between Python threads cost about 0.3-0.6 ms)."""
+        """Serves the queue here, on the notifying thread (see the module docstring)."""
         with self._lock:
             self._drain(queue)
 
-    def _worker(self):
-        while True:
-            with self._cond:
-                while not self._kick and not self._stop:
-                    self._cond.wait()
-                if self._stop:
-                    return
-                self._kick = False
-            with self._lock:
-                if self.queues:
-                    self._drain(self.queues[0])
-
     def _drain(self, queue):
         served = 0
-        accel = self.accel
+        compiled = self.backend.compiled
         while True:
-            if accel is None or not self._serve_accel(queue, accel):
+            if not compiled or not self._serve_compiled(queue):
                 chain = queue.get_chain()
                 if chain is None:
                     break
@@ -330,14 +227,7 @@ class VirtioBlock(VirtioDevice):
         self._build_config()
 
     def close(self):
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.backend.close()
 
     # ---- requests ----------------------------------------------------------------------------------------------------
     def _serve(self, queue, chain):
@@ -369,13 +259,14 @@ class VirtioBlock(VirtioDevice):
         status[0][0] = st
         queue.put_used(chain.head, written + 1)
 
-    def _serve_accel(self, queue, accel):
-        """The next request through the accelerator if it is one it serves; False (the chain given back) if not."""
+    def _serve_compiled(self, queue):
+        """The next request through the backend's compiled request if it is one it serves; False (the chain given
+        back) if not."""
         got = queue.take_indirect()
         if got is None:
             return False
         head, table, tsize = got
-        res = accel.serve(queue.mem.ram, table, tsize, self.fd, self.capacity * SECTOR, self.readonly)
+        res = self.backend.serve_compiled(queue.mem.ram, table, tsize)
         if res is None:
             queue.unget()
             return False
@@ -399,18 +290,18 @@ class VirtioBlock(VirtioDevice):
             n = sum(map(len, data_w))
             if not self._range_ok(sector, n):
                 return VIRTIO_BLK_S_IOERR, 0
-            got = _rw_full(os.preadv, self.fd, data_w, sector * SECTOR, n)
+            got = self.backend.preadv_full(data_w, sector * SECTOR, n)
             self.stats["bytes_read"] += got
             return VIRTIO_BLK_S_OK, got
         if rtype == VIRTIO_BLK_T_OUT:
             n = sum(map(len, data_r))
             if self.readonly or not self._range_ok(sector, n):
                 return VIRTIO_BLK_S_IOERR, 0
-            put = _rw_full(os.pwritev, self.fd, data_r, sector * SECTOR, n)
+            put = self.backend.pwritev_full(data_r, sector * SECTOR, n)
             self.stats["bytes_written"] += put
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_FLUSH:
-            os.fsync(self.fd)
+            self.backend.flush()
             self.stats["flushes"] += 1
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_GET_ID:
@@ -444,26 +335,8 @@ class VirtioBlock(VirtioDevice):
         off, length = sector * SECTOR, nsec * SECTOR
         if length == 0:
             return VIRTIO_BLK_S_OK
-        if rtype == VIRTIO_BLK_T_DISCARD or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-            modes = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        if rtype == VIRTIO_BLK_T_DISCARD:
+            self.backend.discard(off, length)
         else:
-            modes = (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, off, length)
-                return VIRTIO_BLK_S_OK
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-                    raise
-        self._write_zeros(off, length)
+            self.backend.write_zeroes(off, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
         return VIRTIO_BLK_S_OK
-
-    def _write_zeros(self, off, length):
-        zero = bytes(min(length, 1 << 20))
-        while length:
-            k = min(length, len(zero))
-            n = os.pwrite(self.fd, memoryview(zero)[:k], off)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            off += n
-            length -= n

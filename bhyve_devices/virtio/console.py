@@ -2,9 +2,10 @@
 
 Queue 0 is ``receiveq`` (host to guest: the guest posts device-writable buffers), queue 1 ``transmitq`` (guest to
 host). Output goes to ``backend.write(bytes)``; input comes through :meth:`VirtioConsole.enqueue_input` (the same
-call :class:`bhyve_devices.uart16550.UART16550` takes, so the ``uart_backends`` backends drive either: their
-``start(console)`` feeds it), which keeps up to ``backlog`` bytes until the guest posts receive buffers and returns
-how many bytes it took (the backend retries the rest). The guest sees the port as ``/dev/hvc0``.
+call :class:`bhyve_devices.uart16550.UART16550` takes, so the char backends (``vmmshim/backends/uart.py``) drive
+either: their ``start(console)`` feeds it), which keeps up to ``backlog`` bytes until the guest posts receive
+buffers and returns how many bytes it took (the backend retries the rest). The guest sees the port as
+``/dev/hvc0``.
 
 Features offered: VIRTIO_CONSOLE_F_EMERG_WRITE (a byte written to ``emerg_wr`` goes to the backend at once).
 Configuration space (5.3.4): ``cols`` u16, ``rows`` u16, ``max_nr_ports`` u32, ``emerg_wr`` u32.

@@ -8,8 +8,9 @@ A :class:`VirtioDevice` knows nothing about PCI. It declares
   VERSION_1 and NOTIFY_ON_EMPTY itself; a device that cannot cope with one lists it in ``unsupported``);
 - ``config_size`` and :meth:`config_read` / :meth:`config_write` for the device-specific configuration space;
 
-and implements :meth:`queue_notify` (the driver kicked queue ``qidx``; optionally :meth:`queue_doorbell`, the same
-kick arriving on the device's doorbell thread instead of a vCPU), :meth:`reset` (the driver wrote 0 to the
+and implements :meth:`queue_notify` (the driver kicked queue ``qidx``; the device does the work right there, on
+whichever thread calls it: the VMM chooses the thread, a doorbell thread of the device's own where it has one),
+:meth:`reset` (the driver wrote 0 to the
 status register: drop everything in flight), :meth:`apply_features` (the negotiated set; called when the legacy
 driver writes GUESTCAP or the modern driver sets FEATURES_OK) and optionally :meth:`driver_ok`.
 
@@ -119,12 +120,6 @@ class VirtioDevice:
 
     def queue_notify(self, qidx, queue):
         pass
-
-    def queue_doorbell(self, qidx, queue):
-        """The driver kicked queue ``qidx`` through a doorbell (the VM's ``vmmshim.doorbells``): called on this
-        device's own doorbell thread, never a vCPU's, so a device may do the work right here instead of handing
-        it to a worker (virtio-blk serves its requests). By default the same as :meth:`queue_notify`."""
-        self.queue_notify(qidx, queue)
 
     def reset(self):
         self.negotiated = 0

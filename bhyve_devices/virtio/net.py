@@ -1,46 +1,36 @@
-"""virtio-net (VIRTIO 1.1 section 5.1; bhyve ``pci_virtio_net.c`` + ``net_backends.c``).
+"""virtio-net (VIRTIO 1.1 section 5.1; bhyve ``pci_virtio_net.c``) over a
+:class:`bhyve_devices.backends.NetBackend` (the host ends, bhyve's ``net_backends.c``, are ``vmmshim/backends/net.py``:
+a Linux or NetBSD tap, a socket pair).
 
-``-s N,virtio-net,tapN[,mac=xx:xx:xx:xx:xx:xx]`` and ``-s N,virtio-tap,tapN``: :func:`parse_options`, then
-:class:`VirtioNet` over a backend:
-
-- :class:`TapBackend` (Linux): ``/dev/net/tun`` with ``TUNSETIFF`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) on the
-  named interface (an existing, persistent tap is attached; a new one is created if we may), non-blocking, with
-  ``TUNSETVNETHDRSZ`` following the negotiated header length (tested against a real tap where the tests may
-  create one), so the virtio-net header travels through the tap
-  unchanged and frames move between the tap and guest memory with ``readv``/``writev`` (no copy when a frame fits
-  the first receive chain).
-- :class:`NetBSDTapBackend`: ``/dev/tapN`` (or the cloning ``/dev/tap`` with ``TAPGIFNAME``), plain Ethernet frames
-  (the device adds and strips the virtio header). Written from NetBSD's tap(4); not tested here.
-- :class:`SocketPairBackend`: an ``AF_UNIX``/``SOCK_SEQPACKET`` pair, one frame per message; ``peer`` is the other
-  end (tests, or user-space switches).
+``-s N,virtio-net,tapN[,mac=xx:xx:xx:xx:xx:xx]`` and ``-s N,virtio-tap,tapN``: :func:`parse_options`; the VM opens
+the backend (``vmmshim.backends.open_device_backends``) and builds :class:`VirtioNet` over it.
 
 MAC: ``mac=`` or, as bhyve's ``net_genmac``, the NetApp OUI 00:a0:98 followed by the first three bytes of the MD5
 of ``"<slot>-<func>-<vmname>"`` (:func:`genmac`; pass the ``-U`` UUID as ``vmname`` for a UUID-stable address).
 
 Queues: 0 receiveq, 1 transmitq (no control queue, one pair). The header (:data:`VIRTIO_NET_HDR`) is 12 bytes when
 VIRTIO_F_VERSION_1 or VIRTIO_NET_F_MRG_RXBUF is negotiated, else the legacy 10 bytes. With MRG_RXBUF a frame may
-span several receive chains and ``num_buffers`` says how many; without it a frame must fit one chain.
+span several receive chains and ``num_buffers`` says how many; without it a frame must fit one chain. A backend
+with ``vnet_hdr`` carries the header with each frame (``set_vnet_hdr_len`` follows the negotiated length); for
+one without, the device adds and strips it.
 
-Receive: one thread per device blocks in ``poll`` on the backend fd and a wake pipe. It polls the backend only
-while the guest has posted receive buffers: with none it waits on the pipe alone until the driver notifies the
-receive queue (with EVENT_IDX the queue has published ``avail_event`` so that notification comes), so it never
-spins. A frame for which the guest has too little buffer space is dropped (counted in ``stats['rx_dropped']``).
-Transmit runs on the notifying vCPU: each chain is written to the backend with one ``writev``.
+Receive: the backend calls :meth:`VirtioNet.receive_pending` (on its own thread, ``start_rx``) while frames are
+waiting and :meth:`VirtioNet._rx_ready` says the guest has posted receive buffers; a notification of the receive
+queue kicks it (``rx_kick``) to look again (with EVENT_IDX the queue has published ``avail_event`` so that
+notification comes). A frame for which the guest has too little buffer space is dropped (counted in
+``stats['rx_dropped']``); a backend whose peer is gone is not asked again. Transmit runs on the notifying thread:
+each chain is one ``backend.send``.
 
-Features: MAC, STATUS (link up), MRG_RXBUF; with a backend that carries the virtio-net header and takes offload
-settings (the Linux tap) also the offloads QEMU's tap networking has: CSUM and HOST_TSO4/TSO6/ECN (the guest may
-send partially checksummed and GSO frames: the header goes to the tap as it is) and GUEST_CSUM and
-GUEST_TSO4/TSO6/ECN (``TUNSETOFFLOAD`` lets the tap hand over such frames, following the GUEST_* bits the driver
-accepted; none after a reset). A guest sending 64 KiB TCP segments instead of 1.5 KiB frames makes 40 times fewer
-exits. Not supported: UFO/USO, the control queue (promiscuous mode, VLAN filters, MAC tables, announce, guest
-offload changes), multiqueue, MTU, vmnet/vale/netgraph/slirp backends.
+Features: MAC, STATUS (link up), MRG_RXBUF; with a backend that carries the virtio-net header and takes offloads
+(``offloads``: the Linux tap) also the offloads QEMU's tap networking has: CSUM and HOST_TSO4/TSO6/ECN (the guest
+may send partially checksummed and GSO frames: the header goes to the backend as it is) and GUEST_CSUM and
+GUEST_TSO4/TSO6/ECN (``backend.set_offload`` is given the features the driver accepted, so the backend hands over
+such frames; none after a reset). A guest sending 64 KiB TCP segments instead of 1.5 KiB frames makes 40 times
+fewer exits. Not supported: UFO/USO, the control queue (promiscuous mode, VLAN filters, MAC tables, announce,
+guest offload changes), multiqueue, MTU.
 """
 
-import fcntl
 import hashlib
-import os
-import select
-import socket
 import struct
 import threading
 
@@ -66,42 +56,17 @@ VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR = Struct("flags" / Int8ul, "gso_type" / Int8ul, "hdr_len" / Int16ul, "gso_size" / Int16ul,
                         "csum_start" / Int16ul, "csum_offset" / Int16ul, "num_buffers" / Int16ul)
 VIRTIO_NET_HDR_LEGACY_LEN = 10
+VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.sizeof()   # 12: with num_buffers
 VIRTIO_NET_CONFIG = Struct("mac" / Array(6, Int8ul), "status" / Int16ul)
 
 RXQ, TXQ = 0, 1
 MAX_FRAME = 65536 + 14 + 4      # a 64 KiB packet plus the Ethernet and VLAN headers
 _U16 = struct.Struct("<H")
 
-# Linux <linux/if_tun.h>
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
-
 #: Offload features offered over a backend with ``offloads`` (the virtio-net header passes through it).
 OFFLOAD_FEATURES = (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4
                     | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN | 1 << VIRTIO_NET_F_HOST_TSO4
                     | 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_HOST_ECN)
-
-
-def tun_offload_flags(features):
-    """The TUNSETOFFLOAD flags for the GUEST_* offloads in ``features`` (what the driver can receive)."""
-    if not features >> VIRTIO_NET_F_GUEST_CSUM & 1:
-        return 0
-    flags = TUN_F_CSUM
-    if features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
-        flags |= TUN_F_TSO4
-    if features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
-        flags |= TUN_F_TSO6
-    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features >> VIRTIO_NET_F_GUEST_ECN & 1:
-        flags |= TUN_F_TSO_ECN
-    return flags
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
 
 
 def genmac(slot, func, vmname):
@@ -137,131 +102,6 @@ def parse_options(opts):
     return out
 
 
-# ---- backends ---------------------------------------------------------------------------------------------------------
-class NetBackend:
-    """A frame transport: ``fileno()`` for poll, ``recv_into(segs) -> n`` (None when nothing is waiting, 0 when
-    the peer is gone), ``send(segs)``. ``vnet_hdr`` says whether frames carry the virtio-net header (then
-    :meth:`set_vnet_hdr_len` follows the negotiated length); ``offloads`` whether it takes partially checksummed
-    and GSO frames and can be told by :meth:`set_offload` which ones it may hand over."""
-
-    vnet_hdr = False
-    offloads = False
-
-    def fileno(self):
-        raise NotImplementedError
-
-    def recv_into(self, segs):
-        """Bytes read into ``segs``; ``None`` when no frame is waiting; 0 at end of file (the peer is gone)."""
-        try:
-            return os.readv(self.fileno(), segs)
-        except BlockingIOError:
-            return None
-
-    def send(self, segs):
-        try:
-            os.writev(self.fileno(), segs)
-        except BlockingIOError:
-            pass  # the backend is full: the frame is dropped, as a NIC would
-
-    def set_vnet_hdr_len(self, n):
-        pass
-
-    def set_offload(self, tun_flags):
-        pass
-
-    def close(self):
-        pass
-
-
-class TapBackend(NetBackend):
-    """A Linux tap interface (see the module docstring)."""
-
-    vnet_hdr = True
-
-    def __init__(self, name, vnet_hdr=True, tun_path="/dev/net/tun"):
-        self.name = name
-        self.fd = os.open(tun_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
-        try:
-            ifr = struct.pack("16sH22x", name.encode()[:15], flags)
-            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.vnet_hdr = vnet_hdr
-        self.offloads = False
-        if vnet_hdr:
-            try:
-                self.set_offload(0)
-                self.offloads = True
-            except OSError:
-                pass
-
-    def fileno(self):
-        return self.fd
-
-    def set_vnet_hdr_len(self, n):
-        if self.vnet_hdr:
-            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", n))
-
-    def set_offload(self, tun_flags):
-        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_flags)
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class NetBSDTapBackend(NetBackend):
-    """NetBSD tap(4): ``/dev/tapN`` read/written one Ethernet frame per call, no virtio header. Untested here."""
-
-    vnet_hdr = False
-
-    def __init__(self, name, dev_dir="/dev"):
-        self.name = name
-        self.fd = os.open(os.path.join(dev_dir, name), os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def fileno(self):
-        return self.fd
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class SocketPairBackend(NetBackend):
-    """Frames over an AF_UNIX SOCK_SEQPACKET pair; the test (or a switch) uses ``peer``. With ``offloads`` (and
-    ``vnet_hdr``) the peer promises to cope with offloaded frames; ``offload_flags`` records the last setting."""
-
-    def __init__(self, vnet_hdr=False, offloads=False):
-        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.setblocking(False)
-        self.vnet_hdr = vnet_hdr
-        self.offloads = offloads and vnet_hdr
-        self.offload_flags = None
-
-    def set_offload(self, tun_flags):
-        self.offload_flags = tun_flags
-
-    def fileno(self):
-        return self.sock.fileno()
-
-    def close(self):
-        self.sock.close()
-        self.peer.close()
-
-
-def open_backend(name):
-    """``tapN`` -> TapBackend on Linux, NetBSDTapBackend on NetBSD."""
-    if name is None:
-        return None
-    if os.uname().sysname == "NetBSD":
-        return NetBSDTapBackend(name)
-    return TapBackend(name)
-
-
 # ---- the device -------------------------------------------------------------------------------------------------------
 class VirtioNet(VirtioDevice):
     name = "virtio-net"
@@ -278,22 +118,17 @@ class VirtioNet(VirtioDevice):
         self.features = bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS)
         if mergeable:
             self.features |= bit(VIRTIO_NET_F_MRG_RXBUF)
-        if offloads and backend is not None and backend.vnet_hdr and getattr(backend, "offloads", False):
+        if offloads and backend is not None and backend.vnet_hdr and backend.offloads:
             self.features |= OFFLOAD_FEATURES
         self.hdr_len = VIRTIO_NET_HDR_LEGACY_LEN
         self.mrg = False
-        self.stats = dict(rx_frames=0, rx_bytes=0, rx_dropped=0, tx_frames=0, tx_bytes=0, tx_dropped=0,
-                          rx_waits=0)
-        self._spill = bytearray(MAX_FRAME + 12)
+        self.stats = dict(rx_frames=0, rx_bytes=0, rx_dropped=0, tx_frames=0, tx_bytes=0, tx_dropped=0)
+        self._spill = bytearray(MAX_FRAME + VIRTIO_NET_HDR_LEN)
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop = False
-        self._stop_backend = False
-        self._thread = None
+        self._stop_backend = False      # the backend's peer is gone: not asked for frames again
         if start and backend is not None:
-            self._thread = threading.Thread(target=self._rx_loop, name="virtio-net rx", daemon=True)
-            self._thread.start()
+            backend.start_rx(self._rx_ready, self.receive_pending)
 
     def config_bytes(self):
         return VIRTIO_NET_CONFIG.build(dict(mac=list(self.mac), status=VIRTIO_NET_S_LINK_UP))
@@ -301,12 +136,13 @@ class VirtioNet(VirtioDevice):
     def apply_features(self, features):
         super().apply_features(features)
         self.mrg = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
-        self.hdr_len = 12 if self.mrg or features >> VIRTIO_F_VERSION_1 & 1 else VIRTIO_NET_HDR_LEGACY_LEN
+        self.hdr_len = (VIRTIO_NET_HDR_LEN if self.mrg or features >> VIRTIO_F_VERSION_1 & 1
+                        else VIRTIO_NET_HDR_LEGACY_LEN)
         if self.backend is not None and self.backend.vnet_hdr:
             try:
                 self.backend.set_vnet_hdr_len(self.hdr_len)
                 if self.features & OFFLOAD_FEATURES:
-                    self.backend.set_offload(tun_offload_flags(features & self.features))
+                    self.backend.set_offload(features & self.features)
             except OSError as exc:
                 self.fail(f"virtio-net: cannot set the tap header length or offloads: {exc}")
 
@@ -321,15 +157,10 @@ class VirtioNet(VirtioDevice):
                 except OSError:
                     pass
 
-    def _wake(self):
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass
-
     def queue_notify(self, qidx, queue):
         if qidx == RXQ:
-            self._wake()
+            if self.backend is not None:
+                self.backend.rx_kick()
         elif qidx == TXQ:
             self.transmit(queue)
 
@@ -360,44 +191,8 @@ class VirtioNet(VirtioDevice):
                 self.notify_used(queue, used_all_avail=True)
 
     # ---- receive ------------------------------------------------------------------------------------------------------
-    def _rx_loop(self):
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        fd = self.backend.fileno()
-        polling_backend = False
-        while not self._stop:
-            want = self._rx_ready()
-            if want != polling_backend:
-                if want:
-                    poller.register(fd, select.POLLIN)
-                else:
-                    poller.unregister(fd)
-                    self.stats["rx_waits"] += 1
-                polling_backend = want
-            try:
-                events = poller.poll()
-            except InterruptedError:
-                continue
-            for efd, ev in events:
-                if efd == self._wake_r:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif ev & (select.POLLERR | select.POLLNVAL | select.POLLHUP) and not ev & select.POLLIN:
-                    if polling_backend:
-                        poller.unregister(fd)
-                        polling_backend = False
-                    self._stop_backend = True
-                elif ev & select.POLLIN:
-                    self.receive_pending()
-        try:
-            poller.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
     def _rx_ready(self):
+        """Whether the backend should look for frames: the guest has posted receive buffers."""
         if self._stop_backend or not self.queues:
             return False
         q = self.queues[RXQ]
@@ -477,8 +272,8 @@ class VirtioNet(VirtioDevice):
                 extra -= k
         if not backend.vnet_hdr:
             scatter(hdr_segs, bytes(hl))
-        if hl == 12:
-            scatter(split_segments(hdr_segs, 10)[1], _U16.pack(len(used)))
+        if hl == VIRTIO_NET_HDR_LEN:
+            scatter(split_segments(hdr_segs, VIRTIO_NET_HDR_LEGACY_LEN)[1], _U16.pack(len(used)))
         for head, length in used:
             q.put_used(head, length)
         self.stats["rx_frames"] += 1
@@ -486,14 +281,5 @@ class VirtioNet(VirtioDevice):
         return 1
 
     def close(self):
-        self._stop = True
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
         if self.backend is not None:
             self.backend.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass

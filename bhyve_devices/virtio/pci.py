@@ -1,13 +1,18 @@
 """The virtio emulations by bhyve name, registered with :mod:`bhyve_devices.pci.registry`: ``virtio-blk``,
 ``virtio-net``, ``virtio-tap``, ``virtio-rnd``, ``virtio-console``.
 
-The registry builds ``cls(opts)``. ``opts`` is the emulation's bhyve config keys as a dict (``path``, ``ro``,
-``sectorsize``, ``nodelete``, ``ser`` for blk; ``backend`` (or ``tap``, or ``path``: what ``-s N,virtio-net,tap0``
-becomes), ``mac`` for net; ``backend`` for the console, a ``uart_backends`` spec such as ``stdio``) or the legacy
-``-s`` option string (``disk.img,ro``, ``tap0,mac=..``). Values the VM itself must supply go in the same dict:
+The registry builds ``cls(opts)``. ``opts`` is the emulation's bhyve config keys as a dict (``sectorsize``,
+``nodelete``, ``ser`` for blk; ``mac`` for net) or the legacy ``-s`` option string (``disk.img,ro``,
+``tap0,mac=..``). Nothing here opens anything on the host: the VM opens the backend first
+(``vmmshim.backends.open_device_backends``) and passes it as ``backend``: a
+:class:`~bhyve_devices.backends.BlockBackend` for blk (required), a :class:`~bhyve_devices.backends.NetBackend`
+for net (none: frames go nowhere), a :class:`~bhyve_devices.backends.CharBackend` for the console (none: output is
+dropped), which the console then starts feeding. Other values the VM itself must supply go in the same dict:
 ``guest_memory`` (a ``GuestMemory``; or call :meth:`~bhyve_devices.virtio.transport.VirtioPciDevice.set_memory`
-before the guest runs), ``blk_accel`` (virtio-blk's compiled request, ``vmmshim/blkfast.py``), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``,
+before the guest runs), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI vector, no MSI-X), ``vmname``,
 ``slot`` and ``func`` (for the default MAC).
+
+Not supported: a backend named by a string (an unopened ``backend``, ``tap`` or ``path`` is an error).
 """
 
 from bhyve_devices.pci.registry import register
@@ -38,12 +43,20 @@ def _flag(v):
     return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
 
 
+def _opened(name, backend, required=False):
+    """``backend`` if it is an opened backend object (or None where that is allowed); else a ValueError."""
+    if isinstance(backend, str) or (backend is None and required):
+        what = f"backend {backend!r} is not open" if backend is not None else "no backend"
+        raise ValueError(f"{name}: {what} (the VM opens it: vmmshim.backends.open_device_backends)")
+    return backend
+
+
 @register("virtio-blk")
 class VirtioBlkPci(VirtioPciDevice):
     def __init__(self, opts=None):
         o = _opts(opts, _blk.parse_options)
-        kw = dict(path=o["path"], readonly=_flag(o.get("ro", o.get("readonly", False))),
-                  nodelete=_flag(o.get("nodelete", False)), accel=o.get("blk_accel"))
+        kw = dict(backend=_opened("virtio-blk", o.get("backend"), required=True),
+                  nodelete=_flag(o.get("nodelete", False)))
         if "sectorsize" in o:
             ss = o["sectorsize"]
             if isinstance(ss, str):
@@ -61,9 +74,7 @@ class VirtioBlkPci(VirtioPciDevice):
 def _net_opts(opts):
     o = _opts(opts, _net.parse_options)
     # bhyve's legacy ``-s N,virtio-net,tap0`` puts the backend first; the command line stores it as ``path``
-    backend = o.get("backend", o.get("tap", o.get("path")))
-    if isinstance(backend, str):
-        backend = _net.open_backend(backend)
+    backend = _opened("virtio-net", o.get("backend", o.get("tap", o.get("path"))))
     mac = o.get("mac")
     if isinstance(mac, str):
         mac = _net.parse_mac(mac)
@@ -94,12 +105,13 @@ class VirtioRndPci(VirtioPciDevice):
 class VirtioConsolePci(VirtioPciDevice):
     def __init__(self, opts=None):
         o = _opts(opts, lambda s: {"backend": s} if s else {})
-        backend = o.get("backend")
-        started = None
-        if isinstance(backend, str):
-            from bhyve_devices.uart_backends import open_backend
-            backend = started = open_backend(backend)
-        dev = VirtioConsole(backend)
+        self._backend = _opened("virtio-console", o.get("backend"))
+        dev = VirtioConsole(self._backend)
         super().__init__(dev, o.get("guest_memory"), single_vector=_single_vector(o))
-        if started is not None:
-            started.start(dev)
+        if self._backend is not None:
+            self._backend.start(dev)
+
+    def close(self):
+        super().close()
+        if self._backend is not None:
+            self._backend.close()

@@ -157,6 +157,7 @@ class VirtioPciDevice(PciDevice):
         self.driver_features = 0
         self.config_generation = 0
         self.interrupts = 0
+        self._ring = None                   # the VMM's doorbell ring (ring_with), or None: notify at once
 
         legacy_size = legacy_config_offset(True) + max(device.config_size, 0)
         self.alloc_bar(LEGACY_BAR, IO, legacy_size)
@@ -303,33 +304,43 @@ class VirtioPciDevice(PciDevice):
         qs = self.queue_sel
         return self.queues[qs] if 0 <= qs < len(self.queues) else None
 
-    def _notify(self, qidx, doorbell=False):
+    def _notify(self, qidx):
+        """The driver kicked queue ``qidx``: the device's ``queue_notify``, on whichever thread delivers it."""
         if not 0 <= qidx < len(self.queues):
             return
         q = self.queues[qidx]
         if not q.ready:
             return
         try:
-            if doorbell:
-                self.vdev.queue_doorbell(qidx, q)
-            else:
-                self.vdev.queue_notify(qidx, q)
+            self.vdev.queue_notify(qidx, q)
         except Exception as exc:  # never out of a guest access
             self._device_error(f"queue {qidx} notify: {exc!r}")
 
+    def _rang(self, bar, qidx):
+        """A queue-notify write that came through the bus: the VMM's ``ring`` (``ring_with``) if it takes the
+        doorbells of this BAR, else the notification at once."""
+        ring = self._ring
+        if ring is not None and 0 <= qidx < len(self.queues):
+            ring(bar, qidx)
+        else:
+            self._notify(qidx)
+
     def doorbells(self, idx):
-        """The queue-notify registers of BAR ``idx`` as doorbells (``(offset, size, datamatch, fn)``; the VM may
-        have them signal instead of exit, ``vmmshim.doorbells``): each queue's modern notify address, a write of
-        any size (the address names the queue), and the legacy QUEUE_NOTIFY once per queue, a 16-bit write of the
-        queue's index. A write that matches none of them still exits and is handled by :meth:`barwrite`. A ring
-        reaches the device's ``queue_doorbell``, on the doorbell thread."""
+        """The queue-notify registers of BAR ``idx`` as doorbells (:data:`bhyve_devices.base.Doorbell`; the VMM
+        may have them signal a thread instead of exiting, ``vmmshim/fastpaths.py``): each queue's modern notify
+        address, a write of any size (the address names the queue), and the legacy QUEUE_NOTIFY once per queue,
+        a 16-bit write of the queue's index. Doorbell ``i`` is queue ``i``'s; its function is the notification."""
         n = len(self.queues)
         if idx == MODERN_BAR:
-            return [(NOTIFY_OFF + NOTIFY_MULTIPLIER * i, 0, None, functools.partial(self._notify, i, True))
+            return [(NOTIFY_OFF + NOTIFY_MULTIPLIER * i, 0, None, functools.partial(self._notify, i))
                     for i in range(n)]
         if idx == LEGACY_BAR:
-            return [(VIRTIO_PCI_QUEUE_NOTIFY, 2, i, functools.partial(self._notify, i, True)) for i in range(n)]
+            return [(VIRTIO_PCI_QUEUE_NOTIFY, 2, i, functools.partial(self._notify, i)) for i in range(n)]
         return []
+
+    def ring_with(self, ring):
+        """See :class:`bhyve_devices.base.Doorbells`: a notify write through the bus calls ``ring(bar, qidx)``."""
+        self._ring = ring
 
     def _vector(self, value):
         return value if value == NO_VECTOR or value < self._nvec else NO_VECTOR
@@ -407,7 +418,7 @@ class VirtioPciDevice(PciDevice):
         elif off == VIRTIO_PCI_QUEUE_SEL:
             self.queue_sel = value
         elif off == VIRTIO_PCI_QUEUE_NOTIFY:
-            self._notify(value)
+            self._rang(LEGACY_BAR, value)
         elif off == VIRTIO_PCI_STATUS:
             self._write_status(value, modern=False)
         elif off == VIRTIO_MSI_CONFIG_VECTOR:
@@ -432,7 +443,7 @@ class VirtioPciDevice(PciDevice):
         elif DEVICE_OFF <= off < DEVICE_OFF + 0x1000:
             self.vdev.config_write(off - DEVICE_OFF, size, value)
         elif NOTIFY_OFF <= off < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
-            self._notify((off - NOTIFY_OFF) // NOTIFY_MULTIPLIER)
+            self._rang(MODERN_BAR, (off - NOTIFY_OFF) // NOTIFY_MULTIPLIER)
 
     def common_cfg(self):
         """The common configuration structure as the driver would read it now (a dict)."""

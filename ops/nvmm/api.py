@@ -94,7 +94,8 @@ class CapMd:
 
 @dataclass
 class Capability:
-    """``struct nvmm_capability``, plus ``limits``: named things this provider cannot do (vmmshim's)."""
+    """``struct nvmm_capability``, plus ``limits``: named things this provider cannot do, and ``features``: the
+    extensions it has (both vmmshim's)."""
     version: int = C.NVMM_KERN_VERSION
     state_size: int = STATE_SIZE
     max_machines: int = 0
@@ -102,6 +103,15 @@ class Capability:
     max_ram: int = 0
     arch: CapMd = field(default_factory=CapMd)
     limits: frozenset = frozenset()
+    features: frozenset = frozenset()
+
+
+# Named provider features a capability may list (vmmshim's, as crosvm's ``VmCap``): the extensions a VMM may ask of
+# :class:`Machine` only where the provider lists them (``vmmshim/fastpaths.py`` asks once, here).
+FEATURE_POSTED_IO = "posted-io"            # Machine.post_io: OUTs buffered without an exit (KVM coalesced PIO)
+FEATURE_ANSWERED_IO = "answered-io"        # Machine.answer_io: published one-byte IN values answered inside
+FEATURE_DOORBELL = "doorbell"              # Machine.doorbell: writes signal an eventfd (KVM ioeventfd)
+FEATURE_KERNEL_PVCLOCK = "kernel-pvclock"  # Machine.kernel_pvclock: the hypervisor's own kvmclock
 
 
 # Named provider limits a capability may list (tests cite them by name).

@@ -9,6 +9,7 @@ from ops.nvmm import ProviderUnavailable
 from ops.nvmm import constants as C
 from ops.nvmm.kvm import provider as kvmprov
 from ops.nvmm.kvm import vcpu as kvmvcpu
+from ops.nvmm.kvm import vcpu_state as kvmstate
 from tests.guests.asm import assemble, symbols
 from tests.guests.harness import CODE, Guest
 
@@ -21,7 +22,8 @@ def ioctl_counter(monkeypatch):
     def counting(fd, req, *args):
         calls.append(req)
         return real(fd, req, *args)
-    monkeypatch.setattr(kvmvcpu, "_IOCTL", counting)
+    for mod in (kvmvcpu, kvmstate):      # the run path and the state cache each bind fcntl.ioctl
+        monkeypatch.setattr(mod, "_IOCTL", counting)
     return calls
 
 

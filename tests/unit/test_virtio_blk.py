@@ -1,4 +1,6 @@
-"""virtio-blk against a temporary raw image, driven through the PCI transport by the test driver."""
+"""virtio-blk against a temporary raw image (``vmmshim/backends/block.py``), driven through the PCI transport by
+the test driver. ``from_thread``: the notification arrives on a thread of the test's own, as it would on a
+doorbell thread, and the device serves the queue there."""
 
 import hashlib
 import os
@@ -13,6 +15,7 @@ from bhyve_devices.virtio import blk as B
 from bhyve_devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from bhyve_devices.virtio.testdriver import PciDriver
 from bhyve_devices.virtio.transport import VirtioPciDevice
+from vmmshim.backends.block import FileBlockBackend
 
 SECTORS = 64
 
@@ -24,16 +27,21 @@ def image(tmp_path):
     return str(p)
 
 
+def blk(path, readonly=False, **kw):
+    return B.VirtioBlock(FileBlockBackend(path, readonly=readonly), **kw)
+
+
 class Disk:
-    def __init__(self, path, modern=False, msix=False, threaded=False, **kw):
+    def __init__(self, path, modern=False, msix=False, from_thread=False, readonly=False, **kw):
         self.mem = BytesMemory(4 << 20)
-        self.dev = B.VirtioBlock(path, threaded=threaded, **kw)
+        self.dev = blk(path, readonly=readonly, **kw)
         self.pci = VirtioPciDevice(self.dev, self.mem)
         self.drv = PciDriver(self.pci, self.mem, modern=modern)
         self.feats = self.drv.init(msix=msix)
         self.q = self.drv.queues[0]
         self.done = threading.Event()
-        if threaded:
+        self.from_thread = from_thread
+        if from_thread:
             real = self.pci._queue_interrupt
 
             def spy(q):
@@ -58,14 +66,23 @@ class Disk:
         table = a.alloc(16 * (len(outs) + len(ins))) if indirect else None
         self.done.clear()
         head = self.q.add(out=outs, inn=ins, indirect_at=table)
-        self.drv.notify(0)
-        if self.dev.threaded:
-            assert self.done.wait(5)
+        self.notify()
         used = self.q.get_used()
         assert [h for h, _ in used] == [head]
         st_ = self.mem.buf[status - self.mem.base]
         body = a.read(data, inlen) if inlen else b""
         return st_, used[0][1], body
+
+    def notify(self):
+        """The driver's notification: on this thread, or from a thread of the test's own (``from_thread``),
+        waiting for the interrupt that ends the batch."""
+        if not self.from_thread:
+            self.drv.notify(0)
+            return
+        t = threading.Thread(target=self.drv.notify, args=(0,), name="blk-notify-test")
+        t.start()
+        assert self.done.wait(5)
+        t.join(5)
 
     def close(self):
         self.dev.close()
@@ -122,25 +139,25 @@ def test_a_request_of_256_scattered_pages_is_served_whole(image):
 def test_sectorsize_option_and_topology(image):
     kw = B.parse_options(f"{image},sectorsize=512/4096,nodelete,ser=SERIAL1")
     assert kw == dict(path=image, sectorsize=512, physical_sectorsize=4096, nodelete=True, serial="SERIAL1")
-    d = Disk(**kw)
+    d = Disk(kw.pop("path"), **kw)
     cfg = B.BLK_CONFIG.parse(d.dev.config_bytes())
     assert cfg.topology.physical_block_exp == 3 and cfg.topology.min_io_size == 8 and cfg.blk_size == 512
     assert not d.drv.device_features() >> B.VIRTIO_BLK_F_DISCARD & 1
     assert d.request(B.VIRTIO_BLK_T_GET_ID, inlen=20)[2] == b"SERIAL1".ljust(20, b"\0")
     d.close()
     kw = B.parse_options(f"{image},sectorsize=4096")
-    assert B.BLK_CONFIG.parse(Disk(**kw).dev.config_bytes()).blk_size == 4096
+    assert B.BLK_CONFIG.parse(Disk(kw.pop("path"), **kw).dev.config_bytes()).blk_size == 4096
     with pytest.raises(ValueError):
         B.parse_options(f"{image},bogus")
     with pytest.raises(ValueError):
-        B.VirtioBlock(image, sectorsize=1000)
+        blk(image, sectorsize=1000)
 
 
-@pytest.mark.parametrize("modern,msix,threaded,split,indirect", [
+@pytest.mark.parametrize("modern,msix,from_thread,split,indirect", [
     (False, False, False, False, False), (True, True, False, True, False), (True, False, True, False, True),
     (False, True, True, True, True)])
-def test_read_write_flush_pattern(image, modern, msix, threaded, split, indirect):
-    d = Disk(image, modern=modern, msix=msix, threaded=threaded)
+def test_read_write_flush_pattern(image, modern, msix, from_thread, split, indirect):
+    d = Disk(image, modern=modern, msix=msix, from_thread=from_thread)
     st_, n, body = d.request(B.VIRTIO_BLK_T_IN, sector=3, inlen=2048)
     assert st_ == B.VIRTIO_BLK_S_OK and n == 2049 and body == original(image, 3, 2048)
     pattern = hashlib.sha256(b"p").digest() * 64     # 2 KiB
@@ -186,10 +203,11 @@ def test_discard_and_write_zeroes(image):
 
 def test_write_zeroes_fallback_without_fallocate(image, monkeypatch):
     import errno
+    from vmmshim.backends import block
 
     def nope(fd, mode, off, length):
         raise OSError(errno.EOPNOTSUPP, "no")
-    monkeypatch.setattr(B, "fallocate", nope)
+    monkeypatch.setattr(block, "fallocate", nope)
     d = Disk(image)
     assert d.request(B.VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 4, 4, 0))[0] == 0
     assert original(image, 4, 2048) == bytes(2048) and original(image, 8, 512) != bytes(512)
@@ -214,7 +232,7 @@ def test_read_only_fallback_when_image_is_not_writable(image):
     os.chmod(image, 0o444)
     if os.access(image, os.W_OK):
         pytest.skip("running as root: the image stays writable")
-    d = B.VirtioBlock(image, threaded=False)
+    d = blk(image)
     assert d.readonly and d.features >> B.VIRTIO_BLK_F_RO & 1
     d.close()
 
@@ -246,8 +264,8 @@ def test_short_header_and_missing_status(image):
     d.close()
 
 
-def test_reset_with_worker_running(image):
-    d = Disk(image, threaded=True, modern=True, msix=True)
+def test_reset_between_requests_served_on_another_thread(image):
+    d = Disk(image, from_thread=True, modern=True, msix=True)
     for _ in range(5):
         assert d.request(B.VIRTIO_BLK_T_IN, sector=1, inlen=512)[0] == 0
         d.drv.init(msix=True)
@@ -295,28 +313,10 @@ def test_status_byte_at_the_end_of_a_data_descriptor(image):
     d.close()
 
 
-def test_rw_full_retries_short_transfers(image):
-    """One call when it fits; a short one continues where it stopped; nothing at all is an I/O error."""
-    mem = bytearray(4096)
-    segs = [memoryview(mem)[i:i + 512] for i in range(0, 4096, 512)]
-    calls = []
-
-    def short(fd, group, off):
-        calls.append((off, sum(map(len, group))))
-        return min(700, sum(map(len, group)))
-
-    assert B._rw_full(short, -1, segs, 1000) == 4096
-    assert calls[0] == (1000, 4096) and calls[1] == (1700, 3396) and len(calls) == 6
-    assert B._rw_full(lambda fd, g, off: 4096, -1, segs, 0) == 4096
-    with pytest.raises(OSError):
-        B._rw_full(lambda fd, g, off: 0, -1, segs, 0)
-    assert B._rw_full(lambda fd, g, off: 1 / 0, -1, [], 0) == 0          # nothing to move: no call
-
-
 def test_a_doorbell_ring_is_served_on_the_ringing_thread(image):
-    """The transport's doorbells call queue_doorbell; virtio-blk serves the queue there, not on its worker."""
+    """The transport's doorbells call queue_notify on the ringing thread; virtio-blk serves the queue there."""
     from bhyve_devices.virtio.transport import MODERN_BAR, NOTIFY_OFF
-    d = Disk(image, modern=True, threaded=True)
+    d = Disk(image, modern=True)
     served_on = []
     real = d.dev._serve
 

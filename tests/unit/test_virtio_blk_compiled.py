@@ -1,9 +1,9 @@
-"""virtio-blk's compiled request (``vmmshim/blkfast.py``, ``blkfast.c``) against the device's Python path: the
-requests it takes are served exactly as Python serves them, and every other chain falls back untouched. The
-differential test drives two devices, one with the accelerator and one without, with the same hostile indirect
-tables (Linux's shape, then bent: bad addresses and lengths, flags, next indexes, request types and ranges) and
-compares everything a guest or the host could see: the used ring, all of guest memory, the image, the device's
-error state and its counters."""
+"""virtio-blk's compiled request (``vmmshim/backends/blkfast.py``, ``blkfast.c``, carried by the block backend)
+against the device's Python path: the requests it takes are served exactly as Python serves them, and every other
+chain falls back untouched. The differential test drives two devices, one whose backend has the compiled request
+and one whose backend has none, with the same hostile indirect tables (Linux's shape, then bent: bad addresses and
+lengths, flags, next indexes, request types and ranges) and compares everything a guest or the host could see: the
+used ring, all of guest memory, the image, the device's error state and its counters."""
 
 import hashlib
 import os
@@ -19,11 +19,11 @@ from bhyve_devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from bhyve_devices.virtio.testdriver import PciDriver
 from bhyve_devices.virtio.transport import VirtioPciDevice
 from bhyve_devices.virtio.virtqueue import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from vmmshim import blkfast
+from vmmshim.backends import blkfast
+from vmmshim.backends.block import FileBlockBackend
 
 SECTORS = 64
 MEM = 1 << 20
-
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ class Disk:
     def __init__(self, path, accel, readonly=False):
         self.mem = BytesMemory(MEM)
         self.accel = blkfast.accelerator() if accel else None
-        self.dev = B.VirtioBlock(path, threaded=False, accel=self.accel, readonly=readonly, serial="vmmshim-test")
+        self.dev = B.VirtioBlock(FileBlockBackend(path, readonly=readonly, accel=self.accel), serial="vmmshim-test")
         self.pci = VirtioPciDevice(self.dev, self.mem)
         self.drv = PciDriver(self.pci, self.mem, modern=True)
         self.drv.init()

@@ -1,4 +1,5 @@
-"""virtio-net over a socketpair backend, driven through the PCI transport by the test driver."""
+"""virtio-net over a socketpair backend (``vmmshim/backends/net.py``), driven through the PCI transport by the test
+driver."""
 
 import hashlib
 import socket
@@ -14,12 +15,13 @@ from bhyve_devices.virtio import net as N
 from bhyve_devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from bhyve_devices.virtio.testdriver import PciDriver
 from bhyve_devices.virtio.transport import VirtioPciDevice
+from vmmshim.backends import net as NB
 
 
 class Nic:
     def __init__(self, modern=True, mrg=True, start=False, vnet_hdr=False, msix=True, event_idx=False):
         self.mem = BytesMemory(4 << 20)
-        self.be = N.SocketPairBackend(vnet_hdr=vnet_hdr)
+        self.be = NB.SocketPairBackend(vnet_hdr=vnet_hdr)
         self.be.peer.settimeout(5)
         self.dev = N.VirtioNet(self.be, slot=2, func=0, vmname="vm1", mergeable=mrg, start=start)
         self.pci = VirtioPciDevice(self.dev, self.mem)
@@ -218,7 +220,7 @@ def test_peer_hangup_stops_polling_backend():
     nic.post_rx(2, 2048)
     nic.be.peer.close()
     time.sleep(0.05)
-    rx = nic.dev._thread
+    rx = nic.be._thread
     t0 = _thread_cpu(rx) if rx is not None and rx.is_alive() else 0.0
     time.sleep(0.4)
     spent = _thread_cpu(rx) - t0 if rx is not None and rx.is_alive() else 0.0
@@ -266,7 +268,7 @@ def test_linux_tap_backend_both_ways():
     import struct as S
     name = f"vmmt{os.getpid() % 100000}"
     try:
-        tap = N.TapBackend(name)
+        tap = NB.TapBackend(name)
         ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         ifr = S.pack("16sH22x", name.encode(), 0)
         flags = S.unpack("16sH22x", fcntl.ioctl(ctl, 0x8913, ifr))[1]            # SIOCGIFFLAGS

@@ -15,14 +15,16 @@ from bhyve_devices.base import BytesMemory
 from bhyve_devices.virtio import net as N
 from bhyve_devices.virtio.testdriver import PciDriver
 from bhyve_devices.virtio.transport import VirtioPciDevice
+from vmmshim.backends import net as NB
 
 GUEST_TSO = (1 << N.VIRTIO_NET_F_GUEST_TSO4 | 1 << N.VIRTIO_NET_F_GUEST_TSO6 | 1 << N.VIRTIO_NET_F_GUEST_ECN)
-ALL_TUN = N.TUN_F_CSUM | N.TUN_F_TSO4 | N.TUN_F_TSO6 | N.TUN_F_TSO_ECN
+ALL_TUN = NB.TUN_F_CSUM | NB.TUN_F_TSO4 | NB.TUN_F_TSO6 | NB.TUN_F_TSO_ECN
+GUEST_CSUM = 1 << N.VIRTIO_NET_F_GUEST_CSUM
 
 
 def nic(vnet_hdr=True, offloads=True, modern=True, want=None):
     mem = BytesMemory(8 << 20)
-    be = N.SocketPairBackend(vnet_hdr=vnet_hdr, offloads=offloads)
+    be = NB.SocketPairBackend(vnet_hdr=vnet_hdr, offloads=offloads)
     be.peer.settimeout(5)
     dev = N.VirtioNet(be, start=False)
     pci = VirtioPciDevice(dev, mem)
@@ -44,7 +46,7 @@ def test_tap_offloads_follow_the_driver_and_reset():
     be, dev, pci, drv, feats = nic()
     assert be.offload_flags == ALL_TUN
     drv.init(want=feats & ~(1 << N.VIRTIO_NET_F_GUEST_TSO6 | 1 << N.VIRTIO_NET_F_GUEST_ECN), msix=True)
-    assert be.offload_flags == N.TUN_F_CSUM | N.TUN_F_TSO4
+    assert be.offload_flags == NB.TUN_F_CSUM | NB.TUN_F_TSO4
     drv.set_status(0)
     assert be.offload_flags == 0
     be2, dev2, _, _, _ = nic(modern=False)          # the legacy GUESTCAP write applies them too
@@ -54,10 +56,10 @@ def test_tap_offloads_follow_the_driver_and_reset():
 
 
 def test_tun_offload_flags_need_guest_csum():
-    assert N.tun_offload_flags(GUEST_TSO) == 0
-    assert N.tun_offload_flags(1 << N.VIRTIO_NET_F_GUEST_CSUM) == N.TUN_F_CSUM
-    assert N.tun_offload_flags(1 << N.VIRTIO_NET_F_GUEST_CSUM | 1 << N.VIRTIO_NET_F_GUEST_ECN) == N.TUN_F_CSUM
-    assert N.tun_offload_flags(1 << N.VIRTIO_NET_F_GUEST_CSUM | GUEST_TSO) == ALL_TUN
+    assert NB.tun_offload_flags(GUEST_TSO) == 0
+    assert NB.tun_offload_flags(GUEST_CSUM) == NB.TUN_F_CSUM
+    assert NB.tun_offload_flags(GUEST_CSUM | 1 << N.VIRTIO_NET_F_GUEST_ECN) == NB.TUN_F_CSUM
+    assert NB.tun_offload_flags(GUEST_CSUM | GUEST_TSO) == ALL_TUN
 
 
 def test_a_64k_gso_frame_each_way():
@@ -88,13 +90,13 @@ def test_a_64k_gso_frame_each_way():
 def test_linux_tap_takes_offload_settings():
     name = f"vmmo{os.getpid() % 100000}"
     try:
-        tap = N.TapBackend(name)
+        tap = NB.TapBackend(name)
     except OSError as exc:
         pytest.skip(f"no tap here: {exc}")
     try:
         assert tap.offloads
-        for flags in (ALL_TUN, N.TUN_F_CSUM, 0):
-            tap.set_offload(flags)
+        for features in (GUEST_CSUM | GUEST_TSO, GUEST_CSUM, 0):        # ALL_TUN, TUN_F_CSUM, nothing
+            tap.set_offload(features)
         dev = N.VirtioNet(tap, start=False)
         assert dev.features & N.OFFLOAD_FEATURES == N.OFFLOAD_FEATURES
     finally:

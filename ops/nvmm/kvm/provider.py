@@ -27,6 +27,7 @@ from . import cpuid as cpuidmod
 from . import fastrun
 from . import ioctls as K
 from . import layouts as L
+from .kick import SIG_KICK
 
 KVM_DEVICE = "/dev/kvm"
 TSS_ADDR = 0xFFFBD000          # three pages below the BIOS area, as QEMU places them
@@ -39,8 +40,6 @@ RING_DATA = L.RING_HDR_FMT.size     # the first entry
 _U32 = struct.Struct("<I")
 MSR_TSC_DEADLINE = 0x6E0
 MSR_KVM_WALL_CLOCK, MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT = 0x11, 0x4B564D00, 0x100   # 0x11-0x12: the old kvmclock
-#: Signal used to knock a vCPU thread out of KVM_RUN (its handler does nothing).
-SIG_KICK = signal.SIGUSR2
 #: MSR ranges that must exit to userland although KVM knows them: (first, count).
 USERLAND_MSR_RANGES = ((C.MSR_APICBASE, 1), (C.MSR_X2APIC_BASE, C.MSR_X2APIC_LAST - C.MSR_X2APIC_BASE + 1),
                       (MSR_TSC_DEADLINE, 1), (MSR_KVM_WALL_CLOCK, 2), (MSR_KVM_PV_BASE, MSR_KVM_PV_COUNT))
@@ -143,11 +142,18 @@ class KvmProvider(api.Provider):
         limits = {api.LIMIT_CPUID_EXIT, api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, api.LIMIT_CPUID_LATE}
         if self.kind == "kvm_pvm":
             limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT, api.LIMIT_IRQ_WINDOW_LATE}
+        features = {api.FEATURE_KERNEL_PVCLOCK}
+        if self.ring_offset:
+            features.add(api.FEATURE_POSTED_IO)
+        if self.ioeventfd:
+            features.add(api.FEATURE_DOORBELL)
+        if fastrun.load() is not None:          # the compiled run loop answers published reads
+            features.add(api.FEATURE_ANSWERED_IO)
         return api.Capability(
             max_machines=128, max_vcpus=self.max_vcpus, max_ram=1 << 46,
             arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=xcr0,
                            mxcsr_mask=0xFFBF, conf_cpuid_maxops=MAX_CPUID_ENTRIES),
-            limits=frozenset(limits))
+            limits=frozenset(limits), features=frozenset(features))
 
     def machine_create(self):
         return KvmMachine(self)

@@ -1,17 +1,16 @@
-"""An NVMM vCPU on a KVM vCPU: the comm-page contract over ``kvm_run``'s sync-regs area.
+"""An NVMM vCPU on a KVM vCPU: the comm-page contract over ``kvm_run`` (run, exits, events, assists, stop).
 
-``kvm_run.kvm_valid_regs`` asks KVM to copy regs, sregs and events into the ``kvm_run`` page at every exit, so
-``getstate`` of GPRS, SEGS, CRS and INTR converts from memory with no system call (XCR0 needs one only while
-CR4.OSXSAVE is set). ``setstate`` only marks categories; ``run`` writes them back through ``kvm_dirty_regs``
-(regs, sregs, events: no system call) or, for DRS, the MSRS other than EFER, XCR0 and FPU, with their ioctls.
+Linux KVM API (``Documentation/virt/kvm/api.rst``): the ``KVM_RUN`` ioctl and section 5, "The kvm_run structure". The
+register state half (``getstate``/``setstate`` over the sync-regs area, written back before each entry) is
+:class:`ops.nvmm.kvm.vcpu_state.KvmStateCache`, which :class:`KvmVcpu` inherits.
 
 Exits are mapped to NVMM's (``_EXIT_MAP``); their payloads are decoded only when read (:class:`KvmExit`). KVM
 completes an I/O, MMIO or MSR instruction itself at the next ``KVM_RUN``: the assists hand the callbacks a view of
 ``kvm_run``'s data, and an RDMSR/WRMSR completed the NVMM way (RAX/RDX and RIP = npc, or a #GP event) is turned
 into KVM's completion (``msr.error``/``msr.data``) before the next entry.
 
-``stop()`` sets ``immediate_exit`` and sends ``SIG_KICK`` to the thread inside ``KVM_RUN``; the run returns
-``EINTR`` and becomes a STOPPED exit.
+``stop()`` sets ``immediate_exit`` and sends ``SIG_KICK`` (:mod:`ops.nvmm.kvm.kick`) to the thread inside
+``KVM_RUN``; the run returns ``EINTR`` and becomes a STOPPED exit.
 
 Not supported (see ``capability().limits``): CPUID exits, TPR_CHANGED and NMI_READY exits (KVM handles the TPR
 and the NMI window itself); IO and MMIO exits must be completed with the assists, not by moving RIP by hand.
@@ -27,18 +26,14 @@ import threading
 
 from .. import api
 from .. import constants as C
-from ..state import INTR_EVT_PENDING, INTR_INT_SHADOW, INTR_INT_WINDOW_EXITING
-from .exit import MSR_INSN_LEN as _MSR_INSN_LEN, KvmExit
+from .exit import KvmExit
 from . import cpuid as cpuidmod
 from . import fastrun
 from . import ioctls as K
 from . import layouts as L
-from .provider import SIG_KICK
+from .kick import SIG_KICK
+from .vcpu_state import KvmStateCache
 
-_GPRS, _SEGS, _CRS, _DRS, _MSRS, _INTR, _FPU = (C.NVMM_X64_STATE_GPRS, C.NVMM_X64_STATE_SEGS,
-                                                C.NVMM_X64_STATE_CRS, C.NVMM_X64_STATE_DRS,
-                                                C.NVMM_X64_STATE_MSRS, C.NVMM_X64_STATE_INTR,
-                                                C.NVMM_X64_STATE_FPU)
 _IOCTL = fcntl.ioctl
 
 # KVM exit reason -> NVMM exit reason (None: decoded by _exit_special)
@@ -55,14 +50,11 @@ _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 
 # exits whose instruction KVM completes at the next KVM_RUN
 _NEEDS_COMPLETION = frozenset((K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR))
 _MMIO_FMT = struct.Struct("<Q8sIB")      # kvm_run.mmio: phys_addr, data, len, is_write
-# kvm_vcpu_events, up to nmi.injected: exception (injected, nr, has_error_code, pending, error_code),
-# interrupt (injected, nr, soft, shadow), nmi.injected
-_EVENTS = struct.Struct("<BBBBIBBBBB")
 assert _MMIO_FMT.size - 1 + L.MMIO_GPA == L.MMIO_IS_WRITE
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
 
-class KvmVcpu(api.Vcpu):
+class KvmVcpu(KvmStateCache, api.Vcpu):
     def __init__(self, machine, cpuid):
         super().__init__(machine, cpuid)
         self.exit = KvmExit(self)
@@ -94,149 +86,6 @@ class KvmVcpu(api.Vcpu):
         struct.pack_into("<QQ", self.mm, L.RUN_VALID_REGS, K.KVM_SYNC_X86_ALL, 0)
         self._slow = True         # the next run must commit state or apply CPUID first
         self._install_fast_paths()
-
-    # -- state -------------------------------------------------------------------------------------------------
-    def _sregs(self):
-        return L.SREGS_FMT.unpack_from(self.mm, L.RUN_S_SREGS)
-
-    def getstate(self, flags):
-        need = flags & ~self._cached
-        if not need:
-            return
-        st = self.state
-        if need & _GPRS:
-            L.regs_to_gprs(L.REGS_FMT.unpack_from(self.mm, L.RUN_S_REGS), st.gprs)
-        if need & (_SEGS | _CRS | _MSRS):
-            sregs = self._sregs()
-            L.sregs_to_state(sregs, st, segs=bool(need & _SEGS), crs=bool(need & _CRS))
-            if need & _CRS:
-                if st.crs[C.NVMM_X64_CR_CR4] & C.CR4_OSXSAVE:
-                    self._xcr0 = self._get_xcr0()
-                st.crs[C.NVMM_X64_CR_XCR0] = self._xcr0
-            if need & _MSRS:
-                st.msrs[C.NVMM_X64_MSR_EFER] = L.sregs_efer(sregs)
-                for idx, value in zip((i for i, _ in L.MSRS_VIA_IOCTL),
-                                      self.get_msrs([m for _, m in L.MSRS_VIA_IOCTL])):
-                    st.msrs[idx] = value
-        if need & _DRS:
-            buf = bytearray(L.KVM_DEBUGREGS.sizeof())
-            _IOCTL(self.fd, K.KVM_GET_DEBUGREGS, buf)
-            db0, db1, db2, db3, dr6, dr7 = L.DEBUGREGS_FMT.unpack_from(buf)[:6]
-            st.drs[0:6] = memoryview(struct.pack("<6Q", db0, db1, db2, db3, dr6, dr7)).cast("Q")
-        if need & _INTR:
-            st.intr = self.intr_bits()
-        if need & _FPU:
-            st.fpu[:] = self._get_xsave()[:L.XSAVE_LEGACY_SIZE]
-        self._cached |= need
-
-    def setstate(self, flags):
-        self._commit |= flags
-        self._cached |= flags
-        self._slow = True
-
-    def intr_bits(self):
-        """NVMM's ``nvmm_x64_state_intr`` word from the synced events and our window request."""
-        exc_inj, _, _, _, _, irq_inj, _, _, shadow, nmi_inj = _EVENTS.unpack_from(self.mm, L.RUN_S_EVENTS)
-        bits = INTR_INT_SHADOW if shadow else 0
-        if self.mm[L.RUN_REQUEST_IRQ_WINDOW]:
-            bits |= INTR_INT_WINDOW_EXITING
-        if exc_inj or irq_inj or nmi_inj:
-            bits |= INTR_EVT_PENDING
-        return bits
-
-    def _get_xsave(self):
-        buf = bytearray(L.KVM_XSAVE.sizeof())
-        _IOCTL(self.fd, K.KVM_GET_XSAVE, buf)
-        return buf
-
-    def _get_xcr0(self):
-        buf = bytearray(L.KVM_XCRS.sizeof())
-        _IOCTL(self.fd, K.KVM_GET_XCRS, buf)
-        nr, = struct.unpack_from("<I", buf, 0)
-        for i in range(nr):
-            xcr, value = struct.unpack_from("<I4xQ", buf, 8 + 16 * i)
-            if xcr == 0:
-                return value
-        return self._xcr0
-
-    def get_msrs(self, indexes):
-        buf = bytearray(struct.pack("<II", len(indexes), 0) +
-                        b"".join(struct.pack("<IIQ", i, 0, 0) for i in indexes))
-        n = _IOCTL(self.fd, K.KVM_GET_MSRS, buf)
-        if n != len(indexes):
-            raise api.nvmm_error(errno.EINVAL, f"KVM read {n} of {len(indexes)} MSRs")
-        return [struct.unpack_from("<Q", buf, 8 + 16 * i + 8)[0] for i in range(n)]
-
-    def set_msrs(self, pairs):
-        buf = bytearray(struct.pack("<II", len(pairs), 0) +
-                        b"".join(struct.pack("<IIQ", i, 0, v) for i, v in pairs))
-        n = _IOCTL(self.fd, K.KVM_SET_MSRS, buf)
-        if n != len(pairs):
-            raise api.nvmm_error(errno.EINVAL, f"KVM refused MSR {pairs[n][0]:#x}={pairs[n][1]:#x}")
-
-    def _commit_state(self):
-        flags, self._commit = self._commit, 0
-        st, mm = self.state, self.mm
-        dirty = 0
-        if flags & _GPRS:
-            if self._msr_pending is not None:
-                self._complete_msr()
-            L.REGS_FMT.pack_into(mm, L.RUN_S_REGS, *L.gprs_to_regs(st.gprs))
-            dirty |= K.KVM_SYNC_X86_REGS
-        if flags & (_SEGS | _CRS | _MSRS):
-            sregs = list(self._sregs())
-            L.state_to_sregs(st, sregs, segs=bool(flags & _SEGS), crs=bool(flags & _CRS),
-                             efer=st.msrs[C.NVMM_X64_MSR_EFER] if flags & _MSRS else None)
-            sregs[-4:] = [0, 0, 0, 0]   # interrupt_bitmap: never re-queue an interrupt through sregs
-            if flags & _CRS:           # without an in-kernel LAPIC, KVM reloads CR8 from kvm_run.cr8 on entry
-                struct.pack_into("<Q", mm, L.RUN_CR8, st.crs[C.NVMM_X64_CR_CR8])
-            L.SREGS_FMT.pack_into(mm, L.RUN_S_SREGS, *sregs)
-            dirty |= K.KVM_SYNC_X86_SREGS
-        if flags & _CRS and st.crs[C.NVMM_X64_CR_XCR0] != self._xcr0:
-            buf = bytearray(L.KVM_XCRS.sizeof())
-            struct.pack_into("<II I4xQ", buf, 0, 1, 0, 0, st.crs[C.NVMM_X64_CR_XCR0])
-            _IOCTL(self.fd, K.KVM_SET_XCRS, buf)
-            self._xcr0 = st.crs[C.NVMM_X64_CR_XCR0]
-        if flags & _MSRS:
-            self.set_msrs([(m, st.msrs[i]) for i, m in L.MSRS_VIA_IOCTL])
-        if flags & _DRS:
-            buf = bytearray(L.KVM_DEBUGREGS.sizeof())
-            struct.pack_into("<6Q", buf, 0, *st.drs[0:6])
-            _IOCTL(self.fd, K.KVM_SET_DEBUGREGS, buf)
-        if flags & _INTR:
-            bits = st.intr
-            mm[L.RUN_REQUEST_IRQ_WINDOW] = 1 if bits & INTR_INT_WINDOW_EXITING else 0
-            shadow_off = L.RUN_S_EVENTS + 11
-            want = K.KVM_X86_SHADOW_INT_STI if bits & INTR_INT_SHADOW else 0
-            if bool(mm[shadow_off]) != bool(want):
-                mm[shadow_off] = want
-                self._events_flags(K.KVM_VCPUEVENT_VALID_SHADOW)
-                dirty |= K.KVM_SYNC_X86_EVENTS
-        if flags & _FPU:
-            xsave = self._get_xsave()      # KVM_SET_FPU drops MXCSR on some kernels: go through XSAVE
-            xsave[:L.XSAVE_LEGACY_SIZE] = st.fpu
-            bv, = struct.unpack_from("<Q", xsave, L.XSAVE_XSTATE_BV)
-            struct.pack_into("<Q", xsave, L.XSAVE_XSTATE_BV, bv | L.XSTATE_FP_SSE)
-            _IOCTL(self.fd, K.KVM_SET_XSAVE, xsave)
-        if dirty:
-            struct.pack_into("<Q", mm, L.RUN_DIRTY_REGS,
-                             struct.unpack_from("<Q", mm, L.RUN_DIRTY_REGS)[0] | dirty)
-
-    def _events_flags(self, flags):
-        off = L.RUN_S_EVENTS + 20
-        struct.pack_into("<I", self.mm, off, flags)
-
-    def _complete_msr(self):
-        """Turn an NVMM-style MSR completion (RIP = npc, RAX/RDX for RDMSR) into KVM's."""
-        is_rd, rip = self._msr_pending
-        self._msr_pending = None
-        gprs = self.state.gprs
-        if gprs[C.NVMM_X64_GPR_RIP] == rip + _MSR_INSN_LEN:
-            gprs[C.NVMM_X64_GPR_RIP] = rip      # KVM skips the instruction itself
-        if is_rd:
-            struct.pack_into("<Q", self.mm, L.MSR_DATA, (gprs[C.NVMM_X64_GPR_RDX] & 0xFFFFFFFF) << 32 |
-                             (gprs[C.NVMM_X64_GPR_RAX] & 0xFFFFFFFF))
-        self.mm[L.MSR_ERROR] = 0
 
     # -- events ------------------------------------------------------------------------------------------------
     def inject(self):
@@ -480,12 +329,6 @@ class KvmVcpu(api.Vcpu):
             raise api.nvmm_error(errno.EINVAL, "assist_mem after a non-MEMORY exit")
         gpa, _, length, is_write = _MMIO_FMT.unpack_from(self.mm, L.MMIO_GPA)
         self.cbs.mem(gpa, bool(is_write), self._mv[L.MMIO_DATA:L.MMIO_DATA + min(length, 8)])
-
-    # -- helpers -----------------------------------------------------------------------------------------------
-    def paging_regs(self):
-        sregs = self._sregs()
-        cr = L._CR0
-        return sregs[cr], sregs[cr + 2], sregs[cr + 3], sregs[cr + 5]
 
     def decode_io_insn(self):
         """``(rep, str, length, address_size)`` of the I/O instruction at CS:RIP (for ``exit.io``)."""

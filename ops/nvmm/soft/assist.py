@@ -27,7 +27,7 @@ from unicorn import x86_const as X
 from .. import api
 from .. import constants as C
 from ..x86 import mmu
-from .provider import uc_prot
+from .ucstate import uc_prot
 
 _MASK = {2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 

@@ -13,12 +13,12 @@ moves (hva ranges must stay mapped while gpa-mapped, as with libnvmm).
 import errno
 
 import unicorn
-from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
 from .. import api
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import ucstate
+from .ucstate import uc_prot  # noqa: F401 (its old home)
 
 MAX_VCPUS = 64
 MAX_RAM = 1 << 40
@@ -28,17 +28,6 @@ LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardwa
 LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
 LIMITS = frozenset({api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES,
                     LIMIT_SMC_IN_RUN})
-
-
-def uc_prot(prot):
-    out = 0
-    if prot & C.NVMM_PROT_READ:
-        out |= UC_PROT_READ
-    if prot & C.NVMM_PROT_WRITE:
-        out |= UC_PROT_WRITE
-    if prot & C.NVMM_PROT_EXEC:
-        out |= UC_PROT_EXEC
-    return out
 
 
 class SoftProvider(api.Provider):
@@ -57,7 +46,7 @@ class SoftProvider(api.Provider):
             max_machines=128, max_vcpus=MAX_VCPUS, max_ram=MAX_RAM,
             arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=0x3,
                            mxcsr_mask=0xFFBF, conf_cpuid_maxops=256),
-            limits=LIMITS)
+            limits=LIMITS, features=frozenset({api.FEATURE_ANSWERED_IO}))
 
     def machine_create(self):
         return SoftMachine(self)

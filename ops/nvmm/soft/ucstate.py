@@ -10,7 +10,9 @@ the provider opens (:func:`probe_layout`, which also finds ``error_code`` by rai
 needed: the caches are written directly, then ``hflags`` is recomputed as QEMU's ``cpu_x86_load_seg_cache`` does.
 
 Control registers and EFER go through the register API in an order that makes QEMU compute EFER.LMA itself
-(CR0.PG cleared, EFER, CR4, CR3, then CR0). Index orders are NVMM's (``constants.NVMM_X64_*``).
+(CR0.PG cleared, EFER, CR4, CR3, then CR0). Index orders are NVMM's (``constants.NVMM_X64_*``). Guest memory
+protections too: :func:`uc_prot` turns ``NVMM_PROT_*`` into ``UC_PROT_*`` for the provider, the vCPU and the
+assists, which all map guest pages.
 
 Not supported: XCR0 and CR8 are kept by the provider (unicorn has no XSETBV state or TPR of its own),
 the XSAVE area beyond FXSAVE, a guest's own MSR_TSC offsetting.
@@ -19,7 +21,8 @@ the XSAVE area beyond FXSAVE, a guest's own MSR_TSC offsetting.
 import ctypes
 import struct
 
-from unicorn import UcError, Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR
+from unicorn import (UcError, Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE,
+                     UC_HOOK_INTR)
 from unicorn import x86_const as X
 
 from .. import constants as C
@@ -52,6 +55,18 @@ class Layout:
     base = None          # offset of env.regs[0] inside the uc_context blob
     error_code = None    # offset of env.error_code inside the blob
     efer = None          # offset of env.efer inside the blob
+
+
+def uc_prot(prot):
+    """``NVMM_PROT_*`` bits as unicorn's ``UC_PROT_*``."""
+    out = 0
+    if prot & C.NVMM_PROT_READ:
+        out |= UC_PROT_READ
+    if prot & C.NVMM_PROT_WRITE:
+        out |= UC_PROT_WRITE
+    if prot & C.NVMM_PROT_EXEC:
+        out |= UC_PROT_EXEC
+    return out
 
 
 def probe_layout():

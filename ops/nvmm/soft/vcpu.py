@@ -37,8 +37,8 @@ from ..state import (EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE, INTR_EVT_PENDIN
 from ..x86 import mmu
 from . import hooks as H
 from . import ucstate as U
+from .ucstate import uc_prot
 from .delivery import DeliveryFault, deliver
-from .provider import uc_prot
 from .assist import assist_io, assist_mem
 
 UNTIL = 0xFFFFFFFFFFFFFFFF

@@ -1,17 +1,19 @@
-"""virtio-blk's compiled request (``blkfast.c``): the accelerator the VM hands each virtio-blk device.
+"""virtio-blk's compiled request (``blkfast.c``), beside the block backend (``vmmshim/backends/block.py``) that
+carries it for its image (``FileBlockBackend(..., accel=accelerator())``, ``serve_compiled``).
 
-``VirtioBlock`` serves a request through it when the chain is one indirect table in the order Linux's driver
-writes it (a header, the data buffers, the status byte), the request is a read or a write within the image, and
-every buffer lies in the first RAM area: the C code checks the table and every buffer against RAM, builds the
-``iovec`` array straight from the descriptors and makes the ``preadv``/``pwritev`` itself, with the GIL released
-(cffi's ABI mode does). In the nested lab the Python walk of a 1 MiB request's 258-entry table cost about 0.65 ms
-of the request's 4.4 ms (L1 runs Python under TCG); natively it is about 45 us. Any other chain, or a request it
-would answer with an error status, falls back to the device's Python path before anything is read or written, so
-the guest sees the same answers either way (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
+``VirtioBlock`` offers its backend a request first when the chain is one indirect table (``take_indirect``); the
+compiled request serves it when it is in the order Linux's driver writes it (a header, the data buffers, the
+status byte), the request is a read or a write within the image, and every buffer lies in the first RAM area: the
+C code checks the table and every buffer against RAM, builds the ``iovec`` array straight from the descriptors and
+makes the ``preadv``/``pwritev`` itself, with the GIL released (cffi's ABI mode does). In the nested lab the Python
+walk of a 1 MiB request's 258-entry table cost about 0.65 ms of the request's 4.4 ms (L1 runs Python under TCG);
+natively it is about 45 us. Any other chain, or a request it would answer with an error status, falls back to the
+device's Python path before anything is read or written, so the guest sees the same answers either way
+(``tests/unit/test_virtio_blk_compiled.py`` compares the two).
 
 The library is built and cached by ``ops/native.py``. :func:`accelerator` returns ``None`` (and :func:`unavailable`
-says why) when it cannot be built, or with ``-o vmmshim.blk_compiled=false``: the device then serves every request
-in Python.
+says why) when it cannot be built; with ``-o vmmshim.blk_compiled=false`` the VM attaches none. The device then
+serves every request in Python.
 
 Not supported: flush, get-id, discard and write-zeroes (Python serves them), chains in highmem.
 """
@@ -41,10 +43,11 @@ def unavailable():
 
 
 class Accelerator:
-    """``serve(ram, table, tsize, fd, capacity, readonly)``: one request as ``VirtioBlock`` asks for it. Returns
-    ``(used_len, type, status, nbytes)`` with the status byte written, or None where the Python path must serve the
-    request. ``ram`` is the guest's first RAM area (``GuestMemory.ram``), ``table`` the indirect table's address in
-    it, ``capacity`` the image's size in bytes."""
+    """``serve(ram, table, tsize, fd, capacity, readonly)``: one request, as the block backend's ``serve_compiled``
+    passes it on for ``VirtioBlock``. Returns ``(used_len, type, status, nbytes)`` with the status byte written,
+    or None where the Python path must serve the request. ``ram`` is the guest's first RAM area
+    (``GuestMemory.ram``), ``table`` the indirect table's address in it, ``capacity`` the image's size in bytes
+    (whole sectors)."""
 
     def __init__(self, ffi, lib):
         self._ffi = ffi

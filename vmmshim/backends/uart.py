@@ -1,7 +1,8 @@
-"""Host ends for :class:`bhyve_devices.uart16550.UART16550` (xhyve/bhyve ``-l com1,stdio``, ``com2,autopty``,
-``com1,/dev/ttyX``; plus a file and a Unix socket).
+"""Host ends for :class:`bhyve_devices.uart16550.UART16550` and virtio-console, as
+:class:`bhyve_devices.backends.CharBackend` s (bhyve ``uart_backend.c``; xhyve/bhyve ``-l com1,stdio``,
+``com2,autopty``, ``com1,/dev/ttyX``; plus a file and a Unix socket).
 
-A backend is the UART's ``sink`` (``write(bytes)``) and, once :meth:`start` is given the UART (or any
+A backend is the device's ``sink`` (``write(bytes)``) and, once :meth:`start` is given the device (or any
 ``enqueue_input(bytes) -> int`` callable), runs one daemon reader thread that feeds input, retrying the bytes the
 UART has no room for. :meth:`close` writes what is buffered, stops the thread and restores what it changed (the
 tty mode of stdin).
@@ -28,6 +29,9 @@ import time
 RETRY_S = 0.005
 FLUSH_NS = 5_000_000        # a partial line waits at most this long
 BUFFER_MAX = 4096
+READ_CHUNK = 4096           # input bytes read per system call
+PTY_REOPEN_S = 0.1          # a pty without a reader is looked at again after this long
+JOIN_S = 2                  # seconds close() waits for the reader thread
 
 
 class _Backend:
@@ -110,12 +114,12 @@ class _Backend:
             if not self._wait_readable(fd):
                 return
             try:
-                data = os.read(fd, 4096)
+                data = os.read(fd, READ_CHUNK)
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.EINTR):
                     continue
                 if e.errno == errno.EIO:   # a pty whose other end is closed: wait for a new opener
-                    time.sleep(0.1)
+                    time.sleep(PTY_REOPEN_S)
                     continue
                 return
             if not data:
@@ -134,7 +138,7 @@ class _Backend:
         self._closed = True
         os.write(self._stop_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+            self._thread.join(timeout=JOIN_S)
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -279,7 +283,7 @@ class UnixSocketBackend(_Backend):
                 self._client = client
             try:
                 while not self._closed and self._wait_readable(client.fileno()):
-                    data = client.recv(4096)
+                    data = client.recv(READ_CHUNK)
                     if not data:
                         break
                     self._deliver(data)

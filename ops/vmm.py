@@ -1,0 +1,388 @@
+"""The VM-side engine of the ops layer (bhyve's ``vmm.c``): the VM and vCPU state a kernel module would keep, on an
+NVMM machine.
+
+- :class:`Vm` (bhyve's ``struct vm``): the machine, the interrupt controllers bhyve keeps in its kernel (vlapics on
+  an APIC bus, the vioapic, the vatpic pair), suspension, the idle hook, and the ``vm_*`` calls
+  (``ops/vmm_api.py`` hands them here): ISA and IOAPIC interrupt lines, MSI, NMIs and exceptions, memory.
+- :class:`Vcpu` (``struct vcpu``): the pending-interrupt flag, the NMI, the SIPI hand-off, the HLT sleep and the
+  kick that ends it, and the exit counters.
+- Event injection before an entry (:meth:`Vm.before_entry`: NMI, the vlapic's or the 8259's interrupt, else the
+  interrupt window, with NVMM's one event slot per entry), HLT (:meth:`Vm.handle_hlt`), INIT/SIPI (as
+  ``VM_EXITCODE_SPINUP_AP`` to the sender), suspension (``VM_EXITCODE_SUSPENDED``), and the accesses the kernel
+  devices take (the LAPIC and IOAPIC pages, the APIC, kvmclock and PV EOI MSRs).
+
+The table (``ops/nvmm_ops.py``) runs the vCPU and dispatches NVMM exits; it calls in here for all of the above.
+
+Not supported: rendezvous, snapshot state, ``VM_EXITCODE_IPI`` (IPIs are delivered here, as with
+``VM_CAP_IPI_EXIT`` off).
+"""
+
+import collections
+import os
+import threading
+import time
+
+from bhyve_devices.apicbus import ApicBus
+from bhyve_devices.vatpic import Vatpic
+from bhyve_devices.vioapic import DEFAULT_BASE as VIOAPIC_BASE, SIZE as VIOAPIC_SIZE, Vioapic
+from bhyve_devices.vlapic_regs import DEFAULT_BASE as DEFAULT_APIC_BASE, PAGE_SIZE as APIC_SIZE
+
+from . import nvmm_regs as regs
+from .nvmm import api
+from .nvmm import constants as C
+from .vmm_ops import Hlt, Msr, SpinupAp, Suspended, VmCapType, VmExit, VmExitCode as E, VmSuspendHow
+
+INTR_WINDOW = 0x2      # nvmm_x64_state_intr.int_window_exiting
+_RIP = regs.R.VM_REG_GUEST_RIP
+
+
+def is_kernel_mmio(gpa):
+    """Whether ``gpa`` is on a page the kernel devices take (the LAPIC or the IOAPIC)."""
+    return DEFAULT_APIC_BASE <= gpa < DEFAULT_APIC_BASE + APIC_SIZE or VIOAPIC_BASE <= gpa < VIOAPIC_BASE + VIOAPIC_SIZE
+
+
+def _injectable(es):
+    """Whether an exit state lets an external interrupt in: IF set, no interrupt shadow, no event pending."""
+    return es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending
+
+
+class Vcpu:
+    """The engine's per-vCPU state (bhyve's ``struct vcpu``)."""
+
+    def __init__(self, vm, vcpuid, nvcpu):
+        self.vm, self.id, self.nv = vm, vcpuid, nvcpu
+        self.vlapic = None
+        self.vmexit = VmExit()
+        self.runner = None           # the vmrun closure the table made (VmmOpsNvmm.vcpu_runner)
+        self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
+        self.nmi = False
+        self.event_queued = False     # an exception or NMI injected for the next entry: NVMM's one event slot
+        self.spinup = None           # (target, rip) after this vCPU sent a SIPI
+        self.cond = threading.Condition()
+        self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
+        self.extra = {}
+        self.exits = [0] * 0x10000      # NVMM exits, by reason (low 16 bits)
+        self.bus_mmio = 0             # MEMORY exits completed on the VM's MMIO bus (not the kernel devices')
+        self.injected = 0
+        self.kicks = 0
+        self.itrace_n = 0
+        # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
+        self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
+        self.halted_if_clear = False
+        self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
+        self.sleeping = False         # waiting in HLT (under ``cond``): a kick needs no nvmm_vcpu_stop
+        self.thread = None            # the thread that runs it (its runner sets it)
+        self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
+        self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
+
+    def current_rip(self):
+        return regs.getreg(self.nv, _RIP, self.extra)
+
+    def kick(self):
+        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs. On the
+        vCPU's own thread (an exit it handles, device work in its HLT) it is out of the guest and looks at
+        ``pending`` before it enters: a stop would only cost a STOPPED exit right after the entry."""
+        self.pending = True
+        self.kicks += 1
+        if self.thread == threading.get_ident():
+            return
+        with self.cond:
+            self.cond.notify_all()
+            if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
+                return              # so a stop would only cost a STOPPED exit on the next run
+        self.nv.stop()
+
+    def exit_to(self, code, payload, rip=None, inst_length=0):
+        """This vCPU's ``vm_exit`` (one object, reused), filled for userland."""
+        vmexit = self.vmexit
+        vmexit.exitcode, vmexit.u, vmexit.inst_length = code, payload, inst_length
+        vmexit.rip = rip if rip is not None else self.current_rip()
+        return vmexit
+
+
+class Vm:
+    """The VM cookie ``vm_init`` returns: the NVMM machine, the kernel devices and the VM's run state."""
+
+    def __init__(self, provider, spec):
+        self.spec = spec
+        self.machine = provider.machine_create()
+        self.features = provider.capability().features
+        self.vcpus = {}
+        self.hva_mapped = set()
+        self.suspended = None
+        self.idle_hook = None           # called by a vCPU about to sleep in HLT (vm_idle_hook)
+        self.timers = spec.timers
+        self.x2apic, self.kvm_pv, self.pv_eoi = spec.x2apic, spec.kvm_pv, spec.pv_eoi
+        self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
+        # KVM's paravirtual clock: the hypervisor's own where it has one, else ops/pvclock.py per vCPU
+        self.kernel_clock = self.kvm_pv and api.FEATURE_KERNEL_PVCLOCK in self.features and \
+            self.machine.kernel_pvclock()
+        self.apicbus = ApicBus(on_init=self._on_init, on_sipi=self._on_sipi, on_nmi=self.inject_nmi,
+                               kick=self._kick)
+        self.vioapic = Vioapic(self.apicbus.deliver_intr)
+        self.vatpic = Vatpic(intr_line=self._atpic_intr)
+        self.tls = threading.local()
+        self.irq_events = {}             # ISA IRQ -> assertions and pulses (a debugging counter)
+
+    # -- memory -----------------------------------------------------------------------------------------------
+    def mem_alloc(self, hostmem, offset, gpa, size, prot=C.NVMM_PROT_ALL):
+        """Maps ``size`` bytes of ``hostmem`` (``addr``, ``size``) from ``offset`` at ``gpa`` (xhyve's
+        ``vmm_mem_alloc``); the host range is registered with ``hva_map`` on first use."""
+        if hostmem.addr not in self.hva_mapped:
+            self.machine.hva_map(hostmem.addr, hostmem.size)
+            self.hva_mapped.add(hostmem.addr)
+        self.machine.gpa_map(hostmem.addr + offset, gpa, size, prot)
+
+    def mem_callback(self, ctx):
+        """The memory assist's callback for vCPU ``ctx``: the LAPIC and IOAPIC pages here, the rest to the VM's
+        MMIO bus (``VmSpec.mem``)."""
+        vm_mem, vioapic = self.spec.mem, self.vioapic
+
+        def mem(gpa, is_write, data):
+            if DEFAULT_APIC_BASE <= gpa < DEFAULT_APIC_BASE + APIC_SIZE:
+                dev, off = ctx.vlapic, gpa - DEFAULT_APIC_BASE
+            elif VIOAPIC_BASE <= gpa < VIOAPIC_BASE + VIOAPIC_SIZE:
+                dev, off = vioapic, gpa - VIOAPIC_BASE
+            else:
+                return vm_mem(gpa, is_write, data)
+            if ctx.pv_eoi is not None:
+                ctx.pv_eoi.sync()            # an EOI the guest made in memory shows in ISR/PPR before it reads them
+            if dev is None:
+                if not is_write:
+                    data[:] = b"\xff" * len(data)
+                return None
+            if is_write:
+                dev.write(off, len(data), int.from_bytes(data, "little"))
+            else:
+                data[:] = (dev.read(off, len(data)) & ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "little")
+            return None
+        return mem
+
+    # -- before an entry: suspension, SIPI, NMI, interrupts ----------------------------------------------------
+    def before_entry(self, ctx):
+        """Everything a kick so far asked for; returns a ``vm_exit`` for userland or None to enter the guest."""
+        # Its stop is withdrawn first (no STOPPED exit for what is looked at here); a kick from here on stops the run.
+        ctx.pending = False
+        nv = ctx.nv
+        nv.clear_stop()
+        if self.suspended is not None:
+            ctx.pending = True
+            return self.suspended_exit(ctx)
+        if ctx.spinup is not None:
+            target, rip = ctx.spinup
+            ctx.spinup = None
+            ctx.pending = True
+            return ctx.exit_to(E.VM_EXITCODE_SPINUP_AP, SpinupAp(target, rip))
+        # NVMM has one event slot per entry: an exception or NMI queued for this entry keeps an interrupt for the
+        # window after it (the exit state, read before the queueing, cannot say so)
+        queued, ctx.event_queued = ctx.event_queued, False
+        if ctx.nmi:
+            ctx.nmi = False
+            nv.event.set(C.NVMM_VCPU_EVENT_INTR, C.X86_EXC_NMI)
+            nv.inject()
+            queued = True
+        vl = ctx.vlapic
+        if vl is None:
+            return None
+        pv_eoi = ctx.pv_eoi
+        if pv_eoi is not None:
+            pv_eoi.sync()                        # the guest may have ended the interrupt in memory
+        vec = vl.pending_intr()
+        extint = vec is None and vl.lint0_pending() and self.vatpic.pending() is not None
+        if vec is None and not extint:
+            return None
+        # Completing the exiting instruction (one more KVM_RUN) only when no event is queued and the exit state
+        # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending
+        # every exit comes here (a Linux boot's console writes run with interrupts off).
+        es = nv.exit.exitstate
+        injectable = not queued and _injectable(es)
+        if injectable:
+            nv.complete_exit()                   # events its completion queues (a #GP) come first
+            es = nv.exit.exitstate
+            injectable = _injectable(es)
+        if injectable:
+            if extint:
+                vec = self.vatpic.intr_accepted()     # the INTA cycle
+                vl.extint_accepted()
+            else:
+                vl.intr_accepted(vec)
+            nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
+            nv.inject()
+            ctx.injected += 1
+            # PV EOI (kvm_para.py). Unlike KVM, also with a request that waits for this vector's EOI (a timer
+            # tick on top of a device's interrupt): the window exit at the handler's IRET then finds the EOI
+            # made in memory (every exit syncs it) instead of the guest's EOI exiting; a guest that opens the
+            # window before its EOI finds PV EOI disarmed there, and its EOI exits as without it.
+            behind = None
+            if pv_eoi is not None and not extint and pv_eoi.word is not None:
+                behind = vl.edge_in_service_before()
+                if behind is not None:
+                    pv_eoi.arm()
+            ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
+            if ctx.pending or behind:
+                request_window(nv)
+        else:
+            request_window(nv)
+            ctx.pending = True
+        if ctx.itrace is not None:
+            ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
+                               hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))
+            ctx.itrace_n = ctx.injected
+        return None
+
+    # -- HLT (bhyve's vm_handle_hlt) -----------------------------------------------------------------------------
+    def handle_hlt(self, ctx, rflags):
+        """A vCPU halted: a ``VM_EXITCODE_HLT`` with ``VM_CAP_HALT_EXIT``, else sleeps until an interrupt it can
+        take, an NMI, a kick or suspension (None: run on), or suspends the VM when every started vCPU halted with
+        interrupts off."""
+        if ctx.pvclock is not None:
+            ctx.pvclock.maybe_refresh(time.monotonic_ns())
+        if ctx.pv_eoi is not None:
+            ctx.pv_eoi.sync()                    # before the wait looks at what is in service
+        if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
+            return ctx.exit_to(E.VM_EXITCODE_HLT, Hlt(rflags))
+        if not rflags & C.RFLAGS_IF and not ctx.nmi:
+            ctx.halted_if_clear = True
+            if all(c.halted_if_clear for c in self.vcpus.values() if c.started):
+                self.suspend(VmSuspendHow.VM_SUSPEND_HALT)
+                return self.suspended_exit(ctx)
+        hook = self.idle_hook
+        if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and self.suspended is None:
+            vl = ctx.vlapic
+            if vl is None or vl.pending_intr() is None:
+                hook()
+        with ctx.cond:
+            ctx.sleeping = True
+            try:
+                while (self.suspended is None and not ctx.nmi and
+                       not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and
+                            ctx.vlapic.pending_intr() is not None)):
+                    ctx.cond.wait(0.5)
+            finally:
+                ctx.sleeping = False
+        ctx.halted_if_clear = False
+        ctx.pending = True
+        return None
+
+    # -- MSRs the kernel devices take ----------------------------------------------------------------------------
+    def kernel_msr(self, ctx, msr, value=None):
+        """A RDMSR (``value`` None) or WRMSR of the vlapic's, kvmclock's or PV EOI's MSRs, done here: returns
+        ``(True, value read)``, ``(False, None)`` when it is none of theirs (userland's: a ``vm_exit``).
+        Raises ``ApicGP``/``PvEoiGP`` for a #GP."""
+        vl = ctx.vlapic
+        dev = next((d for d in (vl, ctx.pvclock, ctx.pv_eoi) if d is not None and d.handles_msr(msr)), None)
+        if dev is None:
+            return False, None
+        if dev is vl and ctx.pv_eoi is not None:
+            ctx.pv_eoi.sync()            # as for the APIC page: the x2APIC registers see a PV EOI first
+        if value is None:
+            return True, dev.rdmsr(msr)
+        dev.wrmsr(msr, value)
+        return True, None
+
+    @staticmethod
+    def msr_exit(ctx, rd, msr, value, rip):
+        return ctx.exit_to(E.VM_EXITCODE_RDMSR if rd else E.VM_EXITCODE_WRMSR,
+                           Msr(msr) if rd else Msr(msr, value), rip, 2)
+
+    # -- suspension and events --------------------------------------------------------------------------------------
+    def suspended_exit(self, ctx):
+        return ctx.exit_to(E.VM_EXITCODE_SUSPENDED, Suspended(self.suspended))
+
+    def suspend(self, how):
+        if self.suspended is None:
+            self.suspended = how
+        for ctx in self.vcpus.values():
+            ctx.kick()
+
+    def activate_cpu(self, vcpu):
+        """bhyve's ``vm_activate_cpu``: from here on the VM halts only when this vCPU halts too, so an AP whose
+        thread has not started yet cannot be missed by a BSP that halts right after its SIPI."""
+        self.vcpus[vcpu].started = True
+
+    def inject_exception(self, vcpu, vector, errcode=0):
+        ctx = self.vcpus[vcpu]
+        nv = ctx.nv
+        nv.event.set(C.NVMM_VCPU_EVENT_EXCP, vector, errcode)
+        nv.inject()
+        ctx.event_queued = True           # no interrupt replaces it at this entry (before_entry)
+        ctx.pending = True
+
+    def inject_nmi(self, vcpu):
+        ctx = self.vcpus.get(vcpu)
+        if ctx is not None:
+            ctx.nmi = True
+            ctx.kick()
+
+    def lapic_msi(self, addr, data):
+        """An MSI write (Intel SDM vol. 3, 10.11): address selects the destination, data the vector/mode."""
+        dest = (addr >> 12) & 0xFF
+        logical = bool(addr & 0x4)
+        vector, delmode, level = data & 0xFF, (data >> 8) & 0x7, bool(data & 0x8000)
+        self.apicbus.deliver_intr(dest, not logical, delmode, vector, level)
+
+    def isa_set_irq(self, irq, level):
+        """An ISA interrupt line (bhyve ``vm_isa_assert_irq``): the 8259 input and the IOAPIC pin (IRQ0 is
+        wired to pin 2, as the MADT's interrupt source override says)."""
+        if level:
+            self.irq_events[irq] = self.irq_events.get(irq, 0) + 1
+        self.vatpic.set_irq_level(irq, level)
+        self.vioapic.set_pin_level(2 if irq == 0 else irq, level)
+
+    def isa_pulse_irq(self, irq):
+        self.irq_events[irq] = self.irq_events.get(irq, 0) + 1
+        self.vatpic.pulse_irq(irq)
+        self.vioapic.pulse_pin(2 if irq == 0 else irq)
+
+    def _atpic_intr(self, level):
+        """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT), as on a PC."""
+        bsp = self.vcpus.get(0)
+        if bsp is not None and bsp.vlapic is not None:
+            bsp.vlapic.set_lint0_level(level)
+            if level:
+                bsp.kick()
+
+    def _kick(self, vcpuid):
+        ctx = self.vcpus.get(vcpuid)
+        if ctx is not None:
+            ctx.kick()
+
+    def _on_init(self, vcpuid):
+        pass    # the target waits for SIPI; its vlapic was reset by the bus
+
+    def _on_sipi(self, vcpuid, vector):
+        sender = getattr(self.tls, "ctx", None)
+        if sender is not None:          # returned as SPINUP_AP before the sender re-enters the guest
+            sender.spinup = (vcpuid, vector << 12)
+            sender.pending = True
+
+    # -- debugging --------------------------------------------------------------------------------------------------
+    def vcpu_stats(self, vcpu):
+        """Counters and interrupt state of one vCPU, for ``--stats``/debug dumps."""
+        ctx = self.vcpus[vcpu]
+        names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
+        out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
+               "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending,
+               "started": ctx.started, "answered_io": ctx.nv.answered_io()}
+        vl = ctx.vlapic
+        if vl is not None:
+            out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]
+            out["isr"] = [hex(vl.read(0x100 + 0x10 * i, 4)) for i in range(8) if vl.read(0x100 + 0x10 * i, 4)]
+            out["tpr"] = vl.read(0x80, 4)
+        if ctx.itrace is not None:
+            out["itrace"] = list(ctx.itrace)
+        return out
+
+    def debug_state(self):
+        """The IOAPIC's first redirection entries and the ISA IRQ counters, one line."""
+        vio = self.vioapic
+        return ["ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)) +
+                f" isa-irqs {dict(sorted(self.irq_events.items()))}"]
+
+
+def request_window(nv):
+    """Asks for an exit when the guest can take an interrupt (``int_window_exiting``)."""
+    nv.getstate(C.NVMM_X64_STATE_INTR)
+    if not nv.state.intr & INTR_WINDOW:
+        nv.state.intr = nv.state.intr | INTR_WINDOW
+        nv.setstate(C.NVMM_X64_STATE_INTR)

@@ -1,0 +1,86 @@
+"""The host side of the device models: the backends the VM opens and hands to a device (the devices in
+``bhyve_devices/`` are written against ``bhyve_devices/backends.py``'s Protocols and open nothing themselves).
+
+- :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request;
+- :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``);
+- :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``).
+
+:func:`open_device_backends` turns a PCI emulation's bhyve options into the options its device is built from, as
+bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
+up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
+``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
+``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its spec.
+Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message.
+
+Not supported: backends for the other emulations (they have none), sharing one backend between devices.
+"""
+
+from bhyve_devices.virtio import blk as _blkdev
+from bhyve_devices.virtio import net as _netdev
+
+from . import blkfast
+from . import net as _net
+from . import uart as _uart
+from .block import FileBlockBackend
+
+_FALSE = ("false", "0", "no", "off")
+#: The option each emulation's opened backend goes in.
+BACKEND_OPT = "backend"
+
+
+def _flag(v):
+    return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
+
+
+def _as_dict(opts, parse):
+    if opts is None:
+        return {}
+    if isinstance(opts, str):
+        return parse(opts)
+    return dict(opts)
+
+
+def _blk(o):
+    o = _as_dict(o, _blkdev.parse_options)
+    path = o.get("path")
+    if not path:
+        raise ValueError("virtio-blk needs a path")
+    accel = blkfast.accelerator() if _flag(o.get("blk_compiled", False)) else None
+    o[BACKEND_OPT] = FileBlockBackend(path, readonly=_flag(o.get("ro", o.get("readonly", False))), accel=accel)
+    return o
+
+
+def _netdev_opts(o):
+    o = _as_dict(o, _netdev.parse_options)
+    spec = o.get("backend", o.get("tap", o.get("path")))
+    if isinstance(spec, str):
+        o[BACKEND_OPT] = _net.open_backend(spec)
+    return o
+
+
+def _console(o):
+    o = _as_dict(o, lambda s: {"backend": s} if s else {})
+    spec = o.get("backend")
+    if isinstance(spec, str):
+        o[BACKEND_OPT] = _uart.open_backend(spec)
+    return o
+
+
+_OPENERS = {"virtio-blk": _blk, "virtio-net": _netdev_opts, "virtio-tap": _netdev_opts, "virtio-console": _console}
+
+
+def open_device_backends(name, opts):
+    """``opts`` (a dict of bhyve config keys, or the legacy ``-s`` option string) for emulation ``name``, with its
+    host backend opened (see the module docstring); a new dict, or ``opts`` itself for an emulation without
+    backends."""
+    opener = _OPENERS.get(name)
+    if opener is None:
+        return opts
+    return opener(opts)
+
+
+def close_device_backends(opts):
+    """Closes the backend :func:`open_device_backends` put in ``opts`` (a device that could not be built)."""
+    backend = opts.get(BACKEND_OPT) if isinstance(opts, dict) else None
+    if backend is not None and not isinstance(backend, str):
+        backend.close()

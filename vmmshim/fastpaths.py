@@ -1,0 +1,131 @@
+"""The fast paths, in one place: where a device offers one (``bhyve_devices/base.py``'s :class:`PostedWrites`,
+:class:`PublishedReads`, :class:`Doorbells` Protocols) and the provider has it (``Capability.features``, asked
+once through ``vm_features``), the VM takes it up here; everywhere else the guest's access exits and reaches the
+device through the bus, and the device answers the same.
+
+- **Posted writes** (``posted-io``; KVM's coalesced PIO): a PostedWrites device's registers stop exiting; the
+  provider hands their writes over, in guest order, before the next exit is handled, and a flush timer hands them
+  over every :data:`POSTED_FLUSH_NS` for a guest that writes and then runs on without exiting. Either way they reach
+  the device through the port bus (``Bus.posted_run``), the one way a port write gets to a device.
+- **Published reads** (``answered-io``; the KVM provider's compiled run loop, the soft CPU's hook): a
+  PublishedReads device's values are answered without an exit.
+- **Doorbells** (``doorbell``; KVM's ioeventfd): a Doorbells device's registers signal an eventfd that a thread of
+  the device's own serves (``vmmshim/doorbells.py``). Where the provider refuses one, or ``-o
+  vmmshim.doorbells=false``, the write exits and the device rings the same eventfd (``ring_with``), so a virtio
+  queue's work always runs on its device's thread (or on a halting vCPU, below), never on the vCPU that wrote.
+- **The idle poll**: a vCPU about to sleep in HLT serves the doorbells that rang (``-o vmmshim.halt_serve``).
+
+Not supported: doorbells on hosts without eventfd and epoll (NetBSD): the device then does its work on the vCPU
+that wrote; posted writes wider than the provider's ring entries.
+"""
+
+import os
+
+from bhyve_devices.base import Doorbells as DoorbellDevice, PostedWrites, PublishedReads
+from ops.nvmm.api import FEATURE_ANSWERED_IO, FEATURE_DOORBELL, FEATURE_POSTED_IO
+
+from .doorbells import Doorbells
+
+POSTED_FLUSH_NS = 50_000_000      # posted port writes reach their device within this even with no exit
+
+
+class FastPaths:
+    """The VM's fast paths. ``vm`` gives ``ops``, ``vmi``, ``config``, ``timers``, ``pio`` (the port bus),
+    ``log`` and ``status`` (None while it runs)."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        ops, vmi, config = vm.ops, vm.vmi, vm.config
+        self.features = ops.vm_features(vmi)
+        self.hardware_doorbells = config.doorbells and FEATURE_DOORBELL in self.features
+        self.doorbells = Doorbells(lambda *k: ops.vm_doorbell(vmi, *k), lambda *k: ops.vm_remove_doorbell(vmi, *k),
+                                   on_error=lambda exc: vm.log(f"vmmshim: doorbell: {exc!r}"))
+        if config.halt_serve:
+            ops.vm_idle_hook(vmi, self.doorbells.poll_idle)
+        self.posted_ports = []      # (port, size) ranges whose writes the provider posts
+        self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
+
+    # -- port devices: posted writes and published reads ---------------------------------------------------------
+    def port_device(self, base, device):
+        """Takes up the fast paths of a device just mapped at port ``base``."""
+        vm = self.vm
+        ops, vmi, config = vm.ops, vm.vmi, vm.config
+        if config.answer_io and FEATURE_ANSWERED_IO in self.features and isinstance(device, PublishedReads):
+            device.publish_reads(lambda offset, value: ops.vm_answer_io(vmi, base + offset, value))
+        if config.posted_io and FEATURE_POSTED_IO in self.features and isinstance(device, PostedWrites):
+            for off, n in device.posted_writes:
+                cb = vm.pio.posted_run if n == 1 else _wide(vm.pio.io)
+                if ops.vm_post_io(vmi, base + off, n, cb):
+                    if not self.posted_ports:
+                        self._arm_flush()
+                    self.posted_ports.append((base + off, n))
+
+    def _arm_flush(self):
+        """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would
+        leave its last posted bytes in the provider's buffer: the timer thread hands them over as well."""
+        vm = self.vm
+        timers = vm.timers
+
+        def flush():
+            if vm.status is None:
+                vm.ops.vm_drain_posted(vm.vmi)
+                timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+        timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+
+    # -- doorbells ----------------------------------------------------------------------------------------------
+    def add_doorbells(self, base, pio, bells, group=None, name=None, software=False):
+        """Registers doorbells (``(offset, size, datamatch, fn)``) at ``base`` in the port (``pio``) or memory
+        space, served by ``group``'s thread; returns the keys of those taken (by the provider; with ``software``
+        also those it refused, rung by the device itself), for :meth:`remove_doorbells`."""
+        out = []
+        for off, size, match, fn in bells:
+            key = self.doorbells.add(base + off, size, pio, match, fn, group, name,
+                                     hardware=self.hardware_doorbells, software=software)
+            if key is not None:
+                out.append(key)
+        return out
+
+    def remove_doorbells(self, keys):
+        for k in keys:
+            self.doorbells.remove(k)
+
+    def bar_mapped(self, window, dev, idx, base, pio, name=None):
+        """BAR ``idx`` of ``dev`` is decoded at ``base`` (``window`` is what the bus maps there): its doorbells are
+        registered there, and writes that still exit ring the same threads (``ring_with``)."""
+        if not isinstance(dev, DoorbellDevice):
+            return
+        keys = [self.doorbells.add(base + off, size, pio, match, fn, dev, name, hardware=self.hardware_doorbells,
+                                   software=True) for off, size, match, fn in dev.doorbells(idx)]
+        if any(k is not None for k in keys):
+            self._bar_bells[window] = (dev, idx, keys)
+            self._route(dev)
+
+    def bar_unmapped(self, window):
+        entry = self._bar_bells.pop(window, None)
+        if entry is not None:
+            self.remove_doorbells(k for k in entry[2] if k is not None)
+            self._route(entry[0])
+
+    def _route(self, dev):
+        """Gives ``dev`` a ring for the doorbells of its BARs that are mapped (None when there are none)."""
+        fds = {(idx, i): key[4] for d, idx, keys in self._bar_bells.values() if d is dev
+               for i, key in enumerate(keys) if key is not None}
+        if not fds:
+            dev.ring_with(None)
+            return
+
+        def ring(bar, i):
+            fd = fds.get((bar, i))
+            if fd is None:                  # not a doorbell here: the notification at once
+                dev.doorbells(bar)[i][3]()
+            else:
+                os.eventfd_write(fd, 1)
+        dev.ring_with(ring)
+
+    def close(self):
+        self.doorbells.close()
+
+
+def _wide(io):
+    """A posted write to a range wider than one port: one write of ``len(data)`` bytes, through the port bus."""
+    return lambda port, data: io(port, False, data)

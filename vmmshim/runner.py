@@ -1,0 +1,160 @@
+"""Building and running one VM from its configuration tree: bhyve's ``bhyverun.c`` after the options are read.
+
+Follows bhyve's ``main`` (``usr.sbin/bhyve/bhyverun.c``) from ``vm_create`` on: the VM with its vCPUs and memory,
+the boot image the firmware key names (:func:`boot_image`), the platform devices, the LPC and PCI devices and the
+firmware tables (``init_pci``, ``acpi_build``, ``mptable_build``), the boot vCPU's state, then the vCPU loops until
+the VM resets, powers off, halts or triple-faults; :func:`run_vm` returns that exit status (bhyve's: 0 reset,
+1 power off, 2 halt, 3 triple fault). :func:`reported` turns the errors a user can cause into one line on stderr
+and status 4. The ``vmmshim`` command (:mod:`vmmshim.cli`) and ``vmmshim linux`` (:mod:`vmmshim.default_guest`)
+both run VMs through here.
+
+Not supported: bhyve's checkpoint/restore, the GDB stub, ``vm_reinit`` after a reset (a reset ends the process
+with status 0, as bhyve's does), more than one VM per process.
+"""
+
+import os
+import signal
+import sys
+
+from .config import ConfigError
+from .flags import USAGE, UsageError
+
+EXIT_ERROR = 4
+
+
+def boot_image(cfg, lowmem, highmem):
+    """The BootImage ``-f`` asks for (LoaderError on a bad image)."""
+    from .firmware.hello import hello_image
+    from .loader import LoaderError, load_kexec, load_multiboot
+    spec = cfg.get("firmware.spec")
+    if not spec:
+        raise ConfigError("no firmware: give -f kexec,KERNEL,INITRD,\"CMDLINE\" (or -f hello)")
+    parts = spec.split(",", 3)
+    kind = parts[0]
+    if kind == "hello":
+        return hello_image()
+    if kind == "kexec":
+        if len(parts) < 2 or not parts[1]:
+            raise ConfigError("-f kexec needs a kernel: kexec,KERNEL[,INITRD[,\"CMDLINE\"]]")
+        initrd = parts[2] if len(parts) > 2 and parts[2] else None
+        cmdline = parts[3] if len(parts) > 3 else ""
+        return load_kexec(parts[1], initrd, cmdline.strip('"'), lowmem, highmem)
+    if kind == "multiboot":
+        parts = spec.split(",")
+        if len(parts) < 2 or not parts[1]:
+            raise ConfigError("-f multiboot needs a kernel: multiboot,KERNEL[,MOD:MOD...][,\"CMDLINE\"]")
+        cmdline = parts[-1].strip('"') if len(parts) > 2 else ""
+        mods = [(m, None) for m in parts[2].split(":") if m] if len(parts) > 3 else []
+        return load_multiboot(parts[1], mods, cmdline, lowmem, highmem)
+    raise LoaderError(f"unknown firmware {kind!r} (kexec, multiboot, hello)")
+
+
+GIL_SWITCH_AUTO_S = 0.05
+
+
+def gil_switch(cfg):
+    """Applies ``vmmshim.gil_switch_ms`` (``sys.setswitchinterval``); returns the interval in seconds.
+
+    Python makes a thread that holds the GIL hand it over once another has waited this long, and then waits until
+    that thread has taken it. vmmshim's threads (vCPUs, doorbells, the timer) release the GIL whenever they block,
+    which natively comes long before the interval; where Python runs slowly (the nested lab's L1 runs it under
+    TCG) a device's request takes milliseconds of Python, and Python's 5 ms default split requests in two, with a
+    hand-over each way between threads on different L1 CPUs. The longer interval made sequential virtio-blk
+    faster there (the A/B is in docs/lab.md, "Python's switch interval"). ``auto`` keeps Python's 5 ms for the
+    soft CPU, whose vCPU threads run the guest in Python and never block: there the interval is how often the
+    timer and device threads get in."""
+    if cfg.get("vmmshim.gil_switch_ms") == "auto":
+        if cfg.get("vmmshim.provider") == "soft":
+            return sys.getswitchinterval()
+        seconds = GIL_SWITCH_AUTO_S
+    else:
+        seconds = cfg.get_int("vmmshim.gil_switch_ms", 1, 10_000) / 1000
+    sys.setswitchinterval(seconds)
+    return seconds
+
+
+def run_vm(cfg):
+    """Builds the VM ``cfg`` describes, runs it until it ends and returns its exit status (0 reset, 1 power off,
+    2 halt, 3 triple fault). Bad input raises ConfigError, LoaderError or ProviderUnavailable (see
+    :func:`reported`)."""
+    from ops.nvmm import nvmm_init
+    from ops.nvmm_ops import VmmOpsNvmm
+    from .platform import Platform
+    from .vm import VM, VmConfig
+    ncpus, memsize = cfg.get_int("cpus", 1, 64), cfg.get_int("memory.size", 1 << 20)
+    gil_switch(cfg)
+    provider = nvmm_init(cfg.get("vmmshim.provider"))
+    vm = VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=memsize, strictio=cfg.get_bool("x86.strictio"),
+                                            ignore_msrs=not cfg.get_bool("x86.strictmsr"),
+                                            x2apic=cfg.get_bool("x86.x2apic"), name=cfg.get("name"),
+                                            kvm_pv=cfg.get_bool("x86.kvm_pv"),
+                                            pv_eoi=cfg.get_bool("x86.pv_eoi"),
+                                            posted_io=cfg.get_bool("vmmshim.posted_io"),
+                                            doorbells=cfg.get_bool("vmmshim.doorbells"),
+                                            halt_serve=cfg.get_bool("vmmshim.halt_serve"),
+                                            answer_io=cfg.get_bool("vmmshim.answer_io")))
+    image = boot_image(cfg, vm.lowmem, vm.highmem)
+    uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
+             if cfg.get(f"lpc.{name}.path")}
+    platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts)
+    if cfg.get("lpc.debug_exit.port"):
+        from bhyve_devices.debugexit import PORT_SIZE, DebugExit
+        vm.add_port_device(cfg.get_int("lpc.debug_exit.port", 0, 0xFFFF), PORT_SIZE,
+                           DebugExit(lambda status: vm.stop(status)), "debug-exit")
+    from .machine import build_pci_and_tables
+    build_pci_and_tables(vm, cfg, platform)
+    for gpa, data in image.writes:
+        vm.load(gpa, data)
+    vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
+    signal.signal(signal.SIGTERM, lambda *_: platform.power_button())
+    pidfile = cfg.get("pidfile")
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if os.environ.get("VMMSHIM_TRACE_MMIO"):
+        vm.mmio.trace = sys.stderr
+    dump = os.environ.get("VMMSHIM_DEBUG_DUMP")       # seconds between state dumps on stderr
+    if dump:
+        import threading
+        import time
+
+        def dumper():
+            while vm.status is None:
+                time.sleep(float(dump))
+                for line in vm.debug_state() + platform.debug_state():
+                    print(f"[vmmshim] {line}", file=sys.stderr, flush=True)
+        threading.Thread(target=dumper, daemon=True).start()
+    try:
+        status = vm.run()
+    finally:
+        if cfg.get_bool("vmmshim.stats"):
+            for vcpu, st in vm.stats().items():
+                print(f"vmmshim: vcpu{vcpu} {st}", file=sys.stderr)
+        platform.close()
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+    if vm.error:
+        print(f"vmmshim: {vm.error.splitlines()[0]}", file=sys.stderr)
+    return status
+
+
+def reported(body):
+    """``body()``'s exit status, or EXIT_ERROR with one line on stderr for a bad flag, a bad image, a missing
+    hypervisor or a vmmshim bug (``VMMSHIM_DEBUG=1`` re-raises the last)."""
+    try:
+        return body()
+    except (UsageError, ConfigError) as exc:
+        print(f"vmmshim: {exc}\n{USAGE.splitlines()[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OSError) as exc:     # LoaderError, ProviderUnavailable, unreadable files
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"vmmshim: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a vmmshim bug: one line, status 4 (VMMSHIM_DEBUG=1 re-raises)
+        if os.environ.get("VMMSHIM_DEBUG"):
+            raise
+        print(f"vmmshim: internal error: {exc!r} (VMMSHIM_DEBUG=1 shows where)", file=sys.stderr)
+        return EXIT_ERROR
