@@ -2,7 +2,8 @@
 
 Boots the default guest (Debian's kernel, busybox initramfs) to its shell marker with each VMM, alternating,
 ``--rounds`` times, and prints the medians, their ratio and vmmshim's exits by reason. Absolute times mean
-little here (L1 is QEMU TCG with nested SVM; an exit costs about 70 us there); the ratio is the comparison.
+little here (L1 is QEMU TCG with nested SVM, where every exit is slow: docs/lab.md, "Timings measured"); the ratio
+is the comparison.
 """
 
 import argparse

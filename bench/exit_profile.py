@@ -6,7 +6,7 @@ kernel; with the compiled loop, ``fastrun.c``, one call that may answer publishe
 counts as one run), and the time from its return to the next run (user space: handling the exit, injecting,
 waiting for the GIL), without the time slept in HLT. At exit it prints one line per exit kind (the reason, and the port,
 the MMIO page or the MSR), the slowest first by total time in user space. This is how the nested lab's boot was
-found to spend 10 of its 12 s of user space on the console's LSR reads (``docs/lab.md``); in the lab:
+found to spend most of its user space on the console's LSR reads (``docs/lab.md``); in the lab:
 ``python3 -m vmmshim.lab run -- 'cd /lab/project && python3 -m bench.exit_profile -- -A -m 512M ...'``.
 With the compiled run loop it also tells the time KVM_RUN itself took (C's clock) and the time from its return to
 Python running again, which is the wait for the GIL while another thread (a doorbell, the timers) holds it.
@@ -94,16 +94,16 @@ class Profile:
             prof.vcpus[vcpu.fd] = vcpu
         kvm_vcpu._IOCTL, kvm_vcpu.KvmVcpu.__init__ = ioctl, init
 
-        from ops import nvmm_ops
-        real_halt = nvmm_ops.VmmOpsNvmm._halt
+        from ops import vmm
+        real_halt = vmm.Vm.handle_hlt
 
-        def halt(ops, vmi, ctx, ex, reason):
+        def halt(vm, ctx, rflags):
             t0 = clock()
             try:
-                return real_halt(ops, vmi, ctx, ex, reason)
+                return real_halt(vm, ctx, rflags)
             finally:
                 prof.halts.append((t0, clock()))
-        nvmm_ops.VmmOpsNvmm._halt = halt
+        vmm.Vm.handle_hlt = halt
 
     def report(self):
         runs, halts = sorted(self.runs), sorted(self.halts)

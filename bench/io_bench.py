@@ -10,9 +10,9 @@ O_DIRECT, 4 KiB reads one at a time (one dd process), random 4 KiB reads (a dd p
 starting dd measured alone), and nc to and from L1. Prints the medians per VMM and the vmmshim/QEMU ratio of
 the times (a ratio of 5 means vmmshim takes 5 times as long, i.e. has a fifth of the throughput).
 
-Full rounds: 256 MiB, 1024 QD1 reads, 200 random reads, 2 MiB each way (vmmshim's guest sends about 40 KiB/s
-through nc here, so more network would not fit a round in 8 minutes). ``--quick`` (one round, 64 MiB, 256 + 100
-reads, 1 MiB of network) takes about 4 minutes.
+Full rounds: 256 MiB, 1024 QD1 reads, 200 random reads, 2 MiB each way (vmmshim's guest sent so little through
+nc here that more network would not fit a round in 8 minutes). ``--quick``: one round, 64 MiB, 256 + 100 reads,
+1 MiB of network. What each took is in docs/lab.md ("Timings measured").
 Absolute numbers mean little (L1 is QEMU TCG with nested SVM, where every exit is slow); the ratio is the
 comparison. ``--append`` adds guest kernel parameters for both VMMs (e.g. a clock source).
 """

@@ -14,8 +14,8 @@ The guest (its script is :data:`GUEST`) times each step itself with ``/proc/upti
 - NETTX / NETRX: ``nc`` to / from L1 (a Sink / Source on 10.0.2.1), ``--net-mib`` MiB each way.
 
 The VMMs take turns at going first: the first guest in a fresh L1 runs slower (L1's kernel paths not yet
-translated by TCG; in one L1, the first of eight boots wrote 1 MiB blocks 20-30% slower and spawned processes
-almost 2x slower than the seven after it), so even rounds run vmmshim first and odd rounds QEMU.
+translated by TCG; the A/B that showed it is in docs/lab.md, "Serving at HLT"), so even rounds run vmmshim first
+and odd rounds QEMU.
 
 One ``IO {json}`` line per boot: ``vmm``, ``round``, ``first`` (the round's first boot), ``marker_s``,
 ``failed_boots``, and per step ``{status, seconds}``. QEMU's drive is ``cache=writeback``: the image is on L1's

@@ -29,7 +29,6 @@ from construct import BitsInteger, BitStruct, ByteSwapped, Flag, Int32ul, Paddin
 #: definition, which the MP table, the MADT and the ops layer import.
 VIOAPIC_BASE = 0xFEC00000
 VIOAPIC_SIZE = 0x1000
-DEFAULT_BASE, SIZE = VIOAPIC_BASE, VIOAPIC_SIZE     # the names this module used before
 NPINS = 24
 VERSION = 0x20
 

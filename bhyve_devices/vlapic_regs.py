@@ -20,8 +20,6 @@ from construct import Int32ul, Padding, Struct
 #: import.
 DEFAULT_APIC_BASE = 0xFEE00000
 APIC_SIZE = 0x1000
-PAGE_SIZE = APIC_SIZE               # the names this module used before
-DEFAULT_BASE = DEFAULT_APIC_BASE
 
 # Register offsets (SDM table 10-1; anchors (f)).
 ID = 0x020
@@ -174,7 +172,7 @@ def _page_fields():
         else:
             fields.append(name / Int32ul)
             fields.append(Padding(12))
-    fields.append(Padding(PAGE_SIZE - 0x400))
+    fields.append(Padding(APIC_SIZE - 0x400))
     return fields
 
 

@@ -24,8 +24,8 @@ import time
 
 from bhyve_devices.apicbus import ApicBus
 from bhyve_devices.vatpic import Vatpic
-from bhyve_devices.vioapic import DEFAULT_BASE as VIOAPIC_BASE, SIZE as VIOAPIC_SIZE, Vioapic
-from bhyve_devices.vlapic_regs import DEFAULT_BASE as DEFAULT_APIC_BASE, PAGE_SIZE as APIC_SIZE
+from bhyve_devices.vioapic import VIOAPIC_BASE, VIOAPIC_SIZE, Vioapic
+from bhyve_devices.vlapic import APIC_SIZE, DEFAULT_APIC_BASE
 
 from . import nvmm_regs as regs
 from .nvmm import api

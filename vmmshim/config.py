@@ -13,8 +13,8 @@ coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications
 doorbells that rang first, ``vmmshim/doorbells.py``; on by default), ``vmmshim.answer_io`` (port reads a device publishes, e.g. the UART's
 line status, answered by the KVM provider's compiled run loop without an exit, ``ops/nvmm/kvm/fastrun.py``; on by
 default), ``vmmshim.blk_compiled`` (virtio-blk serves Linux-shaped read and write requests through its compiled
-request, ``vmmshim/blkfast.py``, where a C compiler can build it; on by default), ``vmmshim.gil_switch_ms`` (how
-long a Python thread waiting for the GIL lets the thread that holds it run before it makes it hand over,
+request, ``vmmshim/backends/blkfast.py``, where a C compiler can build it; on by default), ``vmmshim.gil_switch_ms``
+(how long a Python thread waiting for the GIL lets the thread that holds it run before it makes it hand over,
 ``sys.setswitchinterval``; ``auto`` by default: 50 where the vCPUs run in a hypervisor, Python's own 5 with the
 soft CPU, whose vCPU threads run the guest in Python).
 

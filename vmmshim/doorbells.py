@@ -1,17 +1,19 @@
 """Doorbells: device registers whose guest writes signal an eventfd instead of exiting, served by one thread per VM.
 
-A device names them (``doorbells(bar)`` of a PCI device: ``(offset, size, datamatch, fn)``; the virtio transport's
-queue-notify registers); the VM registers each where the BAR is mapped, through the provider's
-``Machine.doorbell`` extension (KVM's ioeventfd, KVM API 4.59), and removes it when the BAR moves. A write then
-costs the guest no exit to user space: KVM signals the eventfd and the guest runs on, while a doorbell thread,
+A device names them (``doorbells(bar)`` of a ``bhyve_devices.base.Doorbells`` device: ``(offset, size, datamatch,
+fn)``; the virtio transport's queue-notify registers); the VM's fast paths (``vmmshim/fastpaths.py``) register each
+where the BAR is mapped, through the provider's ``Machine.doorbell`` extension (KVM's ioeventfd, KVM API 4.59),
+and remove it when the BAR moves. A write then costs the guest no exit to user space: KVM signals the eventfd and the guest runs on, while a doorbell thread,
 waiting on its eventfds with epoll, calls the doorbell's ``fn()``. There is one thread per *group* (a device:
 ``vmmshim-doorbells <name>``), so a device may do its work in ``fn`` itself (virtio-blk serves its queue there)
 without holding up another device's doorbells, and a request costs no hand-off to a worker. Rings that arrive
 before the thread reads the eventfd count as one: a doorbell says "look at your queue", not how often.
 
-Where the provider has none (NVMM, the soft CPU), the host has no eventfd and epoll (NetBSD) or
-``-o vmmshim.doorbells=false``, the writes exit and reach the device through the bus as before, so a device answers the same either way. A doorbell removed with a ring
-not yet served is served by the caller of :meth:`Doorbells.remove` before it returns.
+Where the provider has none (NVMM, the soft CPU) or ``-o vmmshim.doorbells=false``, a doorbell may still be kept
+in *software* (``add(..., software=True)``): the write exits, and the device rings the eventfd itself
+(``vmmshim/fastpaths.py``), so its work runs on the same thread either way. Hosts without eventfd and epoll
+(NetBSD) have no doorbells at all: the device works on the thread that wrote. A doorbell removed with a ring not
+yet served is served by the caller of :meth:`Doorbells.remove` before it returns.
 
 A vCPU about to sleep in HLT serves the doorbells that rang first (:meth:`Doorbells.poll_idle`, the VM's idle
 hook): a driver that kicks a queue and then idles (a block request at queue depth 1) has its request served and

@@ -9,8 +9,8 @@ How it sleeps:
 - On Linux, in a ``read`` of a ``timerfd`` (CLOCK_MONOTONIC, ``timerfd_create(2)``) set to the earliest live
   deadline: arming a timer sets the timerfd and does not wake the thread. A guest's LAPIC timer is armed again
   at every tick and at every idle entry and exit; with a condition variable each of those woke the thread only to
-  sleep again (in the nested lab about half a wake-up more than a timer fired per virtio-blk request, each one a
-  thread switch and a GIL hand-off on L1's single TCG CPU).
+  sleep again (in the nested lab more wake-ups than timers fired per virtio-blk request, each extra one a thread
+  switch and a GIL hand-off on L1's single TCG CPU: docs/lab.md, "Serving at HLT").
 - Elsewhere (NetBSD's ``timerfd`` constants are not written down here), or with ``VMMSHIM_TIMERFD=0``, on a
   condition variable that an earlier deadline notifies.
 

@@ -27,6 +27,10 @@ Status and reset (2.1, 4.1.4.3): writing 0 to the status resets the device (the 
 which stops its workers, then every queue, the features, the vectors, ISR). A driver error found in a queue or
 reported by the device sets DEVICE_NEEDS_RESET (0x40) and, after DRIVER_OK, raises a configuration interrupt.
 
+The two register files live in :mod:`bhyve_devices.virtio.transport_legacy` (:class:`LegacyRegisters`) and
+:mod:`bhyve_devices.virtio.transport_modern` (:class:`ModernRegisters`, the capabilities and the PCI_CFG window),
+which :class:`VirtioPciDevice` inherits; their names stay importable from here.
+
 Not supported: the packed ring (VIRTIO_F_RING_PACKED), VIRTIO_F_NOTIFICATION_DATA, queue_reset (1.2), per-queue
 notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern BAR (it is a MEM32 BAR).
 """
@@ -34,14 +38,24 @@ notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern 
 import functools
 import threading
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
-
 from bhyve_devices.pci.device import IO, MEM32, PciDevice
 
 from .device import (STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_ANY_LAYOUT,
                      VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
                      VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG,
                      VirtioDevice, bit)
+from .transport_legacy import (LEGACY_BAR, LEGACY_HEADER, NO_VECTOR, VIRTIO_MSI_CONFIG_VECTOR,  # noqa: F401
+                               VIRTIO_MSI_QUEUE_VECTOR, VIRTIO_PCI_GUEST_FEATURES, VIRTIO_PCI_HOST_FEATURES,
+                               VIRTIO_PCI_ISR, VIRTIO_PCI_ISR_CONFIG, VIRTIO_PCI_ISR_INTR, VIRTIO_PCI_QUEUE_ADDR_SHIFT,
+                               VIRTIO_PCI_QUEUE_NOTIFY, VIRTIO_PCI_QUEUE_NUM, VIRTIO_PCI_QUEUE_PFN,
+                               VIRTIO_PCI_QUEUE_SEL, VIRTIO_PCI_STATUS, LegacyRegisters, legacy_config_offset)
+from .transport_legacy import LEGACY_REGS as _LEGACY_REGS, mask as _mask  # noqa: F401
+from .transport_modern import (COMMON_CFG, COMMON_CFG_SIZE, COMMON_OFF, DEVICE_OFF, ISR_OFF,  # noqa: F401
+                               MODERN_BAR, MODERN_BAR_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFF, PCI_CAP_ID_VNDR,
+                               VIRTIO_PCI_CAP, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG,
+                               VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_PCI_CFG,
+                               VIRTIO_PCI_CFG_CAP, VIRTIO_PCI_NOTIFY_CAP, ModernRegisters)
+from .transport_modern import COMMON_FIELDS as _COMMON_FIELDS  # noqa: F401
 from .virtqueue import Virtqueue
 
 VIRTIO_VENDOR = 0x1AF4
@@ -50,88 +64,10 @@ TRANSITIONAL_DEVICE_ID = {VIRTIO_ID_NET: 0x1000, VIRTIO_ID_BLOCK: 0x1001, VIRTIO
 PCI_CLASS = {VIRTIO_ID_NET: (0x02, 0x00), VIRTIO_ID_BLOCK: (0x01, 0x00), VIRTIO_ID_CONSOLE: (0x07, 0x80),
              VIRTIO_ID_RNG: (0xFF, 0x00)}
 
-NO_VECTOR = 0xFFFF
-
-# ---- legacy I/O BAR registers (virtio 0.9.5 / bhyve virtio.h) --------------------------------------------------------
-VIRTIO_PCI_HOST_FEATURES = 0
-VIRTIO_PCI_GUEST_FEATURES = 4
-VIRTIO_PCI_QUEUE_PFN = 8
-VIRTIO_PCI_QUEUE_NUM = 12
-VIRTIO_PCI_QUEUE_SEL = 14
-VIRTIO_PCI_QUEUE_NOTIFY = 16
-VIRTIO_PCI_STATUS = 18
-VIRTIO_PCI_ISR = 19
-VIRTIO_MSI_CONFIG_VECTOR = 20
-VIRTIO_MSI_QUEUE_VECTOR = 22
-VIRTIO_PCI_QUEUE_ADDR_SHIFT = 12
-
-
-def legacy_config_offset(msix_enabled):
-    return 24 if msix_enabled else 20
-
-
-LEGACY_HEADER = Struct("host_features" / Int32ul, "guest_features" / Int32ul, "queue_pfn" / Int32ul,
-                       "queue_num" / Int16ul, "queue_sel" / Int16ul, "queue_notify" / Int16ul,
-                       "status" / Int8ul, "isr" / Int8ul, "config_vector" / Int16ul, "queue_vector" / Int16ul)
-_LEGACY_REGS = {VIRTIO_PCI_HOST_FEATURES: 4, VIRTIO_PCI_GUEST_FEATURES: 4, VIRTIO_PCI_QUEUE_PFN: 4,
-                VIRTIO_PCI_QUEUE_NUM: 2, VIRTIO_PCI_QUEUE_SEL: 2, VIRTIO_PCI_QUEUE_NOTIFY: 2,
-                VIRTIO_PCI_STATUS: 1, VIRTIO_PCI_ISR: 1, VIRTIO_MSI_CONFIG_VECTOR: 2, VIRTIO_MSI_QUEUE_VECTOR: 2}
-
-VIRTIO_PCI_ISR_INTR = 1
-VIRTIO_PCI_ISR_CONFIG = 2
-
-# ---- modern capabilities (4.1.4) ------------------------------------------------------------------------------------
-PCI_CAP_ID_VNDR = 0x09
-VIRTIO_PCI_CAP_COMMON_CFG = 1
-VIRTIO_PCI_CAP_NOTIFY_CFG = 2
-VIRTIO_PCI_CAP_ISR_CFG = 3
-VIRTIO_PCI_CAP_DEVICE_CFG = 4
-VIRTIO_PCI_CAP_PCI_CFG = 5
-
-VIRTIO_PCI_CAP = Struct("cap_vndr" / Int8ul, "cap_next" / Int8ul, "cap_len" / Int8ul, "cfg_type" / Int8ul,
-                        "bar" / Int8ul, Padding(3), "offset" / Int32ul, "length" / Int32ul)
-VIRTIO_PCI_NOTIFY_CAP = Struct("cap" / VIRTIO_PCI_CAP, "notify_off_multiplier" / Int32ul)
-VIRTIO_PCI_CFG_CAP = Struct("cap" / VIRTIO_PCI_CAP, "pci_cfg_data" / Int32ul)
-
-COMMON_CFG = Struct(
-    "device_feature_select" / Int32ul,   # 0
-    "device_feature" / Int32ul,          # 4
-    "driver_feature_select" / Int32ul,   # 8
-    "driver_feature" / Int32ul,          # 12
-    "msix_config" / Int16ul,             # 16
-    "num_queues" / Int16ul,              # 18
-    "device_status" / Int8ul,            # 20
-    "config_generation" / Int8ul,        # 21
-    "queue_select" / Int16ul,            # 22
-    "queue_size" / Int16ul,              # 24
-    "queue_msix_vector" / Int16ul,       # 26
-    "queue_enable" / Int16ul,            # 28
-    "queue_notify_off" / Int16ul,        # 30
-    "queue_desc" / Int64ul,              # 32
-    "queue_driver" / Int64ul,            # 40
-    "queue_device" / Int64ul,            # 48
-)
-COMMON_CFG_SIZE = COMMON_CFG.sizeof()  # 56
-_COMMON_FIELDS = {}
-_o = 0
-for _sc in COMMON_CFG.subcons:
-    _COMMON_FIELDS[_sc.name] = (_o, _sc.sizeof())
-    _o += _sc.sizeof()
-del _o, _sc
-
-MODERN_BAR = 4
 MSIX_BAR = 1
-LEGACY_BAR = 0
-COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
-NOTIFY_MULTIPLIER = 4
-MODERN_BAR_SIZE = 0x4000
 
 
-def _mask(size):
-    return (1 << (8 * size)) - 1
-
-
-class VirtioPciDevice(PciDevice):
+class VirtioPciDevice(LegacyRegisters, ModernRegisters, PciDevice):
     """A transitional virtio PCI function around ``device`` with guest memory ``mem``."""
 
     def __init__(self, device: VirtioDevice, mem, single_vector=False, name=None):
@@ -186,12 +122,6 @@ class VirtioPciDevice(PciDevice):
         self.mem = mem
         for q in self.queues:
             q.mem = mem
-
-    def _add_vcap(self, cfg_type, offset, length, extra=b""):
-        cap = VIRTIO_PCI_CAP.build(dict(cap_vndr=PCI_CAP_ID_VNDR, cap_next=0, cap_len=16 + len(extra),
-                                        cfg_type=cfg_type, bar=MODERN_BAR if cfg_type != VIRTIO_PCI_CAP_PCI_CFG
-                                        else 0, offset=offset, length=length)) + extra
-        return self.add_capability(cap)
 
     # ---- features -------------------------------------------------------------------------------------------------
     def offered_features(self, modern):
@@ -365,186 +295,6 @@ class VirtioPciDevice(PciDevice):
                 self._modern_write(off, size, value)
         except Exception as exc:
             self.errors.append(f"barwrite {idx}:{off:#x}: {exc!r}")
-
-    # ---- legacy -------------------------------------------------------------------------------------------------------
-    def _legacy_read(self, off, size):
-        cfg = legacy_config_offset(self.msix_enabled)
-        if off >= cfg:
-            return self.vdev.config_read(off - cfg, size)
-        if _LEGACY_REGS.get(off) != size:
-            return _mask(size)
-        q = self._selected()
-        if off == VIRTIO_PCI_HOST_FEATURES:
-            return self.offered_features(False)
-        if off == VIRTIO_PCI_GUEST_FEATURES:
-            return self.negotiated & 0xFFFFFFFF
-        if off == VIRTIO_PCI_QUEUE_PFN:
-            return (q.desc_addr >> VIRTIO_PCI_QUEUE_ADDR_SHIFT) if q is not None and q.ready else 0
-        if off == VIRTIO_PCI_QUEUE_NUM:
-            return q.max_size if q is not None else 0
-        if off == VIRTIO_PCI_QUEUE_SEL:
-            return self.queue_sel
-        if off == VIRTIO_PCI_QUEUE_NOTIFY:
-            return 0
-        if off == VIRTIO_PCI_STATUS:
-            return self.status
-        if off == VIRTIO_PCI_ISR:
-            return self._read_isr()
-        if off == VIRTIO_MSI_CONFIG_VECTOR:
-            return self.config_vector
-        if off == VIRTIO_MSI_QUEUE_VECTOR:
-            return q.msix_vector if q is not None else NO_VECTOR
-        return _mask(size)
-
-    def _legacy_write(self, off, size, value):
-        cfg = legacy_config_offset(self.msix_enabled)
-        if off >= cfg:
-            self.vdev.config_write(off - cfg, size, value)
-            return
-        if _LEGACY_REGS.get(off) != size:
-            return
-        q = self._selected()
-        if off == VIRTIO_PCI_GUEST_FEATURES:
-            with self._vlock:
-                self._apply_features(value & self.offered_features(False))
-        elif off == VIRTIO_PCI_QUEUE_PFN:
-            if q is None:
-                return
-            if value == 0:
-                q.reset()
-            else:
-                q.set_features(self.negotiated)
-                q.enable_legacy(value)
-        elif off == VIRTIO_PCI_QUEUE_SEL:
-            self.queue_sel = value
-        elif off == VIRTIO_PCI_QUEUE_NOTIFY:
-            self._rang(LEGACY_BAR, value)
-        elif off == VIRTIO_PCI_STATUS:
-            self._write_status(value, modern=False)
-        elif off == VIRTIO_MSI_CONFIG_VECTOR:
-            self.config_vector = self._vector(value)
-        elif off == VIRTIO_MSI_QUEUE_VECTOR:
-            if q is not None:
-                q.msix_vector = self._vector(value)
-
-    # ---- modern -------------------------------------------------------------------------------------------------------
-    def _modern_read(self, off, size):
-        if COMMON_OFF <= off < COMMON_OFF + COMMON_CFG_SIZE:
-            return self._common_read(off - COMMON_OFF, size)
-        if ISR_OFF <= off < ISR_OFF + 4:
-            return self._read_isr() if off == ISR_OFF else 0
-        if DEVICE_OFF <= off < DEVICE_OFF + 0x1000:
-            return self.vdev.config_read(off - DEVICE_OFF, size)
-        return 0 if NOTIFY_OFF <= off < MODERN_BAR_SIZE else _mask(size)
-
-    def _modern_write(self, off, size, value):
-        if COMMON_OFF <= off < COMMON_OFF + COMMON_CFG_SIZE:
-            self._common_write(off - COMMON_OFF, size, value)
-        elif DEVICE_OFF <= off < DEVICE_OFF + 0x1000:
-            self.vdev.config_write(off - DEVICE_OFF, size, value)
-        elif NOTIFY_OFF <= off < NOTIFY_OFF + NOTIFY_MULTIPLIER * len(self.queues):
-            self._rang(MODERN_BAR, (off - NOTIFY_OFF) // NOTIFY_MULTIPLIER)
-
-    def common_cfg(self):
-        """The common configuration structure as the driver would read it now (a dict)."""
-        q = self._selected()
-        sel = self.device_feature_select
-        offered = self.offered_features(True)
-        return dict(
-            device_feature_select=sel,
-            device_feature=(offered >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0,
-            driver_feature_select=self.driver_feature_select,
-            driver_feature=((self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFFFFFF
-                            if self.driver_feature_select < 2 else 0),
-            msix_config=self.config_vector,
-            num_queues=len(self.queues),
-            device_status=self.status,
-            config_generation=self.config_generation,
-            queue_select=self.queue_sel,
-            queue_size=q.size if q is not None else 0,
-            queue_msix_vector=q.msix_vector if q is not None else NO_VECTOR,
-            queue_enable=int(q.ready) if q is not None else 0,
-            queue_notify_off=self.queue_sel if q is not None else 0,
-            queue_desc=q.desc_addr if q is not None else 0,
-            queue_driver=q.avail_addr if q is not None else 0,
-            queue_device=q.used_addr if q is not None else 0,
-        )
-
-    def _common_read(self, off, size):
-        with self._vlock:
-            raw = COMMON_CFG.build(self.common_cfg())
-        chunk = raw[off:off + size]
-        return int.from_bytes(chunk + b"\xff" * (size - len(chunk)), "little")
-
-    def _common_write(self, off, size, value):
-        for name, (foff, fsize) in _COMMON_FIELDS.items():
-            if foff <= off and off + size <= foff + fsize:
-                break
-        else:
-            return
-        shift = 8 * (off - foff)
-        with self._vlock:
-            cur = self.common_cfg()[name]
-        m = _mask(size) << shift
-        new = (cur & ~m) | (value << shift)
-        q = self._selected()
-        if name == "device_feature_select":
-            self.device_feature_select = new
-        elif name == "driver_feature_select":
-            self.driver_feature_select = new
-        elif name == "driver_feature":
-            sel = self.driver_feature_select
-            if sel < 2 and not self.status & STATUS_FEATURES_OK:
-                with self._vlock:
-                    self.driver_features = ((self.driver_features & ~(0xFFFFFFFF << (32 * sel)))
-                                            | (new << (32 * sel)))
-        elif name == "msix_config":
-            self.config_vector = self._vector(new)
-        elif name == "device_status":
-            self._write_status(new, modern=True)
-        elif name == "queue_select":
-            self.queue_sel = new
-        elif q is None:
-            return
-        elif name == "queue_msix_vector":
-            q.msix_vector = self._vector(new)
-        elif q.ready:
-            return  # size and addresses are fixed while the queue is enabled (4.1.4.3.2)
-        elif name == "queue_size":
-            q.size = new
-        elif name == "queue_desc":
-            q.desc_addr = new
-        elif name == "queue_driver":
-            q.avail_addr = new
-        elif name == "queue_device":
-            q.used_addr = new
-        elif name == "queue_enable":
-            if new == 1:
-                q.set_features(self.negotiated)
-                q.enable()
-
-    # ---- the VIRTIO_PCI_CAP_PCI_CFG window (4.1.4.7) ------------------------------------------------------------------
-    def _pcicfg_target(self):
-        o = self._pcicfg_off
-        return self.get_cfg(o + 4, 1), self.get_cfg(o + 8, 4), self.get_cfg(o + 12, 4)
-
-    def cfgread_hook(self, off, size):
-        o = self._pcicfg_off + 16
-        if off == o and size == 4:
-            bar, boff, blen = self._pcicfg_target()
-            if blen in (1, 2, 4):
-                return self.bar_access_read(bar, boff, blen)
-            return 0
-        return None
-
-    def cfgwrite_hook(self, off, size, value):
-        o = self._pcicfg_off + 16
-        if off == o and size == 4:
-            bar, boff, blen = self._pcicfg_target()
-            if blen in (1, 2, 4):
-                self.bar_access_write(bar, boff, blen, value & _mask(blen))
-            return True
-        return False
 
     def close(self):
         self.vdev.close()

@@ -33,212 +33,33 @@ configuration interrupt, 2.1.2) and the queue is *broken*: it serves nothing unt
 No exception leaves :meth:`get_chain`, :meth:`put_used` or :meth:`needs_notify`.
 
 Layouts are declared with construct (:data:`VIRTQ_DESC`, :data:`VIRTQ_AVAIL_HDR`, :data:`VIRTQ_USED_ELEM`...)
-and the hot path uses ``struct`` formats of the same sizes (checked by the unit tests). An indirect table in the
-order Linux writes it is checked and sliced with whole-list operations (:func:`_indirect_in_order`: a
-258-descriptor table natively 65 to 44 us, in the nested lab the walk was 1.3 ms of a 1 MiB read's 10 ms).
+and the hot path uses ``struct`` formats of the same sizes (checked by the unit tests); both live in
+:mod:`bhyve_devices.virtio.vring`. :class:`Chain` and the segment helpers live in :mod:`bhyve_devices.virtio.chain`,
+with the check of an indirect table in the order Linux writes it, sliced with whole-list operations
+(:func:`_indirect_in_order`) because a 1 MiB request's table of 258 entries walked one Python step per entry
+was a visible part of the request in the nested lab (docs/lab.md, "Serving at HLT"). Every one of those names is
+importable from here.
+
+Not supported: the packed virtqueue (2.7), ``VIRTIO_F_IN_ORDER``, a descriptor chain split over more than one
+indirect table.
 """
 
-import operator
 import struct
-import threading
 
-from construct import Array, Int16ul, Int32ul, Int64ul, Struct
-
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-
-VIRTIO_F_NOTIFY_ON_EMPTY = 24
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-
-MAX_QUEUE_SIZE = 32768
-LEGACY_ALIGN = 4096
-
-# ---- layouts (construct) -----------------------------------------------------------------------------------------
-VIRTQ_DESC = Struct("addr" / Int64ul, "len" / Int32ul, "flags" / Int16ul, "next" / Int16ul)
-VIRTQ_AVAIL_HDR = Struct("flags" / Int16ul, "idx" / Int16ul)
-VIRTQ_USED_HDR = Struct("flags" / Int16ul, "idx" / Int16ul)
-VIRTQ_USED_ELEM = Struct("id" / Int32ul, "len" / Int32ul)
-
-
-def avail_ring(size):
-    """The whole driver area of a queue of ``size`` entries (``used_event`` is the trailing field)."""
-    return Struct("flags" / Int16ul, "idx" / Int16ul, "ring" / Array(size, Int16ul), "used_event" / Int16ul)
-
-
-def used_ring(size):
-    """The whole device area of a queue of ``size`` entries (``avail_event`` is the trailing field)."""
-    return Struct("flags" / Int16ul, "idx" / Int16ul, "ring" / Array(size, VIRTQ_USED_ELEM),
-                  "avail_event" / Int16ul)
-
-
-# ---- hot-path formats --------------------------------------------------------------------------------------------
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_ELEM = struct.Struct("<II")
-DESC_SIZE = _DESC.size
-
-
-def avail_size(size):
-    return 6 + 2 * size
-
-
-def used_size(size):
-    return 6 + 8 * size
-
-
-def legacy_layout(pfn, size, align=LEGACY_ALIGN):
-    """(desc, avail, used) guest addresses of a legacy queue at page frame ``pfn`` (virtio 0.9.5 vring_init)."""
-    desc = pfn * align
-    avail = desc + DESC_SIZE * size
-    used = (avail + avail_size(size) + align - 1) & ~(align - 1)
-    return desc, avail, used
-
-
-def need_event(event, new, old):
-    """vring_need_event: whether moving the index from ``old`` to ``new`` crosses ``event`` (all mod 2**16)."""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
+from .chain import Chain, gather, scatter, split_segments, split_tail  # noqa: F401 (re-exported)
+from .chain import indirect_in_order as _indirect_in_order
+from .vring import (DESC_SIZE, LEGACY_ALIGN, MAX_QUEUE_SIZE, VIRTIO_F_NOTIFY_ON_EMPTY,  # noqa: F401 (re-exported)
+                    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_AVAIL_HDR,
+                    VIRTQ_DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_ELEM,
+                    VIRTQ_USED_F_NO_NOTIFY, VIRTQ_USED_HDR, avail_ring, avail_size, full_fence, legacy_layout,
+                    need_event, used_ring, used_size)
+from .vring import DESC_FMT as _DESC, ELEM_FMT as _ELEM, U16_FMT as _U16
 
 _GUEST_ERRORS = (OSError, ValueError, OverflowError, IndexError, TypeError, struct.error)
-_FENCE = threading.Lock()
-
-
-def full_fence():
-    """A full memory barrier between this thread's stores to guest memory and its next loads (bhyve's
-    ``atomic_thread_fence_seq_cst``, QEMU's ``smp_mb``): x86 lets a load pass an earlier store to another
-    address, and both notification-suppression handshakes (2.6.7, 2.6.10) are store-then-load on each side --
-    the device stores the used index (or ``avail_event``) then loads ``used_event``/flags (or the avail index),
-    the driver the reverse. Without it both may read the old value: the device skips an interrupt the driver
-    waits for (or misses a request it was not kicked for). Taking an uncontended lock does it: the lock's
-    atomic read-modify-write (LOCK-prefixed on x86) drains the store buffer."""
-    with _FENCE:
-        pass
-
-
-_NEXT_ONLY, _NEXT_WRITE = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-_SUCCESSORS = {}        # table size -> [1, 2, ..., size - 1]: the ``next`` fields of a table walked in order
-
-
-def _indirect_in_order(table, tsize, ram, ram_end):
-    """The common indirect table (what Linux builds): entry ``i`` chains to ``i + 1``, readable entries then
-    writable ones, the last without NEXT, every buffer in ``ram``. Checked and sliced with whole-list
-    operations (the table's fields read as strided arrays) instead of a Python step per descriptor (a 1 MiB
-    block request is 258 of them): returns ``(readable, writable)``, or None for any other table, which the
-    general walk then checks entry by entry (and reports, if it is bad)."""
-    u16 = table.cast("H")
-    flags = u16[6::8].tolist()                  # VIRTQ_DESC: addr u64, len u32, flags u16, next u16
-    last = tsize - 1
-    tail = flags[last]
-    try:
-        nread = flags.index(_NEXT_WRITE)
-    except ValueError:
-        nread = last
-    if tail == VIRTQ_DESC_F_WRITE:
-        expect = [_NEXT_ONLY] * nread + [_NEXT_WRITE] * (last - nread) + [tail]
-    elif tail == 0 and nread == last:
-        expect, nread = [_NEXT_ONLY] * last + [0], tsize
-    else:
-        return None
-    succ = _SUCCESSORS.get(tsize)
-    if succ is None:
-        succ = _SUCCESSORS[tsize] = list(range(1, tsize))
-    if flags != expect or u16[7:8 * last:8].tolist() != succ:
-        return None
-    addrs = table.cast("Q")[0::2].tolist()
-    ends = list(map(operator.add, addrs, table.cast("I")[2::4].tolist()))
-    if max(ends) > ram_end:
-        return None
-    views = [ram[a:e] for a, e in zip(addrs, ends)]
-    return views[:nread], views[nread:]
 
 
 class VirtqueueError(Exception):
     """A driver error in a queue (internal; never raised out of the public methods)."""
-
-
-class Chain:
-    """One descriptor chain: ``head`` (the index to hand back to :meth:`Virtqueue.put_used`), ``readable`` and
-    ``writable`` (lists of memoryviews into guest RAM, in chain order)."""
-
-    __slots__ = ("head", "readable", "writable")
-
-    def __init__(self, head, readable, writable):
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-
-    @property
-    def readable_len(self):
-        return sum(len(m) for m in self.readable)
-
-    @property
-    def writable_len(self):
-        return sum(len(m) for m in self.writable)
-
-    def read_bytes(self, limit=None):
-        """The readable bytes (a copy; for small headers and tests), at most ``limit``."""
-        segs = self.readable if limit is None else split_segments(self.readable, limit)[0]
-        return b"".join(bytes(m) for m in segs)
-
-    def write_bytes(self, data):
-        """Scatters ``data`` over the writable segments; returns how many bytes fitted."""
-        return scatter(self.writable, data)
-
-    def __repr__(self):
-        return (f"Chain(head={self.head}, readable={[len(m) for m in self.readable]}, "
-                f"writable={[len(m) for m in self.writable]})")
-
-
-def split_segments(segs, n):
-    """Splits a list of memoryviews after ``n`` bytes: ``(first, rest)`` (views of views, no copy). ``first``
-    holds fewer than ``n`` bytes if the segments are shorter."""
-    first = []
-    rest = []
-    it = iter(segs)
-    for m in it:
-        if n <= 0:
-            rest.append(m)
-            break
-        if len(m) <= n:
-            first.append(m)
-            n -= len(m)
-        else:
-            first.append(m[:n])
-            rest.append(m[n:])
-            n = 0
-            break
-    rest.extend(it)
-    return first, rest
-
-
-def split_tail(segs, n):
-    """Splits off the last ``n`` bytes: ``(head_segs, tail_segs)``."""
-    total = sum(len(m) for m in segs)
-    return split_segments(segs, max(total - n, 0))
-
-
-def scatter(segs, data):
-    """Copies ``data`` into the segments in order; returns the number of bytes copied."""
-    data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    done = 0
-    for m in segs:
-        if done >= len(data):
-            break
-        k = min(len(m), len(data) - done)
-        m[:k] = data[done:done + k]
-        done += k
-    return done
-
-
-def gather(segs, limit=None):
-    """Concatenates the segments (a copy), at most ``limit`` bytes."""
-    if limit is not None:
-        segs = split_segments(segs, limit)[0]
-    return b"".join(bytes(m) for m in segs)
 
 
 class Virtqueue:

@@ -42,10 +42,14 @@ import bisect
 import ctypes
 import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 from . import constants as C
+from .capability import (FEATURE_ANSWERED_IO, FEATURE_DOORBELL, FEATURE_KERNEL_PVCLOCK,  # noqa: F401
+                         FEATURE_POSTED_IO, LIMIT_CPUID_EXIT, LIMIT_CPUID_LATE, LIMIT_CPUID_MASK_1_7,
+                         LIMIT_IRQ_WINDOW_LATE, LIMIT_NMI_WINDOW, LIMIT_PAGING32, LIMIT_SOFT_INT, LIMIT_TPR_EXIT,
+                         CapMd, Capability)
 from .state import STATE_SIZE, Event, Exit, State
 from .x86 import mmu
 
@@ -80,49 +84,6 @@ class ConfCpuid:
 class ConfTpr:
     """``struct nvmm_vcpu_conf_tpr``."""
     exit_changed: bool = False
-
-
-@dataclass
-class CapMd:
-    """``struct nvmm_cap_md`` (x86)."""
-    mach_conf_support: int = 0
-    vcpu_conf_support: int = 0
-    xcr0_mask: int = 0
-    mxcsr_mask: int = 0
-    conf_cpuid_maxops: int = 0
-
-
-@dataclass
-class Capability:
-    """``struct nvmm_capability``, plus ``limits``: named things this provider cannot do, and ``features``: the
-    extensions it has (both vmmshim's)."""
-    version: int = C.NVMM_KERN_VERSION
-    state_size: int = STATE_SIZE
-    max_machines: int = 0
-    max_vcpus: int = 0
-    max_ram: int = 0
-    arch: CapMd = field(default_factory=CapMd)
-    limits: frozenset = frozenset()
-    features: frozenset = frozenset()
-
-
-# Named provider features a capability may list (vmmshim's, as crosvm's ``VmCap``): the extensions a VMM may ask of
-# :class:`Machine` only where the provider lists them (``vmmshim/fastpaths.py`` asks once, here).
-FEATURE_POSTED_IO = "posted-io"            # Machine.post_io: OUTs buffered without an exit (KVM coalesced PIO)
-FEATURE_ANSWERED_IO = "answered-io"        # Machine.answer_io: published one-byte IN values answered inside
-FEATURE_DOORBELL = "doorbell"              # Machine.doorbell: writes signal an eventfd (KVM ioeventfd)
-FEATURE_KERNEL_PVCLOCK = "kernel-pvclock"  # Machine.kernel_pvclock: the hypervisor's own kvmclock
-
-
-# Named provider limits a capability may list (tests cite them by name).
-LIMIT_CPUID_EXIT = "cpuid-exit"          # CPUID never exits to userland
-LIMIT_NMI_WINDOW = "nmi-window"          # no NMI_READY exits
-LIMIT_TPR_EXIT = "tpr-exit"              # no TPR_CHANGED exits
-LIMIT_PAGING32 = "paging32"              # cannot run 32-bit or PAE paging
-LIMIT_CPUID_MASK_1_7 = "cpuid-mask-1-7"  # CPUID leaves 1 and 7 ignore masks
-LIMIT_CPUID_LATE = "cpuid-after-run"     # CPUID configuration refused after the first run
-LIMIT_SOFT_INT = "int-n"                 # guest `int n`/`int3` fail
-LIMIT_IRQ_WINDOW_LATE = "irq-window-late"  # INT_READY comes at the next exit after the window opens
 
 
 class Provider:
@@ -274,8 +235,8 @@ class Machine:
         reaches the callback, which returns the same value); it returns False where it cannot (libnvmm): the reads
         keep exiting. Only for registers whose reads have no side effect and whose value the device can keep
         published whenever its state changes (a UART's line status); wider and string reads always exit.
-        Each vCPU counts the reads it answered (``Vcpu.answered_io``). ``answer_io(port, None)`` on a port never
-        published tells whether the provider can answer at all."""
+        Each vCPU counts the reads it answered (``Vcpu.answered_io``). Whether the provider can answer at all is
+        :data:`FEATURE_ANSWERED_IO` in ``Capability.features``."""
         if not 0 <= port < 0x10000 or (value is not None and not 0 <= value <= 0xFF):
             raise nvmm_error(errno.EINVAL, f"cannot answer port {port:#x} with {value!r}")
         return False if self.destroyed else self._answer_io(port, value)

@@ -6,10 +6,12 @@ memory, as a driver waits for its used ring; a write of another value goes throu
 takes them (KVM) the rings cost no exits; elsewhere each one exits and reaches the device through the bus."""
 
 import struct
+import threading
 
 import pytest
 
 from tests.guests.vmboot import boot64, gate, idt
+from vmmshim.doorbells import HOST_HAS_EVENTFD
 from vmmshim.vm import EXIT_HALT
 
 N = 40
@@ -144,3 +146,53 @@ def test_a_halting_vcpu_serves_the_doorbell_that_rang(make_vm, monkeypatch):
     assert dev.count == N and struct.unpack_from("<I", vm.view(IRQS, 4))[0] == N
     assert vm.doorbells.idle_served == N and len(threads) == 1
     assert not any(t.startswith("vmmshim-doorbells") for t in threads)
+
+
+class RingingDevice(NotifyDevice):
+    """A ``bhyve_devices.base.Doorbells`` device (as the virtio transport): BAR 0 is the port doorbell, BAR 1 the
+    MMIO one; a doorbell write that reaches it through the bus rings the VM's ring (``ring_with``)."""
+
+    def __init__(self, vm):
+        super().__init__(vm)
+        self.ring = None
+        self.threads = set()
+
+    def notify(self):
+        self.threads.add(threading.current_thread().name)
+        super().notify()
+
+    def doorbells(self, bar):
+        return self.bells(bar == 0)
+
+    def ring_with(self, ring):
+        self.ring = ring
+
+    def write(self, offset, size, value):
+        if self.ring is not None and (offset == 0x10 or (offset == 0 and value == RING_VALUE)):
+            self.ring(0 if offset == 0 else 1, 0)
+        else:
+            super().write(offset, size, value)
+
+
+@pytest.mark.skipif(not HOST_HAS_EVENTFD, reason="doorbell threads need eventfd and epoll")
+@pytest.mark.parametrize("hardware", [True, False], ids=["provider-doorbells", "doorbells-off"])
+def test_a_notification_is_served_on_the_device_thread_whichever_way_it_came(make_vm, provider, hardware):
+    """One route for a notification: on every provider, with the provider's doorbells or without (the write exits
+    and the device rings the same eventfd), the device's work runs on its doorbell thread, never on the vCPU that
+    wrote."""
+    vm = make_vm(doorbells=hardware)
+    dev = RingingDevice(vm)
+    vm.add_port_device(PORT, 4, dev, "notify-port")
+    vm.add_mmio_device(MMIO, 0x1000, dev, "notify-mmio")
+    vm.bar_mapped(object(), dev, 0, PORT, True, "ringer")
+    vm.bar_mapped(object(), dev, 1, MMIO, False, "ringer")
+    assert dev.ring is not None
+    boot64(vm, GUEST)
+    assert vm.run(timeout=60) == EXIT_HALT, vm.error
+    assert dev.count == 2 * N and dev.other == [(0, 7)]
+    assert dev.threads == {"vmmshim-doorbells ringer"}
+    taken = vm.doorbells.hardware
+    if provider.name == "kvm" and hardware:
+        assert taken == 2, "this KVM has ioeventfd: both doorbells should be the provider's"
+    port_exits, mmio_exits = vm.io_exits(0)
+    assert (port_exits, mmio_exits) == ((1, 0) if taken == 2 else (N + 1, N))

@@ -14,7 +14,7 @@ import sys
 import time
 
 SLEEP_S = 10
-BOOT_LIMIT_S = 120          # a boot takes 17-40 s here; a hung L2 is retried once
+BOOT_LIMIT_S = 120          # well above a boot here (docs/lab.md, "Timings measured"); a hung L2 is retried once
 GUEST_DIR = os.environ.get("VMMSHIM_GUEST_DIR", "/lab/guest")
 RUN = (f"grep -E '^ *(LOC|0):' /proc/interrupts | tr -s ' ' | tr '\\n' ' ' | sed 's/^/IRQ0 /'; echo; "
        f"echo CLK0 $(cut -d' ' -f1 /proc/uptime); sleep {SLEEP_S}; echo CLK1 $(cut -d' ' -f1 /proc/uptime); "

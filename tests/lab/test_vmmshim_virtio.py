@@ -8,11 +8,10 @@ Each case is its own L1 boot, booted six times at most (``run_in_lab(retry_kille
 ``virtio_check`` boots the guest up to three times in one L1 while it stops before ``VMMSHIM-GUEST-UP``; the
 tests judge only a boot that reached it. L1 is QEMU TCG emulating nested SVM, and it fails often: one CI run
 lost both L1 boots of the ``smp`` case (each L1 kernel panicked, "stack guard page was hit" in ``error_entry``
-with python3 current), and 18 ``smp`` L1 boots here on 2026-11-22 gave 9 good runs, 4 dead or hung L1s and 5 L2
-triple faults before the marker, with the compiled run loop off and with guest RAM off transparent huge pages as
-well as with both on (``docs/lab.md``); a full run on the final code of that session needed the third L1 for
-``smp`` (the first soft-locked a CPU in python3 for over 2 minutes, the second went silent). Measured here:
-main 83 s, intx 46 s, smp 40-45 s of guest runs.
+with python3 current), and single ``smp`` boots here on 2026-11-22 lost about half of their L1s or L2 guests,
+with the compiled run loop off and with guest RAM off transparent huge pages as well as with both on; a full run
+on the final code of that session needed the third L1 for ``smp`` (the counts, and how long each case's guest
+runs take, are in ``docs/lab.md``).
 """
 
 import pytest

@@ -29,15 +29,15 @@ class Dev(PciDevice):
 class FakeVm:
     def __init__(self):
         self.pio, self.mmio, self.logged = Bus("port", is_port_bus=True), Bus("mmio"), []
-        self.bar_doorbells, self.bells = {}, set()     # the doorbells registered: (address, pio, size, match)
+        self.bar_keys, self.bells = {}, set()     # the doorbells registered: (address, pio, size, match)
 
-    def add_doorbells(self, base, pio, bells, group=None, name=None):
-        keys = [(base + off, pio, size, match) for off, size, match, _ in bells]
+    def bar_mapped(self, window, dev, idx, base, pio, name=None):
+        keys = [(base + off, pio, size, match) for off, size, match, _ in dev.doorbells(idx)]
         self.bells.update(keys)
-        return keys
+        self.bar_keys[window] = keys
 
-    def remove_doorbells(self, keys):
-        for k in keys:
+    def bar_unmapped(self, window):
+        for k in self.bar_keys.pop(window, ()):
             self.bells.remove(k)
 
     def log(self, msg):

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from bhyve_devices.base import RecordingLine
 from bhyve_devices import uart16550 as U
 from bhyve_devices.uart16550 import UART16550
-from bhyve_devices.uart_backends import FileBackend, PtyBackend, UnixSocketBackend, open_backend
+from vmmshim.backends.uart import FileBackend, PtyBackend, UnixSocketBackend, open_backend
 
 
 class Sink:
@@ -345,7 +345,7 @@ def test_pty_backend_both_ways():
 
 
 def test_stdio_backend_over_pipes_and_tty_device_path():
-    from bhyve_devices.uart_backends import StdioBackend, TtyBackend
+    from vmmshim.backends.uart import StdioBackend, TtyBackend
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     be = StdioBackend(stdin_fd=in_r, stdout_fd=out_w)
@@ -375,7 +375,7 @@ def test_stdio_backend_over_pipes_and_tty_device_path():
 
 def test_buffered_backend_writes_lines_and_flushes_a_partial_line_by_timer(tmp_path):
     from bhyve_devices.base import ManualTimers
-    from bhyve_devices.uart_backends import BUFFER_MAX, FLUSH_NS, FileBackend
+    from vmmshim.backends.uart import BUFFER_MAX, FLUSH_NS, FileBackend
     path = tmp_path / "console"
     b = FileBackend(str(path))
     t = ManualTimers()

@@ -93,16 +93,18 @@ def test_console_with_uart_backend_feed_interface():
 
 def test_registry_names(tmp_path):
     reg = pytest.importorskip("bhyve_devices.pci.registry")
+    from vmmshim.backends import open_device_backends
     names = reg.names()
     for n in ("virtio-blk", "virtio-net", "virtio-tap", "virtio-rnd", "virtio-console"):
         assert n in names
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
     mem = BytesMemory(1 << 20)
-    d = reg.create("virtio-blk", {"path": str(img), "ro": "true", "guest_memory": mem})
+    d = reg.create("virtio-blk", open_device_backends("virtio-blk", {"path": str(img), "ro": "true",
+                                                                     "guest_memory": mem}))
     assert d.vdev.readonly and d.header().device_id == 0x1001
     d.close()
-    d = reg.create("virtio-blk", f"{img},sectorsize=4096")
+    d = reg.create("virtio-blk", open_device_backends("virtio-blk", f"{img},sectorsize=4096"))
     assert d.vdev.sectorsize == 4096 and d.mem is None
     d.set_memory(mem)
     drv = PciDriver(d, mem)

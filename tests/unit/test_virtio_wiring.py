@@ -86,6 +86,7 @@ def test_console_backend_opened_started_and_closed(tmp_path):
     mem = BytesMemory(1 << 20)
     opts = backends.open_device_backends("virtio-console", {"backend": f"file:{log}", "guest_memory": mem})
     dev = registry.create("virtio-console", opts)
+    assert opts["backend"]._feed == dev.vdev.enqueue_input     # started: input goes to the console
     drv = PciDriver(dev, mem)
     drv.init()
     drv.config_write(8, 4, ord("!"))                # the emergency write goes straight to the backend

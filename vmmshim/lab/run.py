@@ -41,8 +41,8 @@ from vmmshim.lab.paths import REPO_ROOT
 QEMU = "qemu-system-x86_64"
 L1_CPU = "EPYC,+svm,+npt"
 #: TCG's threading for L1. Multi-threaded TCG (a host thread per L1 vCPU) lost about half of the two-vCPU virtio
-#: guest runs here (18 boots: 4 L1 kernels panicked or hung, 5 L2 guests triple-faulted; docs/lab.md); with one
-#: TCG thread, 5 of 5 passed at the same speed (guest marker 23-27 s, L1 boot 13-14 s against 11.5-12.5 s).
+#: guest runs here (L1 kernels panicked or hung, L2 guests triple-faulted); with one TCG thread every one passed,
+#: at about the same speed (the boots and times are in docs/lab.md, "Known problems").
 #: ``VMMSHIM_LAB_TCG_THREAD=multi`` brings the old mode back, for comparison.
 L1_TCG_THREAD = os.environ.get("VMMSHIM_LAB_TCG_THREAD", "single")
 MARK_UP = "VMMSHIM-LAB-L1-UP"

@@ -1,9 +1,10 @@
 """The compiled KVM run loop (``fastrun.c``): built once with the host's C compiler, loaded with cffi in ABI mode.
 
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
-without coming back to Python: in the nested lab a kernel console's LSR read cost about 390 us of Python per
-character, and 25,000 of them were most of a boot's user-space time. The C file needs only libc (the kvm_run
-offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``, ``libc6-dev``).
+without coming back to Python: in the nested lab a kernel console's LSR read per character, each one an exit
+handled in Python, was most of a boot's user-space time (docs/lab.md, "Timings measured"). The C file needs only
+libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
+``libc6-dev``).
 
 The library is built and cached by ``ops/native.py`` (by the hash of its source, under ``$VMMSHIM_CACHE``).
 :func:`load` returns ``None`` (and :func:`unavailable` says why) when it cannot be built: the provider then

@@ -1,7 +1,7 @@
 """An NVMM vCPU on a KVM vCPU: the comm-page contract over ``kvm_run`` (run, exits, events, assists, stop).
 
-Linux KVM API (``Documentation/virt/kvm/api.rst``): the ``KVM_RUN`` ioctl and section 5, "The kvm_run structure". The
-register state half (``getstate``/``setstate`` over the sync-regs area, written back before each entry) is
+Linux KVM API (``Documentation/virt/kvm/api.rst``): the ``KVM_RUN`` ioctl and section 5, "The kvm_run structure".
+The register state half (``getstate``/``setstate`` over the sync-regs area, written back before each entry) is
 :class:`ops.nvmm.kvm.vcpu_state.KvmStateCache`, which :class:`KvmVcpu` inherits.
 
 Exits are mapped to NVMM's (``_EXIT_MAP``); their payloads are decoded only when read (:class:`KvmExit`). KVM
@@ -189,7 +189,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             vcpu._in_run = True
             answers = machine._answers
             # The compiled loop after a port exit (a console's IER access starts the run of LSR reads it
-            # answers); else the plain ioctl, which costs less per call (natively 15.5 against 16.2 us per exit)
+            # answers); else the plain ioctl, which costs less per call (measured natively: docs/lab.md)
             if after_io and answers is not None and answers.count:
                 if compiled is None:
                     compiled = vcpu._compiled_run()

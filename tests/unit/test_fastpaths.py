@@ -1,0 +1,148 @@
+"""The fast paths' wiring (``vmmshim/fastpaths.py``) with a provider that has none of them (a ``VmmApi`` double
+listing no features): a doorbell write that exits still reaches its device's own thread (software doorbells), a
+BAR unmapped takes its doorbells along, and posted runs reach a device through the port bus."""
+
+import threading
+import types
+
+from bhyve_devices.base import Doorbells as DoorbellDevice, ManualTimers, PostedWrites
+from vmmshim.bus import Bus
+from vmmshim.doorbells import HOST_HAS_EVENTFD
+from vmmshim.fastpaths import FastPaths
+
+import pytest
+
+from .recording_ops import RecordingOps
+
+
+class BellDevice:
+    """One doorbell at offset 0x10 of BAR 0; a write through the bus rings it as a virtio transport does."""
+
+    def __init__(self):
+        self.ring = None
+        self.served = []
+        self.done = threading.Event()
+
+    def doorbells(self, bar):
+        return [(0x10, 2, None, self.serve)] if bar == 0 else []
+
+    def ring_with(self, ring):
+        self.ring = ring
+
+    def serve(self):
+        self.served.append(threading.current_thread().name)
+        self.done.set()
+
+    def guest_write(self):
+        if self.ring is not None:
+            self.ring(0, 0)
+        else:
+            self.serve()
+
+
+def fake_vm(**config):
+    cfg = dict(doorbells=True, halt_serve=True, answer_io=True, posted_io=True)
+    cfg.update(config)
+    return types.SimpleNamespace(ops=RecordingOps(), vmi="vmi", config=types.SimpleNamespace(**cfg),
+                                 timers=ManualTimers(), pio=Bus("port", is_port_bus=True), log=print, status=None)
+
+
+def test_a_bell_device_is_a_doorbells_device():
+    assert isinstance(BellDevice(), DoorbellDevice) and not isinstance(object(), DoorbellDevice)
+
+
+@pytest.mark.skipif(not HOST_HAS_EVENTFD, reason="software doorbells need eventfd and epoll")
+def test_a_write_that_exits_is_served_on_the_device_thread():
+    vm = fake_vm()
+    fp = FastPaths(vm)
+    dev, window = BellDevice(), object()
+    try:
+        fp.bar_mapped(window, dev, 0, 0x1000, True, "bell")
+        assert dev.ring is not None and fp.doorbells.active == 1 and fp.doorbells.hardware == 0
+        dev.guest_write()
+        assert dev.done.wait(5)
+        assert dev.served == ["vmmshim-doorbells bell"]
+        fp.bar_unmapped(window)
+        assert dev.ring is None and fp.doorbells.active == 0
+        dev.guest_write()                                   # unmapped: the write is served where it was made
+        assert dev.served[-1] == threading.current_thread().name
+    finally:
+        fp.close()
+
+
+@pytest.mark.skipif(not HOST_HAS_EVENTFD, reason="software doorbells need eventfd and epoll")
+def test_a_halting_vcpu_serves_a_software_doorbell(monkeypatch):
+    """The idle hook is the doorbells' poll, and it serves a ring that exited (the device thread kept idle)."""
+    from vmmshim import doorbells
+    monkeypatch.setattr(doorbells._Group, "_loop", lambda self: None)
+    vm = fake_vm()
+    fp = FastPaths(vm)
+    assert [c[1] for c in vm.ops.calls if c[0] == "vm_idle_hook"] == [fp.doorbells.poll_idle]
+    dev = BellDevice()
+    try:
+        fp.bar_mapped(object(), dev, 0, 0x1000, True, "bell")
+        dev.guest_write()
+        assert fp.doorbells.poll_idle() == 1 and dev.served == [threading.current_thread().name]
+    finally:
+        fp.close()
+
+
+def test_no_idle_poll_with_halt_serve_off():
+    vm = fake_vm(halt_serve=False)
+    FastPaths(vm).close()
+    assert not [c for c in vm.ops.calls if c[0] == "vm_idle_hook"]
+
+
+def test_no_doorbells_for_a_device_that_offers_none():
+    vm = fake_vm()
+    fp = FastPaths(vm)
+    fp.bar_mapped(object(), object(), 0, 0x1000, True, "plain")
+    assert fp.doorbells.active == 0
+    fp.close()
+
+
+def test_no_posting_and_no_publishing_without_the_features():
+    vm = fake_vm()
+    fp = FastPaths(vm)
+
+    class Uartish:
+        posted_writes = ((0, 1),)
+
+        def posted_run(self, offset, data):
+            pass
+
+        def publish_reads(self, fn):
+            raise AssertionError("published without the answered-io feature")
+    fp.port_device(0x3F8, Uartish())
+    assert fp.posted_ports == [] and not [c for c in vm.ops.calls if c[0] in ("vm_post_io", "vm_answer_io")]
+    fp.close()
+
+
+def test_posted_runs_reach_the_device_through_the_port_bus():
+    class Runs:
+        posted_writes = ((0, 1),)
+
+        def __init__(self):
+            self.got = []
+
+        def posted_run(self, offset, data):
+            self.got.append((offset, bytes(data)))
+
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            self.got.append(("w", offset, value))
+
+    class Plain(Runs):
+        posted_run = None
+
+    bus = Bus("port", is_port_bus=True)
+    runs, plain = Runs(), Plain()
+    assert isinstance(runs, PostedWrites)
+    bus.insert(0x3F8, 8, runs, "runs")
+    bus.insert(0x2F8, 8, plain, "plain")
+    bus.posted_run(0x3F8, b"abc")
+    bus.posted_run(0x2F9, b"xy")
+    assert runs.got == [(0, b"abc")]
+    assert plain.got == [("w", 1, ord("x")), ("w", 1, ord("y"))]
