@@ -101,6 +101,16 @@ class CharBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class EntropySource(Protocol):
+    """virtio-rnd's host side (bhyve's ``pci_virtio_rnd.c`` reads ``/dev/random``)."""
+
+    def fill(self, segs: list) -> int:
+        """Fills the buffers ``segs`` (writable memoryviews, in order) with entropy; returns the bytes written."""
+
+    def close(self) -> None: ...
+
+
 class MemoryBlockBackend:
     """A :class:`BlockBackend` over ``data`` (a ``bytearray``, kept): no host I/O, for tests."""
 

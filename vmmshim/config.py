@@ -8,8 +8,9 @@ Keys used here: ``name``, ``cpus``, ``memory.size``, ``acpi_tables``, ``x86.stri
 ``firmware.*`` keys, and vmmshim's own ``vmmshim.provider`` and ``x86.kvm_pv`` (KVM's paravirtual interface: kvmclock,
 ``ops/kvm_para.py``; on by default, as QEMU offers kvmclock), ``x86.pv_eoi`` (KVM's PV EOI as well; on by default, as QEMU offers it) and
 ``vmmshim.posted_io`` (devices' posted port writes, e.g. the UART's transmit register, buffered by KVM's
-coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications through KVM's ioeventfd,
-``vmmshim/doorbells.py``; on by default), ``vmmshim.halt_serve`` (a vCPU about to sleep in HLT serves the
+coalesced PIO; on by default), ``vmmshim.doorbells`` (virtio queue notifications through KVM's ioeventfd; off,
+they exit and the transport rings the device's thread itself, ``vmmshim/fastpaths.py``; on by default),
+``vmmshim.halt_serve`` (a vCPU about to sleep in HLT serves the
 doorbells that rang first, ``vmmshim/doorbells.py``; on by default), ``vmmshim.answer_io`` (port reads a device publishes, e.g. the UART's
 line status, answered by the KVM provider's compiled run loop without an exit, ``ops/nvmm/kvm/fastrun.py``; on by
 default), ``vmmshim.blk_compiled`` (virtio-blk serves Linux-shaped read and write requests through its compiled

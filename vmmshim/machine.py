@@ -18,9 +18,6 @@ from .bus import BusError
 from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
-# Options the VM adds for every PCI device (the devices read what they need).
-_RESERVED_OPTS = ("guest_memory", "virtio_msix", "vmname", "slot", "func", "blk_compiled")
-
 
 def build_pci_and_tables(vm, cfg, platform):
     """Builds the PCI host and its devices, then writes the firmware tables into guest RAM. Returns the host."""

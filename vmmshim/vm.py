@@ -72,8 +72,6 @@ class VM:
     def __init__(self, ops, config, log=None):
         self.ops, self.config = ops, config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.x2apic = config.x2apic
-        self.kvm_pv, self.pv_eoi = config.kvm_pv, config.pv_eoi
         self.timers = TimerThread(on_error=self._timer_error)
         self.pio = Bus("port", strict=config.strictio, on_unhandled=self._unhandled, is_port_bus=True)
         self.mmio = Bus("mmio", strict=config.strictio, on_unhandled=self._unhandled)

@@ -26,7 +26,8 @@ from .transport import VirtioPciDevice
 _FALSE = ("false", "0", "no", "off")
 
 
-def _opts(opts, parse):
+def as_options(opts, parse):
+    """An emulation's options as a dict: bhyve config keys as given, or the legacy ``-s`` string parsed."""
     if opts is None:
         return {}
     if isinstance(opts, str):
@@ -39,7 +40,8 @@ def _single_vector(o):
     return bool(o.get("single_vector")) or (isinstance(v, str) and v.lower() in _FALSE) or v is False
 
 
-def _flag(v):
+def is_true(v):
+    """A bhyve boolean option: True, or a string other than false/0/no/off."""
     return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
 
 
@@ -54,9 +56,9 @@ def _opened(name, backend, required=False):
 @register("virtio-blk")
 class VirtioBlkPci(VirtioPciDevice):
     def __init__(self, opts=None):
-        o = _opts(opts, _blk.parse_options)
+        o = as_options(opts, _blk.parse_options)
         kw = dict(backend=_opened("virtio-blk", o.get("backend"), required=True),
-                  nodelete=_flag(o.get("nodelete", False)))
+                  nodelete=is_true(o.get("nodelete", False)))
         if "sectorsize" in o:
             ss = o["sectorsize"]
             if isinstance(ss, str):
@@ -72,7 +74,7 @@ class VirtioBlkPci(VirtioPciDevice):
 
 
 def _net_opts(opts):
-    o = _opts(opts, _net.parse_options)
+    o = as_options(opts, _net.parse_options)
     # bhyve's legacy ``-s N,virtio-net,tap0`` puts the backend first; the command line stores it as ``path``
     backend = _opened("virtio-net", o.get("backend", o.get("tap", o.get("path"))))
     mac = o.get("mac")
@@ -97,14 +99,14 @@ class VirtioTapPci(VirtioNetPci):
 @register("virtio-rnd")
 class VirtioRndPci(VirtioPciDevice):
     def __init__(self, opts=None):
-        o = _opts(opts, lambda s: {})
-        super().__init__(VirtioRnd(), o.get("guest_memory"), single_vector=_single_vector(o))
+        o = as_options(opts, lambda s: {})
+        super().__init__(VirtioRnd(o.get("backend")), o.get("guest_memory"), single_vector=_single_vector(o))
 
 
 @register("virtio-console")
 class VirtioConsolePci(VirtioPciDevice):
     def __init__(self, opts=None):
-        o = _opts(opts, lambda s: {"backend": s} if s else {})
+        o = as_options(opts, lambda s: {"backend": s} if s else {})
         self._backend = _opened("virtio-console", o.get("backend"))
         dev = VirtioConsole(self._backend)
         super().__init__(dev, o.get("guest_memory"), single_vector=_single_vector(o))

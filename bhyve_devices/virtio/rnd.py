@@ -1,8 +1,9 @@
 """virtio-rnd: the entropy device (VIRTIO 1.1 section 5.4; bhyve ``pci_virtio_rnd.c``), ``-s N,virtio-rnd``.
 
 One queue (``requestq``) of device-writable buffers; each is filled from the host's entropy source and returned
-with the number of bytes written. The source is ``/dev/urandom`` read with ``os.readv`` straight into the guest
-buffers, or any ``source(n) -> bytes`` callable (``os.urandom`` when ``/dev/urandom`` cannot be opened). A request
+with the number of bytes written. The source is the ``EntropySource`` the VM gives (``vmmshim/backends/rnd.py``:
+``/dev/urandom`` read with ``os.readv`` straight into the guest buffers), or any ``source(n) -> bytes`` callable
+(``os.urandom`` by default). A request
 is served on the notifying vCPU, as bhyve does; at most ``max_request`` bytes (64 KiB) per buffer, so a guest
 asking for a gigabyte does not stall its vCPU (the used length tells it how much it got).
 
@@ -11,6 +12,8 @@ No configuration space, no feature bits.
 """
 
 import os
+
+from bhyve_devices.backends import EntropySource
 
 from .device import VIRTIO_ID_RNG, VirtioDevice
 from .virtqueue import scatter, split_segments
@@ -25,18 +28,12 @@ class VirtioRnd(VirtioDevice):
 
     def __init__(self, source=None):
         super().__init__()
-        self._fd = -1
-        self._source = source
-        if source is None:
-            try:
-                self._fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self._source = os.urandom
+        self._source = source if source is not None else os.urandom
 
     def _fill(self, segs):
-        if self._fd >= 0:
+        if isinstance(self._source, EntropySource):
             try:
-                return os.readv(self._fd, segs) if segs else 0
+                return self._source.fill(segs) if segs else 0
             except OSError:
                 return 0
         want = sum(len(m) for m in segs)
@@ -58,6 +55,5 @@ class VirtioRnd(VirtioDevice):
             self.notify_used(queue, used_all_avail=True)
 
     def close(self):
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if isinstance(self._source, EntropySource):
+            self._source.close()

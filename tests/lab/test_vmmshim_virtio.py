@@ -1,7 +1,8 @@
 """Stock Linux drives vmmshim's virtio devices inside the nested lab (issue 7), through
 ``python3 -m vmmshim.lab.virtio_check`` (see there for what each guest does and what L1 checks): ``main`` (one
 guest with virtio-blk read-write and read-only, virtio-net on a tap in L1 and virtio-rnd; MSI-X, the modern
-interface), ``intx`` (no MSI-X: INTx, then a driver reload onto the legacy interface; GET_ID, discard) and
+interface), ``intx`` (no MSI-X: INTx, then a driver reload onto the legacy interface; GET_ID, discard; with
+KVM's doorbells off, so every notification exits and the transport rings the device's thread itself) and
 ``smp`` (``main`` on two vCPUs).
 
 Each case is its own L1 boot, booted six times at most (``run_in_lab(retry_killed=True)``), and

@@ -1,10 +1,10 @@
-"""``-o vmmshim.gil_switch_ms``: the interval Python's GIL hands over at (``vmmshim/cli.py``'s ``gil_switch``)."""
+"""``-o vmmshim.gil_switch_ms``: the interval Python's GIL hands over at (``vmmshim/runner.py``'s ``gil_switch``)."""
 
 import sys
 
 import pytest
 
-from vmmshim.cli import gil_switch
+from vmmshim.runner import gil_switch
 from vmmshim.config import Config, ConfigError
 
 

@@ -78,7 +78,18 @@ def test_open_errors_are_the_host_errors(tmp_path):
         backends.open_device_backends("virtio-blk", {"path": str(tmp_path / "missing.img")})
     with pytest.raises(ValueError):
         backends.open_device_backends("virtio-blk", {})
-    assert backends.open_device_backends("virtio-rnd", {"x": 1}) == {"x": 1}
+    assert backends.open_device_backends("hostbridge", {"x": 1}) == {"x": 1}      # no backend: as given
+
+
+def test_virtio_rnd_gets_the_host_entropy_source():
+    from bhyve_devices.backends import EntropySource
+    mem = BytesMemory(1 << 20)
+    opts = backends.open_device_backends("virtio-rnd", {"guest_memory": mem})
+    assert isinstance(opts["backend"], EntropySource)
+    dev = registry.create("virtio-rnd", opts)
+    buf = [memoryview(bytearray(64))]
+    assert dev.vdev._fill(buf) == 64 and bytes(buf[0]) != bytes(64)
+    dev.close()
 
 
 def test_console_backend_opened_started_and_closed(tmp_path):

@@ -3,13 +3,15 @@
 
 - :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request;
 - :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``);
-- :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``).
+- :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``);
+- :mod:`.rnd`: ``/dev/urandom`` for virtio-rnd.
 
 :func:`open_device_backends` turns a PCI emulation's bhyve options into the options its device is built from, as
 bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
 up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
 ``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
-``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its spec.
+``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its spec,
+``virtio-rnd`` gets the host's entropy source.
 Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message.
 
 Not supported: backends for the other emulations (they have none), sharing one backend between devices.
@@ -17,41 +19,30 @@ Not supported: backends for the other emulations (they have none), sharing one b
 
 from bhyve_devices.virtio import blk as _blkdev
 from bhyve_devices.virtio import net as _netdev
+from bhyve_devices.virtio.pci import as_options, is_true
 
 from . import blkfast
 from . import net as _net
 from . import uart as _uart
 from .block import FileBlockBackend
+from .rnd import UrandomSource
 
-_FALSE = ("false", "0", "no", "off")
 #: The option each emulation's opened backend goes in.
 BACKEND_OPT = "backend"
 
 
-def _flag(v):
-    return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
-
-
-def _as_dict(opts, parse):
-    if opts is None:
-        return {}
-    if isinstance(opts, str):
-        return parse(opts)
-    return dict(opts)
-
-
 def _blk(o):
-    o = _as_dict(o, _blkdev.parse_options)
+    o = as_options(o, _blkdev.parse_options)
     path = o.get("path")
     if not path:
         raise ValueError("virtio-blk needs a path")
-    accel = blkfast.accelerator() if _flag(o.get("blk_compiled", False)) else None
-    o[BACKEND_OPT] = FileBlockBackend(path, readonly=_flag(o.get("ro", o.get("readonly", False))), accel=accel)
+    accel = blkfast.accelerator() if is_true(o.get("blk_compiled", False)) else None
+    o[BACKEND_OPT] = FileBlockBackend(path, readonly=is_true(o.get("ro", o.get("readonly", False))), accel=accel)
     return o
 
 
 def _netdev_opts(o):
-    o = _as_dict(o, _netdev.parse_options)
+    o = as_options(o, _netdev.parse_options)
     spec = o.get("backend", o.get("tap", o.get("path")))
     if isinstance(spec, str):
         o[BACKEND_OPT] = _net.open_backend(spec)
@@ -59,14 +50,21 @@ def _netdev_opts(o):
 
 
 def _console(o):
-    o = _as_dict(o, lambda s: {"backend": s} if s else {})
+    o = as_options(o, lambda s: {"backend": s} if s else {})
     spec = o.get("backend")
     if isinstance(spec, str):
         o[BACKEND_OPT] = _uart.open_backend(spec)
     return o
 
 
-_OPENERS = {"virtio-blk": _blk, "virtio-net": _netdev_opts, "virtio-tap": _netdev_opts, "virtio-console": _console}
+def _rnd(o):
+    o = as_options(o, lambda s: {})
+    o[BACKEND_OPT] = UrandomSource()
+    return o
+
+
+_OPENERS = {"virtio-blk": _blk, "virtio-rnd": _rnd, "virtio-net": _netdev_opts, "virtio-tap": _netdev_opts,
+            "virtio-console": _console}
 
 
 def open_device_backends(name, opts):

@@ -16,7 +16,8 @@ Case ``main`` (MSI-X, the modern interface): vda a 64 MiB read-write image (its 
   Source.
 
 Case ``intx`` (``-o virtio_msix=false``: no MSI-X capability, so Linux falls back to INTx through the IOAPIC;
-:data:`INTX_SCRIPT`): vda, eth0 and the RNG are used through the modern interface (``VX-MODERN-*``: vda's first
+and ``-o vmmshim.doorbells=false``: KVM's ioeventfd is not used, so every queue notification exits and the
+transport rings the device's thread itself, ``vmmshim/fastpaths.py``; :data:`INTX_SCRIPT`): vda, eth0 and the RNG are used through the modern interface (``VX-MODERN-*``: vda's first
 MiB, 64 bytes of RNG, a ping, a 64 KiB write at 1 MiB, VERSION_1 per device), then ``VX-SIZE`` (sectors, logical
 block size), ``VX-SERIAL`` (GET_ID), ``VX-DISCARD`` (``blkdiscard`` of 3-4 MiB), ``VX-MAC`` (address, carrier);
 then virtio_pci is removed (every device is reset) and loaded again with ``force_legacy=1``, and the same checks
@@ -91,6 +92,7 @@ def parse_result(stdout, case="main"):
     return None, ""
 
 
+INTX_OPTS = ("-o", "virtio_msix=false", "-o", "vmmshim.doorbells=false")
 INTX_SCRIPT = f"""\
 m5(){{ md5sum | cut -d' ' -f1; }}
 chk(){{ echo VX-$1-BLK $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | m5)
@@ -149,7 +151,7 @@ def run_case(case, vmm="vmmshim", tries=3, workdir="/tmp/vx", timeout=240.0):
     if main:
         script, opts, disks = GUEST_SCRIPT, (), [l2vm.Disk(rw), l2vm.Disk(ro, ro=True)]
     else:
-        script, opts, disks = INTX_SCRIPT, ("-o", "virtio_msix=false"), [l2vm.Disk(rw)]
+        script, opts, disks = INTX_SCRIPT, INTX_OPTS, [l2vm.Disk(rw)]
     append = f"{l2vm.BASE_APPEND} {encode_run(script)}"
     make = l2vm.vmmshim_argv if vmm == "vmmshim" else l2vm.qemu_argv
     devs = dict(disks=disks, tap=l2vm.TAP, rnd=True, opts=opts, ncpus=2 if case == "smp" else 1)
