@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional, Protocol
 
 from .vmm_ops import VmExit, VmmOps
 
+# The 8259 pair and the ELCR, at the PC's ports (bhyve's atpic.c IO_ICU1, IO_ICU2, IO_ELCR1).
+ATPIC_MASTER, ATPIC_SLAVE, ATPIC_ELCR = 0x20, 0xA0, 0x4D0
+
 
 @dataclass
 class VmSpec:
@@ -179,7 +182,3 @@ class VmmApiCalls:
 
     def vm_idle_hook(self, vmi, fn):
         vmi.idle_hook = fn
-
-
-# The 8259 pair and the ELCR, at the PC's ports (bhyve's atpic.c IO_ICU1, IO_ICU2, IO_ELCR1).
-ATPIC_MASTER, ATPIC_SLAVE, ATPIC_ELCR = 0x20, 0xA0, 0x4D0

@@ -18,7 +18,7 @@ yet served is served by the caller of :meth:`Doorbells.remove` before it returns
 A vCPU about to sleep in HLT serves the doorbells that rang first (:meth:`Doorbells.poll_idle`, the VM's idle
 hook): a driver that kicks a queue and then idles (a block request at queue depth 1) has its request served and
 its interrupt pending before the vCPU would sleep, instead of a hand-off to the doorbell thread and a wake-up back
-(two thread switches a request, about 1.5 ms of a 1 MiB request's 8 ms in the nested lab). A group's function
+(two thread switches a request; what they cost in the nested lab: ``docs/lab.md``, "Serving at HLT"). A group's function
 never runs on two threads at once (``_Group.busy``): a halting vCPU skips a group its thread is serving. The cost:
 while it serves, that vCPU takes no interrupt (it would have slept); ``-o vmmshim.halt_serve=false`` leaves every
 ring to the threads.

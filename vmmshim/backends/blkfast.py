@@ -5,9 +5,9 @@ carries it for its image (``FileBlockBackend(..., accel=accelerator())``, ``serv
 compiled request serves it when it is in the order Linux's driver writes it (a header, the data buffers, the
 status byte), the request is a read or a write within the image, and every buffer lies in the first RAM area: the
 C code checks the table and every buffer against RAM, builds the ``iovec`` array straight from the descriptors and
-makes the ``preadv``/``pwritev`` itself, with the GIL released (cffi's ABI mode does). In the nested lab the Python
-walk of a 1 MiB request's 258-entry table cost about 0.65 ms of the request's 4.4 ms (L1 runs Python under TCG);
-natively it is about 45 us. Any other chain, or a request it would answer with an error status, falls back to the
+makes the ``preadv``/``pwritev`` itself, with the GIL released (cffi's ABI mode does). The Python walk of a large
+request's indirect table is a sizable share of a request where Python runs slowly (the nested lab's figures:
+``docs/lab.md``, "Threads, the GIL and a compiled request"). Any other chain, or a request it would answer with an error status, falls back to the
 device's Python path before anything is read or written, so the guest sees the same answers either way
 (``tests/unit/test_virtio_blk_compiled.py`` compares the two).
 
