@@ -70,11 +70,12 @@ class Config:
 
     def load_file(self, path):
         """``-k file``: ``key=value`` lines, ``#`` comments."""
+        from .loader.common import read_regular_file     # refuses a FIFO or a device without blocking or hanging
+        data = read_regular_file(path, "config file")       # InputFileError (a ValueError): one line, status 4
         try:
-            with open(path) as f:
-                lines = f.readlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            lines = data.decode().splitlines()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
         for n, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
             if line:

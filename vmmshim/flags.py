@@ -22,7 +22,8 @@ USAGE = """usage: vmmshim [-AbCehHPuvwWxY] [-c vcpus] [-f firmware] [-F pidfile]
   -e  exit on unhandled I/O port     -f  firmware: kexec,KERNEL,INITRD,"CMDLINE" | multiboot,KERNEL[,MODS],"CMDLINE"
   -h  this help                      |   hello (built-in smoke guest)
   -H  vmexit on HLT (always sleeps)  -k  configuration file of key=value lines
-  -l  LPC device: com1,stdio | com2,autopty | comN,PATH | debug-exit[,PORT] (QEMU isa-debug-exit)
+  -l  LPC device: comN,stdio | comN,autopty | comN,/dev/TTY | comN,tcp=ADDR:PORT | comN,unix:PATH |
+      comN,file:PATH | debug-exit[,PORT] (QEMU isa-debug-exit)
   -m  memory size (K/M/G suffix; default 256M)          -o  set a configuration key (bhyve_config(5))
   -P  vmexit on PAUSE                -s  PCI slot: slot[:func],emulation[,conf]
   -u  RTC keeps UTC                  -U  VM UUID

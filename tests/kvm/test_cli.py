@@ -24,7 +24,7 @@ def test_hello_guest_prints_on_com1_and_halts(kvm_provider):
 
 def test_hello_output_to_a_file_backend(kvm_provider, tmp_path):
     log = tmp_path / "com1.log"
-    p = vmmshim("-m", "16M", "-l", f"com1,{log}", "-f", "hello")
+    p = vmmshim("-m", "16M", "-l", f"com1,file:{log}", "-f", "hello")
     assert p.returncode == 2, p.stderr
     assert log.read_bytes().startswith(b"Hello from vmmshim")
 

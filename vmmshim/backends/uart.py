@@ -1,6 +1,7 @@
 """Host ends for :class:`bhyve_devices.uart16550.UART16550` and virtio-console, as
 :class:`bhyve_devices.backends.CharBackend` s (bhyve ``uart_backend.c``; xhyve/bhyve ``-l com1,stdio``,
-``com2,autopty``, ``com1,/dev/ttyX``; plus a file and a Unix socket).
+``com2,autopty``, ``com1,/dev/ttyX``, ``com1,tcp=127.0.0.1:1234`` (``uart_tcp_backend``); plus ``file:PATH`` and
+``unix:PATH``).
 
 A backend is the device's ``sink`` (``write(bytes)``) and, once :meth:`start` is given the device (or any
 ``enqueue_input(bytes) -> int`` callable), runs one daemon reader thread that feeds input, retrying the bytes the
@@ -11,17 +12,24 @@ Output is written as the guest sends it, unless :meth:`_Backend.buffer_lines` ga
 then it is written a line at a time (a polling console sends a byte per port write, and a system call per byte
 was most of what a console byte cost in the nested lab), a partial line (a prompt) at most ``FLUSH_NS`` after its
 first byte, and at once past ``BUFFER_MAX`` bytes.
-:func:`open_backend` turns a bhyve option string into a backend.
+:func:`open_backend` turns a bhyve option string into a backend; a spec it cannot open is an ``OSError`` whose
+one-line ``strerror`` names the path or address.
 
-Not supported: TCP sockets (``tcp=``), bhyve's ``ttyS`` capsicum rights, more than one socket client at a time
-(a second one waits until the first has gone), hot-plugging a pty reader (output written while no one has the
-pty open stays in the kernel's pty buffer and may block, so output to a full pty is dropped instead).
+The socket backends (``tcp=``, ``unix:``) take one client at a time, as bhyve's TCP backend does: a second
+connection while one is active is accepted and closed at once, output while no client is connected is dropped,
+and a client that disconnects lets the next one in. ``unix:PATH`` replaces only a stale socket (one that refuses
+connections); any other file there is left alone and refused.
+
+Not supported: bhyve's ``ttyS`` capsicum rights, telnet negotiation on ``tcp=``, hot-plugging a pty reader
+(output written while no one has the pty open stays in the kernel's pty buffer and may block, so output to a
+full pty is dropped instead).
 """
 
 import errno
 import os
 import selectors
 import socket
+import stat
 import sys
 import threading
 import time
@@ -32,6 +40,11 @@ BUFFER_MAX = 4096
 READ_CHUNK = 4096           # input bytes read per system call
 PTY_REOPEN_S = 0.1          # a pty without a reader is looked at again after this long
 JOIN_S = 2                  # seconds close() waits for the reader thread
+LISTEN_BACKLOG = 1          # bhyve's uart_tcp_backend listen(2) backlog
+STALE_PROBE_S = 1           # seconds a connect() to an existing unix: socket may take before it counts as live
+TCP_PREFIX = "tcp="
+UNIX_PREFIX = "unix:"
+FILE_PREFIX = "file:"
 
 
 class _Backend:
@@ -178,7 +191,10 @@ class FileBackend(_Backend):
 
     def __init__(self, path):
         super().__init__()
-        self._f = open(path, "ab", buffering=0)
+        try:
+            self._f = open(path, "ab", buffering=0)
+        except OSError as e:
+            raise OSError(e.errno, f"{path}: {e.strerror}") from None
 
     def _emit(self, data):
         self._f.write(data)
@@ -193,7 +209,10 @@ class TtyBackend(_Backend):
 
     def __init__(self, path):
         super().__init__()
-        self._fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as e:
+            raise OSError(e.errno, f"{path}: {e.strerror}") from None
         if os.isatty(self._fd):
             import tty
             tty.setraw(self._fd)
@@ -242,20 +261,14 @@ class PtyBackend(_Backend):
         os.close(self._slave)
 
 
-class UnixSocketBackend(_Backend):
-    """A listening Unix stream socket at ``path``; one client at a time gets the output and sends input.
-    Output while no client is connected is dropped."""
+class _ListenBackend(_Backend):
+    """A listening stream socket; one client at a time gets the output and sends input. A connection while a
+    client is active is accepted and closed at once; output while no client is connected is dropped."""
 
-    def __init__(self, path):
+    def __init__(self, lsock):
         super().__init__()
-        self.path = path
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._lsock.bind(path)
-        self._lsock.listen(1)
+        self._lsock = lsock
+        self._lsock.listen(LISTEN_BACKLOG)
         self._client = None
         self._clock = threading.Lock()
 
@@ -271,54 +284,155 @@ class UnixSocketBackend(_Backend):
     def _input_fd(self):
         return self._lsock.fileno()
 
-    def _reader(self):
-        while not self._closed:
-            if not self._wait_readable(self._lsock.fileno()):
+    def _accept(self):
+        try:
+            conn, _ = self._lsock.accept()
+        except OSError:
+            return
+        with self._clock:
+            if self._client is None:
+                self._client = conn
                 return
+        conn.close()                    # bhyve: a second client is accepted and dropped
+
+    def _drop_client(self):
+        with self._clock:
+            c, self._client = self._client, None
+        if c is not None:
+            c.close()
+
+    def _reader(self):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+            sel.register(self._lsock.fileno(), selectors.EVENT_READ, "listen")
             try:
-                client, _ = self._lsock.accept()
-            except OSError:
-                continue
-            with self._clock:
-                self._client = client
-            try:
-                while not self._closed and self._wait_readable(client.fileno()):
-                    data = client.recv(READ_CHUNK)
-                    if not data:
-                        break
-                    self._deliver(data)
-            except OSError:
-                pass
+                while not self._closed:
+                    events = sorted(sel.select(), key=lambda ev: ev[0].data == "listen")  # a hang-up first
+                    for key, _ in events:
+                        if key.data == "stop":
+                            return
+                        if key.data == "listen":
+                            had = self._client
+                            self._accept()
+                            if had is None and self._client is not None:
+                                sel.register(self._client.fileno(), selectors.EVENT_READ, "client")
+                            continue
+                        try:
+                            data = self._client.recv(READ_CHUNK)
+                        except OSError:
+                            data = b""
+                        if data:
+                            self._deliver(data)
+                        else:
+                            sel.unregister(key.fd)
+                            self._drop_client()
             finally:
-                with self._clock:
-                    self._client = None
-                client.close()
+                self._drop_client()
 
     def close(self):
         super().close()
         self._lsock.close()
+
+
+class UnixSocketBackend(_ListenBackend):
+    """``unix:PATH``: a listening Unix stream socket at ``path``. Only a stale socket there (nobody listening)
+    is replaced; any other file is an ``OSError`` naming the path, and is left alone."""
+
+    def __init__(self, path):
+        self.path = path
+        _remove_stale_socket(path)
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lsock.bind(path)
+        except OSError as e:
+            lsock.close()
+            raise OSError(e.errno, f"{path}: {e.strerror}") from None
+        super().__init__(lsock)
+
+    def close(self):
+        super().close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
 
 
+def _remove_stale_socket(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path}: exists and is not a socket (left alone)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(STALE_PROBE_S)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)                 # stale: its listener has gone
+        return
+    except OSError as e:
+        raise OSError(e.errno or errno.EEXIST, f"{path}: socket not replaced ({e.strerror or e})") from None
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path}: a live socket is listening there (left alone)")
+
+
+class TcpBackend(_ListenBackend):
+    """bhyve's ``tcp=ADDR:PORT`` (``uart_tcp_backend``): listens on ``ADDR:PORT`` (IPv4, or IPv6 as
+    ``[ADDR]:PORT``) with ``SO_REUSEADDR``; :attr:`address` is where it listens (port 0 picks a free port)."""
+
+    def __init__(self, spec):
+        host, port = parse_tcp_address(spec)
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        except socket.gaierror as e:
+            raise OSError(errno.EINVAL, f"tcp={spec}: {e.strerror}") from None
+        family, stype, proto, _, sockaddr = infos[0]
+        lsock = socket.socket(family, stype, proto)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(sockaddr)
+        except OSError as e:
+            lsock.close()
+            raise OSError(e.errno, f"tcp={spec}: {e.strerror}") from None
+        self.address = lsock.getsockname()[:2]
+        super().__init__(lsock)
+
+
+def parse_tcp_address(spec):
+    """``"127.0.0.1:1234"`` / ``"[::1]:1234"`` -> (host, port); a bad one is a ``ValueError``."""
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        ok = sep and rest.startswith(":")
+        port = rest[1:]
+    else:
+        host, sep, port = spec.rpartition(":")
+        ok = sep and ":" not in host
+    if not ok or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"tcp={spec}: expected tcp=ADDR:PORT (IPv6 as tcp=[ADDR]:PORT)")
+    return host, int(port)
+
+
 def open_backend(spec):
-    """``stdio``, ``autopty``, ``file:PATH``, ``unix:PATH`` (listen there), or a path: a character device is
-    opened as a tty, anything else is a file the output is appended to."""
+    """``stdio``, ``autopty``, ``file:PATH`` (created or appended to), ``unix:PATH`` (listen there),
+    ``tcp=ADDR:PORT`` (listen there), or an existing path: a character device is opened as a tty, anything else
+    is a file the output is appended to. A path that does not exist is an ``OSError`` (ENOENT) naming it."""
     if spec == "stdio":
         return StdioBackend()
     if spec == "autopty":
         return PtyBackend()
-    if spec.startswith("file:"):
-        return FileBackend(spec[5:])
-    if spec.startswith("unix:"):
-        return UnixSocketBackend(spec[5:])
-    import stat
+    if spec.startswith(FILE_PREFIX):
+        return FileBackend(spec[len(FILE_PREFIX):])
+    if spec.startswith(UNIX_PREFIX):
+        return UnixSocketBackend(spec[len(UNIX_PREFIX):])
+    if spec.startswith(TCP_PREFIX):
+        return TcpBackend(spec[len(TCP_PREFIX):])
     try:
         mode = os.stat(spec).st_mode
     except FileNotFoundError:
-        return FileBackend(spec)
+        raise OSError(errno.ENOENT, f"{spec}: No such file or directory") from None
     if stat.S_ISCHR(mode):
         return TtyBackend(spec)
     return FileBackend(spec)

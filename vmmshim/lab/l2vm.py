@@ -63,7 +63,7 @@ def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncp
         slot += 1
     if rnd:
         argv += ["-s", f"{slot},virtio-rnd"]
-    return argv + ["-l", f"com1,{console}", "-f", f"kexec,{g}/vmlinuz,{g}/initramfs.gz,{append}"]
+    return argv + ["-l", f"com1,file:{console}", "-f", f"kexec,{g}/vmlinuz,{g}/initramfs.gz,{append}"]
 
 
 def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, cache="writeback", opts=()):

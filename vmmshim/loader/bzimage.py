@@ -86,7 +86,7 @@ def load_kexec(kernel, initrd, cmdline: str, lowmem: int, highmem: int = 0) -> B
     ``highmem`` the RAM at 4 GiB. Raises :class:`LoaderError` with one line for anything that cannot boot.
     """
     check_memory(lowmem, highmem)
-    data, kname = read_input("kernel", kernel)
+    data, kname = read_input("kernel", kernel, lowmem)
     hdr = parse_setup_header(data, kname)
 
     setup_sects = hdr.setup_sects or 4
@@ -147,7 +147,7 @@ def load_kexec(kernel, initrd, cmdline: str, lowmem: int, highmem: int = 0) -> B
 
     desc_initrd = "no initrd"
     if initrd is not None:
-        rd, rname = read_input("initrd", initrd)
+        rd, rname = read_input("initrd", initrd, lowmem)
         top = min(hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX, lowmem - 1)
         start = align_down(top - len(rd), PAGE)
         if start < kernel_end:

@@ -7,6 +7,7 @@ and the boot vCPU's initial state). It makes no hypervisor call; the VM applies 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from ops.nvmm.constants import CR0_NE, CR0_PE, RFLAGS_RESERVED1
@@ -65,17 +66,60 @@ class BootImage:
     description: str = ""
 
 
-def read_input(what: str, src) -> tuple[bytes, str]:
-    """``src`` (bytes or a path) as bytes, and a name to use in messages and multiboot command lines."""
+class InputFileError(ValueError):
+    """A file vmmshim was told to read (kernel, initrd, module, ``-k`` file) that it cannot or will not read."""
+
+
+#: What a path is when it is not a regular file, for messages.
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path, what: str, limit: int | None = None) -> bytes:
+    """The contents of the regular file ``path``, or :class:`InputFileError` with one line naming it.
+
+    A FIFO, a device, a directory or a socket is refused before anything is read, and a FIFO never blocks: the
+    path is ``stat``-ed first and opened with ``O_NONBLOCK`` (then checked again with ``fstat``, in case it
+    changed in between). A file of more than ``limit`` bytes is refused without being read into memory.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputFileError(f"{what} {path} is not a regular file ({_kind(st.st_mode)})")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputFileError(f"{what} {path} is not a regular file ({_kind(st.st_mode)})")
+            os.set_blocking(fd, True)
+            if limit is not None and st.st_size > limit:
+                raise InputFileError(f"{what} {path} ({st.st_size} bytes) does not fit in {limit} bytes "
+                                     "of guest memory")
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as exc:
+        raise InputFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if limit is not None and len(data) > limit:      # it grew while being read
+        raise InputFileError(f"{what} {path} grew past the {limit} bytes of guest memory while being read")
+    return data
+
+
+def read_input(what: str, src, limit: int | None = None) -> tuple[bytes, str]:
+    """``src`` (bytes or a path) as bytes, and a name to use in messages and multiboot command lines.
+
+    A path must name a regular file of at most ``limit`` bytes (see :func:`read_regular_file`)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src), what
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         try:
-            with open(path, "rb") as f:
-                return f.read(), path
-        except OSError as exc:
-            raise LoaderError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+            return read_regular_file(path, what, limit), path
+        except InputFileError as exc:
+            raise LoaderError(str(exc)) from None
     raise LoaderError(f"{what} must be bytes or a path, not {type(src).__name__}")
 
 

@@ -345,7 +345,7 @@ def load_multiboot(kernel, modules, cmdline: str, lowmem: int, highmem: int = 0)
             src, mcmd = item
         except (TypeError, ValueError):
             raise LoaderError(f"module {i} must be a (path_or_bytes, cmdline) pair") from None
-        blob, mname = read_input(f"module{i}", src)
+        blob, mname = read_input(f"module{i}", src, lowmem)
         place.claim(addr, len(blob), f"module {mname}")
         if blob:
             writes.append((addr, blob))
