@@ -4,32 +4,20 @@
 import errno
 import os
 import socket
-import time
 
 import pytest
 
-from bhyve_devices import uart16550 as U
 from bhyve_devices.base import RecordingLine
 from bhyve_devices.uart16550 import UART16550
 from vmmshim.backends.uart import TcpBackend, UnixSocketBackend, open_backend, parse_tcp_address
+
+from .test_uart16550 import _drain, _wait as _wait_until  # the UART tests' helpers
 
 WAIT_S = 5
 
 
 def _wait(cond, timeout=WAIT_S):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _drain(u):
-    out = bytearray()
-    while u.read(U.REG_LSR, 1) & U.LSR_DR:
-        out.append(u.read(0, 1))
-    return bytes(out)
+    return _wait_until(cond, timeout)
 
 
 def test_unix_path_holding_a_regular_file_is_refused_and_left_alone(tmp_path):
