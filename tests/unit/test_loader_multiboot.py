@@ -177,35 +177,3 @@ def test_highmem_in_memory_map(tmp_path):
 def test_module_too_big(tmp_path):
     with pytest.raises(LoaderError, match="does not fit"):
         load_multiboot(build_elf(tmp_path), [(bytes(LOWMEM), "")], "", LOWMEM)
-
-
-def test_module_fifo_or_device_refused_without_blocking(tmp_path):
-    import os
-    import threading
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    for bad, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
-        box = {}
-
-        def body():
-            try:
-                load_multiboot(elf_with_segment(0x1000, 0x100, 0x180), [(bad, "")], "", LOWMEM)
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
-                box["exc"] = exc
-
-        t = threading.Thread(target=body, daemon=True)
-        t.start()
-        t.join(10)
-        if t.is_alive():
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            pytest.fail("load_multiboot blocked on a FIFO module")
-        assert isinstance(box.get("exc"), LoaderError), box
-        assert str(box["exc"]) == f"module0 {bad} is not a regular file ({kind})"
-
-
-def test_module_larger_than_memory_refused_unread(tmp_path):
-    big = tmp_path / "big.mod"
-    with open(big, "wb") as f:
-        f.truncate(1 << 40)
-    with pytest.raises(LoaderError, match="bytes of guest memory"):
-        load_multiboot(elf_with_segment(0x1000, 0x100, 0x180), [(big, "")], "", LOWMEM)

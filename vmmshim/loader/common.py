@@ -75,8 +75,10 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device
                (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def _kind(mode: int) -> str:
-    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+def _require_regular(st, what: str, path: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise InputFileError(f"{what} {path} is not a regular file ({kind})")
 
 
 def read_regular_file(path, what: str, limit: int | None = None) -> bytes:
@@ -88,14 +90,11 @@ def read_regular_file(path, what: str, limit: int | None = None) -> bytes:
     """
     path = os.fspath(path)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputFileError(f"{what} {path} is not a regular file ({_kind(st.st_mode)})")
+        _require_regular(os.stat(path), what, path)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InputFileError(f"{what} {path} is not a regular file ({_kind(st.st_mode)})")
+            _require_regular(st, what, path)
             os.set_blocking(fd, True)
             if limit is not None and st.st_size > limit:
                 raise InputFileError(f"{what} {path} ({st.st_size} bytes) does not fit in {limit} bytes "
