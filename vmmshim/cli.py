@@ -17,7 +17,8 @@ Not supported: ``-b`` (bvmconsole), ``-g`` (debug port), ``-M`` (vmnet MAC), ``-
 import sys
 
 from .flags import OPTSTRING, USAGE, UsageError, parse_args  # noqa: F401 (the command's flags; importable here)
-from .runner import EXIT_ERROR, GIL_SWITCH_AUTO_S, boot_image, gil_switch, reported, run_vm  # noqa: F401
+from .firmware.boot import boot_image  # noqa: F401
+from .runner import EXIT_ERROR, GIL_SWITCH_AUTO_S, gil_switch, reported, run_vm  # noqa: F401
 
 VERSION = "vmmshim 0.1 (bhyve vmm_ops on NVMM primitives)"
 

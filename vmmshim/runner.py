@@ -1,8 +1,8 @@
 """Building and running one VM from its configuration tree: bhyve's ``bhyverun.c`` after the options are read.
 
 Follows bhyve's ``main`` (``usr.sbin/bhyve/bhyverun.c``) from ``vm_create`` on: the VM with its vCPUs and memory,
-the boot image the firmware key names (:func:`boot_image`), the platform devices, the LPC and PCI devices and the
-firmware tables (``init_pci``, ``acpi_build``, ``mptable_build``), the boot vCPU's state, then the vCPU loops until
+the boot image the firmware key names (:func:`vmmshim.firmware.boot.boot_image`), the platform devices, the
+LPC and PCI devices and the firmware tables (``init_pci``, ``acpi_build``, ``mptable_build``), the boot vCPU's state, then the vCPU loops until
 the VM resets, powers off, halts or triple-faults; :func:`run_vm` returns that exit status (bhyve's: 0 reset,
 1 power off, 2 halt, 3 triple fault). :func:`reported` turns the errors a user can cause into one line on stderr
 and status 4. The ``vmmshim`` command (:mod:`vmmshim.cli`) and ``vmmshim linux`` (:mod:`vmmshim.default_guest`)
@@ -20,33 +20,6 @@ from .config import ConfigError
 from .flags import USAGE, UsageError
 
 EXIT_ERROR = 4
-
-
-def boot_image(cfg, lowmem, highmem):
-    """The BootImage ``-f`` asks for (LoaderError on a bad image)."""
-    from .firmware.hello import hello_image
-    from .loader import LoaderError, load_kexec, load_multiboot
-    spec = cfg.get("firmware.spec")
-    if not spec:
-        raise ConfigError("no firmware: give -f kexec,KERNEL,INITRD,\"CMDLINE\" (or -f hello)")
-    parts = spec.split(",", 3)
-    kind = parts[0]
-    if kind == "hello":
-        return hello_image()
-    if kind == "kexec":
-        if len(parts) < 2 or not parts[1]:
-            raise ConfigError("-f kexec needs a kernel: kexec,KERNEL[,INITRD[,\"CMDLINE\"]]")
-        initrd = parts[2] if len(parts) > 2 and parts[2] else None
-        cmdline = parts[3] if len(parts) > 3 else ""
-        return load_kexec(parts[1], initrd, cmdline.strip('"'), lowmem, highmem)
-    if kind == "multiboot":
-        parts = spec.split(",")
-        if len(parts) < 2 or not parts[1]:
-            raise ConfigError("-f multiboot needs a kernel: multiboot,KERNEL[,MOD:MOD...][,\"CMDLINE\"]")
-        cmdline = parts[-1].strip('"') if len(parts) > 2 else ""
-        mods = [(m, None) for m in parts[2].split(":") if m] if len(parts) > 3 else []
-        return load_multiboot(parts[1], mods, cmdline, lowmem, highmem)
-    raise LoaderError(f"unknown firmware {kind!r} (kexec, multiboot, hello)")
 
 
 GIL_SWITCH_AUTO_S = 0.05
@@ -93,6 +66,7 @@ def run_vm(cfg):
                                             doorbells=cfg.get_bool("vmmshim.doorbells"),
                                             halt_serve=cfg.get_bool("vmmshim.halt_serve"),
                                             answer_io=cfg.get_bool("vmmshim.answer_io")))
+    from .firmware.boot import boot_image
     image = boot_image(cfg, vm.lowmem, vm.highmem)
     uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
              if cfg.get(f"lpc.{name}.path")}
