@@ -103,7 +103,8 @@ class VmmOpsNvmm(VmmApiCalls):
 
     def vlapic_init(self, vmi, vcpu):
         ctx = vmi.vcpus[vcpu]
-        vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_allowed=vmi.x2apic, eoi_level=vmi.vioapic.eoi)
+        vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_enabled=vmi.x2apic,   # bhyve's X2APIC_ENABLED (-x)
+                    eoi_level=vmi.vioapic.eoi)
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:

@@ -33,7 +33,7 @@ class VmSpec:
     timers: Any
     io: Callable[[int, bool, memoryview], None]
     mem: Callable[[int, bool, memoryview], None]
-    x2apic: bool = False
+    x2apic: bool = False            # bhyve's X2APIC_ENABLED: CPUID offers x2APIC and every vlapic starts in it
     kvm_pv: bool = False            # KVM's paravirtual interface (ops/kvm_para.py, ops/pvclock.py)
     pv_eoi: bool = False            # ... with PV EOI
     extra: dict = field(default_factory=dict)
