@@ -67,7 +67,7 @@ def kernel(tmp_path_factory):
 
 def test_multiboot_kernel_exits_through_debug_exit(provider, kernel):
     p = subprocess.run([sys.executable, "-m", "vmmshim", "-o", f"vmmshim.provider={provider.name}", "-m", "64M",
-                        "-l", "com1,stdio", "-l", "debug-exit", "-f", f"multiboot,{kernel},hello-mb"],
+                        "-l", "com1,stdio", "-l", "debug-exit", "-f", f"multiboot,{kernel},,hello-mb"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert p.stdout.splitlines() == ["multiboot guest: magic and command line ok"], p.stderr
     assert p.returncode == (0x2A << 1) | 1, p.stderr

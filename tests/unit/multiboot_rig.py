@@ -163,16 +163,34 @@ def check_gdt(mem):
     assert struct.unpack_from("<4Q", mem, 0x2000) == (0, 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
 
 
-def elf_header(cls=1, data=1, machine=3, etype=2, phnum=1, phoff=52):
+def elf_header(cls=1, data=1, machine=3, etype=2, phnum=1, phoff=52, entry=0x100000):
     e = bytearray(0x2000)
     e[:4] = b"\x7fELF"
     e[4], e[5], e[6] = cls, data, 1
-    struct.pack_into("<HHIIIIIHHHHHH", e, 16, etype, machine, 1, 0x100000, phoff, 0, 0, 52, 32, phnum, 40, 0, 0)
+    struct.pack_into("<HHIIIIIHHHHHH", e, 16, etype, machine, 1, entry, phoff, 0, 0, 52, 32, phnum, 40, 0, 0)
     struct.pack_into("<3I", e, 0x1000, MAGIC, 0, (-MAGIC) & 0xFFFFFFFF)
     return e
 
 
-def elf_with_segment(offset, filesz, memsz, paddr=0x100000):
-    e = elf_header()
-    struct.pack_into("<8I", e, 52, 1, offset, paddr, paddr, filesz, memsz, 5, 0x1000)
+def elf_with_segment(offset, filesz, memsz, paddr=0x100000, entry=0x100000, ptype=1):
+    e = elf_header(entry=entry)
+    struct.pack_into("<8I", e, 52, ptype, offset, paddr, paddr, filesz, memsz, 5, 0x1000)
+    return bytes(e)
+
+
+def elf_with_segments(segments, entry, bits=32):
+    """An ELF32 or ELF64 executable without section headers: a multiboot header at 0x1000 and one PT_LOAD
+    program header per ``(offset, vaddr, paddr, filesz, memsz)``."""
+    e = bytearray(0x2000)
+    e[:4] = b"\x7fELF"
+    e[4], e[5], e[6] = (1 if bits == 32 else 2), 1, 1
+    if bits == 32:
+        struct.pack_into("<HHIIIIIHHHHHH", e, 16, 2, 3, 1, entry, 52, 0, 0, 52, 32, len(segments), 40, 0, 0)
+        for i, (off, vaddr, paddr, filesz, memsz) in enumerate(segments):
+            struct.pack_into("<8I", e, 52 + 32 * i, 1, off, vaddr, paddr, filesz, memsz, 5, 0x1000)
+    else:
+        struct.pack_into("<HHIQQQIHHHHHH", e, 16, 2, 62, 1, entry, 64, 0, 0, 64, 56, len(segments), 64, 0, 0)
+        for i, (off, vaddr, paddr, filesz, memsz) in enumerate(segments):
+            struct.pack_into("<IIQQQQQQ", e, 64 + 56 * i, 1, 5, off, vaddr, paddr, filesz, memsz, 0x1000)
+    struct.pack_into("<3I", e, 0x1000, MAGIC, 0, (-MAGIC) & 0xFFFFFFFF)
     return bytes(e)

@@ -96,10 +96,13 @@ ERRORS = [
     ("ELF phdrs past end", lambda: bytes(elf_header(phoff=0x1FFF)), "past the end"),
     ("ELF segment past end", lambda: elf_with_segment(0x1000, 0x5000, 0x5000), "past the end of the file"),
     ("ELF filesz > memsz", lambda: elf_with_segment(0x1000, 0x800, 0x400), "p_filesz"),
-    ("ELF no PT_LOAD", lambda: elf_with_segment(0x1000, 0, 0), "no PT_LOAD"),
-    ("ELF too big", lambda: elf_with_segment(0x1000, 0x100, 200 * MiB), "does not fit"),
-    ("ELF in low area", lambda: elf_with_segment(0x1000, 0x100, 0x100, paddr=0x3000), "overlaps"),
-    ("ELF in BIOS area", lambda: elf_with_segment(0x1000, 0x100, 0x100, paddr=0xF0000), "BIOS area"),
+    ("ELF no PT_LOAD", lambda: elf_with_segment(0x1000, 0x100, 0x100, ptype=2), "no PT_LOAD segment"),
+    ("ELF empty PT_LOAD", lambda: elf_with_segment(0x1000, 0, 0), "nothing to load"),
+    ("ELF too big", lambda: elf_with_segment(0x1000, 0x100, 200 * MiB), "is outside guest RAM"),
+    ("ELF in low area", lambda: elf_with_segment(0x1000, 0x100, 0x100, paddr=0x3000, entry=0x3000),
+     "overlaps the multiboot information"),
+    ("ELF in BIOS area", lambda: elf_with_segment(0x1000, 0x100, 0x100, paddr=0xF0000, entry=0xF0000),
+     "is outside guest RAM"),
     ("kludge header below load", lambda: aout_image(hdr_off=0x40, load_addr=0x100000)[:0x40] + struct.pack(
         "<8I", MAGIC, 0x10000, (-(MAGIC + 0x10000)) & 0xFFFFFFFF, 0xFF000, 0x100000, 0, 0, 0x100000),
      "below load_addr"),
@@ -110,7 +113,7 @@ ERRORS = [
     ("kludge bss below end", lambda: bytes(struct.pack(
         "<8I", MAGIC, 0x10000, (-(MAGIC + 0x10000)) & 0xFFFFFFFF, 0x100000, 0x100000, 0x100020, 0x100010,
         0x100000)), "bss_end_addr"),
-    ("kludge too big", lambda: aout_image(bss=300 * MiB), "does not fit"),
+    ("kludge too big", lambda: aout_image(bss=300 * MiB), "is outside guest RAM"),
     ("missing kernel", lambda: "/nonexistent/kernel", "cannot read kernel"),
 ]
 

@@ -15,7 +15,12 @@ The layout is xhyve's (``src/firmware/kexec.c``, recorded in ``shared/reference/
 Where this differs from xhyve: xhyve puts the initrd right after the kernel's ``init_size`` and only requires
 protocol 2.12; this follows the anchors (2.10, initrd at the top of what the kernel accepts). Memory checks
 use the kernel's runtime area as boot.rst defines it (a relocatable kernel loaded below ``pref_address``
-decompresses at ``pref_address``), so a kernel that would run out of memory is refused here, not in the guest.
+decompresses at ``pref_address``), so a kernel that would run out of memory is refused here, not in the guest:
+one whose runtime area starts past lowmem is named with that address, one that runs out of RAM with the range
+it needs. A file that is shorter than its header says or that has nothing after its setup sectors is refused.
+
+Not supported: boot protocols before 2.10, zImages, the 64-bit and EFI handover entries, an initrd or command
+line above 4 GiB (``ext_ramdisk_image``, ``ext_cmd_line_ptr``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 from .boot_params import (BOOT_FLAG, BOOT_PARAMS_SIZE, BootParams, E820_MAX_ENTRIES_ZEROPAGE, HDRS_MAGIC,
                           LOADED_HIGH, LOADER_TYPE_KEXEC, SETUP_HEADER_END, SETUP_HEADER_OFFSET, SetupHeader)
 from .common import (BOOT_GDT_ADDR, BOOT_GDT_LIMIT, LOW_RAM_END, MiB, PAGE, BootImage, LoaderError, Placer,
-                     align_down, align_up, boot_gdt_bytes, check_memory, e820_map, flat32_state, read_input)
+                     align_down, align_up, boot_gdt_bytes, check_memory, e820_map, flat32_state, read_input, span)
 
 ZERO_PAGE_ADDR = 0x3000
 CMDLINE_ADDR = 0x4000
@@ -96,23 +101,31 @@ def load_kexec(kernel, initrd, cmdline: str, lowmem: int, highmem: int = 0) -> B
         raise LoaderError(f"{kname} is truncated: {len(data)} bytes, its header says "
                           f"{need} ({setup_sects} setup sectors and {hdr.syssize * 16} bytes of kernel)")
     payload = data[kernel_offset:]
+    if not payload:
+        raise LoaderError(f"{kname} has no protected-mode code after its {setup_sects} setup sectors "
+                          f"(the file ends at {kernel_offset:#x})")
 
     if hdr.relocatable_kernel:
         align = hdr.kernel_alignment
-        if align & (align - 1):
+        if not align or align & (align - 1):
             raise LoaderError(f"{kname}: kernel_alignment {align:#x} is not a power of two")
         load_addr = align_up(KERNEL_BASE, align)
+        where = f"pref_address {hdr.pref_address:#x} aligned to kernel_alignment {align:#x}"
     else:
         load_addr = hdr.pref_address or KERNEL_BASE
+        where = f"pref_address {hdr.pref_address:#x}, not relocatable"
     if load_addr < KERNEL_BASE:
         raise LoaderError(f"{kname}: load address {load_addr:#x} is below 1 MiB")
     runtime = _runtime_start(hdr, load_addr)
+    ram = f"guest RAM ends at lowmem {lowmem:#x} ({lowmem // MiB} MiB)"
+    if runtime >= lowmem:
+        raise LoaderError(f"{kname} runs at {runtime:#x} ({where}), above the end of guest RAM: {ram}")
     init_size = align_up(hdr.init_size, PAGE)
     kernel_end = max(load_addr + align_up(len(payload), PAGE), runtime + init_size)
     if kernel_end > lowmem:
-        raise LoaderError(f"{kname} is too big for memory: it needs [{load_addr:#x}, {kernel_end:#x}) "
-                          f"(init_size {hdr.init_size:#x} from {runtime:#x}), lowmem is {lowmem:#x} "
-                          f"({lowmem // MiB} MiB)")
+        raise LoaderError(f"{kname} is too big for memory: it needs {span(load_addr, kernel_end)} "
+                          f"({len(payload)} bytes at {load_addr:#x}, init_size {hdr.init_size:#x} from "
+                          f"{runtime:#x}), {ram}")
 
     place = Placer(lowmem)
     place.claim(LOW_RAM_END, KERNEL_BASE - LOW_RAM_END, "the EBDA, VGA and BIOS area")
@@ -148,13 +161,14 @@ def load_kexec(kernel, initrd, cmdline: str, lowmem: int, highmem: int = 0) -> B
     desc_initrd = "no initrd"
     if initrd is not None:
         rd, rname = read_input("initrd", initrd, lowmem)
+        rlabel = "the initrd" if rname == "initrd" else f"initrd {rname}"
         top = min(hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX, lowmem - 1)
         start = align_down(top - len(rd), PAGE)
         if start < kernel_end:
-            raise LoaderError(f"initrd {rname} ({len(rd)} bytes) does not fit below "
-                              f"min(initrd_addr_max {hdr.initrd_addr_max:#x}, lowmem - 1 {lowmem - 1:#x}) "
-                              f"above the kernel's end {kernel_end:#x}")
-        place.claim(start, len(rd), f"initrd {rname}")
+            raise LoaderError(f"{rlabel} ({len(rd)} bytes) does not fit between the kernel's end "
+                              f"{kernel_end:#x} and min(initrd_addr_max {hdr.initrd_addr_max:#x}, "
+                              f"lowmem - 1 {lowmem - 1:#x})")
+        place.claim(start, len(rd), rlabel)
         zp.hdr.ramdisk_image = start
         zp.hdr.ramdisk_size = len(rd)
         if rd:

@@ -2,6 +2,8 @@
 
 A loader is pure: it reads files, checks them and returns a :class:`BootImage` (bytes to copy into guest RAM
 and the boot vCPU's initial state). It makes no hypervisor call; the VM applies the image.
+
+Not supported: loading anything above 4 GiB (RAM there appears only in the memory map).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def read_input(what: str, src, limit: int | None = None) -> tuple[bytes, str]:
 
     A path must name a regular file of at most ``limit`` bytes (see :func:`read_regular_file`)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
+        if limit is not None and len(src) > limit:
+            raise LoaderError(f"{what} ({len(src)} bytes) does not fit in {limit} bytes of guest memory")
         return bytes(src), what
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
@@ -120,6 +124,11 @@ def read_input(what: str, src, limit: int | None = None) -> tuple[bytes, str]:
         except InputFileError as exc:
             raise LoaderError(str(exc)) from None
     raise LoaderError(f"{what} must be bytes or a path, not {type(src).__name__}")
+
+
+def span(start: int, end: int) -> str:
+    """``start-end`` in hex, the way messages give an address range (``end`` excluded)."""
+    return f"{start:#x}-{end:#x}"
 
 
 def align_up(x: int, a: int) -> int:
@@ -182,9 +191,9 @@ class Placer:
     def claim(self, start: int, size: int, what: str) -> None:
         end = start + size
         if start < 0 or end > self.lowmem:
-            raise LoaderError(f"{what} [{start:#x}, {end:#x}) does not fit in guest memory below "
+            raise LoaderError(f"{what} at {span(start, end)} does not fit in guest memory below "
                               f"lowmem {self.lowmem:#x}")
         for s, e, name in self.regions:
             if start < e and s < end:
-                raise LoaderError(f"{what} [{start:#x}, {end:#x}) overlaps {name} [{s:#x}, {e:#x})")
+                raise LoaderError(f"{what} at {span(start, end)} overlaps {name} at {span(s, e)}")
         self.regions.append((start, end, what))

@@ -5,13 +5,11 @@
   bit 2 (a video mode) and any undefined bit are refused, as the specification asks of a loader that cannot
   provide them. Bit 16 (the a.out kludge) makes ``header_addr``, ``load_addr``, ``load_end_addr``,
   ``bss_end_addr`` and ``entry_addr`` authoritative; without it the image must be ELF.
-- ELF images: the ``PT_LOAD`` program headers are loaded at ``p_paddr`` with their bss zeroed, less any part
-  before the segment's first allocated section when the file has section headers (the ELF and program headers
-  that GNU ld maps below ``.text``: with ``-Ttext 0x100000`` they would land at 0xFF000, in the BIOS area
-  where the VM's MP and ACPI tables live); an entry point
-  given as a virtual address inside a segment whose ``p_vaddr`` differs from ``p_paddr`` is translated, as GRUB
-  and hyperkit do (NetBSD kernels link at 0xC0100000 and load at 0x100000). ELF32 (EM_386) and, as GRUB
-  allows, ELF64 (EM_X86_64) images below 4 GiB.
+- ELF images (ELF32 and, as GRUB allows, ELF64, loaded below 4 GiB): :mod:`vmmshim.loader.elf` reads the
+  ``PT_LOAD`` segments and the physical entry point. An a.out kludge image is one segment from ``load_addr``.
+- Every segment must lie in guest RAM ([0, 0x9FC00) or [1 MiB, lowmem)) clear of the boot GDT and the
+  multiboot information; one that does not is refused, named with its address range and the RAM there is.
+  The entry point must lie inside a loaded segment.
 - Modules are placed page-aligned after the kernel's end (bss included), in order.
 - The boot GDT is at 0x2000 (xhyve's, shared with the kexec loader); the multiboot information structure at
   0x3000, followed by the module list, the memory map, and the strings (the kernel and module command lines
@@ -34,8 +32,9 @@ from __future__ import annotations
 
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from .common import (BOOT_GDT_ADDR, BOOT_GDT_LIMIT, GiB, LOW_RAM_END, MiB, PAGE, BootImage, LoaderError, Placer,
-                     align_up, boot_gdt_bytes, check_memory, e820_map, flat32_state, read_input)
+from .common import (BOOT_GDT_ADDR, BOOT_GDT_LIMIT, LOW_RAM_END, MiB, PAGE, BootImage, LoaderError, Placer,
+                     align_up, boot_gdt_bytes, check_memory, e820_map, flat32_state, read_input, span)
+from .elf import PHYS_LIMIT, Segment, load_elf
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
@@ -129,50 +128,6 @@ MultibootMmapEntry = Struct(
     "type" / Int32ul,
 )
 
-# ELF (System V gABI and the i386/x86-64 psABI supplements): the headers a loader reads.
-ELFMAG = b"\x7fELF"
-ELFCLASS32, ELFCLASS64 = 1, 2
-ELFDATA2LSB = 1
-ET_EXEC = 2
-EM_386, EM_X86_64 = 3, 62
-PT_LOAD = 1
-SHT_NULL = 0
-
-ElfIdent = Struct("magic" / Bytes(4), "ei_class" / Int8ul, "ei_data" / Int8ul, "ei_version" / Int8ul,
-                  "pad" / Bytes(9))
-Elf32Ehdr = Struct(
-    "e_ident" / ElfIdent, "e_type" / Int16ul, "e_machine" / Int16ul, "e_version" / Int32ul,
-    "e_entry" / Int32ul, "e_phoff" / Int32ul, "e_shoff" / Int32ul, "e_flags" / Int32ul,
-    "e_ehsize" / Int16ul, "e_phentsize" / Int16ul, "e_phnum" / Int16ul, "e_shentsize" / Int16ul,
-    "e_shnum" / Int16ul, "e_shstrndx" / Int16ul,
-)
-Elf64Ehdr = Struct(
-    "e_ident" / ElfIdent, "e_type" / Int16ul, "e_machine" / Int16ul, "e_version" / Int32ul,
-    "e_entry" / Int64ul, "e_phoff" / Int64ul, "e_shoff" / Int64ul, "e_flags" / Int32ul,
-    "e_ehsize" / Int16ul, "e_phentsize" / Int16ul, "e_phnum" / Int16ul, "e_shentsize" / Int16ul,
-    "e_shnum" / Int16ul, "e_shstrndx" / Int16ul,
-)
-Elf32Shdr = Struct(
-    "sh_name" / Int32ul, "sh_type" / Int32ul, "sh_flags" / Int32ul, "sh_addr" / Int32ul, "sh_offset" / Int32ul,
-    "sh_size" / Int32ul, "sh_link" / Int32ul, "sh_info" / Int32ul, "sh_addralign" / Int32ul,
-    "sh_entsize" / Int32ul,
-)
-Elf64Shdr = Struct(
-    "sh_name" / Int32ul, "sh_type" / Int32ul, "sh_flags" / Int64ul, "sh_addr" / Int64ul, "sh_offset" / Int64ul,
-    "sh_size" / Int64ul, "sh_link" / Int32ul, "sh_info" / Int32ul, "sh_addralign" / Int64ul,
-    "sh_entsize" / Int64ul,
-)
-SHF_ALLOC = 0x2
-Elf32Phdr = Struct(
-    "p_type" / Int32ul, "p_offset" / Int32ul, "p_vaddr" / Int32ul, "p_paddr" / Int32ul,
-    "p_filesz" / Int32ul, "p_memsz" / Int32ul, "p_flags" / Int32ul, "p_align" / Int32ul,
-)
-Elf64Phdr = Struct(
-    "p_type" / Int32ul, "p_flags" / Int32ul, "p_offset" / Int64ul, "p_vaddr" / Int64ul, "p_paddr" / Int64ul,
-    "p_filesz" / Int64ul, "p_memsz" / Int64ul, "p_align" / Int64ul,
-)
-
-
 def find_header(data: bytes, name: str = "kernel") -> tuple[int, object]:
     """The offset and parsed fields of the first valid multiboot header in the first 8192 bytes."""
     limit = min(len(data), MULTIBOOT_SEARCH)
@@ -196,7 +151,7 @@ def find_header(data: bytes, name: str = "kernel") -> tuple[int, object]:
 
 
 def _load_aout_kludge(data: bytes, off: int, h, name: str):
-    """Segments (paddr, bytes, memsz) and the entry point from the header's address fields."""
+    """The one segment and the entry point the header's address fields give, checked."""
     if h.header_addr < h.load_addr:
         raise LoaderError(f"{name}: a.out kludge header_addr {h.header_addr:#x} is below "
                           f"load_addr {h.load_addr:#x}")
@@ -220,79 +175,22 @@ def _load_aout_kludge(data: bytes, off: int, h, name: str):
             raise LoaderError(f"{name}: a.out kludge bss_end_addr {h.bss_end_addr:#x} is below the end of "
                               f"the loaded image {end:#x}")
         memsz = h.bss_end_addr - h.load_addr
-    return [(h.load_addr, data[file_off:file_off + size], memsz)], h.entry_addr
+    seg = Segment("the a.out kludge image", h.load_addr, data[file_off:file_off + size], memsz)
+    if seg.end > PHYS_LIMIT:
+        raise LoaderError(f"{name}: the a.out kludge image at load_addr {h.load_addr:#x} + {memsz:#x} bytes "
+                          f"ends at {seg.end:#x}, past 4 GiB")
+    if not seg.paddr <= h.entry_addr < seg.end:
+        raise LoaderError(f"{name}: a.out kludge entry_addr {h.entry_addr:#x} is outside the loaded image "
+                          f"({span(seg.paddr, seg.end)})")
+    return [seg], h.entry_addr
 
 
-def _alloc_section_starts(data: bytes, eh, shdr_t) -> list[int] | None:
-    """Virtual addresses of the file's allocated, non-empty sections; None without usable section headers."""
-    if not eh.e_shnum or eh.e_shentsize < shdr_t.sizeof() or eh.e_shoff + eh.e_shnum * eh.e_shentsize > len(data):
-        return None
-    starts = []
-    for i in range(eh.e_shnum):
-        sh = shdr_t.parse(data[eh.e_shoff + i * eh.e_shentsize:])
-        if sh.sh_type != SHT_NULL and sh.sh_flags & SHF_ALLOC and sh.sh_size:
-            starts.append(sh.sh_addr)
-    return starts
-
-
-def _load_elf(data: bytes, name: str):
-    """Segments (paddr, bytes, memsz) and the entry point (physical) of an ELF executable."""
-    if len(data) < 16 or data[:4] != ELFMAG:
-        raise LoaderError(f"{name}: multiboot header without the a.out kludge (flag 16), and not an ELF file")
-    ident = ElfIdent.parse(data[:16])
-    if ident.ei_class not in (ELFCLASS32, ELFCLASS64) or ident.ei_data != ELFDATA2LSB:
-        raise LoaderError(f"{name}: bad ELF: class {ident.ei_class}, data {ident.ei_data} "
-                          f"(want a little-endian ELF32 or ELF64)")
-    ehdr_t, phdr_t, shdr_t = ((Elf32Ehdr, Elf32Phdr, Elf32Shdr) if ident.ei_class == ELFCLASS32
-                              else (Elf64Ehdr, Elf64Phdr, Elf64Shdr))
-    if len(data) < ehdr_t.sizeof():
-        raise LoaderError(f"{name}: bad ELF: truncated ELF header")
-    eh = ehdr_t.parse(data)
-    want_machine = EM_386 if ident.ei_class == ELFCLASS32 else EM_X86_64
-    if eh.e_machine != want_machine:
-        raise LoaderError(f"{name}: bad ELF: machine {eh.e_machine}, want {want_machine} for its class")
-    if eh.e_type != ET_EXEC:
-        raise LoaderError(f"{name}: bad ELF: type {eh.e_type} is not an executable (ET_EXEC)")
-    if eh.e_phnum == 0 or eh.e_phentsize < phdr_t.sizeof():
-        raise LoaderError(f"{name}: bad ELF: no program headers")
-    if eh.e_phoff + eh.e_phnum * eh.e_phentsize > len(data):
-        raise LoaderError(f"{name}: bad ELF: program headers past the end of the file")
-    sections = _alloc_section_starts(data, eh, shdr_t)
-    segs = []
-    entry = eh.e_entry
-    translated = False
-    for i in range(eh.e_phnum):
-        ph = phdr_t.parse(data[eh.e_phoff + i * eh.e_phentsize:])
-        if ph.p_type != PT_LOAD:
-            continue
-        if ph.p_filesz > ph.p_memsz:
-            raise LoaderError(f"{name}: bad ELF: segment {i} has p_filesz {ph.p_filesz:#x} > "
-                              f"p_memsz {ph.p_memsz:#x}")
-        if ph.p_offset + ph.p_filesz > len(data):
-            raise LoaderError(f"{name}: bad ELF: segment {i} [{ph.p_offset:#x}, +{ph.p_filesz:#x}) runs past "
-                              f"the end of the file ({len(data)} bytes)")
-        if ph.p_paddr + ph.p_memsz > 4 * GiB:
-            raise LoaderError(f"{name}: bad ELF: segment {i} at physical {ph.p_paddr:#x} is above 4 GiB")
-        if (not translated and ph.p_vaddr != ph.p_paddr
-                and ph.p_vaddr <= eh.e_entry < ph.p_vaddr + ph.p_memsz):
-            entry = eh.e_entry - ph.p_vaddr + ph.p_paddr
-            translated = True
-        blob = data[ph.p_offset:ph.p_offset + ph.p_filesz]
-        paddr, memsz = ph.p_paddr, ph.p_memsz
-        if sections is not None:
-            # Leave out the part of the segment before its first section: the ELF and program headers that
-            # ld maps below .text (with -z separate-code a segment of nothing else, at 0xFF000 for a kernel
-            # linked at 1 MiB, in the BIOS area). No section in the segment: nothing to load.
-            inside = [a for a in sections if ph.p_vaddr <= a < ph.p_vaddr + ph.p_memsz]
-            trim = min(inside) - ph.p_vaddr if inside else memsz
-            paddr, memsz, blob = paddr + trim, memsz - trim, blob[trim:]
-        if memsz:
-            segs.append((paddr, blob, memsz))
-    if not segs:
-        raise LoaderError(f"{name}: bad ELF: no PT_LOAD segment")
-    if entry >= 4 * GiB:
-        raise LoaderError(f"{name}: bad ELF: entry point {entry:#x} is above 4 GiB")
-    return segs, entry
+def _check_in_ram(seg: Segment, name: str, lowmem: int) -> None:
+    """A segment must lie in one RAM range of the memory map below 4 GiB, not in the hole below 1 MiB."""
+    if seg.end <= LOW_RAM_END or (seg.paddr >= MiB and seg.end <= lowmem):
+        return
+    raise LoaderError(f"{name}: {seg.what} at {span(seg.paddr, seg.end)} is outside guest RAM "
+                      f"({span(0, LOW_RAM_END)} and {span(MiB, lowmem)})")
 
 
 def load_multiboot(kernel, modules, cmdline: str, lowmem: int, highmem: int = 0) -> BootImage:
@@ -313,31 +211,34 @@ def load_multiboot(kernel, modules, cmdline: str, lowmem: int, highmem: int = 0)
         segs, entry = _load_aout_kludge(data, off, h, kname)
         kind = "a.out kludge"
     else:
-        segs, entry = _load_elf(data, kname)
+        segs, entry = load_elf(data, kname)
         kind = "ELF"
 
     place = Placer(lowmem)
     place.claim(LOW_RAM_END, MiB - LOW_RAM_END, "the EBDA, VGA and BIOS area")
     place.claim(BOOT_GDT_ADDR, 8 * 4, "the boot GDT")
+    place.claim(MBI_ADDR, MultibootInfo.sizeof(), "the multiboot information")
     writes: list[tuple[int, bytes]] = [(BOOT_GDT_ADDR, boot_gdt_bytes())]
-    kernel_end = 0
-    for i, (paddr, blob, memsz) in enumerate(segs):
-        place.claim(paddr, memsz, f"kernel segment {i}")
-        img = blob + bytes(memsz - len(blob))  # bss is zeroed
-        writes.append((paddr, img))
-        kernel_end = max(kernel_end, paddr + memsz)
+    for seg in segs:
+        _check_in_ram(seg, kname, lowmem)
+        try:
+            place.claim(seg.paddr, seg.memsz, seg.what)
+        except LoaderError as exc:
+            raise LoaderError(f"{kname}: {exc}") from None
+    for seg in segs:
+        writes.append((seg.paddr, seg.data + bytes(seg.memsz - len(seg.data))))  # bss is zeroed
+    kernel_end = max(seg.end for seg in segs)
 
     # Modules, page-aligned after the kernel.
     mod_entries = []
     strings = bytearray()
-    string_offsets = []
 
-    def add_string(s: str) -> int:
+    def add_string(s: str, what: str) -> int:
         if "\0" in s:
-            raise LoaderError(f"multiboot string {s!r} contains a NUL character")
-        string_offsets.append(len(strings))
+            raise LoaderError(f"{what} contains a NUL character")
+        at = len(strings)
         strings.extend(s.encode() + b"\0")
-        return string_offsets[-1]
+        return at
 
     addr = align_up(kernel_end, PAGE)
     for i, item in enumerate(modules or []):
@@ -349,11 +250,12 @@ def load_multiboot(kernel, modules, cmdline: str, lowmem: int, highmem: int = 0)
         place.claim(addr, len(blob), f"module {mname}")
         if blob:
             writes.append((addr, blob))
-        mod_entries.append([addr, addr + len(blob), add_string(_with_name(mname, mcmd))])
+        string = add_string(_with_name(mname, mcmd), f"module {mname}'s command line")
+        mod_entries.append([addr, addr + len(blob), string])
         addr = align_up(addr + len(blob), PAGE)
 
-    cmd_off = add_string(_with_name(kname, cmdline))
-    name_off = add_string(BOOT_LOADER_NAME)
+    cmd_off = add_string(_with_name(kname, cmdline), f"{kname}'s command line")
+    name_off = add_string(BOOT_LOADER_NAME, "the boot loader name")
 
     # Low memory: information structure, module list, memory map, strings.
     e820 = e820_map(lowmem, highmem)
@@ -362,7 +264,8 @@ def load_multiboot(kernel, modules, cmdline: str, lowmem: int, highmem: int = 0)
     mmap = b"".join(MultibootMmapEntry.build(dict(size=20, base_addr=a, length=n, type=t)) for a, n, t in e820)
     str_addr = mmap_addr + len(mmap)
     low_end = str_addr + len(strings)
-    place.claim(MBI_ADDR, low_end - MBI_ADDR, "the multiboot information and strings")
+    place.claim(mods_addr, low_end - mods_addr, "the multiboot information's module list, memory map and "
+                "strings")
 
     info = MultibootInfo.parse(bytes(MultibootInfo.sizeof()))
     info.flags = MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MEM_MAP | MBI_BOOT_LOADER_NAME
