@@ -1,17 +1,19 @@
-"""PCI devices (``-s``) and the firmware tables (``-A`` for ACPI, else the MP table unless ``-Y``) of a VM, as
-bhyve's ``pci_emul.c``, ``acpi.c`` and ``mptbl.c`` set them up: the PCI host on configuration mechanism 1 and
-ECAM, each function built by its bhyve emulation name from ``pci.0.S.F.*`` keys, BARs (un)mapped on the port and
-MMIO buses as the guest programs them, INTx through the LPC PIRQs to IOAPIC pins 16-23 and the 8259, MSI to the
-vlapics. Guest-physical placement of the tables is bhyve's (MP table 0xF0000, ACPI 0xF2400).
+"""PCI devices (``-s``) and the firmware tables (the MP table unless ``-Y``, SMBIOS always, ACPI with ``-A``) of a
+VM, as bhyve's ``pci_emul.c``, ``mptbl.c``, ``smbiostbl.c`` and ``acpi.c`` set them up: the PCI host on
+configuration mechanism 1 and ECAM, each function built by its bhyve emulation name from ``pci.0.S.F.*`` keys,
+BARs (un)mapped on the port and MMIO buses as the guest programs them, INTx through the LPC PIRQs to IOAPIC pins
+16-23 and the 8259, MSI to the vlapics. Guest-physical placement of the tables is bhyve's (MP table 0xF0000,
+SMBIOS 0xF1000, ACPI 0xF2400 up to the end of the BIOS area at 1 MiB); each must end before the next begins.
 
 Not supported: buses other than 0, PCI passthrough, the bootrom.
 """
 
+import socket
+
 from bhyve_devices.pci import registry
 from bhyve_devices.pci.device import BarKind
 from bhyve_devices.pci.host import PciHost
-from bhyve_devices.tables.acpi import build_acpi
-from bhyve_devices.tables.mptable import build_mptable
+from bhyve_devices.tables import acpi, mptable, smbios
 
 from .backends import close_device_backends, open_device_backends
 from .bus import BusError
@@ -63,18 +65,46 @@ def build_pci_and_tables(vm, cfg, platform):
     return host
 
 
+# Where bhyve puts each firmware table in the BIOS area: name -> (its address, the next table's address).
+BIOS_AREA_END = 0x100000
+TABLE_AREAS = {"MP table": (mptable.BASE, smbios.BASE), "SMBIOS": (smbios.BASE, acpi.BASE),
+               "ACPI": (acpi.BASE, BIOS_AREA_END)}
+
+
 def _write_tables(vm, cfg, host, lpc_slot):
+    """The firmware tables, as bhyverun.c's ``bhyve_init_platform_late`` builds them: the MP table unless
+    ``x86.mptable`` is false (``-Y``), ACPI or not; SMBIOS always, with the ``uuid`` key (``-U``) or bhyve's
+    UUID from the VM and host names; ACPI with ``acpi_tables`` (``-A``). Each must fit its area
+    (:data:`TABLE_AREAS`): a ValueError names the one that does not."""
     ncpu = vm.config.ncpus
+    built = {}
+    if cfg.get_bool("x86.mptable"):
+        built["MP table"] = mptable.build_mptable(ncpu, host.all_routes(), ioapic_id=0)
+    text = cfg.get("uuid")
+    try:
+        system_uuid = (smbios.parse_uuid(text) if text is not None else
+                       smbios.derived_uuid(cfg.get("name", "vm"), socket.gethostname()))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    built["SMBIOS"] = smbios.build_smbios(ncpu, vm.lowmem, vm.highmem, system_uuid)
     if cfg.get_bool("acpi_tables"):
         lpc = host.function(*lpc_slot) if lpc_slot else None
         isa = lpc.legacy_devices() if lpc is not None else ()
-        tables = build_acpi(ncpu, host.info(), isa_devices=isa, lpc_adr=lpc_slot)
-    elif cfg.get_bool("x86.mptable"):
-        tables = build_mptable(ncpu, host.all_routes(), ioapic_id=0)
-    else:
-        tables = []
+        built["ACPI"] = acpi.build_acpi(ncpu, host.info(), isa_devices=isa, lpc_adr=lpc_slot)
+    for name, tables in built.items():
+        _check_area(name, tables, ncpu)
+    for tables in built.values():
+        for gpa, data in tables:
+            vm.load(gpa, data)
+
+
+def _check_area(name, tables, ncpu):
+    """ValueError unless every ``(gpa, bytes)`` of ``tables`` lies in the area :data:`TABLE_AREAS` gives ``name``."""
+    lo, hi = TABLE_AREAS[name]
     for gpa, data in tables:
-        vm.load(gpa, data)
+        if not lo <= gpa <= gpa + len(data) <= hi:
+            raise ValueError(f"{name} ({len(data)} bytes at {gpa:#x}, {ncpu} vCPUs) outgrows its area "
+                             f"{lo:#x}-{hi:#x}")
 
 
 def _bar_changed(vm, dev, idx, kind, old, new, size, enabled):
