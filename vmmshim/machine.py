@@ -54,15 +54,24 @@ def build_pci_and_tables(vm, cfg, platform):
             except BaseException:
                 close_device_backends(devopts)
                 raise
-        except KeyError as exc:
-            raise ConfigError(str(exc).strip('"')) from None
-        except (OSError, ValueError) as exc:
-            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(f"-s {slot}:{func},{name}: {msg}") from None
+        except (KeyError, OSError, ValueError) as exc:
+            raise ConfigError(f"-s {slot if func == 0 else f'{slot}:{func}'},{name}: {_why(exc)}") from None
         host.add(slot, func, dev)
         vm.closers.append(getattr(dev, "close", None))
     _write_tables(vm, cfg, host, lpc_slot)
     return host
+
+
+def _why(exc):
+    """An opening error as words: the path with its strerror, a missing option by name, else the message."""
+    if isinstance(exc, KeyError):
+        text = str(exc.args[0]) if exc.args else "?"
+        return text if " " in text else f"the {text} option is missing"
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename and str(exc.filename) not in exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return exc.strerror
+    return str(exc)
 
 
 # Where bhyve puts each firmware table in the BIOS area: name -> (its address, the next table's address).

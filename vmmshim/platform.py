@@ -26,8 +26,9 @@ PMTMR_PORT, POST_PORTS, ISA_IRQ_SCI = 0x408, (0x80, 0x84), 9
 
 
 class Platform:
-    def __init__(self, vm, utc=False, uarts=None, on_console=None):
-        """``uarts``: ``{"com1": backend spec}`` (``stdio``, ``autopty``, a path ...)."""
+    def __init__(self, vm, utc=False, uarts=None, on_escape=None):
+        """``uarts``: ``{"com1": backend spec}`` (``stdio``, ``autopty``, a path ...). ``on_escape(key)``: the
+        console escape keys typed on a tty (``vmmshim/backends/escape.py``)."""
         self.vm = vm
         t = vm.timers
         for port, size, dev, name in vm.ops.vm_atpic_ranges(vm.vmi):      # the 8259 pair lives in the ops layer
@@ -49,17 +50,23 @@ class Platform:
         self.hpet = HPET(t, self._hpet_irq)
         vm.add_mmio_device(HPET_BASE, HPET_SIZE, self.hpet, "hpet")
         self.uarts, self.backends = {}, []
-        for name, (port, irq) in COM_PORTS.items():
-            uart = UART16550(vm.isa_irq(irq))
-            spec = (uarts or {}).get(name)
-            if spec:
-                backend = open_backend(spec)
-                backend.buffer_lines(vm.timers)      # a line per write(2), not a byte (backends/uart.py)
-                uart.sink = backend
-                backend.start(uart)
-                self.backends.append(backend)
-            self.uarts[name] = uart
-            vm.add_port_device(port, 8, uart, name)
+        try:
+            for name, (port, irq) in COM_PORTS.items():
+                uart = UART16550(vm.isa_irq(irq))
+                spec = (uarts or {}).get(name)
+                if spec:
+                    backend = open_backend(spec)
+                    self.backends.append(backend)
+                    backend.buffer_lines(vm.timers)      # a line per write(2), not a byte (backends/uart.py)
+                    uart.sink = backend
+                    if on_escape is not None and hasattr(backend, "set_escape"):
+                        backend.set_escape(on_escape)
+                    backend.start(uart)
+                self.uarts[name] = uart
+                vm.add_port_device(port, 8, uart, name)
+        except BaseException:
+            self.close()            # a console opened before the bad one gives the terminal back
+            raise
 
     def debug_state(self):
         """The timer devices' state, one line each (a debugging aid; read racily)."""
@@ -93,14 +100,21 @@ class Platform:
     def _poweroff(self):
         self.vm.request(VmSuspendHow.VM_SUSPEND_POWEROFF)
 
-    def power_button(self):
-        """SIGTERM, as bhyve: the ACPI power button if the guest enabled ACPI, else power off at once."""
-        if not self.pm.press_power_button():
-            self._poweroff()
+    def press_power_button(self):
+        """The ACPI power button (SIGTERM, as bhyve): False, and nothing pressed, where the guest has not enabled
+        ACPI (the caller powers off instead, :mod:`vmmshim.shutdown`)."""
+        return self.pm.press_power_button()
+
+    def say(self, data):
+        """Writes ``data`` to the consoles that have a terminal (the escape keys' help)."""
+        for b in self.backends:
+            if getattr(b, "raw_tty", False):
+                b.write(data)
 
     def close(self):
         for b in self.backends:
             b.close()
+        self.backends = []
 
 
 class _PitLine:

@@ -13,13 +13,15 @@ with status 0, as bhyve's does), more than one VM per process.
 """
 
 import os
-import signal
 import sys
 
 from .config import ConfigError
-from .flags import USAGE, UsageError
+from .flags import UsageError
 
-EXIT_ERROR = 4
+EXIT_POWEROFF, EXIT_ERROR = 1, 4
+POWEROFF_TIMEOUT_S = 30         # vmmshim.poweroff_timeout_s: the ACPI power button, then a forced power off
+POWEROFF_TIMEOUT_MAX_S = 86400
+END_WAIT_S = 10                 # how long the vCPUs get to stop when the run ends some other way than by the guest
 
 
 GIL_SWITCH_AUTO_S = 0.05
@@ -49,79 +51,165 @@ def gil_switch(cfg):
 def run_vm(cfg):
     """Builds the VM ``cfg`` describes, runs it until it ends and returns its exit status (0 reset, 1 power off,
     2 halt, 3 triple fault). Bad input raises ConfigError, LoaderError or ProviderUnavailable (see
-    :func:`reported`)."""
-    from ops.nvmm import nvmm_init
-    from ops.nvmm_ops import VmmOpsNvmm
-    from .platform import Platform
-    from .vm import VM, VmConfig
-    ncpus, memsize = cfg.get_int("cpus", 1, 64), cfg.get_int("memory.size", 1 << 20)
-    gil_switch(cfg)
-    provider = nvmm_init(cfg.get("vmmshim.provider"))
-    vm = VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=memsize, strictio=cfg.get_bool("x86.strictio"),
-                                            ignore_msrs=not cfg.get_bool("x86.strictmsr"),
-                                            x2apic=cfg.get_bool("x86.x2apic"), name=cfg.get("name"),
-                                            kvm_pv=cfg.get_bool("x86.kvm_pv"),
-                                            pv_eoi=cfg.get_bool("x86.pv_eoi"),
-                                            posted_io=cfg.get_bool("vmmshim.posted_io"),
-                                            doorbells=cfg.get_bool("vmmshim.doorbells"),
-                                            halt_serve=cfg.get_bool("vmmshim.halt_serve"),
-                                            answer_io=cfg.get_bool("vmmshim.answer_io")))
-    from .firmware.boot import boot_image
-    image = boot_image(cfg, vm.lowmem, vm.highmem)
-    uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
-             if cfg.get(f"lpc.{name}.path")}
-    platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts)
-    if cfg.get("lpc.debug_exit.port"):
-        from bhyve_devices.debugexit import PORT_SIZE, DebugExit
-        vm.add_port_device(cfg.get_int("lpc.debug_exit.port", 0, 0xFFFF), PORT_SIZE,
-                           DebugExit(lambda status: vm.stop(status)), "debug-exit")
-    from .machine import build_pci_and_tables
-    build_pci_and_tables(vm, cfg, platform)
-    for gpa, data in image.writes:
-        vm.load(gpa, data)
-    vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
-    signal.signal(signal.SIGTERM, lambda *_: platform.power_button())
-    pidfile = cfg.get("pidfile")
-    if pidfile:
-        with open(pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    if os.environ.get("VMMSHIM_TRACE_MMIO"):
-        vm.mmio.trace = sys.stderr
-    dump = os.environ.get("VMMSHIM_DEBUG_DUMP")       # seconds between state dumps on stderr
-    if dump:
-        import threading
-        import time
+    :func:`reported`); a signal before the guest runs raises :class:`vmmshim.shutdown.Interrupted`.
 
-        def dumper():
-            while vm.status is None:
-                time.sleep(float(dump))
-                for line in vm.debug_state() + platform.debug_state():
-                    print(f"[vmmshim] {line}", file=sys.stderr, flush=True)
-        threading.Thread(target=dumper, daemon=True).start()
+    Whatever ends it (the guest, a signal, a setup error, a vmmshim bug), the vCPU threads are stopped before the
+    VM's memory goes, every console and device is closed (a Unix socket removed, a tty set back) and the terminal
+    is given back as it was."""
+    from .shutdown import Shutdown
+    shutdown = Shutdown(timeout_s=_poweroff_timeout(cfg)).install()   # SIGTERM/SIGHUP/SIGINT (shutdown.py)
+    terminal = _Terminal()
+    pidfile = _write_pidfile(cfg.get("pidfile"))
+    vm = platform = None
     try:
+        vm = _create_vm(cfg)
+        from .firmware.boot import boot_image
+        image = boot_image(cfg, vm.lowmem, vm.highmem)
+        uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
+                 if cfg.get(f"lpc.{name}.path")}
+        from .platform import Platform
+        platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts, on_escape=shutdown.escape)
+        if cfg.get("lpc.debug_exit.port"):
+            from bhyve_devices.debugexit import PORT_SIZE, DebugExit
+            vm.add_port_device(cfg.get_int("lpc.debug_exit.port", 0, 0xFFFF), PORT_SIZE,
+                               DebugExit(lambda status: vm.stop(status)), "debug-exit")
+        from .machine import build_pci_and_tables
+        build_pci_and_tables(vm, cfg, platform)
+        for gpa, data in image.writes:
+            vm.load(gpa, data)
+        vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
+        if os.environ.get("VMMSHIM_TRACE_MMIO"):
+            vm.mmio.trace = sys.stderr
+        _debug_dumper(vm, platform)
+        shutdown.say = platform.say
+        shutdown.running(platform.press_power_button, lambda why: vm.stop(EXIT_POWEROFF, why))
         status = vm.run()
     finally:
-        if cfg.get_bool("vmmshim.stats"):
-            for vcpu, st in vm.stats().items():
-                print(f"vmmshim: vcpu{vcpu} {st}", file=sys.stderr)
-        platform.close()
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
+        shutdown.cancel()
+        _tear_down(cfg, vm, platform)
+        _remove_pidfile(pidfile)
+        terminal.restore()
+        shutdown.uninstall()
     if vm.error:
         print(f"vmmshim: {vm.error.splitlines()[0]}", file=sys.stderr)
     return status
 
 
+def _create_vm(cfg):
+    from ops.nvmm import nvmm_init
+    from ops.nvmm_ops import VmmOpsNvmm
+    from .vm import VM, VmConfig
+    ncpus, memsize = cfg.get_int("cpus", 1, 64), cfg.get_int("memory.size", 1 << 20)
+    gil_switch(cfg)
+    provider = nvmm_init(cfg.get("vmmshim.provider"))
+    return VM(VmmOpsNvmm(provider), VmConfig(ncpus=ncpus, memsize=memsize, strictio=cfg.get_bool("x86.strictio"),
+                                             ignore_msrs=not cfg.get_bool("x86.strictmsr"),
+                                             x2apic=cfg.get_bool("x86.x2apic"), name=cfg.get("name"),
+                                             kvm_pv=cfg.get_bool("x86.kvm_pv"),
+                                             pv_eoi=cfg.get_bool("x86.pv_eoi"),
+                                             posted_io=cfg.get_bool("vmmshim.posted_io"),
+                                             doorbells=cfg.get_bool("vmmshim.doorbells"),
+                                             halt_serve=cfg.get_bool("vmmshim.halt_serve"),
+                                             answer_io=cfg.get_bool("vmmshim.answer_io")))
+
+
+def _tear_down(cfg, vm, platform):
+    """Stops the vCPUs (a setup error or a bug may leave one running), then closes the consoles, the devices and
+    the VM, in that order: a device is never closed under a running vCPU, nor memory unmapped under one."""
+    stopped = vm is None or vm.end(END_WAIT_S)
+    if vm is not None and vm.status is not None and cfg.get_bool("vmmshim.stats"):
+        for vcpu, st in vm.stats().items():
+            print(f"vmmshim: vcpu{vcpu} {st}", file=sys.stderr)
+    if platform is not None:
+        platform.close()
+    if vm is not None and stopped:
+        vm.close()
+
+
+def _poweroff_timeout(cfg):
+    key = "vmmshim.poweroff_timeout_s"
+    text = cfg.get(key, str(POWEROFF_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds <= POWEROFF_TIMEOUT_MAX_S:
+        raise ConfigError(f"{key}={text!r} must be a number of seconds from 0 (never) to {POWEROFF_TIMEOUT_MAX_S}")
+    return seconds
+
+
+def _write_pidfile(path):
+    """xhyve's ``-F``: the process ID in ``path`` while the VM exists (an error names the path and the flag)."""
+    if not path:
+        return None
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise OSError(e.errno, f"-F {path}: {e.strerror}") from None
+    return path
+
+
+def _remove_pidfile(path):
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _Terminal:
+    """The termios state of stdin when the command started, set back on every exit path (the stdio console sets
+    it raw; a setup error or a bug must not leave the user's shell that way)."""
+
+    def __init__(self, fd=0):
+        self.fd, self.saved = fd, None
+        try:
+            if os.isatty(fd):
+                import termios
+                self.saved = termios.tcgetattr(fd)
+        except OSError:
+            pass
+
+    def restore(self):
+        if self.saved is not None:
+            import termios
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            except OSError:
+                pass
+
+
+def _debug_dumper(vm, platform):
+    """``VMMSHIM_DEBUG_DUMP=S``: the devices' and vCPUs' state on stderr every S seconds."""
+    dump = os.environ.get("VMMSHIM_DEBUG_DUMP")
+    if not dump:
+        return
+    import threading
+    import time
+
+    def dumper():
+        while vm.status is None:
+            time.sleep(float(dump))
+            for line in vm.debug_state() + platform.debug_state():
+                print(f"[vmmshim] {line}", file=sys.stderr, flush=True)
+    threading.Thread(target=dumper, daemon=True).start()
+
+
 def reported(body):
     """``body()``'s exit status, or EXIT_ERROR with one line on stderr for a bad flag, a bad image, a missing
     hypervisor or a vmmshim bug (``VMMSHIM_DEBUG=1`` re-raises the last)."""
+    from .shutdown import Interrupted
     try:
         return body()
-    except (UsageError, ConfigError) as exc:
-        print(f"vmmshim: {exc}\n{USAGE.splitlines()[0]}", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"vmmshim: {exc or 'interrupted'}", file=sys.stderr)
+        return EXIT_ERROR
+    except UsageError as exc:
+        print(f"vmmshim: {exc} (vmmshim -h lists the flags)", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigError as exc:
+        print(f"vmmshim: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError) as exc:     # LoaderError, ProviderUnavailable, unreadable files
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -254,6 +254,16 @@ class VM:
         """A device asks for reset or power off (pm.c, 8042, 0xCF9)."""
         self.stop(SUSPEND_STATUS[how])
 
+    def end(self, timeout):
+        """Stops the VM if a vCPU still runs (a setup error, a bug: status 4) and gives its vCPU threads
+        ``timeout`` seconds; stops the timers. True when no vCPU thread is left (then :meth:`close` is safe)."""
+        done = True
+        if any(t.is_alive() for t in self.threads.values()):
+            self.stop(EXIT_ERROR, "stopped by the host")
+            done = self._wait(timeout)
+        self.timers.close()
+        return done
+
     def close(self):
         self.fast.close()
         for close in self.closers:

@@ -25,6 +25,7 @@ Not supported: bhyve's ``ttyS`` capsicum rights, telnet negotiation on ``tcp=``,
 full pty is dropped instead).
 """
 
+import atexit
 import errno
 import os
 import selectors
@@ -33,6 +34,8 @@ import stat
 import sys
 import threading
 import time
+
+from .escape import EscapeFilter
 
 RETRY_S = 0.005
 FLUSH_NS = 5_000_000        # a partial line waits at most this long
@@ -157,17 +160,39 @@ class _Backend:
 
 
 class StdioBackend(_Backend):
-    """Output to stdout; input from stdin, in raw mode when stdin is a tty (restored by :meth:`close`)."""
+    """Output to stdout; input from stdin, in raw mode when stdin is a tty (restored by :meth:`close`), where
+    :meth:`set_escape` takes the console escape keys out of the input (``escape.py``)."""
 
     def __init__(self, stdin_fd=0, stdout_fd=1):
         super().__init__()
         self._in, self._out = stdin_fd, stdout_fd
         self._saved = None
+        self._escape = self._on_key = None
         if os.isatty(stdin_fd):
             import termios
             import tty
             self._saved = termios.tcgetattr(stdin_fd)
             tty.setraw(stdin_fd)
+
+    @property
+    def raw_tty(self):
+        """True while stdin is a tty this backend set raw."""
+        return self._saved is not None
+
+    def set_escape(self, on_key):
+        """``on_key(key)`` gets each ``Ctrl-A KEY`` typed on a tty stdin; False where stdin is no tty (no escape:
+        Ctrl-C there is a signal)."""
+        if self._saved is None:
+            return False
+        self._escape, self._on_key = EscapeFilter(), on_key
+        return True
+
+    def _deliver(self, data):
+        if self._escape is not None:
+            data, keys = self._escape.feed(data)
+            for key in keys:
+                self._on_key(key)
+        super()._deliver(data)
 
     def _emit(self, data):
         try:
@@ -263,7 +288,11 @@ class PtyBackend(_Backend):
 
 class _ListenBackend(_Backend):
     """A listening stream socket; one client at a time gets the output and sends input. A connection while a
-    client is active is accepted and closed at once; output while no client is connected is dropped."""
+    client is active is accepted and closed at once; output while no client is connected is dropped.
+    ``on_client``, where set, is called from the reader thread with True when a client connects and False when
+    it goes (virtio-console's PORT_OPEN)."""
+
+    on_client = None
 
     def __init__(self, lsock):
         super().__init__()
@@ -300,6 +329,11 @@ class _ListenBackend(_Backend):
             c, self._client = self._client, None
         if c is not None:
             c.close()
+            self._client_changed(False)
+
+    def _client_changed(self, up):
+        if self.on_client is not None:
+            self.on_client(up)
 
     def _reader(self):
         with selectors.DefaultSelector() as sel:
@@ -316,6 +350,7 @@ class _ListenBackend(_Backend):
                             self._accept()
                             if had is None and self._client is not None:
                                 sel.register(self._client.fileno(), selectors.EVENT_READ, "client")
+                                self._client_changed(True)
                             continue
                         try:
                             data = self._client.recv(READ_CHUNK)
@@ -336,7 +371,9 @@ class _ListenBackend(_Backend):
 
 class UnixSocketBackend(_ListenBackend):
     """``unix:PATH``: a listening Unix stream socket at ``path``. Only a stale socket there (nobody listening)
-    is replaced; any other file is an ``OSError`` naming the path, and is left alone."""
+    is replaced; any other file is an ``OSError`` naming the path, and is left alone. :meth:`close` removes the
+    socket (only if the file at ``path`` is still the one it made); a process that ends without closing it
+    (an error while the VM is set up) closes it at exit (``atexit``)."""
 
     def __init__(self, path):
         self.path = path
@@ -344,15 +381,23 @@ class UnixSocketBackend(_ListenBackend):
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             lsock.bind(path)
+            st = os.lstat(path)
         except OSError as e:
             lsock.close()
-            raise OSError(e.errno, f"{path}: {e.strerror}") from None
+            raise OSError(e.errno or errno.EINVAL, f"{path}: {e.strerror or e}") from None
+        self._made = (st.st_dev, st.st_ino)
         super().__init__(lsock)
+        atexit.register(self.close)
 
     def close(self):
+        if self._closed:
+            return
+        atexit.unregister(self.close)
         super().close()
         try:
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._made:
+                os.unlink(self.path)
         except OSError:
             pass
 
