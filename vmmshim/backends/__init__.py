@@ -10,14 +10,20 @@
 bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
 up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
 ``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
-``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its spec,
-``virtio-rnd`` gets the host's entropy source.
-Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message.
+``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its
+first option (``-s N,virtio-console,autopty``; any :func:`.uart.open_backend` spec, ``tcp=ADDR:PORT`` included) or
+from ``backend``, or, for bhyve's ``NAME=PATH`` options, a
+:class:`~bhyve_devices.virtio.console.ConsolePorts` of Unix sockets listening at each PATH (a
+:class:`.uart.UnixSocketBackend` each: only a stale socket is replaced, the socket is removed when the device is
+closed or the process exits), ``virtio-rnd`` gets the host's entropy source.
+Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message; what was opened
+before the error is closed.
 
 Not supported: backends for the other emulations (they have none), sharing one backend between devices.
 """
 
 from bhyve_devices.virtio import blk as _blkdev
+from bhyve_devices.virtio import console as _condev
 from bhyve_devices.virtio import net as _netdev
 from bhyve_devices.virtio.pci import as_options, is_true
 
@@ -50,10 +56,24 @@ def _netdev_opts(o):
 
 
 def _console(o):
-    o = as_options(o, lambda s: {"backend": s} if s else {})
-    spec = o.get("backend")
-    if isinstance(spec, str):
-        o[BACKEND_OPT] = _uart.open_backend(spec)
+    o = as_options(o, _condev.parse_options)
+    spec, ports = _condev.console_config(o)
+    if not ports:
+        if isinstance(spec, str):
+            o[BACKEND_OPT] = _uart.open_backend(spec)
+        return o
+    opened = []
+    try:
+        for name, path in ports:
+            try:
+                opened.append((name, _uart.UnixSocketBackend(path)))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create port {name}: {e.strerror}") from None
+    except BaseException:
+        for _, backend in opened:
+            backend.close()
+        raise
+    o[BACKEND_OPT] = _condev.ConsolePorts(opened)
     return o
 
 
