@@ -4,15 +4,15 @@ the exit traces of each case recorded per provider and diffed.
 
     vmmshim conformance [--providers kvm,soft] [--record DIR] [--diff DIR] [-k EXPR]
 
-Exit status 1 when a case passes on one provider and fails on another (a difference without a declared
-reason), or when any case fails on every provider; 0 otherwise. ``--record DIR`` writes ``DIR/<case>.<provider>
-.trace`` (one line per exit: reason and the payload fields every provider reports the same way); ``--diff DIR``
-prints, for each case recorded on two providers, the first exit where their traces part.
+Exit status 1 when a case passes on one provider and fails on another (a difference without a declared reason),
+or when any case fails on every provider; 0 otherwise; 4 (bhyve's error status) for a bad argument, with one
+line on stderr. ``--record DIR`` writes ``DIR/<case>.<provider>.trace`` (one line per exit: reason and the
+payload fields every provider reports the same way); ``--diff DIR`` prints, for each case recorded on two
+providers, the first exit where their traces part.
 
 Not supported: replaying a trace into a provider (the traces are compared, not re-executed).
 """
 
-import argparse
 import collections
 import os
 import re
@@ -124,7 +124,8 @@ def diff(directory):
 def main(argv=None):
     sys.path.insert(0, ROOT)
     from ops.nvmm import available_providers
-    ap = argparse.ArgumentParser(prog="vmmshim conformance", description=__doc__.splitlines()[0])
+    from vmmshim.flags import ArgumentParser
+    ap = ArgumentParser(prog="vmmshim conformance", description=__doc__.splitlines()[0])
     ap.add_argument("--providers", help="comma-separated (default: every provider present)")
     ap.add_argument("--record", metavar="DIR", help="write each case's exit trace per provider")
     ap.add_argument("--diff", metavar="DIR", help="compare the traces recorded in DIR")

@@ -8,13 +8,14 @@ Where it runs depends on this host's ``/dev/kvm`` (``ops.nvmm.kvm.provider.hardw
   command runs inside the nested lab (QEMU TCG with nested SVM and a real ``kvm_amd`` in L1, ``docs/lab.md``)
   and the guest's console is printed when it ends.
 
-The exit status is the VM's (bhyve's: 0 reset, 1 power off, 2 halt, 3 triple fault, 4 error). The guest's init
-powers off after running ``--run CMD`` (``vmmshim.run=`` on the kernel command line), so a clean boot exits 1.
+The exit status is the VM's (bhyve's: 0 reset, 1 power off, 2 halt, 3 triple fault, 4 error); a bad argument
+(``-c`` and ``-m`` are checked as the ``vmmshim`` command reads them) is one line and status 4 before anything
+boots. The guest's init powers off after running ``--run CMD`` (``vmmshim.run=`` on the kernel command line), so
+a clean boot exits 1.
 
 Not supported: an interactive shell through the lab (the lab returns output when the command ends).
 """
 
-import argparse
 import os
 import shlex
 import sys
@@ -67,13 +68,20 @@ def lab_script(vmm_cmd):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="vmmshim linux", description=__doc__.split("\n\n")[0])
+    from vmmshim.config import ConfigError
+    from vmmshim.flags import ArgumentParser, UsageError, parse_args
+
+    ap = ArgumentParser(prog="vmmshim linux", description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--cpus", type=int, default=2)
     ap.add_argument("-m", "--mem", default="512M")
     ap.add_argument("--run", default="", help="shell command the guest runs before it powers off")
     ap.add_argument("--append", default="", help="more kernel command line")
     ap.add_argument("--here", action="store_true", help="boot here even if /dev/kvm is paravirtual")
     args = ap.parse_args(argv)
+    try:        # -c and -m as the vmmshim command reads them, here rather than after a minute of lab boot
+        parse_args(guest_argv("/", args.cpus, args.mem, "stdio"))
+    except (UsageError, ConfigError) as exc:
+        ap.error(str(exc))
     from vmmshim.lab import guest as guest_mod
 
     where, why = where_to_run()
@@ -86,7 +94,6 @@ def main(argv):
             print(f"vmmshim: default guest not built in {gdir} (scripts/install-deps.sh or "
                   "python3 -m vmmshim.lab guest)", file=sys.stderr)
             return 4
-        from vmmshim.flags import parse_args
         from vmmshim.runner import reported, run_vm
 
         argv = guest_argv(gdir, args.cpus, args.mem, "stdio", args.run, args.append)

@@ -1,25 +1,54 @@
-"""``vmmshim doctor``: what this host can run (providers present, and whether /dev/kvm is hardware-assisted or
-kvm_pvm, which runs small guests only), and whether the KVM provider's compiled run loop and virtio-blk's
-compiled request could be built (``ops/nvmm/kvm/fastrun.py``, ``vmmshim/backends/blkfast.py``), one line each,
-exit status 0 when at least one provider works."""
+"""``vmmshim doctor``: what this host can run, one line each: the providers (kvm, libnvmm and the soft provider,
+the software CPU that needs no ``/dev/kvm``), whether ``/dev/kvm`` exists and which module backs it
+(hardware-assisted ``kvm_intel``/``kvm_amd``, or the paravirtual ``kvm_pvm``, where ``-f kexec`` of a stock Linux
+kernel crawls, so Linux boots in the nested lab), and whether the KVM provider's compiled run loop and
+virtio-blk's compiled request could be built (``ops/nvmm/kvm/fastrun.py``, ``vmmshim/backends/blkfast.py``).
+Exit status 0 when at least one provider works, 4 otherwise or for an argument (it takes none).
+
+Not supported: checking a particular guest's needs (memory, vCPUs) against the host.
+"""
 
 import os
+import sys
+
+KVM_DEVICE = "/dev/kvm"
+EXIT_ERROR = 4
+LAB_HINT = "boot Linux in the nested lab: vmmshim linux, or python3 -m vmmshim.lab (docs/lab.md)"
+KIND_WORDS = {"kvm_intel": "hardware-assisted (kvm_intel, Intel VT-x): Linux guests run here",
+              "kvm_amd": "hardware-assisted (kvm_amd, AMD-V): Linux guests run here",
+              "kvm_pvm": "paravirtual (kvm_pvm): small test guests run here"}
+PROVIDER_NOTES = {"soft": "the software CPU, needs no /dev/kvm; small guests (-o vmmshim.provider=soft)"}
 
 
-def doctor():
+def kvm_lines(present, kind):
+    """What doctor says about ``/dev/kvm`` (``present``: it exists) backed by the module ``kind``."""
+    if present and kind in KIND_WORDS:
+        lines = [f"{KVM_DEVICE} present: {KIND_WORDS[kind]}"]
+    elif present:
+        lines = [f"{KVM_DEVICE} present: backed by none of kvm_intel, kvm_amd, kvm_pvm (not in /sys/module)"]
+    elif kind in KIND_WORDS:
+        lines = [f"{KVM_DEVICE} missing although {kind} is loaded: the kvm provider needs the device node "
+                 "(mknod /dev/kvm c 10 232, or pass it to the container); the soft provider works without it"]
+    else:
+        lines = [f"{KVM_DEVICE} missing: no KVM module here; the soft provider works without it"]
+    if kind == "kvm_pvm":
+        lines.append(f"warning: -f kexec of a stock Linux kernel crawls on a paravirtual KVM (kvm_pvm); {LAB_HINT}")
+    return lines
+
+
+def doctor(kvm_device=KVM_DEVICE):
     from ops.nvmm import available_providers
     from ops.nvmm.kvm.provider import hardware_kind
     ok = False
-    for name, why in available_providers().items():
-        print(f"provider {name:<8} {'available' if why is None else 'unavailable: ' + why}")
+    providers = available_providers()
+    for name, why in providers.items():
+        state = "available" if why is None else "unavailable: " + why
+        note = PROVIDER_NOTES.get(name)
+        print(f"provider {name:<8} {state}" + (f": {note}" if note and why is None else ""))
         ok |= why is None
-    kind = hardware_kind()
-    verdict = {"kvm_intel": "hardware-assisted (Intel VT-x): Linux guests run here",
-               "kvm_amd": "hardware-assisted (AMD-V): Linux guests run here",
-               "kvm_pvm": "paravirtual (kvm_pvm): small test guests only; boot Linux in the nested lab "
-                          "(python3 -m vmmshim.lab)",
-               "unknown": "no KVM module found"}[kind]
-    print(f"/dev/kvm {'present' if os.path.exists('/dev/kvm') else 'absent'}: {verdict}")
+    present = os.path.exists(kvm_device) or providers.get("kvm", "") is None
+    for line in kvm_lines(present, hardware_kind()):
+        print(line)
     from ops.nvmm.kvm import fastrun
     why = fastrun.unavailable()
     print("compiled run loop " + ("built: KVM answers published port reads without leaving C" if why is None else
@@ -28,4 +57,11 @@ def doctor():
     why = blkfast.unavailable()
     print("compiled virtio-blk request " + ("built: Linux's read and write tables are served in C" if why is None else
                                             f"unavailable ({why}): virtio-blk serves every request in Python"))
-    return 0 if ok else 4
+    return 0 if ok else EXIT_ERROR
+
+
+def main(argv=()):
+    if argv:
+        print(f"vmmshim doctor: takes no arguments, got {' '.join(argv)}", file=sys.stderr)
+        return EXIT_ERROR
+    return doctor()

@@ -30,8 +30,8 @@ def test_hello_output_to_a_file_backend(kvm_provider, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("-m", "12X", "-f", "hello"), "invalid memory size"),
-    (("-c", "0", "-f", "hello"), "invalid vCPU count"),
+    (("-m", "12X", "-f", "hello"), "-m 12X is not a memory size"),
+    (("-c", "0", "-f", "hello"), "-c 0: cpus=0 must be between 1 and 64"),
     (("-Q",), "option -Q not recognized"),
     (("-s", "40,virtio-blk,x.img", "-f", "hello"), "out of range"),
     (("-l", "com9,stdio", "-f", "hello"), "unknown LPC device"),
