@@ -48,6 +48,10 @@ class VmmApi(VmmOps, Protocol):
 
     def vcpu_stats(self, vmi: Any, vcpu: int) -> dict: ...
 
+    def vcpu_failure(self, vmi: Any, vcpu: int, exit_reason: int) -> str:
+        """Why the CPU could not run ``vcpu`` (a ``VM_EXITCODE_VMX`` exit), as a sentence naming the state, the
+        instruction and the provider limit it ran into (``ops/failure.py``)."""
+
     def vm_activate_cpu(self, vmi: Any, vcpu: int) -> None: ...
 
     def vm_suspend(self, vmi: Any, how: int) -> None: ...
@@ -111,6 +115,12 @@ class VmmApiCalls:
 
     def vcpu_stats(self, vmi, vcpu):
         return vmi.vcpu_stats(vcpu)
+
+    def vcpu_failure(self, vmi, vcpu, exit_reason):
+        from .failure import describe_failure
+        return describe_failure(lambda r: self.vmgetreg(vmi, vcpu, r), lambda r: self.vmgetdesc(vmi, vcpu, r),
+                                lambda gpa, n: bytes(vmi.machine.gpa_view(gpa, n)), self.provider.name,
+                                self.provider.capability().limits, vcpu, exit_reason)
 
     def vm_activate_cpu(self, vmi, vcpu):
         vmi.activate_cpu(vcpu)

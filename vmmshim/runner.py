@@ -91,7 +91,10 @@ def run_vm(cfg):
         terminal.restore()
         shutdown.uninstall()
     if vm.error:
-        print(f"vmmshim: {vm.error.splitlines()[0]}", file=sys.stderr)
+        lines = vm.error.splitlines()
+        print(f"vmmshim: {lines[0]}", file=sys.stderr)
+        if os.environ.get("VMMSHIM_DEBUG"):
+            print("\n".join(lines[1:]), file=sys.stderr)
     return status
 
 
@@ -218,5 +221,6 @@ def reported(body):
     except Exception as exc:  # noqa: BLE001 - a vmmshim bug: one line, status 4 (VMMSHIM_DEBUG=1 re-raises)
         if os.environ.get("VMMSHIM_DEBUG"):
             raise
-        print(f"vmmshim: internal error: {exc!r} (VMMSHIM_DEBUG=1 shows where)", file=sys.stderr)
+        from .vm import describe_exception
+        print(f"vmmshim: internal error: {describe_exception(exc)} (VMMSHIM_DEBUG=1 shows where)", file=sys.stderr)
         return EXIT_ERROR

@@ -215,7 +215,8 @@ class VM:
                     return
         except Exception as exc:  # noqa: BLE001 - a VMM bug ends the VM with status 4 and a message
             import traceback
-            self.stop(EXIT_ERROR, f"vcpu{vcpu}: {exc!r}\n{traceback.format_exc()}")
+            self.stop(EXIT_ERROR, f"vcpu{vcpu}: vmmshim failed: {describe_exception(exc)} (VMMSHIM_DEBUG=1 shows "
+                      f"where)\n{traceback.format_exc()}")
 
     def stats(self):
         """Exits by reason per vCPU: the VM's (vm_exitcode) and the ops layer's (NVMM reasons handled there)."""
@@ -315,16 +316,31 @@ class VM:
         return CONTINUE
 
     def _vmexit_vmx(self, vcpu, vmexit):
-        self.stop(EXIT_ERROR, f"vm exit[{vcpu}] {vmexit!r}: the CPU could not run the guest")
+        try:
+            why = self.ops.vcpu_failure(self.vmi, vcpu, vmexit.u.exit_reason)
+        except OSError as exc:          # the vCPU's state is gone too: say what is known
+            why = (f"vcpu{vcpu}: the CPU could not run the guest at rip {vmexit.rip:#x} (hardware exit reason "
+                   f"{vmexit.u.exit_reason:#x}; its state could not be read: {exc.strerror})")
+        self.stop(EXIT_ERROR, why)
         return ABORT
 
     def _timer_error(self, exc):
         import traceback
-        self.stop(EXIT_ERROR, f"a device timer failed: {exc!r}\n{''.join(traceback.format_exception(exc))}")
+        self.stop(EXIT_ERROR, f"a device timer failed: {describe_exception(exc)}\n"
+                  f"{''.join(traceback.format_exception(exc))}")
 
     def _unhandled(self, bus, addr, is_write, size):
         self.stop(EXIT_ERROR, f"unhandled {bus} {'write' if is_write else 'read'} of {size} bytes at {addr:#x} "
                   "(strict I/O, -e)")
+
+
+def describe_exception(exc):
+    """An exception as words, not a repr: ``OSError`` as its errno name and text, others as type and message."""
+    import errno
+    if isinstance(exc, OSError) and exc.errno:
+        text = exc.strerror or str(exc)
+        return f"{text} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _IsaLine:

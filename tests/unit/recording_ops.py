@@ -25,6 +25,9 @@ class RecordingOps:
     def vcpu_stats(self, vmi, vcpu):
         return {"exits": {}, "answered_io": 0, "bus_mmio": 0}
 
+    def vcpu_failure(self, vmi, vcpu, exit_reason):
+        return f"vcpu{vcpu}: the CPU could not run the guest (hardware exit reason {exit_reason:#x})"
+
     def vm_atpic_ranges(self, vmi):
         return []
 
