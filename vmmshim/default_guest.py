@@ -23,6 +23,7 @@ import sys
 HW_KINDS = ("kvm_intel", "kvm_amd")
 LAB_TIMEOUT_S = 600
 LAB_GUEST_TRIES = 3
+EXIT_POWEROFF = 1
 
 
 def guest_argv(guest_dir, cpus, mem, console, run=None, cmdline_extra=""):
@@ -109,7 +110,12 @@ def main(argv):
     # L1 (QEMU TCG) itself hangs or crashes now and then, and its L2 guests triple-fault early in boot now and
     # then, QEMU's as well as vmmshim's (docs/lab.md): a killed L1 gets another boot, and so does a guest that
     # triple-faulted before its shell marker (its --run command had not started), saying so on stderr
-    res = run_in_lab(lab_script(shlex.join(inner)), timeout=LAB_TIMEOUT_S + 120, retry_killed=True)
+    from vmmshim.lab.run import Terminated
+    try:
+        res = run_in_lab(lab_script(shlex.join(inner)), timeout=LAB_TIMEOUT_S + 120, retry_killed=True)
+    except Terminated as exc:        # L1 is killed with the guest in it: a power off, as the signal asked
+        print(f"vmmshim: {exc}: the lab was stopped (L1 killed, the guest powered off)", file=sys.stderr)
+        return EXIT_POWEROFF
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
     print(f"vmmshim: lab: L1 boot {res.boot_s:.1f} s, guest run {res.cmd_s:.1f} s, VM exit status {res.status}",

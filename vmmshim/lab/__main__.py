@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(json.dumps(info, indent=1))
         return 0 if ok else 1
 
-    from vmmshim.lab.run import LabError, _Terminated, run_in_lab
+    from vmmshim.lab.run import LabError, Terminated, run_in_lab
 
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not cmd:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     except LabError as e:
         print(f"[lab] {e}", file=sys.stderr)
         return 255
-    except _Terminated as e:
+    except Terminated as e:
         print(f"[lab] stopped by {e}; L1 killed", file=sys.stderr)
         return 143
     sys.stdout.write(res.stdout)

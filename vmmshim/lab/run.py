@@ -211,12 +211,12 @@ def _die_with_parent() -> None:
         pass
 
 
-class _Terminated(BaseException):
-    pass
+class Terminated(BaseException):
+    """SIGTERM, SIGINT or SIGHUP while L1 ran: L1 was killed. ``str()`` is the signal's name."""
 
 
 def _raise_terminated(signum, frame):
-    raise _Terminated(f"signal {signum}")
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -245,11 +245,12 @@ def _boot_once(argv, console_path, boot_timeout, hard_deadline, echo):
     boot_s = None
     beats, last_beat = 0, t0
     kvm = False
-    # SIGTERM/SIGHUP (timeout(1), a CI runner) end this process through `finally`, which kills QEMU
+    # SIGTERM/SIGHUP/SIGINT (timeout(1), a CI runner, Ctrl-C) end this process through `finally`, which kills QEMU
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            old[sig] = signal.signal(sig, _raise_terminated)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                old[sig] = signal.signal(sig, _raise_terminated)
     with open(console_path, "wb") as con:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=con, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
