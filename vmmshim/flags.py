@@ -37,7 +37,8 @@ flags (each sets the bhyve_config(5) key in parentheses):
   -C  accepted (memory.guest_in_core): vmmshim writes no core files
   -e  exit on an access to an unemulated I/O port (x86.strictio)
   -f  firmware (firmware.spec): kexec,KERNEL[,INITRD[,"CMDLINE"]] (a Linux bzImage, as xhyve)
-      | multiboot,KERNEL[,MOD[;ARGS][:MOD[;ARGS]]...[,"CMDLINE"]] (hyperkit)
+      | multiboot,KERNEL[,MODULES[,"CMDLINE"]] (hyperkit; MODULES: MOD[;ARGS][:MOD[;ARGS]]...,
+        empty for none: multiboot,KERNEL,,"CMDLINE")
       | hello (vmmshim's built-in smoke guest)
   -F  write vmmshim's process ID to this file while the VM runs (pidfile)
   -h  this help (also --help)
