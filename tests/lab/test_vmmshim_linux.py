@@ -12,17 +12,26 @@ import re
 
 import pytest
 
+from vmmshim.lab.guest import encode_run
+
 pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1500)]
 BOOT_TRIES = 3
 
 VMM = ("timeout -k 5 {t} python3 -m vmmshim {args} -m 512M -s 0:0,hostbridge -s 31,lpc -l com1,stdio "
        "-f kexec,/lab/guest/vmlinuz,/lab/guest/initramfs.gz,'console=ttyS0 panic=-1 {append}' "
        "</dev/null >/tmp/{name}.txt")      # the console on stdio, as a user runs it
+UUID = "6c0a4b4e-1f2d-4e5a-9b3c-7d8e9f0a1b2c"
+#: What the x2APIC/SMBIOS case runs in the guest: the guest's own dmidecode (from Debian's package, in the default
+#: guest's initramfs) on the tables Linux found, and the kernel's view of the APIC mode and of the DMI UUID.
+DMI_RUN = ("dmidecode -s system-uuid; dmidecode -t system | grep -E 'Manufacturer|UUID'; "
+           "dmidecode -t processor | grep -c 'Processor Information'; dmidecode -t memory | grep 'Size:'; "
+           "echo DMI-ID-UUID=$(cat /sys/class/dmi/id/product_uuid); dmesg | grep -i x2apic")
 CASES = {
     "acpi1": ("-A -c 1", ""),
     "smp2": ("-A -c 2", ""),
     "mptable": ("-c 1", ""),
     "reboot": ("-A -c 1", "vmmshim.exit=reboot"),
+    "x2apic_smbios": (f"-A -c 2 -x -U {UUID}", encode_run(DMI_RUN)),
 }
 
 
@@ -81,3 +90,20 @@ def test_reboot_exits_with_status_0(boots):
     status, secs, console = boots["reboot"]
     assert "VMMSHIM-GUEST-UP" in console, console[-2000:]
     assert status == 0, (status, console[-1500:])
+
+
+def test_x2apic_mode_and_smbios_as_the_guest_sees_them(boots):
+    """-x: Linux finds its APICs in x2APIC mode, set by the firmware (bhyve's X2APIC_ENABLED); -U: the guest's
+    dmidecode and the kernel's DMI both read the UUID from vmmshim's SMBIOS tables, with two processors and the
+    512 MiB of RAM."""
+    status, secs, console = boots["x2apic_smbios"]
+    assert "VMMSHIM-RUN-STATUS=0" in console, console[-3000:]
+    assert status == 1, (status, console[-1500:])
+    assert re.search(r"x2apic.*enabled", console, re.I), console[-3000:]
+    assert UUID in console.splitlines(), console[-3000:]                 # dmidecode -s system-uuid
+    assert f"DMI-ID-UUID={UUID}" in console
+    assert "Manufacturer: FreeBSD" in console and "VMMSHIM-CPUS=2" in console
+    assert re.search(r"^2$", console, re.M), "dmidecode did not list two processors"
+    assert "Size: 512 MB" in console, console[-3000:]
+    run = console.split("VMMSHIM-GUEST-UP", 1)[-1]                       # what dmidecode printed
+    assert "Invalid" not in run and "checksum" not in run.lower(), run[-3000:]

@@ -82,7 +82,8 @@ def test_suspended_maps_to_bhyve_exit_status(vm, how, status):
 
 def test_invalid_guest_state_is_an_error_with_a_message(vm):
     assert vm.handlers[E.VM_EXITCODE_VMX](0, fabricated(E.VM_EXITCODE_VMX, Vmx(0, 33))) == vmmod.ABORT
-    assert vm.status == vmmod.EXIT_ERROR and "VMX" in vm.error
+    assert vm.status == vmmod.EXIT_ERROR and "could not run the guest" in vm.error
+    assert "hardware exit reason 0x21" in vm.error and "<vm_exit" not in vm.error
 
 
 def test_first_stop_wins(vm):

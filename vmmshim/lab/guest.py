@@ -4,7 +4,9 @@ Output, in ``$VMMSHIM_CACHE/guest/`` (default ``~/.cache/vmmshim/guest/``):
 
 - ``vmlinuz``: the bzImage of Debian's ``linux-image-6.1.0-*-amd64`` (taken from the .deb, never installed);
 - ``initramfs.gz``: a gzip'd newc cpio with busybox-static, the virtio modules of the same kernel
-  (virtio_pci, virtio_blk, virtio_net, virtio-rng and what they depend on) and ``/init``;
+  (virtio_pci, virtio_blk, virtio_net, virtio-rng and what they depend on), Debian's ``dmidecode`` at
+  ``/usr/sbin/dmidecode`` with the shared libraries it needs from ``libc6`` (at their Debian paths:
+  ``/lib64/ld-linux-x86-64.so.2``, ``/lib/x86_64-linux-gnu/``) and ``/init``;
 - ``inputs.json``: what it was built from; the build is skipped when the hash there still matches.
 
 ``/init`` mounts proc, sys and devtmpfs, inserts the modules, prints ``VMMSHIM-GUEST-UP`` and
@@ -29,6 +31,7 @@ import pathlib
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 
@@ -40,6 +43,12 @@ KERNEL_META = "linux-image-amd64"
 BUSYBOX_PKG = "busybox-static"
 #: Modules inserted at boot, in this order, each after its dependencies.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio-rng")
+#: Dynamically linked Debian programs put in the initramfs at their Debian paths: (package, path in it).
+TOOLS = (("dmidecode", "usr/sbin/dmidecode"),)
+#: Packages the tools' shared libraries (and PT_INTERP) are taken from, searched in this order.
+LIB_PKGS = ("libc6",)
+#: Where, in those packages, a DT_NEEDED name is looked for (no RPATH/RUNPATH is honoured: ld.so's defaults).
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
 
 MARKER_UP = "VMMSHIM-GUEST-UP"
 MARKER_CPUS = "VMMSHIM-CPUS="
@@ -158,6 +167,93 @@ def _extract(deb: pathlib.Path) -> pathlib.Path:
     return dest
 
 
+def _elf_deps(data: bytes, name: str) -> tuple:
+    """(PT_INTERP or None, [DT_NEEDED names]) of an x86-64 ELF file, read from its program headers."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise GuestBuildError(f"{name} is not a little-endian ELF64 file")
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    interp, dynamic, loads = None, None, []
+    for i in range(phnum):
+        p_type, _flags, off, vaddr, _paddr, filesz, _memsz, _align = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            interp = data[off:off + filesz].split(b"\0")[0].decode()
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (off, filesz)
+        elif p_type == 1:  # PT_LOAD
+            loads.append((vaddr, off, filesz))
+    if dynamic is None:
+        return interp, []
+    strtab, needed = None, []
+    for pos in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, val = struct.unpack_from("<qQ", data, pos)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED
+            needed.append(val)
+        elif tag == 5:  # DT_STRTAB (an address: map it to the file through the PT_LOAD segments)
+            strtab = next((off + val - vaddr for vaddr, off, size in loads if vaddr <= val < vaddr + size), None)
+    if needed and strtab is None:
+        raise GuestBuildError(f"{name}: DT_STRTAB outside every PT_LOAD segment")
+    names = [data[strtab + n:data.index(b"\0", strtab + n)].decode() for n in needed]
+    return interp, names
+
+
+def _tree_entry(trees: dict, rel: str):
+    """(package, path) of the first tree holding ``rel`` (a file or a symlink), or None."""
+    for pkg, tree in trees.items():
+        if os.path.lexists(tree / rel):
+            return pkg, tree / rel
+    return None
+
+
+def _tool_files(tool_trees: dict, lib_trees: dict) -> dict:
+    """What the initramfs needs for :data:`TOOLS`: ``{path in it: ("file", bytes, perm) | ("symlink", target)}``.
+
+    Each tool's PT_INTERP and DT_NEEDED libraries (and theirs, transitively) are looked up in the trees of
+    :data:`LIB_PKGS` only, never on the host; symlinks are kept as the .deb has them, their targets added too.
+    """
+    files = {}
+
+    def add(rel: str, trees: dict, why: str):
+        rel = rel.lstrip("/")
+        for _ in range(10):
+            if rel in files:
+                return None
+            hit = _tree_entry(trees, rel)
+            if hit is None:
+                raise GuestBuildError(f"{why}: no /{rel} in {', '.join(trees)}")
+            pkg, path = hit
+            if not path.is_symlink():
+                data = path.read_bytes()
+                files[rel] = ("file", data, stat.S_IMODE(path.lstat().st_mode))
+                return data
+            target = os.readlink(path)
+            files[rel] = ("symlink", target)
+            rel = os.path.normpath(target.lstrip("/") if target.startswith("/")
+                                   else os.path.join(os.path.dirname(rel), target))
+        raise GuestBuildError(f"{why}: too many symlinks at /{rel}")
+
+    pending = []
+    for pkg, rel in TOOLS:
+        pending.append((rel, {pkg: tool_trees[pkg]}, f"{pkg}"))
+    while pending:
+        rel, trees, why = pending.pop(0)
+        data = add(rel, trees, why)
+        if data is None:
+            continue
+        interp, needed = _elf_deps(data, rel)
+        if interp:
+            pending.append((interp, lib_trees, f"PT_INTERP of /{rel}"))
+        for lib in needed:
+            where = next((f"{d}/{lib}" for d in LIB_DIRS if _tree_entry(lib_trees, f"{d}/{lib}")), None)
+            if where is None:
+                raise GuestBuildError(f"/{rel} needs {lib}, which is in none of {', '.join(lib_trees)}")
+            pending.append((where, lib_trees, f"DT_NEEDED {lib} of /{rel}"))
+    return files
+
+
 def _modinfo_depends(data: bytes) -> list[str]:
     """The ``depends=`` field of a module's .modinfo section (null-separated ``key=value`` strings)."""
     m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
@@ -235,11 +331,18 @@ class _Cpio:
         return bytes(self.buf)
 
 
+def _extra_packages() -> dict:
+    """``{package: version}`` of the tools' and their libraries' packages (apt's candidate, as for busybox)."""
+    return {pkg: _apt_show(pkg)["Version"] for pkg in dict.fromkeys([p for p, _ in TOOLS] + list(LIB_PKGS))}
+
+
 def fetch_packages() -> dict:
-    """Download and extract the guest kernel and busybox-static .debs into the cache; return their trees."""
+    """Download and extract the guest kernel, busybox-static and tool .debs into the cache; return their trees."""
     kpkg, kver = kernel_package()
     bver = _apt_show(BUSYBOX_PKG)["Version"]
     trees = {kpkg: _extract(_download(kpkg, kver)), BUSYBOX_PKG: _extract(_download(BUSYBOX_PKG, bver))}
+    for pkg, ver in _extra_packages().items():
+        trees[pkg] = _extract(_download(pkg, ver))
     for pkg, tree in trees.items():
         _step(f"{pkg}: {tree}")
     return trees
@@ -250,7 +353,9 @@ def build_guest(force: bool = False) -> pathlib.Path:
     out = guest_dir()
     kpkg, kver = kernel_package()
     bver = _apt_show(BUSYBOX_PKG)["Version"]
-    key = digest(GUEST_VERSION, pathlib.Path(__file__).read_bytes(), kpkg, kver, BUSYBOX_PKG, bver, " ".join(MODULES))
+    extra = _extra_packages()
+    key = digest(GUEST_VERSION, pathlib.Path(__file__).read_bytes(), kpkg, kver, BUSYBOX_PKG, bver, " ".join(MODULES),
+                 " ".join(f"{p}={v}" for p, v in extra.items()))
     inputs_file = out / "inputs.json"
     if not force and inputs_file.exists() and (out / "vmlinuz").exists() and (out / "initramfs.gz").exists():
         if json.loads(inputs_file.read_text()).get("key") == key:
@@ -258,6 +363,8 @@ def build_guest(force: bool = False) -> pathlib.Path:
             return out
     kroot = _extract(_download(kpkg, kver))
     broot = _extract(_download(BUSYBOX_PKG, bver))
+    extra_trees = {pkg: _extract(_download(pkg, ver)) for pkg, ver in extra.items()}
+    tools = _tool_files({p: extra_trees[p] for p, _ in TOOLS}, {p: extra_trees[p] for p in LIB_PKGS})
     kernels = sorted((kroot / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise GuestBuildError(f"no boot/vmlinuz-* in {kpkg}")
@@ -270,15 +377,23 @@ def build_guest(force: bool = False) -> pathlib.Path:
                              check=True).stdout.split()
 
     cpio = _Cpio()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc", "root",
-              "lib", "lib/modules", f"lib/modules/{kname}", "mnt"):
+    dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc", "root",
+            "lib", "lib/modules", f"lib/modules/{kname}", "mnt"]
+    for rel in sorted(tools):
+        parent = os.path.dirname(rel)
+        chain = []
+        while parent and parent not in dirs and parent not in chain:
+            chain.insert(0, parent)
+            parent = os.path.dirname(parent)
+        dirs += chain
+    for d in dirs:
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3, 0o666)
     cpio.chardev("dev/ttyS0", 4, 64)
     cpio.file("bin/busybox", busybox, 0o755)
     for applet in applets:
-        if applet != "bin/busybox":
+        if applet != "bin/busybox" and applet not in tools:
             depth = applet.count("/")
             cpio.symlink(applet, "../" * depth + "bin/busybox")
     loaded = []
@@ -289,6 +404,11 @@ def build_guest(force: bool = False) -> pathlib.Path:
         path = f"lib/modules/{kname}/{os.path.basename(mod)}"
         cpio.file(path, data)
         loaded.append("/" + path)
+    for rel, entry in sorted(tools.items()):
+        if entry[0] == "symlink":
+            cpio.symlink(rel, entry[1])
+        else:
+            cpio.file(rel, entry[1], entry[2])
     cpio.file("etc/vmmshim-modules", ("\n".join(loaded) + "\n").encode())
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\n")
@@ -306,6 +426,7 @@ def build_guest(force: bool = False) -> pathlib.Path:
     info = {
         "key": key, "kernel_package": kpkg, "kernel_version": kver, "kernel_release": kname,
         "busybox": f"{BUSYBOX_PKG} {bver}", "modules": [os.path.basename(m) for m in mods],
+        "packages": {pkg: ver for pkg, ver in extra.items()}, "files": ["/" + rel for rel in sorted(tools)],
         "sha256": {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("vmlinuz", "initramfs.gz")},
     }
     inputs_file.write_text(json.dumps(info, indent=1) + "\n")
