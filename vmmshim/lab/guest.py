@@ -3,8 +3,9 @@
 Output, in ``$VMMSHIM_CACHE/guest/`` (default ``~/.cache/vmmshim/guest/``):
 
 - ``vmlinuz``: the bzImage of Debian's ``linux-image-6.1.0-*-amd64`` (taken from the .deb, never installed);
-- ``initramfs.gz``: a gzip'd newc cpio with busybox-static, the virtio modules of the same kernel
-  (virtio_pci, virtio_blk, virtio_net, virtio-rng and what they depend on), Debian's ``dmidecode`` at
+- ``initramfs.gz``: a gzip'd newc cpio with busybox-static, the modules of the same kernel for
+  vmmshim's devices (:data:`MODULES`: virtio pci/blk/net/rng/console, 9p over virtio, ahci with sd and sr,
+  isofs, nvme, and what they depend on), Debian's ``dmidecode`` at
   ``/usr/sbin/dmidecode`` with the shared libraries it needs from ``libc6`` (at their Debian paths:
   ``/lib64/ld-linux-x86-64.so.2``, ``/lib/x86_64-linux-gnu/``) and ``/init``;
 - ``inputs.json``: what it was built from; the build is skipped when the hash there still matches.
@@ -42,7 +43,10 @@ GUEST_VERSION = "1"
 KERNEL_META = "linux-image-amd64"
 BUSYBOX_PKG = "busybox-static"
 #: Modules inserted at boot, in this order, each after its dependencies.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio-rng")
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio-rng", "virtio_console",
+           "9pnet_virtio", "9p",                       # mount -t 9p -o trans=virtio (virtio-9p)
+           "ahci", "sd_mod", "sr_mod", "isofs",        # ahci-hd as /dev/sda, ahci-cd as /dev/sr0 with an ISO
+           "nvme")
 #: Dynamically linked Debian programs put in the initramfs at their Debian paths: (package, path in it).
 TOOLS = (("dmidecode", "usr/sbin/dmidecode"),)
 #: Packages the tools' shared libraries (and PT_INTERP) are taken from, searched in this order.
