@@ -10,7 +10,9 @@
 bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
 up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
 ``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
-``path`` (the first option of ``-s N,virtio-net,tap0``), ``virtio-console`` gets ``backend`` opened from its
+``path`` (the first option of ``-s N,virtio-net,tap0``; ``slirp``), or from ``stream`` (``stream=unix:PATH``), with
+the keys that are not the device's own (:data:`NET_DEVICE_KEYS`: ``hostfwd``, ``restrict``, ``server``...) as the
+backend's options (:func:`.net.open_backend`), ``virtio-console`` gets ``backend`` opened from its
 first option (``-s N,virtio-console,autopty``; any :func:`.uart.open_backend` spec, ``tcp=ADDR:PORT`` included) or
 from ``backend``, or, for bhyve's ``NAME=PATH`` options, a
 :class:`~bhyve_devices.virtio.console.ConsolePorts` of Unix sockets listening at each PATH (a
@@ -24,7 +26,6 @@ Not supported: backends for the other emulations (they have none), sharing one b
 
 from bhyve_devices.virtio import blk as _blkdev
 from bhyve_devices.virtio import console as _condev
-from bhyve_devices.virtio import net as _netdev
 from bhyve_devices.virtio.pci import as_options, is_true
 
 from . import blkfast
@@ -47,11 +48,38 @@ def _blk(o):
     return o
 
 
+#: virtio-net's own keys (``bhyve_devices/virtio/pci.py`` reads them); the others are its backend's options.
+NET_DEVICE_KEYS = frozenset(("device", "backend", "tap", "path", "mac", "slot", "func", "vmname", "guest_memory",
+                             "virtio_msix", "single_vector"))
+
+
+def _net_legacy_options(text):
+    """bhyve's legacy ``NAME[,KEY=VALUE|,FLAG]...`` string -> the keys ``config.parse_slot`` would store (the
+    name as ``backend``, a bare flag as ``"true"``)."""
+    out = {}
+    for i, part in enumerate(text.split(",") if text else []):
+        key, eq, value = part.partition("=")
+        if eq:
+            out[key] = value
+        elif i == 0:
+            out["backend"] = part
+        elif part:
+            out[part] = "true"
+    return out
+
+
 def _netdev_opts(o):
-    o = as_options(o, _netdev.parse_options)
+    o = as_options(o, _net_legacy_options)
     spec = o.get("backend", o.get("tap", o.get("path")))
+    extra = {k: v for k, v in o.items() if k not in NET_DEVICE_KEYS}
+    if "stream" in extra:
+        if isinstance(spec, str):
+            raise ValueError(f"{spec} and stream= are two backends (give one)")
+        spec = _net.STREAM_NAME
     if isinstance(spec, str):
-        o[BACKEND_OPT] = _net.open_backend(spec)
+        o[BACKEND_OPT] = _net.open_backend(spec, extra) if extra else _net.open_backend(spec)
+    elif spec is None and extra:
+        raise ValueError(f"option {sorted(extra)[0]!r} without a backend ({_net.BACKENDS})")
     return o
 
 

@@ -11,6 +11,12 @@ receive poll thread.
   Written from NetBSD's tap(4); not tested here.
 - :class:`SocketPairBackend`: an ``AF_UNIX``/``SOCK_SEQPACKET`` pair, one frame per message; ``peer`` is the other
   end (tests, or user-space switches).
+- ``slirp`` (:mod:`.slirp`): user-mode networking on libslirp, bhyve's ``slirp`` backend with its ``hostfwd``;
+  ``stream=unix:PATH|tcp:HOST:PORT`` (:mod:`.stream`): QEMU's ``-netdev stream`` framing (passt, another VM).
+  Each has a thread of its own (not the poll thread below).
+
+:func:`open_backend` picks the backend by name as bhyve does (by prefix); a name no backend has is an error listing
+them (before, any name created a host tap of that name).
 
 Receive (:meth:`_FdBackend.start_rx`): one thread per backend blocks in ``poll`` on the backend fd and a wake pipe.
 It polls the backend only while the device's ``ready()`` says the guest has posted receive buffers: with none it
@@ -18,8 +24,8 @@ waits on the pipe alone until :meth:`_FdBackend.rx_kick` (the driver notified th
 spins (``stats['rx_waits']`` counts the waits); a hang-up without data ends the backend's polling. The ioctl
 numbers come from ``ops/ioc.py``.
 
-Not supported: the cloning ``/dev/tap`` with ``TAPGIFNAME``, vmnet, vale/netmap, netgraph and slirp backends,
-multiqueue taps, UFO/USO offloads.
+Not supported: the cloning ``/dev/tap`` with ``TAPGIFNAME``, FreeBSD's vmnet (a ``vmnetN`` name opens a tap of
+that name), vale/netmap and netgraph backends, multiqueue taps, UFO/USO offloads.
 """
 
 import fcntl
@@ -32,6 +38,10 @@ import threading
 from bhyve_devices.virtio.net import (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
                                       VIRTIO_NET_F_GUEST_TSO6)
 from ops.ioc import _IOW
+
+from . import slirp as _slirp
+from . import slirp_options as _slirp_options
+from . import stream as _stream
 
 # Linux <linux/if_tun.h> and <linux/if.h>
 _TUN_IOC_TYPE = ord("T")
@@ -50,6 +60,10 @@ IFNAMSIZ = 16
 _IFREQ_FLAGS = struct.Struct(f"{IFNAMSIZ}sH22x")      # struct ifreq with ifr_flags: 40 bytes
 TUN_PATH = "/dev/net/tun"
 READ_CHUNK = 4096                                     # wake-pipe bytes drained per read
+TAP_PREFIXES = ("tap", "vmnet")                       # bhyve's tap backend prefixes
+SLIRP_PREFIX = "slirp"
+STREAM_NAME = "stream"
+BACKENDS = "tapN, vmnetN, slirp[,hostfwd=...], stream=unix:PATH|tcp:HOST:PORT[,server=on]"
 
 
 def tun_offload_flags(features):
@@ -259,10 +273,23 @@ class SocketPairBackend(_FdBackend):
         self.peer.close()
 
 
-def open_backend(name):
-    """``tapN`` -> TapBackend on Linux, NetBSDTapBackend on NetBSD; None -> None (a device without a backend)."""
+def open_backend(name, options=None):
+    """The backend bhyve's ``-s N,virtio-net,NAME`` names, as ``net_backends.c``'s ``netbe_init`` picks it by
+    prefix: ``tap*``/``vmnet*`` -> TapBackend on Linux, NetBSDTapBackend on NetBSD (no options); ``slirp*`` ->
+    :class:`.slirp.SlirpBackend` (``options``: :data:`.slirp_options.OPTIONS`); ``stream`` -> :class:`.stream.StreamBackend`
+    (``options``: ``stream=ADDRESS[,server=on]``); None -> None (a device without a backend). Any other name, or an
+    option the backend does not take, is a ``ValueError`` listing what there is."""
     if name is None:
         return None
-    if os.uname().sysname == "NetBSD":
-        return NetBSDTapBackend(name)
-    return TapBackend(name)
+    options = dict(options or {})
+    if name.startswith(SLIRP_PREFIX):
+        return _slirp.SlirpBackend(_slirp_options.parse_options(options))
+    if name == STREAM_NAME:
+        return _stream.StreamBackend(*_stream.parse_options(options))
+    if name.startswith(TAP_PREFIXES):
+        if options:
+            raise ValueError(f"{name}: unknown option {sorted(options)[0]!r} (a tap takes none)")
+        if os.uname().sysname == "NetBSD":
+            return NetBSDTapBackend(name)
+        return TapBackend(name)
+    raise ValueError(f"unknown backend {name!r} (the backends: {BACKENDS})")

@@ -1,0 +1,131 @@
+"""What the user-space network backends (:mod:`.slirp`, :mod:`.stream`) share: the bounded queue that hands the
+guest's frames to the backend's thread, a wake pipe for that thread's ``poll``, and the copy of one frame into the
+guest's receive buffers.
+
+Flow control (guest to host): :meth:`FrameQueue.put` waits up to ``wait_s`` for room when the queue holds
+``max_frames`` frames or ``max_bytes`` bytes, then drops the frame (``put`` returns 0), so a guest that sends faster than
+the backend's thread drains is slowed to that pace (its transmit queue fills, as behind a busy link) and nothing
+is buffered past the bounds; a frame is dropped only when the backend's thread has not taken a frame for
+``wait_s``. One frame is always taken by an empty queue, whatever its size.
+
+Not supported: priorities, several consumers.
+"""
+
+import collections
+import os
+import threading
+import time
+
+READ_CHUNK = 4096           # wake-pipe bytes drained per read
+
+
+class FrameQueue:
+    """A FIFO of ``bytes`` frames between producer threads and one consumer, bounded in frames and bytes."""
+
+    def __init__(self, max_frames, max_bytes):
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self.closed = False
+        self.waits = 0              # puts that found the queue full and waited
+
+    def __len__(self):
+        return len(self._frames)
+
+    def _full(self, n):
+        return self._frames and (len(self._frames) >= self.max_frames or self._bytes + n > self.max_bytes)
+
+    def put(self, frame, wait_s=0.0):
+        """Queues ``frame``; returns the frames queued after it went in (1: the queue was empty, so the consumer
+        must be woken), or 0 where it was dropped (still full after ``wait_s``, or closed)."""
+        with self._cond:
+            if self._full(len(frame)) and wait_s > 0 and not self.closed:
+                self.waits += 1
+                deadline = time.monotonic() + wait_s
+                while self._full(len(frame)) and not self.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self.closed or self._full(len(frame)):
+                return 0
+            self._frames.append(frame)
+            self._bytes += len(frame)
+            return len(self._frames)
+
+    def get(self):
+        """The oldest frame, or None; wakes a producer waiting for room."""
+        with self._cond:
+            if not self._frames:
+                return None
+            frame = self._frames.popleft()
+            self._bytes -= len(frame)
+            self._cond.notify()
+            return frame
+
+    def peek(self):
+        with self._cond:
+            return self._frames[0] if self._frames else None
+
+    def close(self):
+        """Drops what is queued; producers stop waiting and every later :meth:`put` fails."""
+        with self._cond:
+            self.closed = True
+            self._frames.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+
+class WakePipe:
+    """A non-blocking pipe: :meth:`wake` from any thread makes the read end readable until :meth:`drain`."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if hasattr(os, "pipe2") else _pipe_nonblock()
+
+    def wake(self):
+        if self.w < 0:
+            return
+        try:
+            os.write(self.w, b"\0")
+        except (BlockingIOError, OSError):
+            pass            # full: it is readable already
+
+    def drain(self):
+        try:
+            while os.read(self.r, READ_CHUNK):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self):
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.r = self.w = -1
+
+
+def _pipe_nonblock():
+    r, w = os.pipe()
+    for fd in (r, w):
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    return r, w
+
+
+def scatter_frame(segs, frame):
+    """Copies ``frame`` into the writable buffers ``segs`` in order; returns the bytes copied (a frame longer than
+    the buffers is cut)."""
+    mv = memoryview(frame)
+    done = 0
+    for m in segs:
+        if done >= len(mv):
+            break
+        k = min(len(m), len(mv) - done)
+        m[:k] = mv[done:done + k]
+        done += k
+    return done
