@@ -5,8 +5,19 @@ MHz, control word at 0x43 (SC1 SC0 RW1 RW0 M2 M1 M0 BCD), counter-latch command 
 (SC = 11: bit 5 COUNT#, bit 4 STATUS#, bits 3-1 counters), status byte (OUT, NULL COUNT, RW, M, BCD).
 
 Nothing ticks: a counter remembers when it was loaded (in :class:`TimerService` nanoseconds) and its count and
-OUT are computed from the elapsed time on every read. Channel 0 arms one timer for its next rising OUT edge and
-pulses the IRQ0 line there; modes 2 and 3 re-arm from the load time (no drift).
+OUT are computed from the elapsed time on every read, so what the guest reads follows wall time however late the
+timer thread runs. Channel 0 arms one timer for its next rising OUT edge and pulses the IRQ0 line there.
+
+Late ticks (modes 2 and 3): every periodic edge gets its own IRQ0 pulse. Edge k is due at load + k periods
+(never "now + a period": no drift). When the timer thread ran late, the edges that passed go out one by one
+(catch-up), period / (backlog + 1) apart as QEMU's RTC slew spaces its reinjections (2 to 8 a period), but at
+least 1 ms apart (half a period at most) so each can reach the guest through a controller that holds one pending
+edge per pin. A line whose ``pulse()`` returns False (merged with an edge still pending, QEMU's
+``apic_get_irq_delivered``) gets that edge again, as KVM's PIT reinjects an unacknowledged tick; None counts as
+delivered. Why: Linux without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then
+checks it against jiffies (``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the
+scheduled time but restarts from now once a period late (the missed edges are lost); QEMU's i8254 fires them
+back to back (the 8259 merges them). Edges over a second late (a stopped VM, a host asleep) are dropped.
 
 :class:`NMISC` is port 0x61 as Linux's ``pit_calibrate_tsc``/``quick_pit_calibrate`` use it: bit 0 gates
 channel 2, bit 1 is speaker data, bit 4 the refresh toggle (flips every 15.085 us), bit 5 OUT2.
@@ -15,7 +26,8 @@ Not supported: gates of channels 0 and 1 (always high); in modes 2 and 3 a new c
 instead of at the end of the current period; mode 3 with an odd count is modelled as the even count below it
 for the count value (OUT still uses the 8254 high/low split); no speaker sound; the one-clock load delay;
 channel 0 periods below 60 ticks (50 us) pulse IRQ0 only every 50 us (the edges in between are coalesced, as an
-edge-triggered PIC input would coalesce them when the guest is slow).
+edge-triggered PIC input would coalesce them when the guest is slow); no guest acknowledgement is seen (KVM's ack
+notifier): where the line does not report merged edges, one that meets a still-pending edge merges there.
 """
 
 import threading
@@ -25,6 +37,9 @@ from construct import BitStruct, BitsInteger, Enum, Flag
 PIT_HZ = 1193182
 NS = 1_000_000_000
 MIN_PERIOD_TICKS = 60           # channel 0 pulses IRQ0 at most every 50 us (about 20 kHz)
+CATCHUP_DIVISIONS = 8           # late edges go out 2 to 8 per period (QEMU's RTC slew: period / (backlog + 1))
+CATCHUP_MIN_NS = 1_000_000      # ... and at least 1 ms apart (half a period at most), so the guest takes each
+BACKLOG_LIMIT_NS = NS           # edges later than one second are dropped rather than delivered in a burst
 
 # The control word (port 0x43), for documentation and tests; the access path uses ints.
 CONTROL_WORD = BitStruct(
@@ -78,6 +93,8 @@ class _Channel:
         self.status = None              # latched status byte
         self.timer = None
         self.timer_seq = 0              # which arm the pending callback belongs to
+        self.step = 0                   # modes 2 and 3 on channel 0: ticks between two IRQ0 pulses
+        self.next_edge = 0              # the periodic edge (1, 2, ... since the load) to pulse next
 
     def ticks(self, now):
         if self.load_ns is None:
@@ -132,6 +149,9 @@ class PIT8254:
         self.channels = [_Channel(i) for i in range(3)]
         self.speaker = False
         self._seq = 0                   # numbers every arm, so a stale callback knows it is stale
+        self.pulses = 0                 # IRQ0 pulses delivered (debugging and tests)
+        self.merged = 0                 # pulses the line reported merged with a pending one (sent again)
+        self.dropped = 0                # periodic edges dropped past BACKLOG_LIMIT_NS of lateness
 
     # -- bus interface -------------------------------------------------------------------------------------
     def read(self, offset, size):
@@ -283,23 +303,31 @@ class PIT8254:
             self._timers.cancel(c.timer)
             c.timer = None
 
+    def _set_timer(self, c, deadline):
+        self._seq += 1
+        c.timer_seq = self._seq
+        c.timer = self._timers.arm(deadline, lambda ch=c, h=self._seq: self._fire(ch, h))
+
+    def _edge_ns(self, c, k):
+        """When periodic edge ``k`` (1, 2, ...) of the current load rises: from the load time, never from the
+        time a callback ran, so the schedule does not drift."""
+        return c.load_ns + _ticks_to_ns(k * c.step - c.frozen_ticks)
+
     def _arm(self, c):
         self._cancel(c)
         if c.index != 0 or c.initial == 0 or c.load_ns is None:
             return
         n, t = c.initial, c.ticks(self._timers.now_ns())
-        if c.mode in (2, 3):
-            edge = (t // n + 1) * n     # OUT rises at the end of every period
-            if n < MIN_PERIOD_TICKS:    # a tiny count: coalesce edges rather than flood the timer thread
-                edge = -(-(t + MIN_PERIOD_TICKS) // n) * n
-        elif c.mode in (0, 1):          # one edge per load, at n: armed even when this call comes after it
+        if c.mode in (2, 3):            # OUT rises at the end of every period
+            c.step = n if n >= MIN_PERIOD_TICKS else -(-MIN_PERIOD_TICKS // n) * n
+            c.next_edge = t // c.step + 1
+            self._set_timer(c, self._edge_ns(c, c.next_edge))
+            return
+        if c.mode in (0, 1):            # one edge per load, at n: armed even when this call comes after it
             edge = n                    # (it then fires at once; a slow VMM must not lose a short one-shot)
         else:                           # modes 4 and 5: OUT goes low at n and rises one clock later
             edge = n + 1
-        deadline = c.load_ns + _ticks_to_ns(edge - c.frozen_ticks)
-        c.timer = self._timers.arm(deadline, lambda ch=c, h=self._seq + 1: self._fire(ch, h))
-        self._seq += 1
-        c.timer_seq = self._seq
+        self._set_timer(c, c.load_ns + _ticks_to_ns(edge - c.frozen_ticks))
 
     def _fire(self, c, seq):
         with self._lock:
@@ -308,9 +336,34 @@ class PIT8254:
             c.timer = None
             if c.initial == 0 or c.load_ns is None:
                 return
-            self._irq0.pulse()
-            if c.mode in (2, 3):
-                self._arm(c)
+            delivered = self._irq0.pulse() is not False
+            if c.mode not in (2, 3):
+                self.pulses += 1
+                return
+            if delivered:
+                self.pulses += 1
+                c.next_edge += 1
+            else:                       # merged with an earlier edge still pending: this edge goes out again
+                self.merged += 1
+            self._rearm_periodic(c, delivered)
+
+    def _rearm_periodic(self, c, delivered=True):
+        """Arms the pulse for edge ``next_edge``: at its own time when that is still ahead; when the callbacks
+        ran late and it has passed, soon after this pulse (catch-up), one pulse per edge. An edge that merged
+        is sent again half a period later: sooner would not help a guest that has not taken the last one."""
+        now = self._timers.now_ns()
+        backlog = c.ticks(now) // c.step - c.next_edge + 1     # edges that rose and are not delivered yet
+        if backlog <= 0:
+            self._set_timer(c, self._edge_ns(c, c.next_edge))
+            return
+        period_ns = _ticks_to_ns(c.step)
+        limit = max(1, BACKLOG_LIMIT_NS // period_ns)
+        if backlog > limit:             # a VM stopped or a host asleep: keep the newest second of edges
+            self.dropped += backlog - limit
+            c.next_edge += backlog - limit
+            backlog = limit
+        spacing = period_ns // (min(backlog, CATCHUP_DIVISIONS - 1) + 1) if delivered else period_ns // 2
+        self._set_timer(c, now + max(spacing, min(CATCHUP_MIN_NS, period_ns // 2)))
 
 
 class NMISC:

@@ -1,9 +1,11 @@
 """The 8254 and port 0x61 driven as Linux drives them (time_init, pit clockevent, TSC calibration)."""
 
+import heapq
+
 from hypothesis import given, settings, strategies as st
 
 from bhyve_devices.base import ManualTimers, RecordingLine
-from bhyve_devices.vatpit import CONTROL_WORD, NMISC, PIT_HZ, PIT8254, STATUS_BYTE
+from bhyve_devices.vatpit import CATCHUP_MIN_NS, CONTROL_WORD, NMISC, PIT_HZ, PIT8254, STATUS_BYTE
 
 NS = 1_000_000_000
 
@@ -253,3 +255,140 @@ def test_tiny_period_is_coalesced():
     d.outb(0x40, 0)
     d.t.advance(NS // 100)
     assert 150 <= d.irq.pulses <= 201
+
+
+# -- late ticks (issue 24, item 5) ---------------------------------------------------------------------------
+
+LATCH_1KHZ = PIT_HZ // 1000             # Linux's LATCH for HZ=1000 (a 1 ms period)
+
+
+class LateTimers(ManualTimers):
+    """A timer thread that wakes late: ``wake_at(ns)`` moves the clock to ``ns`` first and only then runs the
+    callbacks due by then (one armed for a time already past is due in the same wake), so a callback reads a
+    ``now_ns`` after its deadline, as on a loaded host."""
+
+    def next_deadline(self):
+        return min((d for d, h, _ in self._heap if h not in self._cancelled), default=None)
+
+    def wake_at(self, ns):
+        self._now = max(self._now, ns)
+        while self._heap and self._heap[0][0] <= self._now:
+            _, h, fn = heapq.heappop(self._heap)
+            if h not in self._cancelled:
+                fn()
+
+    def run_on_time_until(self, ns):
+        """A timer thread that is never late, up to ``ns``."""
+        while (d := self.next_deadline()) is not None and d <= ns:
+            self.wake_at(d)
+        self._now = max(self._now, ns)
+
+
+class TimedLine(RecordingLine):
+    def __init__(self, timers):
+        super().__init__()
+        self.times, self._t = [], timers
+
+    def pulse(self):
+        super().pulse()
+        self.times.append(self._t.now_ns())
+
+
+def _periodic(mode=2, count=LATCH_1KHZ, start=10**12):
+    t = LateTimers(start_ns=start)
+    irq = TimedLine(t)
+    pit = PIT8254(t, irq)
+    pit.write(3, 1, 0x30 | mode << 1)   # channel 0, LSB then MSB
+    pit.write(0, 1, count & 0xFF)
+    pit.write(0, 1, count >> 8)
+    return t, irq, pit
+
+
+def _period_ns(count=LATCH_1KHZ):
+    return count * NS / PIT_HZ
+
+
+@given(st.sampled_from([2, 3]), st.sampled_from([PIT_HZ // 1000, PIT_HZ // 250, PIT_HZ // 100]))
+def test_a_timer_five_periods_late_delivers_all_five_as_separate_pulses(mode, count):
+    t, irq, pit = _periodic(mode, count)
+    start, period = t.now_ns(), _period_ns(count)
+    t.wake_at(start + int(5.5 * period))    # the thread slept through edges 1-5
+    assert irq.pulses == 1                  # one now; the others follow, one pulse each
+    t.run_on_time_until(start + int(5.5 * period + 4 * max(CATCHUP_MIN_NS, period / 2)))
+    assert irq.pulses >= 5                  # the missed ones within four catch-up spacings
+    gaps = [b - a for a, b in zip(irq.times, irq.times[1:])]
+    assert min(gaps) >= min(CATCHUP_MIN_NS, period / 2) - 1     # spaced: a controller holds one edge per pin
+    t.run_on_time_until(start + int(20.5 * period))
+    assert irq.pulses == 20
+    assert pit.dropped == 0
+
+
+@given(st.sampled_from([PIT_HZ // 1000, PIT_HZ // 250, PIT_HZ // 100]), st.integers(0, 2**32))
+@settings(max_examples=30, deadline=None)
+def test_random_lateness_over_1000_periods_delivers_one_pulse_per_period(count, seed):
+    import random
+    rnd = random.Random(seed)
+    t, irq, pit = _periodic(count=count)
+    start, period = t.now_ns(), _period_ns(count)
+    end = start + int(1000 * period)
+    while (d := t.next_deadline()) is not None and d <= end:
+        late = rnd.randrange(int(8 * period)) if rnd.random() < 0.05 else rnd.randrange(int(period // 4))
+        t.wake_at(min(d + late, end))
+        assert irq.pulses <= (t.now_ns() - start) / period      # never ahead of wall time
+    t.wake_at(end)
+    t.run_on_time_until(end + int(100 * period))        # the thread keeps time again: the backlog drains
+    assert abs(irq.pulses - 1100) <= 1
+    assert pit.dropped == 0
+
+
+def test_the_count_read_back_follows_the_clock_while_the_timer_thread_is_late():
+    t, irq, pit = _periodic()
+    start = t.now_ns()
+    for ticks in (LATCH_1KHZ * 7 + 300, LATCH_1KHZ * 40 + 5, LATCH_1KHZ * 41 + 1000):
+        t._now = start + -(-ticks * NS // PIT_HZ)       # the clock moved; no callback has run yet
+        pit.write(3, 1, 0x00)                           # latch channel 0
+        count = pit.read(0, 1) | pit.read(0, 1) << 8
+        assert count == LATCH_1KHZ - ticks % LATCH_1KHZ
+        t.wake_at(t.now_ns())                           # a late callback does not move the count
+        assert pit.read(0, 1) | pit.read(0, 1) << 8 == LATCH_1KHZ - ticks % LATCH_1KHZ
+    t.run_on_time_until(start + int(120.5 * _period_ns()))
+    assert irq.pulses == 120
+
+
+def test_a_pulse_the_line_reports_merged_is_sent_again():
+    class MergingLine(TimedLine):
+        """Reports the next ``merge`` pulses as merged with one still pending (the guest has not taken it)."""
+        merge = 0
+
+        def pulse(self):
+            super().pulse()
+            if self.merge:
+                self.merge -= 1
+                return False
+            return None
+
+    t = LateTimers(start_ns=10**12)
+    irq = MergingLine(t)
+    pit = PIT8254(t, irq)
+    pit.write(3, 1, 0x34)
+    pit.write(0, 1, LATCH_1KHZ & 0xFF)
+    pit.write(0, 1, LATCH_1KHZ >> 8)
+    start, period = t.now_ns(), _period_ns()
+    irq.merge = 3
+    t.run_on_time_until(start + int(10.5 * period))
+    assert pit.merged == 3 and pit.pulses == 10         # the three merged ones went out again
+    t.run_on_time_until(start + int(30.5 * period))
+    assert pit.pulses == 30 and irq.pulses == 33
+
+
+def test_a_backlog_over_a_second_is_dropped_and_the_phase_kept():
+    count = PIT_HZ // 100                               # 100 Hz
+    t, irq, pit = _periodic(count=count)
+    start, period = t.now_ns(), _period_ns(count)
+    t.wake_at(start + 5 * NS + int(period / 2))         # a VM stopped for 5 s: edge 1 goes out, 499 wait
+    assert pit.dropped == 399                           # the newest second of them is kept
+    t.run_on_time_until(start + 7 * NS + int(period / 2))
+    assert irq.pulses == 301 and irq.pulses + pit.dropped == 700
+    for x in irq.times[-20:]:                           # on time again, on the load's own edges
+        k = round((x - start) / period)
+        assert x - start == -(-k * count * NS // PIT_HZ)
