@@ -12,14 +12,10 @@ import re
 
 import pytest
 
+from tests.lab.boot_cases import run_cases
 from vmmshim.lab.guest import encode_run
 
 pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1500)]
-BOOT_TRIES = 3
-
-VMM = ("timeout -k 5 {t} python3 -m vmmshim {args} -m 512M -s 0:0,hostbridge -s 31,lpc -l com1,stdio "
-       "-f kexec,/lab/guest/vmlinuz,/lab/guest/initramfs.gz,'console=ttyS0 panic=-1 {append}' "
-       "</dev/null >/tmp/{name}.txt")      # the console on stdio, as a user runs it
 UUID = "6c0a4b4e-1f2d-4e5a-9b3c-7d8e9f0a1b2c"
 #: What the x2APIC/SMBIOS case runs in the guest: the guest's own dmidecode (from Debian's package, in the default
 #: guest's initramfs) on the tables Linux found, and the kernel's view of the APIC mode and of the DMI UUID.
@@ -37,28 +33,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def boots(lab_ready):
-    from vmmshim.lab import run_in_lab
-    # a boot that never reaches the shell (the lab's L2 has hung and triple-faulted early, in the TCG-emulated
-    # L1) is tried again, BOOT_TRIES boots in all; the failed tries are printed and counted in CASE lines, and a
-    # case passes on a boot that reached the shell
-    script = "cd /lab/project\n" + "\n".join(
-        f"for try in $(seq 1 {BOOT_TRIES}); do s=$(date +%s); {VMM.format(t=150, args=a, name=n, append=x)} "
-        f"2>/tmp/{n}.err; st=$?; grep -q VMMSHIM-GUEST-UP /tmp/{n}.txt && break; "
-        f"echo \"{n}: try $try did not reach the shell (status $st)\" >&2; tail -5 /tmp/{n}.txt >&2; done; "
-        f"echo \"CASE {n} status=$st seconds=$(( $(date +%s) - s )) tries=$try\"; sed 's/^/{n}| /' /tmp/{n}.txt; "
-        f"tail -3 /tmp/{n}.err | sed 's/^/{n}! /'"
-        for n, (a, x) in CASES.items())
-    # L1 (QEMU TCG) itself fails now and then: one CI run here lost two L1 boots in a row, one that stopped its
-    # heartbeat and one whose kernel hit a stack guard page in exc_page_fault, both after some cases had passed
-    res = run_in_lab(script, timeout=1200, retries=2, retry_killed=True)
-    print(re.findall(r"^CASE .*$", res.stdout, re.M), res.stderr[-3000:])
-    out = {}
-    for name in CASES:
-        m = re.search(rf"^CASE {name} status=(\d+) seconds=(\d+)", res.stdout, re.M)
-        console = "\n".join(line[len(name) + 2:] for line in res.stdout.splitlines()
-                            if line.startswith(f"{name}| "))
-        out[name] = (int(m.group(1)) if m else None, int(m.group(2)) if m else None, console)
-    return out
+    return run_cases(CASES)
 
 
 def test_acpi_boot_reaches_the_shell_and_powers_off(boots):
