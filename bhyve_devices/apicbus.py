@@ -9,9 +9,10 @@ arrive through :meth:`ApicBus.deliver_intr` in the 8-bit xAPIC destination forma
 ``vlapic_deliver_intr``.
 
 The VM injects its hooks: ``on_init(vcpu_id)`` (after the target vlapic was INIT-reset; the VM resets the vCPU),
-``on_sipi(vcpu_id, vector)`` (start the AP at ``vector << 12``), ``on_nmi(vcpu_id)`` and ``kick(vcpu_id)``, called
-after an interrupt was made pending so a halted or running vCPU looks at its vlapic. Hooks run with no vlapic lock
-held.
+``on_sipi(vcpu_id, vector, src_id)`` (start the AP at ``vector << 12``; called once for every AP a START-UP message
+reaches, with the sender, so a broadcast SIPI starts each AP it names), ``on_nmi(vcpu_id)`` and ``kick(vcpu_id)``,
+called after an interrupt was made pending so a halted or running vCPU looks at its vlapic. Hooks run with no
+vlapic lock held.
 
 Not supported: SMI, remote read and ExtINT messages (dropped); the INIT level de-assert message (ignored, as on
 Pentium 4 and later); focus-processor checking in lowest-priority arbitration (the target is the lowest processor
@@ -133,7 +134,7 @@ class ApicBus:
                     if v.vcpu_id not in self._wait_sipi:
                         continue
                     self._wait_sipi.discard(v.vcpu_id)
-                self.on_sipi(v.vcpu_id, vector & 0xFF)
+                self.on_sipi(v.vcpu_id, vector & 0xFF, src_id)
                 self._kick(v.vcpu_id)
                 done.append(v.vcpu_id)
         return done

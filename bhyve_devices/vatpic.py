@@ -12,9 +12,10 @@ answers IR7, a spurious interrupt that does not set ISR) and "Edge and Level Tri
 (PIIX/ICH datasheets) selects level per IRQ; IRQ0-2 and 8, 13 are always edge (masks 0xF8 / 0xDE, as bhyve).
 
 The pair is driven by :meth:`Vatpic.set_irq_level` / :meth:`Vatpic.pulse_irq` (IRQ 0-15); its INT output goes
-to the injected ``intr_line(level)`` (the BSP's LINT0 in ExtINT mode, :meth:`Vlapic.set_lint0_level`). The VM runs
-the INTA cycle with :meth:`Vatpic.intr_accepted` when it injects the ExtINT. As in bhyve, a PIC produces no output
-until its ICW sequence has completed.
+to the injected ``intr_line(level)`` (the BSP's LINT0, :meth:`Vlapic.set_lint0_level`: in ExtINT mode, or as the
+plain INTR pin while that local APIC is not enabled, as for a ``nolapic`` guest). The VM runs the INTA cycle with
+:meth:`Vatpic.intr_accepted` when it injects the ExtINT, and wakes a vCPU halted with interrupts enabled for it.
+As in bhyve, a PIC produces no output until its ICW sequence has completed.
 
 Not supported: ICW1 LTIM (level mode for all pins; the ELCR is used instead) and 8080 mode (ICW4 bit 0 = 0 is
 treated as 8086); buffered mode and ICW3 wiring other than slave-on-IRQ2; a poll command on the master does not

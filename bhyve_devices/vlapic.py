@@ -9,12 +9,15 @@ TPR[7:4] >= ISRV[7:4] else ISRV[7:4]:0), 10.8.4 "Interrupt Acceptance for Fixed 
 delivered when its class is above the PPR class), 10.8.5 "Signaling Interrupt Servicing Completion" (EOI clears
 the highest ISR bit; a level-triggered vector, TMR set, is broadcast to the IOAPIC through ``eoi_level``),
 10.9 "Spurious Interrupt" (SVR software enable), 10.12 "Extended XAPIC (x2APIC)" (MSR map, 64-bit ICR,
-derived read-only LDR, SELF IPI, APIC_BASE state transitions of figure 10-27).
+derived read-only LDR, SELF IPI, APIC_BASE state transitions of figure 10-27), 10.8.6.1 "Interaction of Task
+Priorities between CR8 and APIC" (CR8 is TPR[7:4]; :meth:`Vlapic.set_cr8` / :meth:`Vlapic.get_cr8`, kept in step
+with the guest's CR8 by the ops layer).
 
-VER reads 0x00060010: bhyve's version 0x10 with max LVT index 6 (the CMCI LVT exists); no EOI-broadcast
+VER reads 0x00060014: bhyve's version 0x14 with max LVT index 6 (the CMCI LVT exists); no EOI-broadcast
 suppression. The page layout is :data:`bhyve_devices.vlapic_regs.LAPIC_PAGE`; the MSR side (APIC_BASE, x2APIC
 MSRs, IA32_TSC_DEADLINE), CPUID and page export live in :mod:`bhyve_devices.vlapic_msr`, where :class:`ApicGP` is
-defined (re-exported here).
+defined (re-exported here); LINT0/LINT1 and ExtINT (the plain INTR and NMI pins while the APIC is not enabled, as
+bhyve's) in :mod:`bhyve_devices.vlapic_lint`.
 
 Locking: a timer thread and vCPU threads touch a vlapic, so every public method runs under a per-vlapic RLock.
 Callbacks that reach other objects (IPIs to the bus, ``eoi_level`` to the vioapic, ``kick``, NMI) run after the
@@ -23,9 +26,8 @@ lock is released, so two vlapics sending each other IPIs cannot deadlock.
 Not supported: relocating the APIC page (an APIC_BASE write changing the address raises :class:`ApicGP`, as
 bhyve refuses it); SMI, INIT-level-de-assert and remote-read IPIs; focus-processor checking; the illegal-register
 ESR bit; the x2APIC #GP on reserved bits (they are masked, only writes to read-only registers, reads of
-write-only registers, absent registers and a non-zero EOI/ESR write raise :class:`ApicGP`); level-triggered
-LINT0/LINT1 (remote IRR is never set); sub-dword and unaligned MMIO writes (dropped) and reads (the bytes of the
-16-byte slot, register in bytes 0-3, zero elsewhere).
+write-only registers, absent registers and a non-zero EOI/ESR write raise :class:`ApicGP`); sub-dword and
+unaligned MMIO writes (dropped) and reads (the bytes of the 16-byte slot, register in bytes 0-3, zero elsewhere).
 """
 
 import threading
@@ -33,14 +35,13 @@ import threading
 from . import vlapic_regs as R
 from .vlapic_regs import APIC_SIZE, DEFAULT_APIC_BASE  # noqa: F401 (the xAPIC page: part of this module's API)
 from .vlapic_msr import VlapicMsrMixin, ApicGP  # noqa: F401  (ApicGP is part of this module's API)
+from .vlapic_lint import (VlapicLintMixin, LVT_LINT0, LVT_LINT1, LVT_TIMER, LVT_ERROR, LVT_PMC,  # noqa: F401
+                          LVT_THERMAL, LVT_CMCI)          # the LVT indices of trigger_lvt: this module's API
 from .vlapic_timer import ApicTimer
 
 __all__ = ["Vlapic", "ApicGP", "LVT_LINT0", "LVT_LINT1", "LVT_TIMER", "LVT_ERROR", "LVT_PMC", "LVT_THERMAL",
            "LVT_CMCI"]
 
-# LVT indices for trigger_lvt, in bhyve's APIC_LVT_* order.
-LVT_LINT0, LVT_LINT1, LVT_TIMER, LVT_ERROR, LVT_PMC, LVT_THERMAL, LVT_CMCI = range(7)
-_LVT_OFF = (R.LVT_LINT0, R.LVT_LINT1, R.LVT_TIMER, R.LVT_ERROR, R.LVT_PMC, R.LVT_THERMAL, R.LVT_CMCI)
 
 _M32 = 0xFFFFFFFF
 
@@ -68,7 +69,7 @@ class _Guard:
         return False
 
 
-class Vlapic(VlapicMsrMixin):
+class Vlapic(VlapicLintMixin, VlapicMsrMixin):
     def __init__(self, vcpu_id, timers, bus=None, *, apic_id=None, x2apic_allowed=False, x2apic_enabled=False,
                  eoi_level=None, tsc_hz=None, tsc_now=None):
         """``timers``: a TimerService. ``bus``: an ApicBus (the vlapic registers itself). ``x2apic_allowed``: the VM
@@ -129,6 +130,11 @@ class Vlapic(VlapicMsrMixin):
     def sw_enabled(self):
         return bool(self.svr & R.SVR_ENABLE)
 
+    @property
+    def enabled(self):
+        """Hardware- and software-enabled (bhyve's ``vlapic_enabled``): else LINT0/LINT1 are INTR/NMI pins."""
+        return bool(self.apicbase & R.APICBASE_ENABLED and self.svr & R.SVR_ENABLE)
+
     def _kick(self):
         if self.bus is not None:
             self._post.append(lambda: self.bus.kick(self.vcpu_id))
@@ -144,10 +150,13 @@ class Vlapic(VlapicMsrMixin):
         return isrv & 0xF0
 
     def set_cr8(self, value):
+        """A guest write of CR8 (10.8.6.1): TPR[7:4] = CR8[3:0], TPR[3:0] = 0. An interrupt its lower class lets
+        through is the caller's to look at (the ops layer checks before the next entry)."""
         with self._guard:
             self.tpr = (value & 0xF) << 4
 
     def get_cr8(self):
+        """What the guest's CR8 reads: TPR[7:4]."""
         return self.tpr >> 4
 
     def set_intr_ready(self, vector, level_triggered=False):
@@ -240,39 +249,6 @@ class Vlapic(VlapicMsrMixin):
             self._kick()
             return True
         return False
-
-    def trigger_lvt(self, idx):
-        """Fires LVT ``idx`` (LVT_LINT0 ... LVT_CMCI): fixed, NMI and (LINT0) ExtINT. Returns True if delivered."""
-        with self._guard:
-            return self._fire_lvt(_LVT_OFF[idx])
-
-    def set_lint0_level(self, level):
-        """The 8259's INTR wire into LINT0: in ExtINT mode it makes :meth:`lint0_pending` true while high; in
-        fixed or NMI mode a rising edge fires the LVT."""
-        with self._guard:
-            rising = level and not self.lint0_level
-            self.lint0_level = bool(level)
-            if not self.hw_enabled or ((self.lvt[R.LVT_LINT0] >> 8) & 7) == R.DELMODE_EXTINT:
-                if level:
-                    self._kick()
-            elif rising:
-                self._fire_lvt(R.LVT_LINT0)
-
-    def lint0_pending(self):
-        """True if an ExtINT is pending through LINT0 (or through a hardware-disabled APIC, where LINT0 is the
-        plain INTR pin): the caller runs the 8259 INTA (vatpic.intr_accepted), injects that vector and calls
-        :meth:`extint_accepted`. ExtINT is not subject to the PPR."""
-        with self._lock:            # a reader: posts nothing, so not the guard
-            if not self.hw_enabled:
-                return self.lint0_level
-            lvt = self.lvt[R.LVT_LINT0]
-            if lvt & R.LVT_MASKED or ((lvt >> 8) & 7) != R.DELMODE_EXTINT:
-                return False
-            return self.lint0_level or self._extint
-
-    def extint_accepted(self):
-        with self._guard:
-            self._extint = False
 
     def _on_timer(self, generation):
         with self._guard:

@@ -52,9 +52,10 @@ SELF_IPI = 0x3F0
 
 LVT_OFFSETS = (LVT_CMCI, LVT_TIMER, LVT_THERMAL, LVT_PMC, LVT_LINT0, LVT_LINT1, LVT_ERROR)
 
-# Version register: bhyve's value (version 0x10, max LVT entry index 6 = CMCI present). No EOI-broadcast
-# suppression (bit 24 clear), so SVR bit 12 is not writable.
-VERSION = 0x10
+# Version register: bhyve's VLAPIC_VERSION (0x14, an integrated APIC, as QEMU's), max LVT entry index 6 = CMCI
+# present. No EOI-broadcast suppression (bit 24 clear), so SVR bit 12 is not writable. The MP table's processor
+# entries carry the same VERSION (Linux compares the two: "BIOS bug: APIC version mismatch").
+VERSION = 0x14
 MAX_LVT = 6
 VER_VALUE = (MAX_LVT << 16) | VERSION
 

@@ -4,10 +4,12 @@ instance, bhyve's ``vmx.c`` in its role as the table).
 The sixteen members, the run loop and the table of NVMM exits (bhyve ``vmexit.c`` in spirit). The run loop
 completes port and MMIO exits where they are decoded, as bhyve's kernel and QEMU's NVMM accelerator do: the
 provider's assist calls the VM's port or MMIO callback (``VmSpec.io``/``mem``), or the kernel devices' (LAPIC and
-IOAPIC pages, ``ops/vmm.py``). The rest is the engine's (``ops/vmm.py``: injection, HLT, SIPI, suspension) or goes
-up as a ``vm_exit``: ``RDMSR``/``WRMSR`` of MSRs no kernel device takes, ``HLT`` (with ``VM_CAP_HALT_EXIT``),
-``SPINUP_AP``, ``SUSPENDED``, ``VMX`` for an NVMM INVALID exit or one this table does not know. MONITOR/MWAIT get
-#UD. KVM's paravirtual clock and PV EOI (``kvm_para.py``, ``pvclock.py``) are offered here, as QEMU offers them.
+IOAPIC pages, ``ops/vmm.py``). The rest is the engine's (``ops/vmm.py``: injection, HLT, SIPI, suspension; CR8
+and the TPR, the APIC's CPUID bit: ``ops/vmm_lapic.py``) or goes up as a ``vm_exit``: ``RDMSR``/``WRMSR`` of MSRs
+no kernel device takes, ``HLT`` (with ``VM_CAP_HALT_EXIT``), ``SPINUP_AP``, ``SUSPENDED``, ``VMX`` for an NVMM
+INVALID exit or one this table does not know. MONITOR/MWAIT get #UD. KVM's paravirtual clock and PV EOI
+(``kvm_para.py``, ``pvclock.py``) are offered here, as QEMU offers them; NVMM's TPR_CHANGED exit is asked for where
+the provider has it, as QEMU's NVMM accelerator does.
 
 The calls beyond the table (``vm_*``, ``vcpu_runner``, ``vcpu_stats``) come from ``ops/vmm_api.py``.
 
@@ -19,6 +21,7 @@ import errno
 import threading
 
 from bhyve_devices.vlapic import ApicGP, Vlapic
+from bhyve_devices.vlapic_regs import MSR_APICBASE, MSR_X2APIC_FIRST, PPR, TPR
 
 from . import kvm_para
 from . import nvmm_regs as regs
@@ -28,11 +31,14 @@ from .nvmm import constants as C
 from .nvmm.api import nvmm_error
 from .nvmm.state import STATE_SIZE as C_STATE_SIZE
 from .vmm import Vcpu, Vm, is_kernel_mmio
+from .vmm_lapic import leaf1_cpuid, tpr_from_guest
 from .vmm_api import VmmApiCalls
 from .vmm_ops import VmCapType, VmExitCode, VmSuspendHow, Vmx
 
 E = VmExitCode
 _IO = C.NVMM_VCPU_EXIT_IO
+# MSRs whose access reads or replaces the TPR (APIC_BASE resets it): the guest's CR8 goes into the vlapic first
+TPR_MSRS = frozenset((MSR_APICBASE, MSR_X2APIC_FIRST + (TPR >> 4), MSR_X2APIC_FIRST + (PPR >> 4)))
 
 
 class VmmOpsNvmm(VmmApiCalls):
@@ -110,9 +116,10 @@ class VmmOpsNvmm(VmmApiCalls):
         if vmi.kvm_pv and vmi.pv_eoi:
             ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
             self._kvm_para_cpuid(vmi, ctx)
+        if vmi.tpr_exits:
+            ctx.nv.configure(C.NVMM_VCPU_CONF_TPR, api.ConfTpr(exit_changed=True))
         if vmi.x2apic:      # CPUID tells the guest the truth about the vlapic it has
-            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID,
-                             api.ConfCpuid(leaf=1, mask=True, set=(0, 0, C.CPUID_1_ECX_X2APIC, 0)))
+            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled))
         return vl
 
     def vlapic_cleanup(self, vmi, vlapic):
@@ -197,7 +204,6 @@ class VmmOpsNvmm(VmmApiCalls):
         """The exits bhyve's kernel handles; returns a VmExit for userland or None to re-enter. A table by NVMM
         exit reason (:meth:`_exit_table`), as bhyve's ``vmexit.c``; a reason not in it goes up as ``VMX``."""
         ctx.exits[reason & 0xFFFF] += 1
-        vmi.tls.ctx = ctx            # an IPI sent while handling this exit knows its sender
         handler = self._handlers.get(reason)
         if handler is None:
             hw = ex.inv.hwcode if reason == C.NVMM_VCPU_EXIT_INVALID else reason
@@ -242,8 +248,9 @@ class VmmOpsNvmm(VmmApiCalls):
 
     @staticmethod
     def _exit_tpr(vmi, ctx, ex, reason):
+        """The guest lowered CR8 (KVM's SET_TPR; NVMM's TPR_CHANGED): a vector it held back may be taken now."""
         if ctx.vlapic is not None:
-            ctx.vlapic.set_cr8(ex.exitstate.cr8)
+            tpr_from_guest(ctx)
         ctx.pending = True
         return None
 
@@ -253,12 +260,19 @@ class VmmOpsNvmm(VmmApiCalls):
         rd = reason == C.NVMM_VCPU_EXIT_RDMSR
         msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
         wval = None if rd else ex.wrmsr.val
+        vl = ctx.vlapic
+        apic_on = None
+        if vl is not None and msr in TPR_MSRS:
+            tpr_from_guest(ctx)
+            apic_on = vl.hw_enabled
         try:
             done, value = vmi.kernel_msr(ctx, msr, wval)
         except (ApicGP, kvm_para.PvEoiGP):
             vmi.inject_exception(ctx.id, C.X86_EXC_GP, 0)
             ctx.pending = True
             return None
+        if apic_on is not None and vl.hw_enabled != apic_on:       # CPUID.1:EDX.APIC follows APIC_BASE.EN
+            nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled))
         if not done:
             return vmi.msr_exit(ctx, rd, msr, wval, npc - 2)
         nv.getstate(C.NVMM_X64_STATE_GPRS)

@@ -7,9 +7,10 @@ NVMM machine.
 - :class:`Vcpu` (``struct vcpu``): the pending-interrupt flag, the NMI, the SIPI hand-off, the HLT sleep and the
   kick that ends it, and the exit counters.
 - Event injection before an entry (:meth:`Vm.before_entry`: NMI, the vlapic's or the 8259's interrupt, else the
-  interrupt window, with NVMM's one event slot per entry), HLT (:meth:`Vm.handle_hlt`), INIT/SIPI (as
-  ``VM_EXITCODE_SPINUP_AP`` to the sender), suspension (``VM_EXITCODE_SUSPENDED``), and the accesses the kernel
-  devices take (the LAPIC and IOAPIC pages, the APIC, kvmclock and PV EOI MSRs).
+  interrupt window, with NVMM's one event slot per entry: ``ops/vmm_lapic.py``), HLT (:meth:`Vm.handle_hlt`),
+  INIT/SIPI (as ``VM_EXITCODE_SPINUP_AP`` to the sender, one exit per AP a broadcast SIPI started), suspension
+  (``VM_EXITCODE_SUSPENDED``), and the accesses the kernel devices take (the LAPIC and IOAPIC pages, the APIC,
+  kvmclock and PV EOI MSRs). CR8 and the vlapic's TPR are kept one value (``ops/vmm_lapic.py``).
 
 The table (``ops/nvmm_ops.py``) runs the vCPU and dispatches NVMM exits; it calls in here for all of the above.
 
@@ -26,24 +27,25 @@ from bhyve_devices.apicbus import ApicBus
 from bhyve_devices.vatpic import Vatpic
 from bhyve_devices.vioapic import VIOAPIC_BASE, VIOAPIC_SIZE, Vioapic
 from bhyve_devices.vlapic import APIC_SIZE, DEFAULT_APIC_BASE
+from bhyve_devices.vlapic_regs import PPR, TPR
 
 from . import nvmm_regs as regs
+from . import vmm_lapic
 from .nvmm import api
 from .nvmm import constants as C
 from .vmm_ops import Hlt, Msr, SpinupAp, Suspended, VmCapType, VmExit, VmExitCode as E, VmSuspendHow
 
-INTR_WINDOW = 0x2      # nvmm_x64_state_intr.int_window_exiting
+tpr_from_guest, tpr_to_guest = vmm_lapic.tpr_from_guest, vmm_lapic.tpr_to_guest
+interrupt_waiting, inject_interrupt = vmm_lapic.interrupt_waiting, vmm_lapic.inject_interrupt
+request_window = vmm_lapic.request_window        # noqa: F401 (part of this module's API)
+TPR_SLOTS = (TPR, PPR)             # the APIC page's registers CR8 shows through
+APIC_SLOT = 0xFF0                  # a register's 16-byte slot in the APIC page
 _RIP = regs.R.VM_REG_GUEST_RIP
 
 
 def is_kernel_mmio(gpa):
     """Whether ``gpa`` is on a page the kernel devices take (the LAPIC or the IOAPIC)."""
     return DEFAULT_APIC_BASE <= gpa < DEFAULT_APIC_BASE + APIC_SIZE or VIOAPIC_BASE <= gpa < VIOAPIC_BASE + VIOAPIC_SIZE
-
-
-def _injectable(es):
-    """Whether an exit state lets an external interrupt in: IF set, no interrupt shadow, no event pending."""
-    return es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending
 
 
 class Vcpu:
@@ -57,7 +59,8 @@ class Vcpu:
         self.pending = True          # maybe an interrupt or NMI to inject: checked before the next entry
         self.nmi = False
         self.event_queued = False     # an exception or NMI injected for the next entry: NVMM's one event slot
-        self.spinup = None           # (target, rip) after this vCPU sent a SIPI
+        self.spinups = collections.deque()   # (target, rip) for each AP a SIPI of this vCPU started
+        self.cr8 = 0                 # the TPR class the guest's CR8 and the vlapic last agreed on
         self.cond = threading.Condition()
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
         self.extra = {}
@@ -106,7 +109,11 @@ class Vm:
     def __init__(self, provider, spec):
         self.spec = spec
         self.machine = provider.machine_create()
-        self.features = provider.capability().features
+        cap = provider.capability()
+        self.features = cap.features
+        # NVMM's TPR_CHANGED exit where the provider offers it (as QEMU's NVMM accelerator asks): a CR8 the guest
+        # lowered lets a held-back vector in at once (KVM exits on a lowered CR8 without being asked)
+        self.tpr_exits = bool(cap.arch.vcpu_conf_support & C.NVMM_CAP_ARCH_VCPU_CONF_TPR)
         self.vcpus = {}
         self.hva_mapped = set()
         self.suspended = None
@@ -121,7 +128,6 @@ class Vm:
                                kick=self._kick)
         self.vioapic = Vioapic(self.apicbus.deliver_intr)
         self.vatpic = Vatpic(intr_line=self._atpic_intr)
-        self.tls = threading.local()
         self.irq_events = {}             # ISA IRQ -> assertions and pulses (a debugging counter)
 
     # -- memory -----------------------------------------------------------------------------------------------
@@ -139,8 +145,12 @@ class Vm:
         vm_mem, vioapic = self.spec.mem, self.vioapic
 
         def mem(gpa, is_write, data):
+            tpr = False
             if DEFAULT_APIC_BASE <= gpa < DEFAULT_APIC_BASE + APIC_SIZE:
                 dev, off = ctx.vlapic, gpa - DEFAULT_APIC_BASE
+                tpr = dev is not None and (off & APIC_SLOT) in TPR_SLOTS
+                if tpr:
+                    tpr_from_guest(ctx)      # the TPR and PPR the page shows are what the guest's CR8 says
             elif VIOAPIC_BASE <= gpa < VIOAPIC_BASE + VIOAPIC_SIZE:
                 dev, off = vioapic, gpa - VIOAPIC_BASE
             else:
@@ -153,6 +163,8 @@ class Vm:
                 return None
             if is_write:
                 dev.write(off, len(data), int.from_bytes(data, "little"))
+                if tpr:
+                    ctx.pending = True       # CR8 follows a TPR write at the next entry; a lower TPR lets a vector in
             else:
                 data[:] = (dev.read(off, len(data)) & ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "little")
             return None
@@ -168,9 +180,8 @@ class Vm:
         if self.suspended is not None:
             ctx.pending = True
             return self.suspended_exit(ctx)
-        if ctx.spinup is not None:
-            target, rip = ctx.spinup
-            ctx.spinup = None
+        if ctx.spinups:                      # one exit per AP; the next entry comes back here for the rest
+            target, rip = ctx.spinups.popleft()
             ctx.pending = True
             return ctx.exit_to(E.VM_EXITCODE_SPINUP_AP, SpinupAp(target, rip))
         # NVMM has one event slot per entry: an exception or NMI queued for this entry keeps an interrupt for the
@@ -184,50 +195,9 @@ class Vm:
         vl = ctx.vlapic
         if vl is None:
             return None
-        pv_eoi = ctx.pv_eoi
-        if pv_eoi is not None:
-            pv_eoi.sync()                        # the guest may have ended the interrupt in memory
-        vec = vl.pending_intr()
-        extint = vec is None and vl.lint0_pending() and self.vatpic.pending() is not None
-        if vec is None and not extint:
-            return None
-        # Completing the exiting instruction (one more KVM_RUN) only when no event is queued and the exit state
-        # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending
-        # every exit comes here (a Linux boot's console writes run with interrupts off).
-        es = nv.exit.exitstate
-        injectable = not queued and _injectable(es)
-        if injectable:
-            nv.complete_exit()                   # events its completion queues (a #GP) come first
-            es = nv.exit.exitstate
-            injectable = _injectable(es)
-        if injectable:
-            if extint:
-                vec = self.vatpic.intr_accepted()     # the INTA cycle
-                vl.extint_accepted()
-            else:
-                vl.intr_accepted(vec)
-            nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
-            nv.inject()
-            ctx.injected += 1
-            # PV EOI (kvm_para.py). Unlike KVM, also with a request that waits for this vector's EOI (a timer
-            # tick on top of a device's interrupt): the window exit at the handler's IRET then finds the EOI
-            # made in memory (every exit syncs it) instead of the guest's EOI exiting; a guest that opens the
-            # window before its EOI finds PV EOI disarmed there, and its EOI exits as without it.
-            behind = None
-            if pv_eoi is not None and not extint and pv_eoi.word is not None:
-                behind = vl.edge_in_service_before()
-                if behind is not None:
-                    pv_eoi.arm()
-            ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
-            if ctx.pending or behind:
-                request_window(nv)
-        else:
-            request_window(nv)
-            ctx.pending = True
-        if ctx.itrace is not None:
-            ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
-                               hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))
-            ctx.itrace_n = ctx.injected
+        tpr_from_guest(ctx)
+        inject_interrupt(self, ctx, vl, queued)
+        tpr_to_guest(ctx)
         return None
 
     # -- HLT (bhyve's vm_handle_hlt) -----------------------------------------------------------------------------
@@ -239,6 +209,9 @@ class Vm:
             ctx.pvclock.maybe_refresh(time.monotonic_ns())
         if ctx.pv_eoi is not None:
             ctx.pv_eoi.sync()                    # before the wait looks at what is in service
+        vl = ctx.vlapic
+        if vl is not None:
+            tpr_from_guest(ctx)                  # a CR8 written since the last exit decides what may wake it
         if ctx.caps[VmCapType.VM_CAP_HALT_EXIT]:
             return ctx.exit_to(E.VM_EXITCODE_HLT, Hlt(rflags))
         if not rflags & C.RFLAGS_IF and not ctx.nmi:
@@ -247,16 +220,14 @@ class Vm:
                 self.suspend(VmSuspendHow.VM_SUSPEND_HALT)
                 return self.suspended_exit(ctx)
         hook = self.idle_hook
+        takes = rflags & C.RFLAGS_IF and vl is not None     # an interrupt (the vlapic's or the 8259's) wakes it
         if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and self.suspended is None:
-            vl = ctx.vlapic
-            if vl is None or vl.pending_intr() is None:
+            if not takes or not interrupt_waiting(self, vl):
                 hook()
         with ctx.cond:
             ctx.sleeping = True
             try:
-                while (self.suspended is None and not ctx.nmi and
-                       not (rflags & C.RFLAGS_IF and ctx.vlapic is not None and
-                            ctx.vlapic.pending_intr() is not None)):
+                while self.suspended is None and not ctx.nmi and not (takes and interrupt_waiting(self, vl)):
                     ctx.cond.wait(0.5)
             finally:
                 ctx.sleeping = False
@@ -266,13 +237,18 @@ class Vm:
 
     # -- MSRs the kernel devices take ----------------------------------------------------------------------------
     def kernel_msr(self, ctx, msr, value=None):
-        """A RDMSR (``value`` None) or WRMSR of the vlapic's, kvmclock's or PV EOI's MSRs, done here: returns
-        ``(True, value read)``, ``(False, None)`` when it is none of theirs (userland's: a ``vm_exit``).
-        Raises ``ApicGP``/``PvEoiGP`` for a #GP."""
+        """A RDMSR (``value`` None) or WRMSR done here: the vlapic's, kvmclock's or PV EOI's MSRs, then the
+        architectural MSRs of ``ops/arch_msrs.py`` (the MSR policy the guest's CPUID gives, IA32_TSC_ADJUST).
+        Returns ``(True, value read)``, or ``(False, None)`` when it is userland's (a ``vm_exit``). Raises
+        ``ApicGP`` (``arch_msrs.MsrGP`` is one) or ``PvEoiGP`` for a #GP."""
         vl = ctx.vlapic
         dev = next((d for d in (vl, ctx.pvclock, ctx.pv_eoi) if d is not None and d.handles_msr(msr)), None)
         if dev is None:
-            return False, None
+            arch = getattr(ctx, "arch_msrs", None)
+            if arch is None:                 # first non-device MSR exit of this vCPU
+                from .arch_msrs import ArchMsrs
+                arch = ctx.arch_msrs = ArchMsrs(ctx.nv)
+            return arch.access(msr, value)
         if dev is vl and ctx.pv_eoi is not None:
             ctx.pv_eoi.sync()            # as for the APIC page: the x2APIC registers see a PV EOI first
         if value is None:
@@ -335,7 +311,8 @@ class Vm:
         self.vioapic.pulse_pin(2 if irq == 0 else irq)
 
     def _atpic_intr(self, level):
-        """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT), as on a PC."""
+        """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not
+        enabled), as on a PC."""
         bsp = self.vcpus.get(0)
         if bsp is not None and bsp.vlapic is not None:
             bsp.vlapic.set_lint0_level(level)
@@ -350,10 +327,13 @@ class Vm:
     def _on_init(self, vcpuid):
         pass    # the target waits for SIPI; its vlapic was reset by the bus
 
-    def _on_sipi(self, vcpuid, vector):
-        sender = getattr(self.tls, "ctx", None)
-        if sender is not None:          # returned as SPINUP_AP before the sender re-enters the guest
-            sender.spinup = (vcpuid, vector << 12)
+    def _on_sipi(self, vcpuid, vector, src):
+        """A START-UP message reached AP ``vcpuid``: the sender (on its own thread, handling the ICR write)
+        returns ``VM_EXITCODE_SPINUP_AP`` for it before it re-enters the guest, one exit per AP a broadcast
+        reached."""
+        sender = self.vcpus.get(src)
+        if sender is not None:
+            sender.spinups.append((vcpuid, vector << 12))
             sender.pending = True
 
     # -- debugging --------------------------------------------------------------------------------------------------
@@ -378,11 +358,3 @@ class Vm:
         vio = self.vioapic
         return ["ioapic " + " ".join(f"{p}:{vio.read_reg(0x10 + 2 * p):#x}" for p in range(4)) +
                 f" isa-irqs {dict(sorted(self.irq_events.items()))}"]
-
-
-def request_window(nv):
-    """Asks for an exit when the guest can take an interrupt (``int_window_exiting``)."""
-    nv.getstate(C.NVMM_X64_STATE_INTR)
-    if not nv.state.intr & INTR_WINDOW:
-        nv.state.intr = nv.state.intr | INTR_WINDOW
-        nv.setstate(C.NVMM_X64_STATE_INTR)

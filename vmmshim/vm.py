@@ -296,6 +296,9 @@ class VM:
         return CONTINUE
 
     def _vmexit_spinup_ap(self, vcpu, vmexit):
+        """bhyve's ``spinup_ap``: AP ``target`` starts in real mode at ``rip`` (CS = rip >> 4, IP 0) on its own
+        thread. One exit per AP: a broadcast SIPI comes back as one per AP it started. An AP already running
+        is not restarted (INIT of a running vCPU is not supported)."""
         target, rip = vmexit.u.vcpu, vmexit.u.rip
         if target in self.threads or target >= self.config.ncpus:
             return CONTINUE

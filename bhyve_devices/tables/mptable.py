@@ -6,7 +6,8 @@ checksum), 4.3 the base table entries: 4.3.1 Processor (20 bytes; CPU flags EN b
 ("PCI   ", "ISA   "), 4.3.3 I/O APIC, 4.3.4 I/O Interrupt Assignment, 4.3.5 Local Interrupt Assignment;
 appendix D.3 the PCI source bus IRQ encoding (device << 2 | INTx pin, pin 0 = INTA#).
 
-Entries, as bhyve writes them: one processor per vCPU (APIC ID = vCPU index, vCPU 0 the BSP), bus 0 PCI and
+Entries, as bhyve writes them: one processor per vCPU (APIC ID = vCPU index, vCPU 0 the BSP, the local APIC
+version the vlapic's version register reports, ``vlapic_regs.VERSION``), bus 0 PCI and
 bus 1 ISA, one I/O APIC (enabled, at 0xFEC00000), I/O interrupts for the 16 ISA IRQs (pin 0 ExtINT, ISA IRQ0 on
 pin 2, no IRQ2 (cascade) entry, IRQ n on pin n otherwise, the SCI (IRQ 9) level-triggered) and one per PCI
 function INTx pin on IOAPIC pins 16-23 (level, active low), and the local interrupts ExtINT on LINT0 and NMI on
@@ -24,7 +25,7 @@ wire mode).
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
 from bhyve_devices.vioapic import VIOAPIC_BASE
-from bhyve_devices.vlapic_regs import DEFAULT_APIC_BASE
+from bhyve_devices.vlapic_regs import DEFAULT_APIC_BASE, VERSION as LAPIC_VERSION
 
 BASE = 0xF0000
 LIMIT = 0xF2400              # where the ACPI RSDP starts
@@ -91,7 +92,8 @@ def build_mptable(ncpu, pci_routes, base=BASE, ioapic_id=None):
     ioapic_id = ncpu if ioapic_id is None else ioapic_id
     entries = []
     for i in range(ncpu):
-        entries.append(PROCESSOR.build(dict(apic_id=i, apic_version=0x14, cpu_flags=0x1 | (0x2 if i == 0 else 0),
+        entries.append(PROCESSOR.build(dict(apic_id=i, apic_version=LAPIC_VERSION,
+                                            cpu_flags=0x1 | (0x2 if i == 0 else 0),
                                             signature=CPU_SIGNATURE, features=CPU_FEATURES,
                                             reserved=bytes(8))))
     entries.append(BUS.build(dict(bus_id=BUS_PCI, bus_type=b"PCI   ")))

@@ -296,3 +296,19 @@ def test_irq0_through_lint0_extint():
     assert pic.intr_accepted() == 0x20
     v.extint_accepted()
     assert not v.lint0_pending()
+
+
+def test_irq0_through_lint0_of_an_apic_left_in_its_reset_state():
+    """``nolapic`` and kexec guests: the vlapic stays software-disabled (LVTs masked), and LINT0 is then the
+    8259's INTR pin (bhyve's vlapic_trigger_lvt)."""
+    from bhyve_devices.base import ManualTimers
+    from bhyve_devices.vlapic import Vlapic
+
+    v = Vlapic(0, ManualTimers())
+    pic, _ = linux_init()
+    pic._intr_line = v.set_lint0_level
+    unmask(pic, 0)
+    pic.pulse_irq(0)
+    assert v.lint0_pending() and v.pending_intr() is None
+    assert pic.intr_accepted() == 0x20
+    assert not v.lint0_pending()

@@ -29,7 +29,7 @@ def wr(v, off, val):
 def test_reset_values():
     v = Vlapic(1, ManualTimers())
     assert rd(v, R.ID) == 1 << 24
-    assert rd(v, R.VER) == 0x00060010
+    assert rd(v, R.VER) == 0x00060014
     assert rd(v, R.SVR) == 0xFF
     assert rd(v, R.DFR) == 0xFFFFFFFF
     for off in R.LVT_OFFSETS:
@@ -137,7 +137,7 @@ def test_export_import_page():
     v.set_intr_ready(0x41)
     page = v.export_page()
     p = R.LAPIC_PAGE.parse(page)
-    assert p.tpr == 0x20 and p.ppr == 0x80 and p.id == 0 and p.version == 0x00060010
+    assert p.tpr == 0x20 and p.ppr == 0x80 and p.id == 0 and p.version == 0x00060014
     assert p.isr4 == 1 and p.tmr4 == 1 and p.irr2 == 2 and p.lvt_lint0 == 0x700
     w = Vlapic(0, ManualTimers())
     w.import_page(page)
@@ -302,7 +302,7 @@ def test_apicbase_transitions():
 def test_x2apic_msrs():
     v = Vlapic(0x23, ManualTimers(), ApicBus(), x2apic_enabled=True)
     assert v.rdmsr(0x802) == 0x23
-    assert v.rdmsr(0x803) == 0x00060010
+    assert v.rdmsr(0x803) == 0x00060014
     assert v.rdmsr(0x80D) == (2 << 16) | (1 << 3)                             # derived LDR
     v.wrmsr(0x80F, 0x1FF)
     v.wrmsr(0x808, 0x30)

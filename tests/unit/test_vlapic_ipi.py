@@ -14,7 +14,7 @@ class Hooks:
         self.inits, self.sipis, self.nmis, self.kicks = [], [], [], []
 
     def bus(self):
-        return ApicBus(on_init=self.inits.append, on_sipi=lambda c, v: self.sipis.append((c, v)),
+        return ApicBus(on_init=self.inits.append, on_sipi=lambda c, v, src: self.sipis.append((c, v)),
                        on_nmi=self.nmis.append, kick=self.kicks.append)
 
 

@@ -1,0 +1,136 @@
+"""The engine's local-APIC glue (part of bhyve's ``vmm.c`` and ``vmx.c`` in their role next to ``vlapic.c``): what
+the vCPU's CPU state and the Python vlapic must agree on, on any NVMM provider, and the injection of their
+interrupts.
+
+- :func:`inject_interrupt` (bhyve's ``vmx_inject_interrupts``): the vlapic's vector or the 8259's (ExtINT, its
+  INTA cycle run here) injected before an entry, with NVMM's one event slot, or the interrupt window requested.
+
+- CR8 and the TPR are one value (Intel SDM vol. 3A 10.8.6.1 "Interaction of Task Priorities between CR8 and
+  APIC"): the guest's CR8, which NVMM reports in every exit's state (``exitstate.cr8``), goes into the vlapic's
+  TPR before the engine looks at priorities (:func:`tpr_from_guest`: before an injection, a HLT's sleep, an
+  access to the APIC page or MSRs, a TPR_CHANGED exit), and a TPR the guest wrote through the APIC page or the
+  x2APIC MSR goes into CR8 before the next entry (:func:`tpr_to_guest`), as QEMU's NVMM accelerator keeps them.
+- CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN (10.4.3 "Enabling or Disabling the Local APIC"): the leaf 1 mask
+  of :func:`leaf1_cpuid`, configured again when a WRMSR turns the APIC off or on.
+- What wakes a HLT with interrupts enabled (:func:`interrupt_waiting`): a vlapic vector above the PPR, or the
+  8259's INTR through LINT0 (ExtINT, or the plain INTR pin of an APIC that is not enabled: 10.4.7.2, 10.5.1).
+
+Not supported: another vCPU reading this one's PPR (lowest-priority arbitration) sees the TPR of its last
+exit, not a CR8 write since; a provider whose CPU keeps no CR8 of its own (the soft CPU) shows TPR writes in
+NVMM's state only.
+"""
+
+from .nvmm import api
+from .nvmm import constants as C
+
+INTR_WINDOW = 0x2                  # nvmm_x64_state_intr.int_window_exiting
+CPUID_1_EDX_APIC = 1 << 9          # leaf 1 EDX bit 9: an on-chip local APIC, enabled
+CR8_MASK = 0xF
+
+
+def tpr_from_guest(ctx):
+    """After an exit: the guest's CR8 into the vlapic's TPR, when it moved since CR8 and TPR last agreed (a TPR
+    written through the page keeps its low nibble until the guest writes CR8)."""
+    cr8 = ctx.nv.exit.exitstate.cr8 & CR8_MASK
+    if cr8 != ctx.cr8:
+        ctx.cr8 = cr8
+        ctx.vlapic.set_cr8(cr8)
+
+
+def tpr_to_guest(ctx):
+    """Right before an entry: a TPR written through the APIC page or MSR (or reset) into the guest's CR8. Only
+    here, so that no exit state older than this write is read back by :func:`tpr_from_guest`."""
+    cr8 = ctx.vlapic.get_cr8()
+    if cr8 != ctx.cr8:
+        ctx.cr8 = cr8
+        nv = ctx.nv
+        nv.getstate(C.NVMM_X64_STATE_CRS)
+        nv.state.crs[C.NVMM_X64_CR_CR8] = cr8
+        nv.setstate(C.NVMM_X64_STATE_CRS)
+
+
+def interrupt_waiting(vm, vl):
+    """Whether a vCPU halted with IF set has something to take: a vlapic vector above its PPR, or the 8259's
+    output through LINT0."""
+    return vl.pending_intr() is not None or vl.lint0_pending()
+
+
+def extint_ready(vm, vl):
+    """Whether an ExtINT can be injected now: LINT0 passes the 8259's INTR and the 8259 has a request. An ExtINT
+    latched with nothing behind it in the 8259 is dropped (bhyve would inject the 8259's spurious IR7)."""
+    if not vl.lint0_pending():
+        return False
+    if vm.vatpic.pending() is None:
+        vl.extint_accepted()
+        return False
+    return True
+
+
+def leaf1_cpuid(x2apic, apic_enabled):
+    """The vCPU's CPUID leaf 1 mask: x2APIC offered with ``-x`` (bhyve's X2APIC_ENABLED), the APIC bit cleared
+    while IA32_APIC_BASE.EN is."""
+    return api.ConfCpuid(leaf=1, mask=True, set=(0, 0, C.CPUID_1_ECX_X2APIC if x2apic else 0, 0),
+                         del_=(0, 0, 0, 0 if apic_enabled else CPUID_1_EDX_APIC))
+
+
+def inject_interrupt(vm, ctx, vl, queued):
+    """Before an entry (bhyve's ``vmx_inject_interrupts``): the vlapic's or the 8259's interrupt injected, or
+    the interrupt window requested. ``queued``: an exception or NMI already takes this entry's event slot."""
+    nv = ctx.nv
+    pv_eoi = ctx.pv_eoi
+    if pv_eoi is not None:
+        pv_eoi.sync()                        # the guest may have ended the interrupt in memory
+    vec = vl.pending_intr()
+    extint = vec is None and extint_ready(vm, vl)
+    if vec is None and not extint:
+        return
+    # Completing the exiting instruction (one more KVM_RUN) only when no event is queued and the exit state
+    # allows an injection: completion cannot set IF, and while a guest with IF=0 has an interrupt pending
+    # every exit comes here (a Linux boot's console writes run with interrupts off).
+    es = nv.exit.exitstate
+    injectable = not queued and _injectable(es)
+    if injectable:
+        nv.complete_exit()                   # events its completion queues (a #GP) come first
+        es = nv.exit.exitstate
+        injectable = _injectable(es)
+    if injectable:
+        if extint:
+            vec = vm.vatpic.intr_accepted()     # the INTA cycle
+            vl.extint_accepted()
+        else:
+            vl.intr_accepted(vec)
+        nv.event.set(C.NVMM_VCPU_EVENT_INTR, vec)
+        nv.inject()
+        ctx.injected += 1
+        # PV EOI (kvm_para.py). Unlike KVM, also with a request that waits for this vector's EOI (a timer
+        # tick on top of a device's interrupt): the window exit at the handler's IRET then finds the EOI
+        # made in memory (every exit syncs it) instead of the guest's EOI exiting; a guest that opens the
+        # window before its EOI finds PV EOI disarmed there, and its EOI exits as without it.
+        behind = None
+        if pv_eoi is not None and not extint and pv_eoi.word is not None:
+            behind = vl.edge_in_service_before()
+            if behind is not None:
+                pv_eoi.arm()
+        ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
+        if ctx.pending or behind:
+            request_window(nv)
+    else:
+        request_window(nv)
+        ctx.pending = True
+    if ctx.itrace is not None:
+        ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
+                           hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))
+        ctx.itrace_n = ctx.injected
+
+
+def _injectable(es):
+    """Whether an exit state lets an external interrupt in: IF set, no interrupt shadow, no event pending."""
+    return es.rflags & C.RFLAGS_IF and not es.int_shadow and not es.evt_pending
+
+
+def request_window(nv):
+    """Asks for an exit when the guest can take an interrupt (``int_window_exiting``)."""
+    nv.getstate(C.NVMM_X64_STATE_INTR)
+    if not nv.state.intr & INTR_WINDOW:
+        nv.state.intr = nv.state.intr | INTR_WINDOW
+        nv.setstate(C.NVMM_X64_STATE_INTR)
