@@ -2,6 +2,11 @@
 that NVMM sends to userland and that are not the vlapic's. Reads of the rest, and writes the table refuses,
 give #GP unless ``-w`` (``x86.ignore_msrs``), where reads give 0 and writes are dropped, as bhyve does.
 
+Only MSRs the ops layer lets through reach this table: an architectural MSR the guest's CPUID does not offer
+(IA32_SPEC_CTRL without IBRS/STIBP/SSBD, the MTRRs without MTRR, ...) raised #GP there, ``-w`` or not, and the ones
+the ops layer emulates (IA32_SPEC_CTRL, IA32_ARCH_CAPABILITIES, IA32_TSC_ADJUST) never come here
+(``ops/arch_msrs.py``, ``docs/msr.md``). ``-w`` thus turns only unknown MSRs into reads of 0.
+
 Not supported: real MTRR semantics (they read as "no MTRRs"), the AMD northbridge MSRs beyond what
 bhyve answers, microcode update.
 """
@@ -20,14 +25,12 @@ MSR_AMD_SYSCFG = 0xC0010010
 MSR_AMD_LS_CFG = 0xC0011020
 MSR_AMD_DE_CFG = 0xC0011029
 MSR_TURBO_RATIO = 0x1AD
-MSR_ARCH_CAPABILITIES = 0x10A
-MSR_SPEC_CTRL = 0x48
 
 _READ_ZERO = {MSR_MCG_CAP, MSR_MCG_STATUS, MSR_MTRRCAP, MSR_MTRR_DEF_TYPE, MSR_PLATFORM_INFO, MSR_BIOS_SIGN,
               MSR_PLATFORM_ID, MSR_AMD_HWCR, MSR_AMD_NB_CFG, MSR_AMD_SYSCFG, MSR_AMD_LS_CFG, MSR_AMD_DE_CFG,
-              MSR_TURBO_RATIO, MSR_ARCH_CAPABILITIES, MSR_SPEC_CTRL}
+              MSR_TURBO_RATIO}
 _WRITE_IGNORED = {MSR_MCG_STATUS, MSR_MTRR_DEF_TYPE, MSR_BIOS_SIGN, MSR_AMD_HWCR, MSR_AMD_NB_CFG,
-                  MSR_AMD_LS_CFG, MSR_AMD_DE_CFG, MSR_SPEC_CTRL}
+                  MSR_AMD_LS_CFG, MSR_AMD_DE_CFG}
 
 
 class MsrEmulator:

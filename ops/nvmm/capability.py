@@ -52,3 +52,11 @@ LIMIT_CPUID_MASK_1_7 = "cpuid-mask-1-7"  # CPUID leaves 1 and 7 ignore masks
 LIMIT_CPUID_LATE = "cpuid-after-run"     # CPUID configuration refused after the first run
 LIMIT_SOFT_INT = "int-n"                 # guest `int n`/`int3` fail
 LIMIT_IRQ_WINDOW_LATE = "irq-window-late"  # INT_READY comes at the next exit after the window opens
+LIMIT_TSC_WRITE = "tsc-write"            # the guest TSC cannot be moved (IA32_TSC, IA32_TSC_ADJUST, MSR state)
+#: Prefix of the limits naming a feature CPUID offers (in registers the provider cannot mask) that the guest
+#: cannot use: ``limit_unusable("xsave")``; feature names as ``ops/nvmm/x86/cpuid_bits.py``.
+LIMIT_UNUSABLE_PREFIX = "offered-unusable:"
+
+
+def limit_unusable(feature):
+    return LIMIT_UNUSABLE_PREFIX + feature

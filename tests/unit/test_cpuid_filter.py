@@ -58,3 +58,21 @@ def test_masks_on_absent_hypervisor_leaves_add_them():
     assert leaf(t, 0x40000100)[3:] == [0x40000101, 1, 2, 3]
     assert leaf(t, 0x40000101)[3:] == [8, 0, 0, 0]
     assert all(e[0] not in (0x40000001, 0x40000200) for e in t)
+
+
+EXT = [[0x80000001, 0, 0, 0, 0, 0, K.EXT1_EDX_FFXSR | (1 << 29)],
+       [0x80000008, 0, 0, 0x3030, K.EXT8_EBX_CLZERO | K.EXT8_EBX_PSFD | (1 << 14), 0, 0]]
+
+
+def test_a_kind_hides_what_it_cannot_run():
+    pvm = K.filtered(EXT, apic_id=0, masks={}, kind="kvm_pvm")
+    assert not leaf(pvm, 0x80000001)[6] & K.EXT1_EDX_FFXSR and leaf(pvm, 0x80000001)[6] & (1 << 29)
+    assert not leaf(pvm, 0x80000008)[4] & K.EXT8_EBX_CLZERO
+    other = K.filtered(EXT, apic_id=0, masks={}, kind="kvm_intel")
+    assert leaf(other, 0x80000001)[6] & K.EXT1_EDX_FFXSR and leaf(other, 0x80000008)[4] & K.EXT8_EBX_CLZERO
+
+
+def test_psfd_goes_with_spec_ctrl():
+    assert leaf(K.filtered(EXT, 0, {}), 0x80000008)[4] & K.EXT8_EBX_PSFD, "AMD IBRS makes the MSR: PSFD stays"
+    no_msr = [EXT[0], [0x80000008, 0, 0, 0x3030, K.EXT8_EBX_PSFD, 0, 0]]
+    assert not leaf(K.filtered(no_msr, 0, {}), 0x80000008)[4] & K.EXT8_EBX_PSFD

@@ -6,7 +6,9 @@ IOAPIC, PIC or PIT; interrupts go in with ``KVM_INTERRUPT``. Guest memory is a s
 (an NVMM MEMORY exit). MSRs that NVMM sends to userland exit here too: unknown MSRs through
 ``KVM_CAP_X86_USER_SPACE_MSR``, and through an MSR filter APIC_BASE, the x2APIC range and TSC_DEADLINE, because
 the vlapic that owns them is in Python, and KVM's own paravirtual MSRs (kvmclock and the rest), which NVMM does
-not know: the ops layer answers the clock ones itself (``ops/pvclock.py``), on every provider alike.
+not know: the ops layer answers the clock ones itself (``ops/pvclock.py``), on every provider alike. The same filter
+denies the MSRs the guest's CPUID does not offer (``ops/nvmm/x86/msr_policy.py``: KVM answers some of them
+whatever CPUID says), so that they exit and the ops layer raises #GP; each vCPU adds its own at its first run.
 
 Not supported: dirty-page logging, more machines or slots than the kernel allows (reported as ``ENOBUFS``).
 """
@@ -21,12 +23,16 @@ import struct
 import threading
 
 from .. import api
+from .. import capability as capmod
 from .. import constants as C
 from .. import ProviderUnavailable
+from ..x86 import cpuid_bits
 from . import cpuid as cpuidmod
+from . import cpuid_probe
 from . import fastrun
 from . import ioctls as K
 from . import layouts as L
+from . import msr_filter
 from .kick import SIG_KICK
 
 KVM_DEVICE = "/dev/kvm"
@@ -141,7 +147,10 @@ class KvmProvider(api.Provider):
                 xcr0 = e[3] | (e[6] << 32)
         limits = {api.LIMIT_CPUID_EXIT, api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, api.LIMIT_CPUID_LATE}
         if self.kind == "kvm_pvm":
-            limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT, api.LIMIT_IRQ_WINDOW_LATE}
+            limits |= {api.LIMIT_PAGING32, api.LIMIT_CPUID_MASK_1_7, api.LIMIT_SOFT_INT, api.LIMIT_IRQ_WINDOW_LATE,
+                       capmod.LIMIT_TSC_WRITE}
+            # offered where the guest's CPUID cannot be masked, and unusable (docs/msr.md)
+            limits |= {capmod.limit_unusable(f) for f in cpuidmod.UNUSABLE_BY_KIND[self.kind]}
         features = {api.FEATURE_KERNEL_PVCLOCK}
         if self.ring_offset:
             features.add(api.FEATURE_POSTED_IO)
@@ -158,11 +167,27 @@ class KvmProvider(api.Provider):
     def machine_create(self):
         return KvmMachine(self)
 
+    def cpuid_table(self, apic_id, masks):
+        """The table ``KVM_SET_CPUID2`` gets for a vCPU (``cpuid.filtered`` for this kind of KVM)."""
+        return cpuidmod.filtered(self.supported_cpuid, apic_id, masks, self.kind)
+
+    def guest_view(self, table):
+        """``cpuid(leaf, index)`` as the guest's CPUID instruction answers with ``table`` set: the table, except
+        where this kind of KVM answers registers itself (kvm_pvm: probed once, ``cpuid_probe.py``)."""
+        view = cpuid_bits.table_lookup(table)
+        if self.kind == "kvm_pvm":
+            view = cpuid_probe.overlay(view, cpuid_probe.probe(self))
+        return view
+
 
 class KvmMachine(api.Machine):
     def __init__(self, provider):
         super().__init__(provider)
         self.vmfd = fcntl.ioctl(provider.fd, K.KVM_CREATE_VM, 0)
+        self.probing = False                 # cpuid_probe's machine: its vCPU denies no MSRs
+        self._userland_ranges = USERLAND_MSR_RANGES
+        self._denied = (frozenset(), frozenset())     # (reads, writes) the guests' CPUID refuses
+        self._filter_lock = threading.Lock()
         try:
             ioctl_ulong(self.vmfd, K.KVM_SET_TSS_ADDR, TSS_ADDR)
             self._enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_INVAL |
@@ -186,23 +211,29 @@ class KvmMachine(api.Machine):
         """KVM's kvmclock keeps each vCPU's time record in step with the guest TSC at every entry, also where
         KVM rewinds that TSC because the host's is unstable (the nested lab's L1: a record written from user
         space then ran ahead of the guest and froze its clock). Its two MSRs stop exiting."""
-        try:
-            self._set_msr_filter(USERLAND_MSR_RANGES_KERNEL_CLOCK)
-        except OSError:
-            return False
+        with self._filter_lock:
+            before = self._userland_ranges
+            self._userland_ranges = USERLAND_MSR_RANGES_KERNEL_CLOCK
+            try:
+                self._set_msr_filter()
+            except OSError:
+                self._userland_ranges = before
+                return False
         return True
 
-    def _set_msr_filter(self, userland=USERLAND_MSR_RANGES):
-        ranges = []
-        self._msr_bitmaps = []   # kept alive: the kernel copies them, but only during the ioctl
-        for first, count in userland:
-            bitmap = ctypes.create_string_buffer((count + 7) // 8)   # all zero: deny, i.e. exit to userland
-            self._msr_bitmaps.append(bitmap)
-            ranges.append(dict(flags=K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE, nmsrs=count, base=first,
-                               bitmap=ctypes.addressof(bitmap)))
-        ranges += [dict(flags=0, nmsrs=0, base=0, bitmap=0)] * (K.KVM_MSR_FILTER_MAX_RANGES - len(ranges))
-        buf = L.KVM_MSR_FILTER.build(dict(flags=K.KVM_MSR_FILTER_DEFAULT_ALLOW, ranges=ranges))
-        fcntl.ioctl(self.vmfd, K.KVM_X86_SET_MSR_FILTER, buf)
+    def deny_msrs(self, reads, writes):
+        """Makes RDMSR of ``reads`` and WRMSR of ``writes`` exit to userland too (a vCPU's CPUID refuses them)."""
+        with self._filter_lock:
+            old_r, old_w = self._denied
+            if reads <= old_r and writes <= old_w:
+                return
+            self._denied = (old_r | frozenset(reads), old_w | frozenset(writes))
+            self._set_msr_filter()
+
+    def _set_msr_filter(self):
+        """The userland ranges and the CPUID refusals as one filter (``msr_filter.py``)."""
+        buf, self._msr_bitmaps = msr_filter.build(self._userland_ranges, *self._denied)   # kept alive: the
+        fcntl.ioctl(self.vmfd, K.KVM_X86_SET_MSR_FILTER, buf)                              # kernel copies them
 
     def _set_slot(self, slot, flags, gpa, size, hva):
         buf = L.KVM_USERSPACE_MEMORY_REGION.build(dict(slot=slot, flags=flags, guest_phys_addr=gpa,
