@@ -1,7 +1,8 @@
 """The software provider of the NVMM primitives: the unicorn CPU emulator (``pip install unicorn``, 2.x).
 
 Follows DESIGN.md section 2 ("soft"): no hypervisor is needed, the guest runs in unicorn and the provider turns
-I/O, unmapped memory, MSR, CPUID, HLT and interrupt windows into NVMM exits. See ``provider.py`` and ``vcpu.py``.
+I/O, unmapped memory, MSR, CPUID, HLT, CR8 writes (with NVMM_VCPU_CONF_TPR) and interrupt windows into NVMM exits,
+and emulates what its CPUID offers (``cpuid.py``, ``sysinsn.py``). See ``provider.py`` and ``vcpu.py``.
 
 Not supported: see ``SoftProvider.capability().limits`` and the docstrings of the modules.
 """

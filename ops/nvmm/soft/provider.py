@@ -18,6 +18,7 @@ from .. import api
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import ucstate
+from .cpuid import XCR0_SUPPORTED
 from .ucstate import uc_prot  # noqa: F401 (its old home)
 
 MAX_VCPUS = 64
@@ -26,8 +27,7 @@ MAX_RAM = 1 << 40
 LIMIT_NMI_BLOCKING = "nmi-blocking"      # NMIs are delivered without blocking further NMIs until IRET
 LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardware task switches) fail
 LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
-LIMITS = frozenset({api.LIMIT_NMI_WINDOW, api.LIMIT_TPR_EXIT, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES,
-                    LIMIT_SMC_IN_RUN})
+LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN})
 
 
 class SoftProvider(api.Provider):
@@ -44,7 +44,8 @@ class SoftProvider(api.Provider):
     def capability(self):
         return api.Capability(
             max_machines=128, max_vcpus=MAX_VCPUS, max_ram=MAX_RAM,
-            arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=0x3,
+            arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID | C.NVMM_CAP_ARCH_VCPU_CONF_TPR,
+                           xcr0_mask=XCR0_SUPPORTED,
                            mxcsr_mask=0xFFBF, conf_cpuid_maxops=256),
             limits=LIMITS, features=frozenset({api.FEATURE_ANSWERED_IO}))
 

@@ -14,8 +14,10 @@ Control registers and EFER go through the register API in an order that makes QE
 protections too: :func:`uc_prot` turns ``NVMM_PROT_*`` into ``UC_PROT_*`` for the provider, the vCPU and the
 assists, which all map guest pages.
 
-Not supported: XCR0 and CR8 are kept by the provider (unicorn has no XSETBV state or TPR of its own),
-the XSAVE area beyond FXSAVE, a guest's own MSR_TSC offsetting.
+XCR0 is unicorn's ``env.xcr0`` (found by executing XSETBV when the provider opens); CR8 is the provider's
+(unicorn keeps no TPR behind it).
+
+Not supported: the XSAVE area beyond FXSAVE, a guest's own MSR_TSC offsetting.
 """
 
 import ctypes
@@ -50,11 +52,17 @@ MSR_NUMBERS = (MSR_EFER, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000
                0x277, 0x10)
 
 
+CR4_OSXSAVE = 1 << 18
+XCR0_X87, XCR0_SSE = 1, 2
+XSETBV_HLT = bytes.fromhex("0f01d1f4")
+
+
 class Layout:
     """Where the context image keeps what the register API cannot reach (found by :func:`probe_layout`)."""
     base = None          # offset of env.regs[0] inside the uc_context blob
     error_code = None    # offset of env.error_code inside the blob
     efer = None          # offset of env.efer inside the blob
+    xcr0 = None          # offset of env.xcr0 inside the blob
 
 
 def uc_prot(prot):
@@ -106,7 +114,31 @@ def probe_layout():
     if len(cands or ()) != 1:
         return "cannot locate efer in libunicorn's CPUX86State"
     Layout.base, Layout.error_code, Layout.efer = base, found[0], cands.pop()
+    Layout.xcr0 = _probe_xcr0()
+    if Layout.xcr0 is None:
+        return "cannot locate xcr0 in libunicorn's CPUX86State"
     return None
+
+
+def _probe_xcr0():
+    """The offset of ``env.xcr0``: the one 8-byte field past the registers that follows XSETBVs of x87|SSE,
+    x87, x87|SSE (on a fresh engine, whose CR4 has OSXSAVE)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x2000, UC_PROT_ALL)
+    uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | CR4_OSXSAVE)
+    uc.mem_write(0x1000, XSETBV_HLT)
+    cands = None
+    for value in (XCR0_X87 | XCR0_SSE, XCR0_X87, XCR0_X87 | XCR0_SSE):
+        uc.reg_write_batch([(X.UC_X86_REG_RAX, value), (X.UC_X86_REG_RCX, 0), (X.UC_X86_REG_RDX, 0)])
+        try:
+            uc.emu_start(0x1000, 0x1000 + len(XSETBV_HLT) - 1)
+        except UcError:
+            return None
+        blob = bytes(uc.context_save())
+        here = {i for i in range(Layout.base + ENV_IDT + 24, len(blob) - 8, 8)
+                if struct.unpack_from("<Q", blob, i)[0] == value}
+        cands = here if cands is None else cands & here
+    return cands.pop() if len(cands) == 1 else None
 
 
 def attrib_to_flags(attrib):
@@ -158,6 +190,14 @@ class CpuImage:
     @efer.setter
     def efer(self, value):
         struct.pack_into("<Q", self.mv, Layout.efer, value)
+
+    @property
+    def xcr0(self):
+        return struct.unpack_from("<Q", self.mv, Layout.xcr0)[0]
+
+    @xcr0.setter
+    def xcr0(self, value):
+        struct.pack_into("<Q", self.mv, Layout.xcr0, value)
 
     def exception(self):
         """``(error_code, is_int, next_eip)`` of the exception unicorn is raising."""

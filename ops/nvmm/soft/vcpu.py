@@ -1,15 +1,19 @@
 """An NVMM vCPU on a unicorn engine: the comm-page contract, ``run`` and its exits, events, and the assists.
 
 Follows libnvmm(3) and ``shared/reference/anchors.md`` (b) and (c), with the KVM provider
-(``ops/nvmm/kvm/vcpu.py``) as the reference for the semantics. Unicorn holds the CPU between runs; ``getstate``
-converts the wanted categories into ``state`` once per exit (cached afterwards), ``setstate`` only marks them and
-``run`` commits them (``ucstate.py``). ``run`` executes the guest with ``uc.emu_start`` until a hook asks for an
-exit: the code hook stops *before* IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR of MSRs outside NVMM's state, CPUID of
-leaves configured to exit, MONITOR/MWAIT, and before the first instruction of an open interrupt window
-(``int_window_exiting`` with IF=1 and no STI/MOV SS shadow); unmapped (MMIO) and write-protected accesses stop
-before the access; ``stop()`` (any thread) asks the code hook to stop before the next instruction. Exceptions
-the guest raises, and events from ``inject()``, are delivered through its IVT/IDT by ``delivery.py``; a fault
-delivering #DF is a SHUTDOWN exit.
+(``ops/nvmm/kvm/vcpu.py``) as the reference for the semantics. Unicorn holds the CPU between runs; the state
+categories are ``vstate.py``'s. ``run`` executes the guest with ``uc.emu_start`` until a hook asks for an exit:
+the code hook stops *before* IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR of MSRs outside NVMM's state, CPUID of leaves
+configured to exit, MONITOR/MWAIT, a write of CR8 with ``NVMM_VCPU_CONF_TPR`` (TPR_CHANGED, after it), and before
+the first instruction of an open interrupt window (``int_window_exiting`` with IF=1 and no STI/MOV SS shadow);
+it decodes with the mode of the run's start and reads the instruction's mode and CPL from the engine before it
+acts on one (a far jump may have changed them within the run; a byte that is REX or VEX only in 64-bit mode is
+decoded again too), and completes SYSCALL, SYSENTER, XSETBV, MOV CR8 and VEX #UD itself (``sysinsn.py``).
+Unmapped (MMIO) and write-protected accesses stop before the access; ``stop()`` (any thread) asks the code hook
+to stop before the next instruction. Exceptions the guest raises, and events from ``inject()``, are delivered
+through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit. With RFLAGS.TF set, an
+instruction the provider completes or exits on is followed by the single-step #DB trap (Intel SDM vol. 3B
+17.3.1.4, DR6.BS), after the VMM completed it: at the next ``run`` when RIP is the exit's ``npc``.
 
 ``assist_io`` is libnvmm's (including REP INS/OUTS in batches of 32 bytes with DF=0, one element with DF=1).
 ``assist_mem`` completes the instruction in the engine itself: the page of the exit is mapped for one
@@ -17,9 +21,9 @@ instruction (one REP iteration) as unicorn MMIO whose reads and writes call the 
 mapped read-only read RAM and send their writes to the callback); so every instruction unicorn emulates works,
 a superset of libnvmm's decoder.
 
-Not supported (``capability().limits``): NMI_READY and TPR_CHANGED exits, NMI blocking, task gates; instruction
-fetches from MMIO (a MEMORY exit with prot EXEC whose ``assist_mem`` fails with ENODEV); host writes into guest
-code are seen at the next ``run``.
+Not supported (``capability().limits``): NMI_READY exits, NMI blocking, task gates; instruction fetches from
+MMIO (a MEMORY exit with prot EXEC whose ``assist_mem`` fails with ENODEV); host writes into guest code are seen
+at the next ``run``; a single-step trap after each batch of a REP INS/OUTS (one after the last).
 """
 
 import errno
@@ -32,24 +36,22 @@ from unicorn import x86_const as X
 
 from .. import api
 from .. import constants as C
-from ..state import (EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE, INTR_EVT_PENDING, INTR_INT_SHADOW,
-                     INTR_INT_WINDOW_EXITING)
+from ..state import EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE
 from ..x86 import mmu
 from . import hooks as H
+from . import sysinsn as S
 from . import ucstate as U
 from .ucstate import uc_prot
 from .delivery import DeliveryFault, deliver
 from .assist import assist_io, assist_mem
+from .vstate import VcpuState
 
 UNTIL = 0xFFFFFFFFFFFFFFFF
 KERNEL_MSRS = H.KERNEL_MSRS
-_GPRS, _SEGS, _CRS, _DRS, _MSRS, _INTR, _FPU = (C.NVMM_X64_STATE_GPRS, C.NVMM_X64_STATE_SEGS,
-                                                C.NVMM_X64_STATE_CRS, C.NVMM_X64_STATE_DRS,
-                                                C.NVMM_X64_STATE_MSRS, C.NVMM_X64_STATE_INTR,
-                                                C.NVMM_X64_STATE_FPU)
+DR6_BS = 1 << 14
 
 
-class SoftVcpu(api.Vcpu):
+class SoftVcpu(VcpuState, api.Vcpu):
     def __init__(self, machine, cpuid):
         super().__init__(machine, cpuid)
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -61,7 +63,9 @@ class SoftVcpu(api.Vcpu):
         self.answered = 0               # published port reads the instruction hook answered (hooks.insn_exit)
         self._cached = 0
         self._commit = 0
-        self._cr8, self._xcr0 = 0, 1
+        self._cr8 = 0                   # the TPR's class (CR8 is the provider's: sysinsn.mov_cr8)
+        self._tpr_exit = False          # NVMM_VCPU_CONF_TPR exit_changed
+        self._trap_at = None            # npc of an exit taken with TF set: the #DB trap comes when RIP is there
         self._win = False               # int_window_exiting
         self._event = None              # (type, vector, error) queued by inject()
         self._cpuid_masks = {}
@@ -73,7 +77,7 @@ class SoftVcpu(api.Vcpu):
         self._scratch = None
         self._pages = {}                # linear page -> memoryview of host memory, for the code hook
         self._paging = (0, 0, 0, 0)
-        self._hf_cache, self._shadow = 0, False
+        self._hf_cache, self._shadow = 0, False     # the translation flags the code hook decodes with
         self._mem_access = None
         self.stats = {"exits": 0}
         self._reset_state()
@@ -86,91 +90,11 @@ class SoftVcpu(api.Vcpu):
     def unmap_area(self, gpa, size):
         self.uc.mem_unmap(gpa, size)
 
-    # -- state ------------------------------------------------------------------------------------------------
-    def _reset_state(self):
-        U.reset_state(self.state)
-        self.setstate(C.NVMM_X64_STATE_ALL)
-
-    def getstate(self, flags):
-        need = flags & ~self._cached
-        if not need:
-            return
-        uc, st = self.uc, self.state
-        if need & _GPRS:
-            U.get_gprs(uc, st.gprs)
-        if need & (_SEGS | _INTR):
-            self.img.load()
-            if need & _SEGS:
-                U.get_segs(self.img, st)
-            if need & _INTR:
-                st.intr = self._intr_bits()
-        if need & _CRS:
-            U.get_crs(uc, st.crs, self._cr8, self._xcr0)
-        if need & _DRS:
-            U.get_drs(uc, st.drs)
-        if need & _MSRS:
-            U.get_msrs(uc, st.msrs)
-        if need & _FPU:
-            U.get_fpu(uc, st.fpu)
-        self._cached |= need
-
-    def setstate(self, flags):
-        self._commit |= flags
-        self._cached |= flags
-
-    def _intr_bits(self, hflags=None):
-        hf = self.img.hflags if hflags is None else hflags
-        bits = INTR_INT_SHADOW if hf & U.HF_INHIBIT_IRQ else 0
-        if self._win:
-            bits |= INTR_INT_WINDOW_EXITING
-        if self._event is not None:
-            bits |= INTR_EVT_PENDING
-        return bits
-
-    def _commit_state(self):
-        flags, self._commit = self._commit, 0
-        uc, st = self.uc, self.state
-        if flags & (_CRS | _MSRS):
-            crs = st.crs if flags & _CRS else None
-            cr0, cr2, cr3, cr4 = (crs[0], crs[1], crs[2], crs[3]) if crs is not None else \
-                (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR2), uc.reg_read(X.UC_X86_REG_CR3),
-                 uc.reg_read(X.UC_X86_REG_CR4))
-            efer = st.msrs[C.NVMM_X64_MSR_EFER] if flags & _MSRS else U.rdmsr(uc, U.MSR_EFER)
-            U.set_control(uc, cr0, cr2, cr3, cr4, efer)
-            if crs is not None:
-                self._cr8, self._xcr0 = crs[C.NVMM_X64_CR_CR8], crs[C.NVMM_X64_CR_XCR0]
-            if flags & _MSRS:
-                U.set_msrs(uc, st.msrs)
-        if flags & _DRS:
-            U.set_drs(uc, st.drs)
-        if flags & _FPU:
-            U.set_fpu(uc, st.fpu)
-        if flags & _GPRS:
-            U.set_gprs(uc, st.gprs)
-        if flags & (_SEGS | _CRS | _MSRS | _INTR):
-            img = self.img.load()
-            if flags & _SEGS:
-                U.set_segs(img, st)
-            cr0, cr4 = uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR4)
-            efer = img.efer & ~C.EFER_LMA
-            if efer & C.EFER_LME and cr0 & C.CR0_PG and cr4 & C.CR4_PAE:
-                efer |= C.EFER_LMA
-            img.efer = efer
-            if flags & _INTR:
-                bits = st.intr
-                self._win = bool(bits & INTR_INT_WINDOW_EXITING)
-                img.hflags = (img.hflags & ~U.HF_INHIBIT_IRQ) | (U.HF_INHIBIT_IRQ if bits & INTR_INT_SHADOW else 0)
-            img.recompute_hflags(cr0, efer, uc.reg_read(X.UC_X86_REG_RFLAGS))
-            img.store()
-
-    def paging_regs(self):
-        uc = self.uc
-        if self._commit:
-            self._commit_state()
-        return (uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3), uc.reg_read(X.UC_X86_REG_CR4),
-                U.rdmsr(uc, U.MSR_EFER))
-
     # -- configuration and events -----------------------------------------------------------------------------
+    def guest_cpuid(self, leaf, index=0):
+        """vmmshim's extension: what the guest's CPUID answers for ``leaf``/``index`` (as the code hook does)."""
+        return tuple(H.filter_cpuid(leaf, H.model_cpuid(leaf, index), self.cpuid, self._cpuid_masks, index))
+
     def _configure(self, op, conf):
         if op == C.NVMM_VCPU_CONF_CPUID:
             if not isinstance(conf, api.ConfCpuid):
@@ -178,7 +102,10 @@ class SoftVcpu(api.Vcpu):
             self._cpuid_masks[conf.leaf] = conf
             return
         if op == C.NVMM_VCPU_CONF_TPR:
-            raise api.nvmm_error(errno.ENOTSUP, f"the soft provider has no TPR exits ({api.LIMIT_TPR_EXIT!r})")
+            if not isinstance(conf, api.ConfTpr):
+                raise api.nvmm_error(errno.EINVAL, "NVMM_VCPU_CONF_TPR takes a ConfTpr")
+            self._tpr_exit = bool(conf.exit_changed)
+            return
         raise api.nvmm_error(errno.EINVAL, f"vCPU configuration op {op} is not supported")
 
     def inject(self):
@@ -246,8 +173,13 @@ class SoftVcpu(api.Vcpu):
         first = self._code_bytes(addr, 1)
         if not self._win and (not first or first[0] not in H.INTERESTING):
             return
+        code = self._code_bytes(addr, min(size, 15))
         hf = self._hf_cache
-        insn = H.decode(self._code_bytes(addr, min(size, 15)), bool(hf & U.HF_CS64), bool(hf & U.HF_CS32))
+        insn = H.decode(code, bool(hf & U.HF_CS64), bool(hf & U.HF_CS32), bool(hf & U.HF_PE))
+        if insn is not None or (not hf & U.HF_CS64 and first and first[0] in H.MODE_SENSITIVE):
+            # the mode and CPL this instruction runs in: a far transfer may have changed them since the cache
+            hf = self._hf_cache = self.img.load().hflags
+            insn = H.decode(code, bool(hf & U.HF_CS64), bool(hf & U.HF_CS32), bool(hf & U.HF_PE))
         if self._win:
             if not self._shadow and uc.reg_read(X.UC_X86_REG_EFLAGS) & C.RFLAGS_IF:
                 self._why = ("window",)
@@ -256,11 +188,14 @@ class SoftVcpu(api.Vcpu):
             self._shadow = insn is not None and insn.kind == H.SHADOW
         if insn is None or insn.kind == H.SHADOW:
             return
+        rip = uc.reg_read(X.UC_X86_REG_RIP)     # the instruction pointer (addr is CS.base + it)
         if insn.kind in (H.RDMSR, H.WRMSR):
             msr = uc.reg_read(X.UC_X86_REG_ECX)
             if msr in KERNEL_MSRS:
+                if insn.kind == H.WRMSR and H.kept_wrmsr_refused(self, msr, rip):
+                    uc.emu_stop()           # before it: the #GP the policy asks for
                 return
-        self._why = ("insn", insn, addr)
+        self._why = ("insn", insn, rip, hf)
         uc.emu_stop()
 
     def _intr_hook(self, uc, intno, _):
@@ -317,6 +252,9 @@ class SoftVcpu(api.Vcpu):
 
     def _run_loop(self):
         uc, ex = self.uc, self.exit
+        trap, self._trap_at = self._trap_at, None
+        if trap is not None and uc.reg_read(X.UC_X86_REG_RIP) == trap and not self._single_step_trap():
+            return C.NVMM_VCPU_EXIT_SHUTDOWN
         if self._event is not None:
             _, vector, error = self._event
             self._event = None
@@ -362,12 +300,34 @@ class SoftVcpu(api.Vcpu):
                 if not self._deliver(vector, error if vector in C.X86_EXC_HAS_ERROR and not soft else None, soft):
                     return C.NVMM_VCPU_EXIT_SHUTDOWN
                 continue
-            reason = self._insn_exit(why[1], why[2])
+            reason = self._insn_exit(*why[1:])
             if reason is not None:
                 return reason
 
-    def _insn_exit(self, insn, rip):
-        return H.insn_exit(self, insn, rip)
+    def _insn_exit(self, insn, rip, hf):
+        """The exit for the instruction the code hook stopped at, or None after the provider completed it (or
+        delivered the fault it raises); with TF set, the single-step trap after it, or its place for the next
+        run."""
+        uc = self.uc
+        tf = uc.reg_read(X.UC_X86_REG_EFLAGS) & C.RFLAGS_TF
+        if insn.kind in H.EMULATED:
+            out = S.EMULATE[insn.kind](self, insn, rip, hf)
+        else:
+            out = H.insn_exit(self, insn, rip, hf)
+        if isinstance(out, H.Fault):
+            uc.reg_write(X.UC_X86_REG_RIP, rip)
+            return None if self._deliver(out.vector, out.error) else C.NVMM_VCPU_EXIT_SHUTDOWN
+        if tf:
+            if out is None:
+                return None if self._single_step_trap() else C.NVMM_VCPU_EXIT_SHUTDOWN
+            self._trap_at = H.next_ip(rip, insn.length, hf)
+        return out
+
+    def _single_step_trap(self):
+        """#DB for RFLAGS.TF after an instruction the provider completed; False after a triple fault."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_DR6, uc.reg_read(X.UC_X86_REG_DR6) | DR6_BS)
+        return self._deliver(C.X86_EXC_DB)
 
     def step(self):
         """Executes one instruction (one REP iteration) with no exit checks; unicorn's own ``count`` is not
@@ -377,6 +337,17 @@ class SoftVcpu(api.Vcpu):
             self.uc.emu_start(self.uc.reg_read(X.UC_X86_REG_RIP), UNTIL)
         finally:
             self._step = None
+
+    def step_insn(self):
+        """:meth:`step` for an instruction the provider lets unicorn complete: the :class:`hooks.Fault` it
+        raised, or None (a single-step trap is the caller's)."""
+        self._why = None
+        self.step()
+        why, self._why = self._why, None
+        if why is None or why[0] != "exc" or why[1] == C.X86_EXC_DB:
+            return None
+        _, vector, error, soft, _ = why
+        return H.Fault(vector, error if vector in C.X86_EXC_HAS_ERROR and not soft else None)
 
     # -- assists ----------------------------------------------------------------------------------------------
     def assist_io(self):
