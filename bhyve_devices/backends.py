@@ -10,6 +10,8 @@ object and never touches the host itself (the VM opens them: ``vmmshim/backends/
 - :class:`CharBackend`: a character stream for the 16550 UART and virtio-console, after bhyve's ``uart_backend``
   (``uart_rxfifo_*`` feeding, ``uart_backend_write``): ``write`` for output, and input fed to a
   :class:`ConsoleInput` (the device's ``enqueue_input``) once :meth:`CharBackend.start` is given it.
+- :class:`P9Filesystem`: the shared directory of virtio-9p, after lib9p's ``struct l9p_backend`` (bhyve's
+  ``backend/fs.c``): nodes walked one name at a time, files opened from them, the 9P2000.L operations on them.
 
 :class:`MemoryBlockBackend` is a :class:`BlockBackend` over a ``bytearray`` (no host I/O) for tests of the device
 logic.
@@ -107,6 +109,85 @@ class EntropySource(Protocol):
 
     def fill(self, segs: list) -> int:
         """Fills the buffers ``segs`` (writable memoryviews, in order) with entropy; returns the bytes written."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class P9Filesystem(Protocol):
+    """virtio-9p's host side (``vmmshim/backends/p9fs.py``), written against by :mod:`bhyve_devices.p9`.
+
+    A *node* is a file of the share the backend hands out (opaque to the caller, counted: :meth:`walk`,
+    :meth:`root` and :meth:`dup` give a reference that :meth:`release` gives back); an *open file* is what
+    :meth:`open` and :meth:`create` return (:meth:`close_file` gives it back). ``name`` arguments are one path
+    component as bytes; the backend refuses ``/``, NUL, an empty name and, where a name is created or removed,
+    ``.`` and ``..``. Nothing is reached outside the share: a symlink is a node of its own and never followed,
+    ``..`` of the root is the root. Errors are OSError with the errno the guest gets; a read-only backend refuses
+    every change with EROFS. ``stat`` results are ``os.stat_result``-like (``st_mode``, ``st_ino``, ``st_dev``,
+    ``st_nlink``, ``st_uid``, ``st_gid``, ``st_rdev``, ``st_size``, ``st_blksize``, ``st_blocks`` and the
+    ``*_ns`` times), of the node itself (lstat). One caller at a time. Not supported: lib9p's per-request
+    credentials (the backend acts as the VMM's own user).
+    """
+
+    readonly: bool
+
+    def root(self) -> tuple:
+        """``(node, stat)`` of the share's root."""
+
+    def walk(self, node: object, name: bytes) -> tuple:
+        """``(child, stat)``: ``name`` in the directory ``node`` (``..`` its parent, ``.`` itself)."""
+
+    def dup(self, node: object) -> object: ...
+
+    def release(self, node: object) -> None: ...
+
+    def getattr(self, node: object): ...
+
+    def setattr(self, node: object, handle: Optional[object], mode: Optional[int] = None,
+                uid: Optional[int] = None, gid: Optional[int] = None, size: Optional[int] = None,
+                atime_ns: Optional[int] = None, mtime_ns: Optional[int] = None) -> None:
+        """Changes what is not None; a time of -1 is now. ``handle``: the node opened for writing, if it is."""
+
+    def open(self, node: object, flags: int) -> tuple:
+        """``(handle, stat)``: the node opened with ``os.O_*`` ``flags`` (access mode, O_TRUNC, O_APPEND,
+        O_SYNC, O_DSYNC); only regular files and directories (read-only) open."""
+
+    def create(self, node: object, name: bytes, flags: int, mode: int) -> tuple:
+        """``(child, handle, stat)``: a new regular file ``name`` in the directory ``node``, opened."""
+
+    def close_file(self, handle: object) -> None: ...
+
+    def fstat(self, handle: object): ...
+
+    def read(self, handle: object, segs: Segments, offset: int) -> int: ...
+
+    def write(self, handle: object, segs: Segments, offset: int) -> int: ...
+
+    def fsync(self, handle: object, datasync: bool) -> None: ...
+
+    def readdir(self, handle: object, offset: int) -> Sequence[tuple]:
+        """``(next_offset, name, ino, dtype)`` of the directory's entries from ``offset`` (0: the first; a
+        listing is taken then and later offsets index into it), ``.`` and ``..`` first."""
+
+    def mkdir(self, node: object, name: bytes, mode: int): ...
+
+    def symlink(self, node: object, name: bytes, target: bytes): ...
+
+    def mknod(self, node: object, name: bytes, mode: int): ...
+
+    def link(self, node: object, target: object, name: bytes) -> None: ...
+
+    def readlink(self, node: object) -> bytes: ...
+
+    def unlink(self, node: object, name: bytes, rmdir: bool) -> None: ...
+
+    def rename(self, olddir: object, oldname: bytes, newdir: object, newname: bytes) -> None: ...
+
+    def remove(self, node: object) -> None: ...
+
+    def rename_node(self, node: object, newdir: object, newname: bytes) -> None: ...
+
+    def statfs(self, node: object): ...
 
     def close(self) -> None: ...
 

@@ -323,6 +323,16 @@ class Config:
                 raise ConfigError(f"{key}={v} must be a number {range_words(lo, hi)}")
 
 
+def _ahci_legacy_config():
+    from bhyve_devices.ahci.options import legacy_config
+    return legacy_config
+
+
+#: Emulations whose ``-s`` option string has its own grammar (bhyve's ``pe_legacy_config``): name -> the parser
+#: of that string into ``{key: value}`` under the slot's prefix.
+_LEGACY_CONFIG = {"ahci": _ahci_legacy_config}
+
+
 def parse_slot(text, config):
     """xhyve/bhyve ``-s [bus:]slot[:func],emulation[,conf]`` into ``pci.0.S.F.*`` keys."""
     parts = text.split(",", 2)
@@ -346,6 +356,15 @@ def parse_slot(text, config):
     if config.get(prefix + ".device"):
         raise ConfigError(f"-s {text}: PCI slot {bus}:{slot}:{func} is already occupied")
     config.set(prefix + ".device", parts[1])
+    legacy = _LEGACY_CONFIG.get(parts[1])
+    if legacy is not None and len(parts) == 3:      # bhyve's pe_legacy_config: the emulation reads its own string
+        try:
+            keys = legacy()(parts[2])
+        except ValueError as exc:
+            raise ConfigError(f"-s {text}: {exc}") from None
+        for k, v in keys.items():
+            config.set(f"{prefix}.{k}", v)
+        return
     if len(parts) == 3 and parts[2]:
         for i, opt in enumerate(parts[2].split(",")):
             if "=" in opt:

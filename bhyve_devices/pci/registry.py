@@ -15,7 +15,7 @@ import importlib
 
 _EMULATIONS = {}
 _BUILTIN = ("bhyve_devices.pci.hostbridge", "bhyve_devices.pci.lpc")
-_OPTIONAL = ("bhyve_devices.virtio",)
+_OPTIONAL = ("bhyve_devices.virtio", "bhyve_devices.ahci", "bhyve_devices.nvme")
 _loaded = False
 
 

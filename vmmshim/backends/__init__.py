@@ -4,7 +4,9 @@
 - :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request;
 - :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``);
 - :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``);
-- :mod:`.rnd`: ``/dev/urandom`` for virtio-rnd.
+- :mod:`.rnd`: ``/dev/urandom`` for virtio-rnd;
+- :mod:`.p9fs`: the shared directory of virtio-9p (``virtio-9p`` gets ``backend``, the share opened from its
+  ``NAME=/path`` option, and bhyve's ``sharename``/``path``/``ro`` keys).
 
 :func:`open_device_backends` turns a PCI emulation's bhyve options into the options its device is built from, as
 bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
@@ -18,18 +20,23 @@ from ``backend``, or, for bhyve's ``NAME=PATH`` options, a
 :class:`~bhyve_devices.virtio.console.ConsolePorts` of Unix sockets listening at each PATH (a
 :class:`.uart.UnixSocketBackend` each: only a stale socket is replaced, the socket is removed when the device is
 closed or the process exits), ``virtio-rnd`` gets the host's entropy source.
+``ahci``, ``ahci-hd`` and ``ahci-cd`` get ``backend``, an :class:`~bhyve_devices.ahci.options.AhciPorts` of each
+port's image (:func:`bhyve_devices.ahci.options.port_specs`; a CD's read-only), as ``pci_ahci_init`` opens a port.
 Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message; what was opened
 before the error is closed.
 
 Not supported: backends for the other emulations (they have none), sharing one backend between devices.
 """
 
+from bhyve_devices.ahci import options as _ahcidev
+from bhyve_devices.nvme import pci as _nvmedev
 from bhyve_devices.virtio import blk as _blkdev
 from bhyve_devices.virtio import console as _condev
 from bhyve_devices.virtio.pci import as_options, is_true
 
 from . import blkfast
 from . import net as _net
+from . import p9fs as _p9fs
 from . import uart as _uart
 from .block import FileBlockBackend
 from .rnd import UrandomSource
@@ -112,7 +119,39 @@ def _rnd(o):
 
 
 _OPENERS = {"virtio-blk": _blk, "virtio-rnd": _rnd, "virtio-net": _netdev_opts, "virtio-tap": _netdev_opts,
-            "virtio-console": _console}
+            "virtio-console": _console, "virtio-9p": _p9fs.open_options}
+
+
+def _ahci(name):
+    """The opener of AHCI emulation ``name``: each port's image, closed again if one fails to open."""
+    def opener(o):
+        specs = _ahcidev.port_specs(name, o)
+        o = dict(o) if isinstance(o, dict) else {}
+        opened = []
+        try:
+            for spec in specs:
+                opened.append(spec.attach(FileBlockBackend(spec.path, readonly=spec.readonly)))
+        except BaseException:
+            _ahcidev.AhciPorts(opened).close()
+            raise
+        o[BACKEND_OPT] = _ahcidev.AhciPorts(opened)
+        return o
+    return opener
+
+
+_OPENERS.update((n, _ahci(n)) for n in _ahcidev.EMULATIONS)
+
+
+def _nvme(o):
+    """nvme's image (``-s N,nvme,PATH[,ro]``), opened read-write, or read-only with ``ro`` or when refused."""
+    o = as_options(o, _nvmedev.parse_options)
+    if not o.get("path"):
+        raise ValueError("an image path is needed")
+    o[BACKEND_OPT] = FileBlockBackend(o["path"], readonly=is_true(o.get("ro", False)))
+    return o
+
+
+_OPENERS["nvme"] = _nvme
 
 
 def open_device_backends(name, opts):
