@@ -13,7 +13,12 @@ the provider has it, as QEMU's NVMM accelerator does.
 
 The calls beyond the table (``vm_*``, ``vcpu_runner``, ``vcpu_stats``) come from ``ops/vmm_api.py``.
 
-Not supported: ``VM_CAP_MTRAP_EXIT`` (NVMM has no monitor trap; ``ENOENT``), the RENDEZVOUS protocol (not needed
+Guest debugging (bhyve's ``VM_CAP_MTRAP_EXIT``, ``VM_CAP_BPT_EXIT``, ``VM_CAP_MASK_HWINTR``; vmmshim's
+``vm_debug_hw``) is the provider's ``set_guest_debug`` where its ``Capability.features`` list ``debug-*`` (KVM's
+``KVM_SET_GUEST_DEBUG``, the soft CPU's hooks; libnvmm has none: ``ENOENT``); its exits go up as
+``VM_EXITCODE_MTRAP``, ``VM_EXITCODE_BPT`` (RIP at the int3) and ``VM_EXITCODE_DB`` (a debug register).
+
+Not supported: ``VM_CAP_RFLAGS_TF`` (the provider steps itself), the RENDEZVOUS protocol (not needed
 without a kernel), ``VM_EXITCODE_INOUT``/``INST_EMUL`` to userland (completed here).
 """
 
@@ -32,12 +37,14 @@ from .nvmm.api import nvmm_error
 from .nvmm.state import STATE_SIZE as C_STATE_SIZE
 from .vmm import Vcpu, Vm, is_kernel_mmio
 from .vmm_lapic import leaf1_cpuid, tpr_from_guest
-from .vmm_api import VmmApiCalls
+from .vmm_api import Bpt, DebugTrap, VmmApiCalls
 from .vmm_ops import VmCapType, VmExitCode, VmSuspendHow, Vmx
 
 E = VmExitCode
 _IO = C.NVMM_VCPU_EXIT_IO
 # MSRs whose access reads or replaces the TPR (APIC_BASE resets it): the guest's CR8 goes into the vlapic first
+# the debug capabilities and the provider feature each needs
+DEBUG_CAPS = {VmCapType.VM_CAP_MTRAP_EXIT: api.FEATURE_DEBUG_STEP, VmCapType.VM_CAP_BPT_EXIT: api.FEATURE_DEBUG_BP}
 TPR_MSRS = frozenset((MSR_APICBASE, MSR_X2APIC_FIRST + (TPR >> 4), MSR_X2APIC_FIRST + (PPR >> 4)))
 
 
@@ -71,6 +78,7 @@ class VmmOpsNvmm(VmmApiCalls):
     def vcpu_init(self, vmi, vcpu):
         nv = vmi.machine.vcpu_create(vcpu)
         ctx = Vcpu(vmi, vcpu, nv)
+        ctx.debug = dict.fromkeys(DEBUG_CAPS, 0)
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.spec.io, mem=vmi.mem_callback(ctx)))
         hz = nv.tsc_frequency() if vmi.kvm_pv and not vmi.kernel_clock else None
         if hz:
@@ -149,6 +157,8 @@ class VmmOpsNvmm(VmmApiCalls):
         ctx = vmi.vcpus[vcpu]
         if num in ctx.caps:
             return ctx.caps[num]
+        if num in DEBUG_CAPS and DEBUG_CAPS[num] in vmi.features:
+            return ctx.debug[num]
         if num == VmCapType.VM_CAP_UNRESTRICTED_GUEST:
             return 1
         raise nvmm_error(errno.ENOENT, f"capability {num} is not supported")
@@ -160,7 +170,28 @@ class VmmOpsNvmm(VmmApiCalls):
             return
         if num == VmCapType.VM_CAP_UNRESTRICTED_GUEST and val:
             return
+        if num in DEBUG_CAPS and DEBUG_CAPS[num] in vmi.features:
+            ctx.debug[num] = 1 if val else 0
+            self._guest_debug(ctx)
+            return
         raise nvmm_error(errno.ENOENT, f"capability {num} is not supported")
+
+    def vm_debug_hw(self, vmi, vcpu, slots):
+        """Up to four debug-register breakpoints ``(addr, type, len)`` on ``vcpu`` (``ENOENT`` where the
+        provider has none): each match is a ``VM_EXITCODE_DB``."""
+        if api.FEATURE_DEBUG_HW not in vmi.features:
+            raise nvmm_error(errno.ENOENT, "this provider has no debug-register breakpoints")
+        if any(t for _, t, _ in slots) and api.FEATURE_DEBUG_WATCH not in vmi.features:
+            raise nvmm_error(errno.ENOENT, "this provider has no data breakpoints (watchpoints)")
+        ctx = vmi.vcpus[vcpu]
+        ctx.debug_hw = tuple(slots)
+        self._guest_debug(ctx)
+
+    @staticmethod
+    def _guest_debug(ctx):
+        d = ctx.debug
+        ctx.nv.set_guest_debug(step=bool(d[VmCapType.VM_CAP_MTRAP_EXIT]), sw_bp=bool(d[VmCapType.VM_CAP_BPT_EXIT]),
+                               hw=getattr(ctx, "debug_hw", ()))
 
     # -- the run loop ------------------------------------------------------------------------------------------
     def vmrun(self, vmi, vcpu, rip=None, rendezvous_cookie=None, suspend_cookie=None):
@@ -221,7 +252,19 @@ class VmmOpsNvmm(VmmApiCalls):
             C.NVMM_VCPU_EXIT_SHUTDOWN: self._exit_shutdown,
             C.NVMM_VCPU_EXIT_MONITOR: self._exit_ud, C.NVMM_VCPU_EXIT_MWAIT: self._exit_ud,
             C.NVMM_VCPU_EXIT_TPR_CHANGED: self._exit_tpr,
+            api.NVMM_VCPU_EXIT_DEBUG: self._exit_debug,
         }
+
+    @staticmethod
+    def _exit_debug(vmi, ctx, ex, reason):
+        """The provider's guest-debug exit as bhyve's: BPT (RIP at the int3), MTRAP (a step), DB (a debug
+        register matched)."""
+        dbg = ctx.nv.debug_exit
+        if dbg.kind == api.DEBUG_BP:
+            return ctx.exit_to(E.VM_EXITCODE_BPT, Bpt(1), inst_length=1)
+        if dbg.kind == api.DEBUG_STEP:
+            return ctx.exit_to(E.VM_EXITCODE_MTRAP, None)
+        return ctx.exit_to(E.VM_EXITCODE_DB, DebugTrap(dbg.dr6, dbg.pc))
 
     @staticmethod
     def _exit_mem(vmi, ctx, ex, reason):

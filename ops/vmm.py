@@ -11,6 +11,8 @@ NVMM machine.
   INIT/SIPI (as ``VM_EXITCODE_SPINUP_AP`` to the sender, one exit per AP a broadcast SIPI started), suspension
   (``VM_EXITCODE_SUSPENDED``), and the accesses the kernel devices take (the LAPIC and IOAPIC pages, the APIC,
   kvmclock and PV EOI MSRs). CR8 and the vlapic's TPR are kept one value (``ops/vmm_lapic.py``).
+- A debugger's hold (bhyve's ``vm_suspend_cpu``/``vm_resume_cpu``): a held vCPU returns ``VM_EXITCODE_DEBUG``
+  before its next entry (out of HLT's sleep too); ``VM_CAP_MASK_HWINTR`` keeps interrupts out while it steps.
 
 The table (``ops/nvmm_ops.py``) runs the vCPU and dispatches NVMM exits; it calls in here for all of the above.
 
@@ -62,7 +64,9 @@ class Vcpu:
         self.spinups = collections.deque()   # (target, rip) for each AP a SIPI of this vCPU started
         self.cr8 = 0                 # the TPR class the guest's CR8 and the vlapic last agreed on
         self.cond = threading.Condition()
-        self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0}
+        self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0,
+                     VmCapType.VM_CAP_MASK_HWINTR: 0}
+        self.debug_hold = False       # vm_suspend_cpu: VM_EXITCODE_DEBUG before the next entry
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits, by reason (low 16 bits)
         self.bus_mmio = 0             # MEMORY exits completed on the VM's MMIO bus (not the kernel devices')
@@ -180,6 +184,9 @@ class Vm:
         if self.suspended is not None:
             ctx.pending = True
             return self.suspended_exit(ctx)
+        if ctx.debug_hold:
+            ctx.pending = True
+            return ctx.exit_to(E.VM_EXITCODE_DEBUG, None)
         if ctx.spinups:                      # one exit per AP; the next entry comes back here for the rest
             target, rip = ctx.spinups.popleft()
             ctx.pending = True
@@ -193,7 +200,7 @@ class Vm:
             nv.inject()
             queued = True
         vl = ctx.vlapic
-        if vl is None:
+        if vl is None or ctx.caps[VmCapType.VM_CAP_MASK_HWINTR]:
             return None
         tpr_from_guest(ctx)
         inject_interrupt(self, ctx, vl, queued)
@@ -227,7 +234,8 @@ class Vm:
         with ctx.cond:
             ctx.sleeping = True
             try:
-                while self.suspended is None and not ctx.nmi and not (takes and interrupt_waiting(self, vl)):
+                while self.suspended is None and not ctx.nmi and not ctx.debug_hold and \
+                        not (takes and interrupt_waiting(self, vl)):
                     ctx.cond.wait(0.5)
             finally:
                 ctx.sleeping = False
@@ -276,9 +284,25 @@ class Vm:
         thread has not started yet cannot be missed by a BSP that halts right after its SIPI."""
         self.vcpus[vcpu].started = True
 
+    def debug_hold(self, vcpu, hold):
+        """bhyve's ``vm_suspend_cpu`` (``hold``) / ``vm_resume_cpu``; ``vcpu`` -1 is every vCPU."""
+        for ctx in (self.vcpus.values() if vcpu == -1 else [self.vcpus[vcpu]]):
+            ctx.debug_hold = hold
+            if hold:
+                ctx.kick()
+
+    def gla2gpa(self, vcpu, gla):
+        """bhyve's ``vm_gla2gpa_nofault``: the guest-physical address of linear ``gla`` through the vCPU's
+        page tables (``EFAULT`` when not mapped)."""
+        return self.vcpus[vcpu].nv.gva_to_gpa(gla)[0]
+
     def inject_exception(self, vcpu, vector, errcode=0):
         ctx = self.vcpus[vcpu]
         nv = ctx.nv
+        if vector == C.X86_EXC_BP:        # the #BP of the int3 a BPT exit stopped at (the guest's own)
+            nv.inject_bp()
+            ctx.pending = True
+            return
         nv.event.set(C.NVMM_VCPU_EVENT_EXCP, vector, errcode)
         nv.inject()
         ctx.event_queued = True           # no interrupt replaces it at this entry (before_entry)

@@ -39,6 +39,19 @@ class VmSpec:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Bpt:
+    """``VM_EXITCODE_BPT``'s payload (bhyve's ``vm_exit.u.bpt``): RIP is at the int3."""
+    inst_length: int = 1
+
+
+@dataclass
+class DebugTrap:
+    """``VM_EXITCODE_DB``'s payload: DR6 (which debug register matched) and the linear PC."""
+    dr6: int = 0
+    pc: int = 0
+
+
 class VmmApi(VmmOps, Protocol):
     """Every call ``vmmshim/`` makes of the ops layer: the table's members plus these."""
 
@@ -57,6 +70,20 @@ class VmmApi(VmmOps, Protocol):
     def vm_suspend(self, vmi: Any, how: int) -> None: ...
 
     def vm_debug_state(self, vmi: Any) -> list: ...
+
+    # -- a debugger (bhyve's gdb.c calls; the stepping and int3 exits are vmsetcap's VM_CAP_MTRAP_EXIT and
+    #    VM_CAP_BPT_EXIT, interrupts kept out while stepping VM_CAP_MASK_HWINTR)
+    def vm_suspend_cpu(self, vmi: Any, vcpu: int) -> None:
+        """bhyve's ``vm_suspend_cpu``: ``vcpu`` (-1: all) returns ``VM_EXITCODE_DEBUG`` before its next entry."""
+
+    def vm_resume_cpu(self, vmi: Any, vcpu: int) -> None: ...
+
+    def vm_gla2gpa(self, vmi: Any, vcpu: int, gla: int) -> int:
+        """bhyve's ``vm_gla2gpa_nofault``: a linear address through ``vcpu``'s page tables (``EFAULT``)."""
+
+    def vm_debug_hw(self, vmi: Any, vcpu: int, slots: tuple) -> None:
+        """Debug-register breakpoints ``(addr, type, len)`` (type 0 exec, 1 write, 3 access; at most four),
+        each a ``VM_EXITCODE_DB``; ``ENOENT`` where the provider has none."""
 
     # -- memory
     def vm_mem_alloc(self, vmi: Any, hostmem: Any, offset: int, gpa: int, size: int) -> None: ...
@@ -130,6 +157,15 @@ class VmmApiCalls:
 
     def vm_debug_state(self, vmi):
         return vmi.debug_state()
+
+    def vm_suspend_cpu(self, vmi, vcpu):
+        vmi.debug_hold(vcpu, True)
+
+    def vm_resume_cpu(self, vmi, vcpu):
+        vmi.debug_hold(vcpu, False)
+
+    def vm_gla2gpa(self, vmi, vcpu, gla):
+        return vmi.gla2gpa(vcpu, gla)
 
     def vm_mem_alloc(self, vmi, hostmem, offset, gpa, size):
         vmi.mem_alloc(hostmem, offset, gpa, size)

@@ -16,8 +16,8 @@ the configuration and exits with status 1 before a VM is made, as bhyve's ``main
 :mod:`vmmshim.flags` and the VM is built and run by :mod:`vmmshim.runner` (``run_vm``), which ``vmmshim linux``
 uses too.
 
-Not supported: ``-b`` (bvmconsole), ``-G``/``-g`` (the GDB stub), ``-M`` (vmnet MAC), ``-l bootrom``, ``fbsd``
-firmware.
+Not supported: ``-b`` (bvmconsole), ``-g`` (bhyve's old debug port; ``-G`` is the GDB stub, ``vmmshim/gdb/``),
+``-M`` (vmnet MAC), ``-l bootrom``, ``fbsd`` firmware.
 """
 
 import sys

@@ -12,8 +12,8 @@ integers ``strtol``'s (decimal, ``0x`` hex, a leading ``0`` octal), and ``memory
 
 :meth:`Config.set` refuses at once a misspelt ``vmmshim.*`` key (naming the close match and the known keys), a
 key that would turn a value into a node of the tree or the reverse (as bhyve's ``set_config_value`` does), a
-``pci.B.S.F`` key off bus 0 or out of range, and the bhyve keys vmmshim does not support yet (``lpc.bootrom``,
-``gdb.port``). :meth:`Config.validate` checks the rest once the flags are read: bhyve's ``calc_topology``
+``pci.B.S.F`` key off bus 0 or out of range, and the bhyve keys vmmshim does not support yet (``lpc.bootrom``).
+:meth:`Config.validate` checks the rest once the flags are read: bhyve's ``calc_topology``
 (``cpus`` must equal sockets x cores x threads when both are given; without ``cpus`` it is their product; at
 most 64 vCPUs, vmmshim's limit), the memory size (1 MiB to 1 TiB) and every value of the keys vmmshim reads.
 
@@ -41,9 +41,9 @@ SIZE_KEYS = ("memory.size",)
 #: bhyve's boolean keys that vmmshim reads or accepts: validate() checks their values.
 BOOL_KEYS = ("acpi_tables", "x86.mptable", "x86.x2apic", "x86.strictio", "x86.strictmsr", "x86.vmexit_on_hlt",
              "x86.vmexit_on_pause", "x86.kvm_pv", "x86.pv_eoi", "virtio_msix", "rtc.use_localtime",
-             "memory.guest_in_core", "config.dump")
+             "memory.guest_in_core", "config.dump", "gdb.wait")
 #: Other keys vmmshim reads as text (their references are expanded by validate(), not mid-boot).
-TEXT_KEYS = ("name", "uuid", "pidfile", "firmware.spec")
+TEXT_KEYS = ("name", "uuid", "pidfile", "firmware.spec", "gdb.address")
 SIZE_EXAMPLES = "examples: 512M, 2G, 0x40000000"
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -146,7 +146,7 @@ class Config:
             raise ConfigError(problem)
         if key.startswith("pci."):
             pci_key(key)
-        if key in NOT_SUPPORTED_YET and not (key == "gdb.port" and strtol(value) == 0):   # gdb.port=0: no stub
+        if key in NOT_SUPPORTED_YET:
             what, instead = NOT_SUPPORTED_YET[key]
             raise ConfigError(f"{key}={value}: {what} is not supported yet ({instead})")
         for other in self.values:
@@ -278,6 +278,8 @@ class Config:
                 self._check_kind(key, kind)
         if "lpc.debug_exit.port" in self.values:
             self.get_int("lpc.debug_exit.port", 0, 0xFFFF)
+        if "gdb.port" in self.values:
+            self.get_int("gdb.port", 0, 0xFFFF)
         for key in self.values:
             if key in TEXT_KEYS or key.startswith(("lpc.", "pci.")):
                 self.get(key)

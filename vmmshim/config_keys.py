@@ -69,6 +69,9 @@ BHYVE_KEYS = {
     "lpc.debug_exit.port": ("", "the port of QEMU's isa-debug-exit (-l debug-exit[,PORT])"),
     "pci.0.S.F.device": ("", "the PCI emulation in slot S, function F (-s S:F,EMULATION); bus 0 only"),
     "pci.0.S.F.OPTION": ("", "that emulation's options, e.g. path, ro"),
+    "gdb.port": ("0", "the GDB stub's TCP port (-G [w][ADDR:]PORT); 0: no stub"),
+    "gdb.address": ("127.0.0.1", "the address the GDB stub listens on"),
+    "gdb.wait": ("false", "the vCPUs wait at the first instruction until gdb attaches and continues (-G w...)"),
     "config.dump": ("false", "print every key=value after parsing and exit (status 1, as bhyve) instead of running"),
 }
 
@@ -76,7 +79,6 @@ BHYVE_KEYS = {
 NOT_SUPPORTED_YET = {
     "lpc.bootrom": ("a UEFI boot ROM", "boot with -f kexec or -f multiboot"),
     "lpc.bootvars": ("UEFI variables for a boot ROM", "boot with -f kexec or -f multiboot"),
-    "gdb.port": ("the GDB stub", "debug the guest with VMMSHIM_DEBUG_DUMP=SECONDS"),
 }
 
 VMMSHIM_PREFIX = "vmmshim."

@@ -10,7 +10,10 @@ emulations and LPC devices. :func:`parse_args` is the one parser; :mod:`vmmshim.
 ``-H`` and ``-P`` set their keys and change nothing: a vCPU always leaves the guest on HLT (its local APIC is in
 userspace, so the vCPU thread sleeps there until an interrupt), and PAUSE exits are KVM's pause-loop exiting.
 
-Not supported: ``-b`` (bvmconsole), ``-M`` (vmnet MAC), ``-G``/``-g`` (the GDB stub), ``-l bootrom`` (UEFI), each
+``-G [w][ADDR:]PORT`` sets ``gdb.port``, ``gdb.address`` and ``gdb.wait`` (bhyve's ``parse_gdb_options``).
+
+Not supported: ``-b`` (bvmconsole), ``-M`` (vmnet MAC), ``-g`` (bhyve's old debug port; ``-G`` is the stub),
+``-l bootrom`` (UEFI), each
 refused in one line; bhyve's ``-a``, ``-D``, ``-I``, ``-K``, ``-p``, ``-r``, ``-S`` and long options.
 """
 
@@ -41,6 +44,8 @@ flags (each sets the bhyve_config(5) key in parentheses):
         empty for none: multiboot,KERNEL,,"CMDLINE")
       | hello (vmmshim's built-in smoke guest)
   -F  write vmmshim's process ID to this file while the VM runs (pidfile)
+  -G  the GDB stub: [w][ADDR:]PORT (gdb.port, gdb.address: 127.0.0.1 by default; w: gdb.wait,
+      the vCPUs wait at the first instruction until gdb attaches and continues)
   -h  this help (also --help)
   -H  accepted for bhyve compatibility (x86.vmexit_on_hlt): a vCPU always exits on HLT,
       because its local APIC is emulated in userspace
@@ -59,8 +64,8 @@ flags (each sets the bhyve_config(5) key in parentheses):
   -W  virtio devices use MSI, not MSI-X (virtio_msix=false)
   -x  local APICs in x2APIC mode (x86.x2apic)
   -Y  no MP table (x86.mptable=false)
-  not supported yet, refused: -G/-g (the GDB stub, gdb.port), -l bootrom (UEFI, lpc.bootrom),
-  -b (bvmconsole), -M (vmnet MAC)"""
+  not supported yet, refused: -g (bhyve's old debug port; -G is the GDB stub),
+  -l bootrom (UEFI, lpc.bootrom), -b (bvmconsole), -M (vmnet MAC)"""
 
 HELP_MORE = """
 console backends (-l comN,BACKEND, N = 1 to 4; lpc.comN.path):
@@ -189,8 +194,10 @@ def parse_args(argv):
             parse_slot(val, cfg)
         elif opt == "-U":
             cfg.set("uuid", val)
-        elif opt in ("-G", "-g"):
-            raise ConfigError(f"{opt} {val}: the GDB stub (gdb.port) is not supported yet")
+        elif opt == "-G":
+            parse_gdb(val, cfg)
+        elif opt == "-g":
+            raise ConfigError(f"-g {val}: bhyve's old debug port is not supported (-G PORT is the GDB stub)")
         elif opt in ("-b", "-M"):
             raise ConfigError(f"{opt} is not supported by vmmshim ({'bvmconsole' if opt == '-b' else 'vmnet'})")
     if len(args) > 1:
@@ -200,3 +207,17 @@ def parse_args(argv):
     if not help_asked(cfg) and not cfg.get_bool("vmmshim.version") and not cfg.get_bool("config.dump"):
         cfg.validate()
     return cfg
+
+
+def parse_gdb(val, cfg):
+    """bhyve's ``-G [w][ADDR:]PORT``: ``gdb.wait``, ``gdb.address`` (an IPv6 address in brackets), ``gdb.port``."""
+    spec = val
+    if spec.startswith("w"):
+        cfg.set("gdb.wait", "true")
+        spec = spec[1:]
+    addr, sep, port = spec.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not addr):
+        raise ConfigError(f"-G {val}: expected [w][ADDR:]PORT with a port from 0 to 65535")
+    if addr:
+        cfg.set("gdb.address", addr.strip("[]"))
+    cfg.set("gdb.port", port)

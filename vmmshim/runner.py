@@ -81,6 +81,11 @@ def run_vm(cfg):
         if os.environ.get("VMMSHIM_TRACE_MMIO"):
             vm.mmio.trace = sys.stderr
         _debug_dumper(vm, platform)
+        if cfg.get_int("gdb.port", 0, 0xFFFF) if cfg.get("gdb.port") else 0:
+            from .gdb.server import GdbStub
+            vm.debugger = GdbStub(vm, cfg.get("gdb.address", "127.0.0.1"), cfg.get_int("gdb.port", 0, 0xFFFF),
+                                  wait=cfg.get_bool("gdb.wait"))
+            vm.closers.append(vm.debugger.close)
         shutdown.say = platform.say
         shutdown.running(platform.press_power_button, lambda why: vm.stop(EXIT_POWEROFF, why))
         status = vm.run()

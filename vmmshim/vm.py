@@ -1,5 +1,6 @@
 """The VM above the ops layer: guest memory as bhyve lays it out, one thread per vCPU, the exit-handler table
-(bhyve ``vmexit.c``'s ``vmexit_handlers``: RDMSR, WRMSR, SPINUP_AP, SUSPENDED, HLT, VMX, BOGUS), the port and
+(bhyve ``vmexit.c``'s ``vmexit_handlers``: RDMSR, WRMSR, SPINUP_AP, SUSPENDED, HLT, VMX, BOGUS, and the
+debugger's DEBUG, BPT, MTRAP and DB, handed to the GDB stub ``vmmshim/gdb/``), the port and
 MMIO buses, and a clean shutdown with bhyve's exit statuses (0 reset, 1 power off, 2 halt, 3 triple fault,
 4 error).
 
@@ -82,6 +83,7 @@ class VM:
         self._status_lock = threading.Lock()
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
+        self.debugger = None        # the GDB stub (vmmshim/gdb/server.py) when -G asked for one
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(VmSpec(timers=self.timers, io=self.io, mem=self.mem, x2apic=config.x2apic,
                                       kvm_pv=config.kvm_pv, pv_eoi=config.pv_eoi))
@@ -101,6 +103,8 @@ class VM:
             E.VM_EXITCODE_SPINUP_AP: self._vmexit_spinup_ap, E.VM_EXITCODE_SUSPENDED: self._vmexit_suspended,
             E.VM_EXITCODE_BOGUS: self._vmexit_bogus, E.VM_EXITCODE_HLT: self._vmexit_bogus,
             E.VM_EXITCODE_VMX: self._vmexit_vmx,
+            E.VM_EXITCODE_DEBUG: self._vmexit_debug, E.VM_EXITCODE_BPT: self._vmexit_debug,
+            E.VM_EXITCODE_MTRAP: self._vmexit_debug, E.VM_EXITCODE_DB: self._vmexit_debug,
         }
 
     # -- memory and devices -----------------------------------------------------------------------------------
@@ -249,6 +253,8 @@ class VM:
             if self.status is None:
                 self.status = status
                 self.error = why
+        if self.debugger is not None:
+            self.debugger.close()           # the vCPUs it holds go on to see the suspension
         self.ops.vm_suspend(self.vmi, HOW_OF_STATUS.get(status, VmSuspendHow.VM_SUSPEND_HALT))
 
     def request(self, how):
@@ -316,6 +322,13 @@ class VM:
         return ABORT
 
     def _vmexit_bogus(self, vcpu, vmexit):
+        return CONTINUE
+
+    def _vmexit_debug(self, vcpu, vmexit):
+        """bhyve's ``vmexit_debug``/``vmexit_breakpoint``/``vmexit_mtrap``: the stub parks the vCPU while gdb
+        holds the guest."""
+        if self.debugger is not None:
+            self.debugger.vcpu_exit(vcpu, vmexit)
         return CONTINUE
 
     def _vmexit_vmx(self, vcpu, vmexit):

@@ -33,7 +33,8 @@ clock, where it has one) and ``Machine.post_io(port, size, cb)`` (posted port wr
 provider may buffer a range's OUTs instead of exiting, as KVM's coalesced PIO does, and hands them to ``cb`` in
 order before the next exit of any vCPU is returned), ``Machine.doorbell(addr, size, pio, datamatch, fd)`` /
 ``remove_doorbell`` (a register whose writes signal an eventfd instead of exiting, KVM's ioeventfd) and
-``Vcpu.clear_stop()`` (withdraws a stop not yet delivered).
+``Vcpu.clear_stop()`` (withdraws a stop not yet delivered), and guest debugging (``Vcpu.set_guest_debug``, the
+:data:`NVMM_VCPU_EXIT_DEBUG` exit with ``Vcpu.debug_exit``, ``Capability.features`` ``debug-*``).
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init`` (administration), ``nvmm_vcpu_dump``.
 """
@@ -46,12 +47,28 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 from . import constants as C
-from .capability import (FEATURE_ANSWERED_IO, FEATURE_DOORBELL, FEATURE_KERNEL_PVCLOCK,  # noqa: F401
+from .capability import (FEATURE_ANSWERED_IO, FEATURE_DEBUG_BP, FEATURE_DEBUG_HW,  # noqa: F401
+                         FEATURE_DEBUG_STEP, FEATURE_DEBUG_WATCH, FEATURE_DOORBELL, FEATURE_KERNEL_PVCLOCK,
                          FEATURE_POSTED_IO, LIMIT_CPUID_EXIT, LIMIT_CPUID_LATE, LIMIT_CPUID_MASK_1_7,
-                         LIMIT_IRQ_WINDOW_LATE, LIMIT_NMI_WINDOW, LIMIT_PAGING32, LIMIT_SOFT_INT, LIMIT_TPR_EXIT,
+                         LIMIT_GUEST_DEBUG, LIMIT_IRQ_WINDOW_LATE, LIMIT_NMI_WINDOW, LIMIT_PAGING32,
+                         LIMIT_SOFT_INT, LIMIT_TPR_EXIT,
                          CapMd, Capability)
 from .state import STATE_SIZE, Event, Exit, State
 from .x86 import mmu
+
+#: vmmshim's extension exit: a guest-debug event (``Vcpu.debug_exit`` says which); NVMM has none.
+NVMM_VCPU_EXIT_DEBUG = 0x3000
+DEBUG_BP, DEBUG_STEP, DEBUG_HW = "bp", "step", "hw"
+
+
+class ExitDebug(NamedTuple):
+    """The payload of :data:`NVMM_VCPU_EXIT_DEBUG`: ``kind`` (:data:`DEBUG_BP`: an int3 trapped with RIP at
+    it; :data:`DEBUG_STEP`: one instruction done; :data:`DEBUG_HW`: a debug register matched), the linear
+    ``pc`` and DR6 (which debug register matched)."""
+    kind: str
+    pc: int
+    dr6: int = 0
+
 
 IoCallback = Callable[[int, bool, memoryview], None]
 MemCallback = Callable[[int, bool, memoryview], None]
@@ -332,6 +349,7 @@ class Vcpu:
         self.exit = exit_obj if exit_obj is not None else Exit()
         self.cbs = AssistCallbacks()
         self.destroyed = False
+        self.debug_exit = None            # ExitDebug of the last NVMM_VCPU_EXIT_DEBUG (vmmshim's extension)
 
     # -- libnvmm calls a provider implements -------------------------------------------------------------------
     def getstate(self, flags):
@@ -368,6 +386,19 @@ class Vcpu:
 
     def assist_io(self):
         raise NotImplementedError
+
+    def set_guest_debug(self, step=False, sw_bp=False, hw=()):
+        """vmmshim's extension (KVM's ``KVM_SET_GUEST_DEBUG``): ``step`` ends each run after one instruction,
+        ``sw_bp`` makes a guest int3 an exit instead of a #BP, ``hw`` is up to four ``(addr, type, len)``
+        debug-register breakpoints (type 0 execute, 1 write, 3 read/write; len 1, 2, 4 or 8); each gives a
+        :data:`NVMM_VCPU_EXIT_DEBUG` exit. Only what ``Capability.features`` lists (``debug-*``); else ENOTSUP."""
+        if step or sw_bp or hw:
+            raise nvmm_error(errno.ENOTSUP, "this provider has no guest debugging")
+
+    def inject_bp(self):
+        """vmmshim's extension: give the guest the #BP of the int3 a ``sw_bp`` exit stopped at (the guest's own
+        int3, not a debugger's): RIP moves past it and the guest's handler runs at the next entry."""
+        raise nvmm_error(errno.ENOTSUP, "this provider cannot re-inject #BP")
 
     def tsc_frequency(self):
         """vmmshim's extension: the guest TSC's rate in Hz as the hypervisor knows it, or None when unknown."""

@@ -41,6 +41,10 @@ FEATURE_POSTED_IO = "posted-io"            # Machine.post_io: OUTs buffered with
 FEATURE_ANSWERED_IO = "answered-io"        # Machine.answer_io: published one-byte IN values answered inside
 FEATURE_DOORBELL = "doorbell"              # Machine.doorbell: writes signal an eventfd (KVM ioeventfd)
 FEATURE_KERNEL_PVCLOCK = "kernel-pvclock"  # Machine.kernel_pvclock: the hypervisor's own kvmclock
+FEATURE_DEBUG_STEP = "debug-step"          # Vcpu.set_guest_debug(step=True): exit after one instruction
+FEATURE_DEBUG_BP = "debug-bp"              # Vcpu.set_guest_debug(sw_bp=True): int3 exits (and Vcpu.inject_bp)
+FEATURE_DEBUG_HW = "debug-hw"              # Vcpu.set_guest_debug(hw=...): execute breakpoints in debug registers
+FEATURE_DEBUG_WATCH = "debug-watch"        # ... and data breakpoints (watchpoints) in them
 
 
 # Named provider limits a capability may list (tests cite them by name).
@@ -53,6 +57,9 @@ LIMIT_CPUID_LATE = "cpuid-after-run"     # CPUID configuration refused after the
 LIMIT_SOFT_INT = "int-n"                 # guest `int n`/`int3` fail
 LIMIT_IRQ_WINDOW_LATE = "irq-window-late"  # INT_READY comes at the next exit after the window opens
 LIMIT_TSC_WRITE = "tsc-write"            # the guest TSC cannot be moved (IA32_TSC, IA32_TSC_ADJUST, MSR state)
+LIMIT_GUEST_DEBUG = "guest-debug"       # no single-step, int3 trap or debug-register exits (KVM_SET_GUEST_DEBUG)
+LIMIT_GUEST_DEBUG_INT3 = "guest-debug-int3"     # int3 cannot be trapped (a debugger's breakpoints use DR0-3)
+LIMIT_GUEST_DEBUG_WATCH = "guest-debug-watch"   # data breakpoints (watchpoints) never fire
 #: Prefix of the limits naming a feature CPUID offers (in registers the provider cannot mask) that the guest
 #: cannot use: ``limit_unusable("xsave")``; feature names as ``ops/nvmm/x86/cpuid_bits.py``.
 LIMIT_UNUSABLE_PREFIX = "offered-unusable:"

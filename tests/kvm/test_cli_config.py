@@ -86,8 +86,8 @@ def test_s_help_and_l_help_list_the_emulations(flag, names):
                                                "yet"),
     (("-l", "bootrom,/usr/share/uefi.fd"), "-l bootrom,/usr/share/uefi.fd: a UEFI boot ROM (lpc.bootrom) is not "
                                            "supported yet"),
-    (("-o", "gdb.port=1234"), "gdb.port=1234: the GDB stub is not supported yet"),
-    (("-G", "1234"), "-G 1234: the GDB stub (gdb.port) is not supported yet"),
+    (("-o", "gdb.port=70000"), "gdb.port"),
+    (("-G", "12x"), "-G 12x: expected [w][ADDR:]PORT"),
     (("-o", "pci.1.3.0.device=virtio-rnd"), "pci.1.3.0.device: vmmshim has PCI bus 0 only"),
     (("-s", "1:3:0,virtio-rnd"), "-s 1:3:0,virtio-rnd: vmmshim has PCI bus 0 only"),
     (("-c", "cpus=4,sockets=3"), "cpus=4 does not match the topology sockets=3 x cores=1 x threads=1 (3 vCPUs)"),

@@ -207,12 +207,11 @@ def test_pci_slots_refuses_bus_1_set_behind_its_back():
 
 @pytest.mark.parametrize("key,value,needle", [
     ("lpc.bootrom", "/usr/share/uefi.fd", "lpc.bootrom=/usr/share/uefi.fd: a UEFI boot ROM is not supported yet"),
-    ("gdb.port", "1234", "gdb.port=1234: the GDB stub is not supported yet"),
 ])
 def test_unsupported_bhyve_keys_are_refused_not_ignored(key, value, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         Config().set(key, value)
-    Config().set("gdb.port", "0")                       # bhyve: 0 is no debug server
+    Config().set("gdb.port", "1234")                    # the GDB stub (vmmshim/gdb/)
 
 
 def test_a_value_cannot_become_a_node_nor_the_reverse():

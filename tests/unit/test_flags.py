@@ -70,8 +70,9 @@ def test_help_text_documents_what_issue_19_asks():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["-G", "1234"], "-G 1234: the GDB stub (gdb.port) is not supported yet"),
-    (["-g", "1234"], "the GDB stub (gdb.port) is not supported yet"),
+    (["-G", "12x"], "-G 12x: expected [w][ADDR:]PORT"),
+    (["-G", "70000"], "-G 70000: expected [w][ADDR:]PORT"),
+    (["-g", "1234"], "-g 1234: bhyve's old debug port is not supported (-G PORT is the GDB stub)"),
     (["-l", "bootrom,/usr/share/uefi.fd"], "a UEFI boot ROM (lpc.bootrom) is not supported yet"),
     (["-o", "lpc.bootrom=/x.fd"], "lpc.bootrom=/x.fd: a UEFI boot ROM is not supported yet"),
     (["-o", "pci.1.3.0.device=virtio-rnd"], "pci.1.3.0.device: vmmshim has PCI bus 0 only"),
@@ -132,3 +133,12 @@ def test_doctor_mentions_the_soft_provider(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "provider soft     available: the software CPU, needs no /dev/kvm" in out
     assert "/dev/kvm missing: no KVM module here; the soft provider works without it" in out
+
+
+@pytest.mark.parametrize("spec,port,address,wait", [
+    ("1234", "1234", None, None), ("w1234", "1234", None, "true"), ("0.0.0.0:99", "99", "0.0.0.0", None),
+    ("w[::1]:5", "5", "::1", "true"),
+])
+def test_gdb_option_sets_bhyves_keys(spec, port, address, wait):
+    cfg = parse_args(["-G", spec, "-f", "hello"])
+    assert (cfg.get("gdb.port"), cfg.get("gdb.address"), cfg.get("gdb.wait")) == (port, address, wait)

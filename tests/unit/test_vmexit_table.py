@@ -32,7 +32,13 @@ def test_the_table_has_only_what_bhyve_vmexit_keeps(vm):
     """Port and MMIO exits are completed in the ops layer; the VM's table holds what bhyve's ``vmexit.c`` keeps."""
     assert set(vm.handlers) == {E.VM_EXITCODE_RDMSR, E.VM_EXITCODE_WRMSR, E.VM_EXITCODE_SPINUP_AP,
                                 E.VM_EXITCODE_SUSPENDED, E.VM_EXITCODE_HLT, E.VM_EXITCODE_VMX,
-                                E.VM_EXITCODE_BOGUS}
+                                E.VM_EXITCODE_BOGUS, E.VM_EXITCODE_DEBUG, E.VM_EXITCODE_BPT, E.VM_EXITCODE_MTRAP,
+                                E.VM_EXITCODE_DB}      # bhyve's vmexit_debug, _breakpoint, _mtrap, _db: the GDB stub's
+
+
+def test_debug_exits_without_a_debugger_run_on(vm):
+    for code in (E.VM_EXITCODE_DEBUG, E.VM_EXITCODE_BPT, E.VM_EXITCODE_MTRAP, E.VM_EXITCODE_DB):
+        assert vm.handlers[code](0, fabricated(code)) == vmmod.CONTINUE
 
 
 def test_known_msr_read_completes_with_value_and_rip(vm):

@@ -69,6 +69,8 @@ KVM_VCPU_EVENTS = cs.Struct(
     "exception_payload" / cs.Int64ul)
 KVM_DEBUGREGS = cs.Struct("db" / cs.Array(4, cs.Int64ul), "dr6" / cs.Int64ul, "dr7" / cs.Int64ul,
                           "flags" / cs.Int64ul, "reserved" / cs.Array(9, cs.Int64ul))
+#: ``struct kvm_guest_debug`` (KVM_SET_GUEST_DEBUG): control flags, then x86's ``debugreg[8]`` (DR0-3, DR6, DR7 at 7).
+KVM_GUEST_DEBUG = cs.Struct("control" / cs.Int32ul, cs.Padding(4), "debugreg" / cs.Array(8, cs.Int64ul))
 KVM_XCRS = cs.Struct("nr_xcrs" / cs.Int32ul, "flags" / cs.Int32ul,
                      "xcrs" / cs.Array(16, cs.Struct("xcr" / cs.Int32ul, cs.Padding(4), "value" / cs.Int64ul)),
                      "padding" / cs.Array(16, cs.Int64ul))
@@ -110,6 +112,9 @@ RUN_S_EVENTS = RUN_S_SREGS + KVM_SREGS.sizeof()
 IO_FMT = struct.Struct("<BBHIQ")                 # direction, size, port, count, data_offset
 MMIO_GPA, MMIO_DATA, MMIO_LEN, MMIO_IS_WRITE = RUN_U, RUN_U + 8, RUN_U + 16, RUN_U + 20
 MSR_ERROR, MSR_REASON, MSR_INDEX, MSR_DATA = RUN_U, RUN_U + 8, RUN_U + 12, RUN_U + 16
+DEBUG_EXIT_FMT = struct.Struct("<IIQQQ")           # kvm_debug_exit_arch: exception, pad, pc, dr6, dr7
+GUEST_DEBUG_FMT = struct.Struct("<II8Q")
+assert GUEST_DEBUG_FMT.size == 72
 INTERNAL_FMT = struct.Struct("<II")              # suberror, ndata (then u64 data[16])
 
 RING_HDR_FMT = struct.Struct("<II")

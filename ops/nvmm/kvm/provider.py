@@ -96,6 +96,13 @@ def hardware_kind():
     return "unknown"
 
 
+#: What KVM_SET_GUEST_DEBUG gives on each kind of KVM (tests/kvm/test_gdb.py checks them): all of it by default;
+#: kvm_pvm steps and matches execute breakpoints in debug registers, but its int3 is an EXCEPTION exit, not
+#: USE_SW_BP's DEBUG exit, and data breakpoints never fire (tested on 6.18's kvm_pvm).
+GUEST_DEBUG_ALL = (api.FEATURE_DEBUG_STEP, api.FEATURE_DEBUG_BP, api.FEATURE_DEBUG_HW, api.FEATURE_DEBUG_WATCH)
+GUEST_DEBUG_BY_KIND = {"kvm_pvm": (api.FEATURE_DEBUG_STEP, api.FEATURE_DEBUG_HW)}
+
+
 class KvmProvider(api.Provider):
     name = "kvm"
 
@@ -158,6 +165,14 @@ class KvmProvider(api.Provider):
             features.add(api.FEATURE_DOORBELL)
         if fastrun.load() is not None:          # the compiled run loop answers published reads
             features.add(api.FEATURE_ANSWERED_IO)
+        if self.check_extension(K.KVM_CAP_SET_GUEST_DEBUG):
+            features |= set(GUEST_DEBUG_BY_KIND.get(self.kind, GUEST_DEBUG_ALL))
+        if api.FEATURE_DEBUG_STEP not in features:
+            limits.add(api.LIMIT_GUEST_DEBUG)
+        if api.FEATURE_DEBUG_BP not in features:
+            limits.add(capmod.LIMIT_GUEST_DEBUG_INT3)
+        if api.FEATURE_DEBUG_WATCH not in features:
+            limits.add(capmod.LIMIT_GUEST_DEBUG_WATCH)
         return api.Capability(
             max_machines=128, max_vcpus=self.max_vcpus, max_ram=1 << 46,
             arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID, xcr0_mask=xcr0,

@@ -38,6 +38,7 @@ from .exit import KvmExit
 from ..x86 import msr_policy
 from . import cpuid as cpuidmod
 from . import fastrun
+from . import guest_debug as GD
 from . import ioctls as K
 from . import layouts as L
 from .kick import SIG_KICK
@@ -57,6 +58,8 @@ _EXIT_MAP[K.KVM_EXIT_X86_RDMSR] = C.NVMM_VCPU_EXIT_RDMSR
 _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 # Without an in-kernel LAPIC KVM exits when the guest lowers CR8 (the new value in kvm_run.cr8): NVMM's TPR_CHANGED
 _EXIT_MAP[K.KVM_EXIT_SET_TPR] = C.NVMM_VCPU_EXIT_TPR_CHANGED
+# KVM_SET_GUEST_DEBUG's exits (an int3, a single step, a debug register): vmmshim's NVMM_VCPU_EXIT_DEBUG
+_EXIT_MAP[K.KVM_EXIT_DEBUG] = api.NVMM_VCPU_EXIT_DEBUG
 CPUID_1_EDX_APIC = 1 << 9
 APICBASE_EN = 1 << 11
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
@@ -328,7 +331,18 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             self._slow = True
         elif kreason == K.KVM_EXIT_INTR:
             mm[L.RUN_IMMEDIATE_EXIT] = 0
+        elif kreason == K.KVM_EXIT_DEBUG:
+            self.debug_exit = GD.decode_exit(self)
         return ex
+
+    # -- guest debugging (guest_debug.py) ---------------------------------------------------------------------
+    _debug = (0, ())         # (kvm_guest_debug.control, hw slots) last set
+
+    def set_guest_debug(self, step=False, sw_bp=False, hw=()):
+        GD.set_guest_debug(self, step, sw_bp, hw)
+
+    def inject_bp(self):
+        GD.inject_bp(self)
 
     def tsc_frequency(self):
         """``KVM_GET_TSC_KHZ``: the rate KVM runs this vCPU's TSC at."""

@@ -15,6 +15,7 @@ import errno
 import unicorn
 
 from .. import api
+from .. import capability as capmod
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import ucstate
@@ -27,7 +28,12 @@ MAX_RAM = 1 << 40
 LIMIT_NMI_BLOCKING = "nmi-blocking"      # NMIs are delivered without blocking further NMIs until IRET
 LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardware task switches) fail
 LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
-LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN})
+LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN,
+                    capmod.LIMIT_GUEST_DEBUG_WATCH})
+
+
+#: the answered port reads, and guest debugging by the hooks (debug.py): single steps and int3 exits
+FEATURES = frozenset({api.FEATURE_ANSWERED_IO, api.FEATURE_DEBUG_STEP, api.FEATURE_DEBUG_BP})
 
 
 class SoftProvider(api.Provider):
@@ -47,7 +53,7 @@ class SoftProvider(api.Provider):
             arch=api.CapMd(vcpu_conf_support=C.NVMM_CAP_ARCH_VCPU_CONF_CPUID | C.NVMM_CAP_ARCH_VCPU_CONF_TPR,
                            xcr0_mask=XCR0_SUPPORTED,
                            mxcsr_mask=0xFFBF, conf_cpuid_maxops=256),
-            limits=LIMITS, features=frozenset({api.FEATURE_ANSWERED_IO}))
+            limits=LIMITS, features=FEATURES)
 
     def machine_create(self):
         return SoftMachine(self)

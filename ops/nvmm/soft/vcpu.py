@@ -38,6 +38,7 @@ from .. import api
 from .. import constants as C
 from ..state import EXIT_MEM_FMT, EXITSTATE_FMT, OFF_EXITSTATE
 from ..x86 import mmu
+from . import debug as D
 from . import hooks as H
 from . import sysinsn as S
 from . import ucstate as U
@@ -79,6 +80,7 @@ class SoftVcpu(VcpuState, api.Vcpu):
         self._paging = (0, 0, 0, 0)
         self._hf_cache, self._shadow = 0, False     # the translation flags the code hook decodes with
         self._mem_access = None
+        self.dbg = D.DebugState()       # set_guest_debug (debug.py)
         self.stats = {"exits": 0}
         self._reset_state()
         self._install_hooks()
@@ -166,6 +168,8 @@ class SoftVcpu(VcpuState, api.Vcpu):
                 uc.emu_stop()
             self._step = True
             return
+        if self.dbg.step and D.code_hook(self, uc):
+            return
         if self._stop_req:
             self._why = ("stopped",)
             uc.emu_stop()
@@ -199,6 +203,8 @@ class SoftVcpu(VcpuState, api.Vcpu):
         uc.emu_stop()
 
     def _intr_hook(self, uc, intno, _):
+        if D.intr_hook(self, uc, intno):
+            return
         error, is_int, _ = self.img.load().exception()
         self._why = ("exc", intno, error & 0xFFFFFFFF, bool(is_int), uc.reg_read(X.UC_X86_REG_RIP))
         uc.emu_stop()
@@ -215,6 +221,13 @@ class SoftVcpu(VcpuState, api.Vcpu):
                                                                                              C.NVMM_PROT_READ)
         self._why = ("mem", address, prot, size)
         return False
+
+    # -- guest debugging (debug.py) ----------------------------------------------------------------------------
+    def set_guest_debug(self, step=False, sw_bp=False, hw=()):
+        self.dbg.configure(step, sw_bp, hw)
+
+    def inject_bp(self):
+        self.dbg.inject_bp = True
 
     # -- run --------------------------------------------------------------------------------------------------
     def stop(self):
@@ -260,6 +273,10 @@ class SoftVcpu(VcpuState, api.Vcpu):
             self._event = None
             if not self._deliver(vector, error):
                 return C.NVMM_VCPU_EXIT_SHUTDOWN
+        dbg = D.before_run(self, uc)
+        if dbg is not None:
+            self.debug_exit = dbg
+            return api.NVMM_VCPU_EXIT_DEBUG
         while True:
             with self._lock:
                 if self._stop_req:
@@ -290,6 +307,9 @@ class SoftVcpu(VcpuState, api.Vcpu):
             if kind == "window":
                 self._win = False
                 return C.NVMM_VCPU_EXIT_INT_READY
+            if kind == "debug":
+                self.debug_exit = api.ExitDebug(why[1], why[2])
+                return api.NVMM_VCPU_EXIT_DEBUG
             if kind == "mem":
                 EXIT_MEM_FMT.pack_into(ex.buf, 8, why[2], why[1], 0, bytes(15))
                 self._mem_access = why
@@ -317,6 +337,8 @@ class SoftVcpu(VcpuState, api.Vcpu):
         if isinstance(out, H.Fault):
             uc.reg_write(X.UC_X86_REG_RIP, rip)
             return None if self._deliver(out.vector, out.error) else C.NVMM_VCPU_EXIT_SHUTDOWN
+        if out is not None and self.dbg.step:
+            self.dbg.done_at = H.next_ip(rip, insn.length, hf)
         if tf:
             if out is None:
                 return None if self._single_step_trap() else C.NVMM_VCPU_EXIT_SHUTDOWN
