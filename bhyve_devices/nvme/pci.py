@@ -33,6 +33,7 @@ import functools
 import threading
 
 from bhyve_devices.pci.device import MEM64, PciDevice
+from bhyve_devices.pci.options import is_true, legacy_options
 from bhyve_devices.pci.registry import register
 
 from .controller import NvmeController
@@ -52,25 +53,11 @@ SERIAL_LEN = 20
 VM_KEYS = frozenset(("device", "backend", "path", "guest_memory", "virtio_msix", "vmname", "slot", "func"))
 FLAG_KEYS = frozenset(("ro", "nodelete", "nocache", "direct", "sync"))
 VALUE_KEYS = frozenset(("maxq", "qsz", "ioslots", "sectsz", "ser", "eui64", "dsm"))
-_FALSE = ("false", "0", "no", "off")
 
 
 def parse_options(text):
     """bhyve's legacy ``PATH[,KEY=VALUE|,FLAG]...`` -> the keys ``-s`` would store (the path as ``path``)."""
-    out = {}
-    for i, part in enumerate(text.split(",") if text else []):
-        key, eq, value = part.partition("=")
-        if eq:
-            out[key] = value
-        elif i == 0:
-            out["path"] = part
-        elif part:
-            out[part] = "true"
-    return out
-
-
-def is_true(v):
-    return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
+    return legacy_options(text, "path")
 
 
 def _number(o, key, lo, hi):

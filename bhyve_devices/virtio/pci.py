@@ -15,6 +15,7 @@ before the guest runs), ``virtio_msix`` (``"false"`` for xhyve's ``-W``: one MSI
 Not supported: a backend named by a string (an unopened ``backend``, ``tap`` or ``path`` is an error).
 """
 
+from bhyve_devices.pci.options import as_options, is_false, is_true  # noqa: F401 (re-exported)
 from bhyve_devices.pci.registry import register
 
 from . import blk as _blk
@@ -23,26 +24,9 @@ from .console import VirtioConsole
 from .rnd import VirtioRnd
 from .transport import VirtioPciDevice
 
-_FALSE = ("false", "0", "no", "off")
-
-
-def as_options(opts, parse):
-    """An emulation's options as a dict: bhyve config keys as given, or the legacy ``-s`` string parsed."""
-    if opts is None:
-        return {}
-    if isinstance(opts, str):
-        return parse(opts)
-    return dict(opts)
-
-
 def _single_vector(o):
     v = o.get("virtio_msix", True)
-    return bool(o.get("single_vector")) or (isinstance(v, str) and v.lower() in _FALSE) or v is False
-
-
-def is_true(v):
-    """A bhyve boolean option: True, or a string other than false/0/no/off."""
-    return v is True or (isinstance(v, str) and v.lower() not in _FALSE)
+    return bool(o.get("single_vector")) or is_false(v)
 
 
 def _opened(name, backend, required=False):

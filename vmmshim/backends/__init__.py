@@ -32,7 +32,7 @@ from bhyve_devices.ahci import options as _ahcidev
 from bhyve_devices.nvme import pci as _nvmedev
 from bhyve_devices.virtio import blk as _blkdev
 from bhyve_devices.virtio import console as _condev
-from bhyve_devices.virtio.pci import as_options, is_true
+from bhyve_devices.pci.options import as_options, is_true, legacy_options
 
 from . import blkfast
 from . import net as _net
@@ -63,16 +63,7 @@ NET_DEVICE_KEYS = frozenset(("device", "backend", "tap", "path", "mac", "slot", 
 def _net_legacy_options(text):
     """bhyve's legacy ``NAME[,KEY=VALUE|,FLAG]...`` string -> the keys ``config.parse_slot`` would store (the
     name as ``backend``, a bare flag as ``"true"``)."""
-    out = {}
-    for i, part in enumerate(text.split(",") if text else []):
-        key, eq, value = part.partition("=")
-        if eq:
-            out[key] = value
-        elif i == 0:
-            out["backend"] = part
-        elif part:
-            out[part] = "true"
-    return out
+    return legacy_options(text, "backend")
 
 
 def _netdev_opts(o):

@@ -129,3 +129,40 @@ def scatter_frame(segs, frame):
         m[:k] = mv[done:done + k]
         done += k
     return done
+
+
+class ThreadedFrameBackend:
+    """What the NetBackends with one thread of their own and plain Ethernet frames (slirp, stream) share: no
+    virtio-net header and no offloads (the device adds and strips the header), the receive hooks that wake the
+    thread, and stopping it. A subclass sets ``_thread``, ``_txq`` (a :class:`FrameQueue`) and ``_wake`` (a
+    :class:`WakePipe`) and runs its loop until ``_stop``."""
+
+    vnet_hdr = False
+    offloads = False
+    JOIN_S = 5                      # seconds close() waits for the thread
+
+    def set_vnet_hdr_len(self, n):
+        pass
+
+    def set_offload(self, features):
+        pass
+
+    def start_rx(self, ready, receive):
+        self._ready, self._receive = ready, receive
+        self._wake.wake()
+
+    def rx_kick(self):
+        self._wake.wake()
+
+    def _stop_thread(self):
+        """Stops the thread; False if there was none (closed already). The thread may still be alive after
+        ``JOIN_S`` (the caller then keeps what the thread uses)."""
+        if self._thread is None:
+            return False
+        self._stop = True
+        self._txq.close()
+        self._wake.wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.JOIN_S)
+        return True
+

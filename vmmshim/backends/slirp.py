@@ -46,14 +46,13 @@ import threading
 import time
 
 from . import slirp_ffi
-from .netqueue import FrameQueue, WakePipe, scatter_frame
+from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe, scatter_frame
 from .slirp_ffi import ffi
 
 TX_QUEUE_FRAMES = 256           # guest frames waiting for the slirp thread (a transmit queue's worth)
 TX_QUEUE_BYTES = 1 << 20
 TX_WAIT_S = 0.1                 # how long a full transmit queue holds the device's transmit before a drop
 RX_QUEUE_FRAMES = 512           # frames for the guest waiting for its receive buffers
-JOIN_S = 5                      # seconds close() waits for the slirp thread
 NS_PER_MS = 1_000_000
 
 
@@ -147,12 +146,9 @@ def _in_addr(addr):
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------------
-class SlirpBackend:
+class SlirpBackend(ThreadedFrameBackend):
     """One libslirp instance and its thread (see the module docstring). ``forwards``: ``(proto, host address,
     bound host port, guest address, guest port)`` per ``hostfwd`` rule."""
-
-    vnet_hdr = False
-    offloads = False
 
     def __init__(self, config, announce=sys.stderr):
         self._lib, self._glib = slirp_ffi.load()
@@ -247,28 +243,10 @@ class SlirpBackend:
             return None
         return scatter_frame(segs, frame)
 
-    def set_vnet_hdr_len(self, n):
-        pass
-
-    def set_offload(self, features):
-        pass
-
-    def start_rx(self, ready, receive):
-        self._ready, self._receive = ready, receive
-        self._wake.wake()
-
-    def rx_kick(self):
-        self._wake.wake()
-
     def close(self):
         """Stops the thread, then frees libslirp's instance (its sockets close)."""
-        if self._thread is None:
+        if not self._stop_thread():
             return
-        self._stop = True
-        self._txq.close()
-        self._wake.wake()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=JOIN_S)
         if not self._thread.is_alive() and self._slirp != ffi.NULL:
             self._lib.slirp_cleanup(self._slirp)
             self._slirp = ffi.NULL

@@ -32,7 +32,7 @@ import socket
 import struct
 import threading
 
-from .netqueue import FrameQueue, WakePipe, scatter_frame
+from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe, scatter_frame
 from .uart import _remove_stale_socket
 
 TX_QUEUE_FRAMES = 256
@@ -42,7 +42,6 @@ RECV_CHUNK = 256 << 10          # bytes read from the peer per call
 SEND_BATCH = 256 << 10          # queued frames packed into one write
 MAX_FRAME = 65536 + 14 + 4      # a 64 KiB packet plus the Ethernet and VLAN headers (virtio-net's MAX_FRAME)
 CONNECT_S = 5                   # seconds a connect may take when the backend is opened
-JOIN_S = 5
 LISTEN_BACKLOG = 1
 OPTIONS = ("stream", "server")
 ADDRESS_FORM = "unix:PATH or tcp:HOST:PORT"
@@ -81,11 +80,8 @@ def parse_options(options):
     return spec, server in _TRUE
 
 
-class StreamBackend:
+class StreamBackend(ThreadedFrameBackend):
     """See the module docstring. ``address``: the socket's address (a server's TCP port as bound)."""
-
-    vnet_hdr = False
-    offloads = False
 
     def __init__(self, spec, server=False):
         family, addr = parse_address(spec)
@@ -171,27 +167,9 @@ class StreamBackend:
             return 0
         return None
 
-    def set_vnet_hdr_len(self, n):
-        pass
-
-    def set_offload(self, features):
-        pass
-
-    def start_rx(self, ready, receive):
-        self._ready, self._receive = ready, receive
-        self._wake.wake()
-
-    def rx_kick(self):
-        self._wake.wake()
-
     def close(self):
-        if self._thread is None:
+        if not self._stop_thread():
             return
-        self._stop = True
-        self._txq.close()
-        self._wake.wake()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=JOIN_S)
         self._thread = None
         for s in (self._conn, self._listener):
             if s is not None:
