@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import open_or_skip
 from tests.guests.asm import multiboot_elf
+from tests.kvm.test_cli import SPIN_KERNEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GDB = shutil.which("gdb")
@@ -214,18 +215,6 @@ def test_the_guests_own_int3_still_gets_its_bp(guest, tmp_path):
     assert status == HALT_STATUS and stdout == "IZ\n", stderr
 
 
-SPIN_KERNEL = r"""
-.code32
-.globl _start
-.align 4
-  .long 0x1BADB002, 0x0, -0x1BADB002
-_start:
-  mov $0x3f8, %dx
-  mov $'R', %al
-  out %al, %dx
-1: pause
-  jmp 1b
-"""
 
 
 def test_ctrl_c_stops_a_running_guest_and_detach_lets_it_run_on(guest, tmp_path):

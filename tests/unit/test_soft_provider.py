@@ -19,20 +19,6 @@ RIP, RSP, RAX, RCX, RSI, RDI, RFLAGS = (C.NVMM_X64_GPR_RIP, C.NVMM_X64_GPR_RSP, 
 GDT, IDT, HANDLER, CODE = 0x500, 0x700, 0x9000, 0x2000
 
 
-@pytest.fixture
-def soft_guest():
-    from ops.nvmm import nvmm_init
-    from tests.guests.harness import Guest
-    made = []
-
-    def make(**kw):
-        g = Guest(nvmm_init("soft"), **kw)
-        made.append(g)
-        return g
-    yield make
-    for g in made:
-        g.close()
-
 
 def _tables(g, code_desc, gate):
     g.load(GDT, struct.pack("<3Q", 0, code_desc, 0x00CF92000000FFFF))

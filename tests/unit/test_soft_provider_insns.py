@@ -24,20 +24,6 @@ DR6_BS = 1 << 14
 PTE_U = 4
 
 
-@pytest.fixture
-def soft_guest():
-    from ops.nvmm import nvmm_init
-    from tests.guests.harness import Guest
-    made = []
-
-    def make(**kw):
-        g = Guest(nvmm_init("soft"), **kw)
-        made.append(g)
-        return g
-    yield make
-    for g in made:
-        g.close()
-
 
 @pytest.mark.parametrize("code, mode64, kind, extra", [
     ("440f22c0", True, H.MOV_CR8, {"in_": False, "reg": 0}),          # mov %rax, %cr8
