@@ -82,15 +82,6 @@ bad_dtr:
 """
 
 
-@pytest.fixture
-def soft_descriptor_checks_pending(provider, request):
-    if provider.name == "soft":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "soft CPU: unicorn loads any GDTR/IDTR/TR/LDTR base; the canonical checks belong to the soft CPU's "
-            "owner (issue 24 item 8, docs/msr.md)")))
-
-
-@pytest.mark.usefixtures("soft_descriptor_checks_pending")
 def test_a_non_canonical_descriptor_table_base_raises_gp(make_vm):
     body = "  lgdt gdtr64\n" + attempt("  lgdt bad_dtr\n", 0) + attempt("  lidt bad_dtr\n", 1) + \
         attempt(f"  mov ${TSS_SEL}, %ax\n  ltr %ax\n", 2) + attempt(f"  mov ${LDT_SEL}, %ax\n  lldt %ax\n", 3) + \

@@ -8,10 +8,11 @@ NVMM's kernel sends to userland or that unicorn gets wrong. :func:`decode` reads
 INS/OUTS (E4-E7, EC-EF, 6C-6F), HLT (F4), CPUID (0F A2), RDMSR (0F 32), WRMSR (0F 30), MONITOR/MWAIT (0F 01
 C8/C9), the instructions that leave an interrupt shadow (STI, MOV SS, POP SS), and those ``sysinsn.py`` emulates:
 SYSCALL (0F 05) and SYSENTER (0F 34), which unicorn only reports to hooks, XSETBV (0F 01 D1), MOV to/from CR8
-(0F 20/22 with REX.R), which unicorn has no TPR for, and VEX-encoded AVX instructions (C4/C5, vol. 2A 2.3), which
-the CPUID does not offer (``cpuid.py``) and which are #UD. The exit's ``npc`` is the instruction pointer (not the
-linear address unicorn's hook reports: CS's base is not 0 for an AP started by SIPI) plus the length, wrapped to
-the code segment's size.
+(0F 20/22 with REX.R), which unicorn has no TPR for, LGDT/LIDT (0F 01 /2, /3 with a memory operand) and
+LLDT/LTR (0F 00 /2, /3), whose loaded base unicorn does not check for a canonical form, and VEX-encoded AVX
+instructions (C4/C5, vol. 2A 2.3), which the CPUID does not offer (``cpuid.py``) and which are #UD. The exit's
+``npc`` is the instruction pointer (not the linear address unicorn's hook reports: CS's base is not 0 for an AP
+started by SIPI) plus the length, wrapped to the code segment's size.
 
 An instruction the CPU would refuse faults before it exits, as SDM vol. 2 and 3A say: HLT, RDMSR/WRMSR, XSETBV
 and MOV CR8 at CPL > 0 (#GP), I/O at CPL > IOPL unless the TSS's I/O permission bitmap allows every port it
@@ -40,8 +41,9 @@ KERNEL_MSRS = frozenset(U.MSR_NUMBERS) | {MSR_FS_BASE, MSR_GS_BASE, MSR_TSC_AUX}
 KERNEL_CONST_MSRS = {0x8B: 0, 0x17: 0, 0x1A0: 1}
 
 IO, HLT, CPUID, RDMSR, WRMSR, MONITOR, MWAIT, SHADOW, SYSCALL, SYSENTER, XSETBV, MOV_CR8, VEX = range(1, 14)
+LGDT, LIDT, LLDT, LTR = range(14, 18)
 #: The kinds ``sysinsn.py`` completes.
-EMULATED = frozenset({SYSCALL, SYSENTER, XSETBV, MOV_CR8, VEX})
+EMULATED = frozenset({SYSCALL, SYSENTER, XSETBV, MOV_CR8, VEX, LGDT, LIDT, LLDT, LTR})
 SEG_PREFIX = {0x26: C.NVMM_X64_SEG_ES, 0x2E: C.NVMM_X64_SEG_CS, 0x36: C.NVMM_X64_SEG_SS,
               0x3E: C.NVMM_X64_SEG_DS, 0x64: C.NVMM_X64_SEG_FS, 0x65: C.NVMM_X64_SEG_GS}
 PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x66, 0x67) + tuple(SEG_PREFIX))
@@ -148,11 +150,37 @@ def decode(code, mode64, cs_db, prot=True):
             return Insn(kind, i + 2)
         if op2 == 0x01 and i + 2 < n and code[i + 2] in _OPCODES_0F01:
             return Insn(_OPCODES_0F01[code[i + 2]], i + 3)
+        if op2 in (0x00, 0x01) and i + 2 < n:
+            modrm = code[i + 2]
+            reg = (modrm >> 3) & 7
+            if reg in (2, 3) and (op2 == 0x00 or modrm >> 6 != 3):
+                kind = (LLDT, LTR) if op2 == 0x00 else (LGDT, LIDT)
+                return Insn(kind[reg - 2], _modrm_end(code, i + 2, asize))
         if op2 in (0x20, 0x22) and i + 2 < n:
             modrm = code[i + 2]
             if (modrm >> 3) & 7 == 0 and rex & 0x4:         # CR8 (REX.R with ModRM.reg 0)
                 return Insn(MOV_CR8, i + 3, op2 == 0x20, reg=(modrm & 7) | (rex & 1) << 3)
     return None
+
+
+def _modrm_end(code, at, asize):
+    """The offset just past the ModRM byte at ``code[at]``, its SIB byte and its displacement (SDM vol. 2A 2.1.5,
+    tables 2-1 to 2-3; ``asize`` the address size in bytes)."""
+    modrm = code[at]
+    mod, rm = modrm >> 6, modrm & 7
+    at += 1
+    if mod == 3:
+        return at
+    if asize == 2:
+        return at + (2 if mod == 2 or (mod == 0 and rm == 6) else mod)
+    if rm == 4:                     # SIB; base 101b with mod 00 takes a 32-bit displacement
+        sib_base = code[at] & 7 if at < len(code) else 0
+        at += 1
+        if mod == 0 and sib_base == 5:
+            return at + 4
+    elif mod == 0 and rm == 5:      # disp32 (RIP-relative in 64-bit mode)
+        return at + 4
+    return at + (0, 1, 4)[mod]
 
 
 _OPCODES_0F = {0xA2: CPUID, 0x32: RDMSR, 0x30: WRMSR, 0x05: SYSCALL, 0x34: SYSENTER}

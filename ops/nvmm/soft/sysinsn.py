@@ -17,19 +17,27 @@ translator cannot run; the provider does these as the Intel SDM says:
   bits 63:4 or at CPL > 0 is #GP(0); with ``NVMM_VCPU_CONF_TPR`` (``exit_changed``) a write ends the run with
   ``NVMM_VCPU_EXIT_TPR_CHANGED``;
 - a VEX-encoded AVX instruction is #UD, as on a CPU without AVX (vol. 2A 2.3.12);
+- LGDT, LIDT, LLDT and LTR (vol. 2A, 2B; vol. 3A 3.4.5, 7.2.3): unicorn executes them and does every check but
+  one, the loaded base's canonical form (48 bits, 57 with 5-level paging offered: ``msr_policy.linear_width``),
+  which the provider makes after it: a non-canonical base puts GDTR/IDTR/LDTR/TR back as they were (and the TSS
+  descriptor's busy bit LTR set) and raises #GP(0) for LGDT/LIDT, #GP(selector) for LLDT/LTR;
 - I/O at CPL > IOPL consults the TSS's I/O permission bitmap (vol. 1 19.5.2): #GP(0) unless every bit of the
   ports touched is clear and inside the TSS limit.
 
 Not supported: SYSCALL from compatibility or legacy mode (AMD's CSTAR/STAR[31:0] forms are #UD, as on Intel),
 SYSENTER's checks on the target selectors' descriptors (flat segments are loaded as the SDM says, the GDT is not
-read), the I/O bitmap of a 16-bit TSS.
+read), the I/O bitmap of a 16-bit TSS, the canonical check of a descriptor-table load whose operand or descriptor
+is in MMIO (a MEMORY exit; ``assist_mem`` completes it unchecked).
 """
 
 import struct
 
+from unicorn import UcError
 from unicorn import x86_const as X
 
 from .. import constants as C
+from ..state import EXIT_MEM_FMT
+from ..x86 import msr_policy
 from . import hooks as H
 from . import ucstate as U
 from .cpuid import XCR0_SUPPORTED
@@ -119,7 +127,48 @@ def vex(vcpu, insn, rip, hf):
     return H.UD
 
 
-EMULATE = {H.SYSCALL: syscall, H.SYSENTER: sysenter, H.XSETBV: xsetbv, H.MOV_CR8: mov_cr8, H.VEX: vex}
+#: The registers LGDT, LIDT, LLDT and LTR load (offsets in unicorn's CPU image).
+DT_REGS = {H.LGDT: U.ENV_GDT, H.LIDT: U.ENV_IDT, H.LLDT: U.ENV_LDT, H.LTR: U.ENV_TR}
+DESC_TSS_BUSY = 1 << 1          # in byte 5 of a TSS descriptor (type 1011b busy, 1001b available)
+
+
+def dt_load(vcpu, insn, rip, hf):
+    """LGDT, LIDT, LLDT or LTR: unicorn's, then the canonical check of the loaded base it skips."""
+    off = DT_REGS[insn.kind]
+    old = vcpu.img.load().seg(off)
+    try:
+        fault = vcpu.step_insn()
+    except UcError:
+        why = vcpu._why
+        if why is None or why[0] != "mem":
+            raise
+        vcpu.uc.reg_write(X.UC_X86_REG_RIP, rip)
+        EXIT_MEM_FMT.pack_into(vcpu.exit.buf, 8, why[2], why[1], 0, bytes(15))
+        vcpu._mem_access = why
+        return C.NVMM_VCPU_EXIT_MEMORY
+    if fault is not None:
+        return fault
+    img = vcpu.img.load()
+    sel, base = img.seg(off)[:2]
+    if msr_policy.canonical(base, msr_policy.linear_width(vcpu.guest_cpuid)):
+        return None
+    img.set_seg(off, *old)
+    img.store()
+    if insn.kind in (H.LGDT, H.LIDT):
+        return H.GP0
+    if insn.kind == H.LTR:          # unicorn marked the descriptor busy; the CPU checks before it does
+        _, gdt_base, _, _ = img.seg(U.ENV_GDT)
+        mem = GuestMemory(vcpu)
+        at = gdt_base + (sel & ~7) + 5
+        try:
+            mem.write(at, bytes([mem.read(at, 1)[0] & ~DESC_TSS_BUSY]))
+        except DeliveryFault:
+            pass
+    return H.Fault(C.X86_EXC_GP, sel & 0xFFFC)
+
+
+EMULATE = {H.SYSCALL: syscall, H.SYSENTER: sysenter, H.XSETBV: xsetbv, H.MOV_CR8: mov_cr8, H.VEX: vex,
+           H.LGDT: dt_load, H.LIDT: dt_load, H.LLDT: dt_load, H.LTR: dt_load}
 
 
 def io_allowed(vcpu, port, size, hf):

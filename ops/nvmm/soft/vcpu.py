@@ -8,7 +8,8 @@ configured to exit, MONITOR/MWAIT, a write of CR8 with ``NVMM_VCPU_CONF_TPR`` (T
 the first instruction of an open interrupt window (``int_window_exiting`` with IF=1 and no STI/MOV SS shadow);
 it decodes with the mode of the run's start and reads the instruction's mode and CPL from the engine before it
 acts on one (a far jump may have changed them within the run; a byte that is REX or VEX only in 64-bit mode is
-decoded again too), and completes SYSCALL, SYSENTER, XSETBV, MOV CR8 and VEX #UD itself (``sysinsn.py``).
+decoded again too), and completes SYSCALL, SYSENTER, XSETBV, MOV CR8, VEX #UD and the canonical check of
+LGDT/LIDT/LLDT/LTR itself (``sysinsn.py``).
 Unmapped (MMIO) and write-protected accesses stop before the access; ``stop()`` (any thread) asks the code hook
 to stop before the next instruction. Exceptions the guest raises, and events from ``inject()``, are delivered
 through its IVT/IDT by ``delivery.py``; a fault delivering #DF is a SHUTDOWN exit. With RFLAGS.TF set, an
