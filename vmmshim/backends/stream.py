@@ -33,7 +33,7 @@ import struct
 import threading
 
 from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe, scatter_frame
-from .uart import _remove_stale_socket
+from .uart_sockets import _remove_stale_socket
 
 TX_QUEUE_FRAMES = 256
 TX_QUEUE_BYTES = 4 << 20
