@@ -31,6 +31,7 @@ from .. import constants as C
 from ..state import EXIT_IO_FMT, EXIT_RDMSR_FMT, EXIT_WRMSR_FMT
 from ..x86 import msr_policy
 from . import ucstate as U
+from .iopriv import io_allowed
 from .cpuid import filter_cpuid  # noqa: F401 (the code hook's and guest_cpuid's filter)
 
 MSR_FS_BASE, MSR_GS_BASE, MSR_TSC_AUX = 0xC0000100, 0xC0000101, 0xC0000103
@@ -243,7 +244,6 @@ def insn_exit(vcpu, insn, rip, hf):
     if kind == IO:
         port = insn.port if insn.port is not None else uc.reg_read(X.UC_X86_REG_DX) & 0xFFFF
         if hf & U.HF_CPL_MASK:
-            from .sysinsn import io_allowed
             if not io_allowed(vcpu, port, insn.operand_size, hf):
                 return GP0
         if insn.in_ and insn.operand_size == 1 and not insn.str_:

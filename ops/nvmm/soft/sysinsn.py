@@ -30,7 +30,6 @@ read), the I/O bitmap of a 16-bit TSS, the canonical check of a descriptor-table
 is in MMIO (a MEMORY exit; ``assist_mem`` completes it unchecked).
 """
 
-import struct
 
 from unicorn import UcError
 from unicorn import x86_const as X
@@ -46,7 +45,6 @@ from .delivery import DeliveryFault, GuestMemory
 MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 RFLAGS_RF, RFLAGS_VM = 1 << 16, 1 << 17
-RFLAGS_IOPL_SHIFT = 12
 CR4_OSXSAVE = 1 << 18
 CR8_MASK = 0xF
 #: NVMM attribute words of the flat segments SYSCALL/SYSENTER load (type, S, DPL 0, P, L or D/B, G).
@@ -55,7 +53,6 @@ ATTR_CODE32 = 0xB | 0x10 | 0x80 | 0x400 | 0x800
 ATTR_STACK = 0x3 | 0x10 | 0x80 | 0x400 | 0x800
 FLAT_LIMIT = 0xFFFFFFFF
 _CS, _SS = U.ENV_SEGS + 24, U.ENV_SEGS + 48
-TSS_IOMAP_BASE = 0x66          # the I/O map base field of a 32- or 64-bit TSS
 
 
 def _load_flat(vcpu, cs_sel, cs_attrib, rflags):
@@ -169,27 +166,3 @@ def dt_load(vcpu, insn, rip, hf):
 
 EMULATE = {H.SYSCALL: syscall, H.SYSENTER: sysenter, H.XSETBV: xsetbv, H.MOV_CR8: mov_cr8, H.VEX: vex,
            H.LGDT: dt_load, H.LIDT: dt_load, H.LLDT: dt_load, H.LTR: dt_load}
-
-
-def io_allowed(vcpu, port, size, hf):
-    """Whether I/O to ``size`` bytes at ``port`` may go ahead: in real mode, at CPL <= IOPL, or where the TSS's
-    I/O permission bitmap clears every bit it touches."""
-    cpl = hf & U.HF_CPL_MASK
-    if not cpl or not hf & U.HF_PE:
-        return True
-    uc = vcpu.uc
-    if cpl <= (uc.reg_read(X.UC_X86_REG_RFLAGS) >> RFLAGS_IOPL_SHIFT) & 3:
-        return True
-    _, base, limit, _ = vcpu.img.load().seg(U.ENV_TR)
-    if limit < TSS_IOMAP_BASE + 1:
-        return False
-    first, last = port >> 3, (port + size - 1) >> 3
-    try:
-        mem = GuestMemory(vcpu)
-        iomap = struct.unpack("<H", mem.read(base + TSS_IOMAP_BASE, 2))[0]
-        if iomap + last > limit:
-            return False
-        bits = int.from_bytes(mem.read(base + iomap + first, last - first + 1), "little") >> (port & 7)
-    except DeliveryFault:
-        return False
-    return not bits & ((1 << size) - 1)
