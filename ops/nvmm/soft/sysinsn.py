@@ -30,7 +30,6 @@ read), the I/O bitmap of a 16-bit TSS, the canonical check of a descriptor-table
 is in MMIO (a MEMORY exit; ``assist_mem`` completes it unchecked).
 """
 
-
 from unicorn import UcError
 from unicorn import x86_const as X
 
