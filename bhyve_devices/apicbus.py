@@ -28,6 +28,14 @@ def _nop(*_):
     pass
 
 
+class Delivered(list):
+    """What :meth:`ApicBus.deliver` returns: the vCPU ids a message reached, and ``merged``: True when it was a
+    fixed or lowest-priority interrupt that every vlapic it reached already had requested in its IRR (it
+    merged with that request; an edge that the guest will take once, not twice)."""
+
+    merged = False
+
+
 class ApicBus:
     def __init__(self, on_init=None, on_sipi=None, on_nmi=None, kick=None):
         self.on_init = on_init or _nop
@@ -103,17 +111,23 @@ class ApicBus:
     def deliver(self, src_id, dest, dest_mode_logical, delivery_mode, vector, level=True, trigger=False,
                 shorthand=R.SHORTHAND_NONE, x2_format=None):
         """An IPI (from an ICR write of vCPU ``src_id``) or a message from an IOAPIC/MSI (``src_id`` None).
-        ``trigger`` True is level-triggered. Returns the vCPU ids it was delivered to."""
+        ``trigger`` True is level-triggered. Returns the vCPU ids it was delivered to, as a :class:`Delivered`
+        list whose ``merged`` says whether a fixed (or lowest-priority) interrupt merged with one already
+        requested: every vlapic that accepted it had the vector in its IRR (False when none accepted it)."""
         targets = self.targets(src_id, dest, dest_mode_logical, shorthand, x2_format)
         mode = delivery_mode & 7
         if mode == R.DELMODE_LOWPRI:
             targets = self._lowest(targets)
             mode = R.DELMODE_FIXED
-        done = []
+        done = Delivered()
         if mode == R.DELMODE_FIXED:
+            merged = []
             for v in targets:
-                if v.set_intr_ready(vector, trigger):
+                accepted, was_pending = v.set_intr_ready(vector, trigger, report_merged=True)
+                if accepted:
                     done.append(v.vcpu_id)
+                    merged.append(was_pending)
+            done.merged = bool(merged) and all(merged)
         elif mode == R.DELMODE_NMI:
             for v in targets:
                 self.nmi(v.vcpu_id)
@@ -141,8 +155,9 @@ class ApicBus:
 
     def deliver_intr(self, dest, phys, delmode, vector, level_trigger):
         """IOAPIC / MSI delivery (bhyve's ``vlapic_deliver_intr``): fixed, lowest priority, NMI and INIT; the
-        destination is the 8-bit xAPIC format (0xFF broadcast). Returns the vCPU ids reached."""
+        destination is the 8-bit xAPIC format (0xFF broadcast). Returns the vCPU ids reached (a
+        :class:`Delivered`, with ``merged``)."""
         if delmode & 7 not in (R.DELMODE_FIXED, R.DELMODE_LOWPRI, R.DELMODE_NMI, R.DELMODE_INIT):
-            return []
+            return Delivered()
         return self.deliver(None, dest, not phys, delmode, vector, True, bool(level_trigger), R.SHORTHAND_NONE,
                             x2_format=False)

@@ -41,7 +41,9 @@ class Device(Protocol):
 class IrqLine(Protocol):
     def set_level(self, level: bool) -> None: ...
 
-    def pulse(self) -> None: ...
+    def pulse(self) -> Optional[bool]:
+        """An edge. False when it merged with an edge still pending at the interrupt controller (the PIT then
+        sends it again, ``vatpit.py``); True or None: delivered, or not reported."""
 
 
 class TimerService(Protocol):

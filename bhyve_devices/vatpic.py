@@ -253,8 +253,22 @@ class Vatpic:
             self._update()
 
     def pulse_irq(self, irq):
-        self.set_irq_level(irq, True)
-        self.set_irq_level(irq, False)
+        """An edge on ISA IRQ ``irq`` (raise, then lower). Returns whether it merged with a request still
+        pending: True when the IRQ is edge-triggered and its IRR bit was already set (latched by an earlier
+        edge, not yet acknowledged by an INTA), so the 8259 keeps one request for both; False otherwise, and
+        also while the IRQ cannot reach INT (its PIC not initialized, or masked in the IMR, the slave's also by
+        the master's IR2 bit): the edge is then held back, as one to a masked IOAPIC pin is lost, not merged."""
+        if not 0 <= irq < 16 or irq == 2:
+            return False
+        with self._lock:
+            pic, bit = (self.master if irq < 8 else self.slave), 1 << (irq & 7)
+            routed = pic.ready and not pic.imr & bit
+            if irq >= 8:
+                routed = routed and self.master.ready and not self.master.imr & 4
+            merged = bool(routed and pic.irr & bit and not pic.elcr & bit)
+            self.set_irq_level(irq, True)
+            self.set_irq_level(irq, False)
+            return merged
 
     def set_irq_trigger(self, irq, level_triggered):
         """bhyve's ``vatpic_set_irq_trigger``: the ELCR bit of ISA IRQ ``irq`` (as a guest write of the ELCR)."""

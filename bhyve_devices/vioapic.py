@@ -7,7 +7,9 @@ IOREGSEL at 0x00 (index), IOWIN at 0x10 (data); indirect registers 0x00 IOAPICID
 trigger mode 15, mask 16, destination 63:56). Version 0x20 adds the directed-EOI register at 0x40 (as in the
 ICH/PCH IOxAPIC and QEMU/KVM): writing a vector there acts as the vlapic's EOI broadcast for that vector.
 
-Behaviour: an edge-triggered pin delivers on each rising edge while unmasked (an edge while masked is lost); a
+Behaviour: an edge-triggered pin delivers on each rising edge while unmasked (an edge while masked is lost;
+:meth:`Vioapic.pulse_pin` tells an edge that merged at the local APIC with one still requested, from the
+``merged`` of what ``deliver`` returns); a
 level-triggered pin delivers while asserted, unmasked and remote IRR clear, and sets remote IRR; :meth:`eoi`
 (from the vlapic's ``eoi_level`` or the EOI register) clears remote IRR and re-delivers a pin still asserted.
 Unmasking an asserted level pin delivers; switching a pin to edge clears its remote IRR (Linux's way of clearing
@@ -92,7 +94,9 @@ class Vioapic:
             if e & RTE_REMOTE_IRR or not (self.levels >> pin) & 1:
                 return
             self.redir[pin] = e | RTE_REMOTE_IRR
-        self._deliver(e >> 56, not e & RTE_DESTMODE, (e >> 8) & 7, e & RTE_VECTOR, bool(e & RTE_TRIGGER_LEVEL))
+        done = self._deliver(e >> 56, not e & RTE_DESTMODE, (e >> 8) & 7, e & RTE_VECTOR,
+                             bool(e & RTE_TRIGGER_LEVEL))
+        return getattr(done, "merged", False) is True
 
     def set_pin_level(self, pin, level):
         """Asserts (True) or de-asserts a pin; pins outside the table are ignored."""
@@ -109,8 +113,23 @@ class Vioapic:
                 self.levels &= ~bit
 
     def pulse_pin(self, pin):
-        self.set_pin_level(pin, True)
-        self.set_pin_level(pin, False)
+        """An edge on ``pin`` (raise, then lower). Returns None when the edge goes to no local APIC (the pin is
+        masked or outside the table), else whether it merged with an interrupt still requested: True when
+        every vlapic it reached already had the vector in its IRR (the delivery's ``merged``), False otherwise
+        (also for a level-triggered pin whose remote IRR holds it back)."""
+        if not 0 <= pin < self.pins:
+            return None
+        with self._lock:
+            if self.redir[pin] & RTE_MASKED:
+                self.levels &= ~(1 << pin)
+                return None
+            bit = 1 << pin
+            merged = False
+            if not self.levels & bit or self.redir[pin] & RTE_TRIGGER_LEVEL:
+                self.levels |= bit
+                merged = bool(self._service(pin))
+            self.levels &= ~bit
+            return merged
 
     def eoi(self, vector):
         """End of a level-triggered interrupt with ``vector``: clears remote IRR on the matching pins and

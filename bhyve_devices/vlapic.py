@@ -159,24 +159,28 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
         """What the guest's CR8 reads: TPR[7:4]."""
         return self.tpr >> 4
 
-    def set_intr_ready(self, vector, level_triggered=False):
-        """Makes ``vector`` pending (IRR, and TMR for level); returns False if not accepted. Vectors below 16
-        set the receive-illegal-vector ESR bit; a software-disabled APIC drops fixed interrupts (bhyve)."""
+    def set_intr_ready(self, vector, level_triggered=False, *, report_merged=False):
+        """Makes ``vector`` pending (IRR, and TMR for level); returns False if not accepted, else True. Vectors
+        below 16 set the receive-illegal-vector ESR bit; a software-disabled APIC drops fixed interrupts (bhyve).
+        With ``report_merged`` it returns ``(accepted, merged)`` instead: ``merged`` is True when the vector was
+        already requested in the IRR, so this interrupt merged with that one (one IRR bit per vector: the
+        guest takes it once)."""
         with self._guard:
             vector &= 0xFF
             if vector < 16:
                 self._set_error(R.ESR_RECV_ILLEGAL_VECTOR)
-                return False
+                return (False, False) if report_merged else False
             if not self.hw_enabled or not self.sw_enabled:
-                return False
+                return (False, False) if report_merged else False
             bit = 1 << vector
+            merged = bool(self.irr & bit)
             self.irr |= bit
             if level_triggered:
                 self.tmr |= bit
             else:
                 self.tmr &= ~bit
             self._kick()
-            return True
+            return (True, merged) if report_merged else True
 
     def pending_intr(self):
         """The highest IRR vector whose priority class is above the PPR's, or None."""

@@ -330,9 +330,14 @@ class Vm:
         self.vioapic.set_pin_level(2 if irq == 0 else irq, level)
 
     def isa_pulse_irq(self, irq):
+        """An edge on ISA IRQ ``irq``, to the 8259 pair and the IOAPIC (IRQ0 on pin 2). Returns False when the
+        edge merged with one still pending where the guest takes it, else True: the IOAPIC's answer (the
+        destination vlapics all had the vector in their IRR) while its pin is unmasked, as the IOAPIC route is
+        then the one in use; with the pin masked, the 8259's (the IRQ's IRR bit was still set)."""
         self.irq_events[irq] = self.irq_events.get(irq, 0) + 1
-        self.vatpic.pulse_irq(irq)
-        self.vioapic.pulse_pin(2 if irq == 0 else irq)
+        pic_merged = self.vatpic.pulse_irq(irq)
+        io_merged = self.vioapic.pulse_pin(2 if irq == 0 else irq)
+        return not (pic_merged if io_merged is None else io_merged)
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not

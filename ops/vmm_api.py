@@ -99,7 +99,10 @@ class VmmApi(VmmOps, Protocol):
 
     def vm_isa_set_irq(self, vmi: Any, irq: int, level: bool) -> None: ...
 
-    def vm_isa_pulse_irq(self, vmi: Any, irq: int) -> None: ...
+    def vm_isa_pulse_irq(self, vmi: Any, irq: int) -> bool:
+        """An edge on ISA IRQ ``irq`` (8259 and IOAPIC). False when it merged with an edge still pending where
+        the guest takes it (the vlapics' IRR through an unmasked IOAPIC pin, else the 8259's IRR), so the
+        guest will see one interrupt for both; True otherwise (a lost or masked edge is not merged)."""
 
     def vm_atpic_set_irq(self, vmi: Any, irq: int, level: bool) -> None:
         """An 8259 input alone (bhyve's ``vm_isa_assert_irq`` with no IOAPIC pin: a PCI INTx through a PIRQ)."""
@@ -186,7 +189,7 @@ class VmmApiCalls:
         vmi.isa_set_irq(irq, level)
 
     def vm_isa_pulse_irq(self, vmi, irq):
-        vmi.isa_pulse_irq(irq)
+        return vmi.isa_pulse_irq(irq)
 
     def vm_atpic_set_irq(self, vmi, irq, level):
         vmi.vatpic.set_irq_level(irq, level)

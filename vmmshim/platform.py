@@ -129,8 +129,11 @@ class _PitLine:
             self._line.set_level(level)
 
     def pulse(self):
-        if not self._platform.hpet_legacy():
-            self._line.pulse()
+        """The line's answer (False: merged with an edge still pending); True while the HPET has the route (the
+        edge is cut off, not merged: the PIT must not send it again)."""
+        if self._platform.hpet_legacy():
+            return True
+        return self._line.pulse()
 
 
 def wall_clock_ns():

@@ -367,4 +367,5 @@ class _IsaLine:
         self.vm.ops.vm_isa_set_irq(self.vm.vmi, self.irq, level)
 
     def pulse(self):
-        self.vm.ops.vm_isa_pulse_irq(self.vm.vmi, self.irq)
+        """False when the edge merged with one still pending (``vm_isa_pulse_irq``), else True."""
+        return self.vm.ops.vm_isa_pulse_irq(self.vm.vmi, self.irq)

@@ -312,3 +312,41 @@ def test_irq0_through_lint0_of_an_apic_left_in_its_reset_state():
     assert v.lint0_pending() and v.pending_intr() is None
     assert pic.intr_accepted() == 0x20
     assert not v.lint0_pending()
+
+
+def test_pulse_irq_reports_an_edge_merged_in_the_irr():
+    pic, line = linux_init()
+    unmask(pic, 0)
+    assert pic.pulse_irq(0) is False                        # newly requested
+    assert pic.pulse_irq(0) is True                         # IRR bit still set: one request for both
+    assert pic.intr_accepted() == 0x20                      # INTA: IRR -> ISR
+    assert pic.pulse_irq(0) is False                        # a new request (waits for the EOI)
+    assert pic.pulse_irq(0) is True
+    linux_ack(pic, 0)
+    assert pic.intr_accepted() == 0x20 and pic.pulse_irq(0) is False
+    unmask(pic, 12)
+    unmask(pic, 2)
+    assert pic.pulse_irq(12) is False and pic.pulse_irq(12) is True     # the slave's IRR alike
+    assert pic.pulse_irq(2) is False and pic.pulse_irq(16) is False
+
+
+def test_pulse_irq_not_merged_where_it_cannot_reach_int():
+    pic, line = linux_init()
+    pic.pulse_irq(1)                                        # masked in the IMR: latched, held back
+    assert pic.pulse_irq(1) is False
+    unmask(pic, 1)
+    assert pic.pulse_irq(1) is True                         # now that request is on its way
+    pic.pulse_irq(9)                                        # slave IRQ, masked
+    unmask(pic, 9)                                          # and the cascade is masked on the master
+    outb(pic.master, 1, inb(pic.master, 1) | 4)
+    assert pic.pulse_irq(9) is False
+    cold = Vatpic()                                         # never initialized: no output at all
+    cold.pulse_irq(0)
+    assert cold.pulse_irq(0) is False
+
+
+def test_pulse_irq_on_a_level_irq_is_never_merged():
+    pic, line = linux_init()
+    unmask(pic, 5)
+    outb(pic.elcr, 0, 1 << 5)
+    assert pic.pulse_irq(5) is False and pic.pulse_irq(5) is False

@@ -381,6 +381,77 @@ def test_a_pulse_the_line_reports_merged_is_sent_again():
     assert pit.pulses == 30 and irq.pulses == 33
 
 
+def _platform_irq0(hpet_legacy):
+    """IRQ0 as the VM wires it (``_PitLine`` over ``_IsaLine`` over ``vm_isa_pulse_irq``), into the engine's own
+    ``isa_pulse_irq`` with a real 8259 pair, IOAPIC and one vlapic (the engine's NVMM machine is left out)."""
+    from types import SimpleNamespace
+
+    from bhyve_devices import vlapic_regs as R
+    from bhyve_devices.apicbus import ApicBus
+    from bhyve_devices.vatpic import Vatpic
+    from bhyve_devices.vioapic import Vioapic
+    from bhyve_devices.vlapic import Vlapic
+    from ops.vmm import Vm as EngineVm
+    from ops.vmm_api import VmmApiCalls
+    from vmmshim.platform import _PitLine
+    from vmmshim.vm import _IsaLine
+
+    bus = ApicBus()
+    engine = SimpleNamespace(vatpic=Vatpic(), vioapic=Vioapic(bus.deliver_intr), irq_events={})
+    engine.isa_pulse_irq = lambda irq: EngineVm.isa_pulse_irq(engine, irq)
+    lapic = Vlapic(0, ManualTimers(), bus)
+    lapic.write(R.SVR, 4, 0x1FF)
+    vm = SimpleNamespace(ops=VmmApiCalls.__new__(VmmApiCalls), vmi=engine)
+    line = _PitLine(SimpleNamespace(hpet_legacy=lambda: hpet_legacy[0]), _IsaLine(vm, 0))
+    return engine, lapic, line
+
+
+def test_the_platform_line_reports_a_tick_still_in_the_lapic_irr_and_the_pit_sends_it_again():
+    hpet = [False]
+    engine, lapic, line = _platform_irq0(hpet)
+    engine.vioapic.write_reg(0x14, 0x30)                # pin 2: vector 0x30, fixed, edge, unmasked
+    engine.vioapic.write_reg(0x15, 0)
+    assert line.pulse() is True and line.pulse() is False      # the second found 0x30 still requested
+    lapic.intr_accepted(0x30)
+
+    t = LateTimers(start_ns=10**12)
+    pit = PIT8254(t, line)
+    pit.write(3, 1, 0x34)
+    pit.write(0, 1, LATCH_1KHZ & 0xFF)
+    pit.write(0, 1, LATCH_1KHZ >> 8)
+    start, period = t.now_ns(), _period_ns()
+    t.run_on_time_until(start + int(1.2 * period))
+    assert pit.pulses == 1 and lapic.irr >> 0x30 & 1
+    t.run_on_time_until(start + int(2.2 * period))     # the vCPU has not taken it: edge 2 merged
+    assert pit.pulses == 1 and pit.merged == 1
+    lapic.intr_accepted(0x30)
+    t.run_on_time_until(start + int(2.7 * period))     # sent again half a period later, and in
+    assert pit.pulses == 2 and pit.merged == 1 and lapic.irr >> 0x30 & 1
+    lapic.intr_accepted(0x30)
+    t.run_on_time_until(start + int(3.2 * period))
+    assert pit.pulses == 3
+
+    engine.vioapic.write_reg(0x14, 0x10030)             # pin 2 masked: the 8259's answer (not initialized here,
+    assert line.pulse() is True                         # so nothing merges there)
+    engine.vioapic.write_reg(0x14, 0x30)
+    hpet[0] = True                                      # the HPET has IRQ0: cut off, not merged
+    assert line.pulse() is True and line.pulse() is True
+
+
+def test_with_the_ioapic_pin_masked_the_8259_answers():
+    engine, lapic, line = _platform_irq0([False])
+    pic = engine.vatpic
+    for port, val in ((0, 0x11), (1, 0x20), (1, 4), (1, 1), (1, 0xFA)):     # master initialized, IRQ0 unmasked
+        pic.master.write(port, 1, val)
+    assert line.pulse() is True and line.pulse() is False
+    assert pic.intr_accepted() == 0x20 and line.pulse() is True
+    engine.vioapic.write_reg(0x14, 0x30)                # the IOAPIC route in use: its answer counts
+    engine.vioapic.write_reg(0x15, 0)
+    assert line.pulse() is True and line.pulse() is False       # (the 8259's IRR bit is set all along)
+    lapic.intr_accepted(0x30)
+    assert line.pulse() is True
+
+
 def test_a_backlog_over_a_second_is_dropped_and_the_phase_kept():
     count = PIT_HZ // 100                               # 100 Hz
     t, irq, pit = _periodic(count=count)

@@ -158,3 +158,48 @@ def test_never_raises(ops):
             io.set_pin_level(pin, val & 1)
         else:
             io.eoi(val)
+
+
+def _bus_with(n):
+    bus = ApicBus()
+    io = Vioapic(bus.deliver_intr)
+    vs = [Vlapic(i, ManualTimers(), bus, eoi_level=io.eoi) for i in range(n)]
+    for v in vs:
+        v.write(R.SVR, 4, 0x1FF)
+    return bus, io, vs
+
+
+def test_pulse_pin_reports_an_edge_merged_in_the_destination_irr():
+    bus, io, (v,) = _bus_with(1)
+    program(io, 2, 0x30, dest=0)                                  # IRQ0's pin: fixed, edge
+    assert io.pulse_pin(2) is False                               # newly requested
+    assert io.pulse_pin(2) is True                                # 0x30 still in the IRR: merged
+    v.intr_accepted(0x30)                                         # the vCPU took it
+    assert io.pulse_pin(2) is False
+    program(io, 2, IO.RTE_MASKED | 0x30, dest=0)
+    assert io.pulse_pin(2) is None                                # masked: lost, goes to no local APIC
+    assert io.pulse_pin(24) is None and io.pulse_pin(-1) is None
+    program(io, 2, 0x30, dest=5)                                  # no such APIC: reached nobody, not merged
+    assert io.pulse_pin(2) is False
+
+
+def test_pulse_pin_merged_only_when_every_destination_had_it():
+    bus, io, (v0, v1) = _bus_with(2)
+    program(io, 4, 0x50, dest=0xFF)                               # broadcast, fixed
+    assert io.pulse_pin(4) is False
+    v1.intr_accepted(0x50)
+    assert io.pulse_pin(4) is False                               # vCPU 1 got a new one
+    assert io.pulse_pin(4) is True                                # both had it
+    bus, io, (v0, v1) = _bus_with(2)
+    program(io, 4, (1 << 8) | 0x51, dest=0xFF)                    # lowest priority: the one it picks counts
+    assert io.pulse_pin(4) is False                               # one vCPU (round-robin among equals)
+    assert io.pulse_pin(4) is False                               # the other: new there
+    assert io.pulse_pin(4) is True                                # the first again, which still has it
+    assert v0.irr >> 0x51 & 1 and v1.irr >> 0x51 & 1
+    assert bus.deliver_intr(0xFF, True, R.DELMODE_NMI, 0, False).merged is False
+
+
+def test_pulse_pin_with_a_deliver_that_reports_nothing():
+    io, sent = make()
+    program(io, 4, 0x34, dest=1)
+    assert io.pulse_pin(4) is False and len(sent) == 1

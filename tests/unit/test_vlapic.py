@@ -389,3 +389,19 @@ def test_msr_only_raises_apicgp(ops, x2):
         except ApicGP:
             pass
         v.pending_intr()
+
+
+# -- merged interrupts (issue 24 item 5) ---------------------------------------------------------------------
+
+def test_set_intr_ready_reports_a_vector_already_requested_as_merged():
+    v = make()
+    assert v.set_intr_ready(0x40) is True                       # the plain contract: accepted
+    assert v.set_intr_ready(0x40) is True                       # still True without the keyword
+    v.intr_accepted(0x40)                                       # IRR -> ISR: the next one is new again
+    assert v.set_intr_ready(0x40, report_merged=True) == (True, False)
+    assert v.set_intr_ready(0x40, report_merged=True) == (True, True)   # the guest will take it once
+    assert v.set_intr_ready(0x41, True, report_merged=True) == (True, False)
+    assert v.set_intr_ready(0x41, True, report_merged=True) == (True, True)
+    assert v.set_intr_ready(3, report_merged=True) == (False, False)     # illegal vector: refused
+    wr(v, R.SVR, 0xFF)
+    assert v.set_intr_ready(0x40, report_merged=True) == (False, False)  # software-disabled: refused
