@@ -4,29 +4,24 @@ console: the shared body of the lab modules that only need the guest's console (
 
 A boot that never reaches the shell (the lab's L2 has hung and triple-faulted early, in the TCG-emulated L1) is
 tried again, ``BOOT_TRIES`` boots in all; the failed tries are printed and counted in CASE lines, and a case
-passes on a boot that reached the shell. A case named in ``hogs`` boots while ``HOGS`` busy loops run in L1."""
+passes on a boot that reached the shell."""
 
 import re
 
 BOOT_TRIES = 3
-HOGS = 3
 VMM = ("timeout -k 5 {t} python3 -m vmmshim {args} -m 512M -s 0:0,hostbridge -s 31,lpc -l com1,stdio "
        "-f kexec,/lab/guest/vmlinuz,/lab/guest/initramfs.gz,'console=ttyS0 panic=-1 {append}' "
        "</dev/null >/tmp/{name}.txt")      # the console on stdio, as a user runs it
-HOGS_ON = f"for h in $(seq 1 {HOGS}); do (while :; do :; done) & done; "
-HOGS_OFF = "kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; "
 
 
-def run_cases(cases, hogs=(), vm_timeout=150, lab_timeout=1200):
+def run_cases(cases, vm_timeout=150, lab_timeout=1200):
     """``cases``: ``{name: (vmmshim flags, kernel command-line additions)}``; returns ``{name: (status, seconds,
     console)}`` (None for what a case never printed)."""
     from vmmshim.lab import run_in_lab
     script = "cd /lab/project\n" + "\n".join(
-        (HOGS_ON if n in hogs else "") +
         f"for try in $(seq 1 {BOOT_TRIES}); do s=$(date +%s); {VMM.format(t=vm_timeout, args=a, name=n, append=x)} "
         f"2>/tmp/{n}.err; st=$?; grep -q VMMSHIM-GUEST-UP /tmp/{n}.txt && break; "
         f"echo \"{n}: try $try did not reach the shell (status $st)\" >&2; tail -5 /tmp/{n}.txt >&2; done; "
-        + (HOGS_OFF if n in hogs else "") +
         f"echo \"CASE {n} status=$st seconds=$(( $(date +%s) - s )) tries=$try\"; sed 's/^/{n}| /' /tmp/{n}.txt; "
         f"tail -3 /tmp/{n}.err | sed 's/^/{n}! /'"
         for n, (a, x) in cases.items())

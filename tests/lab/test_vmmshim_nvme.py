@@ -153,7 +153,7 @@ def test_intx_without_doorbells_4k_sectors_and_a_read_only_controller(runs):
     r = runs["intx"]
     _common(r)
     vx, facts = r["vx"], r["facts"]
-    assert vx.get("SIZE") == f"{64 * MiB // 4096} 4096", tail(r)
+    assert vx.get("SIZE") == f"{64 * MiB // 512} 4096", tail(r)      # /sys/block/*/size counts 512-byte units
     assert vx.get("RO-FLAG") == "1", "Linux did not see the namespace write protected" + tail(r)
     assert vx.get("RO-W") not in (None, "0"), "a write to the read-only controller succeeded" + tail(r)
     assert vx.get("RO-SUM") == facts["ro_md5"] and facts["ro_unchanged"], tail(r)

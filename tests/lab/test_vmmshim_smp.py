@@ -1,0 +1,68 @@
+"""x86 fidelity with stock Linux in the nested lab (issue 24): four and three vCPUs online, each running a
+command pinned to it (``taskset``; Linux starts its APs one by one, so these boots also show the INIT-SIPI path
+with more than two targets); ``nolapic`` on one and two vCPUs (the 8259 through LINT0 of a software-disabled
+local APIC, and a halted vCPU woken by it); and an MP-table boot that must keep its APIC timer (no "verification
+failure", an expected failure while issue 24 item 5 is open) with one APIC version in the MP table and the
+vlapic.
+
+The issue asks for the MP-table boot under three CPU hogs in L1. Two tries here (hogs at nice 0, then at nice 19)
+never finished that boot: L1 is QEMU TCG on one host thread, and with the hogs its first guest try did not end in
+12 minutes, so the case held the lab past its deadline. The PIT's accounting under load is tested on KVM instead
+(``tests/conformance/test_pit_under_load.py``: a guest counts 250 Hz ticks under three hogs, within one pulse)."""
+
+import re
+
+import pytest
+
+from tests.lab.boot_cases import run_cases
+from vmmshim.lab.guest import encode_run
+
+pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1800)]
+
+#: Each CPU runs awk pinned to it; awk prints the CPU it ran on (/proc/self/stat field 39).
+PINNED = ("echo NPROC=$(nproc); for c in $(seq 0 $(($(nproc) - 1))); do "
+          "echo PINNED-$c=$(taskset -c $c awk '{print $39}' /proc/self/stat); done")
+CASES = {
+    "smp4": ("-A -c 4", encode_run(PINNED)),
+    "smp3": ("-A -c 3", encode_run(PINNED)),
+    "nolapic1": ("-A -c 1", "nolapic"),
+    "nolapic2": ("-A -c 2", "nolapic"),
+    "mptable": ("-c 1", "hpet=disable"),
+}
+
+
+@pytest.fixture(scope="module")
+def boots(lab_ready):
+    return run_cases(CASES, vm_timeout=240, lab_timeout=1500)
+
+
+@pytest.mark.parametrize("case,n", [("smp4", 4), ("smp3", 3)])
+def test_every_vcpu_is_online_and_runs_a_pinned_command(boots, case, n):
+    status, secs, console = boots[case]
+    assert f"VMMSHIM-CPUS={n}" in console and f"NPROC={n}" in console, console[-3000:]
+    for c in range(n):
+        assert re.search(rf"^PINNED-{c}={c}\r?$", console, re.M), (c, console[-2000:])
+    assert "VMMSHIM-RUN-STATUS=0" in console and status == 1, (status, console[-1500:])
+
+
+@pytest.mark.parametrize("case", ["nolapic1", "nolapic2"])
+def test_nolapic_reaches_the_shell(boots, case):
+    status, secs, console = boots[case]
+    assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
+    assert status == 1, (status, console[-1500:])
+
+
+@pytest.mark.xfail(strict=False, reason="issue 24 item 5, open: in the lab's TCG L1 an MP-table boot with hpet=disable "
+                   "still loses its APIC timer to 'verification failure' in about half the boots (3 of 5 here on "
+                   "2026-12-06 with the PIT's catch-up and merge feedback; 1 of 3 with the code before them)")
+def test_mptable_boot_keeps_its_apic_timer(boots):
+    status, secs, console = boots["mptable"]
+    assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
+    assert "verification failure" not in console, "Linux disabled the APIC timer"
+
+
+def test_mptable_and_vlapic_agree_on_the_apic_version(boots):
+    status, secs, console = boots["mptable"]
+    assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
+    assert "APIC version mismatch" not in console, "the MP table and the vlapic disagree on the APIC version"
+    assert status == 2, (status, console[-1500:])
