@@ -53,7 +53,7 @@ def test_nolapic_reaches_the_shell(boots, case):
 
 
 @pytest.mark.xfail(strict=False, reason="issue 24 item 5, open: in the lab's TCG L1 an MP-table boot with hpet=disable "
-                   "still loses its APIC timer to 'verification failure' in about half the boots (3 of 5 here on "
+                   "still loses its APIC timer to 'verification failure' in about half the boots (4 of 7 here on "
                    "2026-12-06 with the PIT's catch-up and merge feedback; 1 of 3 with the code before them)")
 def test_mptable_boot_keeps_its_apic_timer(boots):
     status, secs, console = boots["mptable"]
