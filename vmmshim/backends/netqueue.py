@@ -117,20 +117,6 @@ def _pipe_nonblock():
     return r, w
 
 
-def scatter_frame(segs, frame):
-    """Copies ``frame`` into the writable buffers ``segs`` in order; returns the bytes copied (a frame longer than
-    the buffers is cut)."""
-    mv = memoryview(frame)
-    done = 0
-    for m in segs:
-        if done >= len(mv):
-            break
-        k = min(len(m), len(mv) - done)
-        m[:k] = mv[done:done + k]
-        done += k
-    return done
-
-
 class ThreadedFrameBackend:
     """What the NetBackends with one thread of their own and plain Ethernet frames (slirp, stream) share: no
     virtio-net header and no offloads (the device adds and strips the header), the receive hooks that wake the

@@ -45,8 +45,10 @@ import sys
 import threading
 import time
 
+from bhyve_devices.virtio.chain import scatter
+
 from . import slirp_ffi
-from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe, scatter_frame
+from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe
 from .slirp_ffi import ffi
 
 TX_QUEUE_FRAMES = 256           # guest frames waiting for the slirp thread (a transmit queue's worth)
@@ -241,7 +243,7 @@ class SlirpBackend(ThreadedFrameBackend):
             frame = self._rxq.popleft()
         except IndexError:
             return None
-        return scatter_frame(segs, frame)
+        return scatter(segs, frame)
 
     def close(self):
         """Stops the thread, then frees libslirp's instance (its sockets close)."""

@@ -32,7 +32,9 @@ import socket
 import struct
 import threading
 
-from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe, scatter_frame
+from bhyve_devices.virtio.chain import scatter
+
+from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe
 from .uart_sockets import _remove_stale_socket
 
 TX_QUEUE_FRAMES = 256
@@ -161,7 +163,7 @@ class StreamBackend(ThreadedFrameBackend):
 
     def recv_into(self, segs):
         if self._frames:
-            return scatter_frame(segs, self._frames.popleft())
+            return scatter(segs, self._frames.popleft())
         if self._eof and not self._frames:
             self._eof_told = True
             return 0
