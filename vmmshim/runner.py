@@ -19,8 +19,6 @@ from .config import ConfigError
 from .flags import UsageError
 
 EXIT_POWEROFF, EXIT_ERROR = 1, 4
-POWEROFF_TIMEOUT_S = 30         # vmmshim.poweroff_timeout_s: the ACPI power button, then a forced power off
-POWEROFF_TIMEOUT_MAX_S = 86400
 END_WAIT_S = 10                 # how long the vCPUs get to stop when the run ends some other way than by the guest
 
 
@@ -57,7 +55,7 @@ def run_vm(cfg):
     VM's memory goes, every console and device is closed (a Unix socket removed, a tty set back) and the terminal
     is given back as it was."""
     from .shutdown import Shutdown
-    shutdown = Shutdown(timeout_s=_poweroff_timeout(cfg)).install()   # SIGTERM/SIGHUP/SIGINT (shutdown.py)
+    shutdown = Shutdown(timeout_s=float(cfg.get("vmmshim.poweroff_timeout_s"))).install()  # shutdown.py
     terminal = _Terminal()
     pidfile = _write_pidfile(cfg.get("pidfile"))
     vm = platform = None
@@ -132,18 +130,6 @@ def _tear_down(cfg, vm, platform):
         platform.close()
     if vm is not None and stopped:
         vm.close()
-
-
-def _poweroff_timeout(cfg):
-    key = "vmmshim.poweroff_timeout_s"
-    text = cfg.get(key, str(POWEROFF_TIMEOUT_S))
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1
-    if not 0 <= seconds <= POWEROFF_TIMEOUT_MAX_S:
-        raise ConfigError(f"{key}={text!r} must be a number of seconds from 0 (never) to {POWEROFF_TIMEOUT_MAX_S}")
-    return seconds
 
 
 def _write_pidfile(path):
