@@ -13,12 +13,11 @@ then gives the state and the bytes, and says no declared limit matched).
 import errno
 
 from ops.nvmm.capability import LIMIT_PAGING32, LIMIT_SOFT_INT
+from ops.nvmm.constants import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA
 from ops.nvmm.x86.mmu import gva_to_gpa
 
 from .vmm_ops import VmRegName as R
 
-CR0_PE, CR0_PG = 1 << 0, 1 << 31
-EFER_LMA = 1 << 10
 CS_L = 1 << 13                      # the code segment's long-mode bit in the access word
 INSN_BYTES = 8                      # bytes shown (an x86 instruction is at most 15)
 OPCODE_INT3, OPCODE_INT_N, OPCODE_INTO = 0xCC, 0xCD, 0xCE
@@ -40,7 +39,7 @@ def paging_mode(cr0, cr4, efer):
         return "no paging"
     if efer & EFER_LMA:
         return "4-level paging"
-    return "PAE paging" if cr4 & (1 << 5) else "32-bit paging"
+    return "PAE paging" if cr4 & CR4_PAE else "32-bit paging"
 
 
 def first_opcode(code, long_mode):
