@@ -171,6 +171,28 @@ class ManualTimers:
         self.set_time(self._now + ns)
 
 
+class LateTimers(ManualTimers):
+    """A timer thread that wakes late: ``wake_at(ns)`` moves the clock to ``ns`` first and only then runs the
+    callbacks due by then (one armed for a time already past is due in the same wake), so a callback reads a
+    ``now_ns`` after its deadline, as on a loaded host."""
+
+    def next_deadline(self):
+        return min((d for d, h, _ in self._heap if h not in self._cancelled), default=None)
+
+    def wake_at(self, ns):
+        self._now = max(self._now, ns)
+        while self._heap and self._heap[0][0] <= self._now:
+            _, h, fn = heapq.heappop(self._heap)
+            if h not in self._cancelled:
+                fn()
+
+    def run_on_time_until(self, ns):
+        """A timer thread that is never late, up to ``ns``."""
+        while (d := self.next_deadline()) is not None and d <= ns:
+            self.wake_at(d)
+        self._now = max(self._now, ns)
+
+
 class BytesMemory:
     """A :class:`GuestMemory` over a bytearray starting at guest-physical ``base`` (for tests and loaders)."""
 

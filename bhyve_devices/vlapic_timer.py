@@ -10,15 +10,27 @@ the owner's ``on_expire(generation)``, which calls :meth:`ApicTimer.expired` and
 A callback whose generation is stale (the timer was re-armed or stopped meanwhile) is ignored, so a timer thread
 that fires late never injects a cancelled tick.
 
+Periodic mode fires every period (issue 24 item 5): period k ends at start + k periods (no drift), and a period
+that ended while the timer thread ran late is *owed*; owed ticks go out one by one after the late one,
+period / (owed + 1) apart (2 to 8 a period, at least 1 ms and at most half a period apart), as ``vatpit`` sends
+its late IRQ0 edges. Why: Linux without a TSC-deadline timer verifies its calibrated LAPIC timer by counting
+jiffies over HZ/10 periodic LAPIC ticks (``calibrate_APIC_clock``, "verification failure" when they disagree by
+more than 2); the PIT catches up on its late ticks, so the LAPIC timer must too, or a slow timer thread makes the
+two disagree. A tick whose vector is still pending in the IRR merges there, as on hardware (one IRR bit). Ticks
+owed for more than one second (a stopped VM, a host asleep) are dropped (counted in ``dropped``).
+
 Not supported: a periodic period shorter than :data:`MIN_PERIOD_NS` (100 us) is stretched to it, as KVM does, so a
-guest cannot flood the timer thread; missed periodic ticks are coalesced, not replayed; the TSC-deadline clock is
-the TimerService clock scaled by ``tsc_hz`` (no TSC offset or scaling from the VM unless ``tsc_now`` is given).
+guest cannot flood the timer thread; the TSC-deadline clock is the TimerService clock scaled by ``tsc_hz`` (no TSC
+offset or scaling from the VM unless ``tsc_now`` is given); a masked LVT's periods are neither fired nor owed.
 """
 
 from . import vlapic_regs as R
 
 NS_PER_S = 1_000_000_000
 MIN_PERIOD_NS = 100_000
+CATCHUP_DIVISIONS = 8           # owed ticks go out 2 to 8 per period (period / (owed + 1) apart) ...
+CATCHUP_MIN_NS = 1_000_000      # ... and at least 1 ms apart (half a period at most), so the guest takes each
+BACKLOG_LIMIT_NS = NS_PER_S     # ticks owed for longer than this are dropped rather than sent in a burst
 
 
 class ApicTimer:
@@ -38,7 +50,9 @@ class ApicTimer:
         self.period_ns = 0
         self.tsc_deadline = 0
         self.generation = 0
-        self.fires = 0          # statistics: expirations so far
+        self.fires = 0          # statistics: expirations so far (catch-up ticks included)
+        self.owed = 0           # periodic ticks due (the timer thread ran late) and not fired yet
+        self.dropped = 0        # statistics: owed ticks given up (over BACKLOG_LIMIT_NS late)
         self._handle = None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -46,11 +60,15 @@ class ApicTimer:
         return max(1, -(-count * self.divisor * NS_PER_S // R.BUS_HZ))
 
     def _arm(self, deadline_ns):
-        self.generation += 1
-        gen = self.generation
         self.deadline_ns = deadline_ns
         self.running = True
-        self._handle = self._timers.arm(deadline_ns, lambda: self._on_expire(gen))
+        self._arm_callback(deadline_ns)
+
+    def _arm_callback(self, when_ns):
+        """Arms the callback at ``when_ns`` without moving the period's end (``deadline_ns``, what CCR counts to)."""
+        self.generation += 1
+        gen = self.generation
+        self._handle = self._timers.arm(when_ns, lambda: self._on_expire(gen))
 
     def stop(self):
         if self._handle is not None:
@@ -58,6 +76,7 @@ class ApicTimer:
             self._handle = None
         self.generation += 1
         self.running = False
+        self.owed = 0
 
     def _start_count(self, count):
         now = self._timers.now_ns()
@@ -93,6 +112,8 @@ class ApicTimer:
         if not self.running or self.mode == R.TIMER_TSC_DEADLINE:
             return 0
         remaining = self.deadline_ns - self._timers.now_ns()
+        if remaining <= 0 and self.mode == R.TIMER_PERIODIC and self.icr:
+            remaining = self.period_ns - (-remaining) % self.period_ns     # the periods go on while the callback is late
         if remaining <= 0:
             return 0
         count = -(-remaining * R.BUS_HZ // (self.divisor * NS_PER_S))
@@ -119,18 +140,40 @@ class ApicTimer:
         if generation != self.generation or not self.running:
             return False
         self._handle = None
-        self.fires += 1
         if self.mode == R.TIMER_PERIODIC and self.icr:
-            now = self._timers.now_ns()
-            nxt = self.deadline_ns + self.period_ns
-            if nxt <= now:  # a late timer thread: coalesce the missed ticks
-                nxt += ((now - nxt) // self.period_ns + 1) * self.period_ns
-            self._arm(nxt)
-        else:
-            self.running = False
-            if self.mode == R.TIMER_TSC_DEADLINE:
-                self.tsc_deadline = 0
+            return self._periodic_tick()
+        self.fires += 1
+        self.running = False
+        if self.mode == R.TIMER_TSC_DEADLINE:
+            self.tsc_deadline = 0
         return True
+
+    def _periodic_tick(self):
+        """A periodic callback: counts the periods that ended (owed), fires one if any is owed, and arms the next
+        callback at the period's end or sooner for the ticks still owed."""
+        now = self._timers.now_ns()
+        if self.deadline_ns <= now:
+            ended = (now - self.deadline_ns) // self.period_ns + 1
+            self.deadline_ns += ended * self.period_ns
+            self.owed += ended
+        limit = max(1, BACKLOG_LIMIT_NS // self.period_ns)
+        if self.owed > limit:
+            self.dropped += self.owed - limit
+            self.owed = limit
+        fire = self.owed > 0
+        if fire:
+            self.owed -= 1
+            self.fires += 1
+        self._arm_next(now)
+        return fire
+
+    def _arm_next(self, now):
+        if not self.owed:
+            self._arm_callback(self.deadline_ns)
+            return
+        spacing = self.period_ns // (min(self.owed, CATCHUP_DIVISIONS - 1) + 1)
+        when = now + max(spacing, min(CATCHUP_MIN_NS, self.period_ns // 2))
+        self._arm_callback(when)
 
     # -- IA32_TSC_DEADLINE ----------------------------------------------------------------------------------
     def tsc_now(self):

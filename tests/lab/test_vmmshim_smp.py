@@ -52,9 +52,10 @@ def test_nolapic_reaches_the_shell(boots, case):
     assert status == 1, (status, console[-1500:])
 
 
-@pytest.mark.xfail(strict=False, reason="issue 24 item 5, open: in the lab's TCG L1 an MP-table boot with hpet=disable "
-                   "still loses its APIC timer to 'verification failure' in about half the boots (4 of 7 here on "
-                   "2026-12-06 with the PIT's catch-up and merge feedback; 1 of 3 with the code before them)")
+@pytest.mark.xfail(strict=False, reason="issue 24 item 5: in the lab's TCG L1 an MP-table boot with hpet=disable still "
+                   "loses its APIC timer to 'verification failure' now and then: 1 of 5 boots on 2026-12-06 with "
+                   "both periodic timers catching up on late ticks and merged ticks lost (4 of 7 with the PIT "
+                   "sending merged edges again, 5 of 5 with the LAPIC timer doing so too)")
 def test_mptable_boot_keeps_its_apic_timer(boots):
     status, secs, console = boots["mptable"]
     assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
