@@ -1,10 +1,12 @@
 """The GDB stub (``-G``, ``vmmshim/gdb/``) driven by a real gdb in batch mode, on KVM and on the soft CPU, with a
 multiboot guest built here with symbols: breakpoints on a symbol and on a port-I/O instruction, registers the
 guest set, ``stepi``, ``x/2gx``, ``set var`` seen in the guest's output, threads with ``-c 2``, ``detach`` (the
-guest ends with its own status), ``-G w`` holding the guest until gdb continues; and bad input over a raw socket
+guest ends with its own status), ``-G w`` holding the guest until gdb continues, watchpoints and ``hbreak`` where the
+provider has debug registers, two vCPUs at one breakpoint (two stops, neither lost); and bad input over a raw socket
 (a bad checksum, a malformed packet, unmapped memory, a port in use) answered without the VM dying."""
 
 import os
+import re
 import select
 import shutil
 import socket
@@ -102,13 +104,14 @@ def test_gdb_session_on_a_multiboot_guest(guest):
     try:
         r, _, _ = select.select([p.stdout], [], [], QUIET_S)
         assert not r, "-G w: the guest ran before gdb attached"
-        watch = "debug-watch" in features
+        watch, hw = "debug-watch" in features, "debug-hw" in features
         out = gdb(port, elf64, [
             "info threads", "thread 2", "thread 1", "break target", "continue",
             "info registers rip rbx rsi eflags cs fs_base cr0", "stepi", "stepi", "info registers rip",
             "x/2gx &counter", "set var *(int*)&value = 'B'",
-            *(["watch *(int*)&counter", "continue", "delete 2"] if watch else []),
-            "break print", "continue", "info registers rip rax", "detach"])
+            *(["watch *(int*)&counter", "continue", "delete 2", "awatch *(int*)&value", "continue", "delete 3"]
+              if watch else []),
+            "hbreak print" if hw else "break print", "continue", "info registers rip rax", "detach"])
     finally:
         status, stdout, stderr = finish(p)
     assert "Thread 1" in out and "Thread 2" in out, out
@@ -117,8 +120,11 @@ def test_gdb_session_on_a_multiboot_guest(guest):
     assert "rbx            0x12345678" in out and "rsi            0xabcdef1" in out, out
     assert "rip            0x10001d" in out, out            # two steps: nop, incl (6 bytes)
     assert "0x0000000000000001\t0x0000000000000041" in out, out
-    if watch:
-        assert "New value = 2" in out, out
+    if watch:                                           # stops after the write (a trap), after the read
+        assert "Old value = 1\nNew value = 2\n0x0000000000100023 in target" in out, out
+        assert "access (read/write) watchpoint 3: *(int*)&value\n\nValue = 66\n0x0000000000100028" in out, out
+    if hw:
+        assert "Hardware assisted breakpoint" in out, out
     assert "in print ()" in out and "rax            0x42" in out, out
     assert "detached" in out, out
     assert status == HALT_STATUS, stderr
@@ -215,6 +221,103 @@ def test_the_guests_own_int3_still_gets_its_bp(guest, tmp_path):
     assert status == HALT_STATUS and stdout == "IZ\n", stderr
 
 
+# Two vCPUs in one function at about the same time: the BSP starts the AP with INIT-SIPI (a real-mode trampoline
+# that enters flat protected mode), waits until it is ready, and both call f; the BSP prints the count of calls
+# once both returned. Each halts in a loop (a debugger's hold may end a HLT early).
+SMP_BP_KERNEL = r"""
+.code32
+.globl _start, f, ap32, hits
+.set TRAMPOLINE, 0x8000
+.set LAPIC, 0xFEE00000
+.text
+.align 4
+  .long 0x1BADB002, 0x0, -0x1BADB002
+_start:
+  mov $bsp_stack, %esp
+  mov $ap, %esi
+  mov $TRAMPOLINE, %edi
+  mov $(ap_end - ap), %ecx
+  cld
+  rep movsb
+  mov $LAPIC, %esi
+  movl $0x01000000, 0x310(%esi)
+  movl $0x4500, 0x300(%esi)
+  movl $(0x4600 | TRAMPOLINE >> 12), 0x300(%esi)
+1: pause
+  cmpl $0, ready
+  je 1b
+  call f
+2: pause
+  cmpl $2, hits
+  jne 2b
+  mov hits, %eax
+  add $'0', %al
+  mov $0x3f8, %dx
+  out %al, %dx
+  mov $'\n', %al
+  out %al, %dx
+3: cli
+  hlt
+  jmp 3b                         # a debugger's hold may end a HLT early
+f:
+  lock incl hits
+  ret
+ap32:
+  mov $0x10, %ax
+  mov %ax, %ds
+  mov %ax, %es
+  mov %ax, %ss
+  mov $ap_stack, %esp
+  movl $1, ready
+  call f
+4: cli
+  hlt
+  jmp 4b
+ap:
+.code16
+  cli
+  xor %ax, %ax
+  mov %ax, %ds
+  lgdtl TRAMPOLINE + (gdtr - ap)
+  mov %cr0, %eax
+  or $1, %eax
+  mov %eax, %cr0
+  ljmpl $0x08, $ap32
+.align 8
+gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+gdtr: .word 3 * 8 - 1
+  .long TRAMPOLINE + (gdt - ap)
+ap_end:
+.data
+.align 8
+ready: .long 0
+hits: .long 0
+.fill 256, 4, 0
+ap_stack:
+.fill 256, 4, 0
+bsp_stack:
+"""
+
+
+@pytest.mark.parametrize("how,feature", [("break", "debug-bp"), ("hbreak", "debug-hw")])
+def test_two_vcpus_at_one_breakpoint_give_two_stops(guest, tmp_path, how, feature):
+    """All-stop with two vCPUs at ``f`` together: gdb reports the breakpoint once in each thread (a stop that came
+    while the first was reported is kept and given at the next ``continue``), then the guest ends as it would
+    without gdb."""
+    provider, features, _, _ = guest
+    if feature not in features:
+        pytest.skip(f"provider {provider} has no {feature}")
+    elf = multiboot_elf(SMP_BP_KERNEL, str(tmp_path), "smp")
+    elf64 = str(tmp_path / "smp64.elf")
+    subprocess.run(["objcopy", "-O", "elf64-x86-64", elf, elf64], check=True, capture_output=True)
+    p, port = start(provider, elf)
+    try:
+        out = gdb(port, elf64, [f"{how} f", "continue", "continue", "info threads", "continue"])
+    finally:
+        status, stdout, stderr = finish(p)
+    hits = re.findall(r"Thread (\d) hit Breakpoint 1, 0x[0-9a-f]+ in f \(\)", out)
+    assert sorted(hits) == ["1", "2"], out
+    assert status == HALT_STATUS and stdout == "2\n", stderr
 
 
 def test_ctrl_c_stops_a_running_guest_and_detach_lets_it_run_on(guest, tmp_path):

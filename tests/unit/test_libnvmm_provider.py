@@ -20,6 +20,7 @@ import pytest
 
 from ops.nvmm import ProviderUnavailable, available_providers, nvmm_init
 from ops.nvmm import api
+from ops.nvmm import capability as capmod
 from ops.nvmm import constants as C
 from ops.nvmm.libnvmm import provider as P
 from ops.nvmm.libnvmm.cdefs import ffi
@@ -207,9 +208,23 @@ def test_capability(fake):
     _, prov, _, _ = fake
     cap = prov.capability()
     assert (cap.version, cap.state_size, cap.max_vcpus, cap.arch.conf_cpuid_maxops) == (2, 1008, 4, 16)
-    assert cap.limits == frozenset()
-    assert P.LibnvmmProvider(FakeLib(conf_support=0)).capability().limits == {api.LIMIT_CPUID_EXIT,
-                                                                                api.LIMIT_TPR_EXIT}
+    assert cap.limits == P.GUEST_DEBUG_LIMITS
+    assert P.LibnvmmProvider(FakeLib(conf_support=0)).capability().limits == \
+        {api.LIMIT_CPUID_EXIT, api.LIMIT_TPR_EXIT} | P.GUEST_DEBUG_LIMITS
+
+
+def test_no_guest_debugging(fake):
+    """NVMM v2 has no single-step, exception intercept or debug-register configuration: the capability lists every
+    guest-debug limit and no debug feature, and ``set_guest_debug`` asking for anything is ENOTSUP."""
+    _, prov, _, vcpu = fake
+    cap = prov.capability()
+    assert {api.LIMIT_GUEST_DEBUG, capmod.LIMIT_GUEST_DEBUG_INT3, capmod.LIMIT_GUEST_DEBUG_WATCH} <= cap.limits
+    assert not {f for f in cap.features if f.startswith("debug-")}
+    vcpu.set_guest_debug()
+    for kw in ({"step": True}, {"sw_bp": True}, {"hw": [(0x1000, 0, 1)]}):
+        with pytest.raises(OSError) as info:
+            vcpu.set_guest_debug(**kw)
+        assert info.value.errno == errno.ENOTSUP
 
 
 def test_state_is_the_comm_page(fake):

@@ -4,11 +4,14 @@ appendix E "GDB Remote Serial Protocol" documents them): one debugger at a time 
 Every vCPU is a gdb thread (id = vCPU + 1). While gdb holds the guest every vCPU is parked here: held through
 ``vm_suspend_cpu`` (a ``VM_EXITCODE_DEBUG`` exit), or stopped by its own event (``VM_EXITCODE_BPT`` at a
 breakpoint, ``VM_EXITCODE_MTRAP`` after a step, ``VM_EXITCODE_DB`` at a debug register), each event queued and
-reported in turn (a second vCPU's breakpoint is reported at the next ``c`` without resuming). A step runs only the
-stepping vCPU (with ``VM_CAP_MTRAP_EXIT`` and ``VM_CAP_MASK_HWINTR``). An int3 that is not gdb's is given back to
-the guest as its #BP. A connection starts by holding the guest (as bhyve's); ``D`` or a lost connection removes the
-breakpoints and lets the guest run on; ``k`` ends the VM. What the provider cannot do (``vm_features``: no
-``debug-step``/``debug-bp``/``debug-hw``) is answered ``E`` at once, never with a wait.
+reported in turn, as gdb's all-stop mode wants: a second vCPU's breakpoint, hit before the first stop held it, is
+reported at the next ``c`` without resuming anything. A step runs only the stepping vCPU (with
+``VM_CAP_MTRAP_EXIT`` and ``VM_CAP_MASK_HWINTR``), other vCPUs' pending stops or not (gdb steps one thread over its
+breakpoint before it continues), and its stop is reported first. A debug-register match is resolved to its
+breakpoint or watchpoint when it happens (gdb moves them between slots while the guest is held). An int3 that is
+not gdb's is given back to the guest as its #BP. A connection starts by holding the guest (as bhyve's); ``D`` or a
+lost connection removes the breakpoints and lets the guest run on; ``k`` ends the VM. What the provider cannot do
+(``vm_features``: no ``debug-step``/``debug-bp``/``debug-hw``) is answered ``E`` at once, never with a wait.
 
 Packets: ``qSupported`` (PacketSize, qXfer:features:read, swbreak, hwbreak), ``qXfer:features:read``, ``?``,
 ``g``/``G``, ``p``/``P``, ``m``/``M``/``X``, ``c``/``s``/``vCont``, ``Z0``-``Z4``/``z0``-``z4``, Ctrl-C, ``D``,
@@ -49,8 +52,10 @@ class GdbStub:
         self.cv = threading.Condition()
         self.held = False
         self.parked = set()
+        self.releases = 0            # how many times the guest was let run: a parked vCPU leaves at the next one
         self.events = []             # (vcpu, kind, info) stops not reported yet
         self.run_only = None         # the vCPU a step lets run while the rest stay held
+        self.stepping = None         # the vCPU whose step gdb waits for: its stop is reported first
         self.conn = None
         self.vcpus = list(range(vm.config.ncpus))
         self.gthread = self.cthread = 0
@@ -93,7 +98,7 @@ class GdbStub:
         elif code == E.VM_EXITCODE_MTRAP:
             event = (vcpu, "step", None)
         elif code == E.VM_EXITCODE_DB:
-            event = (vcpu, "hw", vmexit.u.dr6)
+            event = (vcpu, "hw", self.target.hw_hit(vmexit.u.dr6))    # the slots as they are at the match
         with self.cv:
             if self.closed or (self.conn is None and not self.held):
                 return
@@ -105,7 +110,8 @@ class GdbStub:
                     self._hold()
             self.parked.add(vcpu)
             self.cv.notify_all()
-            while self.held and self.run_only != vcpu and not self.closed:
+            releases = self.releases
+            while self.held and self.releases == releases and self.run_only != vcpu and not self.closed:
                 self.cv.wait()
             self.parked.discard(vcpu)
 
@@ -114,7 +120,11 @@ class GdbStub:
         self.ops.vm_suspend_cpu(self.vmi, -1)
 
     def _release(self):
+        """Lets every vCPU run; none counts as parked from here on (a stop reported later waits for them all
+        to park again, even those whose threads have not woken yet)."""
         self.held, self.run_only = False, None
+        self.releases += 1
+        self.parked.clear()
         self.ops.vm_resume_cpu(self.vmi, -1)
         self.cv.notify_all()
 
@@ -198,7 +208,9 @@ class GdbStub:
         with self.cv:
             if not self.events or not self._all_parked():
                 return None
-            vcpu, kind, info = self.events.pop(0)
+            mine = [i for i, e in enumerate(self.events) if e[0] == self.stepping]
+            vcpu, kind, info = self.events.pop(mine[0] if mine else 0)
+            self.stepping = None
         self.gthread = self.cthread = vcpu
         return self._stop_reply(vcpu, kind, info)
 
@@ -209,7 +221,7 @@ class GdbStub:
         if kind == "bp":
             return f"T{SIGTRAP:02x}swbreak:;{tid}"
         if kind == "hw":
-            hit = self.target.hw_hit(info)
+            hit = info
             if hit is not None and hit[0] in WATCH_WORD:
                 return f"T{SIGTRAP:02x}{WATCH_WORD[hit[0]]}:{hit[1]:x};{tid}"
             if hit is not None and hit[0] == Z_SOFT:
@@ -232,7 +244,7 @@ class GdbStub:
                     self.ops.vmsetcap(self.vmi, v, cap, 0)
                 except OSError:
                     pass
-        self.events = []
+        self.events, self.stepping = [], None
         self._release()
 
     # -- packets ----------------------------------------------------------------------------------------------
@@ -355,12 +367,16 @@ class GdbStub:
         with self.cv:
             self._valid_events()
             self.waiting = True
-            if self.events:                  # another vCPU's stop waits: report it, run nothing
+            # A stop not reported yet (all-stop: a second vCPU's breakpoint) is reported at the next continue, and
+            # nothing runs; a step of another vCPU (gdb stepping over a breakpoint) runs and is reported first.
+            if any(e[0] == vcpu for e in self.events) or (self.events and not step):
                 return None
             if step:
                 if vcpu not in self.parked:
                     self.waiting = False
                     return ERR_INVAL         # not started yet: nothing to step
+                self.stepping = vcpu
+                self.parked.discard(vcpu)    # running now: its stop is the one to wait for
                 self.ops.vmsetcap(self.vmi, vcpu, VmCapType.VM_CAP_MASK_HWINTR, 1)
                 self.ops.vmsetcap(self.vmi, vcpu, VmCapType.VM_CAP_MTRAP_EXIT, 1)
                 self.run_only = vcpu

@@ -23,8 +23,10 @@ alignment, protection, hva coverage and overlaps before it calls ``_gpa_map``, w
 (a gpa beyond the machine's guest-physical space) able to kill the process.
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init``, ``nvmm_vcpu_dump``, machine-level configuration (x86 defines
-none), libnvmm user version 1 (NetBSD 9) and the version-3 forks; a ``stop()`` cannot interrupt a running guest
-when the provider was first opened outside the main thread or ``KICK_SIGNAL`` has a foreign C-level handler.
+none), guest debugging (NVMM has no interface for it: ``GUEST_DEBUG_LIMITS``; the gdb stub can read and write the
+guest, and answers steps and breakpoints as unsupported), libnvmm user version 1 (NetBSD 9) and the version-3 forks; a
+``stop()`` cannot interrupt a running guest when the provider was first opened outside the main thread or
+``KICK_SIGNAL`` has a foreign C-level handler.
 Nothing here has run on NetBSD: it was checked against ``shared/reference/nvmm-abi.md`` on Linux only.
 """
 
@@ -38,6 +40,7 @@ import threading
 
 from .. import ProviderUnavailable
 from .. import api
+from .. import capability as capmod
 from .. import constants as C
 from ..state import EVENT_SIZE, EXIT_SIZE, STATE_SIZE, Event, Exit, State
 from .cdefs import LIBNAMES, ffi
@@ -69,6 +72,10 @@ _LAYOUT = {
     ("struct nvmm_io", "data"): 32,
     ("struct nvmm_mem", "data"): 40,
 }
+
+#: NVMM has no guest-debug interface (no single-step, no exception intercept, no debug-register configuration in
+#: ``nvmm_vcpu_configure``): no ``debug-*`` feature, and these limits (``Vcpu.set_guest_debug`` stays ENOTSUP).
+GUEST_DEBUG_LIMITS = frozenset({api.LIMIT_GUEST_DEBUG, capmod.LIMIT_GUEST_DEBUG_INT3, capmod.LIMIT_GUEST_DEBUG_WATCH})
 
 _PROT_TO_MMAP = ((C.NVMM_PROT_READ, mmap.PROT_READ), (C.NVMM_PROT_WRITE, mmap.PROT_WRITE),
                  (C.NVMM_PROT_EXEC, mmap.PROT_EXEC))
@@ -105,7 +112,7 @@ class LibnvmmProvider(api.Provider):
                 EPROGMISMATCH, f"NVMM kernel reports version {cap.version}, state_size {cap.state_size}; vmmshim "
                 f"speaks version {C.NVMM_KERN_VERSION}, state_size {STATE_SIZE} (NetBSD 10) ({_EPROG})")
         md = cap.arch
-        limits = set()
+        limits = set(GUEST_DEBUG_LIMITS)
         if not md.vcpu_conf_support & C.NVMM_CAP_ARCH_VCPU_CONF_CPUID:
             limits.add(api.LIMIT_CPUID_EXIT)
         if not md.vcpu_conf_support & C.NVMM_CAP_ARCH_VCPU_CONF_TPR:

@@ -15,7 +15,6 @@ import errno
 import unicorn
 
 from .. import api
-from .. import capability as capmod
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import ucstate
@@ -28,12 +27,13 @@ MAX_RAM = 1 << 40
 LIMIT_NMI_BLOCKING = "nmi-blocking"      # NMIs are delivered without blocking further NMIs until IRET
 LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardware task switches) fail
 LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
-LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN,
-                    capmod.LIMIT_GUEST_DEBUG_WATCH})
+LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN})
 
 
-#: the answered port reads, and guest debugging by the hooks (debug.py): single steps and int3 exits
-FEATURES = frozenset({api.FEATURE_ANSWERED_IO, api.FEATURE_DEBUG_STEP, api.FEATURE_DEBUG_BP})
+#: the answered port reads, and guest debugging by the hooks (debug.py): single steps, int3 exits, and
+#: debug-register breakpoints and watchpoints
+FEATURES = frozenset({api.FEATURE_ANSWERED_IO, api.FEATURE_DEBUG_STEP, api.FEATURE_DEBUG_BP, api.FEATURE_DEBUG_HW,
+                      api.FEATURE_DEBUG_WATCH})
 
 
 class SoftProvider(api.Provider):

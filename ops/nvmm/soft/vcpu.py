@@ -169,7 +169,7 @@ class SoftVcpu(VcpuState, api.Vcpu):
                 uc.emu_stop()
             self._step = True
             return
-        if self.dbg.step and D.code_hook(self, uc):
+        if self.dbg.hooked and D.code_hook(self, uc, addr):
             return
         if self._stop_req:
             self._why = ("stopped",)
@@ -309,7 +309,7 @@ class SoftVcpu(VcpuState, api.Vcpu):
                 self._win = False
                 return C.NVMM_VCPU_EXIT_INT_READY
             if kind == "debug":
-                self.debug_exit = api.ExitDebug(why[1], why[2])
+                self.debug_exit = api.ExitDebug(*why[1:])
                 return api.NVMM_VCPU_EXIT_DEBUG
             if kind == "mem":
                 EXIT_MEM_FMT.pack_into(ex.buf, 8, why[2], why[1], 0, bytes(15))
