@@ -43,20 +43,31 @@ def tap_up(name=TAP, addr=HOST_IP + "/24"):
     subprocess.run(["ip", "link", "set", name, "up"], check=True)
 
 
+#: The guest's name for the first disk of each kind (what a benchmark or test reads and writes).
+DISK_NODES = {"virtio-blk": "/dev/vda", "nvme": "/dev/nvme0n1", "ahci-hd": "/dev/sda"}
+NVME_SERIAL = "VMMSHIM-NVME"
+SHARE_TAG = "share"
+
+
 @dataclasses.dataclass
 class Disk:
     path: str
     ro: bool = False
+    kind: str = "virtio-blk"        # or "nvme", "ahci-hd" (bhyve's device names; QEMU's equivalents below)
 
 
-def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, opts=()):
-    """``opts``: more vmmshim flags (``-o virtio_msix=false`` ...)."""
+def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, opts=(), share=None):
+    """``opts``: more vmmshim flags (``-o virtio_msix=false`` ...). ``share``: a host folder exported with
+    virtio-9p under the tag :data:`SHARE_TAG`."""
     g = guest_dir()
     argv = [sys.executable, "-m", "vmmshim", *opts, "-A", "-c", str(ncpus), "-m", mem, "-s", "0:0,hostbridge",
             "-s", "31,lpc"]
     slot = 4
     for d in disks:
-        argv += ["-s", f"{slot},virtio-blk,{d.path}" + (",ro" if d.ro else "")]
+        argv += ["-s", f"{slot},{d.kind},{d.path}" + (",ro" if d.ro else "")]
+        slot += 1
+    if share:
+        argv += ["-s", f"{slot},virtio-9p,{SHARE_TAG}={share}"]
         slot += 1
     if tap:
         argv += ["-s", f"{slot},virtio-net,{tap}"]
@@ -66,8 +77,11 @@ def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncp
     return argv + ["-l", f"com1,file:{console}", "-f", f"kexec,{g}/vmlinuz,{g}/initramfs.gz,{append}"]
 
 
-def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, cache="writeback", opts=()):
-    """``opts``: vmmshim's ``-o virtio_msix=false`` becomes ``vectors=0`` on QEMU's virtio devices (INTx)."""
+def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, cache="writeback", opts=(),
+              share=None):
+    """``opts``: vmmshim's ``-o virtio_msix=false`` becomes ``vectors=0`` on QEMU's virtio devices (INTx). Disks of
+    kind ``nvme`` become QEMU's ``nvme`` device, ``ahci-hd`` an ``ide-hd`` on an ``ahci`` controller; ``share`` is
+    ``-virtfs local`` (``security_model=none``)."""
     g = guest_dir()
     dopt = ",vectors=0" if "virtio_msix=false" in opts else ""
     argv = ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc,kernel_irqchip=off", "-smp", str(ncpus),
@@ -75,8 +89,15 @@ def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=
             "-serial", f"file:{console}", "-kernel", f"{g}/vmlinuz", "-initrd", f"{g}/initramfs.gz",
             "-append", append]
     for i, d in enumerate(disks):
-        argv += ["-drive", f"file={d.path},if=none,id=d{i},format=raw,cache={cache}" + (",readonly=on" if d.ro else ""),
-                 "-device", f"virtio-blk-pci,drive=d{i}{dopt}"]
+        argv += ["-drive", f"file={d.path},if=none,id=d{i},format=raw,cache={cache}" + (",readonly=on" if d.ro else "")]
+        if d.kind == "nvme":
+            argv += ["-device", f"nvme,drive=d{i},serial={NVME_SERIAL}"]
+        elif d.kind == "ahci-hd":
+            argv += ["-device", f"ahci,id=ahci{i}", "-device", f"ide-hd,drive=d{i},bus=ahci{i}.0"]
+        else:
+            argv += ["-device", f"virtio-blk-pci,drive=d{i}{dopt}"]
+    if share:
+        argv += ["-virtfs", f"local,path={share},mount_tag={SHARE_TAG},security_model=none"]
     if tap:
         argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no", "-device",
                  f"virtio-net-pci,netdev=n0{dopt}"]
