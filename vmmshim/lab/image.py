@@ -37,6 +37,8 @@ PACKAGES = (
     "e2fsprogs",
     "qemu-system-x86",  # the peer VMM inside L1
     "strace",
+    "gdb",  # the real client of vmmshim's gdb stub (tests/lab/test_vmmshim_gdb.py)
+    "libboost-regex1.74.0",  # provides libboost-regex1.74.0-icu72, which gdb's libsource-highlight4v5 needs
     "binutils",  # GNU as for the guest programs that tests assemble
     "gcc",
     "libc6-dev",  # the C baseline of bench/

@@ -1,0 +1,44 @@
+"""Debian's gdb on a Linux guest through vmmshim's gdb stub in the nested lab (issue 22), through
+``python3 -m vmmshim.lab.gdb_check`` (see there for the sequence): gdb attaches mid-boot, reads ``$pc`` and
+disassembles there, continues, interrupts with Ctrl-C, reads ``$pc`` again and detaches; the guest boots on to its
+shell and powers off."""
+
+import pytest
+
+pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def session(lab_ready):
+    from vmmshim.lab import run_in_lab
+    from vmmshim.lab.gdb_check import parse_result
+    res = run_in_lab("python3 -m vmmshim.lab.gdb_check --tries 3 --timeout 300", timeout=1000, boot_timeout=120,
+                     retries=2, retry_killed=True)
+    result, console = parse_result(res.stdout)
+    assert result is not None, (f"no GDB-RESULT in {res.attempts} L1 boots (status {res.status}):\n"
+                                f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{res.console[-1500:]}")
+    print(f"gdb lab: attached after {result['attached_at']} console bytes, pcs {result['pcs']}, "
+          f"insns {result['insns']}, status {result['status']}")
+    return result, console
+
+
+def why(result, console):
+    return f"\n--- gdb ---\n{result['gdb_out']}\n--- vmmshim stderr ---\n{result['stderr']}\n--- console ---\n{console[-2000:]}"
+
+
+def test_gdb_attaches_mid_boot_and_reads_the_pc_in_the_kernel(session):
+    r, console = session
+    assert r["attached_at"] is not None and r["attached_at"] < len(console), why(r, console)
+    assert len(r["pcs"]) == 2, why(r, console)
+    for pc in r["pcs"]:
+        assert int(pc, 16) >= 0xFFFFFFFF80000000, why(r, console)      # the kernel's text mapping
+    assert len(r["insns"]) == 2 and all(i.split(":")[0].split()[0] == pc for i, pc in zip(r["insns"], r["pcs"])), \
+        why(r, console)
+    assert r["threads"] and "Thread 1" in r["threads"][0], why(r, console)
+
+
+def test_ctrl_c_interrupts_the_running_guest_and_detach_lets_it_run_on(session):
+    r, console = session
+    assert r["interrupted"] and r["detached"], why(r, console)
+    assert r["up"] and "VX-GDB-GUEST-RAN 0" in console, why(r, console)
+    assert r["status"] == 1 and r["powered_off"], why(r, console)
