@@ -16,7 +16,7 @@ import re
 import statistics
 import sys
 
-from bench.io_bench import _fmt, lab_lock
+from bench.io_bench import _fmt, run_rounds
 
 UNITS = {  # step: (label, figure from (config, seconds), unit)
     "SEQW": ("seq write, 1 MiB req, O_DIRECT", lambda c, s: c["mib"] / s, "MiB/s"),
@@ -69,17 +69,10 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=900, help="seconds for one round's command in L1")
     ap.add_argument("--lock", default="/tmp/vmmshim-lab.lock", help="flock this file around each round's lab run")
     args = ap.parse_args(argv)
-    from vmmshim.lab import run_in_lab
     rounds = 1 if args.quick else args.rounds
-    cfg, recs = {}, []
-    for rnd in range(rounds):
-        cmd = f"python3 -m bench.dev_l2 --first-round {rnd} --devices {args.devices}" + (" --quick" if args.quick else "")
-        with lab_lock(args.lock):
-            res = run_in_lab(cmd, timeout=args.timeout)
-        c, r = parse(res.stdout)
-        if not r:
-            print(f"round {rnd}: no result (status {res.status})", res.stdout[-3000:], res.stderr[-3000:], sep="\n")
-        cfg, recs = c or cfg, recs + r
+    cmds = [f"python3 -m bench.dev_l2 --first-round {rnd} --devices {args.devices}" + (" --quick" if args.quick else "")
+            for rnd in range(rounds)]
+    cfg, recs = run_rounds(cmds, parse, args.timeout, args.lock)
     if not recs:
         return 1
     print(f"disk and folder devices in the nested lab, {rounds} round(s); region {cfg['mib']} MiB, "

@@ -26,7 +26,6 @@ from bench.io_l2 import boot_order, parse_steps
 from vmmshim.lab import l2vm
 from vmmshim.lab.guest import encode_run
 
-MiB = 1 << 20
 DISKS = ("virtio-blk", "nvme", "ahci-hd")
 DEVICES = DISKS + ("virtio-9p",)
 
@@ -97,10 +96,7 @@ def main(argv=None):
         ap.error(f"unknown device(s) {sorted(unknown)}; known: {', '.join(DEVICES)}")
     os.makedirs(args.workdir, exist_ok=True)
     image = f"{args.workdir}/disk.img"
-    chunk = l2vm.pattern(MiB, b"disk")
-    with open(image, "wb") as f:         # real pages, not holes, on tmpfs
-        for _ in range(args.mib + 16):
-            f.write(chunk)
+    l2vm.write_image(image, args.mib + 16)
     print("DEV-CONFIG " + json.dumps(dict(mib=args.mib, seq4k=args.seq4k, rounds=args.rounds)), flush=True)
     for rnd in range(args.first_round, args.first_round + args.rounds):
         vmms = boot_order(args.vmms.split(","), rnd)

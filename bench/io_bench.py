@@ -96,6 +96,21 @@ def lab_lock(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def run_rounds(cmds, parse_fn, timeout, lock):
+    """Runs each command in its own L1 (one round each, under the lab lock); returns the last config and all the
+    records ``parse_fn`` reads from the rounds' output, and prints the output of a round that gave none."""
+    from vmmshim.lab import run_in_lab
+    cfg, recs = {}, []
+    for rnd, cmd in enumerate(cmds):
+        with lab_lock(lock):
+            res = run_in_lab(cmd, timeout=timeout)
+        c, r = parse_fn(res.stdout)
+        if not r:
+            print(f"round {rnd}: no result (status {res.status})", res.stdout[-3000:], res.stderr[-3000:], sep="\n")
+        cfg, recs = c or cfg, recs + r
+    return cfg, recs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4, help="L1 boots; the VMMs take turns at going first in them, so "
@@ -106,19 +121,12 @@ def main(argv=None):
     ap.add_argument("--lock", default="/tmp/vmmshim-lab.lock", help="flock this file around each round's lab "
                     "run, so one lab runs at a time ('' for none)")
     args = ap.parse_args(argv)
-    from vmmshim.lab import run_in_lab
     rounds = 1 if args.quick else args.rounds
-    cfg, recs = {}, []
+    cmds = []
     for rnd in range(rounds):
         cmd = f"python3 -m bench.io_l2 --rounds 1 --first-round {rnd}" + (" --quick" if args.quick else "")
-        if args.append:
-            cmd += f" --append '{args.append}'"
-        with lab_lock(args.lock):
-            res = run_in_lab(cmd, timeout=args.timeout)
-        c, r = parse(res.stdout)
-        if not r:
-            print(f"round {rnd}: no result (status {res.status})", res.stdout[-3000:], res.stderr[-3000:], sep="\n")
-        cfg, recs = c or cfg, recs + r
+        cmds.append(cmd + (f" --append '{args.append}'" if args.append else ""))
+    cfg, recs = run_rounds(cmds, parse, args.timeout, args.lock)
     if not recs:
         return 1
     print(f"virtio I/O in the nested lab, {rounds} round(s); region {cfg['mib']} MiB, "

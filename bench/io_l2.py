@@ -117,10 +117,7 @@ def main(argv=None):
     args.net_mib = args.net_mib or (1 if args.quick else 2)
     os.makedirs(args.workdir, exist_ok=True)
     image = f"{args.workdir}/disk.img"
-    chunk = l2vm.pattern(MiB, b"disk")
-    with open(image, "wb") as f:         # real pages, not holes, on tmpfs
-        for _ in range(args.mib + 16):
-            f.write(chunk)
+    l2vm.write_image(image, args.mib + 16)
     l2vm.tap_up()
     script = guest_script(args.mib, args.rand, args.net_mib, seq4k=args.seq4k)
     append = f"{l2vm.BASE_APPEND} {args.append} {encode_run(script)}".replace("  ", " ")

@@ -183,6 +183,15 @@ def boot_retry(make, console, tries=3, prepare=None, **kw):
     return res, hangs
 
 
+def write_image(path, mib):
+    """A raw image of ``mib`` MiB of :func:`pattern` bytes: real pages, not holes (on L1's tmpfs)."""
+    chunk = pattern(1 << 20, b"disk")
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(chunk)
+    return path
+
+
 def pattern(n, seed=b"vmmshim"):
     """``n`` deterministic pseudo-random bytes (SHA-256 in counter mode)."""
     out = bytearray()
