@@ -12,11 +12,10 @@ Late ticks (modes 2 and 3): every periodic edge gets its own IRQ0 pulse. Edge k 
 (never "now + a period": no drift). When the timer thread ran late, the edges that passed go out one by one
 (catch-up), period / (backlog + 1) apart as QEMU's RTC slew spaces its reinjections (2 to 8 a period), but at
 least 1 ms apart (half a period at most) so each can reach the guest through a controller that holds one pending
-edge per pin. An edge the guest has not taken when the next one comes (``pulse()`` returns False: merged with one
-still pending, QEMU's ``apic_get_irq_delivered``) is lost, as on hardware, and counted in ``merged``; it is not
-sent again (KVM's PIT reinjection): Linux keeps interrupts off for its whole LAPIC calibration (about 100 ms), and
-the edges that merged there, sent again during its verification, made jiffies run ahead of the LAPIC timer
-("APIC timer disabled due to verification failure" in the lab, issue 24 item 5). bhyve also re-arms from the
+edge per pin. A line whose ``pulse()`` returns False (merged with an edge still pending, QEMU's
+``apic_get_irq_delivered``) gets that edge again, as KVM's PIT reinjects an unacknowledged tick; None counts as
+delivered. Why: Linux without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then
+checks it against jiffies (``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the
 scheduled time but restarts from now once a period late (the missed edges are lost); QEMU's i8254 fires them
 back to back (the 8259 merges them). Edges over a second late (a stopped VM, a host asleep) are dropped.
 
@@ -27,8 +26,8 @@ Not supported: gates of channels 0 and 1 (always high); in modes 2 and 3 a new c
 instead of at the end of the current period; mode 3 with an odd count is modelled as the even count below it
 for the count value (OUT still uses the 8254 high/low split); no speaker sound; the one-clock load delay;
 channel 0 periods below 60 ticks (50 us) pulse IRQ0 only every 50 us (the edges in between are coalesced, as an
-edge-triggered PIC input would coalesce them when the guest is slow); no reinjection of edges the guest did not
-take (KVM's ack notifier), see above.
+edge-triggered PIC input would coalesce them when the guest is slow); no guest acknowledgement is seen (KVM's ack
+notifier): where the line does not report merged edges, one that meets a still-pending edge merges there.
 """
 
 import threading
@@ -151,7 +150,7 @@ class PIT8254:
         self.speaker = False
         self._seq = 0                   # numbers every arm, so a stale callback knows it is stale
         self.pulses = 0                 # IRQ0 pulses delivered (debugging and tests)
-        self.merged = 0                 # of those, pulses the line reported merged with a pending one (lost)
+        self.merged = 0                 # pulses the line reported merged with a pending one (sent again)
         self.dropped = 0                # periodic edges dropped past BACKLOG_LIMIT_NS of lateness
 
     # -- bus interface -------------------------------------------------------------------------------------
@@ -337,16 +336,21 @@ class PIT8254:
             c.timer = None
             if c.initial == 0 or c.load_ns is None:
                 return
-            if self._irq0.pulse() is False:
-                self.merged += 1        # the guest had not taken the last one: one interrupt for both, as on hardware
-            self.pulses += 1
-            if c.mode in (2, 3):
+            delivered = self._irq0.pulse() is not False
+            if c.mode not in (2, 3):
+                self.pulses += 1
+                return
+            if delivered:
+                self.pulses += 1
                 c.next_edge += 1
-                self._rearm_periodic(c)
+            else:                       # merged with an earlier edge still pending: this edge goes out again
+                self.merged += 1
+            self._rearm_periodic(c, delivered)
 
-    def _rearm_periodic(self, c):
+    def _rearm_periodic(self, c, delivered=True):
         """Arms the pulse for edge ``next_edge``: at its own time when that is still ahead; when the callbacks
-        ran late and it has passed, soon after this pulse (catch-up), one pulse per edge."""
+        ran late and it has passed, soon after this pulse (catch-up), one pulse per edge. An edge that merged
+        is sent again half a period later: sooner would not help a guest that has not taken the last one."""
         now = self._timers.now_ns()
         backlog = c.ticks(now) // c.step - c.next_edge + 1     # edges that rose and are not delivered yet
         if backlog <= 0:
@@ -358,7 +362,7 @@ class PIT8254:
             self.dropped += backlog - limit
             c.next_edge += backlog - limit
             backlog = limit
-        spacing = period_ns // (min(backlog, CATCHUP_DIVISIONS - 1) + 1)
+        spacing = period_ns // (min(backlog, CATCHUP_DIVISIONS - 1) + 1) if delivered else period_ns // 2
         self._set_timer(c, now + max(spacing, min(CATCHUP_MIN_NS, period_ns // 2)))
 
 
