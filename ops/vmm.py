@@ -12,7 +12,9 @@ NVMM machine.
   (``VM_EXITCODE_SUSPENDED``), and the accesses the kernel devices take (the LAPIC and IOAPIC pages, the APIC,
   kvmclock and PV EOI MSRs). CR8 and the vlapic's TPR are kept one value (``ops/vmm_lapic.py``).
 - A debugger's hold (bhyve's ``vm_suspend_cpu``/``vm_resume_cpu``): a held vCPU returns ``VM_EXITCODE_DEBUG``
-  before its next entry (out of HLT's sleep too); ``VM_CAP_MASK_HWINTR`` keeps interrupts out while it steps.
+  before its next entry (out of HLT's sleep too, but, as on hardware and in KVM's in-kernel HLT, the stop does not
+  end the halt: once released it halts again, unless the debugger moved its RIP; a step of it ends at once, still
+  halted); ``VM_CAP_MASK_HWINTR`` keeps interrupts out while it steps.
 
 The table (``ops/nvmm_ops.py``) runs the vCPU and dispatches NVMM exits; it calls in here for all of the above.
 
@@ -67,6 +69,7 @@ class Vcpu:
         self.caps = {VmCapType.VM_CAP_HALT_EXIT: 0, VmCapType.VM_CAP_PAUSE_EXIT: 0,
                      VmCapType.VM_CAP_MASK_HWINTR: 0}
         self.debug_hold = False       # vm_suspend_cpu: VM_EXITCODE_DEBUG before the next entry
+        self.hlt_held = None          # (RFLAGS, RIP) of a HLT only a debug hold ended: it halts again after the hold
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits, by reason (low 16 bits)
         self.bus_mmio = 0             # MEMORY exits completed on the VM's MMIO bus (not the kernel devices')
@@ -187,6 +190,10 @@ class Vm:
         if ctx.debug_hold:
             ctx.pending = True
             return ctx.exit_to(E.VM_EXITCODE_DEBUG, None)
+        if ctx.hlt_held is not None:
+            r = self._rehalt(ctx)
+            if r is not None:
+                return r
         if ctx.spinups:                      # one exit per AP; the next entry comes back here for the rest
             target, rip = ctx.spinups.popleft()
             ctx.pending = True
@@ -231,17 +238,46 @@ class Vm:
         if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and self.suspended is None:
             if not takes or not interrupt_waiting(self, vl):
                 hook()
+        held = False
         with ctx.cond:
             ctx.sleeping = True
             try:
-                while self.suspended is None and not ctx.nmi and not ctx.debug_hold and \
-                        not (takes and interrupt_waiting(self, vl)):
+                while self.suspended is None and not ctx.nmi and not (takes and interrupt_waiting(self, vl)):
+                    if ctx.debug_hold:
+                        held = True
+                        break
                     ctx.cond.wait(0.5)
             finally:
                 ctx.sleeping = False
-        ctx.halted_if_clear = False
         ctx.pending = True
+        if held:
+            # Only the debugger's hold ended the sleep: the vCPU stays halted (``halted_if_clear`` too) and goes
+            # back to sleep once released (``_rehalt``) instead of running on past its HLT.
+            ctx.hlt_held = (rflags, ctx.current_rip())
+            return None                          # before_entry: VM_EXITCODE_DEBUG while held
+        ctx.halted_if_clear = False
         return None
+
+    def _rehalt(self, ctx):
+        """Before the first entry after a debug hold that ended a HLT: back into the HLT's sleep (RIP stays after the
+        HLT, where a wake resumes, as a HLT exit reports it). Returns a ``vm_exit`` for userland, or None to enter
+        the guest (a wake, or a RIP the debugger moved). A step of the halted vCPU ends at once (``MTRAP``), still
+        halted: it would otherwise wait for an interrupt the step masks."""
+        held, ctx.hlt_held = ctx.hlt_held, None
+        rflags, rip = held
+        if ctx.current_rip() != rip:             # the debugger moved it (gdb's jump): it runs from there
+            ctx.halted_if_clear = False
+            return None
+        debug = getattr(ctx, "debug", None)
+        if debug and debug.get(VmCapType.VM_CAP_MTRAP_EXIT):
+            ctx.hlt_held = held
+            ctx.pending = True
+            return ctx.exit_to(E.VM_EXITCODE_MTRAP, None)
+        r = self.handle_hlt(ctx, rflags)
+        if r is not None:
+            ctx.pending = True
+            return r
+        return self.before_entry(ctx)            # woken (on as after any HLT), or held again (DEBUG)
 
     # -- MSRs the kernel devices take ----------------------------------------------------------------------------
     def kernel_msr(self, ctx, msr, value=None):
