@@ -53,9 +53,9 @@ def test_nolapic_reaches_the_shell(boots, case):
 
 
 @pytest.mark.xfail(strict=False, reason="issue 24 item 5: in the lab's TCG L1 an MP-table boot with hpet=disable still "
-                   "loses its APIC timer to 'verification failure' now and then: 1 of 5 boots on 2026-12-06 with "
-                   "both periodic timers catching up on late ticks and merged ticks lost (4 of 7 with the PIT "
-                   "sending merged edges again, 5 of 5 with the LAPIC timer doing so too)")
+                   "loses its APIC timer to 'verification failure' now and then: 2 of 5 boots on 2026-12-06 (the PIT "
+                   "re-sends edges merged while Linux calibrates with IF=0; losing them gave 1 of 5 but failed "
+                   "tests/conformance/test_pit_under_load.py)")
 def test_mptable_boot_keeps_its_apic_timer(boots):
     status, secs, console = boots["mptable"]
     assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
