@@ -8,16 +8,16 @@ Nothing ticks: a counter remembers when it was loaded (in :class:`TimerService` 
 OUT are computed from the elapsed time on every read, so what the guest reads follows wall time however late the
 timer thread runs. Channel 0 arms one timer for its next rising OUT edge and pulses the IRQ0 line there.
 
-Late ticks (modes 2 and 3): every periodic edge gets its own IRQ0 pulse. Edge k is due at load + k periods
-(never "now + a period": no drift). When the timer thread ran late, the edges that passed go out one by one
-(catch-up), period / (backlog + 1) apart as QEMU's RTC slew spaces its reinjections (2 to 8 a period), but at
+Late ticks (modes 2 and 3): every periodic edge gets its own IRQ0 pulse. Edge k is due at load + k periods (never
+"now + a period": no drift). When the timer thread ran late, the edges that passed go out one by one (catch-up,
+``catchup.py``), period / (backlog + 1) apart as QEMU's RTC slew spaces its reinjections (2 to 8 a period), but at
 least 1 ms apart (half a period at most) so each can reach the guest through a controller that holds one pending
 edge per pin. A line whose ``pulse()`` returns False (merged with an edge still pending, QEMU's
 ``apic_get_irq_delivered``) gets that edge again, as KVM's PIT reinjects an unacknowledged tick; None counts as
-delivered. Why: Linux without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then
-checks it against jiffies (``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the
-scheduled time but restarts from now once a period late (the missed edges are lost); QEMU's i8254 fires them
-back to back (the 8259 merges them). Edges over a second late (a stopped VM, a host asleep) are dropped.
+delivered. Why: Linux without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then checks
+it against jiffies (``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the scheduled time
+but restarts from now once a period late (the missed edges are lost); QEMU's i8254 fires them back to back (the
+8259 merges them). Edges over a second late (a stopped VM, a host asleep) are dropped.
 
 :class:`NMISC` is port 0x61 as Linux's ``pit_calibrate_tsc``/``quick_pit_calibrate`` use it: bit 0 gates
 channel 2, bit 1 is speaker data, bit 4 the refresh toggle (flips every 15.085 us), bit 5 OUT2.
@@ -34,12 +34,11 @@ import threading
 
 from construct import BitStruct, BitsInteger, Enum, Flag
 
+from .catchup import backlog_limit, catchup_delay
+
 PIT_HZ = 1193182
 NS = 1_000_000_000
 MIN_PERIOD_TICKS = 60           # channel 0 pulses IRQ0 at most every 50 us (about 20 kHz)
-CATCHUP_DIVISIONS = 8           # late edges go out 2 to 8 per period (QEMU's RTC slew: period / (backlog + 1))
-CATCHUP_MIN_NS = 1_000_000      # ... and at least 1 ms apart (half a period at most), so the guest takes each
-BACKLOG_LIMIT_NS = NS           # edges later than one second are dropped rather than delivered in a burst
 
 # The control word (port 0x43), for documentation and tests; the access path uses ints.
 CONTROL_WORD = BitStruct(
@@ -151,7 +150,7 @@ class PIT8254:
         self._seq = 0                   # numbers every arm, so a stale callback knows it is stale
         self.pulses = 0                 # IRQ0 pulses delivered (debugging and tests)
         self.merged = 0                 # pulses the line reported merged with a pending one (sent again)
-        self.dropped = 0                # periodic edges dropped past BACKLOG_LIMIT_NS of lateness
+        self.dropped = 0                # periodic edges dropped past catchup.BACKLOG_LIMIT_NS of lateness
 
     # -- bus interface -------------------------------------------------------------------------------------
     def read(self, offset, size):
@@ -357,13 +356,12 @@ class PIT8254:
             self._set_timer(c, self._edge_ns(c, c.next_edge))
             return
         period_ns = _ticks_to_ns(c.step)
-        limit = max(1, BACKLOG_LIMIT_NS // period_ns)
+        limit = backlog_limit(period_ns)
         if backlog > limit:             # a VM stopped or a host asleep: keep the newest second of edges
             self.dropped += backlog - limit
             c.next_edge += backlog - limit
             backlog = limit
-        spacing = period_ns // (min(backlog, CATCHUP_DIVISIONS - 1) + 1) if delivered else period_ns // 2
-        self._set_timer(c, now + max(spacing, min(CATCHUP_MIN_NS, period_ns // 2)))
+        self._set_timer(c, now + catchup_delay(period_ns, backlog, merged=not delivered))
 
 
 class NMISC:

@@ -11,13 +11,13 @@ A callback whose generation is stale (the timer was re-armed or stopped meanwhil
 that fires late never injects a cancelled tick.
 
 Periodic mode fires every period (issue 24 item 5): period k ends at start + k periods (no drift), and a period
-that ended while the timer thread ran late is *owed*; owed ticks go out one by one after the late one,
-period / (owed + 1) apart (2 to 8 a period, at least 1 ms and at most half a period apart), as ``vatpit`` sends
-its late IRQ0 edges. Why: Linux without a TSC-deadline timer verifies its calibrated LAPIC timer by counting
-jiffies over HZ/10 periodic LAPIC ticks (``calibrate_APIC_clock``, "verification failure" when they disagree by
-more than 2); the PIT catches up on its late ticks, so the LAPIC timer must too, or a slow timer thread makes the
-two disagree. A tick whose vector is still pending in the IRR merges there, as on hardware (one IRR bit). Ticks
-owed for more than one second (a stopped VM, a host asleep) are dropped (counted in ``dropped``).
+that ended while the timer thread ran late is *owed*; owed ticks go out one by one after the late one, spaced as
+``vatpit`` sends its late IRQ0 edges (``catchup.py``). Why: Linux without a TSC-deadline timer verifies its
+calibrated LAPIC timer by counting jiffies over HZ/10 periodic LAPIC ticks (``calibrate_APIC_clock``, "verification
+failure" when they disagree by more than 2); the PIT catches up on its late ticks, so the LAPIC timer must too, or
+a slow timer thread makes the two disagree. A tick whose vector is still pending in the IRR merges there, as on
+hardware (one IRR bit). Ticks owed for more than one second (a stopped VM, a host asleep) are dropped (counted in
+``dropped``).
 
 Not supported: a periodic period shorter than :data:`MIN_PERIOD_NS` (100 us) is stretched to it, as KVM does, so a
 guest cannot flood the timer thread; the TSC-deadline clock is the TimerService clock scaled by ``tsc_hz`` (no TSC
@@ -25,12 +25,10 @@ offset or scaling from the VM unless ``tsc_now`` is given); a masked LVT's perio
 """
 
 from . import vlapic_regs as R
+from .catchup import backlog_limit, catchup_delay
 
 NS_PER_S = 1_000_000_000
 MIN_PERIOD_NS = 100_000
-CATCHUP_DIVISIONS = 8           # owed ticks go out 2 to 8 per period (period / (owed + 1) apart) ...
-CATCHUP_MIN_NS = 1_000_000      # ... and at least 1 ms apart (half a period at most), so the guest takes each
-BACKLOG_LIMIT_NS = NS_PER_S     # ticks owed for longer than this are dropped rather than sent in a burst
 
 
 class ApicTimer:
@@ -52,7 +50,7 @@ class ApicTimer:
         self.generation = 0
         self.fires = 0          # statistics: expirations so far (catch-up ticks included)
         self.owed = 0           # periodic ticks due (the timer thread ran late) and not fired yet
-        self.dropped = 0        # statistics: owed ticks given up (over BACKLOG_LIMIT_NS late)
+        self.dropped = 0        # statistics: owed ticks given up (over catchup.BACKLOG_LIMIT_NS late)
         self._handle = None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -113,7 +111,8 @@ class ApicTimer:
             return 0
         remaining = self.deadline_ns - self._timers.now_ns()
         if remaining <= 0 and self.mode == R.TIMER_PERIODIC and self.icr:
-            remaining = self.period_ns - (-remaining) % self.period_ns     # the periods go on while the callback is late
+            # the periods go on while the callback is late
+            remaining = self.period_ns - (-remaining) % self.period_ns
         if remaining <= 0:
             return 0
         count = -(-remaining * R.BUS_HZ // (self.divisor * NS_PER_S))
@@ -156,7 +155,7 @@ class ApicTimer:
             ended = (now - self.deadline_ns) // self.period_ns + 1
             self.deadline_ns += ended * self.period_ns
             self.owed += ended
-        limit = max(1, BACKLOG_LIMIT_NS // self.period_ns)
+        limit = backlog_limit(self.period_ns)
         if self.owed > limit:
             self.dropped += self.owed - limit
             self.owed = limit
@@ -171,9 +170,7 @@ class ApicTimer:
         if not self.owed:
             self._arm_callback(self.deadline_ns)
             return
-        spacing = self.period_ns // (min(self.owed, CATCHUP_DIVISIONS - 1) + 1)
-        when = now + max(spacing, min(CATCHUP_MIN_NS, self.period_ns // 2))
-        self._arm_callback(when)
+        self._arm_callback(now + catchup_delay(self.period_ns, self.owed))
 
     # -- IA32_TSC_DEADLINE ----------------------------------------------------------------------------------
     def tsc_now(self):

@@ -3,7 +3,8 @@
 from hypothesis import given, settings, strategies as st
 
 from bhyve_devices.base import LateTimers, ManualTimers, RecordingLine
-from bhyve_devices.vatpit import CATCHUP_MIN_NS, CONTROL_WORD, NMISC, PIT_HZ, PIT8254, STATUS_BYTE
+from bhyve_devices.catchup import CATCHUP_MIN_NS
+from bhyve_devices.vatpit import CONTROL_WORD, NMISC, PIT_HZ, PIT8254, STATUS_BYTE
 
 NS = 1_000_000_000
 

@@ -5,7 +5,8 @@ import pytest
 from bhyve_devices import vlapic_regs as R
 from bhyve_devices.base import LateTimers, ManualTimers
 from bhyve_devices.vlapic import Vlapic
-from bhyve_devices.vlapic_timer import CATCHUP_MIN_NS, MIN_PERIOD_NS
+from bhyve_devices.catchup import CATCHUP_MIN_NS
+from bhyve_devices.vlapic_timer import MIN_PERIOD_NS
 
 VEC = 0xEC
 ICR = 1 << 20                      # with divide-by-2: 2**21 bus clocks = 1/64 s
