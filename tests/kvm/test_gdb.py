@@ -221,19 +221,10 @@ def test_the_guests_own_int3_still_gets_its_bp(guest, tmp_path):
     assert status == HALT_STATUS and stdout == "IZ\n", stderr
 
 
-# Two vCPUs in one function at about the same time: the BSP starts the AP with INIT-SIPI (a real-mode trampoline
-# that enters flat protected mode), waits until it is ready, and both call f; the BSP prints the count of calls
-# once both returned. Each halts in a loop (a debugger's hold may end a HLT early).
-SMP_BP_KERNEL = r"""
-.code32
-.globl _start, f, ap32, hits
-.set TRAMPOLINE, 0x8000
-.set LAPIC, 0xFEE00000
-.text
-.align 4
-  .long 0x1BADB002, 0x0, -0x1BADB002
-_start:
-  mov $bsp_stack, %esp
+# The two halves of starting an AP in a multiboot guest (``.set TRAMPOLINE`` and ``LAPIC`` before them): START_AP,
+# in the BSP, copies the real-mode trampoline to TRAMPOLINE and sends INIT-SIPI (``%esi`` is left at the LAPIC);
+# AP_TRAMPOLINE, in ``.text``, enters flat protected mode and jumps to the guest's ``ap32``.
+START_AP = r"""
   mov $ap, %esi
   mov $TRAMPOLINE, %edi
   mov $(ap_end - ap), %ecx
@@ -243,7 +234,40 @@ _start:
   movl $0x01000000, 0x310(%esi)
   movl $0x4500, 0x300(%esi)
   movl $(0x4600 | TRAMPOLINE >> 12), 0x300(%esi)
-1: pause
+"""
+AP_TRAMPOLINE = r"""
+ap:
+.code16
+  cli
+  xor %ax, %ax
+  mov %ax, %ds
+  lgdtl TRAMPOLINE + (gdtr - ap)
+  mov %cr0, %eax
+  or $1, %eax
+  mov %eax, %cr0
+  ljmpl $0x08, $ap32
+.align 8
+gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+gdtr: .word 3 * 8 - 1
+  .long TRAMPOLINE + (gdt - ap)
+ap_end:
+"""
+
+
+# Two vCPUs in one function at about the same time: the BSP starts the AP with INIT-SIPI (a real-mode trampoline
+# that enters flat protected mode), waits until it is ready, and both call f; the BSP prints the count of calls
+# once both returned. Each halts in a loop (a debugger's hold may end a HLT early).
+SMP_BP_KERNEL = rf"""
+.code32
+.globl _start, f, ap32, hits
+.set TRAMPOLINE, 0x8000
+.set LAPIC, 0xFEE00000
+.text
+.align 4
+  .long 0x1BADB002, 0x0, -0x1BADB002
+_start:
+  mov $bsp_stack, %esp
+{START_AP}1: pause
   cmpl $0, ready
   je 1b
   call f
@@ -273,22 +297,7 @@ ap32:
 4: cli
   hlt
   jmp 4b
-ap:
-.code16
-  cli
-  xor %ax, %ax
-  mov %ax, %ds
-  lgdtl TRAMPOLINE + (gdtr - ap)
-  mov %cr0, %eax
-  or $1, %eax
-  mov %eax, %cr0
-  ljmpl $0x08, $ap32
-.align 8
-gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
-gdtr: .word 3 * 8 - 1
-  .long TRAMPOLINE + (gdt - ap)
-ap_end:
-.data
+{AP_TRAMPOLINE}.data
 .align 8
 ready: .long 0
 hits: .long 0

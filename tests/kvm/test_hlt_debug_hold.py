@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.guests.asm import multiboot_elf
-from tests.kvm.test_gdb import HALT_STATUS, finish, guest, start  # noqa: F401 (guest: the fixture)
+from tests.kvm.test_gdb import (AP_TRAMPOLINE, HALT_STATUS, START_AP, finish, guest,  # noqa: F401 (guest: the fixture)
+                                 start)
 
 HOLDS = 20
 RIP_REGNO = 16                       # gdb's x86-64 register numbering (vmmshim/gdb/target.py)
@@ -35,16 +36,7 @@ KERNEL = r"""
   .long 0x1BADB002, 0x0, -0x1BADB002
 _start:
   mov $bsp_stack, %esp
-  mov $ap, %esi
-  mov $TRAMPOLINE, %edi
-  mov $(ap_end - ap), %ecx
-  cld
-  rep movsb
-  mov $LAPIC, %esi
-  movl $0x01000000, 0x310(%esi)
-  movl $0x4500, 0x300(%esi)
-  movl $(0x4600 | TRAMPOLINE >> 12), 0x300(%esi)
-1: pause
+{start_ap}1: pause
   cmpl $0, ready
   je 1b
   mov $0x3f8, %dx
@@ -110,22 +102,7 @@ on_ipi:                          # no iret back (KVM under nested SVM here fails
   movl $0, LAPIC + 0xB0
   add $12, %esp
   jmp after_hlt
-ap:
-.code16
-  cli
-  xor %ax, %ax
-  mov %ax, %ds
-  lgdtl TRAMPOLINE + (gdtr - ap)
-  mov %cr0, %eax
-  or $1, %eax
-  mov %eax, %cr0
-  ljmpl $0x08, $ap32
-.align 8
-gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
-gdtr: .word 3 * 8 - 1
-  .long TRAMPOLINE + (gdt - ap)
-ap_end:
-.data
+{ap_trampoline}.data
 .align 8
 ready: .long 0
 go: .long 0
@@ -191,7 +168,8 @@ def _read_until(stream, text, timeout):
 def test_a_debug_hold_does_not_end_a_halt(guest, tmp_path, mode):
     provider = guest[0]
     sti = mode == "sti"
-    elf = multiboot_elf(KERNEL.replace("{sti}", "1" if sti else "0"), str(tmp_path), f"hlt_{mode}")
+    source = KERNEL.format(sti=int(sti), start_ap=START_AP, ap_trampoline=AP_TRAMPOLINE)
+    elf = multiboot_elf(source, str(tmp_path), f"hlt_{mode}")
     sym = _symbols(elf)
     p, port = start(provider, elf)
     rsp, done, early = None, False, b""
