@@ -70,6 +70,7 @@ class Vcpu:
                      VmCapType.VM_CAP_MASK_HWINTR: 0}
         self.debug_hold = False       # vm_suspend_cpu: VM_EXITCODE_DEBUG before the next entry
         self.hlt_held = None          # (RFLAGS, RIP) of a HLT only a debug hold ended: it halts again after the hold
+        self.debug = {}               # the debug capabilities (VM_CAP_MTRAP_EXIT ...) the table set (nvmm_ops.py)
         self.extra = {}
         self.exits = [0] * 0x10000      # NVMM exits, by reason (low 16 bits)
         self.bus_mmio = 0             # MEMORY exits completed on the VM's MMIO bus (not the kernel devices')
@@ -268,8 +269,7 @@ class Vm:
         if ctx.current_rip() != rip:             # the debugger moved it (gdb's jump): it runs from there
             ctx.halted_if_clear = False
             return None
-        debug = getattr(ctx, "debug", None)
-        if debug and debug.get(VmCapType.VM_CAP_MTRAP_EXIT):
+        if ctx.debug.get(VmCapType.VM_CAP_MTRAP_EXIT):
             ctx.hlt_held = held
             ctx.pending = True
             return ctx.exit_to(E.VM_EXITCODE_MTRAP, None)

@@ -130,11 +130,8 @@ def intr_hook(vcpu, uc, intno):
     """Called first by the interrupt hook: an int3 with ``sw_bp`` becomes an exit with RIP at the int3."""
     if intno != X86_EXC_BP or not vcpu.dbg.sw_bp:
         return False
-    rip = uc.reg_read(X.UC_X86_REG_RIP) - INT3_LENGTH
-    uc.reg_write(X.UC_X86_REG_RIP, rip)
-    vcpu._why = ("debug", api.DEBUG_BP, rip, 0)
-    uc.emu_stop()
-    return True
+    uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) - INT3_LENGTH)
+    return _exit(vcpu, uc, api.DEBUG_BP)
 
 
 def before_run(vcpu, uc):
