@@ -1,5 +1,5 @@
 """NVMe, AHCI and virtio-9p (issue 21) beside virtio-blk: vmmshim and QEMU in the same L1 of the nested lab
-(``python3 -m bench.dev_bench [--rounds N] [--quick] [--devices nvme,ahci-hd,virtio-9p,virtio-blk]``).
+(``python3 -m bench.dev_bench [--rounds N] [--quick] [--mib M] [--devices nvme,ahci-hd,virtio-9p,virtio-blk]``).
 
 Runs ``bench/dev_l2.py`` in the lab, one L1 boot per round; in each, every device is booted once with vmmshim and
 once with QEMU (``-accel kvm -machine pc,kernel_irqchip=off``), the VMMs taking turns at going first. Prints per
@@ -66,11 +66,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="L1 boots; the VMMs take turns at going first")
     ap.add_argument("--quick", action="store_true", help="1 round, a 32 MiB region")
     ap.add_argument("--devices", default="nvme,ahci-hd,virtio-9p,virtio-blk")
+    ap.add_argument("--mib", type=int, help="region and file size in MiB (dev_l2's default: 128; 32 quick)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds for one round's command in L1")
     ap.add_argument("--lock", default="/tmp/vmmshim-lab.lock", help="flock this file around each round's lab run")
     args = ap.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     cmds = [f"python3 -m bench.dev_l2 --first-round {rnd} --devices {args.devices}" + (" --quick" if args.quick else "")
+            + (f" --mib {args.mib}" if args.mib else "")
             for rnd in range(rounds)]
     cfg, recs = run_rounds(cmds, parse, args.timeout, args.lock)
     if not recs:

@@ -15,6 +15,8 @@ memoryview), copying helpers that skip into the middle of a segment list without
 """
 
 import operator
+from bisect import bisect_left
+from itertools import accumulate
 
 from .vring import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
@@ -90,24 +92,21 @@ class Chain:
 
 def split_segments(segs, n):
     """Splits a list of memoryviews after ``n`` bytes: ``(first, rest)`` (views of views, no copy). ``first``
-    holds fewer than ``n`` bytes if the segments are shorter."""
-    first = []
-    rest = []
-    it = iter(segs)
-    for m in it:
-        if n <= 0:
-            rest.append(m)
-            break
-        if len(m) <= n:
-            first.append(m)
-            n -= len(m)
-        else:
-            first.append(m[:n])
-            rest.append(m[n:])
-            n = 0
-            break
-    rest.extend(it)
-    return first, rest
+    holds fewer than ``n`` bytes if the segments are shorter. Found with whole-list operations (running lengths,
+    a bisection), not a Python step per segment: a 512 KiB 9P read is a hundred segments, split twice."""
+    segs = segs if isinstance(segs, list) else list(segs)
+    if n <= 0:
+        return [], segs
+    ends = list(accumulate(map(len, segs)))
+    i = bisect_left(ends, n)            # the segment in which byte n - 1 lies
+    if i == len(segs):
+        return segs, []
+    over = ends[i] - n                  # its bytes past the split
+    if over == 0:
+        return segs[:i + 1], segs[i + 1:]
+    m = segs[i]
+    cut = len(m) - over
+    return segs[:i] + [m[:cut]], [m[cut:]] + segs[i + 1:]
 
 
 def split_tail(segs, n):

@@ -3,6 +3,8 @@ suppression handshakes and the segment helpers. Broken and hostile rings: ``test
 
 import struct
 
+from hypothesis import given, strategies as st
+
 from bhyve_devices.virtio.virtqueue import (DESC_SIZE, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC, VIRTQ_DESC_F_INDIRECT,
                                             VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_ELEM, avail_ring,
                                             avail_size, gather, legacy_layout, need_event, scatter, split_segments,
@@ -262,3 +264,31 @@ def test_segment_helpers():
     assert gather(b) == b"9" and gather(a) == b"012345678"
     assert split_segments(segs, 100)[1] == [] and gather(segs, 4) == b"0123"
     assert scatter(split_segments(segs, 5)[1], b"abcdefgh") == 5 and buf == bytearray(b"01234abcde")
+
+
+def _split_step_by_step(segs, n):
+    """split_segments as the definition reads: segment by segment."""
+    first, rest = [], []
+    for m in segs:
+        if n <= 0:
+            rest.append(m)
+        elif len(m) <= n:
+            first.append(m)
+            n -= len(m)
+        else:
+            first.append(m[:n])
+            rest.append(m[n:])
+            n = 0
+    return first, rest
+
+
+@given(st.lists(st.integers(0, 9), max_size=12), st.integers(-2, 80))
+def test_split_segments_agrees_with_a_step_by_step_split(lengths, n):
+    buf = bytearray(range(sum(lengths)))
+    segs, at = [], 0
+    for k in lengths:
+        segs.append(memoryview(buf)[at:at + k])
+        at += k
+    got = split_segments(tuple(segs), n)
+    want = _split_step_by_step(segs, n)
+    assert [[bytes(m) for m in part] for part in got] == [[bytes(m) for m in part] for part in want]
