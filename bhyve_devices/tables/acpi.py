@@ -13,7 +13,9 @@ MCFG +0x380, FACS +0x3C0, DSDT +0x400. The FADT describes bhyve's ``pm.c`` (PM1a
 0xA1, RESET_REG 0xCF9 value 6), not hardware-reduced. :func:`build_acpi` returns ``[(gpa, bytes)]`` for the
 loader to copy into guest memory.
 
-With bhyve's fixed offsets the MADT has 0x100 bytes, room for 21 vCPUs (bhyve allows 16); more raise ValueError.
+bhyve's fixed offsets leave the MADT 0x100 bytes, room for 21 vCPUs; with more it moves after the DSDT (16-byte
+aligned, the RSDT and XSDT point there), as newer bhyve's ``basl`` lays its tables out one after another. The
+caller checks that the whole set fits its area (``vmmshim/machine.py``).
 
 Not supported: SRAT/SLIT/NUMA, x2APIC MADT entries (APIC IDs above 254), SSDTs, GPE blocks, PM1b/PM2
 blocks, the FACS's waking vector and global lock (zero), sleep states other than S5.
@@ -29,6 +31,7 @@ from bhyve_devices.vlapic_regs import DEFAULT_APIC_BASE
 BASE = 0xF2400
 OFF_RSDT, OFF_XSDT, OFF_MADT, OFF_FADT = 0x40, 0x80, 0x100, 0x200
 OFF_HPET, OFF_MCFG, OFF_FACS, OFF_DSDT = 0x340, 0x380, 0x3C0, 0x400
+MOVED_ALIGN = 16                # a MADT too big for its slot goes after the DSDT at this alignment
 OEM_ID = b"BHYVE "
 CREATOR_ID = b"VMMS"
 HPET_BASE = 0xFED00000
@@ -178,6 +181,10 @@ def build_facs():
                            reserved2=bytes(24)))
 
 
+def _align(x, n):
+    return (x + n - 1) // n * n
+
+
 def build_acpi(ncpu, pci_host_info, isa_devices=(), lpc_adr=None, base=BASE, ioapic_id=0, iapc_boot_arch=0,
                hpet=True, hpet_capabilities=None):
     """All tables as ``[(gpa, bytes)]``. ``pci_host_info`` is :meth:`PciHost.info` (windows, ECAM, INTx
@@ -199,8 +206,15 @@ def build_acpi(ncpu, pci_host_info, isa_devices=(), lpc_adr=None, base=BASE, ioa
         tables["hpet"] = build_hpet(hpet_capabilities)
     tables["rsdt"] = _table(b"RSDT", 1, b"BVRSDT", b"".join(Int32ul.build(a[t]) for t in pointed))
     tables["xsdt"] = _table(b"XSDT", 1, b"BVXSDT", b"".join(Int64ul.build(a[t]) for t in pointed))
+    if len(tables["madt"]) > OFF_FADT - OFF_MADT:     # more vCPUs than bhyve's slot holds: after the DSDT
+        a["madt"] = _align(a["dsdt"] + len(tables["dsdt"]), MOVED_ALIGN)
+        tables["rsdt"] = _table(b"RSDT", 1, b"BVRSDT", b"".join(Int32ul.build(a[t]) for t in pointed))
+        tables["xsdt"] = _table(b"XSDT", 1, b"BVXSDT", b"".join(Int64ul.build(a[t]) for t in pointed))
     nxt = {"rsdt": "xsdt", "xsdt": "madt", "madt": "fadt", "fadt": "hpet", "hpet": "mcfg", "mcfg": "facs",
            "facs": "dsdt"}
+    if a["madt"] > a["dsdt"]:
+        nxt.pop("madt")
+        nxt["xsdt"] = "fadt"
     for k, n in nxt.items():
         if k in tables and a[k] + len(tables[k]) > a[n]:
             raise ValueError(f"ACPI {k} ({len(tables[k])} bytes) overlaps {n}")

@@ -111,11 +111,21 @@ def test_fadt_fields():
     assert A.FADT.build(f) == t[b"FACP"][1]
 
 
-def test_too_many_vcpus_for_bhyve_layout():
-    info = PciHost().info()
-    A.build_acpi(21, info)
-    with pytest.raises(ValueError):
-        A.build_acpi(22, info)
+@pytest.mark.parametrize("ncpu", [21, 22, 64])
+def test_a_madt_past_bhyves_slot_moves_after_the_dsdt(ncpu):
+    _, t, out = build(ncpu)
+    madt = t[b"APIC"][0]
+    if ncpu <= 21:
+        assert madt == 0xF2500
+    else:
+        assert madt % 16 == 0 and madt >= t[b"DSDT"][0] + len(t[b"DSDT"][1])
+    rsdt, xsdt = t[b"RSDT"][1][36:], t[b"XSDT"][1][36:]
+    assert Int32ul.parse(rsdt[:4]) == Int64ul.parse(xsdt[:8]) == madt
+    assert all(sum(b) % 256 == 0 for _, b in out[1:] if b[:4] != b"FACS")
+    _, ents = parse_madt(t[b"APIC"][1])
+    assert [e.apic_id for typ, e in ents if typ == 0] == list(range(ncpu))
+    spans = sorted((gpa, gpa + len(b)) for gpa, b in out)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= 0x100000
 
 
 def test_hpet_mcfg_facs():
