@@ -7,7 +7,7 @@ set -eu
 
 REPO=$(CDPATH= cd "$(dirname "$0")/.." && pwd)
 PACKAGES="binutils gcc libc6-dev strace qemu-system-x86 qemu-utils debootstrap busybox-static e2fsprogs cpio gzip
-          kmod ca-certificates dmidecode libslirp0 passt xorriso"
+          kmod ca-certificates dmidecode libslirp0 passt xorriso acpica-tools"
 LOG=$(mktemp /tmp/vmmshim-install-deps.XXXXXX.log)
 
 step() { printf '[install-deps] %s\n' "$*"; }

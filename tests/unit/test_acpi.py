@@ -226,8 +226,9 @@ def test_resources_checked():
 
 
 @pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (Debian acpica-tools) is not installed")
-def test_iasl_disassembles_every_table(tmp_path):
-    _, t, _ = build(4)
+@pytest.mark.parametrize("ncpu", [4, 64])
+def test_iasl_disassembles_every_table(tmp_path, ncpu):
+    _, t, _ = build(ncpu)
     for sig, (gpa, b) in t.items():
         if sig == b"RSD ":
             continue
