@@ -90,7 +90,8 @@ class P9Server(Operations):
         return scatter(writable, M.message(M.RLERROR, tag, _U32.pack(code)))
 
     def _request(self, readable, writable, room, head, size, mtype, tag):
-        if size < M.HEADER_SIZE or size > sum(map(len, readable)):
+        avail = sum(map(len, readable))
+        if size < M.HEADER_SIZE or size > avail:
             raise M.ProtocolError(f"size {size}")
         if size > self.msize:
             raise OSError(errno.EMSGSIZE, "message larger than msize")
@@ -104,7 +105,9 @@ class P9Server(Operations):
             fid, offset, count = codec.head.unpack_from(head, M.HEADER_SIZE)
             if count > size - M.TWRITE_HDRSZ:
                 raise M.ProtocolError("Twrite count runs past the message")
-            data = split_segments(split_segments(readable, M.TWRITE_HDRSZ)[1], count)[0]
+            data = split_segments(readable, M.TWRITE_HDRSZ)[1]
+            if count < size - M.TWRITE_HDRSZ or size < avail:
+                data = split_segments(data, count)[0]
             res = handler(fid, offset, count, data)
         else:
             buf = head if size <= len(head) else gather(readable, size)
@@ -124,8 +127,10 @@ class P9Server(Operations):
     def data_segments(self, count):
         """The writable segments after the Rread/Rreaddir header, cut to what ``count`` may fill: ``(segs,
         count)`` with ``count`` bounded by msize and by the room there is."""
-        count = max(0, min(count, min(self._room, self.msize) - M.IOHDRSZ))
-        return split_segments(split_segments(self._wr, M.IOHDRSZ)[1], count)[0], count
+        room = self._room - M.IOHDRSZ
+        count = max(0, min(count, room, self.msize - M.IOHDRSZ))
+        segs = split_segments(self._wr, M.IOHDRSZ)[1]
+        return (segs if count == room else split_segments(segs, count)[0]), count
 
     # ---- fids and qids --------------------------------------------------------------------------------------------
     def fid(self, fid):

@@ -95,8 +95,12 @@ def split_segments(segs, n):
     holds fewer than ``n`` bytes if the segments are shorter. Found with whole-list operations (running lengths,
     a bisection), not a Python step per segment: a 512 KiB 9P read is a hundred segments, split twice."""
     segs = segs if isinstance(segs, list) else list(segs)
-    if n <= 0:
+    if n <= 0 or not segs:
         return [], segs
+    m = segs[0]
+    k = len(m)
+    if n <= k:                          # within the first segment: a request's header, mostly
+        return ([m], segs[1:]) if n == k else ([m[:n]], [m[n:]] + segs[1:])
     ends = list(accumulate(map(len, segs)))
     i = bisect_left(ends, n)            # the segment in which byte n - 1 lies
     if i == len(segs):
