@@ -3,12 +3,14 @@ helpers the virtio lab tests (:mod:`vmmshim.lab.virtio_check`) and the I/O bench
 
 - :func:`tap_up`: a persistent tap (``tap0``, 10.0.2.1/24) for ``-s N,virtio-net,tap0`` / QEMU's ``-netdev tap``;
 - :func:`vmmshim_argv` / :func:`qemu_argv`: the same guest and devices on either VMM (disks in slot order, then
-  the NIC, then the RNG; the console goes to a file in both);
+  the NICs: the tap's, then user-mode networking's with ``net="slirp"``, i.e. vmmshim's ``slirp`` backend and
+  QEMU's ``-netdev user``; then the RNG; the console goes to a file in both);
 - :func:`boot`: runs one VMM, watches the console file, kills it when ``VMMSHIM-GUEST-UP`` has not shown within
   ``marker_timeout`` (the open lost-timer-interrupt bug hangs some vmmshim boots early) or the whole run passes
   ``timeout``; :func:`boot_retry` boots again after such a hang;
-- :class:`Sink`, :class:`Source`, :class:`Gate`: one-connection-at-a-time TCP servers on the tap address (a
-  guest's ``nc`` sends to a Sink, reads from a Source, and waits at a Gate while L1 does something).
+- :class:`Sink`, :class:`Source`, :class:`Gate`: one-connection-at-a-time TCP servers, on the tap address unless
+  told another (a guest's ``nc`` sends to a Sink, reads from a Source, and waits at a Gate while L1 does
+  something).
 
 QEMU's disks use ``cache=writeback`` by default: the images live on L1's tmpfs, where ``cache=none`` (O_DIRECT)
 cannot open them, and vmmshim's virtio-blk goes through the page cache as well.
@@ -29,6 +31,8 @@ TAP = "tap0"
 HOST_IP = "10.0.2.1"
 GUEST_IP = "10.0.2.15"
 BASE_APPEND = "console=ttyS0 panic=-1 hpet=disable"
+#: User-mode networking: the ``net=`` of :func:`vmmshim_argv` / :func:`qemu_argv`.
+NET_SLIRP = "slirp"
 
 
 def guest_dir():
@@ -56,9 +60,17 @@ class Disk:
     kind: str = "virtio-blk"        # or "nvme", "ahci-hd" (bhyve's device names; QEMU's equivalents below)
 
 
-def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, opts=(), share=None):
+def _check_net(net):
+    if net not in (None, NET_SLIRP):
+        raise ValueError(f"net={net!r}: only {NET_SLIRP!r} (user-mode networking) is known")
+
+
+def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, opts=(), share=None,
+                 net=None):
     """``opts``: more vmmshim flags (``-o virtio_msix=false`` ...). ``share``: a host folder exported with
-    virtio-9p under the tag :data:`SHARE_TAG`."""
+    virtio-9p under the tag :data:`SHARE_TAG`. ``net="slirp"``: a virtio-net NIC on the ``slirp`` backend (in the
+    slot after the tap's NIC, if any)."""
+    _check_net(net)
     g = guest_dir()
     argv = [sys.executable, "-m", "vmmshim", *opts, "-A", "-c", str(ncpus), "-m", mem, "-s", "0:0,hostbridge",
             "-s", "31,lpc"]
@@ -72,16 +84,21 @@ def vmmshim_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncp
     if tap:
         argv += ["-s", f"{slot},virtio-net,{tap}"]
         slot += 1
+    if net:
+        argv += ["-s", f"{slot},virtio-net,{net}"]
+        slot += 1
     if rnd:
         argv += ["-s", f"{slot},virtio-rnd"]
     return argv + ["-l", f"com1,file:{console}", "-f", f"kexec,{g}/vmlinuz,{g}/initramfs.gz,{append}"]
 
 
 def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=1, cache="writeback", opts=(),
-              share=None):
+              share=None, net=None):
     """``opts``: vmmshim's ``-o virtio_msix=false`` becomes ``vectors=0`` on QEMU's virtio devices (INTx). Disks of
     kind ``nvme`` become QEMU's ``nvme`` device, ``ahci-hd`` an ``ide-hd`` on an ``ahci`` controller; ``share`` is
-    ``-virtfs local`` (``security_model=none``)."""
+    ``-virtfs local`` (``security_model=none``); ``net="slirp"`` is ``-netdev user`` on a ``virtio-net-pci`` (after
+    the tap's NIC, if any)."""
+    _check_net(net)
     g = guest_dir()
     dopt = ",vectors=0" if "virtio_msix=false" in opts else ""
     argv = ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc,kernel_irqchip=off", "-smp", str(ncpus),
@@ -101,6 +118,9 @@ def qemu_argv(append, console, disks=(), tap=None, rnd=False, mem="512M", ncpus=
     if tap:
         argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no", "-device",
                  f"virtio-net-pci,netdev=n0{dopt}"]
+    if net:
+        nid = "n1" if tap else "n0"
+        argv += ["-netdev", f"user,id={nid}", "-device", f"virtio-net-pci,netdev={nid}{dopt}"]
     if rnd:
         argv += ["-device", f"virtio-rng-pci{dopt}"]
     return argv
@@ -203,8 +223,8 @@ def pattern(n, seed=b"vmmshim"):
 
 
 class _Server(threading.Thread):
-    """Accepts on HOST_IP:port, one connection at a time, calling ``handle(conn)``; ``results`` collects what it
-    returns."""
+    """Accepts on host:port (HOST_IP by default; ``"0.0.0.0"``: every address of L1), one connection at a time,
+    calling ``handle(conn)``; ``results`` collects what it returns."""
 
     def __init__(self, port, host=HOST_IP):
         super().__init__(daemon=True)
