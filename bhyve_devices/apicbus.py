@@ -22,6 +22,7 @@ priority class, ties broken round-robin); the x2APIC extended destination ID in 
 import threading
 
 from . import vlapic_regs as R
+from .snapshot import SnapshotError, check, header
 
 
 def _nop(*_):
@@ -37,6 +38,8 @@ class Delivered(list):
 
 
 class ApicBus:
+    snapshot_version = 1
+
     def __init__(self, on_init=None, on_sipi=None, on_nmi=None, kick=None):
         self.on_init = on_init or _nop
         self.on_sipi = on_sipi or _nop
@@ -66,6 +69,26 @@ class ApicBus:
 
     def waiting_for_sipi(self, vcpu_id):
         return vcpu_id in self._wait_sipi
+
+    # -- snapshot (issue 23) --------------------------------------------------------------------------------
+    def snapshot(self):
+        """The vCPUs waiting for a START-UP IPI and the lowest-priority round-robin pointer (each vlapic saves its
+        own registers)."""
+        with self._lock:
+            d = header(self)
+            d.update(wait_sipi=sorted(self._wait_sipi), rr=self._rr)
+            return d
+
+    def restore(self, state, shift_ns):
+        """Takes :meth:`snapshot`'s state (no times)."""
+        check(self, state, ("wait_sipi", "rr"))
+        ws, rr = state["wait_sipi"], state["rr"]
+        if (not isinstance(ws, list) or not all(type(i) is int and i >= 0 for i in ws)
+                or type(rr) is not int or rr < 0):
+            raise SnapshotError("ApicBus: wait_sipi is not a list of vCPU ids or rr is not one")
+        with self._lock:
+            self._wait_sipi = set(ws)
+            self._rr = rr
 
     # -- destination ----------------------------------------------------------------------------------------
     def targets(self, src_id, dest, logical, shorthand=R.SHORTHAND_NONE, x2_format=None):

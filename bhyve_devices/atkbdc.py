@@ -17,11 +17,16 @@ What it does:
   answers 0xFE with TIMEOUT set in the status, and pulses ``irq1`` (``irq12`` for aux) when the CTR enables it,
   so Linux's atkbd/psmouse probes fail at once instead of waiting for their command timeouts.
 
+Snapshots (``snapshot.py``): the command byte (CTR), the output port, the status bits it keeps (SYS, CMD/DATA),
+the byte in the output buffer with its AUX and TIMEOUT flags, and the command waiting for its data byte.
+
 Not supported: a keyboard or mouse (no scancodes, no input), A20 gating (0xD1 bit 1 is stored only), password
 and vendor commands (ignored, no answer), output-buffer-full interrupts other than the ones above.
 """
 
 import threading
+
+from .snapshot import SnapshotError, check, header
 
 STS_OBF, STS_IBF, STS_SYS, STS_CMD, STS_UNLOCKED, STS_AUXDATA, STS_TIMEOUT = 1, 2, 4, 8, 0x10, 0x20, 0x40
 CTR_KBDINT, CTR_AUXINT, CTR_SYS, CTR_KBDDIS, CTR_AUXDIS, CTR_XLATE = 1, 2, 4, 0x10, 0x20, 0x40
@@ -134,3 +139,26 @@ class KeyboardController:
                 self._put(0xFE, timeout=True, interrupt=True)
         if reset and self._on_reset is not None:
             self._on_reset()
+
+    # -- snapshot (bhyve_devices/snapshot.py) --------------------------------------------------------------
+    snapshot_version = 1
+
+    def snapshot(self):
+        with self._lock:
+            return {**header(self), "ctr": self.ctr, "output_port": self.output_port, "status": self._status,
+                    "out": None if self._out is None else list(self._out), "pending": self._pending}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("ctr", "output_port", "status", "out", "pending"))
+
+        def byte(v):
+            return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
+        out, pending = state["out"], state["pending"]
+        if not (byte(state["ctr"]) and byte(state["output_port"]) and byte(state["status"])
+                and (pending is None or byte(pending))
+                and (out is None or isinstance(out, list) and len(out) == 3 and byte(out[0])
+                     and all(isinstance(f, bool) for f in out[1:]))):
+            raise SnapshotError("KeyboardController: a field is of the wrong type or out of range")
+        with self._lock:
+            self.ctr, self.output_port, self._status = state["ctr"], state["output_port"], state["status"]
+            self._out, self._pending = None if out is None else tuple(out), pending

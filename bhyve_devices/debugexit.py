@@ -3,8 +3,12 @@ to its port (default 0xF4, one to four bytes wide) ends the VM with exit status 
 test suites written for QEMU (kvm-unit-tests' ``exit(code)``) report their result to vmmshim's exit status.
 Reads return all-ones, as from an empty ISA port.
 
+Snapshots (``snapshot.py``): the value written (None until the guest writes; once it has, the VM is ending).
+
 Not supported: QEMU's ``iosize`` other than its four-byte default window.
 """
+
+from .snapshot import SnapshotError, check, header
 
 DEFAULT_PORT = 0xF4
 PORT_SIZE = 4
@@ -28,3 +32,15 @@ class DebugExit:
         if self.value is None:
             self.value = value
             self._on_exit(exit_status(value))
+
+    snapshot_version = 1
+
+    def snapshot(self):
+        return {**header(self), "value": self.value}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("value",))
+        v = state["value"]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 32):
+            raise SnapshotError(f"DebugExit: value {v!r} is not a 32-bit value")
+        self.value = v

@@ -18,6 +18,10 @@ The SCI (IRQ9, level) is asserted while any enabled status bit is set (PWRBTN, G
 sets PWRBTN_STS, raises the SCI and returns True; otherwise it returns False (bhyve then lets SIGTERM kill the
 VM: the caller should power off).
 
+Snapshots (``snapshot.py``): the reset control register, PM1_STS, PM1_EN and PM1_CNT (SCI_EN included, which is
+all SMI_CMD leaves behind: the port itself holds nothing). Restored, the SCI is asserted again when an enabled
+status bit is set.
+
 Not supported: sleep states other than S5 (S1-S4 writes are stored and ignored), PM1b blocks, GPE blocks,
 TMR_STS (the PM timer carry), wake events, the global lock (GBL_STS is never set by this model).
 """
@@ -25,6 +29,8 @@ TMR_STS (the PM timer carry), wake events, the global lock (GBL_STS is never set
 import threading
 
 from construct import BitsInteger, BitStruct, ByteSwapped, Flag, Padding
+
+from .snapshot import SnapshotError, check, header, save_fields
 
 SMI_CMD_PORT = 0xB2
 PM1A_EVT_PORT = 0x400
@@ -170,3 +176,22 @@ class PowerManagement:
                 self.pm1_control |= PM1_SCI_EN
             elif value == ACPI_DISABLE:
                 self.pm1_control &= ~PM1_SCI_EN
+
+    # -- snapshot (bhyve_devices/snapshot.py) --------------------------------------------------------------
+    snapshot_version = 1
+    _FIELDS = {"reset_control": 0xFF, "pm1_status": PM1_ALL_STS, "pm1_enable": PM1_ALL_EN, "pm1_control": 0xFFFF}
+
+    def snapshot(self):
+        with self._lock:
+            return {**header(self), **save_fields(self, self._FIELDS)}
+
+    def restore(self, state, shift_ns):
+        check(self, state, self._FIELDS)
+        for name, mask in self._FIELDS.items():
+            v = state[name]
+            if not isinstance(v, int) or isinstance(v, bool) or v & ~mask or v < 0:
+                raise SnapshotError(f"PowerManagement.{name}: {v!r} is not a value it can hold")
+        with self._lock:
+            for name in self._FIELDS:
+                setattr(self, name, state[name])
+            self._sci_update()

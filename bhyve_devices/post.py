@@ -6,8 +6,12 @@ Spec: none beyond the IBM PC convention; a write stores the code, a read returns
 stores and reads back on both, which is a superset. An optional ``on_code(value)`` callback sees every write
 (for logging boot progress).
 
+Snapshots (``snapshot.py``): the last value written.
+
 Not supported: port-80 delay semantics (a write costs what any exit costs), LED displays.
 """
+
+from .snapshot import SnapshotError, check, header
 
 
 class PostPort:
@@ -26,3 +30,15 @@ class PostPort:
         self.value = value & 0xFF
         if self._on_code is not None:
             self._on_code(self.value)
+
+    snapshot_version = 1
+
+    def snapshot(self):
+        return {**header(self), "value": self.value}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("value",))
+        v = state["value"]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFF:
+            raise SnapshotError(f"PostPort: value {v!r} is not a byte")
+        self.value = v

@@ -30,6 +30,12 @@ Behaviour the guest can rely on (all of what Linux's 8250 ``autoconfig``/``seria
   that move into the FIFO as the guest reads: input is never overrun, :meth:`enqueue_input` returns how many
   bytes it took and a backend retries the rest.
 
+Snapshots (``snapshot.py``): DLL/DLM, IER, LCR, MCR (loopback included), SCR, FCR (FIFO enable and trigger
+level), the LSR error bits, MSR with its delta bits, whether a THR-empty interrupt is pending (the rest of IIR
+follows from these), the RX FIFO's bytes and the bytes accepted from the backend that wait behind it. Restored,
+the interrupt line is driven again from that state. The backend, the sink and publish_reads' function are the
+host's side and not saved.
+
 Not supported: real baud-rate timing (the divisor is stored; output is as fast as the sink), parity, framing and
 break errors on input (only loopback overrun sets a line-status error), the character timeout's 4-character
 delay (it is reported as soon as the FIFO holds fewer bytes than the trigger level), DMA mode signalling (FCR bit
@@ -40,6 +46,8 @@ import collections
 import threading
 
 from construct import BitsInteger, BitStruct, Flag
+
+from .snapshot import SnapshotError, b2s, check, header, s2b, save_fields
 
 REG_DATA, REG_IER, REG_IIR, REG_LCR, REG_MCR, REG_LSR, REG_MSR, REG_SCR = range(8)
 
@@ -299,3 +307,31 @@ class UART16550:
         if old & MSR_RI and not new & MSR_RI:
             delta |= MSR_TERI
         self.msr = new | delta
+
+    # -- snapshot (bhyve_devices/snapshot.py) --------------------------------------------------------------
+    snapshot_version = 1
+    _REGS = ("dll", "dlm", "ier", "lcr", "mcr", "scr", "fcr", "lsr_errors", "msr")
+
+    def snapshot(self):
+        with self._lock:
+            return {**header(self), **save_fields(self, self._REGS), "thre_pending": self._thre_pending,
+                    "rx": b2s(self._rx), "backlog": b2s(self._backlog)}
+
+    def restore(self, state, shift_ns):
+        check(self, state, self._REGS + ("thre_pending", "rx", "backlog"))
+        if not all(isinstance(state[k], int) and not isinstance(state[k], bool) and 0 <= state[k] <= 0xFF
+                   for k in self._REGS) or not isinstance(state["thre_pending"], bool):
+            raise SnapshotError("UART16550: a register is not a byte")
+        rx, backlog = s2b(state["rx"]), s2b(state["backlog"])
+        cap = FIFO_SIZE if state["fcr"] & FCR_ENABLE else 1
+        if len(rx) > cap or state["ier"] > 0x0F or state["mcr"] > 0x1F or len(backlog) > self._backlog_max:
+            raise SnapshotError("UART16550: the RX FIFO, IER, MCR or the backlog is over its size")
+        with self._lock:
+            for k in self._REGS:
+                setattr(self, k, state[k])
+            self._thre_pending = state["thre_pending"]
+            self._rx.clear()
+            self._rx.extend(rx)
+            self._backlog.clear()
+            self._backlog.extend(backlog)
+            self._update_irq()

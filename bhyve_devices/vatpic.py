@@ -26,6 +26,8 @@ import threading
 
 from construct import BitsInteger, BitStruct, Const, Flag
 
+from .snapshot import SnapshotError, check, header, load_fields, save_fields
+
 ELCR_MASKS = (0xF8, 0xDE)
 
 # Command-word layouts (datasheet figures "Initialization Command Word Format" and "Operation Command Word
@@ -65,6 +67,26 @@ class Pic8259:
         self.read_isr = False
         self.poll = False
         self.special_mask = False
+
+    # -- snapshot (issue 23; through Vatpic.snapshot / restore) ---------------------------------------------
+    _BYTES = ("elcr", "lines", "imr", "irr", "isr", "base")
+    _FLAGS = ("ready", "icw4", "single", "aeoi", "rotate_aeoi", "sfnm", "read_isr", "poll", "special_mask")
+    _STATE = (*_BYTES, "init_state", "priority_add", *_FLAGS)
+
+    def _save(self):
+        return save_fields(self, self._STATE)
+
+    def _load(self, d):
+        which = "master" if self.master else "slave"
+        if not isinstance(d, dict) or any(k not in d for k in self._STATE):
+            raise SnapshotError(f"Vatpic: the {which} 8259's state is missing or incomplete")
+        ok = (all(type(d[k]) is int and 0 <= d[k] <= 0xFF for k in self._BYTES)
+              and all(type(d[k]) is bool for k in self._FLAGS)
+              and d["init_state"] in (0, 1, 2, 3) and type(d["priority_add"]) is int and 0 <= d["priority_add"] < 8
+              and not d["elcr"] & ~ELCR_MASKS[0 if self.master else 1] and not d["base"] & 7)
+        if not ok:
+            raise SnapshotError(f"Vatpic: a value of the {which} 8259 is out of range")
+        return lambda: load_fields(self, d, self._STATE)
 
     # -- priority logic -------------------------------------------------------------------------------------
     def _priority(self, mask):
@@ -223,6 +245,8 @@ class Elcr:
 class Vatpic:
     """The PIC pair: ``master`` (ports 0x20-0x21), ``slave`` (0xA0-0xA1) and ``elcr`` (0x4D0-0x4D1) Devices."""
 
+    snapshot_version = 1
+
     def __init__(self, intr_line=None):
         self._lock = threading.RLock()
         self._intr_line = intr_line
@@ -239,6 +263,26 @@ class Vatpic:
             self._out = out
             if self._intr_line is not None:
                 self._intr_line(out)
+
+    def snapshot(self):
+        """Each 8259's ICW sequence state, IRR / ISR / IMR, priority rotation, OCW3 selections (read ISR, poll,
+        special mask), AEOI and rotate-in-AEOI, its ELCR half and input levels; and the INT output level."""
+        with self._lock:
+            d = header(self)
+            d.update(master=self.master._save(), slave=self.slave._save(), intr=self._out)
+            return d
+
+    def restore(self, state, shift_ns):
+        """Takes :meth:`snapshot`'s state (no times). The INT output level is restored as saved without calling
+        ``intr_line``: the local APIC restores its own LINT0 level."""
+        check(self, state, ("master", "slave", "intr"))
+        if type(state["intr"]) is not bool:
+            raise SnapshotError("Vatpic: the INT level is not a bool")
+        loads = self.master._load(state["master"]), self.slave._load(state["slave"])
+        with self._lock:
+            for load in loads:
+                load()
+            self._out = state["intr"]
 
     @property
     def intr_level(self):

@@ -23,6 +23,10 @@ but restarts from now once a period late (the missed edges are lost); QEMU's i82
 :class:`NMISC` is port 0x61 as Linux's ``pit_calibrate_tsc``/``quick_pit_calibrate`` use it: bit 0 gates
 channel 2, bit 1 is speaker data, bit 4 the refresh toggle (flips every 15.085 us), bit 5 OUT2.
 
+Snapshots (``snapshot.py``): every channel's programming, count, latches and flip-flops, its load time and
+channel 0's armed IRQ0 deadline, moved by the restore's shift (``vatpit_state.py``); NMISC saves its two bits.
+The refresh toggle of port 0x61 follows the new clock's phase.
+
 Not supported: gates of channels 0 and 1 (always high); in modes 2 and 3 a new count takes effect at once
 instead of at the end of the current period; mode 3 with an odd count is modelled as the even count below it
 for the count value (OUT still uses the 8254 high/low split); no speaker sound; the one-clock load delay;
@@ -36,6 +40,8 @@ import threading
 from construct import BitStruct, BitsInteger, Enum, Flag
 
 from .catchup import backlog_limit, catchup_delay
+from . import vatpit_state
+from .snapshot import SnapshotError, check, header
 
 PIT_HZ = 1193182
 NS = 1_000_000_000
@@ -92,6 +98,7 @@ class _Channel:
         self.latch = None               # latched count: list of bytes still to read
         self.status = None              # latched status byte
         self.timer = None
+        self.deadline = None            # when ``timer`` fires (kept for snapshots)
         self.timer_seq = 0              # which arm the pending callback belongs to
         self.step = 0                   # modes 2 and 3 on channel 0: ticks between two IRQ0 pulses
         self.next_edge = 0              # the periodic edge (1, 2, ... since the load) to pulse next
@@ -305,7 +312,7 @@ class PIT8254:
 
     def _set_timer(self, c, deadline):
         self._seq += 1
-        c.timer_seq = self._seq
+        c.timer_seq, c.deadline = self._seq, deadline
         c.timer = self._timers.arm(deadline, lambda ch=c, h=self._seq: self._fire(ch, h))
 
     def _edge_ns(self, c, k):
@@ -364,6 +371,17 @@ class PIT8254:
             backlog = limit
         self._set_timer(c, now + catchup_delay(period_ns, backlog, merged=not delivered))
 
+    # -- snapshot (bhyve_devices/snapshot.py; the state code is in vatpit_state.py) ----------------------
+    snapshot_version = 1
+
+    def snapshot(self):
+        with self._lock:
+            return vatpit_state.snapshot(self)
+
+    def restore(self, state, shift_ns):
+        with self._lock:
+            vatpit_state.restore(self, state, shift_ns)
+
 
 class NMISC:
     """Port 0x61 (System Control Port B): bit 0 gate of channel 2, bit 1 speaker data (both read/write),
@@ -392,3 +410,16 @@ class NMISC:
         self._value = value & 0x03
         self._pit.speaker = bool(value & 2)
         self._pit.set_gate(2, value & 1)
+
+    # -- snapshot: the two writable bits (the PIT keeps the gate and the speaker bit itself) ----------------
+    snapshot_version = 1
+
+    def snapshot(self):
+        return {**header(self), "value": self._value}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("value",))
+        v = state["value"]
+        if not isinstance(v, int) or not 0 <= v <= 3:
+            raise SnapshotError(f"NMISC: value {v!r} is not 0-3")
+        self._value = v

@@ -18,6 +18,12 @@ the guest writes 1 to that bit. The pin is the I/O APIC pin in Tn_INT_ROUTE_CNF 
 bhyve's route capability), or with LEG_RT_CNF timer 0 -> pin 2 (the IRQ0 the PIT would use) and timer 1 ->
 pin 8 (RTC IRQ8): the VM's routing function asserts the 8259 input too for those (:data:`LEGACY_PINS`).
 
+Snapshots (``snapshot.py``): the general configuration, the interrupt status, the counter (its base and the
+timer-service time it started from, None while halted), and each timer's configuration, comparator, period, FSB
+route register, the counter value its armed match waits for and that timer's deadline. Restored, the start time
+and the deadlines move by the shift (the counter reads the same at the same guest-relative time) and a level
+interrupt still pending in the status register is asserted again on its pin.
+
 Not supported: FSB (MSI) delivery: Tn_FSB_INT_DEL_CAP reads 0, Tn_FSB_EN_CNF cannot be set, the FSB route
 register is stored and read back only; matches of a timer whose interrupt is disabled (its periodic comparator
 does not advance and no status bit is set); a route outside the capability is stored and used as given.
@@ -26,6 +32,8 @@ does not advance and no status bit is set); a route outside the capability is st
 import threading
 
 from construct import (Array, BitsInteger, BitStruct, ByteSwapped, Flag, Int64ul, Padding, Struct)
+
+from .snapshot import SnapshotError, check, header, save_fields
 
 HPET_BASE = 0xFED00000
 HPET_SIZE = 0x400
@@ -84,6 +92,7 @@ class _Timer:
         self.target = None          # the unbounded counter value the armed deadline waits for
         self.fsb = 0
         self.handle = None
+        self.deadline = None        # when ``handle`` fires
         self.gen = 0                # bumped by every arm: tells a stale callback from the live one
         self.pin = None             # the pin held high for a level interrupt
 
@@ -247,7 +256,10 @@ class HPET:
             target = count + dist
         t.target = target
         step = min(target, count + MAX_ARM_TICKS) - self._counter_base
-        deadline = self._start_ns + _ticks_to_ns(max(step, 0))
+        self._arm_at(t, self._start_ns + _ticks_to_ns(max(step, 0)))
+
+    def _arm_at(self, t, deadline):
+        t.deadline = deadline
         t.handle = self._timers.arm(deadline, lambda tm=t, g=t.gen: self._fire(tm, g))
 
     def _fire(self, t, gen):
@@ -272,3 +284,43 @@ class HPET:
                 self._arm(t, target=t.target + k * t.period)
             else:
                 self._arm(t)
+
+    # -- snapshot (bhyve_devices/snapshot.py) --------------------------------------------------------------
+    snapshot_version = 1
+    _TIMER_KEYS = ("config", "comparator", "period", "fsb", "target")
+
+    def snapshot(self):
+        with self._lock:
+            timers = [{**save_fields(t, self._TIMER_KEYS), "deadline": t.deadline if t.handle is not None else None}
+                      for t in self.timer]
+            return {**header(self), "config": self.config, "isr": self.isr, "counter_base": self._counter_base,
+                    "start_ns": self._start_ns, "timers": timers}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("config", "isr", "counter_base", "start_ns", "timers"))
+        ts, start = state["timers"], state["start_ns"]
+
+        def u(v, bits=64, opt=False):      # an unsigned field of ``bits`` (a time: any int); None where ``opt``
+            return (opt and v is None) or (isinstance(v, int) and not isinstance(v, bool)
+                                           and (bits is None or 0 <= v < 1 << bits))
+        ok = (u(state["config"], 2) and u(state["isr"], NUM_TIMERS) and u(state["counter_base"], 80)
+              and u(start, None, True) and isinstance(ts, list) and len(ts) == NUM_TIMERS
+              and all(isinstance(d, dict) and all(k in d for k in self._TIMER_KEYS + ("deadline",))
+                      and u(d["config"], 16) and not d["config"] & ~(TN_WRITABLE & ~TN_FSB_EN)
+                      and u(d["comparator"]) and u(d["period"]) and u(d["fsb"]) and u(d["target"], 80, True)
+                      and u(d["deadline"], None, True) and (d["deadline"] is None or d["target"] is not None)
+                      for d in ts))
+        if not ok:
+            raise SnapshotError("HPET: a field is missing, of the wrong type or out of range")
+        with self._lock:
+            self.config, self.isr, self._counter_base = state["config"], state["isr"], state["counter_base"]
+            self._start_ns = None if start is None else start + shift_ns
+            for t, d in zip(self.timer, ts):
+                t.gen += 1
+                if t.handle is not None:
+                    self._timers.cancel(t.handle)
+                    t.handle = None
+                t.config, t.comparator, t.period, t.fsb, t.target = (d[k] for k in self._TIMER_KEYS)
+                if d["deadline"] is not None:
+                    self._arm_at(t, d["deadline"] + shift_ns)
+                self._update_level(t)

@@ -27,6 +27,8 @@ import threading
 
 from construct import BitsInteger, BitStruct, ByteSwapped, Flag, Int32ul, Padding, Struct
 
+from .snapshot import SnapshotError, check, header, load_fields, save_fields
+
 #: Where the I/O APIC's window sits and its size (bhyve's ``VIOAPIC_BASE`` and ``VIOAPIC_SIZE``): the one
 #: definition, which the MP table, the MADT and the ops layer import.
 VIOAPIC_BASE = 0xFEC00000
@@ -52,6 +54,7 @@ RTE_TRIGGER_LEVEL = 1 << 15
 RTE_MASKED = 1 << 16
 RTE_LO_WRITABLE = 0x0001AFFF          # all but delivery status and remote IRR
 RTE_HI_WRITABLE = 0xFF000000
+_RTE_BITS = (RTE_HI_WRITABLE << 32) | RTE_LO_WRITABLE | RTE_DELIVS | RTE_REMOTE_IRR
 
 IOAPIC_MMIO = Struct(
     "ioregsel" / Int32ul, Padding(12),
@@ -76,6 +79,9 @@ REDIR_ENTRY = ByteSwapped(BitStruct(
 
 
 class Vioapic:
+    snapshot_version = 1
+    _STATE = ("id", "regsel", "levels", "redir")
+
     def __init__(self, deliver, pins=NPINS, ioapic_id=0):
         self._deliver = deliver
         self.pins = pins
@@ -143,6 +149,30 @@ class Vioapic:
 
     def remote_irr(self, pin):
         return bool(self.redir[pin] & RTE_REMOTE_IRR)
+
+    # -- snapshot (issue 23) --------------------------------------------------------------------------------
+    def snapshot(self):
+        """The ID register, IOREGSEL, the asserted pins and the redirection table (remote IRR in its entries);
+        the pin count is configuration and must match on restore."""
+        with self._lock:
+            d = header(self)
+            d.update(save_fields(self, self._STATE))
+            d["redir"] = list(self.redir)
+            return d
+
+    def restore(self, state, shift_ns):
+        """Takes :meth:`snapshot`'s state as it is (it holds no times) and delivers nothing."""
+        check(self, state, self._STATE)
+        r, vals = state["redir"], [state[k] for k in self._STATE[:3]]
+        ok = (isinstance(r, list) and len(r) == self.pins
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in r + vals)
+              and not state["id"] & ~0x0F000000 and 0 <= state["regsel"] <= 0xFF
+              and 0 <= state["levels"] < 1 << self.pins and all(e >= 0 and not e & ~_RTE_BITS for e in r))
+        if not ok:
+            raise SnapshotError(f"Vioapic: the state does not fit a {self.pins}-pin IOAPIC")
+        with self._lock:
+            load_fields(self, state, self._STATE)
+            self.redir = list(r)
 
     # -- indirect registers ---------------------------------------------------------------------------------
     def read_reg(self, index):

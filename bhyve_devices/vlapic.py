@@ -38,6 +38,7 @@ from .vlapic_msr import VlapicMsrMixin, ApicGP  # noqa: F401  (ApicGP is part of
 from .vlapic_lint import (VlapicLintMixin, LVT_LINT0, LVT_LINT1, LVT_TIMER, LVT_ERROR, LVT_PMC,  # noqa: F401
                           LVT_THERMAL, LVT_CMCI)          # the LVT indices of trigger_lvt: this module's API
 from .vlapic_timer import ApicTimer
+from . import vlapic_state
 
 __all__ = ["Vlapic", "ApicGP", "LVT_LINT0", "LVT_LINT1", "LVT_TIMER", "LVT_ERROR", "LVT_PMC", "LVT_THERMAL",
            "LVT_CMCI"]
@@ -70,6 +71,8 @@ class _Guard:
 
 
 class Vlapic(VlapicLintMixin, VlapicMsrMixin):
+    snapshot_version = 1
+
     def __init__(self, vcpu_id, timers, bus=None, *, apic_id=None, x2apic_allowed=False, x2apic_enabled=False,
                  eoi_level=None, tsc_hz=None, tsc_now=None):
         """``timers``: a TimerService. ``bus``: an ApicBus (the vlapic registers itself). ``x2apic_allowed``: the VM
@@ -112,6 +115,16 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
         self.irr = self.isr = self.tmr = 0
         self.lvt = {off: R.LVT_RESET for off in R.LVT_OFFSETS}
         self._extint = False
+
+    def snapshot(self):
+        """The guest-visible state (:mod:`bhyve_devices.snapshot`; what is saved: :mod:`bhyve_devices.vlapic_state`)."""
+        with self._guard:
+            return vlapic_state.save(self)
+
+    def restore(self, state, shift_ns):
+        """Takes :meth:`snapshot`'s state, its times moved by ``shift_ns``; the timer is re-armed if it was."""
+        with self._guard:
+            vlapic_state.load(self, state, shift_ns)
 
     def reset(self):
         """INIT (or power-up) reset of the register state; the APIC ID and IA32_APIC_BASE are kept (10.4.7.3)."""

@@ -26,6 +26,7 @@ offset or scaling from the VM unless ``tsc_now`` is given); a masked LVT's perio
 
 from . import vlapic_regs as R
 from .catchup import backlog_limit, catchup_delay
+from .snapshot import SnapshotError, load_fields, save_fields, shifted
 
 NS_PER_S = 1_000_000_000
 MIN_PERIOD_NS = 100_000
@@ -52,6 +53,7 @@ class ApicTimer:
         self.owed = 0           # periodic ticks due (the timer thread ran late) and not fired yet
         self.dropped = 0        # statistics: owed ticks given up (over catchup.BACKLOG_LIMIT_NS late)
         self._handle = None
+        self._armed_ns = None   # when the armed callback is due (deadline_ns, or sooner for owed ticks)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _ns_for(self, count):
@@ -66,6 +68,7 @@ class ApicTimer:
         """Arms the callback at ``when_ns`` without moving the period's end (``deadline_ns``, what CCR counts to)."""
         self.generation += 1
         gen = self.generation
+        self._armed_ns = when_ns
         self._handle = self._timers.arm(when_ns, lambda: self._on_expire(gen))
 
     def stop(self):
@@ -194,3 +197,35 @@ class ApicTimer:
 
     def read_tsc_deadline(self):
         return self.tsc_deadline if self.mode == R.TIMER_TSC_DEADLINE else 0
+
+    # -- snapshot (issue 23; the owner's Vlapic.snapshot / restore) -----------------------------------------
+    _STATE = ("mode", "icr", "dcr", "running", "deadline_ns", "period_ns", "tsc_deadline", "owed", "fires",
+              "dropped")
+
+    def save_state(self):
+        """The counting state: times absolute (``deadline_ns``, the period's end CCR counts to; ``armed_ns``, when
+        the armed callback is due, None when none is armed); ``tsc_deadline`` is a guest TSC value, kept as is."""
+        d = save_fields(self, self._STATE)
+        d["armed_ns"] = self._armed_ns if self._handle is not None else None
+        return d
+
+    def load_state(self, d, shift_ns):
+        """Takes :meth:`save_state`'s dict with its times moved by ``shift_ns`` and re-arms the callback; a value
+        out of range raises SnapshotError before anything changes."""
+        t = {k: d[k] for k in (*self._STATE, "armed_ns") if k in d}
+        armed = t.get("armed_ns", "missing")
+        if not all(isinstance(t.get(k), int) for k in self._STATE) or not isinstance(armed, (int, type(None))):
+            raise SnapshotError("Vlapic timer: a saved value is missing or not a number")
+        periodic = t["mode"] == R.TIMER_PERIODIC and t["icr"] and t["running"]
+        if (t["mode"] not in (R.TIMER_ONESHOT, R.TIMER_PERIODIC, R.TIMER_TSC_DEADLINE)
+                or (t["mode"] == R.TIMER_TSC_DEADLINE and not self.tsc_hz)
+                or not 0 <= t["icr"] <= 0xFFFFFFFF or t["dcr"] & ~R.DCR_WRITABLE or t["dcr"] < 0
+                or not 0 <= t["tsc_deadline"] < 1 << 64 or t["owed"] < 0 or t["period_ns"] < (1 if periodic else 0)):
+            raise SnapshotError("Vlapic timer: a saved value is out of range")
+        self.stop()
+        load_fields(self, t, self._STATE, (int,))
+        self.running = bool(self.running)
+        self.divisor = R.dcr_divisor(self.dcr)
+        self.deadline_ns = shifted(self.deadline_ns, shift_ns)
+        if armed is not None:
+            self._arm_callback(shifted(armed, shift_ns))

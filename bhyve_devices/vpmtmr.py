@@ -6,7 +6,12 @@ as zero. The value is computed from the :class:`TimerService` clock on every rea
 
 Not supported: TMR_STS/TMR_EN (the PM1 timer-carry SCI when bit 23 flips; ``bhyve_devices.pm`` keeps the bit at
 zero, as bhyve does), the 32-bit TMR_VAL_EXT mode (``bits=32`` in the constructor gives it). Writes are ignored.
+
+Snapshots (``snapshot.py``): the counter's time base (``start_ns``, a timer-service time) moved by the shift,
+so the counter reads the same at the same guest-relative time. The width is configuration.
 """
+
+from .snapshot import SnapshotError, check, header
 
 PMTMR_HZ = 3579545
 NS = 1_000_000_000
@@ -31,3 +36,14 @@ class PMTimer:
 
     def write(self, offset, size, value):
         pass
+
+    snapshot_version = 1
+
+    def snapshot(self):
+        return {**header(self), "start_ns": self._start}
+
+    def restore(self, state, shift_ns):
+        check(self, state, ("start_ns",))
+        if not isinstance(state["start_ns"], int) or isinstance(state["start_ns"], bool):
+            raise SnapshotError("PMTimer: start_ns is not an int")
+        self._start = state["start_ns"] + shift_ns

@@ -23,6 +23,15 @@ split at a 3 GiB lowmem limit) or ``(lowmem, highmem)``: 0x15/0x16 base memory i
 0x30/0x31 extended memory above 1 MiB in KiB (at most 0xFFFF), 0x34/0x35 64-KiB blocks between 16 MiB and
 lowmem, 0x5B-0x5D 64-KiB blocks above 4 GiB; the standard checksum of 0x10-0x2D at 0x2E/0x2F.
 
+Snapshots (``snapshot.py``): the 128 CMOS bytes (registers A-D and the frozen or written time registers among
+them), the index register and NMI bit, register C's flags, the SET/divider freeze state, the last second
+evaluated for the update and alarm flags, the periodic timer (its start, period and count: its next deadline is
+start + count * period) and the update timer's deadline. The clock is saved as the guest's calendar time at the
+snapshot's timer-service time, and restored to go on from there: at the restore's time the guest reads the time
+it read when the snapshot was taken (``offset`` is recomputed against the new host clock), so the RTC stands
+still while the snapshot is on disk, like every other guest clock, and a guest that wants the host's time again
+must be told (NTP, or a guest agent). The timers are re-armed at their shifted deadlines.
+
 Not supported: the square-wave output (SQWE stored), daylight-saving (DSE stored, ignored), divider time bases
 other than 32.768 kHz (DV stored; only 010 runs the periodic interrupt), the 500 ms first-update delay after a
 divider reset, PF/AF/UF being set while the corresponding enable bit is clear (UF and the alarm are evaluated
@@ -35,6 +44,8 @@ import threading
 import time
 
 from construct import BitsInteger, BitStruct, Flag
+
+from .snapshot import SnapshotError, b2s, check, header, s2b
 
 RTC_SEC, RTC_SEC_ALARM, RTC_MIN, RTC_MIN_ALARM, RTC_HRS, RTC_HRS_ALARM = 0, 1, 2, 3, 4, 5
 RTC_WDAY, RTC_DAY, RTC_MONTH, RTC_YEAR, RTC_STATUSA, RTC_STATUSB, RTC_INTR, RTC_STATUSD = range(6, 14)
@@ -86,6 +97,7 @@ class RTC:
         self._reg_c = 0
         self._periodic = None           # (handle, start_ns, period_ns, n)
         self._update = None
+        self._update_ns = None          # the update timer's deadline
         self._last_sec = self._now_int()
         if memsize is not None:
             self._fill_memsize(memsize)
@@ -282,7 +294,8 @@ class RTC:
         if want_update:
             frac = self.guest_time() % 1
             delay = max(1, math.ceil((1 - frac) * NS))
-            self._update = self._timers.arm(self._timers.now_ns() + delay, self._on_update)
+            self._update_ns = self._timers.now_ns() + delay
+            self._update = self._timers.arm(self._update_ns, self._on_update)
 
     def _on_periodic(self):
         with self._lock:
@@ -301,6 +314,52 @@ class RTC:
             self._update = None
             self._catch_up()
             self._arm()
+
+    # -- snapshot (bhyve_devices/snapshot.py) --------------------------------------------------------------
+    snapshot_version = 1
+    _KEYS = ("cmos", "index", "nmi_disabled", "frozen", "written", "reg_c", "last_sec", "time_ns", "guest_time",
+             "periodic", "update_ns")
+
+    def snapshot(self):
+        with self._lock:
+            p = self._periodic
+            return {**header(self), "cmos": b2s(self.cmos), "index": self.index, "nmi_disabled": self.nmi_disabled,
+                    "frozen": self._frozen, "written": self._written, "reg_c": self._reg_c,
+                    "last_sec": self._last_sec, "time_ns": self._timers.now_ns(), "guest_time": self.guest_time(),
+                    "periodic": None if p is None else {"start_ns": p[1], "period_ns": p[2], "n": p[3]},
+                    "update_ns": self._update_ns if self._update is not None else None}
+
+    def restore(self, state, shift_ns):
+        check(self, state, self._KEYS)
+        ints = ("index", "reg_c", "last_sec", "time_ns")
+        p, upd, gt = state["periodic"], state["update_ns"], state["guest_time"]
+        ok = (all(isinstance(state[k], int) for k in ints) and 0 <= state["index"] < 0x80
+              and 0 <= state["reg_c"] <= 0xFF and isinstance(gt, (int, float)) and not isinstance(gt, bool)
+              and all(isinstance(state[k], bool) for k in ("nmi_disabled", "frozen", "written"))
+              and (upd is None or isinstance(upd, int))
+              and (p is None or isinstance(p, dict) and all(isinstance(p.get(k), int) for k in
+                                                            ("start_ns", "period_ns", "n"))
+                   and p["period_ns"] > 0 and p["n"] >= 1))
+        if not ok:
+            raise SnapshotError("RTC: a field is missing, of the wrong type or out of range")
+        cmos = s2b(state["cmos"], 128)
+        with self._lock:
+            for h in (self._update, self._periodic and self._periodic[0]):
+                if h is not None:
+                    self._timers.cancel(h)
+            self._update = self._periodic = None
+            self.cmos[:] = cmos
+            self.index, self.nmi_disabled, self._reg_c = state["index"], state["nmi_disabled"], state["reg_c"]
+            self._frozen, self._written, self._last_sec = state["frozen"], state["written"], state["last_sec"]
+            elapsed = self._timers.now_ns() - (state["time_ns"] + shift_ns)    # 0 when restored at the shift
+            self.offset = gt + elapsed / NS - self._host_secs()
+            if p is not None:
+                start = p["start_ns"] + shift_ns
+                self._periodic = (self._timers.arm(start + p["n"] * p["period_ns"], self._on_periodic), start,
+                                  p["period_ns"], p["n"])
+            if upd is not None:
+                self._update_ns = upd + shift_ns
+                self._update = self._timers.arm(self._update_ns, self._on_update)
 
     # -- memory size ---------------------------------------------------------------------------------------
     def _fill_memsize(self, memsize):

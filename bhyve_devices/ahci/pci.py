@@ -13,11 +13,13 @@ becomes an :class:`~bhyve_devices.ahci.ata.AtaDisk` (``hd``) or :class:`~bhyve_d
 (``cd``) with its IDENTIFY strings (serial from ``ser=`` or the path's MD5, model ``BHYVE SATA DISK`` / ``BHYVE
 SATA DVD ROM``, firmware ``001``), sector sizes, ``nodelete`` and ``nmrr`` options.
 
-Not supported: an ABAR above 4 GiB (MEM64), the legacy IDE BARs 0-4, MSI-X, PCI power management.
+Not supported: an ABAR above 4 GiB (MEM64), the legacy IDE BARs 0-4, MSI-X, PCI power management, snapshots
+(``snapshot`` refuses with SnapshotError: the HBA's port registers and commands in flight are not saved yet).
 """
 
 import errno
 
+from bhyve_devices.snapshot import SnapshotError
 from bhyve_devices.pci.device import MEM32, PciDevice
 from bhyve_devices.pci.registry import register
 
@@ -108,6 +110,13 @@ class AhciPci(PciDevice):
     def barwrite(self, idx, off, size, value):
         if idx == ABAR:
             self.hba.write(off, size, value)
+
+    def snapshot(self):
+        """Not yet (issue 23): the controller's registers, command lists and requests in flight are not saved."""
+        raise SnapshotError("ahci: snapshot not supported yet")
+
+    def restore(self, state, shift_ns):
+        raise SnapshotError("ahci: snapshot not supported yet")
 
     def close(self):
         self.hba.close()

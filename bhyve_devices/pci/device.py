@@ -21,6 +21,7 @@ bhyve                                  here
 ``pci_generate_msi`` / ``msix``        :meth:`PciDevice.msi_notify` (either, else INTx)
 ``pci_lintr_request/assert/deassert``  :meth:`lintr_request` / :meth:`lintr_assert` / :meth:`lintr_deassert`
 ``pci_set_cfgdata8/16/32``, ``get``    :meth:`set_cfg` / :meth:`get_cfg`
+``pci_snapshot``                       :meth:`snapshot` / :meth:`restore` (:mod:`bhyve_devices.pci.devsnap`)
 ====================================  =======================================================================
 
 What the host (:class:`bhyve_devices.pci.host.PciHost`) attaches, each optional:
@@ -50,6 +51,7 @@ import threading
 
 from bhyve_devices.pci import config as C
 from bhyve_devices.pci.bar import IO, MEM32, MEM64, Bar, BarKind, BarWindow  # noqa: F401 (re-exported)
+from bhyve_devices.pci.devsnap import PciSnapshotMixin
 from bhyve_devices.pci.msi import MsiMixin
 
 
@@ -57,7 +59,7 @@ def _pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
-class PciDevice(MsiMixin):
+class PciDevice(PciSnapshotMixin, MsiMixin):
     """One PCI function (type-0 header). Subclasses override the hooks; see the module docstring."""
 
     def __init__(self, name, vendor, device, class_code, subclass, prog_if=0, revision=0,

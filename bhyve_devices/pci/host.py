@@ -22,11 +22,16 @@ IOAPIC pin through ``ioapic_irq(pin, level)`` and, while the PIRQ is routed, the
 
 Not supported: buses other than 0 (reads all-ones), bridges, hot plug, AMD's extended register bits 27:24 of
 CONFIG_ADDRESS, PIC-mode _PRT link devices, releasing BAR space (removing a function).
+
+Snapshot (:mod:`bhyve_devices.snapshot`): the host's own state is CONFIG_ADDRESS; each function saves its own, the
+LPC bridge the PIRQ routing registers. The BAR allocator and the routes follow from the configuration (the same
+functions added in the same order).
 """
 
 import threading
 from typing import NamedTuple
 
+from bhyve_devices import snapshot as S
 from bhyve_devices.pci import config as C
 from bhyve_devices.pci.device import BarKind
 
@@ -235,6 +240,8 @@ class PciHost:
     ``ioapic_irq(pin, level)``, ``isa_irq(irq, level)`` and ``isa_level_trigger(irq)`` drive the interrupt
     controllers (see the module docstring)."""
 
+    snapshot_version = 1
+
     def __init__(self, mem32_base=MEM32_BASE, mem32_limit=MEM32_LIMIT, io_base=IO_BASE, io_limit=IO_LIMIT,
                  mem64_base=MEM64_BASE, mem64_limit=MEM64_LIMIT, ecam_base=ECAM_BASE, msi=None,
                  bar_changed=None, ioapic_irq=None, isa_irq=None, isa_level_trigger=None,
@@ -253,6 +260,16 @@ class PciHost:
         self.conf1_addr = 0
         self.conf1 = Conf1(self)
         self.ecam = Ecam(self)
+
+    def snapshot(self):
+        return dict(S.header(self), conf1_addr=self.conf1_addr)
+
+    def restore(self, state, shift_ns):
+        S.check(self, state, ("conf1_addr",))
+        v = state["conf1_addr"]
+        if not isinstance(v, int) or v & ~0x80FFFFFC:
+            raise S.SnapshotError(f"PciHost: CONFIG_ADDRESS {v!r} is not a value it can hold")
+        self.conf1_addr = v
 
     # -- registry -----------------------------------------------------------------------------------------
     def add(self, slot, func, dev):

@@ -18,10 +18,15 @@ configured), RTC, PIT, PIC and HPET.
 
 Not supported: the bootrom (``-l bootrom``), other PIIX/ICH configuration registers (they read 0 and drop
 writes), LPC I/O decode ranges, more than one LPC bridge per host.
+
+Snapshot: the generic PCI state plus ``pirq``, the eight routing registers as the guest sees them (the router's,
+or the config bytes when no host is attached); restore writes them as the guest would, so a PIRQ asserted at the
+time follows its ISA IRQ.
 """
 
 from typing import NamedTuple
 
+from bhyve_devices import snapshot as S
 from bhyve_devices.pci.device import PciDevice
 from bhyve_devices.pci.registry import register
 
@@ -90,6 +95,21 @@ class Lpc(PciDevice):
                 else:
                     self.set_cfg(o, 1, b & 0x8F)
         return True
+
+    def snapshot(self):
+        state = super().snapshot()
+        state["pirq"] = [self.cfgread(o, 1) for o in PIRQ_REGS]
+        return state
+
+    def restore(self, state, shift_ns):
+        S.check(self, state, self.snapshot_keys + ("pirq",))
+        regs = state["pirq"]
+        if not (isinstance(regs, list) and len(regs) == len(PIRQ_REGS)
+                and all(isinstance(r, int) and 0 <= r <= 0xFF for r in regs)):
+            raise S.SnapshotError(f"lpc: {regs!r:.60} is not the {len(PIRQ_REGS)} PIRQ routing registers")
+        super().restore(state, shift_ns)
+        for off, value in zip(PIRQ_REGS, regs):
+            self.cfgwrite(off, 1, value)
 
     def legacy_devices(self):
         """The ISA devices behind this bridge, for the DSDT (:class:`LegacyDevice`)."""

@@ -40,6 +40,10 @@ feature negotiation, 3.1.1): one indirect table then carries a whole 1 MiB reque
 Features: SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, and RO for read-only images, else DISCARD and WRITE_ZEROES (unless
 ``nodelete`` or the backend cannot delete).
 
+Snapshot: the negotiated features (the configuration space is rebuilt from them) and, to be checked on restore,
+the geometry the guest was told (capacity, sector sizes, read-only): an image that changed refuses the restore.
+The queue is the transport's; no request is in flight at a snapshot (the caller's thread serves each one whole).
+
 Not supported: multiple queues (VIRTIO_BLK_F_MQ), CONFIG_WCE (the cache is always write-back: the guest
 flushes), SCSI passthrough, geometry, ``nocache``/``direct``/``sync`` (accepted, ignored), lifetime/secure erase
 (1.2), a worker thread of the device's own (the caller's thread serves).
@@ -49,6 +53,8 @@ import struct
 import threading
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+
+from bhyve_devices.snapshot import SnapshotError
 
 from .device import VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_ID_BLOCK, VirtioDevice, bit
 from .virtqueue import split_segments, split_tail
@@ -228,6 +234,21 @@ class VirtioBlock(VirtioDevice):
 
     def close(self):
         self.backend.close()
+
+    _SNAP_CHECKED = ("capacity", "sectorsize", "physical_sectorsize", "readonly", "features")
+
+    def snapshot_state(self):
+        s = super().snapshot_state()
+        s.update({n: getattr(self, n) for n in self._SNAP_CHECKED})
+        return s
+
+    def restore_state(self, state):
+        for n in self._SNAP_CHECKED:
+            if not isinstance(state, dict) or state.get(n) != getattr(self, n):
+                raise SnapshotError(f"virtio-blk: {n} was {state.get(n) if isinstance(state, dict) else None!r}, "
+                                    f"the image now gives {getattr(self, n)!r}")
+        with self._lock:
+            super().restore_state(state)
 
     # ---- requests ----------------------------------------------------------------------------------------------------
     def _serve(self, queue, chain):

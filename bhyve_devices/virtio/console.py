@@ -32,6 +32,12 @@ Features offered: VIRTIO_CONSOLE_F_EMERG_WRITE (a byte written to ``emerg_wr`` g
 VIRTIO_CONSOLE_F_MULTIPORT with named ports. Configuration space (5.3.4): ``cols`` u16, ``rows`` u16,
 ``max_nr_ports`` u32, ``emerg_wr`` u32.
 
+Snapshot: the negotiated features, DEVICE_READY, per port (checked to be the same ports by name) PORT_READY, the
+guest's open, whether the guest was told the host end is open, and the input taken from the host end but not yet
+delivered; the control messages not yet delivered. At restore the input saved goes before any the new host end has
+given already, and a port whose host end's connection differs from what the guest was told gets a PORT_OPEN
+(queued; it goes out with the next control delivery).
+
 Not supported: F_SIZE (console resize), CONSOLE_PORT (a named port as the guest's ``hvc`` console; bhyve has none
 either), a BACKEND together with named ports, backends other than a Unix socket for a named port, hot-plugging
 ports (DEVICE_REMOVE), bhyve's config-file form ``pci.B.S.F.port.N.name``/``.path``.
@@ -43,6 +49,8 @@ import struct
 import threading
 
 from construct import Int16ul, Int32ul, Struct
+
+from bhyve_devices import snapshot as S
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice, bit
 from .virtqueue import gather, scatter, split_segments
@@ -376,6 +384,42 @@ class VirtioConsole(VirtioDevice):
                 served += 1
             if served:
                 self.notify_used(queue, used_all_avail=True)
+
+    def snapshot_state(self):
+        s = super().snapshot_state()
+        with self._lock:
+            s.update(ready=self._ready, ctrl_out=[S.b2s(m) for m in self._ctrl_out],
+                     ports=[dict(name=p.name, ready=p.ready, guest_open=p.guest_open, host_open=p.host_open,
+                                 input=S.b2s(b"".join(p.input))) for p in self.ports])
+        return s
+
+    def restore_state(self, state):
+        ports = state.get("ports") if isinstance(state, dict) else None
+        if not isinstance(ports, list) or [p.get("name") if isinstance(p, dict) else None
+                                           for p in ports] != [p.name for p in self.ports]:
+            raise S.SnapshotError(f"virtio-console: the ports were {ports!r:.80}, now "
+                                  f"{[p.name for p in self.ports]}")
+        saved = []
+        for p in ports:
+            if not all(isinstance(p.get(k), bool) for k in ("ready", "guest_open", "host_open")):
+                raise S.SnapshotError(f"virtio-console: port {p.get('name')!r}: bad flags")
+            saved.append(S.s2b(p.get("input")))
+        ctrl = state.get("ctrl_out")
+        if not isinstance(ctrl, list) or not isinstance(state.get("ready"), bool):
+            raise S.SnapshotError("virtio-console: no ready flag or control messages")
+        ctrl = [S.s2b(m) for m in ctrl]
+        super().restore_state(state)
+        with self._lock:
+            self._ready = state["ready"]
+            self._ctrl_out.extend(ctrl)
+            for port, p, data in zip(self.ports, ports, saved):
+                port.ready, port.guest_open = p["ready"], p["guest_open"]
+                if data:
+                    port.input.appendleft(data)
+                    port.pending += len(data)
+                if self._ready and port.ready and port.host_open != p["host_open"] and \
+                        self.has_feature(VIRTIO_CONSOLE_F_MULTIPORT):
+                    self._ctrl_out.append(CONTROL.pack(port.id, PORT_OPEN, int(port.host_open)))
 
     def reset(self):
         """The driver's state goes (DEVICE_READY, PORT_READY, guest opens, unsent control messages); the host

@@ -25,7 +25,15 @@ bhyve's ``struct virtio_consts`` maps as: ``vc_name`` -> ``name``, ``vc_nvq`` ->
 -> ``config_size``, ``vc_reset`` -> :meth:`reset`, ``vc_qnotify`` -> :meth:`queue_notify`, ``vc_cfgread`` /
 ``vc_cfgwrite`` -> :meth:`config_read` / :meth:`config_write`, ``vc_apply_features`` -> :meth:`apply_features`,
 ``vc_hv_caps`` -> ``features``.
+
+Snapshot (:mod:`bhyve_devices.snapshot`; the transport saves the queues): :meth:`VirtioDevice.snapshot_state`
+gives the device side's state as JSON values (here the device's name and ``negotiated``; a device type adds its
+own, or raises SnapshotError when it cannot be saved now), :meth:`VirtioDevice.restore_state` takes it back into
+a fresh device after the transport restored the queues: the base applies the negotiated features through
+:meth:`apply_features`, which rebuilds what follows from them (and tells a backend what it must know).
 """
+
+from bhyve_devices.snapshot import SnapshotError
 
 VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
@@ -132,3 +140,15 @@ class VirtioDevice:
 
     def close(self):
         """Releases host resources (threads, files)."""
+
+    # ---- snapshot ------------------------------------------------------------------------------------------------
+    def snapshot_state(self):
+        return dict(name=self.name, negotiated=self.negotiated)
+
+    def restore_state(self, state):
+        if not isinstance(state, dict) or state.get("name") != self.name:
+            raise SnapshotError(f"{self.name}: the device state is not a {self.name}'s")
+        neg = state.get("negotiated")
+        if not isinstance(neg, int) or isinstance(neg, bool) or not 0 <= neg < 1 << 64:
+            raise SnapshotError(f"{self.name}: negotiated = {neg!r:.40}")
+        self.apply_features(neg)

@@ -21,6 +21,12 @@ notification comes). A frame for which the guest has too little buffer space is 
 ``stats['rx_dropped']``); a backend whose peer is gone is not asked again. Transmit runs on the notifying thread:
 each chain is one ``backend.send``.
 
+Snapshot: the negotiated features (restore applies them again: header length, MRG_RXBUF, and the tap's header
+length and offloads), the MAC the guest read, the header length and MRG_RXBUF (checked against the features) and
+the offered features (an offload set that changed refuses the restore). Receive keeps nothing between frames but
+the receive queue's indices (the transport's): a frame is delivered whole or not at all; the link status is always
+up.
+
 Features: MAC, STATUS (link up), MRG_RXBUF; with a backend that carries the virtio-net header and takes offloads
 (``offloads``: the Linux tap) also the offloads QEMU's tap networking has: CSUM and HOST_TSO4/TSO6/ECN (the guest
 may send partially checksummed and GSO frames: the header goes to the backend as it is) and GUEST_CSUM and
@@ -35,6 +41,8 @@ import struct
 import threading
 
 from construct import Array, Int8ul, Int16ul, Struct
+
+from bhyve_devices import snapshot as S
 
 from .device import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, VirtioDevice, bit
 from .virtqueue import scatter, split_segments
@@ -156,6 +164,22 @@ class VirtioNet(VirtioDevice):
                     self.backend.set_offload(0)     # no GSO frames for the next driver until it asks
                 except OSError:
                     pass
+
+    def snapshot_state(self):
+        s = super().snapshot_state()
+        s.update(mac=S.b2s(self.mac), hdr_len=self.hdr_len, mrg=self.mrg, features=self.features)
+        return s
+
+    def restore_state(self, state):
+        if not isinstance(state, dict) or state.get("features") != self.features:
+            raise S.SnapshotError("virtio-net: the offered features changed (another backend?)")
+        mac = S.s2b(state.get("mac"), 6)
+        with self._rx_lock, self._tx_lock:
+            super().restore_state(state)
+            if (state.get("hdr_len"), state.get("mrg")) != (self.hdr_len, self.mrg):
+                raise S.SnapshotError(f"virtio-net: header length {state.get('hdr_len')!r} / mergeable "
+                                      f"{state.get('mrg')!r} do not follow from the features")
+            self.mac = mac
 
     def queue_notify(self, qidx, queue):
         if qidx == RXQ:

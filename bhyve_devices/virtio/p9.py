@@ -17,6 +17,9 @@ header, and a write's data after the 23 bytes of the Twrite header: :class:`bhyv
 copies neither). Requests are served in order on the thread that delivers the notification (the device's doorbell
 thread), under the device's lock, as virtio-blk does: a slow host operation holds up only this queue.
 
+Snapshot: refused while the guest holds any fid (each stands for a host file or directory that does not
+survive: the guest has the share mounted); with none, the device state is the session's msize.
+
 Not supported: more than one queue or session, the 9P2000 and 9P2000.u dialects, bhyve's Capsicum limits (the
 backend's own checks stand for them).
 """
@@ -27,8 +30,11 @@ import threading
 from construct import Bytes, Int16ul, Struct
 
 from bhyve_devices.p9 import server as p9server     # a module: bhyve_devices.p9 imports .chain from here
+from bhyve_devices.p9.ops import MIN_MSIZE
 from bhyve_devices.pci import config as PC
 from bhyve_devices.pci.registry import register
+
+from bhyve_devices.snapshot import SnapshotError
 
 from .device import VirtioDevice, bit
 from .pci import as_options, is_true
@@ -129,6 +135,21 @@ class Virtio9p(VirtioDevice):
                     self.notify_used(queue)
             if served:
                 self.notify_used(queue, used_all_avail=True)
+
+    def snapshot_state(self):
+        n = len(self.server.fids)
+        if n:
+            raise SnapshotError(f"virtio-9p: {n} fid{'s' if n > 1 else ''} open on share {self.tag.decode()!r} "
+                                "(host files do not survive a snapshot: unmount it first)")
+        return dict(super().snapshot_state(), msize=self.server.msize)
+
+    def restore_state(self, state):
+        msize = state.get("msize") if isinstance(state, dict) else None
+        if not isinstance(msize, int) or not MIN_MSIZE <= msize <= self.server.max_msize:
+            raise SnapshotError(f"virtio-9p: msize {msize!r:.40} (at most {self.server.max_msize})")
+        with self._lock:
+            super().restore_state(state)
+            self.server.msize = msize
 
     def reset(self):
         with self._lock:

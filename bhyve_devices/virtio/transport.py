@@ -29,7 +29,8 @@ reported by the device sets DEVICE_NEEDS_RESET (0x40) and, after DRIVER_OK, rais
 
 The two register files live in :mod:`bhyve_devices.virtio.transport_legacy` (:class:`LegacyRegisters`) and
 :mod:`bhyve_devices.virtio.transport_modern` (:class:`ModernRegisters`, the capabilities and the PCI_CFG window),
-which :class:`VirtioPciDevice` inherits; their names stay importable from here.
+which :class:`VirtioPciDevice` inherits; their names stay importable from here. Snapshot and restore
+(:mod:`bhyve_devices.snapshot`) are :mod:`bhyve_devices.virtio.snap`'s.
 
 Not supported: the packed ring (VIRTIO_F_RING_PACKED), VIRTIO_F_NOTIFICATION_DATA, queue_reset (1.2), per-queue
 notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern BAR (it is a MEM32 BAR).
@@ -56,6 +57,7 @@ from .transport_modern import (COMMON_CFG, COMMON_CFG_SIZE, COMMON_OFF, DEVICE_O
                                VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_PCI_CFG,
                                VIRTIO_PCI_CFG_CAP, VIRTIO_PCI_NOTIFY_CAP, ModernRegisters)
 from .transport_modern import COMMON_FIELDS as _COMMON_FIELDS  # noqa: F401
+from .snap import VirtioSnapshotMixin
 from .virtqueue import Virtqueue
 
 VIRTIO_VENDOR = 0x1AF4
@@ -67,7 +69,7 @@ PCI_CLASS = {VIRTIO_ID_NET: (0x02, 0x00), VIRTIO_ID_BLOCK: (0x01, 0x00), VIRTIO_
 MSIX_BAR = 1
 
 
-class VirtioPciDevice(LegacyRegisters, ModernRegisters, PciDevice):
+class VirtioPciDevice(VirtioSnapshotMixin, LegacyRegisters, ModernRegisters, PciDevice):
     """A transitional virtio PCI function around ``device`` with guest memory ``mem``."""
 
     def __init__(self, device: VirtioDevice, mem, single_vector=False, name=None):

@@ -40,11 +40,18 @@ with the check of an indirect table in the order Linux writes it, sliced with wh
 was a visible part of the request in the nested lab (docs/lab.md, "Serving at HLT"). Every one of those names is
 importable from here.
 
+Snapshot (:mod:`bhyve_devices.snapshot`): :meth:`Virtqueue.snapshot_state` / :meth:`Virtqueue.restore_state` save
+the queue's configuration (size, ring addresses, ready, MSI-X vector, the negotiated ring features), its progress
+(``last_avail``, ``used_idx``, ``signalled_used``; ``avail_event`` and ``used_event`` live in guest memory) and
+whether the driver broke it; a ready queue maps its rings again at restore and goes on from the saved indices.
+
 Not supported: the packed virtqueue (2.7), ``VIRTIO_F_IN_ORDER``, a descriptor chain split over more than one
 indirect table.
 """
 
 import struct
+
+from bhyve_devices.snapshot import SnapshotError
 
 from .chain import Chain, gather, scatter, split_segments, split_tail  # noqa: F401 (re-exported)
 from .chain import indirect_in_order as _indirect_in_order
@@ -131,6 +138,50 @@ class Virtqueue:
         self.size = self.max_size
         self.desc_addr, self.avail_addr, self.used_addr = legacy_layout(pfn, self.size, align)
         return self.enable()
+
+    SNAP_INTS = ("size", "desc_addr", "avail_addr", "used_addr", "last_avail", "used_idx", "signalled_used",
+                 "msix_vector")
+    SNAP_BOOLS = ("ready", "broken", "event_idx", "indirect", "notify_on_empty")
+
+    def snapshot_state(self):
+        s = {n: getattr(self, n) for n in self.SNAP_INTS + self.SNAP_BOOLS}
+        s["error"] = self.error
+        return s
+
+    def restore_state(self, s):
+        """Takes :meth:`snapshot_state`'s dict into a reset queue (SnapshotError when it does not fit)."""
+        where = f"queue {self.index}"
+        if not isinstance(s, dict):
+            raise SnapshotError(f"{where}: not a saved queue")
+        for n in self.SNAP_INTS + self.SNAP_BOOLS + ("error",):
+            if n not in s:
+                raise SnapshotError(f"{where}: no {n}")
+        limit = dict(desc_addr=1 << 64, avail_addr=1 << 64, used_addr=1 << 64)
+        for n in self.SNAP_INTS:
+            v = s[n]
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < limit.get(n, 1 << 16):
+                raise SnapshotError(f"{where}: {n} = {v!r:.40}")
+        for n in self.SNAP_BOOLS:
+            if not isinstance(s[n], bool):
+                raise SnapshotError(f"{where}: {n} = {s[n]!r:.40}")
+        if not isinstance(s["error"], (str, type(None))):
+            raise SnapshotError(f"{where}: error = {s['error']!r:.40}")
+        size = s["size"]
+        if s["ready"] and (not 1 <= size <= self.max_size or size & (size - 1)):
+            raise SnapshotError(f"{where}: size {size} (at most {self.max_size}, a power of two)")
+        views = None
+        if s["ready"]:
+            if self.mem is None:
+                raise SnapshotError(f"{where}: no guest memory attached")
+            try:
+                views = (self.mem.view(s["desc_addr"], DESC_SIZE * size),
+                         self.mem.view(s["avail_addr"], avail_size(size)),
+                         self.mem.view(s["used_addr"], used_size(size)))
+            except _GUEST_ERRORS as exc:
+                raise SnapshotError(f"{where}: cannot map the rings: {exc}") from exc
+        for n in self.SNAP_INTS + self.SNAP_BOOLS + ("error",):
+            setattr(self, n, s[n])
+        self._desc, self._avail, self._used = views or (None, None, None)
 
     def disable(self):
         self.ready = False
