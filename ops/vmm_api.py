@@ -78,6 +78,13 @@ class VmmApi(VmmOps, Protocol):
 
     def vm_resume_cpu(self, vmi: Any, vcpu: int) -> None: ...
 
+    # -- checkpoints (bhyve's vm_snapshot_req; ops/vmm_snapshot.py)
+    def vm_snapshot(self, vmi: Any) -> dict:
+        """The kernel side of a checkpoint as JSON values, with every started vCPU held (``vm_suspend_cpu``)."""
+
+    def vm_restore(self, vmi: Any, state: dict, shift_ns: int) -> None:
+        """Puts :meth:`vm_snapshot`'s state into a VM of the same configuration that has not run."""
+
     def vm_gla2gpa(self, vmi: Any, vcpu: int, gla: int) -> int:
         """bhyve's ``vm_gla2gpa_nofault``: a linear address through ``vcpu``'s page tables (``EFAULT``)."""
 
@@ -166,6 +173,14 @@ class VmmApiCalls:
 
     def vm_resume_cpu(self, vmi, vcpu):
         vmi.debug_hold(vcpu, False)
+
+    def vm_snapshot(self, vmi):
+        from .vmm_snapshot import snapshot_vm
+        return snapshot_vm(vmi)
+
+    def vm_restore(self, vmi, state, shift_ns):
+        from .vmm_snapshot import restore_vm
+        restore_vm(vmi, state, shift_ns)
 
     def vm_gla2gpa(self, vmi, vcpu, gla):
         return vmi.gla2gpa(vcpu, gla)

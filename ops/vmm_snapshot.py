@@ -1,0 +1,98 @@
+"""The kernel side of a checkpoint (issue 23; bhyve's ``vm_snapshot_req`` of ``vmm_snapshot.c``, what bhyve writes
+to its ``.kern`` file): per vCPU the NVMM state (``struct nvmm_x64_state``, every category: segments, GPRs, CRs,
+DRs, MSRs with the TSC, interrupt state, FXSAVE), the engine's flags around it (a pending NMI, a HLT the
+checkpoint's hold interrupted, started or waiting for its SIPI), the MSRs the ops layer keeps (IA32_TSC_ADJUST,
+IA32_SPEC_CTRL, the kvmclock and PV EOI MSRs), the vlapic; for the VM the vioapic, the 8259 pair and the APIC
+bus. Everything is JSON (the state bytes as hex), in the provider-neutral layout every provider reads and writes,
+so a checkpoint taken on one provider restores on another.
+
+Taken only at the quiet point: every started vCPU held before its next entry (``vm_suspend_cpu``), so no exit is
+half handled. An exception or NMI already queued in the provider's event slot for that entry cannot be carried
+(NVMM's state holds only its "event pending" bit): :func:`snapshot_vm` raises ``SnapshotError`` naming the vCPU,
+and the caller tries again a little later.
+
+Restore writes the state into a VM built from the same configuration, before any vCPU ran: the NVMM state is set
+whole (the provider converts it), the MSRs the ops layer answers are written again through its own MSR path (so
+kvmclock's record and PV EOI's word are mapped again where the guest put them), and the devices take their
+states with ``shift_ns``. The guest's TSC is the saved one where the provider can set it (a provider with the
+``tsc-write`` limit, kvm_pvm, keeps its own: the guest's TSC then jumps ahead by the time the checkpoint waited).
+
+Not supported: the XSAVE state beyond FXSAVE (AVX registers; NVMM's layout has none), an event in flight.
+"""
+
+from bhyve_devices.snapshot import SnapshotError, b2s, s2b
+
+from .kvm_para import MSR_KVM_PV_EOI_EN
+from .nvmm import constants as C
+from .nvmm.state import STATE_SIZE
+from .nvmm.x86 import msr_policy as P
+
+SNAPSHOT_VERSION = 1
+_FLAGS = ("nmi", "cr8", "started", "halted_if_clear")
+TSC_ADJUST = "tsc_adjust"       # saved as a value, not written as the MSR (that would move the restored TSC)
+
+
+def snapshot_vm(vm):
+    """The engine ``vm``'s kernel state as JSON values (see the module docstring)."""
+    vcpus = {}
+    for vid, ctx in sorted(vm.vcpus.items()):
+        if ctx.event_queued or ctx.spinups:
+            raise SnapshotError(f"vcpu{vid}: an event or AP start-up is in flight")
+        nv = ctx.nv
+        nv.getstate(C.NVMM_X64_STATE_ALL)
+        st = {"state": b2s(nv.state.buf), "hlt_held": list(ctx.hlt_held) if ctx.hlt_held else None,
+              "msrs": _kept_msrs(ctx), "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None}
+        st.update({k: getattr(ctx, k) for k in _FLAGS})
+        vcpus[str(vid)] = st
+    return {"version": SNAPSHOT_VERSION, "vcpus": vcpus, "vioapic": vm.vioapic.snapshot(),
+            "vatpic": vm.vatpic.snapshot(), "apicbus": vm.apicbus.snapshot()}
+
+
+def _kept_msrs(ctx):
+    """``[[msr, value], ...]`` the ops layer answers for this vCPU, in the order a restore writes them again."""
+    out = []
+    arch = getattr(ctx, "arch_msrs", None)
+    if arch is not None:
+        out += [[P.MSR_SPEC_CTRL, arch.spec_ctrl]] if arch.spec_ctrl else []
+        out += [[TSC_ADJUST, arch.tsc_adjust]] if arch.tsc_adjust else []
+    if ctx.pvclock is not None:
+        out += [[msr, v] for msr, v in sorted(ctx.pvclock.msr_value.items()) if v]
+    if ctx.pv_eoi is not None:
+        ctx.pv_eoi.sync()                   # not armed in the saved memory: the restored vCPU starts disarmed
+        out += [[MSR_KVM_PV_EOI_EN, ctx.pv_eoi.msr_value]] if ctx.pv_eoi.msr_value else []
+    return out
+
+
+def restore_vm(vm, state, shift_ns):
+    """Puts ``state`` (from :func:`snapshot_vm`) into the engine ``vm``, built from the same configuration and not
+    yet run. SnapshotError names what does not fit."""
+    if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+        raise SnapshotError(f"kernel state version {state.get('version') if isinstance(state, dict) else None}, "
+                            f"this is version {SNAPSHOT_VERSION}")
+    vcpus = state.get("vcpus")
+    if not isinstance(vcpus, dict) or sorted(map(int, vcpus)) != sorted(vm.vcpus):
+        raise SnapshotError(f"the checkpoint has vCPUs {sorted(vcpus or {})}, the VM {sorted(vm.vcpus)}")
+    vm.apicbus.restore(state["apicbus"], shift_ns)
+    vm.vioapic.restore(state["vioapic"], shift_ns)
+    vm.vatpic.restore(state["vatpic"], shift_ns)
+    for vid, ctx in sorted(vm.vcpus.items()):
+        st = vcpus[str(vid)]
+        nv = ctx.nv
+        nv.state.buf[:] = s2b(st["state"], STATE_SIZE)
+        nv.setstate(C.NVMM_X64_STATE_ALL)
+        for k in _FLAGS:
+            setattr(ctx, k, st[k])
+        ctx.hlt_held = tuple(st["hlt_held"]) if st["hlt_held"] else None
+        if ctx.vlapic is not None:
+            if st["vlapic"] is None:
+                raise SnapshotError(f"vcpu{vid}: the checkpoint has no vlapic state")
+            ctx.vlapic.restore(st["vlapic"], shift_ns)
+        for msr, value in st["msrs"]:
+            if msr == TSC_ADJUST:
+                vm.kernel_msr(ctx, P.MSR_TSC_ADJUST)                      # creates the vCPU's ArchMsrs
+                ctx.arch_msrs.tsc_adjust = value                         # the TSC itself is in the state
+            else:
+                handled, _ = vm.kernel_msr(ctx, msr, value)
+                if not handled:
+                    raise SnapshotError(f"vcpu{vid}: MSR {msr:#x} is not kept by the ops layer here")
+        ctx.pending = True
