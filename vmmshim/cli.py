@@ -4,6 +4,7 @@
             [-k file] [-l lpc] [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
     vmmshim -h | --help | -v | -s help | -l help
     vmmshim doctor
+    vmmshim ctl --vm=NAME --checkpoint=FILE | --suspend=FILE | --pause | --resume | --status
     vmmshim conformance [--providers kvm,soft] [--record DIR] [--diff DIR]
     vmmshim linux [-c N] [-m MEM] [--run CMD]   (the default Linux guest: here on a hardware KVM, else in the lab)
 
@@ -40,6 +41,9 @@ def main(argv=None):
     if argv[:1] == ["linux"]:
         from .default_guest import main as linux
         return linux(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from .ctl import main as ctl
+        return ctl(argv[1:])
     if argv[:1] == ["conformance"]:
         from .conformance import main as conformance
         return conformance(argv[1:])

@@ -38,6 +38,11 @@ VMMSHIM_KEYS = {
     "vmmshim.poweroff_timeout_s": ("30", "number 0 86400",
                                    "seconds from the ACPI power button (SIGTERM, SIGHUP, SIGINT) to a forced "
                                    "power off when the guest ignores it; 0: never"),
+    "vmmshim.restore_force": ("false", "bool",
+                              "restore (-r) even when a disk image changed since the checkpoint (size or mtime)"),
+    "vmmshim.control": ("true", "bool",
+                        "a control socket for vmmshim ctl (checkpoint, suspend, pause, resume, status), "
+                        "$XDG_RUNTIME_DIR/vmmshim/NAME (root: /var/run/vmmshim/NAME)"),
     "vmmshim.help": ("false", "help", "set by -h (this help), -s help (PCI emulations), -l help (LPC devices)"),
     "vmmshim.version": ("false", "bool", "set by -v: print the version and exit"),
 }
@@ -73,6 +78,8 @@ BHYVE_KEYS = {
     "gdb.address": ("127.0.0.1", "the address the GDB stub listens on"),
     "gdb.wait": ("false", "the vCPUs wait at the first instruction until gdb attaches and continues (-G w...)"),
     "config.dump": ("false", "print every key=value after parsing and exit (status 1, as bhyve) instead of running"),
+    "restore": ("", "resume the VM checkpointed in this file (-r FILE; its configuration comes from FILE.meta, "
+                    "keys given here override it)"),
 }
 
 #: bhyve keys refused with "not supported yet": ``key: (what it asks for, what to use instead)``.

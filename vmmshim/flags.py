@@ -25,11 +25,13 @@ from .config import (LPC_DEVICES, MAX_VCPUS, TOPOLOGY_KEYS, Config, ConfigError,
                      range_words, split_option, strtol)
 
 EXIT_USAGE = 4                  # bhyve's status for a bad command line (its "error" status)
-OPTSTRING = "AbCehHPuvwWxYc:f:F:g:G:k:l:m:o:s:U:M"
+OPTSTRING = "AbCehHPuvwWxYc:f:F:g:G:k:l:m:o:r:s:U:M"
 HELP_WORD = "help"
 LONG_HELP = "help"              # --help, as -h
 USAGE = """usage: vmmshim [-ACeHPuwWxY] [-c [[cpus=]N][,sockets=S][,cores=C][,threads=T]] [-f firmware]
-               [-F pidfile] [-k file] [-l lpc] [-m mem] [-o key=value] [-s pci] [-U uuid] [vmname]
+               [-F pidfile] [-k file] [-l lpc] [-m mem] [-o key=value] [-r file] [-s pci] [-U uuid]
+               [vmname]
+       vmmshim ctl --vm=NAME --checkpoint=FILE | --suspend=FILE | --pause | --resume | --status
        vmmshim -h | --help | -v | -s help | -l help
        vmmshim doctor | vmmshim conformance [--record DIR] [--diff DIR]
        vmmshim linux [-c N] [-m MEM] [--run CMD]   (the default Linux guest, here or in the lab)
@@ -56,6 +58,8 @@ flags (each sets the bhyve_config(5) key in parentheses):
   -o  set a configuration key, KEY=VALUE; %(KEY) in a value is replaced by KEY's value
   -P  accepted for bhyve compatibility (x86.vmexit_on_pause): PAUSE exits are left to KVM's
       pause-loop exiting
+  -r  resume a checkpoint (restore): FILE from vmmshim ctl --checkpoint/--suspend; the configuration
+      comes from FILE.meta, flags given here override it (a console, a disk path, the provider)
   -s  a PCI device: SLOT[:FUNC],EMULATION[,CONF] (bus 0 only) | help (list the emulations)
   -u  the RTC keeps UTC (rtc.use_localtime=false)
   -U  the VM's UUID (uuid)
@@ -194,6 +198,8 @@ def parse_args(argv):
             parse_slot(val, cfg)
         elif opt == "-U":
             cfg.set("uuid", val)
+        elif opt == "-r":
+            cfg.set("restore", val)
         elif opt == "-G":
             parse_gdb(val, cfg)
         elif opt == "-g":

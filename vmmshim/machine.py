@@ -21,8 +21,9 @@ from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
 
-def build_pci_and_tables(vm, cfg, platform):
-    """Builds the PCI host and its devices, then writes the firmware tables into guest RAM. Returns the host."""
+def build_pci_and_tables(vm, cfg, platform, tables=True):
+    """Builds the PCI host and its devices, then writes the firmware tables into guest RAM (not with ``tables``
+    False: a restored VM's memory has them already). Returns the host."""
     ops, vmi = vm.ops, vm.vmi
     host = PciHost(mem32_base=max(vm.lowmem, 0xC0000000), msi=lambda a, d: ops.vm_lapic_msi(vmi, a, d),
                    bar_changed=lambda *a: _bar_changed(vm, *a),
@@ -58,7 +59,8 @@ def build_pci_and_tables(vm, cfg, platform):
             raise ConfigError(f"-s {slot if func == 0 else f'{slot}:{func}'},{name}: {_why(exc)}") from None
         host.add(slot, func, dev)
         vm.closers.append(getattr(dev, "close", None))
-    _write_tables(vm, cfg, host, lpc_slot)
+    if tables:
+        _write_tables(vm, cfg, host, lpc_slot)
     return host
 
 

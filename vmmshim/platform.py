@@ -35,15 +35,18 @@ class Platform:
             vm.add_port_device(port, size, dev, name)
         self.pit = PIT8254(t, _PitLine(self, vm.isa_irq(0)))
         vm.add_port_device(PIT, 4, self.pit, "atpit")
-        vm.add_port_device(NMISC_PORT, 1, NMISC(self.pit, t), "nmisc")
+        self.nmisc = NMISC(self.pit, t)
+        vm.add_port_device(NMISC_PORT, 1, self.nmisc, "nmisc")
         self.rtc = RTC(t, vm.isa_irq(8), utc=utc, memsize=(vm.lowmem, vm.highmem))
         vm.add_port_device(RTC_PORT, 2, self.rtc, "rtc")
-        vm.add_port_device(PMTMR_PORT, 4, PMTimer(t), "pmtmr")
+        self.pmtmr = PMTimer(t)
+        vm.add_port_device(PMTMR_PORT, 4, self.pmtmr, "pmtmr")
         self.pm = PowerManagement(vm.isa_irq(ISA_IRQ_SCI), on_reset=self._reset, on_poweroff=self._poweroff)
         for port, length, dev in self.pm.ranges():
             vm.add_port_device(port, length, dev, f"pm-{port:#x}")
-        for port in POST_PORTS:
-            vm.add_port_device(port, 1, PostPort(), f"post-{port:#x}")
+        self.posts = {port: PostPort() for port in POST_PORTS}
+        for port, dev in self.posts.items():
+            vm.add_port_device(port, 1, dev, f"post-{port:#x}")
         self.kbd = KeyboardController(on_reset=self._reset, irq1=vm.isa_irq(1), irq12=vm.isa_irq(12))
         for port, length, dev in self.kbd.ranges():
             vm.add_port_device(port, length, dev, f"atkbdc-{port:#x}")
@@ -67,6 +70,14 @@ class Platform:
         except BaseException:
             self.close()            # a console opened before the bad one gives the terminal back
             raise
+
+    def devices(self):
+        """The platform's devices by a stable name (a checkpoint saves each under it)."""
+        out = {"atpit": self.pit, "nmisc": self.nmisc, "rtc": self.rtc, "pmtmr": self.pmtmr, "pm": self.pm,
+               "atkbdc": self.kbd, "hpet": self.hpet}
+        out.update({f"post-{port:#x}": dev for port, dev in self.posts.items()})
+        out.update(self.uarts)
+        return out
 
     def debug_state(self):
         """The timer devices' state, one line each (a debugging aid; read racily)."""

@@ -17,6 +17,7 @@ import sys
 
 from .config import ConfigError
 from .flags import UsageError
+from .snapshot.files import CheckpointError
 
 EXIT_POWEROFF, EXIT_ERROR = 1, 4
 END_WAIT_S = 10                 # how long the vCPUs get to stop when the run ends some other way than by the guest
@@ -58,24 +59,38 @@ def run_vm(cfg):
     shutdown = Shutdown(timeout_s=float(cfg.get("vmmshim.poweroff_timeout_s"))).install()  # shutdown.py
     terminal = _Terminal()
     pidfile = _write_pidfile(cfg.get("pidfile"))
-    vm = platform = None
+    vm = platform = control = restore = None
     try:
-        vm = _create_vm(cfg)
-        from .firmware.boot import boot_image
-        image = boot_image(cfg, vm.lowmem, vm.highmem)
+        if cfg.get("restore"):
+            from .snapshot.restore import prepare
+            restore, cfg = prepare(cfg)           # the checkpoint's configuration, this command line's keys over it
+        vm = _create_vm(cfg, memfile=restore.memory_path if restore else None)
+        vm.cfg = cfg
+        image = None
+        if restore is None:
+            from .firmware.boot import boot_image
+            image = boot_image(cfg, vm.lowmem, vm.highmem)
         uarts = {name: cfg.get(f"lpc.{name}.path") for name in ("com1", "com2", "com3", "com4")
                  if cfg.get(f"lpc.{name}.path")}
         from .platform import Platform
         platform = Platform(vm, utc=not cfg.get_bool("rtc.use_localtime"), uarts=uarts, on_escape=shutdown.escape)
         if cfg.get("lpc.debug_exit.port"):
             from bhyve_devices.debugexit import PORT_SIZE, DebugExit
+            vm.extra_devices["debug-exit"] = DebugExit(lambda status: vm.stop(status))
             vm.add_port_device(cfg.get_int("lpc.debug_exit.port", 0, 0xFFFF), PORT_SIZE,
-                               DebugExit(lambda status: vm.stop(status)), "debug-exit")
+                               vm.extra_devices["debug-exit"], "debug-exit")
+        vm.platform = platform
         from .machine import build_pci_and_tables
-        build_pci_and_tables(vm, cfg, platform)
-        for gpa, data in image.writes:
-            vm.load(gpa, data)
-        vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
+        vm.pci_host = build_pci_and_tables(vm, cfg, platform, tables=restore is None)
+        if restore is None:
+            for gpa, data in image.writes:
+                vm.load(gpa, data)
+            vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
+        else:
+            restore.apply(vm)
+        if cfg.get_bool("vmmshim.control"):
+            from .control import ControlSocket
+            control = ControlSocket.open(vm)      # vmmshim ctl; None (and a warning) where it cannot be made
         if os.environ.get("VMMSHIM_TRACE_MMIO"):
             vm.mmio.trace = sys.stderr
         _debug_dumper(vm, platform)
@@ -86,8 +101,13 @@ def run_vm(cfg):
             vm.closers.append(vm.debugger.close)
         shutdown.say = platform.say
         shutdown.running(platform.press_power_button, lambda why: vm.stop(EXIT_POWEROFF, why))
-        status = vm.run()
+        if restore is not None:
+            status = vm.run(vcpus=restore.started, on_start=restore.after_start)
+        else:
+            status = vm.run()
     finally:
+        if control is not None:
+            control.close()
         shutdown.cancel()
         _tear_down(cfg, vm, platform)
         _remove_pidfile(pidfile)
@@ -101,7 +121,7 @@ def run_vm(cfg):
     return status
 
 
-def _create_vm(cfg):
+def _create_vm(cfg, memfile=None):
     from ops.nvmm import nvmm_init
     from ops.nvmm_ops import VmmOpsNvmm
     from .vm import VM, VmConfig
@@ -116,7 +136,7 @@ def _create_vm(cfg):
                                              posted_io=cfg.get_bool("vmmshim.posted_io"),
                                              doorbells=cfg.get_bool("vmmshim.doorbells"),
                                              halt_serve=cfg.get_bool("vmmshim.halt_serve"),
-                                             answer_io=cfg.get_bool("vmmshim.answer_io")))
+                                             answer_io=cfg.get_bool("vmmshim.answer_io"), memfile=memfile))
 
 
 def _tear_down(cfg, vm, platform):
@@ -202,7 +222,7 @@ def reported(body):
     except UsageError as exc:
         print(f"vmmshim: {exc} (vmmshim -h lists the flags)", file=sys.stderr)
         return EXIT_ERROR
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"vmmshim: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError) as exc:     # LoaderError, ProviderUnavailable, unreadable files

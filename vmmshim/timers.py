@@ -17,6 +17,9 @@ How it sleeps:
 Cancelled timers stay in the heap until they reach its top, where arming drops them (so a cancelled deadline does
 not wake the thread) and the thread skips them.
 
+``run_lock`` is held around every callback: a checkpoint (``vmmshim/snapshot/``) takes it so that no device
+timer fires while the devices' states are read; callbacks due meanwhile run when it is released.
+
 Not supported: timer slack or coalescing (a device that wants it, like the PIT, coalesces itself).
 """
 
@@ -87,6 +90,7 @@ class TimerThread:
         self._seq = itertools.count()
         self._cancelled = set()
         self._cond = threading.Condition()
+        self.run_lock = threading.Lock()  # held around each callback; a checkpoint holds it to keep them out
         self._stop = False
         self.errors = []
         self.fired = 0                    # callbacks run (a debugging counter)
@@ -172,7 +176,8 @@ class TimerThread:
     def _run(self, fn):
         self.fired += 1
         try:
-            fn()
+            with self.run_lock:
+                fn()
         except Exception as exc:  # noqa: BLE001 - a device bug must not kill every timer silently
             self.errors.append(exc)
             if self.on_error is not None:

@@ -26,6 +26,7 @@ from ops.vmm_ops import SegDesc, VmExitCode as E, VmRegName as R, VmSuspendHow
 from .bus import Bus
 from .fastpaths import FastPaths
 from .msr import MsrEmulator
+from .snapshot.pause import Pauser
 from .timers import TimerThread
 
 GiB = 1 << 30
@@ -46,12 +47,18 @@ class HostMemory:
     and is advised for transparent huge pages (``MADV_HUGEPAGE``, as QEMU does its RAM), so that the hypervisor
     can map the guest with 2 MiB pages where the host allows (THP ``always`` or ``madvise``)."""
 
-    def __init__(self, size):
+    def __init__(self, size, path=None):
+        """``path``: a checkpoint's memory file, mapped copy-on-write (the guest's writes never reach it)."""
         self.size = size
+        if path is not None:
+            with open(path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.addr = self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+            return
         pad = HUGE_PAGE if size >= HUGE_PAGE else 0
         self.mm = mmap.mmap(-1, size + pad,
                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        base = self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.addr = (base + pad - 1) & ~(HUGE_PAGE - 1) if pad else base
         if pad and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
@@ -59,11 +66,18 @@ class HostMemory:
             except OSError:
                 pass                    # THP compiled out or "never": 4 KiB pages, as before
 
+    def view(self):
+        """The guest RAM as one memoryview (lowmem, then highmem), for a checkpoint's memory file."""
+        off = self.addr - self._base
+        return memoryview(self.mm)[off:off + self.size]
+
 
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
-                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True, halt_serve=True):
+                 kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True, halt_serve=True,
+                 memfile=None):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
+        self.memfile = memfile          # a checkpoint's memory file to map as RAM (restore), else None
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
         self.doorbells, self.answer_io, self.halt_serve = doorbells, answer_io, halt_serve
@@ -84,13 +98,16 @@ class VM:
         self.threads = {}
         self.closers = []           # device close() callables, run by close()
         self.debugger = None        # the GDB stub (vmmshim/gdb/server.py) when -G asked for one
+        self.pauser = Pauser(self)  # every vCPU held at a quiet point (checkpoints, ctl --pause)
+        self.platform = self.pci_host = self.cfg = None     # set by the runner (checkpoints read them)
+        self.extra_devices = {}     # devices outside the platform and PCI a checkpoint saves (debug-exit)
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(VmSpec(timers=self.timers, io=self.io, mem=self.mem, x2apic=config.x2apic,
                                       kvm_pv=config.kvm_pv, pv_eoi=config.pv_eoi))
         self.fast = FastPaths(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
-        self.ram = HostMemory(config.memsize)
+        self.ram = HostMemory(config.memsize) if config.memfile is None else HostMemory(config.memsize, config.memfile)
         ops.vm_mem_alloc(self.vmi, self.ram, 0, 0, self.lowmem)
         if self.highmem:
             ops.vm_mem_alloc(self.vmi, self.ram, self.lowmem, HIGHMEM_BASE, self.highmem)
@@ -171,10 +188,14 @@ class VM:
             ops.vmsetreg(vmi, vcpu, R[f"VM_REG_GUEST_{name.upper()}"], regs[name])
 
     # -- running -----------------------------------------------------------------------------------------------
-    def run(self, rip=None, timeout=None):
+    def run(self, rip=None, timeout=None, vcpus=(0,), on_start=None):
         """Runs the BSP (APs start through INIT/SIPI) until the VM suspends or fails; returns the exit
-        status."""
-        self._start_vcpu(0, rip)
+        status. A restored VM starts every vCPU that had started (``vcpus``) where its state says, then calls
+        ``on_start(vm)``."""
+        for v in vcpus:
+            self._start_vcpu(v, rip if v == 0 else None)
+        if on_start is not None:
+            on_start(self)
         done = self._wait(timeout)
         if not done:
             self.stop(EXIT_ERROR, "timed out")
@@ -327,7 +348,9 @@ class VM:
     def _vmexit_debug(self, vcpu, vmexit):
         """bhyve's ``vmexit_debug``/``vmexit_breakpoint``/``vmexit_mtrap``: the stub parks the vCPU while gdb
         holds the guest."""
-        if self.debugger is not None:
+        if self.pauser.holding and vmexit.exitcode == E.VM_EXITCODE_DEBUG:
+            self.pauser.park(vcpu)              # a checkpoint's quiet point (vmmshim/snapshot/pause.py)
+        elif self.debugger is not None:
             self.debugger.vcpu_exit(vcpu, vmexit)
         return CONTINUE
 

@@ -1,0 +1,173 @@
+"""The control socket of a running VM (bhyve's checkpoint socket, ``/var/run/bhyve/checkpoint/VMNAME``, which
+``bhyvectl --checkpoint``/``--suspend`` talk to) and the requests it serves for ``vmmshim ctl`` (``ctl.py``).
+
+The socket is a Unix stream socket named after the VM (the ``name`` key) in :func:`run_dir`:
+``/var/run/vmmshim`` for root, else ``$XDG_RUNTIME_DIR/vmmshim`` or ``/tmp/vmmshim-UID``; the directory is the
+user's own (0700) and the socket 0600, so only its owner can talk to it. A live socket of the same name is another
+VM's: this one then runs without a control socket (a warning). One request per connection, one JSON line each way:
+
+- ``{"op": "checkpoint", "file": PATH}``: checkpoint and run on (``vmmshim/snapshot/checkpoint.py``);
+  ``"suspend"``: checkpoint, then the VM ends with status 1;
+- ``{"op": "pause"}`` / ``{"op": "resume"}``: every vCPU held / released;
+- ``{"op": "status"}``: name, state (running, paused), vCPUs, memory, provider, uptime.
+
+The reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": ONE_LINE}``. A request that is not JSON, too long
+(:data:`MAX_REQUEST`), or names an unknown op gets an error reply; nothing a client sends can end the VM but
+``suspend``.
+
+Not supported: bhyve's binary request format (``struct checkpoint_op``), migration requests.
+"""
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+MAX_REQUEST = 4096
+ACCEPT_TIMEOUT_S = 0.5
+
+
+def run_dir():
+    if os.geteuid() == 0:
+        return "/var/run/vmmshim"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "vmmshim") if base and os.path.isdir(base) else f"/tmp/vmmshim-{os.geteuid()}"
+
+
+def socket_path(name):
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"VM name {name!r} cannot name a control socket")
+    return os.path.join(run_dir(), name)
+
+
+class ControlSocket:
+    def __init__(self, vm, path, sock):
+        self.vm, self.path, self.sock = vm, path, sock
+        self.started = time.monotonic()
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="vmmshim-control", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def open(cls, vm):
+        """The VM's control socket, or None (with a warning on stderr) where it cannot be made."""
+        try:
+            path = socket_path(vm.cfg.get("name"))
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if _alive(path):
+                raise OSError(f"{path} is in use (another VM of that name)")
+            if os.path.lexists(path):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(4)
+            sock.settimeout(ACCEPT_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            print(f"vmmshim: no control socket: {exc}", file=sys.stderr)
+            return None
+        return cls(vm, path, sock)
+
+    def close(self):
+        self._stop = True
+        self.thread.join(2 * ACCEPT_TIMEOUT_S + 1)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    reply = self.handle(_read_line(conn))
+                except Exception as exc:  # noqa: BLE001 - a bad request never ends the VM
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def handle(self, line):
+        """The reply to one request line (see the module docstring)."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return _error("the request is not JSON")
+        if not isinstance(req, dict):
+            return _error("the request is not a JSON object")
+        op = req.get("op")
+        vm = self.vm
+        if op == "status":
+            return {"ok": True, "name": vm.cfg.get("name"), "state": "paused" if vm.pauser.holding else "running",
+                    "vcpus": vm.config.ncpus, "memory": vm.config.memsize, "provider": vm.ops.provider.name,
+                    "uptime_s": round(time.monotonic() - self.started, 3)}
+        if op == "pause":
+            from .snapshot.pause import PauseError
+            try:
+                vm.pauser.pause()
+            except PauseError as exc:
+                return _error(str(exc))
+            return {"ok": True}
+        if op == "resume":
+            if not vm.pauser.holding:
+                return _error("the VM is not paused")
+            vm.pauser.resume()
+            return {"ok": True}
+        if op in ("checkpoint", "suspend"):
+            path = req.get("file")
+            if not isinstance(path, str) or not path:
+                return _error(f"{op} needs a file")
+            if vm.pauser.holding:
+                return _error("the VM is paused (ctl --resume first)")
+            from .snapshot.checkpoint import take
+            from .snapshot.files import CheckpointError, disk_paths
+            config = [line for line in vm.cfg.dump() if not line.startswith("restore=")]
+            try:
+                secs = take(vm, path, config, disk_paths(vm.cfg), stop=op == "suspend")
+            except CheckpointError as exc:
+                return _error(str(exc))
+            return {"ok": True, "file": os.path.abspath(path), "paused_s": round(secs, 3)}
+        return _error(f"unknown request {op!r} (checkpoint, suspend, pause, resume, status)")
+
+
+def _error(text):
+    return {"ok": False, "error": text}
+
+
+def _read_line(conn):
+    buf = b""
+    while b"\n" not in buf:
+        chunk = conn.recv(MAX_REQUEST)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            return b"{too long"
+    return buf.split(b"\n", 1)[0]
+
+
+def _alive(path):
+    """Whether a VM listens on ``path`` now."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
