@@ -2,8 +2,10 @@
 to its ``.kern`` file): per vCPU the NVMM state (``struct nvmm_x64_state``, every category: segments, GPRs, CRs,
 DRs, MSRs with the TSC, interrupt state, FXSAVE), the engine's flags around it (a pending NMI, a HLT the
 checkpoint's hold interrupted, started or waiting for its SIPI), the MSRs the ops layer keeps (IA32_TSC_ADJUST,
-IA32_SPEC_CTRL, the kvmclock and PV EOI MSRs), the vlapic; for the VM the vioapic, the 8259 pair and the APIC
-bus. Everything is JSON (the state bytes as hex), in the provider-neutral layout every provider reads and writes,
+IA32_SPEC_CTRL, the kvmclock and PV EOI MSRs, read from the provider where it answers them itself), the vlapic;
+for the VM the vioapic, the 8259 pair, the APIC bus and the paravirtual clock's time (KVM_GET_CLOCK where KVM
+keeps kvmclock, else ``ops/pvclock.py``'s system time), which a restore sets again, so the guest's kvmclock goes
+on from where it stood, on any provider. Everything is JSON (the state bytes as hex), in the provider-neutral layout every provider reads and writes,
 so a checkpoint taken on one provider restores on another.
 
 Taken only at the quiet point: every started vCPU held before its next entry (``vm_suspend_cpu``), so no exit is
@@ -20,12 +22,15 @@ states with ``shift_ns``. The guest's TSC is the saved one where the provider ca
 Not supported: the XSAVE state beyond FXSAVE (AVX registers; NVMM's layout has none), an event in flight.
 """
 
+import time
+
 from bhyve_devices.snapshot import SnapshotError, b2s, s2b
 
 from .kvm_para import MSR_KVM_PV_EOI_EN
 from .nvmm import constants as C
 from .nvmm.state import STATE_SIZE
 from .nvmm.x86 import msr_policy as P
+from .pvclock import MSRS as PVCLOCK_MSRS
 
 SNAPSHOT_VERSION = 1
 _FLAGS = ("nmi", "cr8", "started", "halted_if_clear")
@@ -40,12 +45,16 @@ def snapshot_vm(vm):
             raise SnapshotError(f"vcpu{vid}: an event or AP start-up is in flight")
         nv = ctx.nv
         nv.getstate(C.NVMM_X64_STATE_ALL)
+        msrs = _kept_msrs(ctx)
+        if vm.kernel_clock:                 # the provider answers the clock MSRs: ask it for their values
+            msrs += [[m, v] for m, v in zip(PVCLOCK_MSRS, nv.get_msrs(list(PVCLOCK_MSRS))) if v]
         st = {"state": b2s(nv.state.buf), "hlt_held": list(ctx.hlt_held) if ctx.hlt_held else None,
-              "msrs": _kept_msrs(ctx), "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None}
+              "msrs": msrs, "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None}
         st.update({k: getattr(ctx, k) for k in _FLAGS})
         vcpus[str(vid)] = st
+    clock = vm.machine.kernel_clock() if vm.kernel_clock else time.monotonic_ns() - vm.clock_epoch_ns
     return {"version": SNAPSHOT_VERSION, "vcpus": vcpus, "vioapic": vm.vioapic.snapshot(),
-            "vatpic": vm.vatpic.snapshot(), "apicbus": vm.apicbus.snapshot()}
+            "vatpic": vm.vatpic.snapshot(), "apicbus": vm.apicbus.snapshot(), "pv_clock_ns": clock}
 
 
 def _kept_msrs(ctx):
@@ -72,6 +81,16 @@ def restore_vm(vm, state, shift_ns):
     vcpus = state.get("vcpus")
     if not isinstance(vcpus, dict) or sorted(map(int, vcpus)) != sorted(vm.vcpus):
         raise SnapshotError(f"the checkpoint has vCPUs {sorted(vcpus or {})}, the VM {sorted(vm.vcpus)}")
+    clock = state.get("pv_clock_ns")
+    if not isinstance(clock, int) or clock < 0:
+        raise SnapshotError(f"the paravirtual clock's time {clock!r} is not a time")
+    if vm.kernel_clock:
+        vm.machine.kernel_clock(clock)
+    else:                                   # ops/pvclock.py's system time goes on from the saved time
+        vm.clock_epoch_ns = time.monotonic_ns() - clock
+        for ctx in vm.vcpus.values():
+            if ctx.pvclock is not None:
+                ctx.pvclock.epoch_ns = vm.clock_epoch_ns
     vm.apicbus.restore(state["apicbus"], shift_ns)
     vm.vioapic.restore(state["vioapic"], shift_ns)
     vm.vatpic.restore(state["vatpic"], shift_ns)
@@ -91,6 +110,8 @@ def restore_vm(vm, state, shift_ns):
             if msr == TSC_ADJUST:
                 vm.kernel_msr(ctx, P.MSR_TSC_ADJUST)                      # creates the vCPU's ArchMsrs
                 ctx.arch_msrs.tsc_adjust = value                         # the TSC itself is in the state
+            elif msr in PVCLOCK_MSRS and vm.kernel_clock:
+                nv.set_msrs([(msr, value)])
             else:
                 handled, _ = vm.kernel_msr(ctx, msr, value)
                 if not handled:

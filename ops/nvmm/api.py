@@ -264,6 +264,11 @@ class Machine:
         the ops layer then emulates the clock itself."""
         return self._kernel_pvclock()
 
+    def kernel_clock(self, ns=None):
+        """Extension, where :meth:`kernel_pvclock` took: the guest's kvmclock time in ns (KVM_GET_CLOCK), or with
+        ``ns`` sets it (KVM_SET_CLOCK: a restored guest's clock goes on from there). None where there is none."""
+        return self._kernel_clock(ns)
+
     def doorbell(self, addr, size, pio, datamatch, fd):
         """Extension: asks that guest writes to ``addr`` (a port if ``pio``, else guest-physical; of ``size``
         bytes, 0 meaning any size of an MMIO write; of the value ``datamatch`` only, unless None) signal the
@@ -324,6 +329,9 @@ class Machine:
 
     def _kernel_pvclock(self):
         return False
+
+    def _kernel_clock(self, ns):
+        return None
 
     def _answer_io(self, port, value):
         return False

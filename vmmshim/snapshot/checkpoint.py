@@ -71,6 +71,7 @@ def take(vm, base, config, disks=(), stop=False):
     done = False
     try:
         with vm.timers.run_lock, vm.doorbells.held():
+            vm.ops.vm_drain_posted(vm.vmi)          # port writes KVM still holds reach their devices first
             now = vm.timers.now_ns()
             try:
                 kern = vm.ops.vm_snapshot(vm.vmi)

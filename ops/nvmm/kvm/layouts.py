@@ -71,6 +71,9 @@ KVM_DEBUGREGS = cs.Struct("db" / cs.Array(4, cs.Int64ul), "dr6" / cs.Int64ul, "d
                           "flags" / cs.Int64ul, "reserved" / cs.Array(9, cs.Int64ul))
 #: ``struct kvm_guest_debug`` (KVM_SET_GUEST_DEBUG): control flags, then x86's ``debugreg[8]`` (DR0-3, DR6, DR7 at 7).
 KVM_GUEST_DEBUG = cs.Struct("control" / cs.Int32ul, cs.Padding(4), "debugreg" / cs.Array(8, cs.Int64ul))
+#: ``struct kvm_clock_data`` (KVM_GET_CLOCK / KVM_SET_CLOCK; 48 bytes).
+KVM_CLOCK_DATA = cs.Struct("clock" / cs.Int64ul, "flags" / cs.Int32ul, "pad0" / cs.Int32ul,
+                           "realtime" / cs.Int64ul, "host_tsc" / cs.Int64ul, "pad" / cs.Array(4, cs.Int32ul))
 KVM_XCRS = cs.Struct("nr_xcrs" / cs.Int32ul, "flags" / cs.Int32ul,
                      "xcrs" / cs.Array(16, cs.Struct("xcr" / cs.Int32ul, cs.Padding(4), "value" / cs.Int64ul)),
                      "padding" / cs.Array(16, cs.Int64ul))

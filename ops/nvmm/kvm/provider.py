@@ -236,6 +236,15 @@ class KvmMachine(api.Machine):
                 return False
         return True
 
+    def _kernel_clock(self, ns):
+        buf = bytearray(L.KVM_CLOCK_DATA.sizeof())
+        if ns is None:
+            fcntl.ioctl(self.vmfd, K.KVM_GET_CLOCK, buf)
+            return struct.unpack_from("<Q", buf)[0]
+        struct.pack_into("<Q", buf, 0, ns)
+        fcntl.ioctl(self.vmfd, K.KVM_SET_CLOCK, buf)
+        return ns
+
     def deny_msrs(self, reads, writes):
         """Makes RDMSR of ``reads`` and WRMSR of ``writes`` exit to userland too (a vCPU's CPUID refuses them)."""
         with self._filter_lock:
