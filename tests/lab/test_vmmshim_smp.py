@@ -2,8 +2,8 @@
 command pinned to it (``taskset``; Linux starts its APs one by one, so these boots also show the INIT-SIPI path
 with more than two targets); ``nolapic`` on one and two vCPUs (the 8259 through LINT0 of a software-disabled
 local APIC, and a halted vCPU woken by it); and an MP-table boot that must keep its APIC timer (no "verification
-failure", an expected failure while issue 24 item 5 is open) with one APIC version in the MP table and the
-vlapic.
+failure": ISA edges the guest declined while it calibrated with interrupts off are lost, as on a PC,
+``ops/edge_merge.py``) with one APIC version in the MP table and the vlapic.
 
 The issue asks for the MP-table boot under three CPU hogs in L1. Two tries here (hogs at nice 0, then at nice 19)
 never finished that boot: L1 is QEMU TCG on one host thread, and with the hogs its first guest try did not end in
@@ -52,10 +52,6 @@ def test_nolapic_reaches_the_shell(boots, case):
     assert status == 1, (status, console[-1500:])
 
 
-@pytest.mark.xfail(strict=False, reason="issue 24 item 5: in the lab's TCG L1 an MP-table boot with hpet=disable still "
-                   "loses its APIC timer to 'verification failure' now and then: 2 of 5 boots on 2026-12-06 (the PIT "
-                   "re-sends edges merged while Linux calibrates with IF=0; losing them gave 1 of 5 but failed "
-                   "tests/conformance/test_pit_under_load.py)")
 def test_mptable_boot_keeps_its_apic_timer(boots):
     status, secs, console = boots["mptable"]
     assert "VMMSHIM-GUEST-UP" in console, console[-3000:]
