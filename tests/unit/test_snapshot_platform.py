@@ -19,6 +19,7 @@ from bhyve_devices.post import PostPort
 from bhyve_devices.snapshot import SnapshotError, Snapshottable
 from bhyve_devices.uart16550 import UART16550
 from bhyve_devices.vatpit import NMISC, PIT_HZ, PIT8254
+from tests.unit.test_vatpit import Driver
 from bhyve_devices.vhpet import HPET, HPET_FREQ
 from bhyve_devices.vpmtmr import PMTimer
 from bhyve_devices.vrtc import RTC
@@ -82,19 +83,9 @@ def ticks_ns(ticks, hz):
 
 # -- 8254 and port 0x61 ---------------------------------------------------------------------------------------
 
-class PitPair:
+class PitPair(Driver):
     def __init__(self, timers, line):
-        self.pit = PIT8254(timers, line)
-        self.nmisc = NMISC(self.pit)
-
-    def outb(self, port, v):
-        if port == 0x61:
-            self.nmisc.write(0, 1, v)
-        else:
-            self.pit.write(port - 0x40, 1, v)
-
-    def inb(self, port):
-        return self.nmisc.read(0, 1) if port == 0x61 else self.pit.read(port - 0x40, 1)
+        super().__init__(timers, line)
 
     def snapshot(self):
         return {"pit": self.pit.snapshot(), "nmisc": self.nmisc.snapshot()}

@@ -10,9 +10,12 @@ NS = 1_000_000_000
 
 
 class Driver:
-    def __init__(self):
-        self.t = ManualTimers(start_ns=10**12)
-        self.irq = RecordingLine()
+    """The PIT and port 0x61 at their ports (``t``, ``irq``: the timer service and IRQ0 line, made here if not
+    given)."""
+
+    def __init__(self, t=None, irq=None):
+        self.t = ManualTimers(start_ns=10**12) if t is None else t
+        self.irq = RecordingLine() if irq is None else irq
         self.pit = PIT8254(self.t, self.irq)
         self.nmisc = NMISC(self.pit)
 
