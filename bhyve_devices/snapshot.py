@@ -14,6 +14,8 @@ A device that can be checkpointed is :class:`Snapshottable`:
   while the snapshot sits on disk and goes on from there. A state it cannot take (another version, a field
   missing or out of range) raises :class:`SnapshotError`; the VM then refuses the restore with the device's name.
 
+A device whose own thread may write guest memory (virtio-net's receive path) is also :class:`Quiescent`.
+
 A device that cannot be checkpointed (a host resource that does not survive, a request in flight it cannot
 finish) raises :class:`SnapshotError` from ``snapshot()``, saying why; the checkpoint is then refused.
 
@@ -34,6 +36,15 @@ class Snapshottable(Protocol):
     def snapshot(self) -> dict: ...
 
     def restore(self, state: dict, shift_ns: int) -> None: ...
+
+
+@runtime_checkable
+class Quiescent(Protocol):
+    """A device with a thread of its own that may touch guest memory or its queues at any time (virtio-net's
+    receive thread): ``quiesced()`` is a context manager inside which that thread does nothing. A checkpoint holds
+    it from before the states are read until guest memory is written."""
+
+    def quiesced(self): ...
 
 
 def b2s(data):

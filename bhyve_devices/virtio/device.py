@@ -33,6 +33,7 @@ a fresh device after the transport restored the queues: the base applies the neg
 :meth:`apply_features`, which rebuilds what follows from them (and tells a backend what it must know).
 """
 
+import contextlib
 from bhyve_devices.snapshot import SnapshotError
 
 VIRTIO_ID_NET = 1
@@ -128,6 +129,11 @@ class VirtioDevice:
 
     def queue_notify(self, qidx, queue):
         pass
+
+    def quiesced(self):
+        """A context inside which the device's own threads touch nothing (none here; virtio-net's receive
+        thread)."""
+        return contextlib.nullcontext()
 
     def reset(self):
         self.negotiated = 0

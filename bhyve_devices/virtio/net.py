@@ -36,6 +36,7 @@ fewer exits. Not supported: UFO/USO, the control queue (promiscuous mode, VLAN f
 guest offload changes), multiqueue, MTU.
 """
 
+import contextlib
 import hashlib
 import struct
 import threading
@@ -164,6 +165,13 @@ class VirtioNet(VirtioDevice):
                     self.backend.set_offload(0)     # no GSO frames for the next driver until it asks
                 except OSError:
                     pass
+
+    def quiesced(self):
+        """No frame is received or sent inside (a checkpoint reads the queues and guest memory)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._rx_lock)
+        stack.enter_context(self._tx_lock)
+        return stack
 
     def snapshot_state(self):
         s = super().snapshot_state()

@@ -32,6 +32,10 @@ _LIMITS = dict(status=1 << 8, isr=1 << 8, negotiated=1 << 64, driver_features=1 
 class VirtioSnapshotMixin:
     snapshot_keys = ("pci", "virtio", "vdev")
 
+    def quiesced(self):
+        """The device side's threads kept out (``bhyve_devices.snapshot.Quiescent``)."""
+        return self.vdev.quiesced()
+
     def snapshot(self):
         vdev = self.vdev.snapshot_state()       # first: a device that cannot be saved refuses before anything
         state = super().snapshot()

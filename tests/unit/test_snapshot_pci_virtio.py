@@ -405,3 +405,20 @@ def test_ahci_and_nvme_refuse(image):
     with pytest.raises(SnapshotError, match="nvme: snapshot not supported yet"):
         n.snapshot()
     n.close()
+
+
+def test_virtio_net_receives_nothing_while_quiesced():
+    import threading
+
+    from bhyve_devices.snapshot import Quiescent
+    from bhyve_devices.virtio.net import VirtioNet
+    net = VirtioNet(backend=None, start=False)
+    done = threading.Event()
+    with net.quiesced():
+        t = threading.Thread(target=lambda: (net.receive_pending(), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.3)            # the receive path waits for the checkpoint
+    assert done.wait(5)
+    from bhyve_devices.virtio.transport import VirtioPciDevice
+    from bhyve_devices.base import BytesMemory
+    assert isinstance(VirtioPciDevice(net, BytesMemory(1 << 16)), Quiescent)

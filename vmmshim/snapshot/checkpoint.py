@@ -2,8 +2,9 @@
 ``--suspend``; here ``vmmshim ctl``): the quiet point, the states, the files.
 
 1. Every running vCPU is held before its next entry (:mod:`.pause`).
-2. The timer thread's callbacks and the doorbell threads are kept out (``TimerThread.run_lock``,
-   ``Doorbells.held``), so no device moves while it is read; a request a doorbell thread was serving ends first.
+2. The timer thread's callbacks, the doorbell threads and the devices' own threads are kept out
+   (``TimerThread.run_lock``, ``Doorbells.held``, ``Quiescent.quiesced``: virtio-net's receive thread), so no
+   device moves while it is read and guest memory is written; a request a doorbell thread was serving ends first.
 3. The kernel side (``vm_snapshot``), then each device by the name the VM gives it (the platform's, ``pci.B.S.F``
    for each PCI function, ``pci-host``), then guest memory, are written (:mod:`.files`). A device that is not
    :class:`~bhyve_devices.snapshot.Snapshottable`, or refuses, ends the checkpoint with its name.
@@ -12,10 +13,11 @@
 Not supported: a checkpoint while gdb holds the guest; devices outside the platform and the PCI bus (none are).
 """
 
+import contextlib
 import os
 import time
 
-from bhyve_devices.snapshot import SnapshotError, Snapshottable
+from bhyve_devices.snapshot import Quiescent, SnapshotError, Snapshottable
 
 from . import files
 from .files import CheckpointError
@@ -70,7 +72,11 @@ def take(vm, base, config, disks=(), stop=False):
         raise CheckpointError(f"the vCPUs could not be paused: {exc}") from None
     done = False
     try:
-        with vm.timers.run_lock, vm.doorbells.held():
+        with vm.timers.run_lock, vm.doorbells.held(), contextlib.ExitStack() as quiet:
+            devices = devices_of(vm)
+            for dev in devices.values():
+                if isinstance(dev, Quiescent):
+                    quiet.enter_context(dev.quiesced())    # a device's own thread (virtio-net's receive)
             vm.ops.vm_drain_posted(vm.vmi)          # port writes KVM still holds reach their devices first
             now = vm.timers.now_ns()
             try:
