@@ -136,11 +136,18 @@ class VirtioNet(VirtioDevice):
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._stop_backend = False      # the backend's peer is gone: not asked for frames again
+        self.link_up = True
         if start and backend is not None:
             backend.start_rx(self._rx_ready, self.receive_pending)
 
     def config_bytes(self):
-        return VIRTIO_NET_CONFIG.build(dict(mac=list(self.mac), status=VIRTIO_NET_S_LINK_UP))
+        return VIRTIO_NET_CONFIG.build(dict(mac=list(self.mac), status=VIRTIO_NET_S_LINK_UP if self.link_up else 0))
+
+    def set_link(self, up):
+        """The link status the guest reads (VIRTIO_NET_S_LINK_UP), with a configuration-change interrupt: a
+        restored VM takes the link down and up again, since its host connection did not survive."""
+        self.link_up = bool(up)
+        self.config_changed()
 
     def apply_features(self, features):
         super().apply_features(features)

@@ -422,3 +422,13 @@ def test_virtio_net_receives_nothing_while_quiesced():
     from bhyve_devices.virtio.transport import VirtioPciDevice
     from bhyve_devices.base import BytesMemory
     assert isinstance(VirtioPciDevice(net, BytesMemory(1 << 16)), Quiescent)
+
+
+def test_virtio_net_link_goes_down_and_up_with_a_config_interrupt():
+    from bhyve_devices.virtio.net import VirtioNet
+    net = VirtioNet(backend=None, start=False)
+    changes = []
+    net.config_changed = lambda: changes.append(net.config_bytes()[6])
+    net.set_link(False)
+    net.set_link(True)
+    assert changes == [0, 1]

@@ -13,7 +13,7 @@ has moved on since the checkpoint, by ``shift_ns``; the kernel side (``vm_restor
 saved states with that shift, so the guest's timers stand where they stood. A device the checkpoint names that
 this VM lacks, or one it lacks a state for, is an error naming it. The vCPUs that had started then run from their
 saved state (:attr:`Restore.started`); the doorbells are rung once, so a queue kicked just before the checkpoint
-is served.
+is served; each virtio-net link goes down for :data:`LINK_DOWN_NS` and comes up again.
 
 Not supported: restoring into a running VM, a different machine layout (memory size, vCPUs, PCI slots).
 """
@@ -27,6 +27,7 @@ from .checkpoint import devices_of
 from .files import CheckpointError
 
 FIXED_KEYS = ("memory.size", "cpus", "sockets", "cores", "threads")
+LINK_DOWN_NS = 500_000_000      # how long a restored VM's network links stay down
 
 
 class Restore:
@@ -60,6 +61,18 @@ class Restore:
 
     def after_start(self, vm):
         vm.doorbells.ring_all()
+        self.bounce_links(vm)
+
+    @staticmethod
+    def bounce_links(vm):
+        """Each virtio-net link goes down and, :data:`LINK_DOWN_NS` later, up again: the guest sees that its
+        connections (a tap's, slirp's) did not survive the checkpoint."""
+        from bhyve_devices.virtio.net import VirtioNet
+        nets = [d.vdev for d in devices_of(vm).values() if isinstance(getattr(d, "vdev", None), VirtioNet)]
+        for net in nets:
+            net.set_link(False)
+        if nets:
+            vm.timers.arm(vm.timers.now_ns() + LINK_DOWN_NS, lambda: [n.set_link(True) for n in nets])
 
 
 def _words(exc):
