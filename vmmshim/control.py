@@ -4,7 +4,8 @@
 The socket is a Unix stream socket named after the VM (the ``name`` key) in :func:`run_dir`:
 ``/var/run/vmmshim`` for root, else ``$XDG_RUNTIME_DIR/vmmshim`` or ``/tmp/vmmshim-UID``; the directory is the
 user's own (0700) and the socket 0600, so only its owner can talk to it. A live socket of the same name is another
-VM's: this one then runs without a control socket (a warning). One request per connection, one JSON line each way:
+VM's: this one then runs without a control socket (with a warning when it was given its name; VMs left with the
+default name ``vm`` are many and say nothing). One request per connection, one JSON line each way:
 
 - ``{"op": "checkpoint", "file": PATH}``: checkpoint and run on (``vmmshim/snapshot/checkpoint.py``);
   ``"suspend"``: checkpoint, then the VM ends with status 1;
@@ -52,7 +53,8 @@ class ControlSocket:
 
     @classmethod
     def open(cls, vm):
-        """The VM's control socket, or None (with a warning on stderr) where it cannot be made."""
+        """The VM's control socket, or None where it cannot be made: with a warning on stderr when the VM was
+        named (``name``, the last argument), silently for the default name, which VMs run side by side share."""
         try:
             path = socket_path(vm.cfg.get("name"))
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -69,7 +71,8 @@ class ControlSocket:
             sock.listen(4)
             sock.settimeout(ACCEPT_TIMEOUT_S)
         except (OSError, ValueError) as exc:
-            print(f"vmmshim: no control socket: {exc}", file=sys.stderr)
+            if "name" in vm.cfg.explicit:
+                print(f"vmmshim: no control socket: {exc}", file=sys.stderr)
             return None
         return cls(vm, path, sock)
 

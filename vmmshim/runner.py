@@ -88,9 +88,6 @@ def run_vm(cfg):
             vm.set_boot_state(0, image.regs, image.segs, image.gdtr, image.idtr)
         else:
             restore.apply(vm)
-        if cfg.get_bool("vmmshim.control"):
-            from .control import ControlSocket
-            control = ControlSocket.open(vm)      # vmmshim ctl; None (and a warning) where it cannot be made
         if os.environ.get("VMMSHIM_TRACE_MMIO"):
             vm.mmio.trace = sys.stderr
         _debug_dumper(vm, platform)
@@ -99,6 +96,9 @@ def run_vm(cfg):
             vm.debugger = GdbStub(vm, cfg.get("gdb.address", "127.0.0.1"), cfg.get_int("gdb.port", 0, 0xFFFF),
                                   wait=cfg.get_bool("gdb.wait"))
             vm.closers.append(vm.debugger.close)
+        if cfg.get_bool("vmmshim.control"):
+            from .control import ControlSocket
+            control = ControlSocket.open(vm)      # vmmshim ctl; None where it cannot be made
         shutdown.say = platform.say
         shutdown.running(platform.press_power_button, lambda why: vm.stop(EXIT_POWEROFF, why))
         if restore is not None:
