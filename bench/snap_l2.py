@@ -72,7 +72,8 @@ def one_round(work, image):
     if cold is None:
         _stop(proc)
         return rec
-    ticked, _ = _run_wait(f"{work}/cold.txt", lambda t: f"SNAP-TICK-{CHECKPOINT_AT}\n" in t, proc)
+    # the tick after CHECKPOINT_AT: that one's line is complete (the console ends lines with \r\n)
+    ticked, _ = _run_wait(f"{work}/cold.txt", lambda t: f"SNAP-TICK-{CHECKPOINT_AT + 1}" in t, proc)
     if ticked:
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "vmmshim", "ctl", f"--vm={NAME}", f"--suspend={snap}"],
@@ -80,7 +81,11 @@ def one_round(work, image):
         rec["suspend_s"] = round(time.monotonic() - t0, 2)
         m = re.search(r"stood still ([\d.]+) s", r.stdout)
         rec["paused_s"] = float(m.group(1)) if m else None
-    proc.wait(60) if proc.poll() is None and rec["suspend_s"] else None
+    if rec["suspend_s"] is not None and proc.poll() is None:
+        try:
+            proc.wait(60)                   # the suspended VM ends by itself
+        except subprocess.TimeoutExpired:
+            pass
     _stop(proc)
     if rec["paused_s"] is None:
         return rec
