@@ -1,5 +1,5 @@
 """Checkpoint and restore across providers (issue 23): a multiboot guest counts LAPIC timer ticks (periodic, 1 ms)
-and prints a numbered line with a running checksum every 15 ticks on COM1, then a checksum of its data and ends
+and prints a numbered line with a running checksum every 100 ticks on COM1, then a checksum of its data and ends
 through isa-debug-exit. It is run once without a break; then on provider A it is suspended mid-run with
 ``vmmshim ctl --suspend``, and the checkpoint is restored with ``vmmshim -r`` on provider B, where it runs to its
 end. The two consoles put together must be the uninterrupted run's console (so the counter, the checksums in
@@ -22,7 +22,7 @@ from tests.guests.asm import multiboot_elf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LINES = 40
-TICKS_PER_LINE = 15
+TICKS_PER_LINE = 100            # 4 s in all: vmmshim ctl (a Python start-up) must reach the VM before it ends
 DONE_CODE = 0x2A                 # debug-exit status (code << 1) | 1
 STATUS_DONE = (DONE_CODE << 1) | 1
 
@@ -255,13 +255,13 @@ def test_suspended_on_one_provider_the_guest_ends_on_the_other(kernel, uninterru
     name = f"snap{a}{b}{os.getpid()}"
     c1, snap = str(tmp_path / "c1"), str(tmp_path / "ckp")
     p = _start(kernel, a, c1, name)
-    _wait_lines(c1, 8, p)
+    _wait_lines(c1, 4, p)
     r = _ctl(f"--vm={name}", f"--suspend={snap}")
     out, err = p.communicate(timeout=60)
     assert r.returncode == 0, r.stderr + err
     assert p.returncode == 1, err
     first = _text(c1)
-    assert 8 <= first.count("\n") < LINES, first
+    assert 4 <= first.count("\n") < LINES, first
     meta = json.load(open(snap + ".meta"))
     assert meta["provider"] == a and meta["ncpus"] == 1
     assert os.stat(snap).st_blocks * 512 < os.stat(snap).st_size // 2       # untouched pages are holes
