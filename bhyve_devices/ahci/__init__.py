@@ -7,7 +7,8 @@
   command engine (command slots, NCQ, FISes; a thread per port); :mod:`.command`: one fetched command and its
   data buffers in guest memory;
 - :mod:`.ata` and :mod:`.identify`: the disk's ATA commands; :mod:`.atapi`: the CD's ATAPI and SCSI/MMC commands;
-- :mod:`.options`: the ports from bhyve's options; :mod:`.pci`: the PCI function;
+- :mod:`.options`: the ports from bhyve's options; :mod:`.pci`: the PCI function; :mod:`.snap`: the HBA's state
+  in a checkpoint (issue 23);
 - :mod:`.testdriver`: a guest-side driver for tests (it programs the HBA as a guest's driver does).
 
 Not supported: what each module lists; in short port multipliers, FIS-based switching, hot plug, power management

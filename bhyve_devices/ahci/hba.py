@@ -47,6 +47,8 @@ class Hba:
         self.pi = sum(1 << p for p in devices)
         self.ghc, self.is_ = GHC_AE, 0
         self._intx = False
+        self.held = 0               # quiesced (a checkpoint): no port takes a new slot
+        self.idle = threading.Condition(self.lock)      # notified when a held port's command ends
         self.ports = [Port(self, i, devices.get(i)) for i in range(nports)]
 
     @property

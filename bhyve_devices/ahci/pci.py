@@ -13,16 +13,20 @@ becomes an :class:`~bhyve_devices.ahci.ata.AtaDisk` (``hd``) or :class:`~bhyve_d
 (``cd``) with its IDENTIFY strings (serial from ``ser=`` or the path's MD5, model ``BHYVE SATA DISK`` / ``BHYVE
 SATA DVD ROM``, firmware ``001``), sector sizes, ``nodelete`` and ``nmrr`` options.
 
-Not supported: an ABAR above 4 GiB (MEM64), the legacy IDE BARs 0-4, MSI-X, PCI power management, snapshots
-(``snapshot`` refuses with SnapshotError: the HBA's port registers and commands in flight are not saved yet).
+Snapshots (issue 23): the PCI function's state and the HBA's (:mod:`bhyve_devices.ahci.snap`: the registers,
+every port's registers and engine state, each device's settings and sense data); the function is
+:class:`~bhyve_devices.snapshot.Quiescent` (the ports' threads hold still), and a command being served refuses.
+
+Not supported: an ABAR above 4 GiB (MEM64), the legacy IDE BARs 0-4, MSI-X, PCI power management.
 """
 
 import errno
 
-from bhyve_devices.snapshot import SnapshotError
+from bhyve_devices import snapshot as S
 from bhyve_devices.pci.device import MEM32, PciDevice
 from bhyve_devices.pci.registry import register
 
+from . import snap
 from .ata import AtaDisk
 from .atapi import AtapiCd
 from .hba import Hba
@@ -111,12 +115,36 @@ class AhciPci(PciDevice):
         if idx == ABAR:
             self.hba.write(off, size, value)
 
+    # -- snapshots (issue 23, bhyve_devices.ahci.snap) -------------------------------------------------------
+    snapshot_keys = PciDevice.snapshot_keys + ("ahci",)
+
+    def quiesced(self):
+        """The ports' threads take no new slot; the command being served ends first
+        (:class:`bhyve_devices.snapshot.Quiescent`)."""
+        return snap.quiesced(self.hba)
+
     def snapshot(self):
-        """Not yet (issue 23): the controller's registers, command lists and requests in flight are not saved."""
-        raise SnapshotError("ahci: snapshot not supported yet")
+        """The PCI function's state and the HBA's (``"ahci"``, :mod:`bhyve_devices.ahci.snap`); SnapshotError
+        while a command is being served."""
+        with self.hba.lock:
+            ahci = snap.hba_state(self.hba)
+            state = super().snapshot()
+        state["ahci"] = ahci
+        return state
 
     def restore(self, state, shift_ns):
-        raise SnapshotError("ahci: snapshot not supported yet")
+        """Into a fresh function of the same configuration (everything is checked before anything changes); the
+        issued slots the engine had not taken are then served."""
+        S.check(self, state, self.snapshot_keys)
+        parsed = snap.parse(self.hba, state["ahci"])
+        super().restore(state, shift_ns)
+        hba = self.hba
+        with hba.lock:
+            snap.apply(hba, parsed)
+            snap.wake(hba)
+            todo, hba.inline = hba.inline, []
+        for port in dict.fromkeys(todo):
+            port.serve()
 
     def close(self):
         self.hba.close()

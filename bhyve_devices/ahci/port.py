@@ -8,8 +8,8 @@ COMRESET, the device's signature FIS follows), PxSERR (write 1 to clear), PxSACT
 ST is set).
 
 The engine takes the issued slots (PxCI) one at a time, round robin from the one after CCS, while the port is
-started and neither BSY, DRQ nor an unanswered error holds it. For each it fetches the command
-(:class:`~bhyve_devices.ahci.command.Command`), and:
+started and neither BSY, DRQ, an unanswered error nor a checkpoint (``Hba.held``, :mod:`.snap`) holds it. For
+each it fetches the command (:class:`~bhyve_devices.ahci.command.Command`), and:
 
 - a Register H2D FIS with C=0 is a device control write: SRST set then cleared resets the device (its signature
   D2H FIS);
@@ -202,7 +202,7 @@ class Port:
             pass
 
     def _take(self):
-        if (self.device is None or not self.cmd & CMD_ST or self.serving or self.waitforclear
+        if (self.device is None or not self.cmd & CMD_ST or self.serving or self.waitforclear or self.hba.held
                 or self.tfd & (STS_BSY | STS_DRQ)):
             return None
         avail = self.ci & ~self.pending
@@ -228,6 +228,8 @@ class Port:
         with self.hba.lock:
             self.pending &= ~(1 << slot)
             self.serving = False
+            if self.hba.held:
+                self.hba.idle.notify_all()      # a checkpoint waits for the command being served (snap.quiesced)
             if epoch == self.epoch:
                 if kind == FATAL:
                     self._fatal()

@@ -6,6 +6,7 @@
 - :mod:`.queues`: submission and completion queues and the shadow doorbells;
 - :mod:`.controller`, :mod:`.admin`, :mod:`.io`: the controller, its admin and NVM I/O commands;
 - :mod:`.pci`: the PCI function (BARs, MSI-X, INTx, the doorbell fast path), registered as ``nvme``;
+- :mod:`.snap`: the controller's state in a checkpoint (issue 23);
 - :mod:`.testdriver`: a guest-side driver for tests.
 
 Not supported: see each module's docstring (namespace management, reservations, protection information, the

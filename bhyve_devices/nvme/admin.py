@@ -255,7 +255,7 @@ class AdminCommands:
         if db & PAGE_MASK or ei & PAGE_MASK:
             return R.INVALID_FIELD, 0
         try:
-            shadow = ShadowDoorbells(self.mem.view(db, R.PAGE_SIZE), self.mem.view(ei, R.PAGE_SIZE))
+            shadow = ShadowDoorbells(self.mem.view(db, R.PAGE_SIZE), self.mem.view(ei, R.PAGE_SIZE), db, ei)
         except (OSError, ValueError, OverflowError):
             return R.INVALID_FIELD, 0
         for q in self.sqs[1:]:

@@ -26,13 +26,17 @@ The re-registration maps BAR 0 off and on again on the VM's MMIO bus: a register
 It happens while Doorbell Buffer Config is in flight (Linux's queues are frozen then) and at a controller reset.
 
 Not supported: bhyve's ``ram=`` namespaces, ``eui64=`` of 0 (it means "derive one"), the PCI Express and power
-management capabilities, INTMS/INTMC with MSI-X (ignored there, as 7.5.1 says), snapshots (``snapshot`` refuses
-with SnapshotError: the controller's queues and commands in flight are not saved yet).
+management capabilities, INTMS/INTMC with MSI-X (ignored there, as 7.5.1 says).
+
+Snapshots (issue 23): :meth:`NvmePci.snapshot` saves the PCI function (configuration space, BARs, MSI, MSI-X
+table and PBA, INTx), the controller (:mod:`bhyve_devices.nvme.snap`: registers, every queue, features, the
+outstanding Asynchronous Event Requests and pending events, the logs) and the MSI messages INTMS holds back.
 """
 
 import functools
 import threading
 
+from bhyve_devices import snapshot as S
 from bhyve_devices.snapshot import SnapshotError
 from bhyve_devices.pci.device import MEM64, PciDevice
 from bhyve_devices.pci.options import is_true, legacy_options
@@ -41,6 +45,7 @@ from bhyve_devices.pci.registry import register
 from .controller import NvmeController
 from .identify import DEVICE_ID, VENDOR_ID
 from .regs import BAR0_MIN_SIZE, DOORBELL_BASE, DOORBELL_STRIDE
+from .snap import ControllerState, controller_state
 
 BAR_REGS, BAR_MSIX = 0, 4
 PCI_CLASS_STORAGE, PCI_SUBCLASS_NVM, PROGIF_NVME = 0x01, 0x08, 0x02
@@ -214,12 +219,36 @@ class NvmePci(PciDevice):
             else:
                 self.lintr_deassert()
 
+    # -- snapshots (issue 23, bhyve_devices.nvme.snap) -------------------------------------------------------
+    snapshot_keys = PciDevice.snapshot_keys + ("nvme", "msi_pending")
+
     def snapshot(self):
-        """Not yet (issue 23): the controller's registers, command lists and requests in flight are not saved."""
-        raise SnapshotError("nvme: snapshot not supported yet")
+        """The PCI function's state, the controller's (``"nvme"``, :mod:`bhyve_devices.nvme.snap`) and the MSI
+        messages INTMS holds back (``"msi_pending"``)."""
+        with self.ctrl._lock:
+            nvme = controller_state(self.ctrl)
+            with self._irq_lock:
+                pending = self._msi_pending
+            state = super().snapshot()
+        state["nvme"] = nvme
+        state["msi_pending"] = pending
+        return state
 
     def restore(self, state, shift_ns):
-        raise SnapshotError("nvme: snapshot not supported yet")
+        """Into a fresh function of the same configuration: everything is checked (and the queues mapped) before
+        anything changes; the queues then go on from where they were. With shadow doorbells the function's
+        doorbells are registered anew (``rebind``), as Doorbell Buffer Config did."""
+        S.check(self, state, self.snapshot_keys)
+        saved = ControllerState(self.ctrl, state["nvme"])
+        pending = state["msi_pending"]
+        if not isinstance(pending, int) or isinstance(pending, bool) or not 0 <= pending <= 0xFFFFFFFF:
+            raise SnapshotError(f"nvme: msi_pending = {pending!r:.40}")
+        super().restore(state, shift_ns)
+        saved.apply()
+        with self._irq_lock:
+            self._msi_pending = pending
+        if self.ctrl.shadow is not None:
+            self.ctrl.rebind()
 
     def close(self):
         self.ctrl.backend.close()

@@ -88,10 +88,12 @@ class CompletionQueue:
 
 
 class ShadowDoorbells:
-    """The shadow doorbell page and the EventIdx page (memoryviews of one page each)."""
+    """The shadow doorbell page and the EventIdx page (memoryviews of one page each; ``db_gpa``/``ei_gpa``: their
+    guest addresses, which a snapshot saves)."""
 
-    def __init__(self, db_page, ei_page):
+    def __init__(self, db_page, ei_page, db_gpa=None, ei_gpa=None):
         self.db, self.ei = db_page, ei_page
+        self.db_gpa, self.ei_gpa = db_gpa, ei_gpa
 
     @staticmethod
     def _off(qid, cq):

@@ -394,19 +394,6 @@ def test_virtio_9p_refuses_with_an_open_fid(tmp_path):
     assert g2.dev.server.msize == 32768 and g2.pci.queues[0].last_avail == g.pci.queues[0].last_avail
 
 
-def test_ahci_and_nvme_refuse(image):
-    from bhyve_devices.ahci.testdriver import Controller
-    from bhyve_devices.nvme.pci import NvmePci
-    c = Controller([("hd", FileBlockBackend(image))])
-    with pytest.raises(SnapshotError, match="ahci: snapshot not supported yet"):
-        c.pci.snapshot()
-    c.pci.close()
-    n = NvmePci(dict(backend=MemoryBlockBackend(bytearray(1 << 20)), guest_memory=BytesMemory(1 << 20)))
-    with pytest.raises(SnapshotError, match="nvme: snapshot not supported yet"):
-        n.snapshot()
-    n.close()
-
-
 def test_virtio_net_receives_nothing_while_quiesced():
     import threading
 
