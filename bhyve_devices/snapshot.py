@@ -97,6 +97,23 @@ def load_fields(obj, state, names, types=(int, bool, type(None), str, list)):
         setattr(obj, n, v)
 
 
+def want_bool(device, where, v):
+    """``v`` if it is a bool, else SnapshotError naming ``device`` and ``where``."""
+    if not isinstance(v, bool):
+        raise SnapshotError(f"{device}: {where} = {v!r:.40} is not a bool")
+    return v
+
+
+def want_dict(device, where, v, keys):
+    """``v`` if it is a mapping with every one of ``keys``, else SnapshotError naming ``device`` and ``where``."""
+    if not isinstance(v, dict):
+        raise SnapshotError(f"{device}: {where} is not a mapping")
+    missing = [k for k in keys if k not in v]
+    if missing:
+        raise SnapshotError(f"{device}: {where} has no {', '.join(missing)}")
+    return v
+
+
 def shifted(t, shift_ns):
     """An absolute time moved by ``shift_ns`` (None stays None)."""
     return None if t is None else t + shift_ns

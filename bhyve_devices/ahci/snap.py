@@ -29,12 +29,16 @@ flight), the IDENTIFY data (rebuilt from the settings), the device's identity (f
 
 import contextlib
 import time
+from functools import partial
 
 from bhyve_devices import snapshot as S
 
 from . import identify
 from .atapi import MEDIA_EVENT_NEW, MEDIA_EVENT_NONE, MEDIA_EVENT_REMOVED
 from .layouts import CLB_ALIGN, CMD_ST, FB_ALIGN, GHC_AE, GHC_IE, IE_MASK, MAX_SLOTS
+
+_bool = partial(S.want_bool, "ahci")
+_dict = partial(S.want_dict, "ahci")
 
 QUIET_TIMEOUT = 30.0                #: seconds :func:`quiesced` waits for a command being served to end
 M32, M64 = (1 << 32) - 1, (1 << 64) - 1
@@ -120,21 +124,6 @@ def wake(hba):
 def _int(where, v, mask):
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~mask:
         raise S.SnapshotError(f"ahci: {where} = {v!r:.40} (bits {mask:#x})")
-    return v
-
-
-def _bool(where, v):
-    if not isinstance(v, bool):
-        raise S.SnapshotError(f"ahci: {where} = {v!r:.40} is not a bool")
-    return v
-
-
-def _dict(where, v, keys):
-    if not isinstance(v, dict):
-        raise S.SnapshotError(f"ahci: {where} is not a mapping")
-    missing = [k for k in keys if k not in v]
-    if missing:
-        raise S.SnapshotError(f"ahci: {where} has no {', '.join(missing)}")
     return v
 
 

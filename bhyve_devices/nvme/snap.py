@@ -27,12 +27,17 @@ Not saved: ``errors`` (controller bugs, diagnostics), the hooks to the PCI funct
 the configuration).
 """
 
+from functools import partial
+
 from bhyve_devices import snapshot as S
 
 from . import regs as R
 from .admin import IRQ_CD, THSEL_UNDER, TMPSEL_ALL, TMPSEL_COMPOSITE
 from .identify import AERL, ELPE
 from .queues import CompletionQueue, ShadowDoorbells, SubmissionQueue
+
+_bool = partial(S.want_bool, "nvme")
+_dict = partial(S.want_dict, "nvme")
 
 NVME_KEYS = ("config", "cc", "csts", "aqa", "asq", "acq", "intms", "sqs", "cqs", "shadow", "features",
              "thresholds", "irq_config", "nsq", "ncq", "aers", "events", "masked", "error_entries", "stats")
@@ -79,24 +84,9 @@ def _int(where, v, lo, hi):
     return v
 
 
-def _bool(where, v):
-    if not isinstance(v, bool):
-        raise S.SnapshotError(f"nvme: {where} = {v!r:.40} is not a bool")
-    return v
-
-
 def _list(where, v, n=None):
     if not isinstance(v, list) or (n is not None and len(v) != n):
         raise S.SnapshotError(f"nvme: {where} is not a list" + (f" of {n}" if n is not None else ""))
-    return v
-
-
-def _dict(where, v, keys):
-    if not isinstance(v, dict):
-        raise S.SnapshotError(f"nvme: {where} is not a mapping")
-    missing = [k for k in keys if k not in v]
-    if missing:
-        raise S.SnapshotError(f"nvme: {where} has no {', '.join(missing)}")
     return v
 
 
