@@ -208,11 +208,11 @@ class VmmOpsNvmm(VmmApiCalls):
         run, assist_io, io, exits = nv.run, nv.assist_io, _IO, ctx.exits
         io_slot = _IO & 0xFFFF
         setreg, rip_reg = regs.setreg, regs.R.VM_REG_GUEST_RIP
-        get_ident = threading.get_ident
+        get_ident, get_native_id = threading.get_ident, threading.get_native_id
 
         def run_vcpu(rip=None):
             ctx.started = True
-            ctx.thread = get_ident()
+            ctx.thread, ctx.tid = get_ident(), get_native_id()
             if rip is not None:
                 setreg(nv, rip_reg, rip, ctx.extra)
             while True:

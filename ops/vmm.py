@@ -34,7 +34,7 @@ from bhyve_devices.vlapic import APIC_SIZE, DEFAULT_APIC_BASE
 from bhyve_devices.vlapic_regs import PPR, TPR
 
 from . import nvmm_regs as regs
-from .edge_merge import EdgeJudge
+from .edge_merge import EdgeJudge, thread_cpu_ns
 from . import vmm_lapic
 from .nvmm import api
 from .nvmm import constants as C
@@ -46,7 +46,6 @@ request_window = vmm_lapic.request_window        # noqa: F401 (part of this modu
 TPR_SLOTS = (TPR, PPR)             # the APIC page's registers CR8 shows through
 APIC_SLOT = 0xFF0                  # a register's 16-byte slot in the APIC page
 _RIP = regs.R.VM_REG_GUEST_RIP
-_EXIT_SLOTS = sorted({r & 0xFFFF for r in C.EXIT_NAMES} | {api.NVMM_VCPU_EXIT_DEBUG & 0xFFFF})
 
 
 def is_kernel_mmio(gpa):
@@ -85,12 +84,9 @@ class Vcpu:
         self.started = False          # has run: an AP waiting for its SIPI does not keep the VM from halting
         self.sleeping = False         # waiting in HLT (under ``cond``): a kick needs no nvmm_vcpu_stop
         self.thread = None            # the thread that runs it (its runner sets it)
+        self.tid = None               # ... and that thread's kernel id (its CPU time: ops/edge_merge.py)
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
         self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
-
-    def exit_count(self):
-        """Every NVMM exit this vCPU has had (the counters of each exit reason, added)."""
-        return sum(map(self.exits.__getitem__, _EXIT_SLOTS))
 
     def current_rip(self):
         return regs.getreg(self.nv, _RIP, self.extra)
@@ -143,7 +139,7 @@ class Vm:
         self.vioapic = Vioapic(self.apicbus.deliver_intr)
         self.vatpic = Vatpic(intr_line=self._atpic_intr)
         self.irq_events = {}             # ISA IRQ -> assertions and pulses (a debugging counter)
-        self.edges = EdgeJudge(self._bsp_exits)   # a merged ISA edge: declined by the guest or held up by the host
+        self.edges = EdgeJudge(self._bsp_cpu_ns)  # a merged ISA edge: declined by the guest or held up by the host
 
     # -- memory -----------------------------------------------------------------------------------------------
     def mem_alloc(self, hostmem, offset, gpa, size, prot=C.NVMM_PROT_ALL):
@@ -375,7 +371,7 @@ class Vm:
     def isa_pulse_irq(self, irq):
         """An edge on ISA IRQ ``irq``, to the 8259 pair and the IOAPIC (IRQ0 on pin 2). Returns False when the
         edge merged with one still pending where the guest takes it and the host, not the guest, kept it waiting
-        (``ops/edge_merge.py``, by the BSP's exits since: its source may send it again), else True. Merged: the IOAPIC's answer (the
+        (``ops/edge_merge.py``: its source may send it again), else True. Merged: the IOAPIC's answer (the
         destination vlapics all had the vector in their IRR) while its pin is unmasked, as the IOAPIC route is
         then the one in use; with the pin masked, the 8259's (the IRQ's IRR bit was still set)."""
         self.irq_events[irq] = self.irq_events.get(irq, 0) + 1
@@ -386,9 +382,9 @@ class Vm:
             return True
         return self.edges.merged(irq)
 
-    def _bsp_exits(self):
+    def _bsp_cpu_ns(self):
         bsp = self.vcpus.get(0)
-        return bsp.exit_count() if bsp is not None and bsp.started else None
+        return thread_cpu_ns(bsp.tid) if bsp is not None else None
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not

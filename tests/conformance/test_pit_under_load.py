@@ -8,8 +8,8 @@ every edge, ``bhyve_devices/vatpit.py``), and the interrupt path, when an edge r
 before is still in its IRR because the vCPU thread has not run (the edges merge). The PIT sends an edge again
 when its line's ``pulse()`` returns False, which the platform's IRQ0 line does for such an edge (the vlapic
 reports the vector already requested, through the APIC bus, the vioapic's pin 2 and ``vm_isa_pulse_irq``) and
-the vCPU has exited fewer than three times since the edge before it was raised (``ops/edge_merge.py``: a guest
-whose entries all met the tick pending declined it, and loses it, as on a PC; this guest never does); the test runs that line
+the vCPU thread has used little CPU time since the edge before it was raised (``ops/edge_merge.py``: a guest that
+ran with the tick pending declined it, and loses it, as on a PC; this guest never does); the test runs that line
 as the platform wires it."""
 
 import subprocess

@@ -361,7 +361,7 @@ def test_a_pulse_the_line_reports_merged_is_sent_again():
     assert pit.pulses == 30 and irq.pulses == 33
 
 
-def _platform_irq0(hpet_legacy, exits=(None,)):
+def _platform_irq0(hpet_legacy, cpu_ns=(None,)):
     """IRQ0 as the VM wires it (``_PitLine`` over ``_IsaLine`` over ``vm_isa_pulse_irq``), into the engine's own
     ``isa_pulse_irq`` with a real 8259 pair, IOAPIC and one vlapic (the engine's NVMM machine is left out)."""
     from types import SimpleNamespace
@@ -379,7 +379,7 @@ def _platform_irq0(hpet_legacy, exits=(None,)):
 
     bus = ApicBus()
     engine = SimpleNamespace(vatpic=Vatpic(), vioapic=Vioapic(bus.deliver_intr), irq_events={},
-                             edges=EdgeJudge(lambda: exits[0]))
+                             edges=EdgeJudge(lambda: cpu_ns[0]))
     engine.isa_pulse_irq = lambda irq: EngineVm.isa_pulse_irq(engine, irq)
     lapic = Vlapic(0, ManualTimers(), bus)
     lapic.write(R.SVR, 4, 0x1FF)
