@@ -96,7 +96,7 @@ class ControlSocket:
             with conn:
                 conn.settimeout(5)
                 try:
-                    reply = self.handle(_read_line(conn))
+                    reply = self.handle(read_line(conn))
                 except Exception as exc:  # noqa: BLE001 - a bad request never ends the VM
                     reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 try:
@@ -151,14 +151,16 @@ def _error(text):
     return {"ok": False, "error": text}
 
 
-def _read_line(conn):
+def read_line(conn, limit=MAX_REQUEST):
+    """The first line a peer sends on ``conn`` (without its newline), or ``b"{too long"`` (not JSON) past
+    ``limit`` bytes."""
     buf = b""
     while b"\n" not in buf:
-        chunk = conn.recv(MAX_REQUEST)
+        chunk = conn.recv(limit)
         if not chunk:
             break
         buf += chunk
-        if len(buf) > MAX_REQUEST:
+        if len(buf) > limit:
             return b"{too long"
     return buf.split(b"\n", 1)[0]
 

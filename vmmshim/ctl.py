@@ -17,10 +17,11 @@ import os
 import socket
 import sys
 
-from .control import MAX_REQUEST, socket_path
+from .control import read_line, socket_path
 
 EXIT_OK, EXIT_ERROR = 0, 4
 REPLY_TIMEOUT_S = 600           # a checkpoint of a big guest writes its whole memory
+MAX_REPLY = 1 << 16
 
 
 def parse(argv):
@@ -50,13 +51,7 @@ def request(name, req, timeout=REPLY_TIMEOUT_S):
         except (FileNotFoundError, ConnectionRefusedError):
             raise OSError(f"no VM named {name!r} is running (no control socket at {path})") from None
         s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while b"\n" not in buf:
-            chunk = s.recv(MAX_REQUEST)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
+        return json.loads(read_line(s, MAX_REPLY))
 
 
 def main(argv):
