@@ -81,7 +81,7 @@ def hog_boot(lab_ready):
 
 
 @pytest.mark.xfail(strict=False, reason="issue 24 item 5: under three idle-class hogs in L1 the MP-table boot lost "
-                   "its APIC timer in 2 of 2 boots on 2026-12-06 (jiffies delta 18, 21): ops/edge_merge.py's CPU-time "
+                   "its APIC timer in 2 of 3 boots on 2026-12-06 (jiffies delta 18, 21): ops/edge_merge.py's CPU-time "
                    "judge takes a kick exit that costs milliseconds of Python in TCG for a guest that declined the "
                    "tick; the exit-count judges tried instead failed 4 of 12 and 3 of 8 boots with and without hogs")
 def test_mptable_boot_under_three_idle_class_hogs_keeps_its_apic_timer(hog_boot):
