@@ -24,8 +24,14 @@ REPLY_TIMEOUT_S = 600           # a checkpoint of a big guest writes its whole m
 MAX_REPLY = 1 << 16
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is one line on stderr (the usage is ``vmmshim ctl -h``), status 4."""
+        self.exit(EXIT_ERROR, f"vmmshim ctl: {message} (vmmshim ctl -h lists the verbs)\n")
+
+
 def parse(argv):
-    ap = argparse.ArgumentParser(prog="vmmshim ctl", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="vmmshim ctl", description=__doc__.splitlines()[0])
     ap.add_argument("--vm", required=True, help="the VM's name (its last argument, or -o name=)")
     verbs = ap.add_mutually_exclusive_group(required=True)
     verbs.add_argument("--checkpoint", metavar="FILE")

@@ -77,3 +77,11 @@ def test_control_requests_that_are_not_understood_get_an_error_reply():
                         (b"{too long", "not JSON")):
         reply = ctl.handle(line)
         assert reply["ok"] is False and words in reply["error"], (line, reply)
+
+
+def test_ctl_bad_flags_are_one_line_and_status_4(capsys):
+    from vmmshim.ctl import main
+    for argv in (["--status"], ["--vm=x"], ["--vm=x", "--pause", "--resume"], ["--vm=x", "--bogus"]):
+        assert main(argv) == 4, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vmmshim ctl: "), (argv, err)
