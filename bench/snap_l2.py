@@ -38,21 +38,23 @@ def _console(path):
         return ""
 
 
-def _run_until(argv, console, until, timeout=TIMEOUT_S, on=None):
-    """Starts ``argv``; returns (seconds until ``until(console)`` held, the process) or (None, proc) on timeout.
-    ``on(console)`` may act while waiting; the process is left running."""
+def _wait(console, until, proc, t0, timeout=TIMEOUT_S):
+    """Seconds from ``t0`` until ``until(console text)`` held, or None when ``proc`` ended or ``timeout`` passed
+    first."""
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        if until(_console(console)):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+def _run_until(argv, console, until):
+    """Starts ``argv``; returns (:func:`_wait`'s seconds, the process, left running)."""
     if os.path.exists(console):
         os.unlink(console)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.monotonic() - t0 < timeout and proc.poll() is None:
-        text = _console(console)
-        if until(text):
-            return time.monotonic() - t0, proc
-        if on is not None:
-            on(text)
-        time.sleep(0.05)
-    return None, proc
+    return _wait(console, until, proc, t0), proc
 
 
 def _stop(proc):
@@ -73,8 +75,8 @@ def one_round(work, image):
         _stop(proc)
         return rec
     # the tick after CHECKPOINT_AT: that one's line is complete (the console ends lines with \r\n)
-    ticked, _ = _run_wait(f"{work}/cold.txt", lambda t: f"SNAP-TICK-{CHECKPOINT_AT + 1}" in t, proc)
-    if ticked:
+    ticked = _wait(f"{work}/cold.txt", lambda t: f"SNAP-TICK-{CHECKPOINT_AT + 1}" in t, proc, time.monotonic())
+    if ticked is not None:
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "vmmshim", "ctl", f"--vm={NAME}", f"--suspend={snap}"],
                            capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -98,15 +100,6 @@ def one_round(work, image):
         _stop(p)
         rec["restore_s"].append(None if secs is None else round(secs, 2))
     return rec
-
-
-def _run_wait(console, cond, proc, timeout=TIMEOUT_S):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and proc.poll() is None:
-        if cond(_console(console)):
-            return True, time.monotonic() - t0
-        time.sleep(0.05)
-    return False, None
 
 
 def main(argv=None):
