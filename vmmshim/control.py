@@ -113,38 +113,48 @@ class ControlSocket:
         if not isinstance(req, dict):
             return _error("the request is not a JSON object")
         op = req.get("op")
+        serve = self.OPS.get(op) if isinstance(op, str) else None
+        if serve is None:
+            return _error(f"unknown request {op!r} ({', '.join(self.OPS)})")
+        return serve(self, req)
+
+    def _status(self, req):
         vm = self.vm
-        if op == "status":
-            return {"ok": True, "name": vm.cfg.get("name"), "state": "paused" if vm.pauser.holding else "running",
-                    "vcpus": vm.config.ncpus, "memory": vm.config.memsize, "provider": vm.ops.provider.name,
-                    "uptime_s": round(time.monotonic() - self.started, 3)}
-        if op == "pause":
-            from .snapshot.pause import PauseError
-            try:
-                vm.pauser.pause()
-            except PauseError as exc:
-                return _error(str(exc))
-            return {"ok": True}
-        if op == "resume":
-            if not vm.pauser.holding:
-                return _error("the VM is not paused")
-            vm.pauser.resume()
-            return {"ok": True}
-        if op in ("checkpoint", "suspend"):
-            path = req.get("file")
-            if not isinstance(path, str) or not path:
-                return _error(f"{op} needs a file")
-            if vm.pauser.holding:
-                return _error("the VM is paused (ctl --resume first)")
-            from .snapshot.checkpoint import take
-            from .snapshot.files import CheckpointError, disk_paths
-            config = [line for line in vm.cfg.dump() if not line.startswith("restore=")]
-            try:
-                secs = take(vm, path, config, disk_paths(vm.cfg), stop=op == "suspend")
-            except CheckpointError as exc:
-                return _error(str(exc))
-            return {"ok": True, "file": os.path.abspath(path), "paused_s": round(secs, 3)}
-        return _error(f"unknown request {op!r} (checkpoint, suspend, pause, resume, status)")
+        return {"ok": True, "name": vm.cfg.get("name"), "state": "paused" if vm.pauser.holding else "running",
+                "vcpus": vm.config.ncpus, "memory": vm.config.memsize, "provider": vm.ops.provider.name,
+                "uptime_s": round(time.monotonic() - self.started, 3)}
+
+    def _pause(self, req):
+        from .snapshot.pause import PauseError
+        try:
+            self.vm.pauser.pause()
+        except PauseError as exc:
+            return _error(str(exc))
+        return {"ok": True}
+
+    def _resume(self, req):
+        if not self.vm.pauser.holding:
+            return _error("the VM is not paused")
+        self.vm.pauser.resume()
+        return {"ok": True}
+
+    def _checkpoint(self, req):
+        op, path, vm = req["op"], req.get("file"), self.vm
+        if not isinstance(path, str) or not path:
+            return _error(f"{op} needs a file")
+        if vm.pauser.holding:
+            return _error("the VM is paused (ctl --resume first)")
+        from .snapshot.checkpoint import take
+        from .snapshot.files import CheckpointError, disk_paths
+        config = [line for line in vm.cfg.dump() if not line.startswith("restore=")]
+        try:
+            secs = take(vm, path, config, disk_paths(vm.cfg), stop=op == "suspend")
+        except CheckpointError as exc:
+            return _error(str(exc))
+        return {"ok": True, "file": os.path.abspath(path), "paused_s": round(secs, 3)}
+
+    #: request op -> its handler
+    OPS = {"checkpoint": _checkpoint, "suspend": _checkpoint, "pause": _pause, "resume": _resume, "status": _status}
 
 
 def _error(text):

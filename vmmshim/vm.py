@@ -107,7 +107,7 @@ class VM:
         self.fast = FastPaths(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem
-        self.ram = HostMemory(config.memsize) if config.memfile is None else HostMemory(config.memsize, config.memfile)
+        self.ram = HostMemory(config.memsize, config.memfile)
         ops.vm_mem_alloc(self.vmi, self.ram, 0, 0, self.lowmem)
         if self.highmem:
             ops.vm_mem_alloc(self.vmi, self.ram, self.lowmem, HIGHMEM_BASE, self.highmem)

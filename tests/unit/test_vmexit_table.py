@@ -13,7 +13,7 @@ from .recording_ops import RecordingOps
 
 @pytest.fixture
 def vm(monkeypatch):
-    monkeypatch.setattr(vmmod, "HostMemory", lambda size: type("M", (), {"addr": 0, "size": size})())
+    monkeypatch.setattr(vmmod, "HostMemory", lambda size, path=None: type("M", (), {"addr": 0, "size": size})())
     v = vmmod.VM(RecordingOps(), vmmod.VmConfig(ncpus=2, memsize=1 << 20))
     started = []
     monkeypatch.setattr(v, "_start_vcpu", lambda vcpu, rip: started.append((vcpu, rip)))
@@ -50,7 +50,7 @@ def test_known_msr_read_completes_with_value_and_rip(vm):
 
 @pytest.mark.parametrize("ignore", [False, True])
 def test_unknown_msr_gp_unless_ignored(monkeypatch, ignore):
-    monkeypatch.setattr(vmmod, "HostMemory", lambda size: type("M", (), {"addr": 0, "size": size})())
+    monkeypatch.setattr(vmmod, "HostMemory", lambda size, path=None: type("M", (), {"addr": 0, "size": size})())
     v = vmmod.VM(RecordingOps(), vmmod.VmConfig(memsize=1 << 20, ignore_msrs=ignore))
     try:
         v.handlers[E.VM_EXITCODE_RDMSR](0, fabricated(E.VM_EXITCODE_RDMSR, Msr(0x4B564D99), 0x3000, 2))

@@ -27,11 +27,10 @@ from .pause import PauseError
 def devices_of(vm):
     """``{name: device}`` of everything a checkpoint saves besides the kernel side."""
     out = {}
-    platform, host = getattr(vm, "platform", None), getattr(vm, "pci_host", None)
-    if platform is not None:
-        out.update(platform.devices())
-    for name, dev in getattr(vm, "extra_devices", {}).items():
-        out[name] = dev
+    if vm.platform is not None:
+        out.update(vm.platform.devices())
+    out.update(vm.extra_devices)
+    host = vm.pci_host
     if host is not None:
         out["pci-host"] = host
         for (slot, func), dev in sorted(host.functions.items()):
@@ -39,10 +38,11 @@ def devices_of(vm):
     return out
 
 
-def device_states(vm):
-    """Every device's state (at the quiet point); CheckpointError naming the first that cannot be saved."""
+def device_states(devices):
+    """Every device's state (``devices``: :func:`devices_of`, at the quiet point); CheckpointError naming the first
+    that cannot be saved."""
     states = {}
-    for name, dev in devices_of(vm).items():
+    for name, dev in devices.items():
         if not isinstance(dev, Snapshottable):
             raise CheckpointError(f"{name}: this device cannot be checkpointed yet")
         try:
@@ -83,7 +83,7 @@ def take(vm, base, config, disks=(), stop=False):
                 kern = vm.ops.vm_snapshot(vm.vmi)
             except SnapshotError as exc:
                 raise CheckpointError(str(exc)) from None
-            meta = {"config": list(config), "disks": disk_facts, "devices": device_states(vm), "timer_ns": now,
+            meta = {"config": list(config), "disks": disk_facts, "devices": device_states(devices), "timer_ns": now,
                     "taken": time.time(), "provider": vm.ops.provider.name,
                     "memsize": vm.config.memsize, "ncpus": vm.config.ncpus}
             files.write(base, vm.ram.view(), kern, meta)

@@ -68,7 +68,9 @@ class Restore:
         """Each virtio-net link goes down and, :data:`LINK_DOWN_NS` later, up again: the guest sees that its
         connections (a tap's, slirp's) did not survive the checkpoint."""
         from bhyve_devices.virtio.net import VirtioNet
-        nets = [d.vdev for d in devices_of(vm).values() if isinstance(getattr(d, "vdev", None), VirtioNet)]
+        from bhyve_devices.virtio.transport import VirtioPciDevice
+        nets = [d.vdev for d in devices_of(vm).values()
+                if isinstance(d, VirtioPciDevice) and isinstance(d.vdev, VirtioNet)]
         for net in nets:
             net.set_link(False)
         if nets:
