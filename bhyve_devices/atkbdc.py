@@ -26,7 +26,7 @@ and vendor commands (ignored, no answer), output-buffer-full interrupts other th
 
 import threading
 
-from .snapshot import SnapshotError, check, header
+from .snapshot import SnapshotError, check, header, int_in
 
 STS_OBF, STS_IBF, STS_SYS, STS_CMD, STS_UNLOCKED, STS_AUXDATA, STS_TIMEOUT = 1, 2, 4, 8, 0x10, 0x20, 0x40
 CTR_KBDINT, CTR_AUXINT, CTR_SYS, CTR_KBDDIS, CTR_AUXDIS, CTR_XLATE = 1, 2, 4, 0x10, 0x20, 0x40
@@ -152,7 +152,7 @@ class KeyboardController:
         check(self, state, ("ctr", "output_port", "status", "out", "pending"))
 
         def byte(v):
-            return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFF
+            return int_in(v, 0, 0xFF)
         out, pending = state["out"], state["pending"]
         if not (byte(state["ctr"]) and byte(state["output_port"]) and byte(state["status"])
                 and (pending is None or byte(pending))

@@ -8,7 +8,7 @@ Snapshots (``snapshot.py``): the value written (None until the guest writes; onc
 Not supported: QEMU's ``iosize`` other than its four-byte default window.
 """
 
-from .snapshot import SnapshotError, check, header
+from .snapshot import SnapshotError, check, header, int_in
 
 DEFAULT_PORT = 0xF4
 PORT_SIZE = 4
@@ -41,6 +41,6 @@ class DebugExit:
     def restore(self, state, shift_ns):
         check(self, state, ("value",))
         v = state["value"]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 32):
+        if v is not None and not int_in(v, 0, (1 << 32) - 1):
             raise SnapshotError(f"DebugExit: value {v!r} is not a 32-bit value")
         self.value = v

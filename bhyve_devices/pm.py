@@ -30,7 +30,7 @@ import threading
 
 from construct import BitsInteger, BitStruct, ByteSwapped, Flag, Padding
 
-from .snapshot import SnapshotError, check, header, save_fields
+from .snapshot import SnapshotError, check, header, int_fits, save_fields
 
 SMI_CMD_PORT = 0xB2
 PM1A_EVT_PORT = 0x400
@@ -189,7 +189,7 @@ class PowerManagement:
         check(self, state, self._FIELDS)
         for name, mask in self._FIELDS.items():
             v = state[name]
-            if not isinstance(v, int) or isinstance(v, bool) or v & ~mask or v < 0:
+            if not int_fits(v, mask):
                 raise SnapshotError(f"PowerManagement.{name}: {v!r} is not a value it can hold")
         with self._lock:
             for name in self._FIELDS:

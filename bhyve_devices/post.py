@@ -11,7 +11,7 @@ Snapshots (``snapshot.py``): the last value written.
 Not supported: port-80 delay semantics (a write costs what any exit costs), LED displays.
 """
 
-from .snapshot import SnapshotError, check, header
+from .snapshot import SnapshotError, check, header, int_in
 
 
 class PostPort:
@@ -39,6 +39,6 @@ class PostPort:
     def restore(self, state, shift_ns):
         check(self, state, ("value",))
         v = state["value"]
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFF:
+        if not int_in(v, 0, 0xFF):
             raise SnapshotError(f"PostPort: value {v!r} is not a byte")
         self.value = v

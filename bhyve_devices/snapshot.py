@@ -97,6 +97,16 @@ def load_fields(obj, state, names, types=(int, bool, type(None), str, list)):
         setattr(obj, n, v)
 
 
+def int_in(v, lo, hi):
+    """Whether ``v`` is an int (a bool is not one) in ``lo``..``hi``, both included."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def int_fits(v, mask):
+    """Whether ``v`` is a non-negative int (not a bool) with no bit outside ``mask``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0 and not v & ~mask
+
+
 def want_bool(device, where, v):
     """``v`` if it is a bool, else SnapshotError naming ``device`` and ``where``."""
     if not isinstance(v, bool):

@@ -12,7 +12,7 @@ vCPU) raises :class:`SnapshotError`.
 """
 
 from . import vlapic_regs as R
-from .snapshot import SnapshotError, check, header, load_fields, save_fields
+from .snapshot import SnapshotError, check, header, int_in, load_fields, save_fields
 
 _REGS = {  # attribute: width in bits
     "apic_id": 32, "apicbase": 64, "tpr": 8, "ldr": 32, "dfr": 32, "svr": 32, "esr": 8, "esr_pending": 8,
@@ -41,7 +41,7 @@ def load(v, state, shift_ns):
         raise SnapshotError(f"{name}: the LVTs or the timer are not as saved")
     for k, bits in [*_REGS.items(), *((k, 32) for k in want)]:
         val = (lvt if k in want else state)[k]
-        if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val < 1 << bits:
+        if not int_in(val, 0, (1 << bits) - 1):
             raise SnapshotError(f"{name}.{k}: {val!r:.40} is not a {bits}-bit register value")
     base = state["apicbase"]
     allowed = R.APICBASE_BSP | R.APICBASE_X2APIC | R.APICBASE_ENABLED | R.APICBASE_ADDR

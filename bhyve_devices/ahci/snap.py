@@ -122,7 +122,7 @@ def wake(hba):
 
 # -- restoring ------------------------------------------------------------------------------------------------------
 def _int(where, v, mask):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v & ~mask:
+    if not S.int_fits(v, mask):
         raise S.SnapshotError(f"ahci: {where} = {v!r:.40} (bits {mask:#x})")
     return v
 

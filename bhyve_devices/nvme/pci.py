@@ -241,7 +241,7 @@ class NvmePci(PciDevice):
         S.check(self, state, self.snapshot_keys)
         saved = ControllerState(self.ctrl, state["nvme"])
         pending = state["msi_pending"]
-        if not isinstance(pending, int) or isinstance(pending, bool) or not 0 <= pending <= 0xFFFFFFFF:
+        if not S.int_in(pending, 0, 0xFFFFFFFF):
             raise SnapshotError(f"nvme: msi_pending = {pending!r:.40}")
         super().restore(state, shift_ns)
         saved.apply()

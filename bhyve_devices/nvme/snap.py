@@ -79,7 +79,7 @@ def controller_state(c):
 
 def _int(where, v, lo, hi):
     """``v`` if it is an int in ``lo``..``hi`` (inclusive), else SnapshotError."""
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+    if not S.int_in(v, lo, hi):
         raise S.SnapshotError(f"nvme: {where} = {v!r:.40} (expected {lo}..{hi:#x})")
     return v
 

@@ -34,7 +34,7 @@ a fresh device after the transport restored the queues: the base applies the neg
 """
 
 import contextlib
-from bhyve_devices.snapshot import SnapshotError
+from bhyve_devices.snapshot import SnapshotError, int_in
 
 VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
@@ -155,6 +155,6 @@ class VirtioDevice:
         if not isinstance(state, dict) or state.get("name") != self.name:
             raise SnapshotError(f"{self.name}: the device state is not a {self.name}'s")
         neg = state.get("negotiated")
-        if not isinstance(neg, int) or isinstance(neg, bool) or not 0 <= neg < 1 << 64:
+        if not int_in(neg, 0, (1 << 64) - 1):
             raise SnapshotError(f"{self.name}: negotiated = {neg!r:.40}")
         self.apply_features(neg)

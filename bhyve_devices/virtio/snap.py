@@ -55,7 +55,7 @@ class VirtioSnapshotMixin:
             raise S.SnapshotError(f"{name}: the virtio state is not a mapping")
         for n, limit in _LIMITS.items():
             x = v.get(n)
-            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < limit:
+            if not S.int_in(x, 0, limit - 1):
                 raise S.SnapshotError(f"{name}: virtio {n} = {x!r:.40}")
         if not isinstance(v.get("modern"), bool):
             raise S.SnapshotError(f"{name}: virtio modern = {v.get('modern')!r:.40}")

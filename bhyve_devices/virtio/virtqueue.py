@@ -51,7 +51,7 @@ indirect table.
 
 import struct
 
-from bhyve_devices.snapshot import SnapshotError
+from bhyve_devices.snapshot import SnapshotError, int_in
 
 from .chain import Chain, gather, scatter, split_segments, split_tail  # noqa: F401 (re-exported)
 from .chain import indirect_in_order as _indirect_in_order
@@ -159,7 +159,7 @@ class Virtqueue:
         limit = dict(desc_addr=1 << 64, avail_addr=1 << 64, used_addr=1 << 64)
         for n in self.SNAP_INTS:
             v = s[n]
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < limit.get(n, 1 << 16):
+            if not int_in(v, 0, limit.get(n, 1 << 16) - 1):
                 raise SnapshotError(f"{where}: {n} = {v!r:.40}")
         for n in self.SNAP_BOOLS:
             if not isinstance(s[n], bool):
