@@ -15,10 +15,11 @@ least 1 ms apart (half a period at most) so each can reach the guest through a c
 edge per pin. A line whose ``pulse()`` returns False (merged with an edge still pending, QEMU's
 ``apic_get_irq_delivered``) gets that edge again, as KVM's PIT reinjects an unacknowledged tick; None counts as
 delivered. The VM's IRQ0 line reports merged only the edges the host held up (a vCPU that did not run); one the
-guest kept waiting while it ran with interrupts off is lost there, as on a PC (``ops/edge_merge.py``). Why: Linux without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then checks
-it against jiffies (``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the scheduled time
-but restarts from now once a period late (the missed edges are lost); QEMU's i8254 fires them back to back (the
-8259 merges them). Edges over a second late (a stopped VM, a host asleep) are dropped.
+guest kept waiting while it ran with interrupts off is lost there, as on a PC (``ops/edge_merge.py``). Why: Linux
+without ACPI calibrates its LAPIC timer by counting IRQ0s over HZ/10 jiffies and then checks it against jiffies
+(``calibrate_APIC_clock``); a lost tick skews both. bhyve also re-arms from the scheduled time but restarts from now
+once a period late (the missed edges are lost); QEMU's i8254 fires them back to back (the 8259 merges them). Edges
+over a second late (a stopped VM, a host asleep) are dropped.
 
 :class:`NMISC` is port 0x61 as Linux's ``pit_calibrate_tsc``/``quick_pit_calibrate`` use it: bit 0 gates
 channel 2, bit 1 is speaker data, bit 4 the refresh toggle (flips every 15.085 us), bit 5 OUT2.

@@ -15,14 +15,15 @@ ended) counts as held up.
 The CPU time is the vCPU thread's (Linux's per-thread CPU clock): guest time and the VMM's exit handling together;
 the threshold is well above what handling the kick exit that brings the interrupt in costs natively. In the nested
 lab's TCG L1 it is not: one kick exit there costs milliseconds of Python, and with three idle-class CPU hogs in L1
-two MP-table boots of two lost ticks the guest took (jiffies delta 18 and 21). Two other judges were tried there
+two MP-table boots of three lost ticks the guest took (jiffies delta 18 and 21). Two other judges were tried there
 and were no better: the vCPU's exits since the raise (3: every entry injects what the guest can take) failed 4 of
 12 boots (deltas 14 to 30), exits and CPU time together 3 of 8 (21, 21, 22); this one passed 5 of 5 without hogs
 (deltas 25 and 26).
 
 Not supported: ISA edges are judged by the BSP's thread, where the 8259's INTR goes (LINT0) and where the PIT's
-IRQ0 goes on the kernels we boot; an I/O APIC entry routing the pin to another vCPU is judged by the BSP as well. Hosts other than Linux (NetBSD):
-no thread clock is read, so every merged edge counts as held up and is sent again (the behaviour before).
+IRQ0 goes on the kernels we boot; an I/O APIC entry routing the pin to another vCPU is judged by the BSP as well.
+Hosts other than Linux (NetBSD): no thread clock is read, so every merged edge counts as held up and is sent
+again (the behaviour before).
 """
 
 import sys

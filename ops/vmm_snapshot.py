@@ -5,8 +5,8 @@ checkpoint's hold interrupted, started or waiting for its SIPI), the MSRs the op
 IA32_SPEC_CTRL, the kvmclock and PV EOI MSRs, read from the provider where it answers them itself), the vlapic;
 for the VM the vioapic, the 8259 pair, the APIC bus and the paravirtual clock's time (KVM_GET_CLOCK where KVM
 keeps kvmclock, else ``ops/pvclock.py``'s system time), which a restore sets again, so the guest's kvmclock goes
-on from where it stood, on any provider. Everything is JSON (the state bytes as hex), in the provider-neutral layout every provider reads and writes,
-so a checkpoint taken on one provider restores on another.
+on from where it stood, on any provider. Everything is JSON (the state bytes as hex), in the provider-neutral
+layout every provider reads and writes, so a checkpoint taken on one provider restores on another.
 
 Taken only at the quiet point: every started vCPU held before its next entry (``vm_suspend_cpu``), so no exit is
 half handled. An exception or NMI already queued in the provider's event slot for that entry cannot be carried

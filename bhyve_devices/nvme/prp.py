@@ -3,8 +3,9 @@ entry and list, 4.4 Scatter Gather List).
 
 :func:`data_buffers` turns the DPTR of a submission entry (PRP1/PRP2, or the first SGL descriptor in the same 16
 bytes) and the transfer length into a list of memoryviews of guest RAM, ready for ``preadv``/``pwritev``; pages that
-follow each other in guest-physical memory become one buffer. Everything the guest gave is read once and checked;
-a PRP list is checked and sliced with whole-list operations (:func:`_list_views`); what breaks the rules raises :class:`~bhyve_devices.nvme.regs.NvmeError` with the status the specification names:
+follow each other in guest-physical memory become one buffer. Everything the guest gave is read once and checked; a
+PRP list is checked and sliced with whole-list operations (:func:`_list_views`); what breaks the rules raises
+:class:`~bhyve_devices.nvme.regs.NvmeError` with the status the specification names:
 
 - PRPs (4.3): PRP1 dword aligned, every later entry page aligned, a list pointer qword aligned (PRP Offset
   Invalid); a list fills its page and its last entry points to the next list page when more entries follow (as

@@ -15,7 +15,8 @@ from bhyve_devices.ahci import layouts as L
 from bhyve_devices.ahci.testdriver import Controller, h2d, ncq
 from bhyve_devices.backends import MemoryBlockBackend
 from bhyve_devices.snapshot import Quiescent, SnapshotError, Snapshottable
-from tests.unit.test_snapshot_storage import SECTORS, _set, image, on_disk, through_json  # noqa: F401 (image: a fixture)
+from tests.unit.test_snapshot_storage import (SECTORS, _set, image, on_disk,  # noqa: F401 (image: a fixture)
+                                              through_json)
 from vmmshim.backends.block import FileBlockBackend
 
 

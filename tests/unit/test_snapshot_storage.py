@@ -1,6 +1,6 @@
 """Snapshot and restore (issue 23) of NVMe (AHCI: ``test_snapshot_ahci.py``, which shares the helpers here): it is
-brought up by its test driver, its state goes through JSON into a fresh device of the same configuration over the same guest memory and
-image, and the same driver goes on: new I/O completes, data reads back, registers read the same; commands issued
+brought up by its test driver, its state goes through JSON into a fresh device of the same configuration over the
+same guest memory and image, and the same driver goes on: new I/O completes, data reads back, registers read the same; commands issued
 and not yet taken are served after the restore; bad states are refused with SnapshotError."""
 
 import copy
