@@ -128,6 +128,7 @@ class Vm:
         self.hva_mapped = set()
         self.suspended = None
         self.idle_hook = None           # called by a vCPU about to sleep in HLT (vm_idle_hook)
+        self.wake_hook = None           # called by a vCPU whose HLT sleep ended (vm_wake_hook)
         self.timers = spec.timers
         self.x2apic, self.kvm_pv, self.pv_eoi = spec.x2apic, spec.kvm_pv, spec.pv_eoi
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
@@ -254,6 +255,9 @@ class Vm:
             finally:
                 ctx.sleeping = False
         ctx.pending = True
+        wake = self.wake_hook
+        if wake is not None:
+            wake()
         if held:
             # Only the debugger's hold ended the sleep: the vCPU stays halted (``halted_if_clear`` too) and goes
             # back to sleep once released (``_rehalt``) instead of running on past its HLT.
@@ -317,6 +321,10 @@ class Vm:
             self.suspended = how
         for ctx in self.vcpus.values():
             ctx.kick()
+
+    def all_asleep(self):
+        """Whether every vCPU that has started sleeps in HLT (none is in the guest or about to enter it)."""
+        return all(c.sleeping for c in self.vcpus.values() if c.started)
 
     def activate_cpu(self, vcpu):
         """bhyve's ``vm_activate_cpu``: from here on the VM halts only when this vCPU halts too, so an AP whose

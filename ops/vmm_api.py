@@ -142,6 +142,12 @@ class VmmApi(VmmOps, Protocol):
 
     def vm_idle_hook(self, vmi: Any, fn: Optional[Callable[[], None]]) -> None: ...
 
+    def vm_wake_hook(self, vmi: Any, fn: Optional[Callable[[], None]]) -> None:
+        """``fn()`` runs on a vCPU's thread whenever its sleep in HLT ends (None: no hook)."""
+
+    def vm_all_asleep(self, vmi: Any) -> bool:
+        """Whether every started vCPU sleeps in HLT: none runs guest code until a wake (``vm_wake_hook``)."""
+
 
 #: The calls of :class:`VmmApi` beyond the table (for the completeness checks).
 VMM_API_CALLS = tuple(n for n in VmmApi.__dict__ if not n.startswith("_"))
@@ -246,3 +252,9 @@ class VmmApiCalls:
 
     def vm_idle_hook(self, vmi, fn):
         vmi.idle_hook = fn
+
+    def vm_wake_hook(self, vmi, fn):
+        vmi.wake_hook = fn
+
+    def vm_all_asleep(self, vmi):
+        return vmi.all_asleep()

@@ -27,7 +27,7 @@ import threading
 import time
 
 MAX_REQUEST = 4096
-ACCEPT_TIMEOUT_S = 0.5
+CLOSE_JOIN_S = 2               # how long close() waits for the serving thread to end
 
 
 def run_dir():
@@ -69,7 +69,6 @@ class ControlSocket:
             finally:
                 os.umask(old)
             sock.listen(4)
-            sock.settimeout(ACCEPT_TIMEOUT_S)
         except (OSError, ValueError) as exc:
             if "name" in vm.cfg.explicit:
                 print(f"vmmshim: no control socket: {exc}", file=sys.stderr)
@@ -77,8 +76,18 @@ class ControlSocket:
         return cls(vm, path, sock)
 
     def close(self):
+        """The serving thread sleeps in accept() (no polling: an idle VM's host core stays idle); one last
+        connection of our own wakes it to see ``_stop``."""
         self._stop = True
-        self.thread.join(2 * ACCEPT_TIMEOUT_S + 1)
+        waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            waker.settimeout(1)
+            waker.connect(self.path)
+        except OSError:
+            pass
+        finally:
+            waker.close()
+        self.thread.join(CLOSE_JOIN_S)
         self.sock.close()
         try:
             os.unlink(self.path)
@@ -89,9 +98,10 @@ class ControlSocket:
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
             except OSError:
+                return
+            if self._stop:
+                conn.close()
                 return
             with conn:
                 conn.settimeout(5)

@@ -20,6 +20,7 @@ that wrote; posted writes wider than the provider's ring entries.
 """
 
 import os
+import threading
 
 from bhyve_devices.base import Doorbells as DoorbellDevice, PostedWrites, PublishedReads
 from ops.nvmm.api import FEATURE_ANSWERED_IO, FEATURE_DOORBELL, FEATURE_POSTED_IO
@@ -43,6 +44,8 @@ class FastPaths:
         if config.halt_serve:
             ops.vm_idle_hook(vmi, self.doorbells.poll_idle)
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
+        self._flush_lock = threading.Lock()
+        self._flush_armed = False   # the posted writes' flush timer is armed (see _arm_flush)
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
 
     # -- port devices: posted writes and published reads ---------------------------------------------------------
@@ -62,15 +65,36 @@ class FastPaths:
 
     def _arm_flush(self):
         """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would
-        leave its last posted bytes in the provider's buffer: the timer thread hands them over as well."""
+        leave its last posted bytes in the provider's buffer: the timer thread hands them over as well, every
+        :data:`POSTED_FLUSH_NS` while a vCPU runs. While every vCPU sleeps in HLT (each drained the buffer at its
+        HLT exit) the flush stops, so an idle guest's host core stays idle; the first vCPU to wake starts it
+        again (``vm_wake_hook``). ``_flush_lock`` orders the two: a wake after the flush saw every vCPU asleep
+        finds it stopped and starts it."""
         vm = self.vm
-        timers = vm.timers
+        ops, vmi, timers = vm.ops, vm.vmi, vm.timers
+        lock = self._flush_lock
 
         def flush():
-            if vm.status is None:
-                vm.ops.vm_drain_posted(vm.vmi)
-                timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
-        timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+            if vm.status is not None:
+                return
+            ops.vm_drain_posted(vmi)
+            with lock:
+                if ops.vm_all_asleep(vmi):
+                    self._flush_armed = False
+                else:
+                    timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+
+        def woke():
+            if not self._flush_armed:
+                with lock:
+                    if not self._flush_armed and vm.status is None:
+                        self._flush_armed = True
+                        timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+
+        with lock:
+            self._flush_armed = True
+            timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
+        ops.vm_wake_hook(vmi, woke)
 
     # -- doorbells ----------------------------------------------------------------------------------------------
     def add_doorbells(self, base, pio, bells, group=None, name=None, software=False):

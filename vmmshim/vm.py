@@ -96,6 +96,8 @@ class VM:
         self.error = None
         self._status_lock = threading.Lock()
         self.threads = {}
+        self._loops = threading.Condition()     # guards _looping; notified when a vCPU loop ends
+        self._looping = set()                   # vCPUs whose loop has not returned yet
         self.closers = []           # device close() callables, run by close()
         self.debugger = None        # the GDB stub (vmmshim/gdb/server.py) when -G asked for one
         self.pauser = Pauser(self)  # every vCPU held at a quiet point (checkpoints, ctl --pause)
@@ -204,23 +206,36 @@ class VM:
         return self.status
 
     def _wait(self, timeout):
+        """True once every vCPU loop has ended (False when ``timeout`` seconds passed first). The caller sleeps
+        until a loop ends: no polling while the guest runs or idles."""
         import time
         end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            threads = list(self.threads.values())
-            if not any(t.is_alive() for t in threads):
-                return True
-            for t in threads:
-                t.join(0.2 if end is None else max(0.0, min(0.2, end - time.monotonic())))
-            if end is not None and time.monotonic() >= end:
-                return not any(t.is_alive() for t in self.threads.values())
+        with self._loops:
+            while self._looping:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._loops.wait(left)
+        for t in list(self.threads.values()):
+            t.join(1)                        # past its loop: only returning
+        return True
 
     def _start_vcpu(self, vcpu, rip):
         t = threading.Thread(target=self._vcpu_loop, args=(vcpu, rip), name=f"vcpu{vcpu}", daemon=True)
         self.threads[vcpu] = t
+        with self._loops:
+            self._looping.add(vcpu)
         t.start()
 
     def _vcpu_loop(self, vcpu, rip):
+        try:
+            self._vcpu_run(vcpu, rip)
+        finally:
+            with self._loops:
+                self._looping.discard(vcpu)
+                self._loops.notify_all()
+
+    def _vcpu_run(self, vcpu, rip):
         handlers = [None] * (max(self.handlers) + 1)
         for code, handler in self.handlers.items():
             handlers[code] = handler

@@ -104,3 +104,60 @@ def test_a_guest_that_spins_after_writing_still_gets_its_bytes_out(make_vm):
     vm.stop(1)
     t.join(10)
     assert seen == [("w", 0, 0x41), ("w", 0, 0x42)]
+
+
+def test_the_flush_sleeps_while_the_guest_halts_and_wakes_with_it(make_vm):
+    """The flush runs only while a vCPU may run without exiting: a guest asleep in HLT drained the buffer at its
+    HLT exit, and a flush every 50 ms would keep an idle guest's host core busy for nothing. Once an interrupt
+    wakes the vCPU, the flush is back: the bytes written before the spin arrive without an exit."""
+    import threading
+    import time
+
+    import pytest
+
+    from tests.guests.vmboot import gate, idt
+    vm = make_vm()
+    dev = PostedRecorder()
+    vm.add_port_device(PORT, 4, dev, "posted")
+    if not vm.posted_ports:
+        pytest.skip("the provider posts no port writes")
+    boot64(vm, gate(0x40, "h40") + f"""
+  lidt idtr
+  mov $0xFEE00000, %esi
+  movl $0x1ff, 0xF0(%rsi)       # SVR: APIC software enabled
+  mov ${PORT}, %dx
+  mov $0x41, %al
+  out %al, %dx                  # posted; the HLT exit hands it over
+  sti
+  hlt
+  mov $0x42, %al
+  out %al, %dx                  # posted; only the flush hands it over
+1:jmp 1b
+h40:
+  movl $0, 0xB0(%rsi)
+  iretq
+""" + idt(0x41))
+    drains = []
+    real = vm.ops.vm_drain_posted
+    vm.ops.vm_drain_posted = lambda vmi: (drains.append(time.monotonic()), real(vmi))[1]
+    t = threading.Thread(target=vm.run, kwargs=dict(timeout=20), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not dev.log and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dev.log == [("w", 0, 0x41)], vm.error
+        time.sleep(0.2)                          # the flush that was armed finds the vCPU asleep and stops
+        asleep = len(drains)
+        time.sleep(0.5)                          # ten flush periods
+        assert len(drains) == asleep, f"{len(drains) - asleep} flushes while the only vCPU slept in HLT"
+        vm.ops.vm_lapic_msi(vm.vmi, 0xFEE00000, 0x40)
+        deadline = time.monotonic() + 2
+        while len(dev.log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = list(dev.log)
+    finally:
+        vm.stop(1)
+        t.join(10)
+    assert seen == [("w", 0, 0x41), ("w", 0, 0x42)]
+    assert len(drains) > asleep
