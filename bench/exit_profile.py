@@ -34,7 +34,8 @@ _NAMES = {v: k[len("KVM_EXIT_"):] for k, v in vars(K).items() if k.startswith("K
 
 
 class Profile:
-    def __init__(self):
+    def __init__(self, after_s=0.0):
+        self.since = time.perf_counter() + after_s     # runs that begin earlier are left out (a boot before idle)
         self.runs = []          # (start, end, kind)
         self.halts = []         # (start, end) of the HLT waits
         self.vcpus = {}         # vCPU fd -> KvmVcpu
@@ -106,7 +107,8 @@ class Profile:
         vmm.Vm.handle_hlt = halt
 
     def report(self):
-        runs, halts = sorted(self.runs), sorted(self.halts)
+        runs = sorted(r for r in self.runs if r[0] >= self.since)
+        halts = sorted(h for h in self.halts if h[0] >= self.since)
         per = collections.defaultdict(lambda: [0, 0.0, 0.0])      # kind -> [n, user s, kernel s]
         total_in = total_out = total_halt = 0.0
         h = 0
@@ -139,10 +141,12 @@ class Profile:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python3 -m bench.exit_profile", description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the table here (default: stderr)")
+    ap.add_argument("--after", type=float, default=0.0, metavar="S",
+                    help="count only the runs that begin S seconds after the start (an idle guest after its boot)")
     ap.add_argument("vmmshim", nargs=argparse.REMAINDER, help="-- then vmmshim's arguments")
     args = ap.parse_args(argv)
     vm_args = args.vmmshim[1:] if args.vmmshim[:1] == ["--"] else args.vmmshim
-    prof = Profile()
+    prof = Profile(args.after)
     prof.install()
 
     def report():

@@ -240,19 +240,21 @@ class Vm:
                 return self.suspended_exit(ctx)
         hook = self.idle_hook
         takes = rflags & C.RFLAGS_IF and vl is not None     # an interrupt (the vlapic's or the 8259's) wakes it
-        if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and self.suspended is None:
-            if not takes or not interrupt_waiting(self, vl):
-                hook()
         held = False
         with ctx.cond:
-            ctx.sleeping = True
-            try:
+            ctx.sleeping = True             # out of the guest from here: the idle hook sees it asleep (all_asleep)
+        try:
+            if hook is not None and rflags & C.RFLAGS_IF and not ctx.nmi and self.suspended is None:
+                if not takes or not interrupt_waiting(self, vl):
+                    hook()
+            with ctx.cond:
                 while self.suspended is None and not ctx.nmi and not (takes and interrupt_waiting(self, vl)):
                     if ctx.debug_hold:
                         held = True
                         break
                     ctx.cond.wait(0.5)
-            finally:
+        finally:
+            with ctx.cond:
                 ctx.sleeping = False
         ctx.pending = True
         wake = self.wake_hook

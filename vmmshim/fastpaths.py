@@ -5,7 +5,8 @@ device through the bus, and the device answers the same.
 
 - **Posted writes** (``posted-io``; KVM's coalesced PIO): a PostedWrites device's registers stop exiting; the
   provider hands their writes over, in guest order, before the next exit is handled, and a flush timer hands them
-  over every :data:`POSTED_FLUSH_NS` for a guest that writes and then runs on without exiting. Either way they reach
+  over every :data:`POSTED_FLUSH_NS` for a guest that writes and then runs on without exiting (while some vCPU is
+  out of HLT: :class:`PostedFlush`). Either way they reach
   the device through the port bus (``Bus.posted_run``), the one way a port write gets to a device.
 - **Published reads** (``answered-io``; the KVM provider's compiled run loop, the soft CPU's hook): a
   PublishedReads device's values are answered without an exit.
@@ -44,8 +45,7 @@ class FastPaths:
         if config.halt_serve:
             ops.vm_idle_hook(vmi, self.doorbells.poll_idle)
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
-        self._flush_lock = threading.Lock()
-        self._flush_armed = False   # the posted writes' flush timer is armed (see _arm_flush)
+        self.flush = None           # the posted writes' PostedFlush, once a port is posted
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
 
     # -- port devices: posted writes and published reads ---------------------------------------------------------
@@ -64,37 +64,22 @@ class FastPaths:
                     self.posted_ports.append((base + off, n))
 
     def _arm_flush(self):
-        """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would
-        leave its last posted bytes in the provider's buffer: the timer thread hands them over as well, every
-        :data:`POSTED_FLUSH_NS` while a vCPU runs. While every vCPU sleeps in HLT (each drained the buffer at its
-        HLT exit) the flush stops, so an idle guest's host core stays idle; the first vCPU to wake starts it
-        again (``vm_wake_hook``). ``_flush_lock`` orders the two: a wake after the flush saw every vCPU asleep
-        finds it stopped and starts it."""
+        """Starts the posted writes' flush (:class:`PostedFlush`) and hooks it to the vCPUs' HLT sleeps."""
         vm = self.vm
-        ops, vmi, timers = vm.ops, vm.vmi, vm.timers
-        lock = self._flush_lock
+        ops, vmi = vm.ops, vm.vmi
+        flush = self.flush = PostedFlush(vm.timers, lambda: ops.vm_drain_posted(vmi),
+                                         lambda: ops.vm_all_asleep(vmi), lambda: vm.status is None)
+        flush.start()
+        ops.vm_wake_hook(vmi, flush.woke)
+        if vm.config.halt_serve:
+            poll = self.doorbells.poll_idle
 
-        def flush():
-            if vm.status is not None:
-                return
-            ops.vm_drain_posted(vmi)
-            with lock:
-                if ops.vm_all_asleep(vmi):
-                    self._flush_armed = False
-                else:
-                    timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
-
-        def woke():
-            if not self._flush_armed:
-                with lock:
-                    if not self._flush_armed and vm.status is None:
-                        self._flush_armed = True
-                        timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
-
-        with lock:
-            self._flush_armed = True
-            timers.arm(timers.now_ns() + POSTED_FLUSH_NS, flush)
-        ops.vm_wake_hook(vmi, woke)
+            def idle():
+                poll()
+                flush.idle()
+            ops.vm_idle_hook(vmi, idle)
+        else:
+            ops.vm_idle_hook(vmi, flush.idle)
 
     # -- doorbells ----------------------------------------------------------------------------------------------
     def add_doorbells(self, base, pio, bells, group=None, name=None, software=False):
@@ -153,3 +138,50 @@ class FastPaths:
 def _wide(io):
     """A posted write to a range wider than one port: one write of ``len(data)`` bytes, through the port bus."""
     return lambda port, data: io(port, False, data)
+
+
+class PostedFlush:
+    """A guest that writes and then runs on without exiting (a panic's busy loop with interrupts off) would leave
+    its last posted bytes in the provider's buffer: the timer thread hands them over (``drain``) every
+    :data:`POSTED_FLUSH_NS` while a vCPU may run. Each HLT exit drained the buffer, so while every vCPU sleeps in
+    HLT (``all_asleep``) the flush is off: the halting vCPU cancels it (:meth:`idle`, before it sleeps) and the
+    first vCPU to wake starts it again (:meth:`woke`). An idle guest then wakes no host thread for it (each wake
+    is a thread switch and the GIL: milliseconds in the nested lab). ``_lock`` orders the three, so a wake after
+    the flush was found unneeded always finds it off and starts it."""
+
+    def __init__(self, timers, drain, all_asleep, running):
+        self._timers, self._drain, self._all_asleep, self._running = timers, drain, all_asleep, running
+        self._lock = threading.Lock()
+        self._handle = None         # the armed flush's timer, None while it is off
+
+    def start(self):
+        with self._lock:
+            self._arm()
+
+    def _arm(self):
+        t = self._timers
+        self._handle = t.arm(t.now_ns() + POSTED_FLUSH_NS, self._fire)
+
+    def _fire(self):
+        if not self._running():
+            return
+        self._drain()
+        with self._lock:
+            if self._all_asleep():
+                self._handle = None
+            else:
+                self._arm()
+
+    def woke(self):
+        """A vCPU's HLT sleep ended: it may run without exiting from here on."""
+        if self._handle is None:
+            with self._lock:
+                if self._handle is None and self._running():
+                    self._arm()
+
+    def idle(self):
+        """A vCPU is about to sleep in HLT: the flush goes off when every vCPU sleeps."""
+        with self._lock:
+            if self._handle is not None and self._all_asleep():
+                self._timers.cancel(self._handle)
+                self._handle = None

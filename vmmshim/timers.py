@@ -121,10 +121,15 @@ class TimerThread:
             return handle
 
     def cancel(self, handle):
+        """The timer will not fire. When it was the earliest, the timerfd moves to the next live deadline, so the
+        thread does not wake for it (a wake costs a thread switch and the GIL: milliseconds in the nested lab)."""
         if handle is None:
             return
         with self._cond:
             self._cancelled.add(handle)
+            if self._tfd is not None and self._heap and self._heap[0][1] == handle:
+                self._drop_cancelled_top()
+                self._tfd.set(self._heap[0][0] if self._heap else None)
 
     def _drop_cancelled_top(self):
         """Pops cancelled timers off the top (under the lock); True if any was."""

@@ -146,3 +146,27 @@ def test_posted_runs_reach_the_device_through_the_port_bus():
     bus.posted_run(0x2F9, b"xy")
     assert runs.got == [(0, b"abc")]
     assert plain.got == [("w", 1, ord("x")), ("w", 1, ord("y"))]
+
+
+def test_posted_flush_runs_only_while_a_vcpu_may_run():
+    """PostedFlush with manual timers: it drains every period while a vCPU runs, goes off when the last vCPU
+    about to sleep in HLT cancels it (no timer left armed), and a wake starts it again."""
+    from vmmshim.fastpaths import POSTED_FLUSH_NS, PostedFlush
+    t = ManualTimers()
+    drained, asleep = [], [False]
+    f = PostedFlush(t, lambda: drained.append(t.now_ns()), lambda: asleep[0], lambda: True)
+    f.start()
+    t.advance(3 * POSTED_FLUSH_NS)
+    assert len(drained) == 3
+    f.idle()                                   # another vCPU still runs: the flush stays on
+    t.advance(POSTED_FLUSH_NS)
+    assert len(drained) == 4
+    asleep[0] = True
+    f.idle()                                   # the last vCPU halts: off, nothing armed
+    t.advance(10 * POSTED_FLUSH_NS)
+    assert len(drained) == 4 and t.pending() == 0
+    asleep[0] = False
+    f.woke()
+    f.woke()                                   # a second wake arms nothing more
+    t.advance(POSTED_FLUSH_NS)
+    assert len(drained) == 5 and t.pending() == 1

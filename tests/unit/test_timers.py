@@ -111,3 +111,21 @@ def test_rearming_does_not_wake_the_timerfd_thread():
         assert fired == [49] and t.wakes - woke == 1
     finally:
         t.close()
+
+
+def test_a_cancelled_earliest_timer_does_not_wake_the_timerfd_thread():
+    """A timer cancelled while it is the earliest (the posted-write flush a halting vCPU cancels) moves the timerfd
+    to the next live deadline: the thread sleeps through the cancelled one and wakes once, for the later timer."""
+    t = _make("timerfd")
+    try:
+        fired = []
+        time.sleep(0.01)
+        woke = t.wakes
+        later = t.arm(t.now_ns() + 80 * MS, lambda: fired.append("later"))
+        for _ in range(5):
+            t.cancel(t.arm(t.now_ns() + 20 * MS, lambda: fired.append("cancelled")))
+        assert later is not None and _wait_for(lambda: fired)
+        time.sleep(0.03)
+        assert fired == ["later"] and t.wakes - woke == 1
+    finally:
+        t.close()
