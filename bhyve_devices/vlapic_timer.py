@@ -217,8 +217,10 @@ class ApicTimer:
         if not all(isinstance(t.get(k), int) for k in self._STATE) or not isinstance(armed, (int, type(None))):
             raise SnapshotError("Vlapic timer: a saved value is missing or not a number")
         periodic = t["mode"] == R.TIMER_PERIODIC and t["icr"] and t["running"]
+        if t["mode"] == R.TIMER_TSC_DEADLINE and not self.tsc_hz:
+            raise SnapshotError("Vlapic timer: the guest runs it in TSC-deadline mode, which this VM does not offer "
+                                "(x86.tsc_deadline=false, or a provider that does not know the TSC rate: tsc-rate)")
         if (t["mode"] not in (R.TIMER_ONESHOT, R.TIMER_PERIODIC, R.TIMER_TSC_DEADLINE)
-                or (t["mode"] == R.TIMER_TSC_DEADLINE and not self.tsc_hz)
                 or not 0 <= t["icr"] <= 0xFFFFFFFF or t["dcr"] & ~R.DCR_WRITABLE or t["dcr"] < 0
                 or not 0 <= t["tsc_deadline"] < 1 << 64 or t["owed"] < 0 or t["period_ns"] < (1 if periodic else 0)):
             raise SnapshotError("Vlapic timer: a saved value is out of range")

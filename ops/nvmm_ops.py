@@ -26,7 +26,7 @@ import errno
 import threading
 
 from bhyve_devices.vlapic import ApicGP, Vlapic
-from bhyve_devices.vlapic_regs import MSR_APICBASE, MSR_X2APIC_FIRST, PPR, TPR
+from bhyve_devices.vlapic_regs import MSR_APICBASE, MSR_TSC_DEADLINE, MSR_X2APIC_FIRST, PPR, TPR
 
 from . import kvm_para
 from . import nvmm_regs as regs
@@ -46,6 +46,9 @@ _IO = C.NVMM_VCPU_EXIT_IO
 # the debug capabilities and the provider feature each needs
 DEBUG_CAPS = {VmCapType.VM_CAP_MTRAP_EXIT: api.FEATURE_DEBUG_STEP, VmCapType.VM_CAP_BPT_EXIT: api.FEATURE_DEBUG_BP}
 TPR_MSRS = frozenset((MSR_APICBASE, MSR_X2APIC_FIRST + (TPR >> 4), MSR_X2APIC_FIRST + (PPR >> 4)))
+# MSR writes after which nothing needs looking at before the entry: a TSC deadline already past raises its
+# vector through the vlapic, whose kick on this thread asks for the look itself (the tickless guest's hot MSR)
+QUIET_WRMSRS = frozenset((MSR_TSC_DEADLINE,))
 
 
 class VmmOpsNvmm(VmmApiCalls):
@@ -82,7 +85,7 @@ class VmmOpsNvmm(VmmApiCalls):
         nv.configure(C.NVMM_VCPU_CONF_CALLBACKS, api.AssistCallbacks(io=vmi.spec.io, mem=vmi.mem_callback(ctx)))
         hz = nv.tsc_frequency() if vmi.kvm_pv and not vmi.kernel_clock else None
         if hz:
-            ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, lambda: self._guest_tsc(nv), hz,
+            ctx.pvclock = pvclock.Pvclock(vmi.machine.gpa_view, nv.guest_tsc, hz,
                                           vmi.clock_epoch_ns)
         self._kvm_para_cpuid(vmi, ctx)
         vmi.vcpus[vcpu] = ctx
@@ -105,11 +108,6 @@ class VmmOpsNvmm(VmmApiCalls):
             ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, api.ConfCpuid(leaf=leaf, mask=True, set=bits,
                                                                    del_=tuple(~b & 0xFFFFFFFF for b in bits)))
 
-    @staticmethod
-    def _guest_tsc(nv):
-        nv.getstate(C.NVMM_X64_STATE_MSRS)
-        return nv.state.msrs[C.NVMM_X64_MSR_TSC]
-
     def vcpu_cleanup(self, vmi, vcpu):
         ctx = vmi.vcpus.pop(vcpu, None)
         if ctx is not None:
@@ -117,8 +115,11 @@ class VmmOpsNvmm(VmmApiCalls):
 
     def vlapic_init(self, vmi, vcpu):
         ctx = vmi.vcpus[vcpu]
+        nv = ctx.nv
+        # TSC-deadline mode needs the guest TSC's rate and its value now (read at the WRMSR exit that arms it)
+        hz = (nv.tsc_frequency() or None) if vmi.tsc_deadline else None
         vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_enabled=vmi.x2apic,   # bhyve's X2APIC_ENABLED (-x)
-                    eoi_level=vmi.vioapic.eoi)
+                    eoi_level=vmi.vioapic.eoi, tsc_hz=hz, tsc_now=nv.guest_tsc if hz else None)
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:
@@ -126,8 +127,8 @@ class VmmOpsNvmm(VmmApiCalls):
             self._kvm_para_cpuid(vmi, ctx)
         if vmi.tpr_exits:
             ctx.nv.configure(C.NVMM_VCPU_CONF_TPR, api.ConfTpr(exit_changed=True))
-        if vmi.x2apic:      # CPUID tells the guest the truth about the vlapic it has
-            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled))
+        if vmi.x2apic or hz:      # CPUID tells the guest the truth about the vlapic it has
+            ctx.nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled, bool(hz)))
         return vl
 
     def vlapic_cleanup(self, vmi, vlapic):
@@ -247,7 +248,7 @@ class VmmOpsNvmm(VmmApiCalls):
             C.NVMM_VCPU_EXIT_MEMORY: self._exit_mem,
             C.NVMM_VCPU_EXIT_RDMSR: self._msr, C.NVMM_VCPU_EXIT_WRMSR: self._msr,
             C.NVMM_VCPU_EXIT_HALTED: self._halt,
-            C.NVMM_VCPU_EXIT_INT_READY: pend, C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
+            C.NVMM_VCPU_EXIT_INT_READY: self._exit_int_ready, C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
             C.NVMM_VCPU_EXIT_STOPPED: pend,          # a kick: re-evaluate interrupts and suspension before entry
             C.NVMM_VCPU_EXIT_SHUTDOWN: self._exit_shutdown,
             C.NVMM_VCPU_EXIT_MONITOR: self._exit_ud, C.NVMM_VCPU_EXIT_MWAIT: self._exit_ud,
@@ -272,6 +273,13 @@ class VmmOpsNvmm(VmmApiCalls):
         if not is_kernel_mmio(ex.mem_gpa):
             ctx.bus_mmio += 1
         ctx.nv.assist_mem()
+        return None
+
+    @staticmethod
+    def _exit_int_ready(vmi, ctx, ex, reason):
+        """The guest opened its interrupt window: what waits from here on, the host holds up (ops/edge_merge.py)."""
+        ctx.masked = False
+        ctx.pending = True
         return None
 
     @staticmethod
@@ -301,8 +309,11 @@ class VmmOpsNvmm(VmmApiCalls):
     def _msr(vmi, ctx, ex, reason):
         nv = ctx.nv
         rd = reason == C.NVMM_VCPU_EXIT_RDMSR
-        msr, npc = (ex.rdmsr if rd else ex.wrmsr[0::2])
-        wval = None if rd else ex.wrmsr.val
+        if rd:
+            msr, npc = ex.rdmsr
+            wval = None
+        else:
+            msr, wval, npc = ex.wrmsr
         vl = ctx.vlapic
         apic_on = None
         if vl is not None and msr in TPR_MSRS:
@@ -315,16 +326,12 @@ class VmmOpsNvmm(VmmApiCalls):
             ctx.pending = True
             return None
         if apic_on is not None and vl.hw_enabled != apic_on:       # CPUID.1:EDX.APIC follows APIC_BASE.EN
-            nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled))
+            nv.configure(C.NVMM_VCPU_CONF_CPUID, leaf1_cpuid(vmi.x2apic, vl.hw_enabled, bool(vl.timer.tsc_hz)))
         if not done:
             return vmi.msr_exit(ctx, rd, msr, wval, npc - 2)
-        nv.getstate(C.NVMM_X64_STATE_GPRS)
-        if rd:
-            nv.state.gprs[C.NVMM_X64_GPR_RAX] = value & 0xFFFFFFFF
-            nv.state.gprs[C.NVMM_X64_GPR_RDX] = value >> 32
-        nv.state.gprs[C.NVMM_X64_GPR_RIP] = npc
-        nv.setstate(C.NVMM_X64_STATE_GPRS)
-        ctx.pending = True
+        nv.complete_msr(npc, value if rd else None)
+        if rd or msr not in QUIET_WRMSRS:
+            ctx.pending = True
         return None
 
     @staticmethod

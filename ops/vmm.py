@@ -87,6 +87,7 @@ class Vcpu:
         self.tid = None               # ... and that thread's kernel id (its CPU time: ops/edge_merge.py)
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
         self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
+        self.masked = False           # an interrupt waits for the guest to open its window (IF), until INT_READY
 
     def current_rip(self):
         return regs.getreg(self.nv, _RIP, self.extra)
@@ -131,6 +132,7 @@ class Vm:
         self.wake_hook = None           # called by a vCPU whose HLT sleep ended (vm_wake_hook)
         self.timers = spec.timers
         self.x2apic, self.kvm_pv, self.pv_eoi = spec.x2apic, spec.kvm_pv, spec.pv_eoi
+        self.tsc_deadline = spec.tsc_deadline
         self.clock_epoch_ns = time.monotonic_ns()       # the paravirtual clock's zero of system time
         # KVM's paravirtual clock: the hypervisor's own where it has one, else ops/pvclock.py per vCPU
         self.kernel_clock = self.kvm_pv and api.FEATURE_KERNEL_PVCLOCK in self.features and \
@@ -140,7 +142,8 @@ class Vm:
         self.vioapic = Vioapic(self.apicbus.deliver_intr)
         self.vatpic = Vatpic(intr_line=self._atpic_intr)
         self.irq_events = {}             # ISA IRQ -> assertions and pulses (a debugging counter)
-        self.edges = EdgeJudge(self._bsp_cpu_ns)  # a merged ISA edge: declined by the guest or held up by the host
+        # a merged ISA edge: declined by the guest or held up by the host
+        self.edges = EdgeJudge(self._bsp_cpu_ns, self._bsp_masked)
 
     # -- memory -----------------------------------------------------------------------------------------------
     def mem_alloc(self, hostmem, offset, gpa, size, prot=C.NVMM_PROT_ALL):
@@ -395,6 +398,10 @@ class Vm:
     def _bsp_cpu_ns(self):
         bsp = self.vcpus.get(0)
         return thread_cpu_ns(bsp.tid) if bsp is not None else None
+
+    def _bsp_masked(self):
+        bsp = self.vcpus.get(0)
+        return bsp is not None and bsp.masked
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not

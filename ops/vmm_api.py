@@ -36,6 +36,8 @@ class VmSpec:
     x2apic: bool = False            # bhyve's X2APIC_ENABLED: CPUID offers x2APIC and every vlapic starts in it
     kvm_pv: bool = False            # KVM's paravirtual interface (ops/kvm_para.py, ops/pvclock.py)
     pv_eoi: bool = False            # ... with PV EOI
+    tsc_deadline: bool = False      # CPUID offers the LAPIC timer's TSC-deadline mode (where the provider tells
+                                    # the guest's TSC rate, ``Vcpu.tsc_frequency()``)
     extra: dict = field(default_factory=dict)
 
 

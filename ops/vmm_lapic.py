@@ -66,10 +66,11 @@ def extint_ready(vm, vl):
     return True
 
 
-def leaf1_cpuid(x2apic, apic_enabled):
-    """The vCPU's CPUID leaf 1 mask: x2APIC offered with ``-x`` (bhyve's X2APIC_ENABLED), the APIC bit cleared
-    while IA32_APIC_BASE.EN is."""
-    return api.ConfCpuid(leaf=1, mask=True, set=(0, 0, C.CPUID_1_ECX_X2APIC if x2apic else 0, 0),
+def leaf1_cpuid(x2apic, apic_enabled, tsc_deadline=False):
+    """The vCPU's CPUID leaf 1 mask: x2APIC offered with ``-x`` (bhyve's X2APIC_ENABLED), TSC-deadline where the
+    vlapic has it (``x86.tsc_deadline``), the APIC bit cleared while IA32_APIC_BASE.EN is."""
+    ecx = (C.CPUID_1_ECX_X2APIC if x2apic else 0) | (C.CPUID_1_ECX_TSC_DEADLINE if tsc_deadline else 0)
+    return api.ConfCpuid(leaf=1, mask=True, set=(0, 0, ecx, 0),
                          del_=(0, 0, 0, 0 if apic_enabled else CPUID_1_EDX_APIC))
 
 
@@ -112,11 +113,13 @@ def inject_interrupt(vm, ctx, vl, queued):
             if behind is not None:
                 pv_eoi.arm()
         ctx.pending = vl.pending_intr() is not None or vl.lint0_pending()   # more: re-check next entry
+        ctx.masked = ctx.pending                 # what is left waits for the handler just injected to end
         if ctx.pending or behind:
             request_window(nv)
     else:
         request_window(nv)
         ctx.pending = True
+        ctx.masked = not es.rflags & C.RFLAGS_IF    # the guest's IF, not a shadow or an event, holds it back
     if ctx.itrace is not None:
         ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
                            hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))

@@ -40,7 +40,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "on", "yes", "1"), ("false", "off", "no", "0"
 SIZE_KEYS = ("memory.size",)
 #: bhyve's boolean keys that vmmshim reads or accepts: validate() checks their values.
 BOOL_KEYS = ("acpi_tables", "x86.mptable", "x86.x2apic", "x86.strictio", "x86.strictmsr", "x86.vmexit_on_hlt",
-             "x86.vmexit_on_pause", "x86.kvm_pv", "x86.pv_eoi", "virtio_msix", "rtc.use_localtime",
+             "x86.vmexit_on_pause", "x86.kvm_pv", "x86.pv_eoi", "x86.tsc_deadline", "virtio_msix", "rtc.use_localtime",
              "memory.guest_in_core", "config.dump", "gdb.wait")
 #: Other keys vmmshim reads as text (their references are expanded by validate(), not mid-boot).
 TEXT_KEYS = ("name", "uuid", "pidfile", "firmware.spec", "gdb.address")
@@ -54,7 +54,7 @@ _PCI = re.compile(r"^pci\.(\d+)\.(\d+)\.(\d+)\.(.+)$")
 
 _DEFAULTS = {"name": "vm", "cpus": "1", "memory.size": "256M", "acpi_tables": "false", "x86.strictio": "false",
              "x86.strictmsr": "true", "x86.mptable": "true", "x86.x2apic": "false", "x86.kvm_pv": "true",
-             "x86.pv_eoi": "true", "virtio_msix": "true", "rtc.use_localtime": "true",
+             "x86.pv_eoi": "true", "x86.tsc_deadline": "true", "virtio_msix": "true", "rtc.use_localtime": "true",
              **{k: d for k, (d, _, _) in VMMSHIM_KEYS.items() if k not in ("vmmshim.help", "vmmshim.version")}}
 
 

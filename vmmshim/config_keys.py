@@ -65,6 +65,7 @@ BHYVE_KEYS = {
     "x86.vmexit_on_pause": ("false", "accepted (-P); PAUSE exits are KVM's pause-loop exiting"),
     "x86.kvm_pv": ("true", "offer KVM's paravirtual interface (kvmclock) to the guest"),
     "x86.pv_eoi": ("true", "offer KVM's paravirtual EOI to the guest"),
+    "x86.tsc_deadline": ("true", "offer the LAPIC timer's TSC-deadline mode (CPUID.1:ECX[24]; false: bhyve's CPUID)"),
     "virtio_msix": ("true", "virtio devices use MSI-X (false: -W, one MSI vector)"),
     "rtc.use_localtime": ("true", "the RTC keeps local time (false: -u, UTC)"),
     "uuid": ("", "the VM's UUID in its SMBIOS table (-U; default: made from the VM's and the host's names)"),

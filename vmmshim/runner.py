@@ -133,6 +133,7 @@ def _create_vm(cfg, memfile=None):
                                              x2apic=cfg.get_bool("x86.x2apic"), name=cfg.get("name"),
                                              kvm_pv=cfg.get_bool("x86.kvm_pv"),
                                              pv_eoi=cfg.get_bool("x86.pv_eoi"),
+                                             tsc_deadline=cfg.get_bool("x86.tsc_deadline"),
                                              posted_io=cfg.get_bool("vmmshim.posted_io"),
                                              doorbells=cfg.get_bool("vmmshim.doorbells"),
                                              halt_serve=cfg.get_bool("vmmshim.halt_serve"),

@@ -75,12 +75,13 @@ class HostMemory:
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
                  kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True, halt_serve=True,
-                 memfile=None):
+                 memfile=None, tsc_deadline=False):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.memfile = memfile          # a checkpoint's memory file to map as RAM (restore), else None
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
         self.doorbells, self.answer_io, self.halt_serve = doorbells, answer_io, halt_serve
+        self.tsc_deadline = tsc_deadline
 
 
 class VM:
@@ -105,7 +106,8 @@ class VM:
         self.extra_devices = {}     # devices outside the platform and PCI a checkpoint saves (debug-exit)
         self.exit_counts = {}       # vCPU -> list of VM exits handled here, by vm_exitcode
         self.vmi = ops.vm_init(VmSpec(timers=self.timers, io=self.io, mem=self.mem, x2apic=config.x2apic,
-                                      kvm_pv=config.kvm_pv, pv_eoi=config.pv_eoi))
+                                      kvm_pv=config.kvm_pv, pv_eoi=config.pv_eoi,
+                                      tsc_deadline=config.tsc_deadline))
         self.fast = FastPaths(self)
         self.lowmem = min(config.memsize, LOWMEM_LIMIT)
         self.highmem = config.memsize - self.lowmem

@@ -366,6 +366,22 @@ class Vcpu:
         """vmmshim's extension: the guest TSC's rate in Hz as the hypervisor knows it, or None when unknown."""
         return None
 
+    def complete_msr(self, npc, value=None):
+        """vmmshim's extension: the RDMSR/WRMSR that exited is done: RIP moves to ``npc`` and, for a RDMSR,
+        EDX:EAX take ``value`` (NVMM's way, through the GPR state; a provider may do it with less)."""
+        self.getstate(C.NVMM_X64_STATE_GPRS)
+        gprs = self.state.gprs
+        if value is not None:
+            gprs[C.NVMM_X64_GPR_RAX] = value & 0xFFFFFFFF
+            gprs[C.NVMM_X64_GPR_RDX] = value >> 32
+        gprs[C.NVMM_X64_GPR_RIP] = npc
+        self.setstate(C.NVMM_X64_STATE_GPRS)
+
+    def guest_tsc(self):
+        """vmmshim's extension: the guest's TSC now (``msrs[NVMM_X64_MSR_TSC]`` of the MSR state, read afresh)."""
+        self.getstate(C.NVMM_X64_STATE_MSRS)
+        return self.state.msrs[C.NVMM_X64_MSR_TSC]
+
     def assist_mem(self):
         raise NotImplementedError
 

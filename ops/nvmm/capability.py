@@ -57,6 +57,8 @@ LIMIT_CPUID_LATE = "cpuid-after-run"     # CPUID configuration refused after the
 LIMIT_SOFT_INT = "int-n"                 # guest `int n`/`int3` fail
 LIMIT_IRQ_WINDOW_LATE = "irq-window-late"  # INT_READY comes at the next exit after the window opens
 LIMIT_TSC_WRITE = "tsc-write"            # the guest TSC cannot be moved (IA32_TSC, IA32_TSC_ADJUST, MSR state)
+LIMIT_TSC_RATE = "tsc-rate"              # the guest TSC's rate is not known (Vcpu.tsc_frequency() is None): no
+                                         # emulated kvmclock, no TSC-deadline mode offered
 LIMIT_GUEST_DEBUG = "guest-debug"       # no single-step, int3 trap or debug-register exits (KVM_SET_GUEST_DEBUG)
 LIMIT_GUEST_DEBUG_INT3 = "guest-debug-int3"     # int3 cannot be trapped (a debugger's breakpoints use DR0-3)
 LIMIT_GUEST_DEBUG_WATCH = "guest-debug-watch"   # data breakpoints (watchpoints) never fire

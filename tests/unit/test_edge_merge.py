@@ -90,3 +90,15 @@ def test_a_vcpu_the_host_does_not_run_gets_the_merged_ticks_again():
         lapic.intr_accepted(0x30)
         t.run_on_time_until(t.now_ns() + period // 2 + 1)
     assert pit.pulses == 4
+
+
+def test_a_guest_with_its_window_open_declines_nothing():
+    """However long the vCPU ran, an edge that merged while the guest had interrupts open (no window asked for,
+    or the window exit came) was held up by the VMM: the guest never held it back."""
+    cpu, masked = [0], [False]
+    j = EdgeJudge(lambda: cpu[0], lambda: masked[0])
+    j.raised(0)
+    cpu[0] = 10 * DECLINED_CPU_NS
+    assert j.merged(0) is False
+    masked[0] = True
+    assert j.merged(0) is True and (j.declined, j.held_up) == (1, 1)

@@ -81,6 +81,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         self._cached = 0          # categories already converted into self.state
         self._commit = 0          # categories setstate marked for the next run
         self._msr_pending = None  # (is_rdmsr, rip) of an MSR exit KVM will complete at the next run
+        self._tsc_buf = None      # guest_tsc's KVM_GET_MSRS buffer
         self._cpuid_masks = {}
         self._cpuid_applied = False
         self._cpuid_view = None         # guest_cpuid's function, until the masks change

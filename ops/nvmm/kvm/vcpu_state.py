@@ -26,6 +26,10 @@ from .exit import MSR_INSN_LEN as _MSR_INSN_LEN
 from . import ioctls as K
 from . import layouts as L
 
+MSR_IA32_TSC = 0x10
+_TSC_MSRS = struct.Struct("<I4xI4xQ")    # struct kvm_msrs with one struct kvm_msr_entry: nmsrs, index, data
+_U64 = struct.Struct("<Q")
+
 _GPRS, _SEGS, _CRS, _DRS, _MSRS, _INTR, _FPU = (C.NVMM_X64_STATE_GPRS, C.NVMM_X64_STATE_SEGS,
                                                 C.NVMM_X64_STATE_CRS, C.NVMM_X64_STATE_DRS,
                                                 C.NVMM_X64_STATE_MSRS, C.NVMM_X64_STATE_INTR,
@@ -38,8 +42,8 @@ _EVENTS = struct.Struct("<BBBBIBBBBB")
 
 class KvmStateCache:
     """NVMM's state categories over the synced ``kvm_run`` area. Needs ``self.mm`` (the ``kvm_run`` mapping),
-    ``self.fd``, ``self.state`` and the ``_cached``/``_commit``/``_xcr0``/``_msr_pending``/``_slow`` fields that
-    :class:`ops.nvmm.kvm.vcpu.KvmVcpu` sets up."""
+    ``self.fd``, ``self.state`` and the ``_cached``/``_commit``/``_xcr0``/``_msr_pending``/``_slow``/``_tsc_buf``
+    fields that :class:`ops.nvmm.kvm.vcpu.KvmVcpu` sets up."""
 
     # -- state -------------------------------------------------------------------------------------------------
     def _sregs(self):
@@ -171,6 +175,28 @@ class KvmStateCache:
     def _events_flags(self, flags):
         off = L.RUN_S_EVENTS + 20
         struct.pack_into("<I", self.mm, off, flags)
+
+    def complete_msr(self, npc, value=None):
+        """KVM completes a user-space MSR exit itself at the next ``KVM_RUN`` (``kvm_run.msr``: error 0, the data
+        of a RDMSR), RIP included: no GPR traffic, unless the GPRs were changed in this exit already."""
+        pend = self._msr_pending
+        if pend is None or self._commit & C.NVMM_X64_STATE_GPRS or npc != pend[1] + _MSR_INSN_LEN \
+                or pend[0] != (value is not None):
+            return api.Vcpu.complete_msr(self, npc, value)
+        self._msr_pending = None
+        if value is not None:
+            _U64.pack_into(self.mm, L.MSR_DATA, value & 0xFFFFFFFFFFFFFFFF)
+        self.mm[L.MSR_ERROR] = 0
+
+    def guest_tsc(self):
+        """IA32_TSC alone through ``KVM_GET_MSRS`` (one entry, its buffer kept): the TSC-deadline timer reads it at
+        every deadline the guest writes, where the whole MSR state would cost eleven."""
+        buf = self._tsc_buf
+        if buf is None:
+            buf = self._tsc_buf = bytearray(_TSC_MSRS.pack(1, MSR_IA32_TSC, 0))
+        if _IOCTL(self.fd, K.KVM_GET_MSRS, buf) != 1:
+            raise api.nvmm_error(errno.EINVAL, "KVM did not read IA32_TSC")
+        return _TSC_MSRS.unpack_from(buf)[2]
 
     def _complete_msr(self):
         """Turn an NVMM-style MSR completion (RIP = npc, RAX/RDX for RDMSR) into KVM's."""

@@ -18,6 +18,7 @@ from .. import api
 from .. import constants as C
 from .. import ProviderUnavailable
 from . import ucstate
+from ..capability import LIMIT_TSC_RATE
 from .cpuid import XCR0_SUPPORTED
 from .ucstate import uc_prot  # noqa: F401 (its old home)
 
@@ -27,7 +28,8 @@ MAX_RAM = 1 << 40
 LIMIT_NMI_BLOCKING = "nmi-blocking"      # NMIs are delivered without blocking further NMIs until IRET
 LIMIT_TASK_GATES = "task-gates"          # events through task gates (and hardware task switches) fail
 LIMIT_SMC_IN_RUN = "smc-within-run"      # host writes to guest code are seen at the next run, not during one
-LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN})
+LIMITS = frozenset({api.LIMIT_NMI_WINDOW, LIMIT_NMI_BLOCKING, LIMIT_TASK_GATES, LIMIT_SMC_IN_RUN,
+                    LIMIT_TSC_RATE})
 
 
 #: the answered port reads, and guest debugging by the hooks (debug.py): single steps, int3 exits, and
