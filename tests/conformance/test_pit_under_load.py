@@ -37,6 +37,32 @@ STOP = RESULT + 8                   # the host writes 1 here to end the guest's 
 MASKED_S, OPEN_S = 0.3, 0.02        # the masked guest's stretch with interrupts off, then on
 
 
+#: The guest's start: the vioapic routes pin 2 (IRQ0) to VECTOR, the PIT's channel 0 ticks at TICK_HZ (mode 2).
+_PIT_SETUP = gate(VECTOR, "pit_handler") + f"""
+  lidt idtr
+  mov $0xFEE00000, %esi
+  movl $0x1ff, 0xF0(%rsi)      # LAPIC software enabled
+  mov $0xFEC00000, %edi
+  movl $0x14, (%rdi)           # redirection entry for pin 2
+  movl ${VECTOR}, 0x10(%rdi)   # fixed, edge, unmasked
+  movl $0x15, (%rdi)
+  movl $0x0, 0x10(%rdi)
+  mov $0x34, %al               # channel 0, lobyte/hibyte, mode 2
+  out %al, $0x43
+  mov ${round(PIT_HZ / TICK_HZ) & 0xFF}, %al
+  out %al, $0x40
+  mov ${round(PIT_HZ / TICK_HZ) >> 8}, %al
+  out %al, $0x40
+"""
+#: Its handler: counts the ticks at RESULT.
+_PIT_HANDLER = f"""
+pit_handler:
+  incl {RESULT}
+  movl $0, 0xB0(%rsi)          # EOI
+  iretq
+""" + IDT
+
+
 def _count(vm):
     return int.from_bytes(bytes(vm.view(RESULT, 4)), "little")
 
@@ -56,32 +82,13 @@ def test_pit_ticks_follow_wall_time_with_the_host_busy(platform_vm, provider):  
         pytest.skip("a timing test: KVM only")
     vm = platform_vm()
     pit = _pit(vm)
-    count = round(PIT_HZ / TICK_HZ)
-    boot64(vm, gate(VECTOR, "pit_handler") + f"""
-  lidt idtr
-  mov $0xFEE00000, %esi
-  movl $0x1ff, 0xF0(%rsi)      # LAPIC software enabled
-  mov $0xFEC00000, %edi
-  movl $0x14, (%rdi)           # redirection entry for pin 2
-  movl ${VECTOR}, 0x10(%rdi)   # fixed, edge, unmasked
-  movl $0x15, (%rdi)
-  movl $0x0, 0x10(%rdi)
-  mov $0x34, %al               # channel 0, lobyte/hibyte, mode 2
-  out %al, $0x43
-  mov ${count & 0xFF}, %al
-  out %al, $0x40
-  mov ${count >> 8}, %al
-  out %al, $0x40
+    boot64(vm, _PIT_SETUP + f"""
   sti
 1:cmpl $1, {STOP}
   jne 1b
   cli
   hlt
-pit_handler:
-  incl {RESULT}
-  movl $0, 0xB0(%rsi)          # EOI
-  iretq
-""" + IDT)
+""" + _PIT_HANDLER)
     seen = {}
 
     def measure():
@@ -132,22 +139,7 @@ def test_ticks_a_guest_keeps_masked_are_lost_as_on_a_pc(platform_vm, provider): 
         pytest.skip("a timing test: KVM only")
     vm = platform_vm()
     pit = _pit(vm)
-    count = round(PIT_HZ / TICK_HZ)
-    boot64(vm, gate(VECTOR, "pit_handler") + f"""
-  lidt idtr
-  mov $0xFEE00000, %esi
-  movl $0x1ff, 0xF0(%rsi)      # LAPIC software enabled
-  mov $0xFEC00000, %edi
-  movl $0x14, (%rdi)           # redirection entry for pin 2
-  movl ${VECTOR}, 0x10(%rdi)   # fixed, edge, unmasked
-  movl $0x15, (%rdi)
-  movl $0x0, 0x10(%rdi)
-  mov $0x34, %al               # channel 0, lobyte/hibyte, mode 2
-  out %al, $0x43
-  mov ${count & 0xFF}, %al
-  out %al, $0x40
-  mov ${count >> 8}, %al
-  out %al, $0x40
+    boot64(vm, _PIT_SETUP + f"""
 1:cmpl $1, {STOP}              # interrupts off until the host says so
   jne 1b
   movl $0, {RESULT}
@@ -156,11 +148,7 @@ def test_ticks_a_guest_keeps_masked_are_lost_as_on_a_pc(platform_vm, provider): 
   jne 2b
   cli
   hlt
-pit_handler:
-  incl {RESULT}
-  movl $0, 0xB0(%rsi)          # EOI
-  iretq
-""" + IDT)
+""" + _PIT_HANDLER)
 
     def release():
         time.sleep(MASKED_S)
