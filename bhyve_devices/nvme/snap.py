@@ -164,18 +164,27 @@ class ControllerState:
     def _size(self, where, qid, size):
         return _int(f"{where} size", size, 2, ADMIN_MAX_ENTRIES if qid == 0 else self.c.mqes + 1)
 
-    def _cqs(self, saved):
-        out = []
+    def _saved_queues(self, kind, saved, keys, entry_size):
+        """Each saved queue of ``kind`` checked for what every queue has: ``(qid, state, where, size, ring)``, or
+        None where none was."""
         for i, s in enumerate(saved):
             if s is None:
-                out.append(None)
+                yield None
                 continue
-            where = f"completion queue {i}"
-            _dict(where, s, CQ_KEYS)
+            where = f"{kind} queue {i}"
+            _dict(where, s, keys)
             if s["qid"] != i:
                 raise S.SnapshotError(f"nvme: {where} saved as queue {s['qid']!r:.20}")
             size = self._size(where, i, s["size"])
-            ring = self._base(where, s["base"], size, R.CQE_SIZE)
+            yield i, s, where, size, self._base(where, s["base"], size, entry_size)
+
+    def _cqs(self, saved):
+        out = []
+        for got in self._saved_queues("completion", saved, CQ_KEYS, R.CQE_SIZE):
+            if got is None:
+                out.append(None)
+                continue
+            i, s, where, size, ring = got
             q = CompletionQueue(i, s["base"], size, _bool(f"{where} IEN", s["ien"]),
                                 _int(f"{where} vector", s["iv"], 0, self.c.maxq), ring)
             q.head = _int(f"{where} head", s["head"], 0, size - 1)
@@ -189,16 +198,11 @@ class ControllerState:
 
     def _sqs(self, saved):
         out = []
-        for i, s in enumerate(saved):
-            if s is None:
+        for got in self._saved_queues("submission", saved, SQ_KEYS, R.SQE_SIZE):
+            if got is None:
                 out.append(None)
                 continue
-            where = f"submission queue {i}"
-            _dict(where, s, SQ_KEYS)
-            if s["qid"] != i:
-                raise S.SnapshotError(f"nvme: {where} saved as queue {s['qid']!r:.20}")
-            size = self._size(where, i, s["size"])
-            ring = self._base(where, s["base"], size, R.SQE_SIZE)
+            i, s, where, size, ring = got
             cqid = _int(f"{where} CQ", s["cqid"], 0, self.c.maxq)
             if (cqid == 0) != (i == 0) or self.cqs[cqid] is None:
                 raise S.SnapshotError(f"nvme: {where} posts to completion queue {cqid}, which it cannot")
