@@ -248,7 +248,8 @@ class VmmOpsNvmm(VmmApiCalls):
             C.NVMM_VCPU_EXIT_MEMORY: self._exit_mem,
             C.NVMM_VCPU_EXIT_RDMSR: self._msr, C.NVMM_VCPU_EXIT_WRMSR: self._msr,
             C.NVMM_VCPU_EXIT_HALTED: self._halt,
-            C.NVMM_VCPU_EXIT_INT_READY: self._exit_int_ready, C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
+            C.NVMM_VCPU_EXIT_INT_READY: self._exit_int_ready,
+            C.NVMM_VCPU_EXIT_NMI_READY: pend, C.NVMM_VCPU_EXIT_NONE: pend,
             C.NVMM_VCPU_EXIT_STOPPED: pend,          # a kick: re-evaluate interrupts and suspension before entry
             C.NVMM_VCPU_EXIT_SHUTDOWN: self._exit_shutdown,
             C.NVMM_VCPU_EXIT_MONITOR: self._exit_ud, C.NVMM_VCPU_EXIT_MWAIT: self._exit_ud,

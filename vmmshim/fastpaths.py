@@ -45,7 +45,6 @@ class FastPaths:
         if config.halt_serve:
             ops.vm_idle_hook(vmi, self.doorbells.poll_idle)
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
-        self.flush = None           # the posted writes' PostedFlush, once a port is posted
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
 
     # -- port devices: posted writes and published reads ---------------------------------------------------------
@@ -67,8 +66,8 @@ class FastPaths:
         """Starts the posted writes' flush (:class:`PostedFlush`) and hooks it to the vCPUs' HLT sleeps."""
         vm = self.vm
         ops, vmi = vm.ops, vm.vmi
-        flush = self.flush = PostedFlush(vm.timers, lambda: ops.vm_drain_posted(vmi),
-                                         lambda: ops.vm_all_asleep(vmi), lambda: vm.status is None)
+        flush = PostedFlush(vm.timers, lambda: ops.vm_drain_posted(vmi), lambda: ops.vm_all_asleep(vmi),
+                            lambda: vm.status is None)
         flush.start()
         ops.vm_wake_hook(vmi, flush.woke)
         if vm.config.halt_serve:

@@ -180,7 +180,7 @@ class KvmStateCache:
         """KVM completes a user-space MSR exit itself at the next ``KVM_RUN`` (``kvm_run.msr``: error 0, the data
         of a RDMSR), RIP included: no GPR traffic, unless the GPRs were changed in this exit already."""
         pend = self._msr_pending
-        if pend is None or self._commit & C.NVMM_X64_STATE_GPRS or npc != pend[1] + _MSR_INSN_LEN \
+        if pend is None or self._commit & _GPRS or npc != pend[1] + _MSR_INSN_LEN \
                 or pend[0] != (value is not None):
             return api.Vcpu.complete_msr(self, npc, value)
         self._msr_pending = None
