@@ -16,13 +16,8 @@ from vmmshim.backends import slirp as S
 from vmmshim.backends import slirp_ffi
 from vmmshim.backends import slirp_options as SO
 from vmmshim.config import Config, parse_slot
+from tests.unit.test_net_slirp import needs_libslirp
 
-try:
-    LIBSLIRP = slirp_ffi.version()
-except OSError as exc:
-    LIBSLIRP = None
-    WHY = exc.strerror
-needs_libslirp = pytest.mark.skipif(LIBSLIRP is None, reason="libslirp0 is not installed")
 
 
 # ---- options --------------------------------------------------------------------------------------------------------
