@@ -19,7 +19,6 @@ from vmmshim.config import Config, parse_slot
 from tests.unit.test_net_slirp import needs_libslirp
 
 
-
 # ---- options --------------------------------------------------------------------------------------------------------
 def test_defaults_are_qemus_user_network():
     c = SO.parse_options({})
