@@ -32,6 +32,9 @@ VMMSHIM_KEYS = {
     "vmmshim.blk_compiled": ("true", "bool",
                              "virtio-blk serves Linux's read and write requests in C, where a C compiler can "
                              "build it"),
+    "vmmshim.net_compiled": ("true", "bool",
+                             "virtio-net moves frames between a Linux tap and guest memory in C, where a C compiler "
+                             "can build it"),
     "vmmshim.gil_switch_ms": ("auto", "auto|int 1 10000",
                               "Python's GIL switch interval in milliseconds; auto: 50 on a hypervisor, Python's "
                               "5 with the soft provider"),

@@ -45,6 +45,8 @@ def build_pci_and_tables(vm, cfg, platform, tables=True):
                        slot=slot, func=func)
         if name == "virtio-blk":
             devopts["blk_compiled"] = cfg.get_bool("vmmshim.blk_compiled")
+        if name in ("virtio-net", "virtio-tap"):
+            devopts["net_compiled"] = cfg.get_bool("vmmshim.net_compiled")
         if name == "lpc":
             devopts["uarts"] = [u for u in ("com1", "com2") if cfg.get(f"lpc.{u}.path")] or ["com1", "com2"]
             lpc_slot = (slot, func)

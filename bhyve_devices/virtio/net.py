@@ -14,6 +14,10 @@ span several receive chains and ``num_buffers`` says how many; without it a fram
 with ``vnet_hdr`` carries the header with each frame (``set_vnet_hdr_len`` follows the negotiated length); for
 one without, the device adds and strips it.
 
+Compiled batches: a backend with ``accel`` (the Linux tap: ``vmmshim/backends/netfast.py``) serves transmit and
+receive batches in C before the Python path below looks at the queue; a chain it leaves goes through Python, and
+the interrupt stays here (``notify_used`` after the batch).
+
 Receive: the backend calls :meth:`VirtioNet.receive_pending` (on its own thread, ``start_rx``) while frames are
 waiting and :meth:`VirtioNet._rx_ready` says the guest has posted receive buffers; a notification of the receive
 queue kicks it (``rx_kick``) to look again (with EVENT_IDX the queue has published ``avail_event`` so that
@@ -136,6 +140,7 @@ class VirtioNet(VirtioDevice):
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._stop_backend = False      # the backend's peer is gone: not asked for frames again
+        self._accel = getattr(backend, "accel", None) if backend is not None and backend.vnet_hdr else None
         self.link_up = True
         if start and backend is not None:
             backend.start_rx(self._rx_ready, self.receive_pending)
@@ -204,9 +209,20 @@ class VirtioNet(VirtioDevice):
             self.transmit(queue)
 
     # ---- transmit -----------------------------------------------------------------------------------------------------
+    def _ram(self, queue):
+        return getattr(queue.mem, "ram", None) if self._accel is not None and queue.usable else None
+
     def transmit(self, queue):
         with self._tx_lock:
             served = 0
+            ram = self._ram(queue)
+            if ram is not None:
+                res = self._accel.tx(ram, queue, self.hdr_len, queue.size)
+                if res is not None:
+                    served = res.chains
+                    self.stats["tx_frames"] += res.frames
+                    self.stats["tx_bytes"] += res.bytes
+                    self.stats["tx_dropped"] += res.dropped
             while True:
                 chain = queue.get_chain()
                 if chain is None:
@@ -245,6 +261,18 @@ class VirtioNet(VirtioDevice):
             if not self.queues:
                 return 0
             q = self.queues[RXQ]
+            ram = self._ram(q)
+            res = self._accel.rx(ram, q, self.hdr_len, self.mrg, self._spill, limit) if ram is not None else None
+            if res is not None:
+                delivered = res.frames
+                self.stats["rx_frames"] += res.frames
+                self.stats["rx_bytes"] += res.bytes
+                self.stats["rx_dropped"] += res.dropped
+                if res.eof:
+                    self._stop_backend = True
+                    self.stats["rx_backend_closed"] = 1
+                if not res.python_next:
+                    limit = 0       # no frame, no buffer, or the batch's limit: Python has nothing to add
             while delivered < limit:
                 r = self._receive_one(q)
                 if r is None:

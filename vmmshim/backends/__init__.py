@@ -2,7 +2,8 @@
 ``bhyve_devices/`` are written against ``bhyve_devices/backends.py``'s Protocols and open nothing themselves).
 
 - :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request;
-- :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``);
+- :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``),
+  and :mod:`.netfast`, the tap's compiled data path;
 - :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``);
 - :mod:`.rnd`: ``/dev/urandom`` for virtio-rnd;
 - :mod:`.p9fs`: the shared directory of virtio-9p (``virtio-9p`` gets ``backend``, the share opened from its
@@ -12,7 +13,8 @@
 bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their backends before they set the device
 up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
 ``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
-``path`` (the first option of ``-s N,virtio-net,tap0``; ``slirp``), or from ``stream`` (``stream=unix:PATH``), with
+``path`` (the first option of ``-s N,virtio-net,tap0``; ``slirp``), or from ``stream`` (``stream=unix:PATH``) (a
+tap with the virtio-net header gets the compiled data path when ``net_compiled`` is true), with
 the keys that are not the device's own (:data:`NET_DEVICE_KEYS`: ``hostfwd``, ``restrict``, ``server``...) as the
 backend's options (:func:`.net.open_backend`), ``virtio-console`` gets ``backend`` opened from its
 first option (``-s N,virtio-console,autopty``; any :func:`.uart.open_backend` spec, ``tcp=ADDR:PORT`` included) or
@@ -35,6 +37,7 @@ from bhyve_devices.virtio import console as _condev
 from bhyve_devices.pci.options import as_options, is_true, legacy_options
 
 from . import blkfast
+from . import netfast
 from . import net as _net
 from . import p9fs as _p9fs
 from . import uart as _uart
@@ -57,7 +60,7 @@ def _blk(o):
 
 #: virtio-net's own keys (``bhyve_devices/virtio/pci.py`` reads them); the others are its backend's options.
 NET_DEVICE_KEYS = frozenset(("device", "backend", "tap", "path", "mac", "slot", "func", "vmname", "guest_memory",
-                             "virtio_msix", "single_vector"))
+                             "virtio_msix", "single_vector", "net_compiled"))
 
 
 def _net_legacy_options(text):
@@ -75,7 +78,9 @@ def _netdev_opts(o):
             raise ValueError(f"{spec} and stream= are two backends (give one)")
         spec = _net.STREAM_NAME
     if isinstance(spec, str):
-        o[BACKEND_OPT] = _net.open_backend(spec, extra) if extra else _net.open_backend(spec)
+        be = o[BACKEND_OPT] = _net.open_backend(spec, extra) if extra else _net.open_backend(spec)
+        if isinstance(be, _net.TapBackend) and be.vnet_hdr and is_true(o.get("net_compiled", False)):
+            be.accel = netfast.accelerator(be.fileno)
     elif spec is None and extra:
         raise ValueError(f"option {sorted(extra)[0]!r} without a backend ({_net.BACKENDS})")
     return o

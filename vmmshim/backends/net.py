@@ -6,7 +6,9 @@ receive poll thread.
   ``TUNSETVNETHDRSZ`` following the negotiated header length (tested against a real tap where the tests may
   create one), so the virtio-net header travels through the tap unchanged and frames move between the tap and
   guest memory with ``readv``/``writev``. ``TUNSETOFFLOAD`` follows the GUEST_* offloads the driver accepted
-  (:func:`tun_offload_flags`); the tap takes partially checksummed and GSO frames when that ioctl works.
+  (:func:`tun_offload_flags`); the tap takes partially checksummed and GSO frames when that ioctl works. Its
+  ``accel`` (:mod:`.netfast`, attached by ``open_device_backends`` unless ``vmmshim.net_compiled`` is false)
+  moves batches of frames between the tap and guest memory in C.
 - :class:`NetBSDTapBackend`: ``/dev/tapN``, plain Ethernet frames (the device adds and strips the virtio header).
   Written from NetBSD's tap(4); not tested here.
 - :class:`SocketPairBackend`: an ``AF_UNIX``/``SOCK_SEQPACKET`` pair, one frame per message; ``peer`` is the other
@@ -85,6 +87,7 @@ class _FdBackend:
 
     vnet_hdr = False
     offloads = False
+    accel = None        # a compiled data path (netfast.py), set by the opener on a tap with the header
 
     def _init_rx(self):
         self.stats = dict(rx_waits=0)

@@ -1,0 +1,369 @@
+/*
+ * vmmshim's compiled virtio-net data path over a Linux tap with IFF_VNET_HDR (built and loaded by netfast.py;
+ * vmmshim's own code).
+ *
+ * Split virtqueues as VIRTIO 1.1 section 2.6 lays them out; virtio-net's receive and transmit rules of section
+ * 5.1.6. The tap carries the virtio-net header with each frame (TUNSETVNETHDRSZ follows the negotiated length), so
+ * a frame moves between the tap and guest memory with one readv or writev straight on the guest's buffers.
+ *
+ * The caller passes the queue as Python's Virtqueue holds it (ring addresses, size, features, last_avail,
+ * used_idx) and takes the new indices back. Everything the guest wrote is read once into locals and checked
+ * before use: the rings and every buffer lie in [ram, ram + ram_len) with no overflow in addr + len, the avail
+ * index is at most size ahead, a head or next index is below its table's size, a chain is no longer than its
+ * table. A chain this file does not serve -- a device-writable buffer in a transmit chain or a readable one in a
+ * receive chain, an INDIRECT descriptor that is not the head's, a buffer outside the first RAM area, a bad index,
+ * more than MAX_SEGS buffers -- stops the batch *before* it is popped (stop = STOP_PYTHON): the device's Python
+ * path then takes that chain and answers it as the specification says (an error breaks the queue there).
+ *
+ * Not handled here: legacy devices without the tap's header, chains in highmem, the packed ring.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#define DESC_SIZE 16u
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+#define MAX_SEGS 1024u              /* IOV_MAX on Linux */
+#define MAX_TABLE 32768u            /* the largest queue or indirect table */
+#define HDR_NUM_BUFFERS 10u         /* virtio_net_hdr.num_buffers, in the 12-byte header */
+#define HDR_MRG_LEN 12u
+
+#define VQ_EVENT_IDX 1u
+#define VQ_INDIRECT 2u
+
+enum {
+	STOP_EMPTY = 0,             /* transmit: the ring is empty; receive: no buffer posted */
+	STOP_PYTHON = 1,            /* the next chain is left for the Python path, not popped */
+	STOP_LIMIT = 2,             /* the batch limit was reached */
+	STOP_NO_FRAME = 3,          /* receive: the tap has no frame waiting (EAGAIN) */
+	STOP_EOF = 4,               /* receive: the tap read 0 or failed: its peer is gone */
+};
+
+#define FALLBACK (-1)               /* the rings are not in the first RAM area: nothing done */
+
+struct vmmshim_vq {
+	uint64_t desc, avail, used; /* guest-physical ring addresses (offsets into ram) */
+	uint32_t size;
+	uint32_t flags;             /* VQ_EVENT_IDX, VQ_INDIRECT */
+	uint32_t last_avail;        /* in and out */
+	uint32_t used_idx;          /* in and out */
+};
+
+struct vmmshim_net_out {
+	uint64_t chains;            /* chains put in the used ring */
+	uint64_t frames;            /* frames sent or delivered */
+	uint64_t bytes;             /* their bytes, without the virtio-net header */
+	uint64_t dropped;           /* frames dropped (a tap error, too little buffer space) */
+	int32_t stop;               /* why the batch ended: STOP_* */
+	int32_t error;              /* errno of the receive's failed read (STOP_EOF), else 0 */
+};
+
+struct desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
+{
+	return addr <= ram_len && len <= ram_len - addr;
+}
+
+static uint16_t load16(const uint8_t *p)
+{
+	return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static void store16(uint8_t *p, uint16_t v)
+{
+	__atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+
+static int rings_in_ram(const struct vmmshim_vq *q, uint64_t ram_len)
+{
+	uint64_t n = q->size;
+
+	if (n == 0 || n > MAX_TABLE || (n & (n - 1)) || (q->avail & 1) || (q->used & 3) || (q->desc & 15))
+		return 0;
+	return in_ram(q->desc, n * DESC_SIZE, ram_len) && in_ram(q->avail, 6 + 2 * n, ram_len) &&
+	       in_ram(q->used, 6 + 8 * n, ram_len);
+}
+
+/* how many chains wait; with EVENT_IDX an empty ring publishes avail_event and looks again (2.6.7.2) */
+static uint32_t pending(uint8_t *ram, const struct vmmshim_vq *q, uint16_t last)
+{
+	uint16_t idx = load16(ram + q->avail + 2);
+
+	if (idx == last && (q->flags & VQ_EVENT_IDX)) {
+		store16(ram + q->used + 4 + 8 * (uint64_t)q->size, last);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		idx = load16(ram + q->avail + 2);
+	}
+	return (uint16_t)(idx - last);
+}
+
+/*
+ * The buffers of the chain at head: writable (receive) or readable (transmit) ones only. Returns the number of
+ * iovecs (0 is a valid empty chain) with *total their bytes, or -1 when the Python path must take the chain.
+ */
+static int walk(uint8_t *ram, uint64_t ram_len, const struct vmmshim_vq *q, uint16_t head, int want_write,
+		struct iovec *iov, uint64_t *total)
+{
+	uint64_t table = q->desc;
+	uint32_t tsize = q->size, i = head, n = 0;
+	int nseg = 0, first = 1;
+	struct desc d;
+
+	*total = 0;
+	for (;;) {
+		memcpy(&d, ram + table + (uint64_t)i * DESC_SIZE, sizeof(d));
+		if (d.flags & F_INDIRECT) {
+			if (!first || !(q->flags & VQ_INDIRECT) || (d.flags & F_NEXT) || d.len == 0 ||
+			    d.len % DESC_SIZE || d.len / DESC_SIZE > MAX_TABLE || !in_ram(d.addr, d.len, ram_len))
+				return -1;
+			table = d.addr;
+			tsize = d.len / DESC_SIZE;
+			i = 0;
+			first = 0;
+			continue;
+		}
+		first = 0;
+		if (++n > tsize)
+			return -1;                      /* longer than its table: a loop */
+		if (!!(d.flags & F_WRITE) != want_write || !in_ram(d.addr, d.len, ram_len))
+			return -1;
+		if (d.len) {
+			if ((uint32_t)nseg >= MAX_SEGS)
+				return -1;
+			iov[nseg].iov_base = ram + d.addr;
+			iov[nseg].iov_len = d.len;
+			nseg++;
+			*total += d.len;
+		}
+		if (!(d.flags & F_NEXT))
+			return nseg;
+		if (d.next >= tsize)
+			return -1;
+		i = d.next;
+	}
+}
+
+static void put_used(uint8_t *ram, const struct vmmshim_vq *q, uint16_t used_idx, uint16_t head, uint32_t len)
+{
+	uint8_t *e = ram + q->used + 4 + 8 * (uint64_t)(used_idx % q->size);
+	uint32_t id = head;
+
+	memcpy(e, &id, 4);
+	memcpy(e + 4, &len, 4);
+}
+
+/* a popped chain also moves avail_event on with EVENT_IDX, as the Python queue does */
+static void popped(uint8_t *ram, const struct vmmshim_vq *q, uint16_t last)
+{
+	if (q->flags & VQ_EVENT_IDX)
+		store16(ram + q->used + 4 + 8 * (uint64_t)q->size, last);
+}
+
+/* ---- transmit ---------------------------------------------------------------------------------------------- */
+int vmmshim_net_tx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, uint32_t limit,
+		   struct vmmshim_net_out *out)
+{
+	static __thread struct iovec iov[MAX_SEGS];
+	uint16_t last = (uint16_t)q->last_avail, used = (uint16_t)q->used_idx;
+	uint64_t total;
+	uint32_t waiting;
+	int nseg;
+
+	memset(out, 0, sizeof(*out));
+	if (!rings_in_ram(q, ram_len))
+		return FALLBACK;
+	for (;;) {
+		uint16_t head;
+		ssize_t r;
+
+		if (out->chains >= limit) {
+			out->stop = STOP_LIMIT;
+			break;
+		}
+		waiting = pending(ram, q, last);
+		if (waiting == 0) {
+			out->stop = STOP_EMPTY;
+			break;
+		}
+		if (waiting > q->size) {
+			out->stop = STOP_PYTHON;
+			break;
+		}
+		head = load16(ram + q->avail + 4 + 2 * (uint64_t)(last % q->size));
+		if (head >= q->size) {
+			out->stop = STOP_PYTHON;
+			break;
+		}
+		nseg = walk(ram, ram_len, q, head, 0, iov, &total);
+		if (nseg < 0) {
+			out->stop = STOP_PYTHON;
+			break;
+		}
+		last++;
+		popped(ram, q, last);
+		if (total < hdr_len) {
+			out->dropped++;
+		} else {
+			do
+				r = writev(fd, iov, nseg);
+			while (r < 0 && errno == EINTR);
+			if (r < 0 && errno != EAGAIN) {
+				out->dropped++;         /* the tap refused it (a malformed GSO header: EINVAL) */
+			} else {
+				out->frames++;          /* EAGAIN: the tap's queue is full, the frame is lost on the wire */
+				out->bytes += total - hdr_len;
+			}
+		}
+		put_used(ram, q, used, head, 0);
+		used++;
+		store16(ram + q->used + 2, used);
+		out->chains++;
+	}
+	q->last_avail = last;
+	q->used_idx = used;
+	return 0;
+}
+
+/* ---- receive ----------------------------------------------------------------------------------------------- */
+/* writes len bytes at offset off of the buffers iov[0..n) */
+static void scatter_at(struct iovec *iov, int n, uint64_t off, const uint8_t *src, uint64_t len)
+{
+	for (int k = 0; k < n && len; k++) {
+		uint64_t l = iov[k].iov_len;
+
+		if (off >= l) {
+			off -= l;
+			continue;
+		}
+		uint64_t c = l - off < len ? l - off : len;
+
+		memcpy((uint8_t *)iov[k].iov_base + off, src, c);
+		src += c;
+		len -= c;
+		off = 0;
+	}
+}
+
+int vmmshim_net_rx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, int mrg,
+		   uint8_t *spill, uint64_t spill_len, uint32_t limit, struct vmmshim_net_out *out)
+{
+	static __thread struct iovec iov[MAX_SEGS + 1];      /* the frame's first chain, then the spill */
+	static __thread struct iovec more[MAX_SEGS];         /* a chain the frame goes on in */
+	static __thread uint16_t heads[MAX_TABLE];
+	static __thread uint32_t lens[MAX_TABLE];
+	uint16_t last = (uint16_t)q->last_avail, used = (uint16_t)q->used_idx;
+
+	memset(out, 0, sizeof(*out));
+	if (!rings_in_ram(q, ram_len))
+		return FALLBACK;
+	for (;;) {
+		uint16_t start = last, head;
+		uint32_t waiting, nchains = 1;     /* chains the frame fills */
+		uint64_t room, frame, extra, off;
+		ssize_t got;
+		int nseg, bad = 0;
+
+		if (out->frames + out->dropped >= limit) {
+			out->stop = STOP_LIMIT;
+			break;
+		}
+		waiting = pending(ram, q, last);
+		if (waiting == 0) {
+			out->stop = STOP_EMPTY;
+			break;
+		}
+		head = waiting > q->size ? q->size : load16(ram + q->avail + 4 + 2 * (uint64_t)(last % q->size));
+		nseg = head >= q->size ? -1 : walk(ram, ram_len, q, head, 1, iov, &room);
+		if (nseg < 0 || room < hdr_len) {
+			out->stop = STOP_PYTHON;
+			break;
+		}
+		popped(ram, q, (uint16_t)(last + 1));   /* as the Python queue's pop, also when the chain goes back */
+		iov[nseg].iov_base = spill;
+		iov[nseg].iov_len = spill_len;
+		do
+			got = readv(fd, iov, nseg + 1);
+		while (got < 0 && errno == EINTR);
+		if (got < 0 && errno == EAGAIN) {
+			out->stop = STOP_NO_FRAME;
+			break;
+		}
+		if (got <= 0) {
+			out->stop = STOP_EOF;
+			out->error = got < 0 ? errno : 0;
+			break;
+		}
+		if ((uint64_t)got < hdr_len) {
+			out->dropped++;                 /* not even a header: the chain stays posted */
+			continue;
+		}
+		last++;
+		frame = (uint64_t)got - hdr_len;
+		heads[0] = head;
+		lens[0] = (uint32_t)(hdr_len + (frame < room - hdr_len ? frame : room - hdr_len));
+		extra = frame > room - hdr_len ? frame - (room - hdr_len) : 0;
+		off = 0;
+		while (extra > 0) {
+			/* a frame larger than the first chain goes on in the next ones (MRG_RXBUF), from the spill */
+			uint64_t cap, c;
+			uint32_t w = mrg && nchains < MAX_TABLE ? pending(ram, q, last) : 0;
+			int n2;
+
+			if (w == 0) {
+				bad = 1;
+				break;
+			}
+			head = w > q->size ? q->size : load16(ram + q->avail + 4 + 2 * (uint64_t)(last % q->size));
+			n2 = head >= q->size ? -1 : walk(ram, ram_len, q, head, 1, more, &cap);
+			if (n2 < 0) {
+				bad = 2;
+				break;
+			}
+			popped(ram, q, (uint16_t)(last + 1));
+			c = cap < extra ? cap : extra;
+			scatter_at(more, n2, 0, spill + off, c);
+			heads[nchains] = head;
+			lens[nchains] = (uint32_t)c;
+			nchains++;
+			last++;
+			off += c;
+			extra -= c;
+		}
+		if (bad) {
+			/* too little buffer space: the chains go back and the frame is lost */
+			last = start;
+			out->dropped++;
+			if (bad == 2) {
+				out->stop = STOP_PYTHON;
+				break;
+			}
+			continue;
+		}
+		if (hdr_len == HDR_MRG_LEN) {
+			uint16_t nb = (uint16_t)nchains;
+
+			scatter_at(iov, nseg, HDR_NUM_BUFFERS, (const uint8_t *)&nb, 2);
+		}
+		for (uint32_t k = 0; k < nchains; k++) {
+			put_used(ram, q, used, heads[k], lens[k]);
+			used++;
+		}
+		store16(ram + q->used + 2, used);
+		out->chains += nchains;
+		out->frames++;
+		out->bytes += frame;
+	}
+	q->last_avail = last;
+	q->used_idx = used;
+	return 0;
+}
