@@ -1,8 +1,9 @@
 """``vmmshim doctor``: what this host can run, one line each: the providers (kvm, libnvmm and the soft provider,
 the software CPU that needs no ``/dev/kvm``), whether ``/dev/kvm`` exists and which module backs it
 (hardware-assisted ``kvm_intel``/``kvm_amd``, or the paravirtual ``kvm_pvm``, where ``-f kexec`` of a stock Linux
-kernel crawls, so Linux boots in the nested lab), and whether the KVM provider's compiled run loop and
-virtio-blk's compiled request could be built (``ops/nvmm/kvm/fastrun.py``, ``vmmshim/backends/blkfast.py``).
+kernel crawls, so Linux boots in the nested lab), and whether the KVM provider's compiled run loop, virtio-blk's
+compiled request and virtio-net's compiled data path could be built (``ops/nvmm/kvm/fastrun.py``,
+``vmmshim/backends/blkfast.py``, ``vmmshim/backends/netfast.py``).
 Exit status 0 when at least one provider works, 4 otherwise or for an argument (it takes none).
 
 Not supported: checking a particular guest's needs (memory, vCPUs) against the host.
@@ -57,6 +58,10 @@ def doctor(kvm_device=KVM_DEVICE):
     why = blkfast.unavailable()
     print("compiled virtio-blk request " + ("built: Linux's read and write tables are served in C" if why is None else
                                             f"unavailable ({why}): virtio-blk serves every request in Python"))
+    from .backends import netfast
+    why = netfast.unavailable()
+    print("compiled virtio-net data path " + ("built: frames move between a tap and guest memory in C" if why is None
+                                              else f"unavailable ({why}): virtio-net moves every frame in Python"))
     return 0 if ok else EXIT_ERROR
 
 

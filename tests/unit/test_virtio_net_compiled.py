@@ -249,3 +249,57 @@ def test_a_buffer_past_ram_is_left_to_python(addr, length):
     finally:
         a.close()
         b.close()
+
+
+class _TxRing(_Ring):
+    desc_addr, avail_addr, used_addr, size = 0x10000, 0x11000, 0x12000, 256
+
+
+class _RxRing(_Ring):
+    desc_addr, avail_addr, used_addr, size = 0x20000, 0x21000, 0x22000, 256
+
+
+def test_transmit_and_receive_at_once():
+    """The doorbell thread transmits while the tap's thread receives: each direction keeps its own queue state
+    through the C call (which runs without the GIL). One chain per call, to interleave as much as possible."""
+    import threading
+    n = 200
+    buf = bytearray(MEM)
+    ram = memoryview(buf)
+    for q, flags, base in ((_TxRing, 0, 0x40000), (_RxRing, VIRTQ_DESC_F_WRITE, 0x80000)):
+        for i in range(n):
+            addr = base + 2048 * i
+            if not flags:
+                buf[addr:addr + 12 + 64] = HDR + struct.pack("<I", i) * 16
+            struct.pack_into("<QIHH", buf, q.desc_addr + DESC_SIZE * i, addr, 12 + 64 if not flags else 2048, flags, 0)
+            struct.pack_into("<H", buf, q.avail_addr + 4 + 2 * i, i)
+        struct.pack_into("<H", buf, q.avail_addr + 2, n)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    b.settimeout(5)
+    acc = netfast.accelerator(a.fileno)
+    for i in range(n):
+        b.send(HDR + struct.pack("<I", 1000 + i) * 100)
+    tx, rx = _TxRing(), _RxRing()
+    spill = bytearray(N.MAX_FRAME + 12)
+
+    def loop(fn):
+        for _ in range(20 * n):
+            fn()
+
+    threads = [threading.Thread(target=loop, args=(lambda: acc.tx(ram, tx, 12, 1),)),
+               threading.Thread(target=loop, args=(lambda: acc.rx(ram, rx, 12, True, spill, 1),))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (tx.last_avail, tx.used_idx, rx.last_avail, rx.used_idx) == (n, n, n, n)
+        for i in range(n):
+            assert b.recv(4096) == HDR + struct.pack("<I", i) * 16
+            head, length = struct.unpack_from("<II", buf, _RxRing.used_addr + 4 + 8 * i)
+            assert (head, length) == (i, 412)
+            assert bytes(buf[0x80000 + 2048 * i + 12:0x80000 + 2048 * i + 412]) == struct.pack("<I", 1000 + i) * 100
+    finally:
+        a.close()
+        b.close()

@@ -81,27 +81,29 @@ class Result:
 
 
 class Accelerator:
-    """The compiled batches for one tap (``fileno()`` gives its fd, -1 once closed). ``tx``/``rx`` take the guest's first RAM area (``GuestMemory.ram``)
-    and the queue (a ``Virtqueue``, whose ``last_avail``, ``used_idx`` and ``chains`` they move on) and return a
-    :class:`Result`, or None where the rings are not in that RAM area (the Python path serves the queue)."""
+    """The compiled batches for one tap (``fileno()`` gives its fd, -1 once closed). ``tx``/``rx`` take the
+    guest's first RAM area (``GuestMemory.ram``) and the queue (a ``Virtqueue``, whose ``last_avail``, ``used_idx``
+    and ``chains`` they move on) and return a :class:`Result`, or None where the rings are not in that RAM area (the
+    Python path serves the queue). One transmit and one receive may run at once (two threads)."""
 
     def __init__(self, ffi, lib, fileno):
         self._ffi, self._lib, self._fileno = ffi, lib, fileno
-        self._vq = ffi.new("struct vmmshim_vq *")
-        self._out = ffi.new("struct vmmshim_net_out *")
+        # one queue and result pair per direction: transmit (a doorbell, a vCPU) and receive (the tap's thread)
+        # run at once, each under its own device lock, and the C call runs without the GIL
+        self._tx = (ffi.new("struct vmmshim_vq *"), ffi.new("struct vmmshim_net_out *"))
+        self._rx = (ffi.new("struct vmmshim_vq *"), ffi.new("struct vmmshim_net_out *"))
         self.batches = 0
 
-    def _load(self, q):
-        vq = self._vq
+    @staticmethod
+    def _load(vq, q):
         vq.desc, vq.avail, vq.used, vq.size = q.desc_addr, q.avail_addr, q.used_addr, q.size
         vq.flags = (VQ_EVENT_IDX if q.event_idx else 0) | (VQ_INDIRECT if q.indirect else 0)
         vq.last_avail, vq.used_idx = q.last_avail, q.used_idx
-        return vq
 
-    def _done(self, q, r):
+    def _done(self, pair, q, r):
         if r < 0:
             return None
-        vq, out = self._vq, self._out
+        vq, out = pair
         q.last_avail, q.used_idx = vq.last_avail & 0xFFFF, vq.used_idx & 0xFFFF
         q.chains += out.chains
         self.batches += 1
@@ -111,30 +113,32 @@ class Accelerator:
         fd = self._fileno()
         if fd < 0:
             return None
-        vq = self._load(q)
+        vq, out = pair = self._tx
+        self._load(vq, q)
         # the buffer is exported for the call only (as blkfast.py does: an export kept in a cycle of objects
         # made the garbage collector free the memory under it)
         ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
         try:
-            r = self._lib.vmmshim_net_tx(ptr, len(ram), vq, fd, hdr_len, limit, self._out)
+            r = self._lib.vmmshim_net_tx(ptr, len(ram), vq, fd, hdr_len, limit, out)
         finally:
             self._ffi.release(ptr)
-        return self._done(q, r)
+        return self._done(pair, q, r)
 
     def rx(self, ram, q, hdr_len, mrg, spill, limit):
         fd = self._fileno()
         if fd < 0:
             return None
-        vq = self._load(q)
+        vq, out = pair = self._rx
+        self._load(vq, q)
         ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
         sp = self._ffi.from_buffer("uint8_t[]", spill, require_writable=True)
         try:
             r = self._lib.vmmshim_net_rx(ptr, len(ram), vq, fd, hdr_len, 1 if mrg else 0, sp, len(spill),
-                                         limit, self._out)
+                                         limit, out)
         finally:
             self._ffi.release(sp)
             self._ffi.release(ptr)
-        return self._done(q, r)
+        return self._done(pair, q, r)
 
 
 def accelerator(fileno):
