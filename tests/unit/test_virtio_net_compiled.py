@@ -13,6 +13,8 @@ import hashlib
 import os
 import socket
 import struct
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -262,7 +264,6 @@ class _RxRing(_Ring):
 def test_transmit_and_receive_at_once():
     """The doorbell thread transmits while the tap's thread receives: each direction keeps its own queue state
     through the C call (which runs without the GIL). One chain per call, to interleave as much as possible."""
-    import threading
     n = 200
     buf = bytearray(MEM)
     ram = memoryview(buf)
@@ -278,17 +279,21 @@ def test_transmit_and_receive_at_once():
     a.setblocking(False)
     b.settimeout(5)
     acc = netfast.accelerator(a.fileno)
-    for i in range(n):
-        b.send(HDR + struct.pack("<I", 1000 + i) * 100)
     tx, rx = _TxRing(), _RxRing()
     spill = bytearray(N.MAX_FRAME + 12)
+    deadline = time.monotonic() + 20
 
-    def loop(fn):
-        for _ in range(20 * n):
+    def loop(fn, q):
+        while q.used_idx != n and time.monotonic() < deadline:
             fn()
 
-    threads = [threading.Thread(target=loop, args=(lambda: acc.tx(ram, tx, 12, 1),)),
-               threading.Thread(target=loop, args=(lambda: acc.rx(ram, rx, 12, True, spill, 1),))]
+    def send():
+        for i in range(n):
+            b.send(HDR + struct.pack("<I", 1000 + i) * 100)
+
+    threads = [threading.Thread(target=loop, args=(lambda: acc.tx(ram, tx, 12, 1), tx)),
+               threading.Thread(target=loop, args=(lambda: acc.rx(ram, rx, 12, True, spill, 1), rx)),
+               threading.Thread(target=send)]
     try:
         for t in threads:
             t.start()
