@@ -18,18 +18,15 @@ Compiled batches: a backend with ``accel`` (the Linux tap: ``vmmshim/backends/ne
 receive batches in C before the Python path below looks at the queue; a chain it leaves goes through Python, and
 the interrupt stays here (``notify_used`` after the batch).
 
-Receive: the backend calls :meth:`VirtioNet.receive_pending` (on its own thread, ``start_rx``) while frames are
-waiting and :meth:`VirtioNet._rx_ready` says the guest has posted receive buffers; a notification of the receive
-queue kicks it (``rx_kick``) to look again (with EVENT_IDX the queue has published ``avail_event`` so that
-notification comes). A frame for which the guest has too little buffer space is dropped (counted in
-``stats['rx_dropped']``); a backend whose peer is gone is not asked again. Transmit runs on the notifying thread:
-each chain is one ``backend.send``.
+Receive (:mod:`.net_rx`): the backend's thread moves waiting frames into posted buffers while the guest has posted
+some; a mergeable frame for which too few are posted yet is held, not dropped, until the driver posts more.
+Transmit runs on the notifying thread: each chain is one ``backend.send``.
 
 Snapshot: the negotiated features (restore applies them again: header length, MRG_RXBUF, and the tap's header
 length and offloads), the MAC the guest read, the header length and MRG_RXBUF (checked against the features) and
 the offered features (an offload set that changed refuses the restore). Receive keeps nothing between frames but
-the receive queue's indices (the transport's): a frame is delivered whole or not at all; the link status is always
-up.
+the receive queue's indices (the transport's) and a held frame, which a checkpoint loses (as a frame on the wire);
+a frame is delivered whole or not at all; the link status is always up.
 
 Features: MAC, STATUS (link up), MRG_RXBUF; with a backend that carries the virtio-net header and takes offloads
 (``offloads``: the Linux tap) also the offloads QEMU's tap networking has: CSUM and HOST_TSO4/TSO6/ECN (the guest
@@ -50,7 +47,8 @@ from construct import Array, Int8ul, Int16ul, Struct
 from bhyve_devices import snapshot as S
 
 from .device import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, VirtioDevice, bit
-from .virtqueue import scatter, split_segments
+from .net_rx import NetRxMixin
+from .virtqueue import split_segments
 
 VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
@@ -116,7 +114,7 @@ def parse_options(opts):
 
 
 # ---- the device -------------------------------------------------------------------------------------------------------
-class VirtioNet(VirtioDevice):
+class VirtioNet(NetRxMixin, VirtioDevice):
     name = "virtio-net"
     device_type = VIRTIO_ID_NET
     num_queues = 2
@@ -140,6 +138,7 @@ class VirtioNet(VirtioDevice):
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._stop_backend = False      # the backend's peer is gone: not asked for frames again
+        self._held = 0                  # a frame held in the spill for more receive buffers: its length
         self._accel = getattr(backend, "accel", None) if backend is not None and backend.vnet_hdr else None
         self.link_up = True
         if start and backend is not None:
@@ -172,6 +171,7 @@ class VirtioNet(VirtioDevice):
             super().reset()
             self.hdr_len = VIRTIO_NET_HDR_LEGACY_LEN
             self.mrg = False
+            self._held = 0
             if self.features & OFFLOAD_FEATURES:
                 try:
                     self.backend.set_offload(0)     # no GSO frames for the next driver until it asks
@@ -244,108 +244,6 @@ class VirtioNet(VirtioDevice):
                 served += 1
             if served:
                 self.notify_used(queue, used_all_avail=True)
-
-    # ---- receive ------------------------------------------------------------------------------------------------------
-    def _rx_ready(self):
-        """Whether the backend should look for frames: the guest has posted receive buffers."""
-        if self._stop_backend or not self.queues:
-            return False
-        q = self.queues[RXQ]
-        return q.usable and q.has_chain()
-
-    def receive_pending(self, limit=256):
-        """Moves up to ``limit`` waiting frames from the backend into the receive queue (rx thread, or tests);
-        returns how many were delivered."""
-        delivered = 0
-        with self._rx_lock:
-            if not self.queues:
-                return 0
-            q = self.queues[RXQ]
-            ram = self._ram(q)
-            res = self._accel.rx(ram, q, self.hdr_len, self.mrg, self._spill, limit) if ram is not None else None
-            if res is not None:
-                delivered = res.frames
-                self.stats["rx_frames"] += res.frames
-                self.stats["rx_bytes"] += res.bytes
-                self.stats["rx_dropped"] += res.dropped
-                if res.eof:
-                    self._stop_backend = True
-                    self.stats["rx_backend_closed"] = 1
-                if not res.python_next:
-                    limit = 0       # no frame, no buffer, or the batch's limit: Python has nothing to add
-            while delivered < limit:
-                r = self._receive_one(q)
-                if r is None:
-                    break
-                delivered += r
-            if delivered:
-                self.notify_used(q)
-        return delivered
-
-    def _receive_one(self, q):
-        """One frame: returns 1 (delivered), 0 (dropped) or None (no buffer or no frame waiting)."""
-        chain = q.get_chain()
-        if chain is None:
-            return None
-        hl = self.hdr_len
-        hdr_segs, body = split_segments(chain.writable, hl)
-        if sum(len(m) for m in hdr_segs) < hl or chain.readable:
-            q.put_used(chain.head, 0)   # not a receive buffer: return it empty
-            return 0
-        spill = memoryview(self._spill)
-        first_room = sum(len(m) for m in body)
-        backend = self.backend
-        try:
-            if backend.vnet_hdr:
-                got = backend.recv_into(hdr_segs + body + [spill])
-            else:
-                got = backend.recv_into(body + [spill])
-        except OSError:
-            got = 0                      # a backend error ends backend polling, as an end of file does
-        if got is None:
-            q.unget()
-            return None
-        if got == 0:
-            self._stop_backend = True    # peer gone: stop polling it (no busy loop on POLLHUP)
-            self.stats["rx_backend_closed"] = 1
-            q.unget()
-            return None
-        n = got - hl if backend.vnet_hdr else got   # the frame's length
-        if n < 0:
-            q.unget()
-            self.stats["rx_dropped"] += 1
-            return 0
-        used = [(chain.head, hl + min(n, first_room))]
-        extra = n - first_room
-        if extra > 0:
-            src = spill[:extra]
-            if not self.mrg:
-                q.unget()  # the chain goes back; the frame is lost
-                self.stats["rx_dropped"] += 1
-                return 0
-            taken = 0
-            while extra > 0:
-                c = q.get_chain()
-                if c is None or c.readable:
-                    if c is not None:
-                        taken += 1
-                    q.unget(taken + 1)
-                    self.stats["rx_dropped"] += 1
-                    return 0
-                taken += 1
-                k = scatter(c.writable, src)
-                used.append((c.head, k))
-                src = src[k:]
-                extra -= k
-        if not backend.vnet_hdr:
-            scatter(hdr_segs, bytes(hl))
-        if hl == VIRTIO_NET_HDR_LEN:
-            scatter(split_segments(hdr_segs, VIRTIO_NET_HDR_LEGACY_LEN)[1], _U16.pack(len(used)))
-        for head, length in used:
-            q.put_used(head, length)
-        self.stats["rx_frames"] += 1
-        self.stats["rx_bytes"] += n
-        return 1
 
     def close(self):
         if self.backend is not None:

@@ -214,6 +214,28 @@ class Virtqueue:
         except _GUEST_ERRORS:
             return False
 
+    def avail_index(self):
+        """The driver's avail index now (None when the queue is not usable or its ring cannot be read)."""
+        if not self.usable:
+            return None
+        try:
+            return self._avail_idx()
+        except _GUEST_ERRORS:
+            return None
+
+    def ask_for_more(self, seen):
+        """A device that needs more chains than are posted (virtio-net holding a frame for mergeable buffers): with
+        EVENT_IDX ``avail_event`` becomes ``seen`` (the avail index it looked at), so the driver's next chain
+        notifies. Returns whether chains came meanwhile (look again before waiting)."""
+        if not self.usable or not self.event_idx:
+            return False
+        try:
+            _U16.pack_into(self._used, 4 + 8 * self.size, seen)
+            full_fence()
+            return self._avail_idx() != seen
+        except _GUEST_ERRORS:
+            return False
+
     def _publish_avail_event(self):
         if self.event_idx:
             _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)

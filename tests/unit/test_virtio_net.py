@@ -135,14 +135,18 @@ def test_receive_without_mrg_needs_one_big_buffer():
     nic.close()
 
 
-def test_too_little_space_drops_and_returns_buffers():
+def test_too_little_space_holds_the_frame_until_buffers_come():
+    """A mergeable frame larger than what is posted waits (its buffers go back, nothing is dropped); the frame
+    behind it waits its turn."""
     nic = Nic()
     nic.post_rx(2, 128)
     nic.be.peer.send(frame(1000))
-    assert nic.dev.receive_pending() == 0 and nic.dev.stats["rx_dropped"] == 1
+    assert nic.dev.receive_pending() == 0 and nic.dev.stats["rx_dropped"] == 0 and nic.rx.get_used() == []
     nic.be.peer.send(frame(100))
-    assert nic.dev.receive_pending() == 1
-    assert [n for _, n in nic.rx.get_used()] == [112]
+    assert nic.dev.receive_pending() == 0
+    nic.post_rx(8, 128)
+    assert nic.dev.receive_pending() == 2
+    assert [n for _, n in nic.rx.get_used()] == [128] * 7 + [116, 112]
     nic.close()
 
 

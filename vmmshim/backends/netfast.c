@@ -31,6 +31,7 @@
 #define MAX_TABLE 32768u            /* the largest queue or indirect table */
 #define HDR_NUM_BUFFERS 10u         /* virtio_net_hdr.num_buffers, in the 12-byte header */
 #define HDR_MRG_LEN 12u
+#define MAX_RETRIES 8u              /* looks again for chains posted while a held frame waited */
 
 #define VQ_EVENT_IDX 1u
 #define VQ_INDIRECT 2u
@@ -41,6 +42,7 @@ enum {
 	STOP_LIMIT = 2,             /* the batch limit was reached */
 	STOP_NO_FRAME = 3,          /* receive: the tap has no frame waiting (EAGAIN) */
 	STOP_EOF = 4,               /* receive: the tap read 0 or failed: its peer is gone */
+	STOP_WAIT = 5,              /* receive: a frame is held until the driver posts more buffers */
 };
 
 #define FALLBACK (-1)               /* the rings are not in the first RAM area: nothing done */
@@ -60,6 +62,7 @@ struct vmmshim_net_out {
 	uint64_t dropped;           /* frames dropped (a tap error, too little buffer space) */
 	int32_t stop;               /* why the batch ended: STOP_* */
 	int32_t error;              /* errno of the receive's failed read (STOP_EOF), else 0 */
+	uint64_t held;              /* receive: the length of the frame held in the spill (with its header), or 0 */
 };
 
 struct desc {
@@ -254,116 +257,224 @@ static void scatter_at(struct iovec *iov, int n, uint64_t off, const uint8_t *sr
 	}
 }
 
-int vmmshim_net_rx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, int mrg,
-		   uint8_t *spill, uint64_t spill_len, uint32_t limit, struct vmmshim_net_out *out)
+/* reads len bytes at offset 0 of the buffers iov[0..n) into dst */
+static void gather(const struct iovec *iov, int n, uint8_t *dst, uint64_t len)
 {
-	static __thread struct iovec iov[MAX_SEGS + 1];      /* the frame's first chain, then the spill */
-	static __thread struct iovec more[MAX_SEGS];         /* a chain the frame goes on in */
-	static __thread uint16_t heads[MAX_TABLE];
-	static __thread uint32_t lens[MAX_TABLE];
-	uint16_t last = (uint16_t)q->last_avail, used = (uint16_t)q->used_idx;
+	for (int k = 0; k < n && len; k++) {
+		uint64_t c = iov[k].iov_len < len ? iov[k].iov_len : len;
+
+		memcpy(dst, iov[k].iov_base, c);
+		dst += c;
+		len -= c;
+	}
+}
+
+/*
+ * With EVENT_IDX, avail_event becomes the avail index now, so the driver's next chain notifies: the device waits
+ * for more chains than are posted (a frame held for mergeable buffers). Returns whether chains came meanwhile.
+ */
+static int ask_for_more(uint8_t *ram, const struct vmmshim_vq *q, uint16_t seen)
+{
+	uint16_t idx;
+
+	if (!(q->flags & VQ_EVENT_IDX))
+		return 0;
+	store16(ram + q->used + 4 + 8 * (uint64_t)q->size, seen);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	idx = load16(ram + q->avail + 2);
+	return idx != seen;
+}
+
+struct rx_state {
+	uint8_t *ram;
+	uint64_t ram_len;
+	const struct vmmshim_vq *q;
+	uint16_t last;              /* the next chain to look at */
+	uint32_t n;                 /* chains the frame fills so far */
+	uint16_t heads[MAX_TABLE];
+	uint32_t lens[MAX_TABLE];
+	struct iovec first[MAX_SEGS + 1];   /* the first chain's buffers (then, for a read, the spill) */
+	int nfirst;
+	struct iovec more[MAX_SEGS];        /* the buffers of a further chain */
+	int nmore;
+};
+
+/*
+ * Takes the chain at st->last for the frame: 1 taken (its buffers in first[] for the frame's first chain, else
+ * in more[] with *cap their room), 0 none posted, -1 a chain for the Python path.
+ */
+static int take(struct rx_state *st, uint64_t *cap)
+{
+	const struct vmmshim_vq *q = st->q;
+	uint32_t w = pending(st->ram, q, st->last);
+	uint16_t head;
+	int k;
+
+	if (w == 0)
+		return 0;
+	if (w > q->size || st->n >= MAX_TABLE)
+		return -1;
+	head = load16(st->ram + q->avail + 4 + 2 * (uint64_t)(st->last % q->size));
+	if (head >= q->size)
+		return -1;
+	k = walk(st->ram, st->ram_len, q, head, 1, st->n ? st->more : st->first, cap);
+	if (k < 0)
+		return -1;
+	if (st->n == 0)
+		st->nfirst = k;
+	else
+		st->nmore = k;
+	popped(st->ram, q, (uint16_t)(st->last + 1));   /* as the Python queue's pop, also if it goes back */
+	st->heads[st->n++] = head;
+	st->last++;
+	return 1;
+}
+
+/*
+ * The rest of a frame, src[0..len), into further chains (MRG_RXBUF): 1 placed, 0 too few chains posted, -1 a
+ * chain for the Python path.
+ */
+static int continue_frame(struct rx_state *st, const uint8_t *src, uint64_t len)
+{
+	while (len > 0) {
+		uint64_t cap, c;
+		int r = take(st, &cap);
+
+		if (r <= 0)
+			return r;
+		c = cap < len ? cap : len;
+		scatter_at(st->more, st->nmore, 0, src, c);
+		st->lens[st->n - 1] = (uint32_t)c;
+		src += c;
+		len -= c;
+	}
+	return 1;
+}
+
+/* the frame's chains into the used ring, num_buffers in its header (the 12-byte one) */
+static void commit(struct rx_state *st, uint16_t *used, uint32_t hdr_len)
+{
+	if (hdr_len == HDR_MRG_LEN) {
+		uint16_t nb = (uint16_t)st->n;
+
+		scatter_at(st->first, st->nfirst, HDR_NUM_BUFFERS, (const uint8_t *)&nb, 2);
+	}
+	for (uint32_t k = 0; k < st->n; k++) {
+		put_used(st->ram, st->q, *used, st->heads[k], st->lens[k]);
+		(*used)++;
+	}
+	store16(st->ram + st->q->used + 2, *used);
+}
+
+static __thread struct rx_state rx_st;
+
+int vmmshim_net_rx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, int mrg,
+		   uint8_t *spill, uint64_t spill_len, uint64_t held, uint32_t limit, struct vmmshim_net_out *out)
+{
+	struct rx_state *st = &rx_st;
+	uint16_t used = (uint16_t)q->used_idx;
+	uint32_t retries = 0;               /* looks again after asking for more chains, at most MAX_RETRIES */
 
 	memset(out, 0, sizeof(*out));
-	if (!rings_in_ram(q, ram_len))
+	if (!rings_in_ram(q, ram_len) || held > spill_len)
 		return FALLBACK;
+	st->ram = ram;
+	st->ram_len = ram_len;
+	st->q = q;
+	st->last = (uint16_t)q->last_avail;
 	for (;;) {
-		uint16_t start = last, head;
-		uint32_t waiting, nchains = 1;     /* chains the frame fills */
-		uint64_t room, frame, extra, off;
+		uint16_t start = st->last, seen = load16(ram + q->avail + 2);
+		uint64_t room;
 		ssize_t got;
-		int nseg, bad = 0;
+		int r;
 
 		if (out->frames + out->dropped >= limit) {
 			out->stop = STOP_LIMIT;
 			break;
 		}
-		waiting = pending(ram, q, last);
-		if (waiting == 0) {
-			out->stop = STOP_EMPTY;
+		st->n = 0;
+		if (held) {
+			/* a frame held for want of buffers goes first, whole, from the spill */
+			r = take(st, &room);
+			if (r == 1 && room < hdr_len)
+				r = -1;
+			if (r == 1) {
+				uint64_t c = room < held ? room : held;
+
+				scatter_at(st->first, st->nfirst, 0, spill, c);
+				st->lens[0] = (uint32_t)c;
+				r = c == held ? 1 : mrg ? continue_frame(st, spill + c, held - c) : -1;
+			}
+			if (r == 1) {
+				commit(st, &used, hdr_len);
+				out->chains += st->n;
+				out->frames++;
+				out->bytes += held - hdr_len;
+				held = 0;
+				continue;
+			}
+			st->last = start;
+			if (r == 0 && ask_for_more(ram, q, seen) && retries++ < MAX_RETRIES)
+				continue;
+			out->stop = r == 0 ? STOP_WAIT : STOP_PYTHON;
 			break;
 		}
-		head = waiting > q->size ? q->size : load16(ram + q->avail + 4 + 2 * (uint64_t)(last % q->size));
-		nseg = head >= q->size ? -1 : walk(ram, ram_len, q, head, 1, iov, &room);
-		if (nseg < 0 || room < hdr_len) {
-			out->stop = STOP_PYTHON;
+		r = take(st, &room);
+		if (r <= 0 || room < hdr_len) {
+			st->last = start;
+			out->stop = r == 0 ? STOP_EMPTY : STOP_PYTHON;
 			break;
 		}
-		popped(ram, q, (uint16_t)(last + 1));   /* as the Python queue's pop, also when the chain goes back */
-		iov[nseg].iov_base = spill;
-		iov[nseg].iov_len = spill_len;
+		st->first[st->nfirst].iov_base = spill;
+		st->first[st->nfirst].iov_len = spill_len;
 		do
-			got = readv(fd, iov, nseg + 1);
+			got = readv(fd, st->first, st->nfirst + 1);
 		while (got < 0 && errno == EINTR);
 		if (got < 0 && errno == EAGAIN) {
+			st->last = start;
 			out->stop = STOP_NO_FRAME;
 			break;
 		}
 		if (got <= 0) {
+			st->last = start;
 			out->stop = STOP_EOF;
 			out->error = got < 0 ? errno : 0;
 			break;
 		}
 		if ((uint64_t)got < hdr_len) {
+			st->last = start;
 			out->dropped++;                 /* not even a header: the chain stays posted */
 			continue;
 		}
-		last++;
-		frame = (uint64_t)got - hdr_len;
-		heads[0] = head;
-		lens[0] = (uint32_t)(hdr_len + (frame < room - hdr_len ? frame : room - hdr_len));
-		extra = frame > room - hdr_len ? frame - (room - hdr_len) : 0;
-		off = 0;
-		while (extra > 0) {
-			/* a frame larger than the first chain goes on in the next ones (MRG_RXBUF), from the spill */
-			uint64_t cap, c;
-			uint32_t w = mrg && nchains < MAX_TABLE ? pending(ram, q, last) : 0;
-			int n2;
-
-			if (w == 0) {
-				bad = 1;
-				break;
-			}
-			head = w > q->size ? q->size : load16(ram + q->avail + 4 + 2 * (uint64_t)(last % q->size));
-			n2 = head >= q->size ? -1 : walk(ram, ram_len, q, head, 1, more, &cap);
-			if (n2 < 0) {
-				bad = 2;
-				break;
-			}
-			popped(ram, q, (uint16_t)(last + 1));
-			c = cap < extra ? cap : extra;
-			scatter_at(more, n2, 0, spill + off, c);
-			heads[nchains] = head;
-			lens[nchains] = (uint32_t)c;
-			nchains++;
-			last++;
-			off += c;
-			extra -= c;
-		}
-		if (bad) {
-			/* too little buffer space: the chains go back and the frame is lost */
-			last = start;
+		if ((uint64_t)got <= room) {
+			st->lens[0] = (uint32_t)got;
+		} else if (!mrg) {
+			st->last = start;               /* larger than a buffer, as a NIC without mergeable buffers */
 			out->dropped++;
-			if (bad == 2) {
-				out->stop = STOP_PYTHON;
+			continue;
+		} else {
+			st->lens[0] = (uint32_t)room;
+			r = continue_frame(st, spill, (uint64_t)got - room);
+			if (r != 1) {
+				/* too few chains posted (or one for Python): the frame is held, whole, in the spill, and
+				   its chains go back */
+				memmove(spill + room, spill, (uint64_t)got - room);
+				gather(st->first, st->nfirst, spill, room);
+				held = (uint64_t)got;
+				st->last = start;
+				if (r == 0 && ask_for_more(ram, q, seen) && retries++ < MAX_RETRIES)
+					continue;
+				out->stop = r == 0 ? STOP_WAIT : STOP_PYTHON;
 				break;
 			}
-			continue;
 		}
-		if (hdr_len == HDR_MRG_LEN) {
-			uint16_t nb = (uint16_t)nchains;
-
-			scatter_at(iov, nseg, HDR_NUM_BUFFERS, (const uint8_t *)&nb, 2);
-		}
-		for (uint32_t k = 0; k < nchains; k++) {
-			put_used(ram, q, used, heads[k], lens[k]);
-			used++;
-		}
-		store16(ram + q->used + 2, used);
-		out->chains += nchains;
+		commit(st, &used, hdr_len);
+		out->chains += st->n;
 		out->frames++;
-		out->bytes += frame;
+		out->bytes += (uint64_t)got - hdr_len;
 	}
-	q->last_avail = last;
+	q->last_avail = st->last;
 	q->used_idx = used;
+	out->held = held;
 	return 0;
 }

@@ -6,7 +6,9 @@ in the nested lab that is most of a millisecond per frame, several thousand time
 "Network beside QEMU"). The compiled path serves a batch of chains in one call, with the GIL released (cffi's ABI
 mode does): transmit pops every available chain and writes each frame to the tap; receive reads each waiting frame
 straight into the next posted chain, going on into further chains from a spill buffer when the frame is larger
-(``VIRTIO_NET_F_MRG_RXBUF``, with ``num_buffers`` set). It keeps EVENT_IDX's ``avail_event`` as the Python queue
+(``VIRTIO_NET_F_MRG_RXBUF``, with ``num_buffers`` set). A frame for which the driver has not posted enough
+buffers yet is held whole in the spill buffer (``held``) and goes first once it has (as QEMU queues it), instead
+of being dropped: a dropped segment cost the guest's TCP a retransmission. It keeps EVENT_IDX's ``avail_event`` as the Python queue
 does; the interrupt stays with the device (``notify_used`` after the batch).
 
 A chain the C code does not serve (a bad index or descriptor, a buffer outside the first RAM area, an INDIRECT that
@@ -39,18 +41,19 @@ struct vmmshim_net_out {
     uint64_t dropped;
     int32_t stop;
     int32_t error;
+    uint64_t held;
 };
 int vmmshim_net_tx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, uint32_t limit,
                    struct vmmshim_net_out *out);
 int vmmshim_net_rx(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, int fd, uint32_t hdr_len, int mrg,
-                   uint8_t *spill, uint64_t spill_len, uint32_t limit, struct vmmshim_net_out *out);
+                   uint8_t *spill, uint64_t spill_len, uint64_t held, uint32_t limit, struct vmmshim_net_out *out);
 """
 _library = native.LazyLibrary(SOURCE, "netfast", CDEF)
 
 VQ_EVENT_IDX = 1
 VQ_INDIRECT = 2
 #: Why a batch ended (``Result.stop``), as netfast.c's STOP_* say.
-STOP_EMPTY, STOP_PYTHON, STOP_LIMIT, STOP_NO_FRAME, STOP_EOF = range(5)
+STOP_EMPTY, STOP_PYTHON, STOP_LIMIT, STOP_NO_FRAME, STOP_EOF, STOP_WAIT = range(6)
 
 
 def unavailable():
@@ -61,17 +64,18 @@ def unavailable():
 
 class Result:
     """One batch: ``chains`` put in the used ring, ``frames`` moved, their ``bytes`` (without the header),
-    ``dropped`` frames, ``stop`` (``STOP_*``) and, for a failed read, its ``error``."""
+    ``dropped`` frames, ``stop`` (``STOP_*``), for a failed read its ``error``, and the length of the frame
+    ``held`` in the spill buffer (0: none)."""
 
-    __slots__ = ("chains", "frames", "bytes", "dropped", "stop", "error")
+    __slots__ = ("chains", "frames", "bytes", "dropped", "stop", "error", "held")
 
     def __init__(self, out):
         self.chains, self.frames, self.bytes = out.chains, out.frames, out.bytes
-        self.dropped, self.stop, self.error = out.dropped, out.stop, out.error
+        self.dropped, self.stop, self.error, self.held = out.dropped, out.stop, out.error, out.held
 
     @property
-    def python_next(self):
-        """The next chain is left for the Python path (it goes on from there)."""
+    def more(self):
+        """Whether the Python path may go on: the batch ended at a chain left for it."""
         return self.stop == STOP_PYTHON
 
     @property
@@ -124,7 +128,7 @@ class Accelerator:
             self._ffi.release(ptr)
         return self._done(pair, q, r)
 
-    def rx(self, ram, q, hdr_len, mrg, spill, limit):
+    def rx(self, ram, q, hdr_len, mrg, spill, held, limit):
         fd = self._fileno()
         if fd < 0:
             return None
@@ -134,7 +138,7 @@ class Accelerator:
         sp = self._ffi.from_buffer("uint8_t[]", spill, require_writable=True)
         try:
             r = self._lib.vmmshim_net_rx(ptr, len(ram), vq, fd, hdr_len, 1 if mrg else 0, sp, len(spill),
-                                         limit, out)
+                                         held, limit, out)
         finally:
             self._ffi.release(sp)
             self._ffi.release(ptr)
