@@ -216,14 +216,13 @@ class VirtioNet(NetRxMixin, VirtioDevice):
         with self._tx_lock:
             served = 0
             ram = self._ram(queue)
-            if ram is not None:
-                res = self._accel.tx(ram, queue, self.hdr_len, queue.size)
-                if res is not None:
-                    served = res.chains
-                    self.stats["tx_frames"] += res.frames
-                    self.stats["tx_bytes"] += res.bytes
-                    self.stats["tx_dropped"] += res.dropped
-            while True:
+            res = self._accel.tx(ram, queue, self.hdr_len, queue.size) if ram is not None else None
+            if res is not None:
+                served = res.chains
+                self.stats["tx_frames"] += res.frames
+                self.stats["tx_bytes"] += res.bytes
+                self.stats["tx_dropped"] += res.dropped
+            while res is None or not res.empty:        # the chains the compiled batch left, if any
                 chain = queue.get_chain()
                 if chain is None:
                     break

@@ -74,6 +74,11 @@ class Result:
         self.dropped, self.stop, self.error, self.held = out.dropped, out.stop, out.error, out.held
 
     @property
+    def empty(self):
+        """The ring was empty when the batch ended (transmit: nothing is left for the Python path)."""
+        return self.stop == STOP_EMPTY
+
+    @property
     def more(self):
         """Whether the Python path may go on: the batch ended at a chain left for it."""
         return self.stop == STOP_PYTHON
