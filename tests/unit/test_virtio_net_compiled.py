@@ -289,9 +289,9 @@ def test_transmit_and_receive_at_once():
     n = 200
     buf = bytearray(MEM)
     ram = memoryview(buf)
-    for q, flags, base in ((_TxRing, 0, 0x40000), (_RxRing, VIRTQ_DESC_F_WRITE, 0x80000)):
-        for i in range(n):
-            addr = base + 2048 * i
+    for q, flags, base, stride in ((_TxRing, 0, 0x40000, 1024), (_RxRing, VIRTQ_DESC_F_WRITE, 0x80000, 2048)):
+        for i in range(n):          # transmit buffers below 0x72000, receive buffers from 0x80000: apart
+            addr = base + stride * i
             if not flags:
                 buf[addr:addr + 12 + 64] = HDR + struct.pack("<I", i) * 16
             struct.pack_into("<QIHH", buf, q.desc_addr + DESC_SIZE * i, addr, 12 + 64 if not flags else 2048, flags, 0)
