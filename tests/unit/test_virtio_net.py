@@ -316,3 +316,37 @@ def test_linux_tap_backend_both_ways():
     finally:
         pkt.close()
         dev.close()
+
+
+def test_rx_thread_delivers_a_held_frame_when_the_driver_posts_more():
+    """The receive thread with a held frame: the driver here notifies only when avail_event asks it to (EVENT_IDX,
+    as Linux's vring_need_event), so a device holding a frame must leave avail_event at the avail index, and the
+    thread must place the frame when the notification wakes it."""
+    nic = Nic(start=True, event_idx=True)
+    a, rx = nic.drv.alloc, nic.rx
+
+    def post(size):
+        old = rx.avail_idx
+        b = a.alloc(size)
+        rx.add(inn=[(b, size)])
+        new, event = rx.avail_idx, rx.avail_event()
+        if (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
+            nic.drv.notify(0)
+        return b
+
+    bufs = [post(256)]
+    nic.be.peer.send(frame(1000, b"big"))
+    nic.be.peer.send(frame(40, b"next"))
+    deadline = time.time() + 5
+    while not nic.dev._held and time.time() < deadline:
+        time.sleep(0.01)
+    assert nic.dev._held == 1012 and rx.get_used() == [] and nic.dev.stats["rx_dropped"] == 0
+    bufs += [post(256) for _ in range(4)]
+    got = []
+    while len(got) < 2 and time.time() < deadline:
+        got += rx.get_used()
+        time.sleep(0.01)
+    assert [n for _, n in got] == [256, 256, 256, 244, 52]
+    data = b"".join(a.read(bufs[h], n) for h, n in got[:4])
+    assert data[12:] == frame(1000, b"big") and a.read(bufs[got[4][0]], 52)[12:] == frame(40, b"next")
+    nic.close()
