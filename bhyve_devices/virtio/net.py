@@ -39,7 +39,6 @@ guest offload changes), multiqueue, MTU.
 
 import contextlib
 import hashlib
-import struct
 import threading
 
 from construct import Array, Int8ul, Int16ul, Struct
@@ -72,7 +71,6 @@ VIRTIO_NET_CONFIG = Struct("mac" / Array(6, Int8ul), "status" / Int16ul)
 
 RXQ, TXQ = 0, 1
 MAX_FRAME = 65536 + 14 + 4      # a 64 KiB packet plus the Ethernet and VLAN headers
-_U16 = struct.Struct("<H")
 
 #: Offload features offered over a backend with ``offloads`` (the virtio-net header passes through it).
 OFFLOAD_FEATURES = (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4

@@ -21,9 +21,7 @@ from .virtqueue import scatter, split_segments
 
 RXQ = 0
 HELD_RETRIES = 8                # looks again for chains posted while a held frame waited (as netfast.c)
-VIRTIO_NET_HDR_LEGACY_LEN = 10
-VIRTIO_NET_HDR_LEN = 12
-_NUM_BUFFERS = 10               # virtio_net_hdr.num_buffers, in the 12-byte header
+_NUM_BUFFERS = 10               # virtio_net_hdr.num_buffers: in the header when it is longer than this (12 bytes)
 
 
 class NetRxMixin:
@@ -126,7 +124,7 @@ class NetRxMixin:
 
     def _finish(self, q, hdr_segs, used, n):
         """num_buffers into the header (12-byte header), the chains into the used ring, the counters."""
-        if self.hdr_len == VIRTIO_NET_HDR_LEN:
+        if self.hdr_len > _NUM_BUFFERS:
             scatter(split_segments(hdr_segs, _NUM_BUFFERS)[1], len(used).to_bytes(2, "little"))
         for head, length in used:
             q.put_used(head, length)
