@@ -40,6 +40,7 @@ DHCP_DISCOVER, DHCP_OFFER, DHCP_REQUEST, DHCP_ACK = 1, 2, 3, 5
 OPT_MASK, OPT_ROUTER, OPT_DNS, OPT_REQUESTED, OPT_TYPE, OPT_SERVER, OPT_END = 1, 3, 6, 50, 53, 54, 255
 DHCP_MAGIC = 0x63825363
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
+HDR = bytes(N.VIRTIO_NET_HDR_LEN)       # the virtio-net header the device hands the backend with each frame
 GUEST, GATEWAY, DNS = socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2"), socket.inet_aton("10.0.2.3")
 
 
@@ -307,6 +308,7 @@ def test_a_full_transmit_queue_slows_then_drops(monkeypatch, nic_factory):
     monkeypatch.setattr(S, "TX_QUEUE_FRAMES", 4)
     monkeypatch.setattr(S, "TX_WAIT_S", 0.02)
     be = S.SlirpBackend(SO.parse_options({}), announce=None)
+    be.set_vnet_hdr_len(len(HDR))
     hold, held = threading.Event(), threading.Event()
 
     def ready():
@@ -316,11 +318,11 @@ def test_a_full_transmit_queue_slows_then_drops(monkeypatch, nic_factory):
     try:
         be.start_rx(ready, lambda: 0)
         mac = bytes.fromhex("020000000001")
-        be.send([arp_request(mac, GUEST, GATEWAY)])         # its reply makes the thread ask ready()
+        be.send([HDR, arp_request(mac, GUEST, GATEWAY)])    # its reply makes the thread ask ready()
         assert held.wait(WAIT_S)
         t0 = time.monotonic()
         for _ in range(10):
-            be.send([arp_request(mac, GUEST, GATEWAY)])
+            be.send([HDR, arp_request(mac, GUEST, GATEWAY)])
         assert time.monotonic() - t0 >= 6 * 0.02
         assert be.stats["tx_dropped"] == 6 and len(be._txq) == 4 and be._txq.waits == 6
         hold.set()
@@ -337,16 +339,17 @@ def test_a_full_transmit_queue_slows_then_drops(monkeypatch, nic_factory):
 def test_frames_for_a_guest_without_buffers_are_bounded(monkeypatch):
     monkeypatch.setattr(S, "RX_QUEUE_FRAMES", 2)
     be = S.SlirpBackend(SO.parse_options({}), announce=None)
+    be.set_vnet_hdr_len(len(HDR))
     try:
         mac = bytes.fromhex("020000000001")
         for _ in range(5):
-            be.send([arp_request(mac, GUEST, GATEWAY)])
+            be.send([HDR, arp_request(mac, GUEST, GATEWAY)])
         deadline = time.monotonic() + WAIT_S
         while be.stats["rx_dropped"] < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert be.stats["rx_frames"] == 2 and be.stats["rx_dropped"] == 3
         got = bytearray(128)
-        assert be.recv_into([memoryview(got)]) >= 42 and parse(bytes(got))["op"] == 2
+        assert be.recv_into([memoryview(got)]) >= len(HDR) + 42 and parse(bytes(got[len(HDR):]))["op"] == 2
     finally:
         be.close()
 

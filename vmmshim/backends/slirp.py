@@ -17,6 +17,12 @@ the host (gateway) at 10.0.2.2, libslirp's DNS forwarder (to the host's resolver
 - ``net=ADDR[/MASK]``, ``host=ADDR``, ``dhcpstart=ADDR``, ``dns=ADDR``, ``hostname=NAME``, ``domainname=NAME``
   (QEMU's names; the addresses must lie inside ``net``).
 
+Offloads (:mod:`.offload`): the backend carries the virtio-net header, so the device offers the tap's offloads.
+The guest's checksums are completed here and its 64 KiB TCP segments go to ``slirp_input`` whole (libslirp takes an
+IP packet of any length up to 64 KiB); the segments libslirp sends one connection's way in one burst are merged
+into one 64 KiB frame for a driver that accepted GUEST_TSO4 (receive coalescing). Without them every frame is 1.5
+KiB and costs the guest and the VMM a virtqueue entry each way (``docs/lab.md``, "slirp and software offloads").
+
 Threads: one thread per backend (``slirp``) makes every libslirp call between setup (``slirp_new`` and the
 forwards, on the opening thread) and :meth:`SlirpBackend.close` (``slirp_cleanup`` once the thread ended): it feeds the guest's frames to
 ``slirp_input``, runs ``slirp_pollfds_fill``/``poll``/``slirp_pollfds_poll`` over libslirp's sockets and a wake
@@ -25,7 +31,7 @@ calls the device's ``receive`` when frames for the guest wait and the guest has 
 Flow control: the device's transmit puts each frame in a bounded queue (:data:`TX_QUEUE_FRAMES`,
 :data:`TX_QUEUE_BYTES`) and, when it is full, waits up to :data:`TX_WAIT_S` for the thread to take one, then drops
 the frame (``stats['tx_dropped']``): a flooding guest is slowed to libslirp's pace. Frames libslirp sends while
-the guest has no receive buffers wait in a queue of :data:`RX_QUEUE_FRAMES`; past that they are dropped
+the guest has no receive buffers wait in a queue of :data:`RX_QUEUE_FRAMES` and :data:`RX_QUEUE_BYTES`; past that they are dropped
 (``stats['rx_dropped']``) and TCP resends them, as libslirp's ``send_packet`` contract allows.
 
 Checked here: Debian 12's libslirp0 4.7.0 on Linux (``tests/unit/test_net_slirp.py``). On NetBSD the same code
@@ -37,7 +43,6 @@ Not supported: IPv6 (``ipv6``, ``ipv6-net``, ``ipv6-host``, IPv6 host forwards),
 forwards while the VM runs.
 """
 
-import collections
 import errno
 import os
 import select
@@ -45,9 +50,9 @@ import sys
 import threading
 import time
 
-from bhyve_devices.virtio.chain import scatter
+from bhyve_devices.virtio.chain import scatter, split_segments
 
-from . import slirp_ffi
+from . import offload, slirp_ffi
 from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe
 from .slirp_ffi import ffi
 
@@ -55,6 +60,9 @@ TX_QUEUE_FRAMES = 256           # guest frames waiting for the slirp thread (a t
 TX_QUEUE_BYTES = 1 << 20
 TX_WAIT_S = 0.1                 # how long a full transmit queue holds the device's transmit before a drop
 RX_QUEUE_FRAMES = 512           # frames for the guest waiting for its receive buffers
+RX_QUEUE_BYTES = 2 << 20
+VIRTIO_NET_F_GUEST_CSUM = 1     # the feature bits set_offload is given (bhyve_devices/virtio/net.py)
+VIRTIO_NET_F_GUEST_TSO4 = 7
 NS_PER_MS = 1_000_000
 
 
@@ -66,7 +74,7 @@ _POLL_TO_SLIRP = ((select.POLLIN, slirp_ffi.POLL_IN), (select.POLLOUT, slirp_ffi
 
 @ffi.callback("ssize_t(const void *, size_t, void *)", error=-1)
 def _send_packet(buf, length, opaque):
-    ffi.from_handle(opaque)._to_guest(ffi.buffer(buf, length)[:])
+    ffi.from_handle(opaque)._to_guest(memoryview(ffi.buffer(buf, length)))
     return length
 
 
@@ -152,13 +160,18 @@ class SlirpBackend(ThreadedFrameBackend):
     """One libslirp instance and its thread (see the module docstring). ``forwards``: ``(proto, host address,
     bound host port, guest address, guest port)`` per ``hostfwd`` rule."""
 
+    vnet_hdr = True                 # the device hands over the header; the offloads are done here
+    offloads = True
+
     def __init__(self, config, announce=sys.stderr):
         self._lib, self._glib = slirp_ffi.load()
         self.config = config
-        self.stats = dict(tx_frames=0, tx_dropped=0, rx_frames=0, rx_dropped=0, guest_errors=0, timers_fired=0)
+        self.stats = dict(tx_frames=0, tx_dropped=0, tx_segmented=0, rx_frames=0, rx_dropped=0, rx_merged=0,
+                          guest_errors=0, timers_fired=0)
         self.last_guest_error = None
         self._txq = FrameQueue(TX_QUEUE_FRAMES, TX_QUEUE_BYTES)
-        self._rxq = collections.deque()
+        self._rxq = offload.Coalescer(RX_QUEUE_FRAMES, RX_QUEUE_BYTES)
+        self._hdr_len = offload.HDR.size
         self._wake = WakePipe()
         self._ready, self._receive = (lambda: False), None
         self._timers = set()
@@ -229,21 +242,40 @@ class SlirpBackend(ThreadedFrameBackend):
         return out
 
     # ---- the NetBackend Protocol --------------------------------------------------------------------------------------
+    def set_vnet_hdr_len(self, n):
+        self._hdr_len = n
+        self._rxq.set_features(self._rxq.csum, self._rxq.tso4, n)
+
+    def set_offload(self, features):
+        """What the driver accepted: GUEST_CSUM and GUEST_TSO4 allow merged frames (those waiting are dropped
+        when it changes, as a link reset would: they were built for the driver before)."""
+        self._rxq.set_features(features >> VIRTIO_NET_F_GUEST_CSUM & 1, features >> VIRTIO_NET_F_GUEST_TSO4 & 1,
+                               self._hdr_len)
+
     def send(self, segs):
-        n = self._txq.put(b"".join(segs), TX_WAIT_S) if not self._stop else 0
-        if not n:
+        data = b"".join(segs)
+        frames = offload.transmit_frames(data, bytearray(memoryview(data)[self._hdr_len:]), whole=True)
+        if not frames:
             self.stats["tx_dropped"] += 1
             return
-        self.stats["tx_frames"] += 1
-        if n == 1:
-            self._wake.wake()
+        self.stats["tx_segmented"] += len(frames) - 1
+        for frame in frames:
+            n = self._txq.put(frame, TX_WAIT_S) if not self._stop else 0
+            if not n:
+                self.stats["tx_dropped"] += 1
+                return
+            self.stats["tx_frames"] += 1
+            if n == 1:
+                self._wake.wake()
 
     def recv_into(self, segs):
         try:
-            frame = self._rxq.popleft()
+            hdr, frame = self._rxq.pop()
         except IndexError:
             return None
-        return scatter(segs, frame)
+        hdr_segs, rest = split_segments(segs, self._hdr_len)
+        scatter(hdr_segs, hdr)
+        return self._hdr_len + scatter(rest, frame)
 
     def close(self):
         """Stops the thread, then frees libslirp's instance (its sockets close)."""
@@ -257,11 +289,12 @@ class SlirpBackend(ThreadedFrameBackend):
 
     # ---- the slirp thread ---------------------------------------------------------------------------------------------
     def _to_guest(self, frame):
-        if len(self._rxq) >= RX_QUEUE_FRAMES:
+        """A frame libslirp sends (a view valid during the call only: the queue copies it)."""
+        if not self._rxq.add(frame):
             self.stats["rx_dropped"] += 1
             return
-        self._rxq.append(frame)
         self.stats["rx_frames"] += 1
+        self.stats["rx_merged"] = self._rxq.merged
 
     def _deliver(self):
         while self._rxq and self._receive is not None and self._ready():
@@ -276,7 +309,7 @@ class SlirpBackend(ThreadedFrameBackend):
             frame = self._txq.get()
             if frame is None:
                 return
-            lib.slirp_input(slirp, frame, len(frame))
+            lib.slirp_input(slirp, ffi.from_buffer(frame), len(frame))
 
     def _fire_timers(self):
         now = time.monotonic_ns() // NS_PER_MS
