@@ -74,11 +74,13 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
     snapshot_version = 1
 
     def __init__(self, vcpu_id, timers, bus=None, *, apic_id=None, x2apic_allowed=False, x2apic_enabled=False,
-                 eoi_level=None, tsc_hz=None, tsc_now=None):
+                 eoi_level=None, tsc_hz=None, tsc_now=None, tsc_deadline=None):
         """``timers``: a TimerService. ``bus``: an ApicBus (the vlapic registers itself). ``x2apic_allowed``: the VM
         offers x2APIC (CPUID bit, APIC_BASE bit 10 writable); ``x2apic_enabled``: start in x2APIC mode (bhyve's
         X2APIC_ENABLED). ``eoi_level(vector)``: called on EOI of a level-triggered vector. ``tsc_hz``: enables
-        TSC-deadline mode; ``tsc_now()`` gives the guest TSC (default: the timer clock scaled to ``tsc_hz``)."""
+        TSC-deadline mode; ``tsc_now()`` gives the guest TSC (default: the timer clock scaled to ``tsc_hz``);
+        ``tsc_deadline`` keeps IA32_TSC_DEADLINE outside Python (``vlapic_timer.py``), whose owner calls
+        :meth:`on_deadline` when it falls due."""
         self.vcpu_id = vcpu_id
         self.apic_id = vcpu_id if apic_id is None else apic_id
         self.x2apic_allowed = bool(x2apic_allowed or x2apic_enabled)
@@ -87,7 +89,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
         self._depth = 0
         self._post = []
         self._guard = _Guard(self)
-        self.timer = ApicTimer(timers, self._on_timer, tsc_hz, tsc_now)
+        self.timer = ApicTimer(timers, self._on_timer, tsc_hz, tsc_now, deadline=tsc_deadline)
         self.apicbase = R.DEFAULT_APIC_BASE | R.APICBASE_ENABLED | (R.APICBASE_BSP if vcpu_id == 0 else 0)
         if x2apic_enabled:
             self.apicbase |= R.APICBASE_X2APIC
@@ -270,6 +272,12 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
     def _on_timer(self, generation):
         with self._guard:
             if self.timer.expired(generation):
+                self._fire_lvt(R.LVT_TIMER)
+
+    def on_deadline(self):
+        """The timer's outside deadline (``tsc_deadline``) fell due and was taken."""
+        with self._guard:
+            if self.timer.deadline_expired():
                 self._fire_lvt(R.LVT_TIMER)
 
     # -- registers ------------------------------------------------------------------------------------------

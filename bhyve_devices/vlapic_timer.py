@@ -19,6 +19,11 @@ a slow timer thread makes the two disagree. A tick whose vector is still pending
 hardware (one IRR bit). Ticks owed for more than one second (a stopped VM, a host asleep) are dropped (counted in
 ``dropped``).
 
+TSC-deadline mode may keep its deadline outside Python (``deadline``: an object with ``arm(value) -> passed``,
+``set(value, due_ns)``, ``cancel()``, ``value()``, ``due_ns()`` and ``enabled``; the KVM provider's compiled run loop,
+``ops/nvmm/kvm/tscdeadline.py``, which serves the guest's writes itself while ``enabled``). Its expiry comes to the
+owner, which calls :meth:`ApicTimer.deadline_expired`; ``tsc_deadline`` and ``running`` are then read from it.
+
 Not supported: a periodic period shorter than :data:`MIN_PERIOD_NS` (100 us) is stretched to it, as KVM does, so a
 guest cannot flood the timer thread; the TSC-deadline clock is the TimerService clock scaled by ``tsc_hz`` (no TSC
 offset or scaling from the VM unless ``tsc_now`` is given); a masked LVT's periods are neither fired nor owed.
@@ -33,8 +38,9 @@ MIN_PERIOD_NS = 100_000
 
 
 class ApicTimer:
-    def __init__(self, timers, on_expire, tsc_hz=None, tsc_now=None):
+    def __init__(self, timers, on_expire, tsc_hz=None, tsc_now=None, deadline=None):
         self._timers = timers
+        self._deadline = deadline if tsc_hz else None
         self._on_expire = on_expire
         self.tsc_hz = tsc_hz
         if tsc_now is None and tsc_hz:
@@ -75,6 +81,8 @@ class ApicTimer:
         if self._handle is not None:
             self._timers.cancel(self._handle)
             self._handle = None
+        if self._deadline is not None and self._deadline.value():
+            self._deadline.cancel()
         self.generation += 1
         self.running = False
         self.owed = 0
@@ -127,6 +135,8 @@ class ApicTimer:
             return
         tsc_change = R.TIMER_TSC_DEADLINE in (mode, self.mode)
         self.mode = mode
+        if self._deadline is not None:
+            self._deadline.enabled = mode == R.TIMER_TSC_DEADLINE
         if tsc_change:
             self.stop()
             self.icr = 0
@@ -187,6 +197,12 @@ class ApicTimer:
         self.tsc_deadline = value & 0xFFFFFFFFFFFFFFFF
         if not self.tsc_deadline:
             return False
+        if self._deadline is not None:
+            if not self._deadline.arm(self.tsc_deadline):
+                return False
+            self.tsc_deadline = 0           # passed already: it fires now
+            self.fires += 1
+            return True
         delta = self.tsc_deadline - self.tsc_now()
         if delta <= 0:
             self.running = True
@@ -196,7 +212,23 @@ class ApicTimer:
         return False
 
     def read_tsc_deadline(self):
-        return self.tsc_deadline if self.mode == R.TIMER_TSC_DEADLINE else 0
+        if self.mode != R.TIMER_TSC_DEADLINE:
+            return 0
+        return self._deadline.value() if self._deadline is not None else self.tsc_deadline
+
+    def deadline_expired(self):
+        """The ``deadline`` object's deadline fell due (it reads 0 now); True if the LVT should fire."""
+        if self.mode != R.TIMER_TSC_DEADLINE:
+            return False
+        self.fires += 1
+        self.tsc_deadline = 0
+        return True
+
+    def _sync_deadline(self):
+        """``tsc_deadline``/``running`` from the ``deadline`` object, which the run loop writes."""
+        if self._deadline is not None and self.mode == R.TIMER_TSC_DEADLINE:
+            self.tsc_deadline = self._deadline.value()
+            self.running = bool(self.tsc_deadline)
 
     # -- snapshot (issue 23; the owner's Vlapic.snapshot / restore) -----------------------------------------
     _STATE = ("mode", "icr", "dcr", "running", "deadline_ns", "period_ns", "tsc_deadline", "owed", "fires",
@@ -205,8 +237,11 @@ class ApicTimer:
     def save_state(self):
         """The counting state: times absolute (``deadline_ns``, the period's end CCR counts to; ``armed_ns``, when
         the armed callback is due, None when none is armed); ``tsc_deadline`` is a guest TSC value, kept as is."""
+        self._sync_deadline()
         d = save_fields(self, self._STATE)
         d["armed_ns"] = self._armed_ns if self._handle is not None else None
+        if self._deadline is not None and self.mode == R.TIMER_TSC_DEADLINE:
+            d["armed_ns"] = self._deadline.due_ns()
         return d
 
     def load_state(self, d, shift_ns):
@@ -229,5 +264,11 @@ class ApicTimer:
         self.running = bool(self.running)
         self.divisor = R.dcr_divisor(self.dcr)
         self.deadline_ns = shifted(self.deadline_ns, shift_ns)
+        if self._deadline is not None:
+            self._deadline.enabled = self.mode == R.TIMER_TSC_DEADLINE
+            if self.mode == R.TIMER_TSC_DEADLINE:
+                if armed is not None and self.tsc_deadline:
+                    self._deadline.set(self.tsc_deadline, shifted(armed, shift_ns))
+                return
         if armed is not None:
             self._arm_callback(shifted(armed, shift_ns))

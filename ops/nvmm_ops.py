@@ -118,8 +118,14 @@ class VmmOpsNvmm(VmmApiCalls):
         nv = ctx.nv
         # TSC-deadline mode needs the guest TSC's rate and its value now (read at the WRMSR exit that arms it)
         hz = (nv.tsc_frequency() or None) if vmi.tsc_deadline else None
+        # the KVM provider's run loop may keep IA32_TSC_DEADLINE itself, its timerfd watched by the timer thread
+        dl = nv.tsc_deadline(hz) if hz and getattr(vmi.timers, "can_watch", False) and \
+            hasattr(nv, "tsc_deadline") else None
         vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_enabled=vmi.x2apic,   # bhyve's X2APIC_ENABLED (-x)
-                    eoi_level=vmi.vioapic.eoi, tsc_hz=hz, tsc_now=nv.guest_tsc if hz else None)
+                    eoi_level=vmi.vioapic.eoi, tsc_hz=hz, tsc_now=nv.guest_tsc if hz else None, tsc_deadline=dl)
+        if dl is not None:
+            vmi.timers.watch(dl.fd, lambda: dl.expire() and vl.on_deadline())
+            ctx.tsc_deadline = dl
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:
@@ -135,6 +141,10 @@ class VmmOpsNvmm(VmmApiCalls):
         for ctx in vmi.vcpus.values():
             if ctx.vlapic is vlapic:
                 ctx.vlapic = None
+                dl = ctx.tsc_deadline
+                if dl is not None:
+                    vmi.timers.unwatch(dl.fd)
+                    dl.enabled = False
 
     def vcpu_interrupt(self, vmi, vcpu):
         vmi.vcpus[vcpu].kick()

@@ -88,6 +88,7 @@ class Vcpu:
         self.tid = None               # ... and that thread's kernel id (its CPU time: ops/edge_merge.py)
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
         self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
+        self.tsc_deadline = None      # IA32_TSC_DEADLINE kept by the KVM run loop (ops/nvmm/kvm/tscdeadline.py)
         self.masked = False           # an interrupt waits for the guest to open its window (IF), until INT_READY
 
     def current_rip(self):

@@ -52,7 +52,8 @@ def doctor(kvm_device=KVM_DEVICE):
         print(line)
     from ops.nvmm.kvm import fastrun
     why = fastrun.unavailable()
-    print("compiled run loop " + ("built: KVM answers published port reads without leaving C" if why is None else
+    print("compiled run loop " + ("built: KVM answers published port reads and IA32_TSC_DEADLINE writes without "
+                                  "leaving C" if why is None else
                                   f"unavailable ({why}): every port read exits to Python"))
     from .backends import blkfast
     why = blkfast.unavailable()

@@ -14,6 +14,10 @@ How it sleeps:
 - Elsewhere (NetBSD's ``timerfd`` constants are not written down here), or with ``VMMSHIM_TIMERFD=0``, on a
   condition variable that an earlier deadline notifies.
 
+Other file descriptors may be watched on the same thread (:meth:`TimerThread.watch`, timerfd mode only): a vCPU's
+IA32_TSC_DEADLINE timerfd, which the compiled run loop sets (``ops/nvmm/kvm/tscdeadline.py``). The thread then
+sleeps in ``epoll_wait`` on the heap's timerfd and those.
+
 Cancelled timers stay in the heap until they reach its top, where arming drops them (so a cancelled deadline does
 not wake the thread) and the thread skips them.
 
@@ -27,6 +31,7 @@ import ctypes
 import heapq
 import itertools
 import os
+import select
 import sys
 import threading
 import time
@@ -97,6 +102,12 @@ class TimerThread:
         self.wakes = 0                    # times the thread woke up (a debugging counter)
         # the timerfd sleeps on CLOCK_MONOTONIC: only with that clock
         self._tfd = _make_timerfd() if use_timerfd and clock is time.monotonic_ns else None
+        self._epoll = None
+        self._watched = {}                # fd -> fn, called on this thread when the fd is readable
+        if self._tfd is not None:
+            os.set_blocking(self._tfd.fd, False)
+            self._epoll = select.epoll()
+            self._epoll.register(self._tfd.fd, select.EPOLLIN)
         self._clock = clock
         loop = self._loop_timerfd if self._tfd is not None else self._loop
         self._thread = threading.Thread(target=loop, name=name, daemon=True)
@@ -108,6 +119,27 @@ class TimerThread:
 
     def now_ns(self):
         return self._clock()
+
+    @property
+    def can_watch(self):
+        """Whether :meth:`watch` works here (the thread sleeps on a timerfd)."""
+        return self._epoll is not None
+
+    def watch(self, fd, fn):
+        """Calls ``fn()`` (under ``run_lock``, as a timer callback) whenever ``fd`` is readable; ``fn`` must make it
+        unreadable (read it). False where this thread cannot (no timerfd: it sleeps on a condition)."""
+        if self._epoll is None:
+            return False
+        self._watched[fd] = fn
+        self._epoll.register(fd, select.EPOLLIN)
+        return True
+
+    def unwatch(self, fd):
+        if self._watched.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def arm(self, deadline_ns, fn):
         with self._cond:
@@ -160,10 +192,21 @@ class TimerThread:
             self._run(fn)
 
     def _loop_timerfd(self):
-        fd, heap = self._tfd.fd, self._heap
+        fd, heap, poll, watched = self._tfd.fd, self._heap, self._epoll.poll, self._watched
         while True:
-            os.read(fd, 8)                # blocks until the deadline it is set to (PEP 475 retries signals)
+            ready = poll()                # until the deadline the timerfd is set to, or a watched fd (PEP 475)
             self.wakes += 1
+            if self._stop:
+                return
+            for rfd, _ in ready:
+                if rfd != fd:
+                    fn = watched.get(rfd)
+                    if fn is not None:
+                        self._run(fn)
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                continue                  # moved to a later deadline meanwhile
             due = []
             with self._cond:
                 if self._stop:
@@ -204,5 +247,6 @@ class TimerThread:
                 self._tfd.set(1)          # long past: the read returns at once
         self._thread.join(5)
         if self._tfd is not None and not self._thread.is_alive():
+            self._epoll.close()
             os.close(self._tfd.fd)
             self._tfd = None

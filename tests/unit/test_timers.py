@@ -2,8 +2,10 @@
 with the real monotonic clock: deadlines fire in order and not early, a cancelled timer never fires, an earlier
 deadline armed while the thread sleeps fires on time, a deadline already past fires at once, a callback's
 exception is reported and the timers go on, and close() stops the thread. With the timerfd, arming and
-re-arming (a guest's LAPIC timer at every tick) does not wake the thread: it wakes once per deadline that fires."""
+re-arming (a guest's LAPIC timer at every tick) does not wake the thread: it wakes once per deadline that fires;
+and a watched fd (a vCPU's IA32_TSC_DEADLINE timerfd) runs its function on the same thread."""
 
+import os
 import threading
 import time
 
@@ -129,3 +131,27 @@ def test_a_cancelled_earliest_timer_does_not_wake_the_timerfd_thread():
         assert fired == ["later"] and t.wakes - woke == 1
     finally:
         t.close()
+
+
+def test_a_watched_fd_runs_its_function_on_the_timer_thread_beside_the_heap():
+    t = _make("timerfd")
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    seen, fired = [], []
+    try:
+        assert t.can_watch and t.watch(r, lambda: seen.append((os.read(r, 64), threading.current_thread().name)))
+        t.arm(t.now_ns() + 20 * MS, lambda: fired.append(1))
+        os.write(w, b"x")
+        assert _wait_for(lambda: seen) and seen == [(b"x", t._thread.name)]
+        assert _wait_for(lambda: fired)                  # the heap's deadline still fires
+        t.unwatch(r)
+        os.write(w, b"y")
+        time.sleep(0.05)
+        assert len(seen) == 1
+    finally:
+        t.close()
+        os.close(r)
+        os.close(w)
+    c = _make("condition")
+    assert not c.can_watch and not c.watch(r, print)
+    c.close()

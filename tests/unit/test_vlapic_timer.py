@@ -291,3 +291,110 @@ def test_tsc_deadline_custom_clock():
     assert take(v) is None
     t.advance(1)
     assert take(v) == VEC
+
+
+class FakeDeadline:
+    """What the KVM run loop keeps (``ops/nvmm/kvm/tscdeadline.py``), over ManualTimers with TSC = ns: writes it
+    serves itself (:meth:`loop_write`), and :meth:`poll` as the timer thread's timerfd watch."""
+
+    def __init__(self, t):
+        self.t, self.enabled, self.v, self.due, self.sets = t, False, 0, None, []
+
+    def arm(self, value):
+        if value and value <= self.t.now_ns():
+            self.v, self.due = 0, None
+            return True
+        self.v, self.due = value, value or None
+        return False
+
+    def set(self, value, due_ns):
+        self.sets.append((value, due_ns))
+        self.v, self.due = value, due_ns
+
+    def cancel(self):
+        self.arm(0)
+
+    def value(self):
+        return self.v
+
+    def due_ns(self):
+        return self.due if self.v else None
+
+    def loop_write(self, value):
+        assert self.enabled, "the run loop serves writes only in TSC-deadline mode"
+        assert not self.arm(value), "a deadline already past goes to Python"
+
+    def poll(self, vlapic):
+        if self.v and self.t.now_ns() >= self.due:
+            self.v = 0
+            vlapic.on_deadline()
+
+
+def make_outside(t=None):
+    t = t or ManualTimers()
+    dl = FakeDeadline(t)
+    v = Vlapic(0, t, tsc_hz=1_000_000_000, tsc_deadline=dl)
+    v.write(R.SVR, 4, 0x1FF)
+    v.write(R.LVT_TIMER, 4, (R.TIMER_TSC_DEADLINE << 17) | VEC)
+    return v, t, dl
+
+
+def test_an_outside_deadline_follows_the_mode_and_fires_through_on_deadline():
+    v, t, dl = make_outside()
+    assert dl.enabled
+    dl.loop_write(5000)                                              # served by the run loop, not Python
+    assert v.rdmsr(R.MSR_TSC_DEADLINE) == 5000 and t.pending() == 0
+    t.advance(4999)
+    dl.poll(v)
+    assert take(v) is None
+    t.advance(1)
+    dl.poll(v)
+    assert take(v) == VEC and v.rdmsr(R.MSR_TSC_DEADLINE) == 0 and v.timer.fires == 1
+    v.wrmsr(R.MSR_TSC_DEADLINE, 1)                                   # past, through Python: fires at once
+    assert take(v) == VEC and dl.v == 0
+    v.wrmsr(R.MSR_TSC_DEADLINE, 10**12)
+    assert dl.v == 10**12 and t.pending() == 0                       # armed outside, not on the heap
+    v.wrmsr(R.MSR_TSC_DEADLINE, 0)
+    assert dl.v == 0
+    dl.loop_write(10**9)
+    v.write(R.LVT_TIMER, 4, VEC)                                     # leaving the mode disarms and disables
+    assert not dl.enabled and dl.v == 0 and v.rdmsr(R.MSR_TSC_DEADLINE) == 0
+    t.advance(10**9)
+    dl.poll(v)
+    assert take(v) is None
+
+
+def test_a_late_expiry_after_leaving_the_mode_does_not_fire():
+    v, t, dl = make_outside()
+    dl.loop_write(100)
+    t.advance(100)
+    v.write(R.LVT_TIMER, 4, VEC)                                     # one-shot now
+    v.on_deadline()                                                  # an expiry taken just before
+    assert take(v) is None
+
+
+@pytest.mark.parametrize("outside_after", [True, False])
+def test_an_outside_deadline_survives_a_snapshot(outside_after):
+    v, t, dl = make_outside(ManualTimers(start_ns=1000))
+    dl.loop_write(1000 + 7000)
+    state = v.timer.save_state()
+    assert state["tsc_deadline"] == 8000 and state["running"] and state["armed_ns"] == 8000
+    t2 = ManualTimers(start_ns=1000 + 50)
+    if outside_after:
+        dl2 = FakeDeadline(t2)
+        v2 = Vlapic(0, t2, tsc_hz=1_000_000_000, tsc_deadline=dl2)
+    else:
+        v2 = Vlapic(0, t2, tsc_hz=1_000_000_000)
+    v2.write(R.SVR, 4, 0x1FF)
+    v2.write(R.LVT_TIMER, 4, (R.TIMER_TSC_DEADLINE << 17) | VEC)
+    v2.timer.load_state(state, 50)
+    assert v2.rdmsr(R.MSR_TSC_DEADLINE) == 8000
+    t2.advance(6999)
+    if outside_after:
+        assert dl2.enabled and dl2.sets == [(8000, 8050)]
+        dl2.poll(v2)
+    assert take(v2) is None
+    t2.advance(1)
+    if outside_after:
+        dl2.poll(v2)
+    assert take(v2) == VEC and v2.rdmsr(R.MSR_TSC_DEADLINE) == 0

@@ -6,13 +6,26 @@
  * kernel console reads once per character. Everything about kvm_run's layout comes from the caller (the
  * offsets that ops/nvmm/kvm/layouts.py declares), so this file needs no kernel header.
  *
+ * It also serves the guest's IA32_TSC_DEADLINE writes while the vCPU's LAPIC timer is in TSC-deadline mode
+ * (struct vmmshim_tscdl, Intel SDM vol. 3A 10.5.4.1): the write reaches user space through KVM's MSR filter, and
+ * here it reads the guest TSC (KVM_GET_MSRS), sets a CLOCK_MONOTONIC timerfd to the deadline and completes the
+ * WRMSR, without coming back to Python. The timer thread polls the timerfd and, when it is readable, takes the
+ * deadline (vmmshim_tscdl_expire) and fires the LVT. A deadline already past, or a failed read, goes to Python.
+ *
  * Not handled here: any other exit, string or wider port reads, port writes (they return to the caller).
  */
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <time.h>
+#include <unistd.h>
+
+#define MSR_IA32_TSC 0x10u
+#define MSR_IA32_TSC_DEADLINE 0x6E0u
+#define NS_PER_S 1000000000ull
+#define MAX_DELAY_NS (1ull << 62)   /* a deadline centuries away is armed this far (the timerfd's range) */
 
 struct vmmshim_run_layout {
 	unsigned long kvm_run;      /* the KVM_RUN request number */
@@ -34,6 +47,26 @@ struct vmmshim_run_stats {
 	                               the call minus this is what the return cost (taking Python's GIL back) */
 };
 
+/* one vCPU's IA32_TSC_DEADLINE (Python: ops/nvmm/kvm/tscdeadline.py) */
+struct vmmshim_tscdl {
+	uint32_t enabled;           /* Python: the LVT timer is in TSC-deadline mode; the loop serves the writes */
+	uint32_t msr_off;           /* kvm_run.msr: error u8 at +0, index u32 at +12, data u64 at +16 */
+	uint32_t exit_wrmsr;        /* KVM_EXIT_X86_WRMSR */
+	int32_t timerfd;            /* CLOCK_MONOTONIC, non-blocking */
+	unsigned long get_msrs;     /* KVM_GET_MSRS */
+	uint64_t tsc_hz;            /* the guest TSC's rate */
+	uint64_t value;             /* the deadline armed (a guest TSC value; 0: none), read and taken atomically */
+	uint64_t due_ns;            /* CLOCK_MONOTONIC when it falls due */
+	uint64_t served;            /* writes the loop served */
+};
+
+/* struct kvm_msrs with one struct kvm_msr_entry */
+struct one_msr {
+	uint32_t nmsrs, pad;
+	uint32_t index, reserved;
+	uint64_t data;
+};
+
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -42,13 +75,108 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+static int set_timer(int tfd, uint64_t due_ns)
+{
+	struct itimerspec its;
+
+	memset(&its, 0, sizeof(its));
+	its.it_value.tv_sec = (time_t)(due_ns / NS_PER_S);
+	its.it_value.tv_nsec = (long)(due_ns % NS_PER_S);
+	return timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+/* a CLOCK_MONOTONIC timerfd for vmmshim_tscdl.timerfd, or -errno */
+int vmmshim_tscdl_open(void)
+{
+	int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+
+	return fd < 0 ? -errno : fd;
+}
+
+/* sets the deadline `value` (0: none) due at CLOCK_MONOTONIC `due_ns` as it is (a restored checkpoint's) */
+int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns)
+{
+	if (!due_ns)
+		due_ns = 1;
+	__atomic_store_n(&d->due_ns, due_ns, __ATOMIC_RELEASE);
+	__atomic_store_n(&d->value, value, __ATOMIC_RELEASE);
+	return set_timer(d->timerfd, value ? due_ns : 0) < 0 ? -errno : 0;
+}
+
+/*
+ * Arms the deadline `value` (a guest TSC value; 0 disarms), reading the guest TSC through vcpu_fd (the vCPU
+ * must not be running). Returns 0 (armed or disarmed), 1 when the deadline has passed already (nothing armed:
+ * the caller fires the timer), or -errno.
+ */
+int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value)
+{
+	struct one_msr m = { 1, 0, MSR_IA32_TSC, 0, 0 };
+	uint64_t delta, ns, due;
+
+	if (value) {
+		if (ioctl(vcpu_fd, d->get_msrs, &m) != 1)
+			return -(errno ? errno : EIO);
+	}
+	if (!value || value <= m.data) {
+		__atomic_store_n(&d->value, 0, __ATOMIC_RELEASE);
+		if (set_timer(d->timerfd, 0) < 0)
+			return -errno;
+		return value ? 1 : 0;
+	}
+	delta = value - m.data;
+	ns = d->tsc_hz ? (uint64_t)((unsigned __int128)delta * NS_PER_S / d->tsc_hz) : MAX_DELAY_NS;
+	if (ns > MAX_DELAY_NS)
+		ns = MAX_DELAY_NS;
+	due = now_ns() + (ns ? ns : 1);
+	return vmmshim_tscdl_set(d, value, due);
+}
+
+/*
+ * The timer thread, when the timerfd is readable: 1 if the armed deadline has fallen due and is taken now (the
+ * caller fires the LVT; the MSR reads 0 from now on), 0 if there is none or it was moved (a rearm by the vCPU).
+ */
+int vmmshim_tscdl_expire(struct vmmshim_tscdl *d)
+{
+	uint64_t ticks, v, due;
+
+	while (read(d->timerfd, &ticks, sizeof(ticks)) == sizeof(ticks))
+		;
+	v = __atomic_load_n(&d->value, __ATOMIC_ACQUIRE);
+	if (!v)
+		return 0;
+	due = __atomic_load_n(&d->due_ns, __ATOMIC_ACQUIRE);
+	if (now_ns() < due) {
+		set_timer(d->timerfd, due);
+		return 0;
+	}
+	return __atomic_compare_exchange_n(&d->value, &v, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ? 1 : 0;
+}
+
+/* an IA32_TSC_DEADLINE write served here: 1 (the exit is complete), 0 (Python takes it) */
+static int serve_tsc_deadline(int fd, uint8_t *run, struct vmmshim_tscdl *d)
+{
+	uint32_t index;
+	uint64_t value;
+
+	memcpy(&index, run + d->msr_off + 12, sizeof(index));
+	if (index != MSR_IA32_TSC_DEADLINE)
+		return 0;
+	memcpy(&value, run + d->msr_off + 16, sizeof(value));
+	if (vmmshim_tscdl_arm(fd, d, value) != 0)
+		return 0;
+	run[d->msr_off] = 0;        /* kvm_run.msr.error: KVM completes the WRMSR at the next KVM_RUN */
+	++d->served;
+	return 1;
+}
+
 /*
  * Returns 0 with an exit for the caller in kvm_run, or the errno of a failed KVM_RUN (EINTR after a kick).
  * answers[port] is the published value of a one-byte read of port, or -1; another thread may change it at
- * any time (each read of it is one atomic load).
+ * any time (each read of it is one atomic load). answers may be NULL (no port read is answered); tscdl may be
+ * NULL (no IA32_TSC_DEADLINE write is served).
  */
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-		    struct vmmshim_run_stats *stats)
+		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl)
 {
 	for (;;) {
 		uint32_t reason, count;
@@ -69,7 +197,12 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		if (r < 0)
 			return errno;
 		memcpy(&reason, run + lay->reason_off, sizeof(reason));
-		if (reason != lay->exit_io)
+		if (tscdl && reason == tscdl->exit_wrmsr && __atomic_load_n(&tscdl->enabled, __ATOMIC_RELAXED)) {
+			if (serve_tsc_deadline(fd, run, tscdl))
+				continue;
+			return 0;
+		}
+		if (reason != lay->exit_io || !answers)
 			return 0;
 		io = run + lay->io_off;
 		memcpy(&port, io + 2, sizeof(port));

@@ -1,7 +1,7 @@
 """The compiled KVM run loop (``fastrun.c``): built once with the host's C compiler, loaded with cffi in ABI mode.
 
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
-without coming back to Python: in the nested lab a kernel console's LSR read per character, each one an exit
+without coming back to Python, and serves the guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``): in the nested lab a kernel console's LSR read per character, each one an exit
 handled in Python, was most of a boot's user-space time (docs/lab.md, "Timings measured"). The C file needs only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
@@ -36,8 +36,23 @@ struct vmmshim_run_stats {
     uint64_t ns_in_run;
     uint64_t ns_last_return;
 };
+struct vmmshim_tscdl {
+    uint32_t enabled;
+    uint32_t msr_off;
+    uint32_t exit_wrmsr;
+    int32_t timerfd;
+    unsigned long get_msrs;
+    uint64_t tsc_hz;
+    uint64_t value;
+    uint64_t due_ns;
+    uint64_t served;
+};
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-                    struct vmmshim_run_stats *stats);
+                    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl);
+int vmmshim_tscdl_open(void);
+int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
+int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);
+int vmmshim_tscdl_expire(struct vmmshim_tscdl *d);
 """
 NO_ANSWER = -1
 PORTS = 0x10000

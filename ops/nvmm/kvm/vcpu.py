@@ -41,6 +41,7 @@ from . import fastrun
 from . import guest_debug as GD
 from . import ioctls as K
 from . import layouts as L
+from . import tscdeadline
 from .kick import SIG_KICK
 from .vcpu_state import KvmStateCache
 
@@ -89,6 +90,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         self._thread = None
         self._in_run = False            # inside the run path's KVM_RUN: a stop() signals the thread
         self.run_stats = None           # the compiled loop's counters (fastrun.c's vmmshim_run_stats), once used
+        self.tscdl = None               # IA32_TSC_DEADLINE in the compiled loop (tscdeadline.py), once asked for
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -236,12 +238,14 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             vcpu._thread = get_ident()
             vcpu._in_run = True
             answers = machine._answers
+            tscdl = vcpu.tscdl
             # The compiled loop after a port exit (a console's IER access starts the run of LSR reads it
-            # answers); else the plain ioctl, which costs less per call (measured natively: docs/lab.md)
-            if after_io and answers is not None and answers.count:
+            # answers) and while it serves IA32_TSC_DEADLINE; else the plain ioctl, which costs less per call
+            # (measured natively: docs/lab.md)
+            if (after_io and answers is not None and answers.count) or (tscdl is not None and tscdl.struct.enabled):
                 if compiled is None:
                     compiled = vcpu._compiled_run()
-                err = compiled(answers.table)       # KVM_RUN, answering the published reads, in C
+                err = compiled(answers.table if answers is not None else None)       # KVM_RUN, in C
                 failed = OSError(err, os.strerror(err)) if err else None
             else:
                 try:
@@ -290,7 +294,16 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         runp = ffi.from_buffer("uint8_t[]", self.mm)
         stats, fd, crun = ffi.new("struct vmmshim_run_stats *"), self.fd, lib.vmmshim_kvm_run
         self.run_stats = stats
-        return lambda table: crun(fd, runp, lay, table, stats)
+        tscdl, null = (self.tscdl.struct if self.tscdl is not None else ffi.NULL), ffi.NULL
+        return lambda table: crun(fd, runp, lay, null if table is None else table, stats, tscdl)
+
+    def tsc_deadline(self, tsc_hz):
+        """vmmshim's extension: this vCPU's IA32_TSC_DEADLINE kept by the compiled loop (:mod:`.tscdeadline`), or
+        None where it cannot be. Asked for once, before the first run."""
+        if self.tscdl is None:
+            self.tscdl = tscdeadline.make(self.fd, tsc_hz)
+            self._install_fast_paths()      # a new compiled loop, bound to it
+        return self.tscdl
 
     def _callbacks_changed(self):
         self._install_fast_paths()
@@ -417,6 +430,8 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
     def _destroy(self):
         with self._lock:
             self._thread = None
+        if self.tscdl is not None:
+            self.tscdl.close()
         self.run = self.assist_io = _destroyed
         try:
             self._mv.release()
