@@ -33,8 +33,8 @@ VMMSHIM_KEYS = {
                              "virtio-blk serves Linux's read and write requests in C, where a C compiler can "
                              "build it"),
     "vmmshim.net_compiled": ("true", "bool",
-                             "virtio-net moves frames between a Linux tap and guest memory in C, where a C compiler "
-                             "can build it"),
+                             "virtio-net moves frames between a Linux tap and guest memory in C, and slirp runs "
+                             "its loop in C, where a C compiler can build them"),
     "vmmshim.gil_switch_ms": ("auto", "auto|int 1 10000",
                               "Python's GIL switch interval in milliseconds; auto: 50 on a hypervisor, Python's "
                               "5 with the soft provider"),

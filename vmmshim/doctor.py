@@ -2,8 +2,9 @@
 the software CPU that needs no ``/dev/kvm``), whether ``/dev/kvm`` exists and which module backs it
 (hardware-assisted ``kvm_intel``/``kvm_amd``, or the paravirtual ``kvm_pvm``, where ``-f kexec`` of a stock Linux
 kernel crawls, so Linux boots in the nested lab), and whether the KVM provider's compiled run loop, virtio-blk's
-compiled request and virtio-net's compiled data path could be built (``ops/nvmm/kvm/fastrun.py``,
-``vmmshim/backends/blkfast.py``, ``vmmshim/backends/netfast.py``).
+compiled request, virtio-net's compiled data path and the compiled slirp loop could be built
+(``ops/nvmm/kvm/fastrun.py``, ``vmmshim/backends/blkfast.py``, ``vmmshim/backends/netfast.py``,
+``vmmshim/backends/slirp_fast.py``).
 Exit status 0 when at least one provider works, 4 otherwise or for an argument (it takes none).
 
 Not supported: checking a particular guest's needs (memory, vCPUs) against the host.
@@ -63,6 +64,10 @@ def doctor(kvm_device=KVM_DEVICE):
     why = netfast.unavailable()
     print("compiled virtio-net data path " + ("built: frames move between a tap and guest memory in C" if why is None
                                               else f"unavailable ({why}): virtio-net moves every frame in Python"))
+    from .backends import slirp_fast
+    why = slirp_fast.unavailable()
+    print("compiled slirp loop " + ("built: libslirp's thread and frames run in C" if why is None
+                                    else f"unavailable ({why}): slirp's loop runs in Python"))
     return 0 if ok else EXIT_ERROR
 
 

@@ -1,7 +1,8 @@
 """The slirp backend (``vmmshim/backends/slirp.py``) over the real libslirp, under virtio-net driven by the test
 driver: the guest's side is hand-built frames (Ethernet, ARP, IPv4, UDP, DHCP, TCP with their checksums).
 
-Checked: DHCP discover/offer/request/ack with QEMU's addresses, an ARP for the gateway, a TCP connection through
+Each exchange runs on the Python backend and on the compiled one (its loop in C, ``slirp_fast.py``). Checked: DHCP
+discover/offer/request/ack with QEMU's addresses, an ARP for the gateway, a TCP connection through
 ``hostfwd`` from a host socket to the guest (the SYN at the guest's address and port, data both ways), the guest's
 outbound connection to a host listener (accepted, or reset with ``restrict=on``), a full transmit queue that slows
 and then drops, the bounded receive queue, the timer plumbing and a host port in use. The options, a missing
@@ -21,6 +22,7 @@ from bhyve_devices.virtio import net as N
 from bhyve_devices.virtio.testdriver import PciDriver
 from bhyve_devices.virtio.transport import VirtioPciDevice
 from vmmshim.backends import slirp as S
+from vmmshim.backends import slirp_fast as SF
 from vmmshim.backends import slirp_ffi
 from vmmshim.backends import slirp_options as SO
 
@@ -197,12 +199,16 @@ class Nic:
         self.dev.close()
 
 
-@pytest.fixture
-def nic_factory():
+@pytest.fixture(params=["python", "compiled"])
+def nic_factory(request):
+    """NICs on the Python slirp backend, or on the compiled one (``slirp_fast.py``) where it builds."""
     made = []
+    if request.param == "compiled" and SF.unavailable() is not None:
+        pytest.skip(f"the compiled slirp loop does not build here: {SF.unavailable()}")
+    cls = SF.SlirpFastBackend if request.param == "compiled" else S.SlirpBackend
 
     def make(**options):
-        nic = Nic(S.SlirpBackend(SO.parse_options(options), announce=None))
+        nic = Nic(cls(SO.parse_options(options), announce=None))
         made.append(nic)
         return nic
     yield make

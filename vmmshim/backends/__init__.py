@@ -14,7 +14,8 @@ bhyve's ``pci_vtblk_init``/``pci_vtnet_init``/``pci_vtcon_init`` open their back
 up: ``virtio-blk`` gets ``backend`` (a block backend from ``path`` and ``ro``, with the compiled request when
 ``blk_compiled`` is true), ``virtio-net``/``virtio-tap`` get ``backend`` opened from ``backend``, ``tap`` or
 ``path`` (the first option of ``-s N,virtio-net,tap0``; ``slirp``), or from ``stream`` (``stream=unix:PATH``) (a
-tap with the virtio-net header gets the compiled data path when ``net_compiled`` is true), with
+tap with the virtio-net header gets the compiled data path, and slirp its compiled loop, when ``net_compiled`` is
+true), with
 the keys that are not the device's own (:data:`NET_DEVICE_KEYS`: ``hostfwd``, ``restrict``, ``server``...) as the
 backend's options (:func:`.net.open_backend`), ``virtio-console`` gets ``backend`` opened from its
 first option (``-s N,virtio-console,autopty``; any :func:`.uart.open_backend` spec, ``tcp=ADDR:PORT`` included) or
@@ -78,8 +79,9 @@ def _netdev_opts(o):
             raise ValueError(f"{spec} and stream= are two backends (give one)")
         spec = _net.STREAM_NAME
     if isinstance(spec, str):
-        be = o[BACKEND_OPT] = _net.open_backend(spec, extra) if extra else _net.open_backend(spec)
-        if isinstance(be, _net.TapBackend) and be.vnet_hdr and is_true(o.get("net_compiled", False)):
+        compiled = is_true(o.get("net_compiled", False))
+        be = o[BACKEND_OPT] = _net.open_backend(spec, extra, compiled=compiled)
+        if isinstance(be, _net.TapBackend) and be.vnet_hdr and compiled:
             be.accel = netfast.accelerator(be.fileno)
     elif spec is None and extra:
         raise ValueError(f"option {sorted(extra)[0]!r} without a backend ({_net.BACKENDS})")

@@ -276,17 +276,19 @@ class SocketPairBackend(_FdBackend):
         self.peer.close()
 
 
-def open_backend(name, options=None):
+def open_backend(name, options=None, compiled=False):
     """The backend bhyve's ``-s N,virtio-net,NAME`` names, as ``net_backends.c``'s ``netbe_init`` picks it by
     prefix: ``tap*``/``vmnet*`` -> TapBackend on Linux, NetBSDTapBackend on NetBSD (no options); ``slirp*`` ->
     :class:`.slirp.SlirpBackend` (``options``: :data:`.slirp_options.OPTIONS`); ``stream`` -> :class:`.stream.StreamBackend`
     (``options``: ``stream=ADDRESS[,server=on]``); None -> None (a device without a backend). Any other name, or an
-    option the backend does not take, is a ``ValueError`` listing what there is."""
+    option the backend does not take, is a ``ValueError`` listing what there is. ``compiled``: slirp's loop in C
+    where it builds (:mod:`.slirp_fast`)."""
     if name is None:
         return None
     options = dict(options or {})
     if name.startswith(SLIRP_PREFIX):
-        return _slirp.SlirpBackend(_slirp_options.parse_options(options))
+        from . import slirp_fast         # it builds on this module's _FdBackend
+        return slirp_fast.open_backend(_slirp_options.parse_options(options), compiled=compiled)
     if name == STREAM_NAME:
         return _stream.StreamBackend(*_stream.parse_options(options))
     if name.startswith(TAP_PREFIXES):

@@ -17,8 +17,11 @@ Python path takes it from there, so the guest sees the same answers either way
 (``tests/unit/test_virtio_net_compiled.py`` compares the two). With ``-o vmmshim.net_compiled=false``, or where
 no C compiler can build the library (:func:`unavailable` says why), the tap carries none.
 
-Not supported: taps without the virtio-net header (NetBSD's tap, slirp and stream frames go through Python), rings
-or buffers in highmem (Python serves them).
+The compiled slirp backend (``slirp_fast.py``) carries one too: its frames move through socketpairs that read and
+write as a tap with the header does.
+
+Not supported: taps without the virtio-net header (NetBSD's tap, the Python slirp backend's and stream's frames go
+through Python), rings or buffers in highmem (Python serves them).
 """
 
 import pathlib
@@ -95,8 +98,9 @@ class Accelerator:
     and ``chains`` they move on) and return a :class:`Result`, or None where the rings are not in that RAM area (the
     Python path serves the queue). One transmit and one receive may run at once (two threads)."""
 
-    def __init__(self, ffi, lib, fileno):
+    def __init__(self, ffi, lib, fileno, tx_fileno=None):
         self._ffi, self._lib, self._fileno = ffi, lib, fileno
+        self._tx_fileno = tx_fileno or fileno
         # one queue and result pair per direction: transmit (a doorbell, a vCPU) and receive (the tap's thread)
         # run at once, each under its own device lock, and the C call runs without the GIL
         self._tx = (ffi.new("struct vmmshim_vq *"), ffi.new("struct vmmshim_net_out *"))
@@ -119,7 +123,7 @@ class Accelerator:
         return Result(out)
 
     def tx(self, ram, q, hdr_len, limit):
-        fd = self._fileno()
+        fd = self._tx_fileno()
         if fd < 0:
             return None
         vq, out = pair = self._tx
@@ -150,7 +154,8 @@ class Accelerator:
         return self._done(pair, q, r)
 
 
-def accelerator(fileno):
-    """A new :class:`Accelerator` for the tap whose fd ``fileno()`` returns, or ``None``."""
+def accelerator(fileno, tx_fileno=None):
+    """A new :class:`Accelerator` for the tap whose fd ``fileno()`` returns, or ``None``. ``tx_fileno()``: another
+    fd for the transmitted frames (the compiled slirp backend's socketpair, ``slirp_fast.py``)."""
     loaded = _library.get()
-    return Accelerator(*loaded, fileno) if loaded else None
+    return Accelerator(*loaded, fileno, tx_fileno) if loaded else None

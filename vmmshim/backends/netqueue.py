@@ -140,6 +140,18 @@ class ThreadedFrameBackend:
     def rx_kick(self):
         self._wake.wake()
 
+    def _queue_frame(self, frame, wait_s, open_=True):
+        """One guest frame onto the thread's queue (waiting up to ``wait_s`` for room), the thread woken when the
+        queue was empty; False (``stats['tx_dropped']``) where it is dropped or ``open_`` is false."""
+        n = self._txq.put(frame, wait_s) if open_ and not self._stop else 0
+        if not n:
+            self.stats["tx_dropped"] += 1
+            return False
+        self.stats["tx_frames"] += 1
+        if n == 1:
+            self._wake.wake()
+        return True
+
     def _stop_thread(self):
         """Stops the thread; False if there was none (closed already). The thread may still be alive after
         ``JOIN_S`` (the caller then keeps what the thread uses)."""

@@ -23,6 +23,10 @@ IP packet of any length up to 64 KiB); the segments libslirp sends one connectio
 into one 64 KiB frame for a driver that accepted GUEST_TSO4 (receive coalescing). Without them every frame is 1.5
 KiB and costs the guest and the VMM a virtqueue entry each way (``docs/lab.md``, "slirp and software offloads").
 
+This module is the Python loop; where its C library builds, ``-s N,virtio-net,slirp`` opens the compiled one
+(:mod:`.slirp_fast`: the same instance and forwards, its thread and frames in C), unless ``vmmshim.net_compiled``
+is false.
+
 Threads: one thread per backend (``slirp``) makes every libslirp call between setup (``slirp_new`` and the
 forwards, on the opening thread) and :meth:`SlirpBackend.close` (``slirp_cleanup`` once the thread ended): it feeds the guest's frames to
 ``slirp_input``, runs ``slirp_pollfds_fill``/``poll``/``slirp_pollfds_poll`` over libslirp's sockets and a wake
@@ -180,7 +184,7 @@ class SlirpBackend(ThreadedFrameBackend):
         self._thread = None
         self._handle = ffi.new_handle(self)
         self._keep = []
-        self._slirp = self._lib.slirp_new(self._slirp_config(config), _CALLBACKS, self._handle)
+        self._slirp = self._lib.slirp_new(self._slirp_config(config), *self._callbacks())
         if self._slirp == ffi.NULL:
             self._wake.close()
             raise OSError(errno.EINVAL, f"slirp: libslirp {slirp_ffi.version()} refused the configuration")
@@ -196,6 +200,10 @@ class SlirpBackend(ThreadedFrameBackend):
                 print(f"vmmshim: slirp hostfwd {proto} {ha}:{hp} -> {ga}:{gp}", file=announce, flush=True)
         self._thread = threading.Thread(target=self._loop, name="slirp", daemon=True)
         self._thread.start()
+
+    def _callbacks(self):
+        """``(SlirpCb *, opaque)`` for ``slirp_new``: this class's are Python's (``slirp_fast.py`` has C ones)."""
+        return _CALLBACKS, self._handle
 
     def _slirp_config(self, c):
         cfg = ffi.new("SlirpConfig *")
@@ -260,13 +268,8 @@ class SlirpBackend(ThreadedFrameBackend):
             return
         self.stats["tx_segmented"] += len(frames) - 1
         for frame in frames:
-            n = self._txq.put(frame, TX_WAIT_S) if not self._stop else 0
-            if not n:
-                self.stats["tx_dropped"] += 1
+            if not self._queue_frame(frame, TX_WAIT_S):
                 return
-            self.stats["tx_frames"] += 1
-            if n == 1:
-                self._wake.wake()
 
     def recv_into(self, segs):
         try:

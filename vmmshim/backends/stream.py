@@ -153,13 +153,7 @@ class StreamBackend(ThreadedFrameBackend):
 
     # ---- the NetBackend Protocol --------------------------------------------------------------------------------------
     def send(self, segs):
-        n = self._txq.put(b"".join(segs), TX_WAIT_S) if self._conn is not None and not self._stop else 0
-        if not n:
-            self.stats["tx_dropped"] += 1
-            return
-        self.stats["tx_frames"] += 1
-        if n == 1:
-            self._wake.wake()
+        self._queue_frame(b"".join(segs), TX_WAIT_S, open_=self._conn is not None)
 
     def recv_into(self, segs):
         if self._frames:
