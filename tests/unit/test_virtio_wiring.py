@@ -27,7 +27,7 @@ def slot_opts(spec):
 def test_net_backend_from_the_command_line(monkeypatch):
     opened = []
 
-    def fake_open(name):
+    def fake_open(name, options=None, compiled=False):
         opened.append(name)
         return NB.SocketPairBackend(vnet_hdr=True)
 
