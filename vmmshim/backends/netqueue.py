@@ -152,14 +152,18 @@ class ThreadedFrameBackend:
             self._wake.wake()
         return True
 
+    def _wake_to_stop(self):
+        """Gets the thread to see ``_stop``: its queue closed (a waiting producer gives up) and its poll woken."""
+        self._txq.close()
+        self._wake.wake()
+
     def _stop_thread(self):
         """Stops the thread; False if there was none (closed already). The thread may still be alive after
         ``JOIN_S`` (the caller then keeps what the thread uses)."""
         if self._thread is None:
             return False
         self._stop = True
-        self._txq.close()
-        self._wake.wake()
+        self._wake_to_stop()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self.JOIN_S)
         return True

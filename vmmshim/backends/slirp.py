@@ -170,20 +170,12 @@ class SlirpBackend(ThreadedFrameBackend):
     def __init__(self, config, announce=sys.stderr):
         self._lib, self._glib = slirp_ffi.load()
         self.config = config
-        self.stats = dict(tx_frames=0, tx_dropped=0, tx_segmented=0, rx_frames=0, rx_dropped=0, rx_merged=0,
-                          guest_errors=0, timers_fired=0)
         self.last_guest_error = None
-        self._txq = FrameQueue(TX_QUEUE_FRAMES, TX_QUEUE_BYTES)
-        self._rxq = offload.Coalescer(RX_QUEUE_FRAMES, RX_QUEUE_BYTES)
-        self._hdr_len = offload.HDR.size
         self._wake = WakePipe()
-        self._ready, self._receive = (lambda: False), None
-        self._timers = set()
-        self._pollfds, self._revents = [], {}
         self._stop = False
         self._thread = None
-        self._handle = ffi.new_handle(self)
         self._keep = []
+        self._init_loop()
         self._slirp = self._lib.slirp_new(self._slirp_config(config), *self._callbacks())
         if self._slirp == ffi.NULL:
             self._wake.close()
@@ -200,6 +192,18 @@ class SlirpBackend(ThreadedFrameBackend):
                 print(f"vmmshim: slirp hostfwd {proto} {ha}:{hp} -> {ga}:{gp}", file=announce, flush=True)
         self._thread = threading.Thread(target=self._loop, name="slirp", daemon=True)
         self._thread.start()
+
+    def _init_loop(self):
+        """The Python loop's state and counters (``slirp_fast.py``'s loop keeps its own in C)."""
+        self.stats = dict(tx_frames=0, tx_dropped=0, tx_segmented=0, rx_frames=0, rx_dropped=0, rx_merged=0,
+                          guest_errors=0, timers_fired=0)
+        self._txq = FrameQueue(TX_QUEUE_FRAMES, TX_QUEUE_BYTES)
+        self._rxq = offload.Coalescer(RX_QUEUE_FRAMES, RX_QUEUE_BYTES)
+        self._hdr_len = offload.HDR.size
+        self._ready, self._receive = (lambda: False), None
+        self._timers = set()
+        self._pollfds, self._revents = [], {}
+        self._handle = ffi.new_handle(self)
 
     def _callbacks(self):
         """``(SlirpCb *, opaque)`` for ``slirp_new``: this class's are Python's (``slirp_fast.py`` has C ones)."""

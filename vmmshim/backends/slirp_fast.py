@@ -154,9 +154,12 @@ class SlirpFastBackend(slirp.SlirpBackend):
         if err:
             self.last_guest_error = f"slirp loop: {os.strerror(err)}"
 
-    def _stop_thread(self):
+    def _init_loop(self):
+        pass                        # the C loop keeps its state and counters (stats, below)
+
+    def _wake_to_stop(self):
         self._s.stop = 1
-        return super()._stop_thread()
+        self._wake.wake()
 
     # ---- the NetBackend Protocol (the device's side) --------------------------------------------------------------
     def fileno(self):
@@ -170,10 +173,6 @@ class SlirpFastBackend(slirp.SlirpBackend):
         s = self._s
         return dict(tx_frames=s.tx_frames, tx_dropped=s.tx_dropped, rx_frames=s.rx_frames, rx_dropped=s.rx_dropped,
                     guest_errors=s.guest_errors, polls=s.polls)
-
-    @stats.setter
-    def stats(self, value):
-        pass                        # SlirpBackend's own counters: the C loop keeps these
 
     @property
     def last_guest_error(self):
