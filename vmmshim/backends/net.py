@@ -41,7 +41,6 @@ from bhyve_devices.virtio.net import (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUES
                                       VIRTIO_NET_F_GUEST_TSO6)
 from ops.ioc import _IOW
 
-from . import slirp as _slirp
 from . import slirp_options as _slirp_options
 from . import stream as _stream
 

@@ -29,6 +29,7 @@ Not supported: UFO and USO (``VIRTIO_NET_HDR_GSO_UDP``/``UDP_L4``: not offered),
 headers in GSO frames, coalescing IPv6 or anything but TCP.
 """
 
+import collections
 import struct
 import threading
 
@@ -208,8 +209,7 @@ class Coalescer:
         self.max_frames, self.max_bytes = max_frames, max_bytes
         self.hdr_len = 12
         self.csum = self.tso4 = False
-        self._out = []              # [header fields, frame, key, next seq, gso size, open]
-        self._head = 0
+        self._out = collections.deque()     # [header flags (-1: merged), frame, key, next seq, gso size, open]
         self._bytes = 0
         self.merged = 0             # segments merged into an earlier frame
         self._lock = threading.Lock()
@@ -222,7 +222,7 @@ class Coalescer:
             self.csum, self.tso4, self.hdr_len = new
 
     def __len__(self):
-        return len(self._out) - self._head
+        return len(self._out)
 
     def add(self, frame):
         with self._lock:
@@ -246,13 +246,7 @@ class Coalescer:
             return self._pop()
 
     def _pop(self):
-        if self._head >= len(self._out):
-            raise IndexError("no frame")
-        entry = self._out[self._head]
-        self._out[self._head] = None
-        self._head += 1
-        if self._head >= len(self._out):
-            self._out, self._head = [], 0
+        entry = self._out.popleft()
         self._bytes -= len(entry[1])
         return self._header(entry), entry[1]
 
@@ -261,7 +255,8 @@ class Coalescer:
             self._clear()
 
     def _clear(self):
-        self._out, self._head, self._bytes = [], 0, 0
+        self._out.clear()
+        self._bytes = 0
 
     # ---- coalescing -----------------------------------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,8 @@ Offloads (:mod:`.offload`): the backend carries the virtio-net header, so the de
 The guest's checksums are completed here and its 64 KiB TCP segments go to ``slirp_input`` whole (libslirp takes an
 IP packet of any length up to 64 KiB); the segments libslirp sends one connection's way in one burst are merged
 into one 64 KiB frame for a driver that accepted GUEST_TSO4 (receive coalescing). Without them every frame is 1.5
-KiB and costs the guest and the VMM a virtqueue entry each way (``docs/lab.md``, "slirp and software offloads").
+KiB and costs the guest and the VMM a virtqueue entry each way (``docs/lab.md``, "slirp offloads and TSC-deadline
+writes in the run loop").
 
 This module is the Python loop; where its C library builds, ``-s N,virtio-net,slirp`` opens the compiled one
 (:mod:`.slirp_fast`: the same instance and forwards, its thread and frames in C), unless ``vmmshim.net_compiled``
@@ -55,6 +56,7 @@ import threading
 import time
 
 from bhyve_devices.virtio.chain import scatter, split_segments
+from bhyve_devices.virtio.net import VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4
 
 from . import offload, slirp_ffi
 from .netqueue import FrameQueue, ThreadedFrameBackend, WakePipe
@@ -65,8 +67,6 @@ TX_QUEUE_BYTES = 1 << 20
 TX_WAIT_S = 0.1                 # how long a full transmit queue holds the device's transmit before a drop
 RX_QUEUE_FRAMES = 512           # frames for the guest waiting for its receive buffers
 RX_QUEUE_BYTES = 2 << 20
-VIRTIO_NET_F_GUEST_CSUM = 1     # the feature bits set_offload is given (bhyve_devices/virtio/net.py)
-VIRTIO_NET_F_GUEST_TSO4 = 7
 NS_PER_MS = 1_000_000
 
 

@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 
+from bhyve_devices.virtio.net import VIRTIO_NET_F_GUEST_CSUM
 from ops import native
 
 from . import netfast, slirp, slirp_ffi
@@ -68,7 +69,6 @@ _library = native.LazyLibrary(SOURCE, "slirpfast", CDEF)
 
 SOCKET_BUFFER = 1 << 20         # bytes each socketpair holds per direction
 TX_WAIT_S = 0.1                 # how long the device's write waits for room before the frame is dropped
-VIRTIO_NET_F_GUEST_CSUM = 1
 _TIMEVAL = struct.Struct("@ll")
 
 

@@ -1,8 +1,9 @@
 """The compiled KVM run loop (``fastrun.c``): built once with the host's C compiler, loaded with cffi in ABI mode.
 
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
-without coming back to Python, and serves the guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``): in the nested lab a kernel console's LSR read per character, each one an exit
-handled in Python, was most of a boot's user-space time (docs/lab.md, "Timings measured"). The C file needs only
+without coming back to Python (in the nested lab a kernel console's LSR read per character, each one an exit
+handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
+guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``). The C file needs only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
 
