@@ -17,7 +17,8 @@ VER reads 0x00060014: bhyve's version 0x14 with max LVT index 6 (the CMCI LVT ex
 suppression. The page layout is :data:`bhyve_devices.vlapic_regs.LAPIC_PAGE`; the MSR side (APIC_BASE, x2APIC
 MSRs, IA32_TSC_DEADLINE), CPUID and page export live in :mod:`bhyve_devices.vlapic_msr`, where :class:`ApicGP` is
 defined (re-exported here); LINT0/LINT1 and ExtINT (the plain INTR and NMI pins while the APIC is not enabled, as
-bhyve's) in :mod:`bhyve_devices.vlapic_lint`.
+bhyve's) in :mod:`bhyve_devices.vlapic_lint`; acceptance by a hypervisor's run loop outside Python in
+:mod:`bhyve_devices.vlapic_accept`.
 
 Locking: a timer thread and vCPU threads touch a vlapic, so every public method runs under a per-vlapic RLock.
 Callbacks that reach other objects (IPIs to the bus, ``eoi_level`` to the vioapic, ``kick``, NMI) run after the
@@ -38,6 +39,7 @@ from .vlapic_msr import VlapicMsrMixin, ApicGP  # noqa: F401  (ApicGP is part of
 from .vlapic_lint import (VlapicLintMixin, LVT_LINT0, LVT_LINT1, LVT_TIMER, LVT_ERROR, LVT_PMC,  # noqa: F401
                           LVT_THERMAL, LVT_CMCI)          # the LVT indices of trigger_lvt: this module's API
 from .vlapic_timer import ApicTimer
+from .vlapic_accept import VlapicAcceptMixin
 from . import vlapic_state
 
 __all__ = ["Vlapic", "ApicGP", "LVT_LINT0", "LVT_LINT1", "LVT_TIMER", "LVT_ERROR", "LVT_PMC", "LVT_THERMAL",
@@ -70,7 +72,7 @@ class _Guard:
         return False
 
 
-class Vlapic(VlapicLintMixin, VlapicMsrMixin):
+class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
     snapshot_version = 1
 
     def __init__(self, vcpu_id, timers, bus=None, *, apic_id=None, x2apic_allowed=False, x2apic_enabled=False,
@@ -115,6 +117,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
         self.icr_lo = 0
         self.icr_hi = 0
         self.irr = self.isr = self.tmr = 0
+        self._repeat = 0
         self.lvt = {off: R.LVT_RESET for off in R.LVT_OFFSETS}
         self._extint = False
 
@@ -188,7 +191,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin):
             if not self.hw_enabled or not self.sw_enabled:
                 return (False, False) if report_merged else False
             bit = 1 << vector
-            merged = bool(self.irr & bit)
+            merged = bool(self.irr & bit) and self._merged_or_repeat(vector, bit)
             self.irr |= bit
             if level_triggered:
                 self.tmr |= bit

@@ -36,7 +36,7 @@ from .nvmm import constants as C
 from .nvmm.api import nvmm_error
 from .nvmm.state import STATE_SIZE as C_STATE_SIZE
 from .vmm import Vcpu, Vm, is_kernel_mmio
-from .vmm_lapic import leaf1_cpuid, tpr_from_guest
+from .vmm_lapic import leaf1_cpuid, tpr_from_guest, window_taken
 from .vmm_api import Bpt, DebugTrap, VmmApiCalls
 from .vmm_ops import VmCapType, VmExitCode, VmSuspendHow, Vmx
 
@@ -131,6 +131,12 @@ class VmmOpsNvmm(VmmApiCalls):
         if vmi.kvm_pv and vmi.pv_eoi:
             ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
             self._kvm_para_cpuid(vmi, ctx)
+        # the KVM provider's run loop may inject at the interrupt window itself (ops/vmm_lapic.py, post_window)
+        win = nv.interrupt_window() if hasattr(nv, "interrupt_window") else None
+        if win is not None:
+            win.on_taken = lambda vector, ended, armed: window_taken(ctx, vector, ended, armed)
+            vl.outside = win.taken
+            ctx.intwin = win
         if vmi.tpr_exits:
             ctx.nv.configure(C.NVMM_VCPU_CONF_TPR, api.ConfTpr(exit_changed=True))
         if vmi.x2apic or hz:      # CPUID tells the guest the truth about the vlapic it has
@@ -141,6 +147,7 @@ class VmmOpsNvmm(VmmApiCalls):
         for ctx in vmi.vcpus.values():
             if ctx.vlapic is vlapic:
                 ctx.vlapic = None
+                ctx.intwin = None
                 dl = ctx.tsc_deadline
                 if dl is not None:
                     vmi.timers.unwatch(dl.fd)

@@ -89,6 +89,7 @@ class Vcpu:
         self.pvclock = None           # the kvmclock MSRs (ops/pvclock.py) when the guest is offered them
         self.pv_eoi = None            # the PV EOI MSR and word (ops/kvm_para.py)
         self.tsc_deadline = None      # IA32_TSC_DEADLINE kept by the KVM run loop (ops/nvmm/kvm/tscdeadline.py)
+        self.intwin = None            # the interrupt the KVM run loop injects at the window (ops/nvmm/kvm/intwin.py)
         self.masked = False           # an interrupt waits for the guest to open its window (IF), until INT_READY
 
     def current_rip(self):
@@ -334,7 +335,10 @@ class Vm(HaltMixin):
 
     def _bsp_masked(self):
         bsp = self.vcpus.get(0)
-        return bsp is not None and bsp.masked
+        if bsp is None or not bsp.masked:
+            return False
+        win = bsp.intwin                # the run loop injected at the window: open, though not yet accepted
+        return win is None or not win.pending_accept()
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not

@@ -12,6 +12,10 @@ interrupts.
   x2APIC MSR goes into CR8 before the next entry (:func:`tpr_to_guest`), as QEMU's NVMM accelerator keeps them.
 - CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN (10.4.3 "Enabling or Disabling the Local APIC"): the leaf 1 mask
   of :func:`leaf1_cpuid`, configured again when a WRMSR turns the APIC off or on.
+- Where the provider's run loop injects at the interrupt window itself (the KVM provider's ``interrupt_window``:
+  ``ops/nvmm/kvm/intwin.py``), the window request posts the vector the vlapic would take there
+  (:func:`post_window`); the loop's injection is accepted in the vlapic when the run returns
+  (:func:`window_taken`), before any exit is handled.
 - What wakes a HLT with interrupts enabled (:func:`interrupt_waiting`): a vlapic vector above the PPR, or the
   8259's INTR through LINT0 (ExtINT, or the plain INTR pin of an APIC that is not enabled: 10.4.7.2, 10.5.1).
 
@@ -116,14 +120,52 @@ def inject_interrupt(vm, ctx, vl, queued):
         ctx.masked = ctx.pending                 # what is left waits for the handler just injected to end
         if ctx.pending or behind:
             request_window(nv)
+            if behind and not ctx.pending and ctx.intwin is not None:
+                post_window(ctx, vl, True)       # the next one, once the guest ended this one in memory
     else:
         request_window(nv)
         ctx.pending = True
         ctx.masked = not es.rflags & C.RFLAGS_IF    # the guest's IF, not a shadow or an event, holds it back
+        if ctx.intwin is not None and not extint:
+            post_window(ctx, vl, False)
     if ctx.itrace is not None:
         ctx.itrace.append(("inj" if ctx.injected != ctx.itrace_n else "win", vec, hex(ctx.current_rip()),
                            hex(es.rflags), int(es.int_shadow), int(es.evt_pending), nv.exit.reason))
         ctx.itrace_n = ctx.injected
+
+
+def post_window(ctx, vl, in_service_ends):
+    """Posts to the provider's run loop what the vlapic takes when the window opens (``Vlapic.window_plan``), with
+    the PV EOI word's part in it as :func:`inject_interrupt` would do there: the one in service ended through the
+    word first (``in_service_ends``), the word armed for the new vector when it is alone in service, the window
+    asked again when another vector waits for its end."""
+    plan = vl.window_plan(in_service_ends)
+    if plan is None:
+        return
+    vector, arm, again = plan
+    pv_eoi = ctx.pv_eoi
+    word = pv_eoi.word if pv_eoi is not None else None
+    if word is None:
+        if not in_service_ends:
+            ctx.intwin.post(vector)          # without PV EOI nothing more is asked after an injection
+        return
+    ctx.intwin.post(vector, after_eoi=in_service_ends, arm=arm, again=again, word=word)
+
+
+def window_taken(ctx, vector, ended_first, armed):
+    """The provider's run loop injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it, after the
+    EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``. What
+    ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again."""
+    was = ctx.pending
+    pv_eoi = ctx.pv_eoi
+    if ended_first:
+        pv_eoi.armed = False
+    again = ctx.vlapic.accept_outside(vector, ended_first, ctx.intwin.clear)
+    if armed:
+        pv_eoi.armed = True
+    ctx.injected += 1
+    ctx.masked = False
+    ctx.pending = was or again
 
 
 def _injectable(es):

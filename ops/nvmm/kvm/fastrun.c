@@ -12,7 +12,14 @@
  * WRMSR, without coming back to Python. The timer thread polls the timerfd and, when it is readable, takes the
  * deadline (vmmshim_tscdl_expire) and fires the LVT. A deadline already past, or a failed read, goes to Python.
  *
- * Not handled here: any other exit, string or wider port reads, port writes (they return to the caller).
+ * And it injects the interrupt that Python posted for the interrupt window (struct vmmshim_intwin): when the
+ * guest opens its window (KVM_EXIT_IRQ_WINDOW_OPEN), the vector is still above the guest's CR8 and, where asked,
+ * the guest has ended the interrupt in service through its PV EOI word, the loop injects it (KVM_INTERRUPT), arms
+ * the PV EOI word where asked and runs the guest again. Python accepts the vector in its vlapic (IRR -> ISR) at
+ * the next return (ops/nvmm/kvm/intwin.py). Anything else about the window goes to Python.
+ *
+ * Not handled here: an ExtINT or NMI for the window, any other exit, string or wider port reads, port writes
+ * (they return to the caller).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -59,6 +66,32 @@ struct vmmshim_tscdl {
 	uint64_t due_ns;            /* CLOCK_MONOTONIC when it falls due */
 	uint64_t served;            /* writes the loop served */
 };
+
+/* one vCPU's interrupt for the window (Python: ops/nvmm/kvm/intwin.py) */
+struct vmmshim_intwin {
+	uint32_t state;             /* WIN_POSTED | vector (Python, before a run), WIN_TAKEN | vector (the loop, once
+	                               injected: read by other threads), 0: none */
+	uint32_t flags;             /* WIN_AFTER_EOI, WIN_ARM, WIN_AGAIN */
+	uint64_t pv_eoi;            /* the guest's PV EOI word in this process (4-byte aligned, in guest RAM), or 0 */
+	unsigned long kvm_interrupt;    /* KVM_INTERRUPT */
+	uint32_t exit_window;       /* KVM_EXIT_IRQ_WINDOW_OPEN */
+	uint32_t window_off;        /* kvm_run.request_interrupt_window (u8) */
+	uint32_t ready_off;         /* kvm_run.ready_for_interrupt_injection (u8); if_flag is the next byte */
+	uint32_t cr8_off;           /* kvm_run.cr8 (u64) */
+	uint32_t result;            /* the loop: RES_EOI (the PV EOI was seen), RES_ARMED (the word armed again) */
+	uint32_t pad;
+	uint64_t served;            /* interrupts the loop injected */
+};
+
+#define WIN_VECTOR 0xFFu
+#define WIN_POSTED 0x100u
+#define WIN_TAKEN 0x200u
+#define WIN_AFTER_EOI 1u            /* inject only once the guest cleared its PV EOI bit (ended the one in service) */
+#define WIN_ARM 2u                  /* set the PV EOI bit after injecting (the vector's end goes through memory) */
+#define WIN_AGAIN 4u                /* ask for the window again after injecting (more waits for its end) */
+#define RES_EOI 1u
+#define RES_ARMED 2u
+#define PV_EOI_BIT 1u
 
 /* struct kvm_msrs with one struct kvm_msr_entry */
 struct one_msr {
@@ -169,14 +202,47 @@ static int serve_tsc_deadline(int fd, uint8_t *run, struct vmmshim_tscdl *d)
 	return 1;
 }
 
+/* the window opened: 1 when the posted vector was injected (the guest runs again), 0 when Python takes the exit */
+static int serve_window(int fd, uint8_t *run, struct vmmshim_intwin *w)
+{
+	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE), vector, res = 0;
+	uint64_t cr8;
+	uint32_t *word = (uint32_t *)(uintptr_t)w->pv_eoi;
+
+	if (!(s & WIN_POSTED))
+		return 0;
+	vector = s & WIN_VECTOR;
+	memcpy(&cr8, run + w->cr8_off, sizeof(cr8));
+	if (!run[w->ready_off] || !run[w->ready_off + 1] || (vector >> 4) <= (cr8 & 0xF))
+		return 0;
+	if (w->flags & (WIN_AFTER_EOI | WIN_ARM) && !word)
+		return 0;
+	if (w->flags & WIN_AFTER_EOI) {
+		if (__atomic_load_n(word, __ATOMIC_ACQUIRE) & PV_EOI_BIT)
+			return 0;       /* the guest has not ended the one in service */
+		res |= RES_EOI;
+	}
+	if (ioctl(fd, w->kvm_interrupt, &vector) < 0)
+		return 0;
+	if (w->flags & WIN_ARM) {
+		__atomic_fetch_or(word, PV_EOI_BIT, __ATOMIC_ACQ_REL);
+		res |= RES_ARMED;
+	}
+	w->result = res;
+	__atomic_store_n(&w->state, WIN_TAKEN | vector, __ATOMIC_RELEASE);
+	run[w->window_off] = (w->flags & WIN_AGAIN) ? 1 : 0;
+	++w->served;
+	return 1;
+}
+
 /*
  * Returns 0 with an exit for the caller in kvm_run, or the errno of a failed KVM_RUN (EINTR after a kick).
  * answers[port] is the published value of a one-byte read of port, or -1; another thread may change it at
  * any time (each read of it is one atomic load). answers may be NULL (no port read is answered); tscdl may be
- * NULL (no IA32_TSC_DEADLINE write is served).
+ * NULL (no IA32_TSC_DEADLINE write is served); intwin may be NULL (no interrupt is injected here).
  */
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl)
+		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
 {
 	for (;;) {
 		uint32_t reason, count;
@@ -199,6 +265,11 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		memcpy(&reason, run + lay->reason_off, sizeof(reason));
 		if (tscdl && reason == tscdl->exit_wrmsr && __atomic_load_n(&tscdl->enabled, __ATOMIC_RELAXED)) {
 			if (serve_tsc_deadline(fd, run, tscdl))
+				continue;
+			return 0;
+		}
+		if (intwin && reason == intwin->exit_window) {
+			if (serve_window(fd, run, intwin))
 				continue;
 			return 0;
 		}

@@ -3,7 +3,8 @@
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
 without coming back to Python (in the nested lab a kernel console's LSR read per character, each one an exit
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
-guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``). The C file needs only
+guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``) and injects the interrupt posted for the interrupt window
+(``intwin.py``). The C file needs only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
 
@@ -48,8 +49,21 @@ struct vmmshim_tscdl {
     uint64_t due_ns;
     uint64_t served;
 };
+struct vmmshim_intwin {
+    uint32_t state;
+    uint32_t flags;
+    uint64_t pv_eoi;
+    unsigned long kvm_interrupt;
+    uint32_t exit_window;
+    uint32_t window_off;
+    uint32_t ready_off;
+    uint32_t cr8_off;
+    uint32_t result;
+    uint32_t pad;
+    uint64_t served;
+};
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-                    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl);
+                    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
 int vmmshim_tscdl_open(void);
 int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
 int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);

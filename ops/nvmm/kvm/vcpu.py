@@ -41,6 +41,7 @@ from . import fastrun
 from . import guest_debug as GD
 from . import ioctls as K
 from . import layouts as L
+from . import intwin
 from . import tscdeadline
 from .kick import SIG_KICK
 from .vcpu_state import KvmStateCache
@@ -91,6 +92,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         self._in_run = False            # inside the run path's KVM_RUN: a stop() signals the thread
         self.run_stats = None           # the compiled loop's counters (fastrun.c's vmmshim_run_stats), once used
         self.tscdl = None               # IA32_TSC_DEADLINE in the compiled loop (tscdeadline.py), once asked for
+        self.intwin = None              # the interrupt the compiled loop injects at the window (intwin.py)
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -230,6 +232,8 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             machine.provider.ring_offset
 
         compiled, after_io = None, False
+        intwin = self.intwin
+        winst = intwin.struct if intwin is not None else None
 
         def run():
             nonlocal compiled, after_io
@@ -240,13 +244,16 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             answers = machine._answers
             tscdl = vcpu.tscdl
             # The compiled loop after a port exit (a console's IER access starts the run of LSR reads it
-            # answers) and while it serves IA32_TSC_DEADLINE; else the plain ioctl, which costs less per call
-            # (measured natively: docs/lab.md)
-            if (after_io and answers is not None and answers.count) or (tscdl is not None and tscdl.struct.enabled):
+            # answers), while it serves IA32_TSC_DEADLINE and with an interrupt posted for the window; else the
+            # plain ioctl, which costs less per call (measured natively: docs/lab.md)
+            if (after_io and answers is not None and answers.count) or (tscdl is not None and tscdl.struct.enabled) \
+                    or (winst is not None and winst.state):
                 if compiled is None:
                     compiled = vcpu._compiled_run()
                 err = compiled(answers.table if answers is not None else None)       # KVM_RUN, in C
                 failed = OSError(err, os.strerror(err)) if err else None
+                if winst is not None and winst.state:
+                    intwin.settle()         # the vlapic accepts what the loop injected before anything else
             else:
                 try:
                     ioctl(fd, krun)
@@ -294,8 +301,10 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         runp = ffi.from_buffer("uint8_t[]", self.mm)
         stats, fd, crun = ffi.new("struct vmmshim_run_stats *"), self.fd, lib.vmmshim_kvm_run
         self.run_stats = stats
-        tscdl, null = (self.tscdl.struct if self.tscdl is not None else ffi.NULL), ffi.NULL
-        return lambda table: crun(fd, runp, lay, null if table is None else table, stats, tscdl)
+        null = ffi.NULL
+        tscdl = self.tscdl.struct if self.tscdl is not None else null
+        intwin = self.intwin.struct if self.intwin is not None else null
+        return lambda table: crun(fd, runp, lay, null if table is None else table, stats, tscdl, intwin)
 
     def tsc_deadline(self, tsc_hz):
         """vmmshim's extension: this vCPU's IA32_TSC_DEADLINE kept by the compiled loop (:mod:`.tscdeadline`), or
@@ -304,6 +313,15 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             self.tscdl = tscdeadline.make(self.fd, tsc_hz)
             self._install_fast_paths()      # a new compiled loop, bound to it
         return self.tscdl
+
+    def interrupt_window(self):
+        """vmmshim's extension: this vCPU's interrupt for the window, injected by the compiled loop (:mod:`.intwin`),
+        or None where it cannot be. Asked for once, before the first run."""
+        if self.intwin is None:
+            self.intwin = intwin.make()
+            if self.intwin is not None:
+                self._install_fast_paths()      # a new compiled loop, bound to it
+        return self.intwin
 
     def _callbacks_changed(self):
         self._install_fast_paths()

@@ -1,0 +1,76 @@
+"""Interrupt acceptance done outside Python, for a :class:`~bhyve_devices.vlapic.Vlapic` (a mixin): what the CPU
+would take when its interrupt window opens, and the acceptance (IRR -> ISR) of a vector the hypervisor's run loop
+injected there by itself.
+
+Intel SDM vol. 3A 10.8.3.1 "Task and Processor Priorities" and 10.8.4 "Interrupt Acceptance for Fixed
+Interrupts": the CPU takes the highest IRR vector whose class is above the PPR's, moving it from IRR to ISR. A
+request for a vector already in the IRR merges with it (one bit per vector); one that comes after the CPU took the
+vector is a new request, even though the vector is in service, and it is delivered after that vector's EOI.
+
+The owner of the run loop posts :meth:`window_plan`'s vector, and calls :meth:`accept_outside` when the loop has
+injected it. Between the two, the vlapic still shows the vector requested; the ``outside`` callable
+(``outside(vector) -> bool``, set by the owner) tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether
+the CPU took it meanwhile, so that a request then is kept (:attr:`_repeat`) instead of merged.
+
+Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than one
+vector taken outside between two acceptances.
+"""
+
+
+class VlapicAcceptMixin:
+    """Expects Vlapic's ``_lock``, ``_guard``, ``_eoi``, ``_kick``, ``irr``, ``isr``, ``tmr``, ``tpr``, ``hw_enabled``,
+    ``lint0_pending``."""
+
+    outside = None          # outside(vector) -> bool: the run loop took vector and it is not accepted here yet
+    _repeat = 0             # vectors requested again after the run loop took them (IRR bits, until accepted)
+
+    def window_plan(self, in_service_ends=False):
+        """What the CPU takes when its window opens: ``(vector, arm, again)`` or None when the loop should leave
+        it to the caller. With ``in_service_ends`` the one edge-triggered vector in service must end first (the
+        guest's PV EOI), else nothing may be in service. ``arm``: the vector is edge-triggered and alone in
+        service once taken (its end may go through PV EOI). ``again``: a vector waits for that end (the window
+        is wanted again after it). None also while LINT0 has a request or nothing is deliverable."""
+        with self._lock:
+            isr, irr, tpr_class = self.isr, self.irr, self.tpr & 0xF0
+            if in_service_ends:
+                if isr == 0 or isr & (isr - 1) or self.tmr & isr:
+                    return None
+                isr = 0
+            if isr or not irr or not self.hw_enabled or self.lint0_pending():
+                return None
+            vector = irr.bit_length() - 1
+            if (vector & 0xF0) <= tpr_class:
+                return None
+            bit = 1 << vector
+            arm = not self.tmr & bit
+            rest = irr & ~bit
+            again = arm and bool(rest) and ((rest.bit_length() - 1) & 0xF0) > tpr_class
+            return vector, arm, again
+
+    def accept_outside(self, vector, ended_first, done):
+        """The run loop injected ``vector``: IRR -> ISR, after the EOI of the one in service when
+        ``ended_first`` (the guest ended it through PV EOI). ``done()`` runs under the lock, so ``outside`` answers
+        False from then on. Returns True if the vector was requested again meanwhile (it stays in the IRR, for
+        after its EOI)."""
+        with self._guard:
+            if ended_first:
+                self._eoi()
+            bit = 1 << (vector & 0xFF)
+            self.irr &= ~bit
+            self.isr |= bit
+            done()
+            again = bool(self._repeat & bit)
+            if again:
+                self.irr |= bit
+            self._repeat = 0
+            return again
+
+    def _merged_or_repeat(self, vector, bit):
+        """In set_intr_ready, for a vector already in the IRR: True if it merges with that request, False when
+        the run loop took that one (this request is kept for after its EOI)."""
+        outside = self.outside
+        if outside is not None and outside(vector):
+            self._repeat |= bit
+            return False
+        return True
+
