@@ -7,8 +7,8 @@ Interrupts": the CPU takes the highest IRR vector whose class is above the PPR's
 request for a vector already in the IRR merges with it (one bit per vector); one that comes after the CPU took the
 vector is a new request, even though the vector is in service, and it is delivered after that vector's EOI.
 
-The owner of the run loop posts :meth:`window_plan`'s vector, and calls :meth:`accept_outside` when the loop has
-injected it. Between the two, the vlapic still shows the vector requested; the ``outside`` callable
+The owner of the run loop posts :meth:`window_plan`'s vector (from another thread while the vCPU runs:
+:meth:`offer_outside`), and calls :meth:`accept_outside` when the loop has injected it. Between the two, the vlapic still shows the vector requested; the ``outside`` callable
 (``outside(vector) -> bool``, set by the owner) tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether
 the CPU took it meanwhile, so that a request then is kept (:attr:`_repeat`) instead of merged.
 
@@ -47,6 +47,14 @@ class VlapicAcceptMixin:
             again = arm and bool(rest) and ((rest.bit_length() - 1) & 0xF0) > tpr_class
             return vector, arm, again
 
+    def offer_outside(self, post):
+        """Another thread's request while the vCPU runs: :meth:`window_plan`'s ``(vector, arm, again)`` handed to
+        ``post`` under the lock, so that no acceptance comes between the plan and the post. Returns what ``post``
+        returned (True: the run loop has it), False without a plan."""
+        with self._lock:
+            plan = self.window_plan()
+            return plan is not None and bool(post(*plan))
+
     def accept_outside(self, vector, ended_first, done):
         """The run loop injected ``vector``: IRR -> ISR, after the EOI of the one in service when
         ``ended_first`` (the guest ended it through PV EOI). ``done()`` runs under the lock, so ``outside`` answers
@@ -68,6 +76,8 @@ class VlapicAcceptMixin:
     def _merged_or_repeat(self, vector, bit):
         """In set_intr_ready, for a vector already in the IRR: True if it merges with that request, False when
         the run loop took that one (this request is kept for after its EOI)."""
+        if self._repeat & bit:
+            return True                 # merges with the request kept since the loop took the vector
         outside = self.outside
         if outside is not None and outside(vector):
             self._repeat |= bit

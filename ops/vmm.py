@@ -109,6 +109,17 @@ class Vcpu:
                 return              # so a stop would only cost a STOPPED exit on the next run
         self.nv.stop()
 
+    def kick_intr(self):
+        """The vlapic's kick (a request, an EOI with more requested): where the provider's run loop injects by
+        itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
+        in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
+        if self.intwin is not None and not self.pending and not self.nmi and self.thread != threading.get_ident() \
+                and vmm_lapic.post_kick(self):
+            self.kicks += 1
+            self.nv.kick_posted()
+            return
+        self.kick()
+
     def exit_to(self, code, payload, rip=None, inst_length=0):
         """This vCPU's ``vm_exit`` (one object, reused), filled for userland."""
         vmexit = self.vmexit
@@ -352,7 +363,7 @@ class Vm(HaltMixin):
     def _kick(self, vcpuid):
         ctx = self.vcpus.get(vcpuid)
         if ctx is not None:
-            ctx.kick()
+            ctx.kick_intr()
 
     def _on_init(self, vcpuid):
         pass    # the target waits for SIPI; its vlapic was reset by the bus

@@ -14,7 +14,8 @@ interrupts.
   of :func:`leaf1_cpuid`, configured again when a WRMSR turns the APIC off or on.
 - Where the provider's run loop injects at the interrupt window itself (the KVM provider's ``interrupt_window``:
   ``ops/nvmm/kvm/intwin.py``), the window request posts the vector the vlapic would take there
-  (:func:`post_window`); the loop's injection is accepted in the vlapic when the run returns
+  (:func:`post_window`), and a kick from another thread posts it while the vCPU runs (:func:`post_kick`); the
+  loop's injection is accepted in the vlapic when the run returns
   (:func:`window_taken`), before any exit is handled.
 - What wakes a HLT with interrupts enabled (:func:`interrupt_waiting`): a vlapic vector above the PPR, or the
   8259's INTR through LINT0 (ExtINT, or the plain INTR pin of an APIC that is not enabled: 10.4.7.2, 10.5.1).
@@ -150,6 +151,18 @@ def post_window(ctx, vl, in_service_ends):
             ctx.intwin.post(vector)          # without PV EOI nothing more is asked after an injection
         return
     ctx.intwin.post(vector, after_eoi=in_service_ends, arm=arm, again=again, word=word)
+
+
+def post_kick(ctx):
+    """From the thread that kicks the vCPU: posts the vlapic's next vector to the provider's run loop while it runs
+    (``Vlapic.offer_outside``), to be injected at the kick's EINTR without Python. True when posted."""
+    vl, win, pv_eoi = ctx.vlapic, ctx.intwin, ctx.pv_eoi
+    word = pv_eoi.word if pv_eoi is not None else None
+    if vl is None:
+        return False
+    if word is None:
+        return vl.offer_outside(lambda vector, arm, again: win.kick(vector))
+    return vl.offer_outside(lambda vector, arm, again: win.kick(vector, arm=arm, again=again, word=word))
 
 
 def window_taken(ctx, vector, ended_first, armed):

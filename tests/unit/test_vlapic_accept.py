@@ -77,6 +77,7 @@ def test_a_request_after_the_loop_took_the_vector_is_kept():
     assert v.set_intr_ready(0x41, report_merged=True) == (True, True), "before the loop took it: merged"
     taken.add(0x41)                                       # the run loop injected it
     assert v.set_intr_ready(0x41, report_merged=True) == (True, False), "after: a new request"
+    assert v.set_intr_ready(0x41, report_merged=True) == (True, True), "a third merges with the second"
     assert v.accept_outside(0x41, False, taken.clear) is True
     assert v.isr == 1 << 0x41 and v.irr == 1 << 0x41, "in service, and requested again for after its EOI"
     v.eoi()

@@ -67,28 +67,33 @@ struct vmmshim_tscdl {
 	uint64_t served;            /* writes the loop served */
 };
 
-/* one vCPU's interrupt for the window (Python: ops/nvmm/kvm/intwin.py) */
+/* one vCPU's interrupt for the window or a kick (Python: ops/nvmm/kvm/intwin.py) */
 struct vmmshim_intwin {
-	uint32_t state;             /* WIN_POSTED | vector (Python, before a run), WIN_TAKEN | vector (the loop, once
-	                               injected: read by other threads), 0: none */
-	uint32_t flags;             /* WIN_AFTER_EOI, WIN_ARM, WIN_AGAIN */
+	uint32_t state;             /* WIN_* bits and a vector: posted by Python before a run (or by another thread
+	                               while the loop runs, WIN_KICK), WIN_TAKEN once injected; atomic */
+	uint32_t hard;              /* Python's stop(): the next EINTR goes to Python */
 	uint64_t pv_eoi;            /* the guest's PV EOI word in this process (4-byte aligned, in guest RAM), or 0 */
 	unsigned long kvm_interrupt;    /* KVM_INTERRUPT */
 	uint32_t exit_window;       /* KVM_EXIT_IRQ_WINDOW_OPEN */
-	uint32_t window_off;        /* kvm_run.request_interrupt_window (u8) */
+	uint32_t window_off;        /* kvm_run.request_interrupt_window (u8); immediate_exit is the next byte */
 	uint32_t ready_off;         /* kvm_run.ready_for_interrupt_injection (u8); if_flag is the next byte */
 	uint32_t cr8_off;           /* kvm_run.cr8 (u64) */
 	uint32_t result;            /* the loop: RES_EOI (the PV EOI was seen), RES_ARMED (the word armed again) */
+	uint32_t kicks_posted;      /* another thread: kicks it posted (each with immediate_exit and a signal) */
+	uint32_t kicks_seen;        /* the loop: kicks_posted when it last took an EINTR for them */
 	uint32_t pad;
-	uint64_t served;            /* interrupts the loop injected */
+	uint64_t served;            /* interrupts the loop injected at a window */
+	uint64_t served_kicks;      /* ... and at a kick */
 };
 
 #define WIN_VECTOR 0xFFu
-#define WIN_POSTED 0x100u
-#define WIN_TAKEN 0x200u
-#define WIN_AFTER_EOI 1u            /* inject only once the guest cleared its PV EOI bit (ended the one in service) */
-#define WIN_ARM 2u                  /* set the PV EOI bit after injecting (the vector's end goes through memory) */
-#define WIN_AGAIN 4u                /* ask for the window again after injecting (more waits for its end) */
+#define WIN_POSTED 0x100u           /* a vector to inject */
+#define WIN_TAKEN 0x200u            /* injected; Python's vlapic has not accepted it yet */
+#define WIN_IN 0x400u               /* the loop runs (a kick may be posted only then) */
+#define WIN_KICK 0x800u             /* posted by another thread */
+#define WIN_AFTER_EOI 0x1000u       /* inject only once the guest cleared its PV EOI bit (ended the one in service) */
+#define WIN_ARM 0x2000u             /* set the PV EOI bit after injecting (the vector's end goes through memory) */
+#define WIN_AGAIN 0x4000u           /* ask for the window again after injecting (more waits for its end) */
 #define RES_EOI 1u
 #define RES_ARMED 2u
 #define PV_EOI_BIT 1u
@@ -202,36 +207,75 @@ static int serve_tsc_deadline(int fd, uint8_t *run, struct vmmshim_tscdl *d)
 	return 1;
 }
 
-/* the window opened: 1 when the posted vector was injected (the guest runs again), 0 when Python takes the exit */
-static int serve_window(int fd, uint8_t *run, struct vmmshim_intwin *w)
+/* injects the posted vector if the guest takes interrupts now: 1 (done or not needed), 0 (Python decides) */
+static int inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s)
 {
-	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE), vector, res = 0;
+	uint32_t vector = s & WIN_VECTOR, res = 0;
 	uint64_t cr8;
 	uint32_t *word = (uint32_t *)(uintptr_t)w->pv_eoi;
 
-	if (!(s & WIN_POSTED))
-		return 0;
-	vector = s & WIN_VECTOR;
 	memcpy(&cr8, run + w->cr8_off, sizeof(cr8));
-	if (!run[w->ready_off] || !run[w->ready_off + 1] || (vector >> 4) <= (cr8 & 0xF))
+	if ((vector >> 4) <= (cr8 & 0xF))
+		return 0;               /* the guest raised its CR8 meanwhile */
+	if (s & (WIN_AFTER_EOI | WIN_ARM) && !word)
 		return 0;
-	if (w->flags & (WIN_AFTER_EOI | WIN_ARM) && !word)
-		return 0;
-	if (w->flags & WIN_AFTER_EOI) {
+	if (s & WIN_AFTER_EOI) {
 		if (__atomic_load_n(word, __ATOMIC_ACQUIRE) & PV_EOI_BIT)
 			return 0;       /* the guest has not ended the one in service */
 		res |= RES_EOI;
 	}
 	if (ioctl(fd, w->kvm_interrupt, &vector) < 0)
 		return 0;
-	if (w->flags & WIN_ARM) {
+	if (s & WIN_ARM) {
 		__atomic_fetch_or(word, PV_EOI_BIT, __ATOMIC_ACQ_REL);
 		res |= RES_ARMED;
 	}
 	w->result = res;
-	__atomic_store_n(&w->state, WIN_TAKEN | vector, __ATOMIC_RELEASE);
-	run[w->window_off] = (w->flags & WIN_AGAIN) ? 1 : 0;
+	/* only this loop changes a posted state while WIN_IN is set: a plain store keeps WIN_IN */
+	__atomic_store_n(&w->state, WIN_IN | WIN_TAKEN | vector, __ATOMIC_RELEASE);
+	run[w->window_off] = (s & WIN_AGAIN) ? 1 : 0;
+	return 1;
+}
+
+/* the window opened: 1 when the posted vector was injected (the guest runs again), 0 when Python takes the exit */
+static int serve_window(int fd, uint8_t *run, struct vmmshim_intwin *w)
+{
+	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+
+	if (!(s & WIN_POSTED) || !run[w->ready_off] || !run[w->ready_off + 1])
+		return 0;
+	if (!inject_posted(fd, run, w, s))
+		return 0;
 	++w->served;
+	return 1;
+}
+
+/*
+ * KVM_RUN returned EINTR: 1 when it was another thread's kick for an interrupt it posted (injected now, or at
+ * the window, which is asked for), 0 when Python takes it (its stop(), or a signal nobody posted for).
+ */
+static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
+{
+	uint32_t posted = __atomic_load_n(&w->kicks_posted, __ATOMIC_ACQUIRE), s;
+
+	if (__atomic_load_n(&w->hard, __ATOMIC_ACQUIRE) || posted == w->kicks_seen)
+		return 0;
+	w->kicks_seen = posted;
+	run[w->window_off + 1] = 0;         /* immediate_exit */
+	if (__atomic_load_n(&w->hard, __ATOMIC_ACQUIRE)) {
+		run[w->window_off + 1] = 1;     /* a stop() came meanwhile: keep its exit */
+		return 0;
+	}
+	s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+	if (!(s & WIN_POSTED))
+		return 1;               /* served already (at a window), or withdrawn: run on */
+	if (run[w->ready_off] && run[w->ready_off + 1]) {
+		if (!inject_posted(fd, run, w, s))
+			return 0;
+		++w->served_kicks;
+		return 1;
+	}
+	run[w->window_off] = 1;             /* interrupts are off: inject when the guest opens its window */
 	return 1;
 }
 
@@ -241,7 +285,7 @@ static int serve_window(int fd, uint8_t *run, struct vmmshim_intwin *w)
  * any time (each read of it is one atomic load). answers may be NULL (no port read is answered); tscdl may be
  * NULL (no IA32_TSC_DEADLINE write is served); intwin may be NULL (no interrupt is injected here).
  */
-int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
+static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
 		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
 {
 	for (;;) {
@@ -260,8 +304,11 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		} else {
 			r = ioctl(fd, lay->kvm_run, 0);
 		}
-		if (r < 0)
+		if (r < 0) {
+			if (errno == EINTR && intwin && serve_kick(fd, run, intwin))
+				continue;
 			return errno;
+		}
 		memcpy(&reason, run + lay->reason_off, sizeof(reason));
 		if (tscdl && reason == tscdl->exit_wrmsr && __atomic_load_n(&tscdl->enabled, __ATOMIC_RELAXED)) {
 			if (serve_tsc_deadline(fd, run, tscdl))
@@ -287,4 +334,32 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		run[off] = (uint8_t)value;
 		++stats->answered;
 	}
+}
+
+int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
+		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
+{
+	int r;
+
+	if (!intwin)
+		return run_loop(fd, run, lay, answers, stats, tscdl, NULL);
+	__atomic_fetch_or(&intwin->state, WIN_IN, __ATOMIC_ACQ_REL);
+	r = run_loop(fd, run, lay, answers, stats, tscdl, intwin);
+	__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
+	return r;
+}
+
+/*
+ * Another thread posts `post` (a vector and WIN_* conditions) for the loop running now: 1 when posted (the caller
+ * then sets immediate_exit and signals the vCPU's thread), 0 when the loop is not running or holds a post already.
+ */
+int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post)
+{
+	uint32_t expect = WIN_IN;
+
+	if (!__atomic_compare_exchange_n(&w->state, &expect, WIN_IN | WIN_KICK | WIN_POSTED | post, 0,
+					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return 0;
+	__atomic_fetch_add(&w->kicks_posted, 1, __ATOMIC_ACQ_REL);
+	return 1;
 }

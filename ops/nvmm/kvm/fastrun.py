@@ -51,7 +51,7 @@ struct vmmshim_tscdl {
 };
 struct vmmshim_intwin {
     uint32_t state;
-    uint32_t flags;
+    uint32_t hard;
     uint64_t pv_eoi;
     unsigned long kvm_interrupt;
     uint32_t exit_window;
@@ -59,11 +59,15 @@ struct vmmshim_intwin {
     uint32_t ready_off;
     uint32_t cr8_off;
     uint32_t result;
+    uint32_t kicks_posted;
+    uint32_t kicks_seen;
     uint32_t pad;
     uint64_t served;
+    uint64_t served_kicks;
 };
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
                     struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
+int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
 int vmmshim_tscdl_open(void);
 int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
 int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);

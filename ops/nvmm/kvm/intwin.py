@@ -1,25 +1,31 @@
-"""The interrupt a KVM vCPU's compiled run loop injects when the guest opens its interrupt window
+"""The interrupt a KVM vCPU's compiled run loop injects by itself, at the guest's interrupt window or at a kick
 (``fastrun.c``'s ``struct vmmshim_intwin``).
 
-Without an in-kernel LAPIC, an interrupt that arrives while the guest runs with IF clear, or one that waits for the
-end of the interrupt in service, is injected at ``KVM_EXIT_IRQ_WINDOW_OPEN`` (KVM API, ``request_interrupt_window``
-and ``KVM_INTERRUPT``). In the nested lab those window exits were about half of a network or disk transfer's exits
-to user space, each about a millisecond of Python there (``docs/lab.md``, "The interrupt window in the run loop").
+Without an in-kernel LAPIC, an interrupt is injected by user space with ``KVM_INTERRUPT`` (KVM API): one that
+another thread raises while the guest runs takes a kick (a signal: ``KVM_RUN`` returns ``EINTR``), and one that
+arrives while the guest has IF clear, or that waits for the end of the interrupt in service, takes an exit at the
+window (``request_interrupt_window``, ``KVM_EXIT_IRQ_WINDOW_OPEN``). In the nested lab those two exits were nine in
+ten of a network transfer's exits to user space, each about a millisecond of Python there (``docs/lab.md``, "The
+interrupt window and kicks in the run loop").
 
-The ops layer, when it asks for the window, posts the vector its vlapic would inject there (:meth:`IntWindow.post`)
-with what the injection needs: whether the guest must first have ended the one interrupt in service through its PV
-EOI word (``Documentation/virt/kvm/x86/msr.rst``, ``MSR_KVM_PV_EOI_EN``), whether the word is armed for the new
-vector, and whether the window is wanted again after it. At the window exit the loop checks the guest's IF, KVM's
-``ready_for_interrupt_injection``, CR8 against the vector's priority class and that word, injects, and runs the
-guest again; any check that fails gives Python the exit as before. A post lives for one run: what the loop did not
-inject is withdrawn when the run returns.
+Posts. The ops layer, when it asks for the window, posts the vector its vlapic would take there
+(:meth:`IntWindow.post`), with what the injection needs: whether the guest must first have ended the one
+interrupt in service through its PV EOI word (``Documentation/virt/kvm/x86/msr.rst``, ``MSR_KVM_PV_EOI_EN``),
+whether the word is armed for the new vector, and whether the window is wanted again after it. Another thread
+whose request needs a kick posts the same way while the loop runs (:meth:`IntWindow.kick`, under the vlapic's
+lock), sets ``immediate_exit`` and signals the vCPU's thread: at that ``EINTR`` the loop injects at once if the guest
+takes interrupts, else asks for the window. At the window or the kick the loop checks the guest's IF, KVM's
+``ready_for_interrupt_injection``, CR8 against the vector's priority class and the PV EOI word, injects and runs the
+guest again; a check that fails gives Python the exit as before. A post lives for one run of the loop: what it
+did not inject is withdrawn when the run returns (a kick's, with :attr:`IntWindow.on_withdrawn`, so that the ops
+layer looks at its vlapic before the next entry). ``stop()`` marks its ``EINTR`` (:meth:`IntWindow.stop`) for Python.
 
-An injected vector is :attr:`IntWindow.taken` until the ops layer has accepted it in its vlapic (IRR -> ISR) at the
+An injected vector is :meth:`IntWindow.taken` until the ops layer has accepted it in its vlapic (IRR -> ISR) at the
 run's return (:attr:`IntWindow.on_taken`); meanwhile another thread that requests the same vector learns from
 :meth:`IntWindow.taken` that the CPU took the earlier one, so its request is a new one, not merged.
-``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit in Python.
+``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
-Not supported: ExtINT (the 8259's INTA cycle) and NMIs at the window, more than one vector per run.
+Not supported: ExtINT (the 8259's INTA cycle) and NMIs, more than one vector per run of the loop.
 """
 
 import os
@@ -29,58 +35,84 @@ from . import ioctls as K
 from . import layouts as L
 
 ENV_OFF = "VMMSHIM_INTWIN"
+VECTOR = 0xFF
 POSTED = 0x100
 TAKEN = 0x200
-VECTOR = 0xFF
-AFTER_EOI = 1       # only once the guest cleared its PV EOI bit (it ended the one interrupt in service)
-ARM = 2             # set the PV EOI bit once injected
-AGAIN = 4           # ask for the window again once injected
+IN = 0x400          # the loop runs
+KICK = 0x800        # posted by another thread
+AFTER_EOI = 0x1000  # only once the guest cleared its PV EOI bit (it ended the one interrupt in service)
+ARM = 0x2000        # set the PV EOI bit once injected
+AGAIN = 0x4000      # ask for the window again once injected
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
 
 
 class IntWindow:
-    """One vCPU's window slot: :meth:`post` before a run, :meth:`settle` after it (the provider), :meth:`taken` from
-    any thread, :attr:`on_taken` ``(vector, ended_first, armed)`` set by the ops layer, which calls :meth:`clear`
-    once its vlapic has accepted the vector (``ended_first``: the guest had ended the one in service through its
-    PV EOI word; ``armed``: the word is armed for ``vector``)."""
+    """One vCPU's slot: :meth:`post` before a run and :meth:`settle` after it (the vCPU's thread), :meth:`kick` and
+    :meth:`taken` from any thread. The ops layer sets :attr:`on_taken` ``(vector, ended_first, armed)``, which calls
+    :meth:`clear` once its vlapic has accepted the vector (``ended_first``: the guest had ended the one in service
+    through its PV EOI word; ``armed``: the word is armed for ``vector``), and :attr:`on_withdrawn` ``()``, called
+    when a kick's post comes back not injected."""
 
-    def __init__(self, ffi):
-        self._ffi = ffi
+    def __init__(self, ffi, lib):
+        self._ffi, self._lib = ffi, lib
         self.struct = ffi.new("struct vmmshim_intwin *", dict(
             kvm_interrupt=K.KVM_INTERRUPT, exit_window=K.KVM_EXIT_IRQ_WINDOW_OPEN,
             window_off=L.RUN_REQUEST_IRQ_WINDOW, ready_off=L.RUN_READY_FOR_INTR, cr8_off=L.RUN_CR8))
-        assert L.RUN_IF_FLAG == L.RUN_READY_FOR_INTR + 1        # the loop reads if_flag right after it
+        # the loop reads the byte after each of these offsets
+        assert L.RUN_IF_FLAG == L.RUN_READY_FOR_INTR + 1 and L.RUN_IMMEDIATE_EXIT == L.RUN_REQUEST_IRQ_WINDOW + 1
         self.on_taken = None
-        self._word = None           # (the view posted last, its cffi buffer): the address stays valid with it
+        self.on_withdrawn = None
+        self._word = None           # (the PV EOI view posted last, its address): valid while guest RAM is mapped
 
     @property
     def served(self):
-        """Interrupts the loop injected."""
+        """Interrupts the loop injected at a window."""
         return self.struct.served
 
-    def post(self, vector, after_eoi=False, arm=False, again=False, word=None):
-        """For the next run: inject ``vector`` at the window; ``after_eoi``: only once the guest has ended the one
-        interrupt in service through its PV EOI word (bit 0 clear); ``arm``: set that bit once injected;
-        ``again``: ask for the window again once injected. ``word``: the PV EOI word (a writable 4-byte view of
-        guest RAM), needed with ``after_eoi`` or ``arm``."""
+    @property
+    def served_kicks(self):
+        """Interrupts the loop injected at a kick."""
+        return self.struct.served_kicks
+
+    def _bits(self, vector, after_eoi, arm, again, word):
         if (after_eoi or arm) and word is None:
             raise ValueError("a PV EOI condition without the PV EOI word")
+        return (vector & VECTOR) | (AFTER_EOI if after_eoi else 0) | (ARM if arm else 0) | (AGAIN if again else 0)
+
+    def post(self, vector, after_eoi=False, arm=False, again=False, word=None):
+        """On the vCPU's thread, for the next run: inject ``vector`` at the window; ``after_eoi``: only once the
+        guest has ended the one interrupt in service through its PV EOI word (bit 0 clear); ``arm``: set that bit
+        once injected; ``again``: ask for the window again once injected. ``word``: the PV EOI word (a writable
+        4-byte view of guest RAM), needed with ``after_eoi`` or ``arm``."""
+        bits = self._bits(vector, after_eoi, arm, again, word)
         s = self.struct
         if word is None:
             s.pv_eoi = 0
         else:
             cached = self._word
             if cached is None or cached[0] is not word:
-                cached = self._word = (word, self._ffi.from_buffer(word))
-            s.pv_eoi = int(self._ffi.cast("uintptr_t", cached[1]))
-        s.flags = (AFTER_EOI if after_eoi else 0) | (ARM if arm else 0) | (AGAIN if again else 0)
+                # the address only: a buffer kept exported would hold the guest RAM's mapping open at teardown
+                with self._ffi.from_buffer(word) as buf:
+                    cached = self._word = (word, int(self._ffi.cast("uintptr_t", buf)))
+            s.pv_eoi = cached[1]
         s.result = 0
-        s.state = POSTED | (vector & VECTOR)
+        s.state = POSTED | bits
+
+    def kick(self, vector, arm=False, again=False, word=None):
+        """From another thread, while the loop may run: posts ``vector`` to be injected at once (or at the
+        window). True when posted: the caller then sets ``immediate_exit`` and signals the vCPU's thread
+        (``KvmVcpu.kick_posted``). False when the loop is not running or holds a post already, or ``word`` is not
+        the PV EOI word the vCPU's thread posted last (its address is set only there)."""
+        if word is not None:
+            cached = self._word
+            if cached is None or cached[0] is not word:
+                return False
+        return self._lib.vmmshim_intwin_kick(self.struct, self._bits(vector, False, arm, again, word)) == 1
 
     def settle(self):
-        """After a run whose slot is not empty: withdraws a post the loop did not take, or hands the injected vector
-        to :attr:`on_taken` (which calls :meth:`clear`)."""
+        """After a run whose slot is not empty (the vCPU's thread): hands the injected vector to
+        :attr:`on_taken` (which calls :meth:`clear`), or withdraws a post the loop did not take."""
         s = self.struct
         state = s.state
         if state & TAKEN:
@@ -90,10 +122,12 @@ class IntWindow:
                 cb(state & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED))
                 return
         s.state = 0
+        if state & KICK and self.on_withdrawn is not None:
+            self.on_withdrawn()
 
     def taken(self, vector):
         """Whether the loop injected ``vector`` and the ops layer has not accepted it yet (any thread)."""
-        return self.struct.state == TAKEN | (vector & VECTOR)
+        return self.struct.state & (TAKEN | VECTOR) == TAKEN | (vector & VECTOR)
 
     def pending_accept(self):
         """Whether some injected vector waits to be accepted."""
@@ -101,6 +135,10 @@ class IntWindow:
 
     def clear(self):
         self.struct.state = 0
+
+    def stop(self, on):
+        """``stop()``'s mark (set before its ``immediate_exit``, cleared with it): its EINTR is Python's."""
+        self.struct.hard = 1 if on else 0
 
 
 def make():
@@ -110,4 +148,4 @@ def make():
     loaded = fastrun.load()
     if loaded is None:
         return None
-    return IntWindow(loaded[0])
+    return IntWindow(*loaded)

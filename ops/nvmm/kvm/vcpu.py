@@ -243,11 +243,11 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             vcpu._in_run = True
             answers = machine._answers
             tscdl = vcpu.tscdl
-            # The compiled loop after a port exit (a console's IER access starts the run of LSR reads it
-            # answers), while it serves IA32_TSC_DEADLINE and with an interrupt posted for the window; else the
-            # plain ioctl, which costs less per call (measured natively: docs/lab.md)
-            if (after_io and answers is not None and answers.count) or (tscdl is not None and tscdl.struct.enabled) \
-                    or (winst is not None and winst.state):
+            # The compiled loop where it injects interrupts (intwin.py: a kick may post one while it runs), after a
+            # port exit (a console's IER access starts the run of LSR reads it answers) and while it serves
+            # IA32_TSC_DEADLINE; else the plain ioctl, which costs less per call (measured natively: docs/lab.md)
+            if winst is not None or (after_io and answers is not None and answers.count) or \
+                    (tscdl is not None and tscdl.struct.enabled):
                 if compiled is None:
                     compiled = vcpu._compiled_run()
                 err = compiled(answers.table if answers is not None else None)       # KVM_RUN, in C
@@ -341,7 +341,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
     def _run_error(self, exc):
         if exc.errno != errno.EINTR:
             raise api.nvmm_error(exc.errno, "KVM_RUN failed") from None
-        self.mm[L.RUN_IMMEDIATE_EXIT] = 0
+        self.clear_stop()
         self._cached = 0
         self.exit.reason = C.NVMM_VCPU_EXIT_STOPPED
         self.exit.kvm_reason = K.KVM_EXIT_INTR
@@ -362,7 +362,7 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
             self._msr_pending = (kreason == K.KVM_EXIT_X86_RDMSR, ex.rip)
             self._slow = True
         elif kreason == K.KVM_EXIT_INTR:
-            mm[L.RUN_IMMEDIATE_EXIT] = 0
+            self.clear_stop()
         elif kreason == K.KVM_EXIT_DEBUG:
             self.debug_exit = GD.decode_exit(self)
         return ex
@@ -390,7 +390,18 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         entry. Both flags are set and read under the GIL, so a run that starts after the test finds
         ``immediate_exit`` already set."""
         self._kicks += 1
+        if self.intwin is not None:
+            self.intwin.stop(True)          # this EINTR is Python's, not a kick the compiled loop serves
         self.mm[L.RUN_IMMEDIATE_EXIT] = 1
+        self._signal()
+
+    def kick_posted(self):
+        """vmmshim's extension: the kick after :meth:`.intwin.IntWindow.kick` posted an interrupt (any thread): the
+        compiled loop takes its EINTR itself."""
+        self.mm[L.RUN_IMMEDIATE_EXIT] = 1
+        self._signal()
+
+    def _signal(self):
         with self._lock:
             tid = self._thread
             if self._in_run and tid is not None and tid != threading.get_ident():
@@ -400,6 +411,8 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
                     pass
 
     def clear_stop(self):
+        if self.intwin is not None:
+            self.intwin.stop(False)
         self.mm[L.RUN_IMMEDIATE_EXIT] = 0
 
     def answered_io(self):
