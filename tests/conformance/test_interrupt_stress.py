@@ -1,7 +1,7 @@
 """No interrupt is lost under load: a guest takes PIT interrupts (through the vioapic) and LAPIC timer interrupts
 while it toggles IF with ``cli``/``sti``, sleeps with ``sti; hlt`` and exits to the VMM on every EOI, the
 pattern Linux's timer checks and APIC calibration follow. On KVM the run loop injects at the interrupt window
-(``ops/nvmm/kvm/intwin.py``), which ``cli``/``sti`` exercises. A lost injection leaves its vector in the ISR and the
+and at the timer thread's kicks (``ops/nvmm/kvm/intwin.py``), which ``cli``/``sti`` exercises. A lost injection leaves its vector in the ISR and the
 counters stop; the test then times out instead of reaching its counts."""
 
 import pytest
@@ -94,6 +94,7 @@ gp_handler:                    # rdmsr faulted: skip it (2 bytes)
     win = vm.vmi.vcpus[0].intwin            # the KVM run loop's injection at the window (ops/nvmm/kvm/intwin.py)
     if win is not None and pattern == "cli-sti":
         assert win.served > 0, "the run loop injected nothing at the window while interrupts waited for sti"
+        assert win.served_kicks > 0, "the run loop injected nothing at a kick while the guest ran with IF set"
 
 
 def test_nmi_and_interrupt_pending_at_one_entry_are_both_delivered(platform_vm):   # noqa: F811
