@@ -8,9 +8,10 @@ request for a vector already in the IRR merges with it (one bit per vector); one
 vector is a new request, even though the vector is in service, and it is delivered after that vector's EOI.
 
 The owner of the run loop posts :meth:`window_plan`'s vector (from another thread while the vCPU runs:
-:meth:`offer_outside`), and calls :meth:`accept_outside` when the loop has injected it. Between the two, the vlapic still shows the vector requested; the ``outside`` callable
-(``outside(vector) -> bool``, set by the owner) tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether
-the CPU took it meanwhile, so that a request then is kept (:attr:`_repeat`) instead of merged.
+:meth:`offer_outside`), and calls :meth:`accept_outside` when the loop has injected it. Between the two, the
+vlapic still shows the vector requested; the ``outside`` callable (``outside(vector) -> bool``, set by the owner)
+tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether the CPU took it meanwhile, so that a request then
+is kept (:attr:`_repeat`, once: more merge with it) instead of merged.
 
 Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than one
 vector taken outside between two acceptances.

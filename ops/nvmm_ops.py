@@ -134,7 +134,7 @@ class VmmOpsNvmm(VmmApiCalls):
         # the KVM provider's run loop may inject at the interrupt window itself (ops/vmm_lapic.py, post_window)
         win = nv.interrupt_window() if hasattr(nv, "interrupt_window") else None
         if win is not None:
-            win.on_taken = lambda vector, ended, armed: window_taken(ctx, vector, ended, armed)
+            win.on_taken = lambda vector, ended, armed: window_taken(ctx, win, vector, ended, armed)
             win.on_withdrawn = lambda: setattr(ctx, "pending", True)     # a kick's vector: Python looks again
             vl.outside = win.taken
             ctx.intwin = win

@@ -165,15 +165,18 @@ def post_kick(ctx):
     return vl.offer_outside(lambda vector, arm, again: win.kick(vector, arm=arm, again=again, word=word))
 
 
-def window_taken(ctx, vector, ended_first, armed):
-    """The provider's run loop injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it, after the
-    EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``. What
-    ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again."""
+def window_taken(ctx, win, vector, ended_first, armed):
+    """The provider's run loop ``win`` injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it,
+    after the EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``.
+    What ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again."""
     was = ctx.pending
-    pv_eoi = ctx.pv_eoi
+    pv_eoi, vl = ctx.pv_eoi, ctx.vlapic
+    if vl is None:                       # cleaned up meanwhile: nothing is left to accept it
+        win.clear()
+        return
     if ended_first:
         pv_eoi.armed = False
-    again = ctx.vlapic.accept_outside(vector, ended_first, ctx.intwin.clear)
+    again = vl.accept_outside(vector, ended_first, win.clear)
     if armed:
         pv_eoi.armed = True
     ctx.injected += 1
