@@ -53,9 +53,9 @@ def doctor(kvm_device=KVM_DEVICE):
         print(line)
     from ops.nvmm.kvm import fastrun
     why = fastrun.unavailable()
-    print("compiled run loop " + ("built: KVM answers published port reads and IA32_TSC_DEADLINE writes without "
-                                  "leaving C" if why is None else
-                                  f"unavailable ({why}): every port read exits to Python"))
+    print("compiled run loop " + ("built: KVM answers published port reads and IA32_TSC_DEADLINE writes, and "
+                                  "injects interrupts at the window and at kicks, without leaving C" if why is None
+                                  else f"unavailable ({why}): every port read and injection goes through Python"))
     from .backends import blkfast
     why = blkfast.unavailable()
     print("compiled virtio-blk request " + ("built: Linux's read and write tables are served in C" if why is None else
