@@ -14,7 +14,8 @@ filter; ``guest_cpuid`` answers what the guest's CPUID instruction does (vmmshim
 input: ``ops/nvmm/x86/msr_policy.py``).
 
 ``stop()`` sets ``immediate_exit`` and sends ``SIG_KICK`` (:mod:`ops.nvmm.kvm.kick`) to the thread inside
-``KVM_RUN``; the run returns ``EINTR`` and becomes a STOPPED exit.
+``KVM_RUN``; the run returns ``EINTR`` and becomes a STOPPED exit. ``kick_posted()`` (vmmshim's extension) does the
+same for an interrupt posted to the compiled loop (:mod:`ops.nvmm.kvm.intwin`), whose EINTR the loop keeps.
 
 CR8 lives in ``kvm_run.cr8`` (KVM loads it at each entry and stores it at each exit without an in-kernel LAPIC):
 NVMM's ``exitstate.cr8``; KVM's exit when the guest lowers it (``KVM_EXIT_SET_TPR``) is NVMM's TPR_CHANGED. KVM
