@@ -48,12 +48,12 @@ class VlapicAcceptMixin:
             again = arm and bool(rest) and ((rest.bit_length() - 1) & 0xF0) > tpr_class
             return vector, arm, again
 
-    def offer_outside(self, post):
-        """Another thread's request while the vCPU runs: :meth:`window_plan`'s ``(vector, arm, again)`` handed to
-        ``post`` under the lock, so that no acceptance comes between the plan and the post. Returns what ``post``
-        returned (True: the run loop has it), False without a plan."""
+    def offer_outside(self, post, in_service_ends=False):
+        """Another thread's request while the vCPU runs: :meth:`window_plan`'s ``(vector, arm, again)`` (with
+        ``in_service_ends`` as there) handed to ``post`` under the lock, so that no acceptance comes between the
+        plan and the post. Returns what ``post`` returned (True: the run loop has it), False without a plan."""
         with self._lock:
-            plan = self.window_plan()
+            plan = self.window_plan(in_service_ends)
             return plan is not None and bool(post(*plan))
 
     def accept_outside(self, vector, ended_first, done):

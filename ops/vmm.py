@@ -113,8 +113,9 @@ class Vcpu:
         """The vlapic's kick (a request, an EOI with more requested): where the provider's run loop injects by
         itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
         in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
-        if self.intwin is not None and not self.pending and not self.nmi and self.thread != threading.get_ident() \
-                and vmm_lapic.post_kick(self):
+        win = self.intwin
+        if win is not None and win.can_kick() and not self.pending and not self.nmi and \
+                self.thread != threading.get_ident() and vmm_lapic.post_kick(self):
             self.kicks += 1
             self.nv.kick_posted()
             return

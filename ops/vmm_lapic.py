@@ -162,7 +162,11 @@ def post_kick(ctx):
         return False
     if word is None:
         return vl.offer_outside(lambda vector, arm, again: win.kick(vector))
-    return vl.offer_outside(lambda vector, arm, again: win.kick(vector, arm=arm, again=again, word=word))
+    # the one in service may have been ended in memory already (PV EOI armed for it): then the vector waits for
+    # the word's bit, which the loop reads
+    ends = pv_eoi.armed
+    return vl.offer_outside(lambda vector, arm, again: win.kick(vector, after_eoi=ends, arm=arm, again=again,
+                                                               word=word), in_service_ends=ends)
 
 
 def window_taken(ctx, win, vector, ended_first, armed):

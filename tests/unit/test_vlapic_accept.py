@@ -137,3 +137,20 @@ def test_plan_agrees_with_injecting_in_python(irr, level, cr8, in_service, ends)
     behind = v.edge_in_service_before()
     assert plan == (vec, behind is not None, bool(behind))
     assert v.pending_intr() is None, "nothing else is deliverable right after it"
+
+
+def test_offer_outside_hands_the_plan_to_post_under_the_lock():
+    v = make()
+    assert v.offer_outside(lambda *plan: True) is False, "no plan: nothing offered"
+    v.set_intr_ready(0x61)
+    v.intr_accepted(0x61)
+    v.set_intr_ready(0x41)
+    seen = []
+
+    def post(*plan):
+        seen.append((plan, v._lock._is_owned()))
+        return True
+    assert v.offer_outside(post) is False, "0x61 in service: no plan unless it ends first"
+    assert v.offer_outside(post, in_service_ends=True) is True
+    assert seen == [((0x41, True, False), True)]
+    assert v.offer_outside(lambda *plan: False, in_service_ends=True) is False, "post refused it"

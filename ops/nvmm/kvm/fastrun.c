@@ -207,6 +207,14 @@ static int serve_tsc_deadline(int fd, uint8_t *run, struct vmmshim_tscdl *d)
 	return 1;
 }
 
+/* whether the guest's PV EOI bit is still set (it has not ended the one interrupt in service) */
+static int pv_eoi_set(const struct vmmshim_intwin *w)
+{
+	const uint32_t *word = (const uint32_t *)(uintptr_t)w->pv_eoi;
+
+	return word && (__atomic_load_n(word, __ATOMIC_ACQUIRE) & PV_EOI_BIT);
+}
+
 /* injects the posted vector if the guest takes interrupts now: 1 (done or not needed), 0 (Python decides) */
 static int inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s)
 {
@@ -269,13 +277,14 @@ static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 	if (!(s & WIN_POSTED))
 		return 1;               /* served already (at a window), or withdrawn: run on */
-	if (run[w->ready_off] && run[w->ready_off + 1]) {
+	if (run[w->ready_off] && run[w->ready_off + 1] && !(s & WIN_AFTER_EOI && pv_eoi_set(w))) {
 		if (!inject_posted(fd, run, w, s))
 			return 0;
 		++w->served_kicks;
 		return 1;
 	}
-	run[w->window_off] = 1;             /* interrupts are off: inject when the guest opens its window */
+	/* interrupts are off, or the one in service has not ended: inject when the guest opens its window */
+	run[w->window_off] = 1;
 	return 1;
 }
 

@@ -99,16 +99,21 @@ class IntWindow:
         s.result = 0
         s.state = POSTED | bits
 
-    def kick(self, vector, arm=False, again=False, word=None):
+    def kick(self, vector, after_eoi=False, arm=False, again=False, word=None):
         """From another thread, while the loop may run: posts ``vector`` to be injected at once (or at the
-        window). True when posted: the caller then sets ``immediate_exit`` and signals the vCPU's thread
+        window; with ``after_eoi`` once the guest has ended the one in service through its PV EOI word, as
+        :meth:`post`). True when posted: the caller then sets ``immediate_exit`` and signals the vCPU's thread
         (``KvmVcpu.kick_posted``). False when the loop is not running or holds a post already, or ``word`` is not
         the PV EOI word the vCPU's thread posted last (its address is set only there)."""
         if word is not None:
             cached = self._word
             if cached is None or cached[0] is not word:
                 return False
-        return self._lib.vmmshim_intwin_kick(self.struct, self._bits(vector, False, arm, again, word)) == 1
+        return self._lib.vmmshim_intwin_kick(self.struct, self._bits(vector, after_eoi, arm, again, word)) == 1
+
+    def can_kick(self):
+        """Whether :meth:`kick` may succeed now: the loop runs and holds no post (a cheap look first, any thread)."""
+        return self.struct.state == IN
 
     def settle(self):
         """After a run whose slot is not empty (the vCPU's thread): hands the injected vector to
