@@ -197,7 +197,8 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
                 self.tmr |= bit
             else:
                 self.tmr &= ~bit
-            self._kick()
+            if not merged:              # a merged request changes nothing the CPU looks at: its first one kicked
+                self._kick()
             return (True, merged) if report_merged else True
 
     def pending_intr(self):

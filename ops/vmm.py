@@ -347,10 +347,13 @@ class Vm(HaltMixin):
 
     def _bsp_masked(self):
         bsp = self.vcpus.get(0)
-        if bsp is None or not bsp.masked:
+        if bsp is None:
             return False
-        win = bsp.intwin                # the run loop injected at the window: open, though not yet accepted
-        return win is None or not win.pending_accept()
+        win = bsp.intwin
+        if win is None:
+            return bsp.masked
+        # the run loop's own: a kick's vector waiting there for IF is masked too; one it injected, not any more
+        return (bsp.masked or win.masked()) and not win.pending_accept()
 
     def _atpic_intr(self, level):
         """The 8259 pair's INTR wire goes to the BSP's LINT0 (ExtINT, or the INTR pin while its APIC is not

@@ -154,3 +154,16 @@ def test_offer_outside_hands_the_plan_to_post_under_the_lock():
     assert v.offer_outside(post, in_service_ends=True) is True
     assert seen == [((0x41, True, False), True)]
     assert v.offer_outside(lambda *plan: False, in_service_ends=True) is False, "post refused it"
+
+
+def test_a_merged_request_does_not_kick_again():
+    kicks = []
+    v = Vlapic(0, ManualTimers(), ApicBus(kick=kicks.append))
+    v.write(R.SVR, 4, 0x1FF)
+    v.set_intr_ready(0x41)
+    v.set_intr_ready(0x41)
+    assert kicks == [0], "the second request merged: the first one's kick stands"
+    taken = {0x41}
+    v.outside = lambda vector: vector in taken
+    v.set_intr_ready(0x41)
+    assert kicks == [0, 0], "a request after the run loop took the vector is a new one: it kicks"

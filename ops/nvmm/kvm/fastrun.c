@@ -94,6 +94,7 @@ struct vmmshim_intwin {
 #define WIN_AFTER_EOI 0x1000u       /* inject only once the guest cleared its PV EOI bit (ended the one in service) */
 #define WIN_ARM 0x2000u             /* set the PV EOI bit after injecting (the vector's end goes through memory) */
 #define WIN_AGAIN 0x4000u           /* ask for the window again after injecting (more waits for its end) */
+#define WIN_MASKED 0x8000u          /* the loop: a kick's vector waits for the guest to set IF */
 #define RES_EOI 1u
 #define RES_ARMED 2u
 #define PV_EOI_BIT 1u
@@ -284,6 +285,8 @@ static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
 		return 1;
 	}
 	/* interrupts are off, or the one in service has not ended: inject when the guest opens its window */
+	if (!run[w->ready_off + 1])
+		__atomic_fetch_or(&w->state, WIN_MASKED, __ATOMIC_ACQ_REL);    /* the guest's IF holds it back */
 	run[w->window_off] = 1;
 	return 1;
 }

@@ -43,6 +43,7 @@ KICK = 0x800        # posted by another thread
 AFTER_EOI = 0x1000  # only once the guest cleared its PV EOI bit (it ended the one interrupt in service)
 ARM = 0x2000        # set the PV EOI bit once injected
 AGAIN = 0x4000      # ask for the window again once injected
+MASKED = 0x8000     # the loop: a kick's vector waits for the guest to set IF
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
 
@@ -133,6 +134,11 @@ class IntWindow:
     def taken(self, vector):
         """Whether the loop injected ``vector`` and the ops layer has not accepted it yet (any thread)."""
         return self.struct.state & (TAKEN | VECTOR) == TAKEN | (vector & VECTOR)
+
+    def masked(self):
+        """Whether a kick's vector waits in the loop for the guest to set IF (any thread): the guest holds it
+        back, as the ops layer's ``masked`` says for the windows it asks for."""
+        return bool(self.struct.state & MASKED)
 
     def pending_accept(self):
         """Whether some injected vector waits to be accepted."""
