@@ -9,9 +9,7 @@ completes an I/O, MMIO or MSR instruction itself at the next ``KVM_RUN``: the as
 ``kvm_run``'s data, and an RDMSR/WRMSR completed the NVMM way (RAX/RDX and RIP = npc, or a #GP event) is turned
 into KVM's completion (``msr.error``/``msr.data``) before the next entry.
 
-The CPUID table is set at the first run (``KVM_SET_CPUID2``), with the MSRs it refuses added to the VM's MSR
-filter; ``guest_cpuid`` answers what the guest's CPUID instruction does (vmmshim's extension, the MSR policy's
-input: ``ops/nvmm/x86/msr_policy.py``).
+The CPUID table is set at the first run (``KVM_SET_CPUID2``: :mod:`ops.nvmm.kvm.vcpu_cpuid`).
 
 ``stop()`` sets ``immediate_exit`` and sends ``SIG_KICK`` (:mod:`ops.nvmm.kvm.kick`) to the thread inside
 ``KVM_RUN``; the run returns ``EINTR`` and becomes a STOPPED exit. ``kick_posted()`` (vmmshim's extension) does the
@@ -36,8 +34,6 @@ import threading
 from .. import api
 from .. import constants as C
 from .exit import KvmExit
-from ..x86 import msr_policy
-from . import cpuid as cpuidmod
 from . import fastrun
 from . import guest_debug as GD
 from . import ioctls as K
@@ -45,6 +41,7 @@ from . import layouts as L
 from . import intwin
 from . import tscdeadline
 from .kick import SIG_KICK
+from .vcpu_cpuid import VcpuCpuidMixin
 from .vcpu_state import KvmStateCache
 
 _IOCTL = fcntl.ioctl
@@ -63,8 +60,6 @@ _EXIT_MAP[K.KVM_EXIT_X86_WRMSR] = C.NVMM_VCPU_EXIT_WRMSR
 _EXIT_MAP[K.KVM_EXIT_SET_TPR] = C.NVMM_VCPU_EXIT_TPR_CHANGED
 # KVM_SET_GUEST_DEBUG's exits (an int3, a single step, a debug register): vmmshim's NVMM_VCPU_EXIT_DEBUG
 _EXIT_MAP[K.KVM_EXIT_DEBUG] = api.NVMM_VCPU_EXIT_DEBUG
-CPUID_1_EDX_APIC = 1 << 9
-APICBASE_EN = 1 << 11
 _IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0))
 # exits whose instruction KVM completes at the next KVM_RUN
 _NEEDS_COMPLETION = frozenset((K.KVM_EXIT_IO, K.KVM_EXIT_MMIO, K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR))
@@ -73,7 +68,7 @@ assert _MMIO_FMT.size - 1 + L.MMIO_GPA == L.MMIO_IS_WRITE
 K_PIO_DATA_OFFSET = 4096   # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where KVM puts port-I/O data
 
 
-class KvmVcpu(KvmStateCache, api.Vcpu):
+class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
     def __init__(self, machine, cpuid):
         super().__init__(machine, cpuid)
         self.exit = KvmExit(self)
@@ -167,58 +162,6 @@ class KvmVcpu(KvmStateCache, api.Vcpu):
         self.exit.kvm_reason = K.KVM_EXIT_INTR
 
     # -- run ---------------------------------------------------------------------------------------------------
-    def _configure(self, op, conf):
-        if op == C.NVMM_VCPU_CONF_CPUID:
-            if not isinstance(conf, api.ConfCpuid):
-                raise api.nvmm_error(errno.EINVAL, "NVMM_VCPU_CONF_CPUID takes a ConfCpuid")
-            if conf.exit:
-                raise api.nvmm_error(errno.ENOTSUP, "KVM cannot make CPUID exit to userland (limit "
-                                     f"{api.LIMIT_CPUID_EXIT!r})")
-            old = self._cpuid_masks.get(conf.leaf)
-            self._cpuid_masks[conf.leaf] = conf
-            self._cpuid_view = None
-            if self._cpuid_applied and not self._apic_bit_only(old, conf):
-                self._apply_cpuid()
-            return
-        raise api.nvmm_error(errno.EINVAL, f"vCPU configuration op {op} is not supported on KVM")
-
-    def _apic_bit_only(self, old, conf):
-        """KVM derives CPUID.1:EDX.APIC from its own copy of IA32_APIC_BASE.EN (the vlapic that owns the MSR is
-        in userland). After the first run, when KVM refuses a new table, a leaf 1 mask that changes only that bit
-        is made by setting EN in KVM's copy (a host write, past the MSR filter). True if that was all."""
-        if conf.leaf != 1:
-            return False
-        old = old or api.ConfCpuid(leaf=1)
-        keep = (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF & ~CPUID_1_EDX_APIC)
-        if any((a ^ b) & k for a, b, k in zip(old.set + old.del_, conf.set + conf.del_, keep + keep)):
-            return False
-        on = bool(conf.set[3] & CPUID_1_EDX_APIC or not conf.del_[3] & CPUID_1_EDX_APIC)
-        base, = self.get_msrs([C.MSR_APICBASE])
-        self.set_msrs([(C.MSR_APICBASE, base | APICBASE_EN if on else base & ~APICBASE_EN)])
-        return True
-
-    def _apply_cpuid(self):
-        """``KVM_SET_CPUID2``, then the MSR filter: the MSRs this guest's CPUID refuses must exit, since KVM
-        answers some of them whatever the table says (``ops/nvmm/x86/msr_policy.py``)."""
-        table = self.machine.provider.cpuid_table(self.cpuid, self._cpuid_masks)
-        try:
-            _IOCTL(self.fd, K.KVM_SET_CPUID2, bytearray(cpuidmod.pack_entries(table)))
-        except OSError as exc:
-            raise api.nvmm_error(exc.errno, "KVM refused the CPUID table (changing it after the first run "
-                                 f"is limit {api.LIMIT_CPUID_LATE!r})") from None
-        self._cpuid_applied = True
-        if not self.machine.probing:
-            self.machine.deny_msrs(*msr_policy.refused_msrs(self.guest_cpuid))
-
-    def guest_cpuid(self, leaf, index=0):
-        """vmmshim's extension: ``(eax, ebx, ecx, edx)`` the guest's CPUID answers for ``leaf``/``index``: the
-        table this vCPU gets, with what this kind of KVM answers itself (``KvmProvider.guest_view``)."""
-        view = self._cpuid_view
-        if view is None:
-            prov = self.machine.provider
-            view = self._cpuid_view = prov.guest_view(prov.cpuid_table(self.cpuid, self._cpuid_masks))
-        return view(leaf, index)
-
     def _install_fast_paths(self):
         """``run`` and ``assist_io`` as closures over their locals: the per-exit path does no attribute or
         global look-up it can avoid (measured by ``bench/exit_bench.py``)."""
