@@ -9,9 +9,12 @@ on from where it stood, on any provider. Everything is JSON (the state bytes as 
 layout every provider reads and writes, so a checkpoint taken on one provider restores on another.
 
 Taken only at the quiet point: every started vCPU held before its next entry (``vm_suspend_cpu``), so no exit is
-half handled. An exception or NMI already queued in the provider's event slot for that entry cannot be carried
-(NVMM's state holds only its "event pending" bit): :func:`snapshot_vm` raises ``SnapshotError`` naming the vCPU,
-and the caller tries again a little later.
+half handled. An event already injected for that entry and not yet delivered (a run a kick stopped before the
+guest ran: an interrupt the vlapic has already moved to its ISR, an exception, an NMI) is saved as the provider
+names it (``Vcpu.queued_event``, like ``kvm_vcpu_events`` in QEMU's migration or the VMCS entry field in bhyve's)
+and injected again by the restore; where the provider cannot name it (NVMM keeps it in the VMCB, its state holds
+only the "event pending" bit) :func:`snapshot_vm` raises ``SnapshotError`` naming the vCPU, and the checkpoint
+fails with one line while the VM runs on.
 
 Restore writes the state into a VM built from the same configuration, before any vCPU ran: the NVMM state is set
 whole (the provider converts it), the MSRs the ops layer answers are written again through its own MSR path (so
@@ -19,7 +22,8 @@ kvmclock's record and PV EOI's word are mapped again where the guest put them), 
 states with ``shift_ns``. The guest's TSC is the saved one where the provider can set it (a provider with the
 ``tsc-write`` limit, kvm_pvm, keeps its own: the guest's TSC then jumps ahead by the time the checkpoint waited).
 
-Not supported: the XSAVE state beyond FXSAVE (AVX registers; NVMM's layout has none), an event in flight.
+Not supported: the XSAVE state beyond FXSAVE (AVX registers; NVMM's layout has none), an event queued on the
+libnvmm provider, a software interrupt KVM is re-delivering.
 """
 
 import time
@@ -41,15 +45,20 @@ def snapshot_vm(vm):
     """The engine ``vm``'s kernel state as JSON values (see the module docstring)."""
     vcpus = {}
     for vid, ctx in sorted(vm.vcpus.items()):
-        if ctx.event_queued or ctx.spinups:
-            raise SnapshotError(f"vcpu{vid}: an event or AP start-up is in flight")
+        if ctx.spinups:
+            raise SnapshotError(f"vcpu{vid}: an AP start-up is in flight")
         nv = ctx.nv
         nv.getstate(C.NVMM_X64_STATE_ALL)
+        try:
+            event = nv.queued_event()
+        except OSError as exc:
+            raise SnapshotError(f"vcpu{vid}: {exc.strerror}") from None
         msrs = _kept_msrs(ctx)
         if vm.kernel_clock:                 # the provider answers the clock MSRs: ask it for their values
             msrs += [[m, v] for m, v in zip(PVCLOCK_MSRS, nv.get_msrs(list(PVCLOCK_MSRS))) if v]
         st = {"state": b2s(nv.state.buf), "hlt_held": list(ctx.hlt_held) if ctx.hlt_held else None,
-              "msrs": msrs, "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None}
+              "msrs": msrs, "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None,
+              "event": list(event) if event is not None else None}
         st.update({k: getattr(ctx, k) for k in _FLAGS})
         vcpus[str(vid)] = st
     clock = vm.machine.kernel_clock() if vm.kernel_clock else time.monotonic_ns() - vm.clock_epoch_ns
@@ -116,4 +125,22 @@ def restore_vm(vm, state, shift_ns):
                 handled, _ = vm.kernel_msr(ctx, msr, value)
                 if not handled:
                     raise SnapshotError(f"vcpu{vid}: MSR {msr:#x} is not kept by the ops layer here")
+        _requeue(ctx, vid, st.get("event"))
         ctx.pending = True
+
+
+def _requeue(ctx, vid, event):
+    """Injects again the event the checkpoint found queued (``[type, vector, error]``) for the first entry, which
+    then takes no other (``event_queued``)."""
+    if event is None:
+        return
+    if not (isinstance(event, list) and len(event) == 3 and event[0] in (C.NVMM_VCPU_EVENT_EXCP,
+                                                                         C.NVMM_VCPU_EVENT_INTR)
+            and isinstance(event[1], int) and 0 <= event[1] < 256 and (event[2] is None or isinstance(event[2], int))):
+        raise SnapshotError(f"vcpu{vid}: the queued event {event!r} is not an event")
+    ctx.nv.event.set(event[0], event[1], event[2] or 0)
+    try:
+        ctx.nv.inject()
+    except OSError as exc:
+        raise SnapshotError(f"vcpu{vid}: the queued event cannot be injected again: {exc.strerror}") from None
+    ctx.event_queued = True

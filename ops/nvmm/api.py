@@ -53,7 +53,7 @@ from .capability import (FEATURE_ANSWERED_IO, FEATURE_DEBUG_BP, FEATURE_DEBUG_HW
                          CapMd, Capability)
 from .records import (DEBUG_BP, DEBUG_HW, DEBUG_STEP, NVMM_VCPU_EXIT_DEBUG,  # noqa: F401  (re-exported)
                       AssistCallbacks, ConfCpuid, ConfTpr, ExitDebug, IoCallback, MemCallback, nvmm_error)
-from .state import STATE_SIZE, Event, Exit, State
+from .state import INTR_EVT_PENDING, STATE_SIZE, Event, Exit, State
 from .x86 import mmu
 
 
@@ -322,6 +322,17 @@ class Vcpu:
 
     def inject(self):
         raise NotImplementedError
+
+    def queued_event(self):
+        """vmmshim's extension, for a checkpoint: the event injected for the next entry that has not reached the
+        guest yet (a run stopped before its entry), as ``(type, vector, error)`` with an ``NVMM_VCPU_EVENT_*``
+        type and ``error`` None where the vector has no error code; None when there is none or the provider
+        cannot name it (NVMM keeps it in the VMCB; the state's ``evt_pending`` bit still says it is there).
+        Reads the provider's state: call after ``getstate`` of ``NVMM_X64_STATE_INTR``. Raises ENOTSUP for an event
+        the provider cannot name."""
+        if self.state.intr & INTR_EVT_PENDING:
+            raise nvmm_error(errno.ENOTSUP, "an event is queued for the next entry and this provider cannot say which")
+        return None
 
     def complete_exit(self):
         """vmmshim's extension, called after the exit was handled (assists done, state set) and before the

@@ -44,6 +44,7 @@ def _guest(guest_factory, body):
     g.setup_long64(CODE, large=True)
     sym = symbols(src, CODE)
     g.setup_idt64({2: sym["handler_nmi"], 13: sym["handler_gp"], 0x40: sym["handler_ext"]})
+    g.sym = sym
     return g, sym
 
 
@@ -128,6 +129,42 @@ def test_nmi_injected(guest_factory):
     v.inject()
     assert g.run().reason == C.NVMM_VCPU_EXIT_HALTED
     assert _vectors(g) == [2]
+
+
+def test_an_interrupt_a_stop_held_back_stays_named_until_delivered(guest_factory):
+    """What a checkpoint saves of a run stopped before its entry (``Vcpu.queued_event``): the injected interrupt is
+    named until a run delivers it (KVM keeps it queued past a stopped run, the soft CPU delivers it first), then
+    none; the handler runs once."""
+    g, _ = _guest(guest_factory, "nop\nhlt\n")
+    v = g.vcpu
+    v.getstate(C.NVMM_X64_STATE_INTR)
+    assert v.queued_event() is None
+    v.event.set(C.NVMM_VCPU_EVENT_INTR, 0x40)
+    v.inject()
+    v.getstate(C.NVMM_X64_STATE_INTR)
+    assert v.queued_event() == (C.NVMM_VCPU_EVENT_INTR, 0x40, None)
+    v.stop()
+    assert v.run().reason == C.NVMM_VCPU_EXIT_STOPPED
+    v.getstate(C.NVMM_X64_STATE_INTR | C.NVMM_X64_STATE_GPRS)
+    if v.queued_event() is None:                  # delivered before the stop was seen: the handler is next
+        assert v.state.gprs[C.NVMM_X64_GPR_RIP] == g.sym["handler_ext"]
+    else:
+        assert v.queued_event() == (C.NVMM_VCPU_EVENT_INTR, 0x40, None)
+    assert g.run().reason == C.NVMM_VCPU_EXIT_HALTED
+    assert _vectors(g) == [0x40]
+    v.getstate(C.NVMM_X64_STATE_INTR)
+    assert v.queued_event() is None
+
+
+def test_a_queued_exception_is_named_with_its_error_code(guest_factory):
+    g, _ = _guest(guest_factory, "nop\nhlt\n")
+    v = g.vcpu
+    v.event.set(C.NVMM_VCPU_EVENT_EXCP, C.X86_EXC_GP, 0x1234)
+    v.inject()
+    v.getstate(C.NVMM_X64_STATE_INTR)
+    assert v.queued_event() == (C.NVMM_VCPU_EVENT_EXCP, C.X86_EXC_GP, 0x1234)
+    assert g.run().reason == C.NVMM_VCPU_EXIT_HALTED
+    assert _vectors(g) == [13]
 
 
 WINDOW_GUEST = """

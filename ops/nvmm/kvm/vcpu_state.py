@@ -94,6 +94,28 @@ class KvmStateCache:
             bits |= INTR_EVT_PENDING
         return bits
 
+    def queued_event(self):
+        """The event KVM holds for the next entry (``kvm_vcpu_events``: ``interrupt.injected`` from
+        ``KVM_INTERRUPT``, ``exception.injected``, ``nmi.injected``/``nmi.pending``), read with
+        ``KVM_GET_VCPU_EVENTS`` unless events written here wait in ``kvm_dirty_regs``. A software interrupt KVM
+        re-delivers (``interrupt.soft``) cannot be injected again from user space: ENOTSUP."""
+        if struct.unpack_from("<Q", self.mm, L.RUN_DIRTY_REGS)[0] & K.KVM_SYNC_X86_EVENTS:
+            events = bytes(self.mm[L.RUN_S_EVENTS:L.RUN_S_EVENTS + _EVENTS.size + 1])
+        else:
+            events = bytearray(L.KVM_VCPU_EVENTS.sizeof())
+            _IOCTL(self.fd, K.KVM_GET_VCPU_EVENTS, events)
+        exc_inj, exc_nr, has_error, _, error, irq_inj, irq_nr, soft, _, nmi_inj = _EVENTS.unpack_from(events)
+        nmi_pending = events[_EVENTS.size]
+        if exc_inj:
+            return C.NVMM_VCPU_EVENT_EXCP, exc_nr, error if has_error else None
+        if nmi_inj or nmi_pending:
+            return C.NVMM_VCPU_EVENT_INTR, C.X86_EXC_NMI, None
+        if irq_inj:
+            if soft:
+                raise api.nvmm_error(errno.ENOTSUP, f"software interrupt {irq_nr:#x} in delivery")
+            return C.NVMM_VCPU_EVENT_INTR, irq_nr, None
+        return None
+
     def _get_xsave(self):
         buf = bytearray(L.KVM_XSAVE.sizeof())
         _IOCTL(self.fd, K.KVM_GET_XSAVE, buf)

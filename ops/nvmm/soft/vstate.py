@@ -58,6 +58,10 @@ class VcpuState:
         self._commit |= flags
         self._cached |= flags
 
+    def queued_event(self):
+        """The event ``inject`` queued that no run delivered yet (a run delivers it before it looks at a stop)."""
+        return self._event
+
     def _intr_bits(self, hflags=None):
         hf = self.img.hflags if hflags is None else hflags
         bits = INTR_INT_SHADOW if hf & U.HF_INHIBIT_IRQ else 0
