@@ -25,9 +25,12 @@ def cache_dirs():
 
 
 def build(source, stem):
-    """The path of the shared library built from ``source`` (a path). Raises OSError with a one-line reason when
-    it cannot be built."""
-    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    """The path of the shared library built from ``source``: a path, or a tuple of paths (the C files compiled
+    together and the headers they include, which count in the hash only). Raises OSError with a one-line reason
+    when it cannot be built."""
+    files = tuple(source) if isinstance(source, (tuple, list)) else (source,)
+    tag = hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in files)).hexdigest()[:16]
+    units = [str(f) for f in files if not str(f).endswith(".h")]
     last = None
     for d in cache_dirs():
         lib = d / f"{stem}-{tag}.so"
@@ -40,7 +43,7 @@ def build(source, stem):
         except OSError as exc:
             last = f"{d}: {exc.strerror}"
             continue
-        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", tmp, str(source)]
+        cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", tmp, *units]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -49,7 +52,7 @@ def build(source, stem):
         if proc.returncode != 0:
             os.unlink(tmp)
             err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            raise OSError(f"{cmd[0]} failed on {pathlib.Path(source).name}: {err}")
+            raise OSError(f"{cmd[0]} failed on {', '.join(pathlib.Path(u).name for u in units)}: {err}")
         os.replace(tmp, lib)
         return lib
     raise OSError(f"no writable cache directory ({last})")

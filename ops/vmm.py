@@ -91,9 +91,16 @@ class Vcpu:
         self.tsc_deadline = None      # IA32_TSC_DEADLINE kept by the KVM run loop (ops/nvmm/kvm/tscdeadline.py)
         self.intwin = None            # the interrupt the KVM run loop injects at the window (ops/nvmm/kvm/intwin.py)
         self.masked = False           # an interrupt waits for the guest to open its window (IF), until INT_READY
+        self.halt_rflags = None       # RFLAGS of a HLT whose sleep goes to the provider's run loop (vmm_halt.py)
+        self.halt_rflags_last = 0     # ... of the last one, for a sleep there that ended for Python
 
     def current_rip(self):
         return regs.getreg(self.nv, _RIP, self.extra)
+
+    def loop_asleep(self):
+        """Whether it sleeps in HLT in the provider's run loop (``ops/nvmm/kvm/fasthalt.c``; any thread)."""
+        win = self.intwin
+        return win is not None and win.sleeping
 
     def kick(self):
         """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs. On the
@@ -144,6 +151,7 @@ class Vm(HaltMixin):
         self.hva_mapped = set()
         self.suspended = None
         self.idle_hook = None           # called by a vCPU about to sleep in HLT (vm_idle_hook)
+        self.idle_fd = None             # readable while the idle hook has work (vm_idle_hook)
         self.wake_hook = None           # called by a vCPU whose HLT sleep ended (vm_wake_hook)
         self.timers = spec.timers
         self.x2apic, self.kvm_pv, self.pv_eoi = spec.x2apic, spec.kvm_pv, spec.pv_eoi
@@ -203,6 +211,25 @@ class Vm(HaltMixin):
     # -- before an entry: suspension, SIPI, NMI, interrupts ----------------------------------------------------
     def before_entry(self, ctx):
         """Everything a kick so far asked for; returns a ``vm_exit`` for userland or None to enter the guest."""
+        win = ctx.intwin
+        if win is None:
+            return self._before_entry(ctx)
+        if win.take_slept_out():                 # the run loop's HLT sleep ended for Python: still halted
+            ctx.hlt_held = (ctx.halt_rflags_last, ctx.current_rip())
+        injected = ctx.injected
+        r = self._before_entry(ctx)
+        halt = ctx.halt_rflags
+        win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8)
+        if halt is not None:
+            ctx.halt_rflags = None
+            if r is None and ctx.injected == injected and not ctx.pending and not ctx.nmi and not win.struct.state:
+                ctx.halt_rflags_last = halt
+                win.halt_now()                   # vmm_halt.py found nothing to wake it: it sleeps in the loop
+            elif self.wake_hook is not None:
+                self.wake_hook()                 # it runs (or goes to userland) without that sleep
+        return r
+
+    def _before_entry(self, ctx):
         # Its stop is withdrawn first (no STOPPED exit for what is looked at here); a kick from here on stops the run.
         ctx.pending = False
         nv = ctx.nv
@@ -275,7 +302,7 @@ class Vm(HaltMixin):
 
     def all_asleep(self):
         """Whether every vCPU that has started sleeps in HLT (none is in the guest or about to enter it)."""
-        return all(c.sleeping for c in self.vcpus.values() if c.started)
+        return all(c.sleeping or c.loop_asleep() for c in self.vcpus.values() if c.started)
 
     def activate_cpu(self, vcpu):
         """bhyve's ``vm_activate_cpu``: from here on the VM halts only when this vCPU halts too, so an AP whose

@@ -142,13 +142,21 @@ class VmmApi(VmmOps, Protocol):
     def vm_remove_doorbell(self, vmi: Any, addr: int, size: int, pio: bool, datamatch: Optional[int],
                            fd: int) -> None: ...
 
-    def vm_idle_hook(self, vmi: Any, fn: Optional[Callable[[], None]]) -> None: ...
+    def vm_idle_hook(self, vmi: Any, fn: Optional[Callable[[], None]], fd: Optional[int] = None) -> None:
+        """``fn()`` runs on a vCPU's thread before it sleeps in HLT (None: no hook). ``fd``: readable while ``fn``
+        has work; a vCPU whose provider sleeps in the run loop (``Machine.wake_timer``) sleeps there without
+        calling ``fn`` unless ``fd`` is readable."""
 
     def vm_wake_hook(self, vmi: Any, fn: Optional[Callable[[], None]]) -> None:
-        """``fn()`` runs on a vCPU's thread whenever its sleep in HLT ends (None: no hook)."""
+        """``fn()`` runs on a vCPU's thread whenever its sleep in HLT ends (None: no hook); a sleep in the
+        provider's run loop starts :meth:`vm_wake_timer`'s timer instead."""
 
     def vm_all_asleep(self, vmi: Any) -> bool:
         """Whether every started vCPU sleeps in HLT: none runs guest code until a wake (``vm_wake_hook``)."""
+
+    def vm_wake_timer(self, vmi: Any, period_ns: int) -> Any:
+        """The provider's ``Machine.wake_timer``: a timer (``fd``, ``arm()``, ``off()``) started whenever a vCPU
+        leaves a HLT slept in the run loop; None where vCPUs sleep in Python."""
 
 
 #: The calls of :class:`VmmApi` beyond the table (for the completeness checks).
@@ -252,11 +260,14 @@ class VmmApiCalls:
     def vm_remove_doorbell(self, vmi, addr, size, pio, datamatch, fd):
         vmi.machine.remove_doorbell(addr, size, pio, datamatch, fd)
 
-    def vm_idle_hook(self, vmi, fn):
-        vmi.idle_hook = fn
+    def vm_idle_hook(self, vmi, fn, fd=None):
+        vmi.idle_hook, vmi.idle_fd = fn, fd
 
     def vm_wake_hook(self, vmi, fn):
         vmi.wake_hook = fn
 
     def vm_all_asleep(self, vmi):
         return vmi.all_asleep()
+
+    def vm_wake_timer(self, vmi, period_ns):
+        return vmi.machine.wake_timer(period_ns)

@@ -5,6 +5,11 @@ serves, the posted-write flush going off) and wake hook (the flush coming back),
 (``Vcpu.sleeping``) from before the idle hook until after the sleep. A debugger's hold ends the sleep but not the
 halt (``_rehalt``).
 
+Where the provider's run loop sleeps in HLT itself (the KVM provider's ``intwin``, ``fasthalt.c``), the wait goes
+there (:meth:`HaltMixin.halt_in_loop`): after the idle hook found nothing to wake the vCPU, ``before_entry`` starts
+the next run asleep, without the GIL; a kick's posted interrupt ends the sleep in the loop. A sleep there that
+ends for Python (a stop: an NMI, a suspension, a debugger) leaves the vCPU halted, as a debug hold does.
+
 Not supported: MWAIT (its exit raises #UD), bhyve's ``halted_cpus`` set and its VM-wide halt rendezvous.
 """
 
@@ -39,7 +44,7 @@ class HaltMixin:
                 return self.suspended_exit(ctx)
         hook = self.idle_hook
         takes = rflags & C.RFLAGS_IF and vl is not None     # an interrupt (the vlapic's or the 8259's) wakes it
-        held = False
+        held = in_loop = False
         with ctx.cond:
             ctx.sleeping = True             # out of the guest from here: the idle hook sees it asleep (all_asleep)
         try:
@@ -51,11 +56,18 @@ class HaltMixin:
                     if ctx.debug_hold:
                         held = True
                         break
+                    if takes and self.halt_in_loop(ctx):
+                        in_loop = True      # the provider's run loop sleeps instead (before_entry, fasthalt.c)
+                        break
                     ctx.cond.wait(0.5)
         finally:
             with ctx.cond:
                 ctx.sleeping = False
         ctx.pending = True
+        if in_loop:
+            ctx.halt_rflags = rflags        # no wake hook: the loop starts the VM's wake timer when it wakes
+            ctx.halted_if_clear = False
+            return None
         wake = self.wake_hook
         if wake is not None:
             wake()
@@ -66,6 +78,16 @@ class HaltMixin:
             return None                          # before_entry: VM_EXITCODE_DEBUG while held
         ctx.halted_if_clear = False
         return None
+
+    def halt_in_loop(self, ctx):
+        """Whether a HLT of ``ctx`` (IF set) may be slept in the provider's run loop: nothing but an interrupt the
+        loop can be posted would end the sleep (no NMI, suspension, debugger or ``VM_CAP_HALT_EXIT``), and nothing
+        Python does at a HLT is needed (the ops layer's own paravirtual clock refreshes there)."""
+        win = ctx.intwin
+        return (win is not None and win.halt_loop and self.suspended is None and ctx.vlapic is not None
+                and ctx.pvclock is None and not ctx.nmi
+                and not ctx.debug_hold and ctx.hlt_held is None and not ctx.caps[VmCapType.VM_CAP_HALT_EXIT]
+                and not ctx.caps[VmCapType.VM_CAP_MASK_HWINTR] and not any(ctx.debug.values()))
 
     def _rehalt(self, ctx):
         """Before the first entry after a debug hold that ended a HLT: back into the HLT's sleep (RIP stays after the

@@ -162,6 +162,11 @@ class Doorbells:
             os.eventfd_write(fd, 1)
 
     @property
+    def idle_fd(self):
+        """An fd readable while a doorbell has rung that :meth:`poll_idle` would serve (None without epoll)."""
+        return self._idle_ep.fileno() if self._idle_ep is not None else None
+
+    @property
     def active(self):
         return len(self._keys)
 

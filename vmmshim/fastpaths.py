@@ -43,7 +43,7 @@ class FastPaths:
         self.doorbells = Doorbells(lambda *k: ops.vm_doorbell(vmi, *k), lambda *k: ops.vm_remove_doorbell(vmi, *k),
                                    on_error=lambda exc: vm.log(f"vmmshim: doorbell: {exc!r}"))
         if config.halt_serve:
-            ops.vm_idle_hook(vmi, self.doorbells.poll_idle)
+            ops.vm_idle_hook(vmi, self.doorbells.poll_idle, self.doorbells.idle_fd)
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
 
@@ -66,8 +66,13 @@ class FastPaths:
         """Starts the posted writes' flush (:class:`PostedFlush`) and hooks it to the vCPUs' HLT sleeps."""
         vm = self.vm
         ops, vmi = vm.ops, vm.vmi
-        flush = PostedFlush(vm.timers, lambda: ops.vm_drain_posted(vmi), lambda: ops.vm_all_asleep(vmi),
-                            lambda: vm.status is None)
+        # the provider's run loop may sleep in HLT and start the flush again on its own (Machine.wake_timer);
+        # where the timer thread cannot watch that timer, the flush never goes off
+        watch = vm.timers.can_watch
+        wt = ops.vm_wake_timer(vmi, POSTED_FLUSH_NS) if watch else None
+        flush = PostedFlush(vm.timers, lambda: ops.vm_drain_posted(vmi),
+                            (lambda: ops.vm_all_asleep(vmi)) if watch else (lambda: False),
+                            lambda: vm.status is None, wake_timer=wt)
         flush.start()
         ops.vm_wake_hook(vmi, flush.woke)
         if vm.config.halt_serve:
@@ -76,7 +81,7 @@ class FastPaths:
             def idle():
                 poll()
                 flush.idle()
-            ops.vm_idle_hook(vmi, idle)
+            ops.vm_idle_hook(vmi, idle, self.doorbells.idle_fd)
         else:
             ops.vm_idle_hook(vmi, flush.idle)
 
@@ -146,16 +151,38 @@ class PostedFlush:
     HLT (``all_asleep``) the flush is off: the halting vCPU cancels it (:meth:`idle`, before it sleeps) and the
     first vCPU to wake starts it again (:meth:`woke`). An idle guest then wakes no host thread for it (each wake
     is a thread switch and the GIL: milliseconds in the nested lab). ``_lock`` orders the three, so a wake after
-    the flush was found unneeded always finds it off and starts it."""
+    the flush was found unneeded always finds it off and starts it.
 
-    def __init__(self, timers, drain, all_asleep, running):
+    Where the provider's run loop sleeps in HLT (``wake_timer``, the provider's ``Machine.wake_timer``), the flush
+    is that timer instead: the timer thread watches its fd, and a vCPU that leaves its sleep in the loop starts it
+    with no Python at all. Stopping it is done before the look at the vCPUs (:meth:`_fire_wt`), so a sleep that
+    ends after the look starts it again."""
+
+    def __init__(self, timers, drain, all_asleep, running, wake_timer=None):
         self._timers, self._drain, self._all_asleep, self._running = timers, drain, all_asleep, running
         self._lock = threading.Lock()
         self._handle = None         # the armed flush's timer, None while it is off
+        self._wt = wake_timer       # the provider's wake timer (started by its run loop), or None
 
     def start(self):
+        wt = self._wt
+        if wt is not None:
+            self._timers.watch(wt.fd, self._fire_wt)
+            wt.arm()
+            return
         with self._lock:
             self._arm()
+
+    def _fire_wt(self):
+        """The wake timer fired (the timer thread): as :meth:`_fire`. Off first, then the look at the vCPUs: a
+        vCPU whose sleep in the run loop ends after the look finds it off and starts it (``fasthalt.c``)."""
+        wt = self._wt
+        wt.off()
+        if not self._running():
+            return
+        self._drain()
+        if not self._all_asleep():
+            wt.arm()
 
     def _arm(self):
         t = self._timers
@@ -173,6 +200,9 @@ class PostedFlush:
 
     def woke(self):
         """A vCPU's HLT sleep ended: it may run without exiting from here on."""
+        if self._wt is not None:
+            self._wt.arm()
+            return
         if self._handle is None:
             with self._lock:
                 if self._handle is None and self._running():
@@ -180,6 +210,13 @@ class PostedFlush:
 
     def idle(self):
         """A vCPU is about to sleep in HLT: the flush goes off when every vCPU sleeps."""
+        wt = self._wt
+        if wt is not None:
+            if self._all_asleep():
+                wt.off()
+                if not self._all_asleep():
+                    wt.arm()
+            return
         with self._lock:
             if self._handle is not None and self._all_asleep():
                 self._timers.cancel(self._handle)

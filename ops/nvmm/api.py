@@ -33,7 +33,9 @@ clock, where it has one) and ``Machine.post_io(port, size, cb)`` (posted port wr
 provider may buffer a range's OUTs instead of exiting, as KVM's coalesced PIO does, and hands them to ``cb`` in
 order before the next exit of any vCPU is returned), ``Machine.doorbell(addr, size, pio, datamatch, fd)`` /
 ``remove_doorbell`` (a register whose writes signal an eventfd instead of exiting, KVM's ioeventfd) and
-``Vcpu.clear_stop()`` (withdraws a stop not yet delivered), and guest debugging (``Vcpu.set_guest_debug``, the
+``Vcpu.clear_stop()`` (withdraws a stop not yet delivered), ``Vcpu.queued_event()`` (the event injected for an
+entry that has not happened yet, for a checkpoint), ``Machine.wake_timer(period_ns)`` (a timer the provider's run
+loop starts when a vCPU leaves a HLT it slept in the loop), and guest debugging (``Vcpu.set_guest_debug``, the
 :data:`NVMM_VCPU_EXIT_DEBUG` exit with ``Vcpu.debug_exit``, ``Capability.features`` ``debug-*``).
 
 Not supported: ``nvmm_ctl``/``nvmm_root_init`` (administration), ``nvmm_vcpu_dump``.
@@ -245,6 +247,13 @@ class Machine:
         """``nvmm_machine_configure``: x86 defines no machine-level op in version 2."""
         raise nvmm_error(errno.EINVAL, f"machine configuration op {op} is not defined")
 
+    def wake_timer(self, period_ns):
+        """vmmshim's extension: a VM-wide one-shot timer the provider's run loop starts (``period_ns`` ahead)
+        whenever a vCPU leaves a HLT it slept in the loop, so that work which must go on while a vCPU may run (the
+        posted-write flush) starts again without a Python wake. An object with ``fd`` (a timerfd: readable when it
+        fires), ``arm()`` (set unless set) and ``off()``; None where vCPUs sleep in Python (the default)."""
+        return self._wake_timer(period_ns)
+
     def destroy(self):
         if self.destroyed:
             return
@@ -295,6 +304,9 @@ class Machine:
 
     def _drain_posted(self):
         pass
+
+    def _wake_timer(self, period_ns):
+        return None
 
     def _destroy(self):
         pass

@@ -18,6 +18,8 @@
  * the PV EOI word where asked and runs the guest again. Python accepts the vector in its vlapic (IRR -> ISR) at
  * the next return (ops/nvmm/kvm/intwin.py). Anything else about the window goes to Python.
  *
+ * And a guest's HLT is slept here when nothing waits for Python (fasthalt.c).
+ *
  * Not handled here: an ExtINT or NMI for the window, any other exit, string or wider port reads, port writes
  * (they return to the caller).
  */
@@ -29,84 +31,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MSR_IA32_TSC 0x10u
-#define MSR_IA32_TSC_DEADLINE 0x6E0u
-#define NS_PER_S 1000000000ull
-#define MAX_DELAY_NS (1ull << 62)   /* a deadline centuries away is armed this far (the timerfd's range) */
+#include "fastrun.h"
 
-struct vmmshim_run_layout {
-	unsigned long kvm_run;      /* the KVM_RUN request number */
-	uint32_t reason_off;        /* kvm_run.exit_reason */
-	uint32_t io_off;            /* kvm_run.io: direction u8, size u8, port u16, count u32, data_offset u64 */
-	uint32_t exit_io;           /* KVM_EXIT_IO */
-	uint32_t io_in;             /* KVM_EXIT_IO_IN */
-	uint64_t data_off;          /* where KVM puts port data in the mapping */
-	uint64_t run_size;          /* the mapping's size */
-	uint32_t timing;            /* non-zero: keep the clock counters of vmmshim_run_stats (two clock reads
-	                               per KVM_RUN, for bench/exit_profile.py) */
-};
-
-/* the counters a vCPU's loop keeps (read by Python at any time, for statistics) */
-struct vmmshim_run_stats {
-	uint64_t answered;          /* port reads answered here */
-	uint64_t ns_in_run;         /* with timing: time inside KVM_RUN (the guest and the kernel), CLOCK_MONOTONIC */
-	uint64_t ns_last_return;    /* with timing: when the last KVM_RUN returned; the caller's own clock after
-	                               the call minus this is what the return cost (taking Python's GIL back) */
-};
-
-/* one vCPU's IA32_TSC_DEADLINE (Python: ops/nvmm/kvm/tscdeadline.py) */
-struct vmmshim_tscdl {
-	uint32_t enabled;           /* Python: the LVT timer is in TSC-deadline mode; the loop serves the writes */
-	uint32_t msr_off;           /* kvm_run.msr: error u8 at +0, index u32 at +12, data u64 at +16 */
-	uint32_t exit_wrmsr;        /* KVM_EXIT_X86_WRMSR */
-	int32_t timerfd;            /* CLOCK_MONOTONIC, non-blocking */
-	unsigned long get_msrs;     /* KVM_GET_MSRS */
-	uint64_t tsc_hz;            /* the guest TSC's rate */
-	uint64_t value;             /* the deadline armed (a guest TSC value; 0: none), read and taken atomically */
-	uint64_t due_ns;            /* CLOCK_MONOTONIC when it falls due */
-	uint64_t served;            /* writes the loop served */
-};
-
-/* one vCPU's interrupt for the window or a kick (Python: ops/nvmm/kvm/intwin.py) */
-struct vmmshim_intwin {
-	uint32_t state;             /* WIN_* bits and a vector: posted by Python before a run (or by another thread
-	                               while the loop runs, WIN_KICK), WIN_TAKEN once injected; atomic */
-	uint32_t hard;              /* Python's stop(): the next EINTR goes to Python */
-	uint64_t pv_eoi;            /* the guest's PV EOI word in this process (4-byte aligned, in guest RAM), or 0 */
-	unsigned long kvm_interrupt;    /* KVM_INTERRUPT */
-	uint32_t exit_window;       /* KVM_EXIT_IRQ_WINDOW_OPEN */
-	uint32_t window_off;        /* kvm_run.request_interrupt_window (u8); immediate_exit is the next byte */
-	uint32_t ready_off;         /* kvm_run.ready_for_interrupt_injection (u8); if_flag is the next byte */
-	uint32_t cr8_off;           /* kvm_run.cr8 (u64) */
-	uint32_t result;            /* the loop: RES_EOI (the PV EOI was seen), RES_ARMED (the word armed again) */
-	uint32_t kicks_posted;      /* another thread: kicks it posted (each with immediate_exit and a signal) */
-	uint32_t kicks_seen;        /* the loop: kicks_posted when it last took an EINTR for them */
-	uint32_t pad;
-	uint64_t served;            /* interrupts the loop injected at a window */
-	uint64_t served_kicks;      /* ... and at a kick */
-};
-
-#define WIN_VECTOR 0xFFu
-#define WIN_POSTED 0x100u           /* a vector to inject */
-#define WIN_TAKEN 0x200u            /* injected; Python's vlapic has not accepted it yet */
-#define WIN_IN 0x400u               /* the loop runs (a kick may be posted only then) */
-#define WIN_KICK 0x800u             /* posted by another thread */
-#define WIN_AFTER_EOI 0x1000u       /* inject only once the guest cleared its PV EOI bit (ended the one in service) */
-#define WIN_ARM 0x2000u             /* set the PV EOI bit after injecting (the vector's end goes through memory) */
-#define WIN_AGAIN 0x4000u           /* ask for the window again after injecting (more waits for its end) */
-#define WIN_MASKED 0x8000u          /* the loop: a kick's vector waits for the guest to set IF */
-#define RES_EOI 1u
-#define RES_ARMED 2u
-#define PV_EOI_BIT 1u
-
-/* struct kvm_msrs with one struct kvm_msr_entry */
-struct one_msr {
-	uint32_t nmsrs, pad;
-	uint32_t index, reserved;
-	uint64_t data;
-};
-
-static uint64_t now_ns(void)
+uint64_t vmmshim_now_ns(void)
 {
 	struct timespec ts;
 
@@ -114,7 +41,7 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int set_timer(int tfd, uint64_t due_ns)
+int vmmshim_set_timer(int tfd, uint64_t due_ns)
 {
 	struct itimerspec its;
 
@@ -139,7 +66,7 @@ int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns)
 		due_ns = 1;
 	__atomic_store_n(&d->due_ns, due_ns, __ATOMIC_RELEASE);
 	__atomic_store_n(&d->value, value, __ATOMIC_RELEASE);
-	return set_timer(d->timerfd, value ? due_ns : 0) < 0 ? -errno : 0;
+	return vmmshim_set_timer(d->timerfd, value ? due_ns : 0) < 0 ? -errno : 0;
 }
 
 /*
@@ -158,7 +85,7 @@ int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value)
 	}
 	if (!value || value <= m.data) {
 		__atomic_store_n(&d->value, 0, __ATOMIC_RELEASE);
-		if (set_timer(d->timerfd, 0) < 0)
+		if (vmmshim_set_timer(d->timerfd, 0) < 0)
 			return -errno;
 		return value ? 1 : 0;
 	}
@@ -166,7 +93,7 @@ int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value)
 	ns = d->tsc_hz ? (uint64_t)((unsigned __int128)delta * NS_PER_S / d->tsc_hz) : MAX_DELAY_NS;
 	if (ns > MAX_DELAY_NS)
 		ns = MAX_DELAY_NS;
-	due = now_ns() + (ns ? ns : 1);
+	due = vmmshim_now_ns() + (ns ? ns : 1);
 	return vmmshim_tscdl_set(d, value, due);
 }
 
@@ -184,8 +111,8 @@ int vmmshim_tscdl_expire(struct vmmshim_tscdl *d)
 	if (!v)
 		return 0;
 	due = __atomic_load_n(&d->due_ns, __ATOMIC_ACQUIRE);
-	if (now_ns() < due) {
-		set_timer(d->timerfd, due);
+	if (vmmshim_now_ns() < due) {
+		vmmshim_set_timer(d->timerfd, due);
 		return 0;
 	}
 	return __atomic_compare_exchange_n(&d->value, &v, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ? 1 : 0;
@@ -209,7 +136,7 @@ static int serve_tsc_deadline(int fd, uint8_t *run, struct vmmshim_tscdl *d)
 }
 
 /* whether the guest's PV EOI bit is still set (it has not ended the one interrupt in service) */
-static int pv_eoi_set(const struct vmmshim_intwin *w)
+int vmmshim_pv_eoi_set(const struct vmmshim_intwin *w)
 {
 	const uint32_t *word = (const uint32_t *)(uintptr_t)w->pv_eoi;
 
@@ -217,7 +144,7 @@ static int pv_eoi_set(const struct vmmshim_intwin *w)
 }
 
 /* injects the posted vector if the guest takes interrupts now: 1 (done or not needed), 0 (Python decides) */
-static int inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s)
+int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s)
 {
 	uint32_t vector = s & WIN_VECTOR, res = 0;
 	uint64_t cr8;
@@ -253,7 +180,7 @@ static int serve_window(int fd, uint8_t *run, struct vmmshim_intwin *w)
 
 	if (!(s & WIN_POSTED) || !run[w->ready_off] || !run[w->ready_off + 1])
 		return 0;
-	if (!inject_posted(fd, run, w, s))
+	if (!vmmshim_inject_posted(fd, run, w, s))
 		return 0;
 	++w->served;
 	return 1;
@@ -278,8 +205,8 @@ static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 	if (!(s & WIN_POSTED))
 		return 1;               /* served already (at a window), or withdrawn: run on */
-	if (run[w->ready_off] && run[w->ready_off + 1] && !(s & WIN_AFTER_EOI && pv_eoi_set(w))) {
-		if (!inject_posted(fd, run, w, s))
+	if (run[w->ready_off] && run[w->ready_off + 1] && !(s & WIN_AFTER_EOI && vmmshim_pv_eoi_set(w))) {
+		if (!vmmshim_inject_posted(fd, run, w, s))
 			return 0;
 		++w->served_kicks;
 		return 1;
@@ -309,9 +236,9 @@ static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		int r;
 
 		if (lay->timing) {
-			t0 = now_ns();
+			t0 = vmmshim_now_ns();
 			r = ioctl(fd, lay->kvm_run, 0);
-			stats->ns_last_return = now_ns();
+			stats->ns_last_return = vmmshim_now_ns();
 			stats->ns_in_run += stats->ns_last_return - t0;
 		} else {
 			r = ioctl(fd, lay->kvm_run, 0);
@@ -329,6 +256,11 @@ static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		}
 		if (intwin && reason == intwin->exit_window) {
 			if (serve_window(fd, run, intwin))
+				continue;
+			return 0;
+		}
+		if (intwin && reason == intwin->exit_hlt) {
+			if (vmmshim_halt_at_exit(fd, run, intwin))
 				continue;
 			return 0;
 		}
@@ -356,6 +288,16 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 	if (!intwin)
 		return run_loop(fd, run, lay, answers, stats, tscdl, NULL);
 	__atomic_fetch_or(&intwin->state, WIN_IN, __ATOMIC_ACQ_REL);
+	intwin->slept_out = 0;
+	if (intwin->halt & HALT_NOW) {
+		/* Python handled the guest's HLT and found nothing to do: sleep here, then run the guest */
+		intwin->halt &= ~HALT_NOW;
+		if (intwin->wake_fd >= 0 && !vmmshim_halt_sleep(fd, run, intwin)) {
+			intwin->slept_out = 1;
+			__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
+			return EINTR;
+		}
+	}
 	r = run_loop(fd, run, lay, answers, stats, tscdl, intwin);
 	__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
 	return r;

@@ -3,8 +3,8 @@
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
 without coming back to Python (in the nested lab a kernel console's LSR read per character, each one an exit
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
-guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``) and injects the interrupt posted for the interrupt window
-(``intwin.py``). The C file needs only
+guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), injects the interrupt posted for the interrupt window
+(``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files need only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
 
@@ -20,7 +20,7 @@ import threading
 
 from ... import native
 
-SOURCE = pathlib.Path(__file__).with_name("fastrun.c")
+SOURCE = tuple(pathlib.Path(__file__).with_name(n) for n in ("fastrun.c", "fasthalt.c", "fastrun.h"))
 ENV_OFF = "VMMSHIM_FASTRUN"
 CDEF = """
 struct vmmshim_run_layout {
@@ -64,10 +64,29 @@ struct vmmshim_intwin {
     uint32_t pad;
     uint64_t served;
     uint64_t served_kicks;
+    uint32_t exit_hlt;
+    uint32_t halt;
+    int32_t wake_fd;
+    uint32_t sleeping;
+    uint32_t ring_off;
+    int32_t idle_fd;
+    uint32_t slept_out;
+    uint32_t cr8_seen;
+    uint64_t waketimer;
+    uint64_t halts;
+    uint64_t halt_wakes;
+};
+struct vmmshim_waketimer {
+    int32_t tfd;
+    uint32_t armed;
+    uint64_t period_ns;
 };
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
                     struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
 int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
+void vmmshim_intwin_wake(struct vmmshim_intwin *w);
+int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
+int vmmshim_waketimer_off(struct vmmshim_waketimer *t);
 int vmmshim_tscdl_open(void);
 int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
 int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);

@@ -25,6 +25,14 @@ run's return (:attr:`IntWindow.on_taken`); meanwhile another thread that request
 :meth:`IntWindow.taken` that the CPU took the earlier one, so its request is a new one, not merged.
 ``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
+Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where the ops layer allows it
+(:meth:`IntWindow.halt_policy`), and a run the ops layer starts after its own HLT handling found nothing to do
+(:meth:`IntWindow.halt_now`) begins asleep: the thread polls the slot's eventfd instead of waiting on Python's
+condition, a kick's post ends the sleep with the injection, and a ``stop()`` ends it for Python
+(:attr:`IntWindow.slept_out` then says the guest is still halted). :meth:`IntWindow.wake` writes the eventfd when
+the slot sleeps; :class:`WakeTimer` is the VM's timer the loop starts whenever a sleep ends (the posted-write
+flush). ``VMMSHIM_HALT_LOOP=0`` keeps every HLT in Python.
+
 Not supported: ExtINT (the 8259's INTA cycle) and NMIs, more than one vector per run of the loop.
 """
 
@@ -35,6 +43,7 @@ from . import ioctls as K
 from . import layouts as L
 
 ENV_OFF = "VMMSHIM_INTWIN"
+ENV_HALT_OFF = "VMMSHIM_HALT_LOOP"
 VECTOR = 0xFF
 POSTED = 0x100
 TAKEN = 0x200
@@ -46,6 +55,8 @@ AGAIN = 0x4000      # ask for the window again once injected
 MASKED = 0x8000     # the loop: a kick's vector waits for the guest to set IF
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
+HALT_AT_EXIT = 1    # a HLT exit may be slept in the loop
+HALT_NOW = 2        # the next run starts asleep
 
 
 class IntWindow:
@@ -57,9 +68,13 @@ class IntWindow:
 
     def __init__(self, ffi, lib):
         self._ffi, self._lib = ffi, lib
+        self.halt_loop = os.environ.get(ENV_HALT_OFF, "1") != "0"
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if self.halt_loop else -1
         self.struct = ffi.new("struct vmmshim_intwin *", dict(
             kvm_interrupt=K.KVM_INTERRUPT, exit_window=K.KVM_EXIT_IRQ_WINDOW_OPEN,
-            window_off=L.RUN_REQUEST_IRQ_WINDOW, ready_off=L.RUN_READY_FOR_INTR, cr8_off=L.RUN_CR8))
+            window_off=L.RUN_REQUEST_IRQ_WINDOW, ready_off=L.RUN_READY_FOR_INTR, cr8_off=L.RUN_CR8,
+            exit_hlt=K.KVM_EXIT_HLT, wake_fd=wake_fd, idle_fd=-1))
+        self._waketimer = None
         # the loop reads the byte after each of these offsets
         assert L.RUN_IF_FLAG == L.RUN_READY_FOR_INTR + 1 and L.RUN_IMMEDIATE_EXIT == L.RUN_REQUEST_IRQ_WINDOW + 1
         self.on_taken = None
@@ -150,6 +165,97 @@ class IntWindow:
     def stop(self, on):
         """``stop()``'s mark (set before its ``immediate_exit``, cleared with it): its EINTR is Python's."""
         self.struct.hard = 1 if on else 0
+
+    # -- sleeping in HLT (fasthalt.c) -----------------------------------------------------------------------------
+    def configure_halt(self, ring_off=0, waketimer=None):
+        """The coalesced ring's header in the vCPU's mapping (0: none; a HLT with posted writes waiting goes to
+        Python), and the VM's :class:`WakeTimer` (or None)."""
+        s = self.struct
+        s.ring_off = ring_off
+        self._waketimer = waketimer
+        s.waketimer = int(self._ffi.cast("uintptr_t", waketimer.struct)) if waketimer is not None else 0
+
+    def halt_policy(self, at_exit, idle_fd=None, cr8=0):
+        """Before a run (the vCPU's thread): whether a HLT exit may be slept in the loop, the fd whose being
+        readable sends it to Python instead (the VM's idle work), and the guest's CR8 the vlapic agrees with (a
+        HLT after the guest changed it goes to Python)."""
+        s = self.struct
+        s.halt = (s.halt & HALT_NOW) | (HALT_AT_EXIT if at_exit and self.halt_loop else 0)
+        s.idle_fd = -1 if idle_fd is None else idle_fd
+        s.cr8_seen = cr8 & 0xF
+
+    def halt_now(self):
+        """The next run starts asleep (the guest stands after a HLT, IF set, and nothing was found to inject)."""
+        if self.halt_loop:
+            self.struct.halt |= HALT_NOW
+
+    def take_slept_out(self):
+        """Whether the last run's sleep ended for Python with the guest still halted (cleared by the call)."""
+        s = self.struct
+        if s.slept_out:
+            s.slept_out = 0
+            return True
+        return False
+
+    @property
+    def sleeping(self):
+        """Whether the loop sleeps in a guest's HLT now (any thread)."""
+        return self.struct.sleeping != 0
+
+    @property
+    def halts(self):
+        """HLTs slept in the loop."""
+        return self.struct.halts
+
+    @property
+    def halt_wakes(self):
+        """Sleeps in the loop that ended with an injection there."""
+        return self.struct.halt_wakes
+
+    def wake(self):
+        """After a kick's post or a ``stop()`` (any thread): ends the loop's sleep if it sleeps."""
+        if self.halt_loop:
+            self._lib.vmmshim_intwin_wake(self.struct)
+
+    def close(self):
+        fd, self.struct.wake_fd = self.struct.wake_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class WakeTimer:
+    """A VM-wide one-shot timer (a ``CLOCK_MONOTONIC`` timerfd, :attr:`fd`) that the run loop starts whenever one of
+    the VM's vCPUs leaves its sleep in the loop, and Python starts and stops with :meth:`arm` and :meth:`off`.
+    The posted-write flush's timer (``vmmshim/fastpaths.py``): it must run whenever a vCPU may run."""
+
+    def __init__(self, ffi, lib, period_ns):
+        fd = lib.vmmshim_tscdl_open()
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd))
+        self._lib = lib
+        self.fd = fd
+        self.struct = ffi.new("struct vmmshim_waketimer *", dict(tfd=fd, armed=0, period_ns=period_ns))
+
+    def arm(self):
+        """Sets it to fire one period from now, unless it is set."""
+        self._lib.vmmshim_waketimer_arm(self.struct)
+
+    def off(self):
+        """Stops it (its expiry read too); the caller then looks whether a vCPU may run and arms it if one may."""
+        self._lib.vmmshim_waketimer_off(self.struct)
+
+    def close(self):
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def make_waketimer(period_ns):
+    """A :class:`WakeTimer`, or None where the compiled loop cannot be had (or does not sleep in HLT)."""
+    if os.environ.get(ENV_OFF, "1") == "0" or os.environ.get(ENV_HALT_OFF, "1") == "0":
+        return None
+    loaded = fastrun.load()
+    return WakeTimer(*loaded, period_ns) if loaded is not None else None
 
 
 def make():

@@ -217,6 +217,8 @@ class KvmMachine(api.Machine):
         self._ring = None               # paths test it, so it stays this one list
         self._ring_lock = threading.Lock()
         self._answers = None            # fastrun.Answers once answer_io is called and the loop is built
+        self.waketimer = None           # intwin.WakeTimer once wake_timer is called
+        self.intwins = []               # the vCPUs' intwin.IntWindow (they sleep in HLT in the loop)
 
     def _enable_cap(self, cap, arg0):
         buf = L.KVM_ENABLE_CAP.build(dict(cap=cap, flags=0, args=[arg0, 0, 0, 0], pad=bytes(64)))
@@ -380,7 +382,19 @@ class KvmMachine(api.Machine):
             if run:
                 run_cb(run_port, bytes(run))
 
+    def _wake_timer(self, period_ns):
+        from . import intwin
+        if self.waketimer is None:
+            self.waketimer = intwin.make_waketimer(period_ns)
+            for w in self.intwins:
+                w.configure_halt(self.provider.ring_offset, self.waketimer)
+        return self.waketimer
+
     def _destroy(self):
+        if self.waketimer is not None:
+            for w in self.intwins:
+                w.configure_halt(self.provider.ring_offset, None)
+            self.waketimer.close()
         with self._ring_lock:
             if self._ring is not None:
                 self._ring.close()

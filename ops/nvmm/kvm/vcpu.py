@@ -264,6 +264,8 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         if self.intwin is None:
             self.intwin = intwin.make()
             if self.intwin is not None:
+                self.intwin.configure_halt(self.machine.provider.ring_offset, self.machine.waketimer)
+                self.machine.intwins.append(self.intwin)
                 self._install_fast_paths()      # a new compiled loop, bound to it
         return self.intwin
 
@@ -338,12 +340,15 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
             self.intwin.stop(True)          # this EINTR is Python's, not a kick the compiled loop serves
         self.mm[L.RUN_IMMEDIATE_EXIT] = 1
         self._signal()
+        if self.intwin is not None:
+            self.intwin.wake()              # the loop may sleep in a HLT (fasthalt.c)
 
     def kick_posted(self):
         """vmmshim's extension: the kick after :meth:`.intwin.IntWindow.kick` posted an interrupt (any thread): the
-        compiled loop takes its EINTR itself."""
+        compiled loop takes its EINTR itself, or ends its sleep in a HLT with it."""
         self.mm[L.RUN_IMMEDIATE_EXIT] = 1
         self._signal()
+        self.intwin.wake()
 
     def _signal(self):
         with self._lock:
@@ -407,6 +412,8 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
             self._thread = None
         if self.tscdl is not None:
             self.tscdl.close()
+        if self.intwin is not None:
+            self.intwin.close()
         self.run = self.assist_io = _destroyed
         try:
             self._mv.release()
