@@ -219,7 +219,10 @@ class Vm(HaltMixin):
         injected = ctx.injected
         r = self._before_entry(ctx)
         halt = ctx.halt_rflags
-        win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8)
+        pv_eoi = ctx.pv_eoi
+        win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8,
+                        all(c is ctx or not c.started for c in self.vcpus.values()),
+                        pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed)
         if halt is not None:
             ctx.halt_rflags = None
             if r is None and ctx.injected == injected and not ctx.pending and not ctx.nmi and not win.struct.state:
@@ -241,9 +244,7 @@ class Vm(HaltMixin):
             ctx.pending = True
             return ctx.exit_to(E.VM_EXITCODE_DEBUG, None)
         if ctx.hlt_held is not None:
-            r = self._rehalt(ctx)
-            if r is not None:
-                return r
+            return self._rehalt(ctx)         # the rest of this entry's look is done there (or not wanted)
         if ctx.spinups:                      # one exit per AP; the next entry comes back here for the rest
             target, rip = ctx.spinups.popleft()
             ctx.pending = True

@@ -22,7 +22,7 @@ from .vmm_ops import Hlt, VmCapType, VmExitCode as E, VmSuspendHow
 
 class HaltMixin:
     """Needs the :class:`ops.vmm.Vm` fields ``vcpus``, ``suspended``, ``idle_hook``, ``wake_hook`` and its
-    ``suspend``, ``suspended_exit`` and ``before_entry``."""
+    ``suspend``, ``suspended_exit``, ``before_entry`` and ``_before_entry``."""
 
     def handle_hlt(self, ctx, rflags):
         """A vCPU halted: a ``VM_EXITCODE_HLT`` with ``VM_CAP_HALT_EXIT``, else sleeps until an interrupt it can
@@ -90,15 +90,18 @@ class HaltMixin:
                 and not ctx.caps[VmCapType.VM_CAP_MASK_HWINTR] and not any(ctx.debug.values()))
 
     def _rehalt(self, ctx):
-        """Before the first entry after a debug hold that ended a HLT: back into the HLT's sleep (RIP stays after the
+        """Before the first entry after a debug hold (or a stop of a sleep in the run loop) that ended a HLT: back
+        into the HLT's sleep (RIP stays after the
         HLT, where a wake resumes, as a HLT exit reports it). Returns a ``vm_exit`` for userland, or None to enter
-        the guest (a wake, or a RIP the debugger moved). A step of the halted vCPU ends at once (``MTRAP``), still
-        halted: it would otherwise wait for an interrupt the step masks."""
+        the guest (a wake, or a RIP the debugger moved), after the rest of ``before_entry``'s look (done here,
+        once: a second injection decision for the same entry would disarm the PV EOI word the first one armed). A
+        step of the halted vCPU ends at once (``MTRAP``), still halted: it would otherwise wait for an interrupt
+        the step masks."""
         held, ctx.hlt_held = ctx.hlt_held, None
         rflags, rip = held
         if ctx.current_rip() != rip:             # the debugger moved it (gdb's jump): it runs from there
             ctx.halted_if_clear = False
-            return None
+            return self._before_entry(ctx)
         if ctx.debug.get(VmCapType.VM_CAP_MTRAP_EXIT):
             ctx.hlt_held = held
             ctx.pending = True

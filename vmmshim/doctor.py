@@ -54,7 +54,8 @@ def doctor(kvm_device=KVM_DEVICE):
     from ops.nvmm.kvm import fastrun
     why = fastrun.unavailable()
     print("compiled run loop " + ("built: KVM answers published port reads and IA32_TSC_DEADLINE writes, and "
-                                  "injects interrupts at the window and at kicks, without leaving C" if why is None
+                                  "injects interrupts at the window and at kicks and sleeps in the guest's HLT, "
+                                  "without leaving C" if why is None
                                   else f"unavailable ({why}): every port read and injection goes through Python"))
     from .backends import blkfast
     why = blkfast.unavailable()

@@ -170,3 +170,46 @@ def test_posted_flush_runs_only_while_a_vcpu_may_run():
     f.woke()                                   # a second wake arms nothing more
     t.advance(POSTED_FLUSH_NS)
     assert len(drained) == 5 and t.pending() == 1
+
+
+def test_posted_flush_on_the_run_loops_wake_timer():
+    """PostedFlush on the KVM run loop's wake timer (a real timerfd, the real timer thread): it drains while a
+    vCPU runs, goes off when the last one sleeps, and comes back when the loop starts the timer at a wake
+    (``vmmshim_waketimer_arm``, what ``fasthalt.c`` calls when a sleep ends), with no call into the flush."""
+    import time
+    from ops.nvmm.kvm import intwin
+    from vmmshim.fastpaths import PostedFlush
+    from vmmshim.timers import TimerThread
+    period = 20_000_000
+    wt = intwin.make_waketimer(period)
+    if wt is None:
+        pytest.skip("the compiled run loop does not build here")
+    timers = TimerThread()
+    drained, asleep = [], [False]
+    try:
+        assert timers.can_watch
+        f = PostedFlush(timers, lambda: drained.append(time.monotonic()), lambda: asleep[0], lambda: True,
+                        wake_timer=wt)
+        f.start()
+        time.sleep(0.2)
+        assert len(drained) >= 3 and wt.struct.armed == 1
+        asleep[0] = True
+        f.idle()                                   # the last vCPU sleeps: off
+        assert wt.struct.armed == 0
+        n = len(drained)
+        time.sleep(0.15)
+        assert len(drained) == n, "the flush ran while every vCPU slept"
+        asleep[0] = False
+        wt.arm()                                   # the run loop: a sleep ended
+        wt.arm()                                   # a second arm while set changes nothing
+        time.sleep(0.2)
+        assert len(drained) >= n + 3
+        asleep[0] = True                           # the next fire finds every vCPU asleep: off by itself
+        time.sleep(0.1)
+        assert wt.struct.armed == 0
+        n = len(drained)
+        time.sleep(0.1)
+        assert len(drained) == n
+    finally:
+        timers.close()
+        wt.close()

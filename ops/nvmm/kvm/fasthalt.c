@@ -11,15 +11,16 @@
  *
  * Two ways in: a HLT exit inside the loop (HALT_AT_EXIT), slept when the guest has IF set, no injection waits
  * for Python's vlapic to accept it, Python asked for no window it posted nothing for, the guest's CR8 is the one
- * Python's vlapic agreed with, no posted port write waits in the coalesced ring and the idle fd (the doorbells a
+ * Python's vlapic agreed with, the guest has not ended an interrupt through its PV EOI word since, no posted port write waits in the coalesced ring and the idle fd (the doorbells a
  * halting vCPU serves itself) is not readable; and a run that Python starts asleep (HALT_NOW) once its
  * own HLT handling found nothing to do. A stop() (an NMI, a suspension, a debugger's hold, a kick that could not
  * post) ends the sleep for Python. The loop marks itself sleeping before it looks for a post, and the waking
  * thread looks for the mark after its post (vmmshim_intwin_wake, both sequentially consistent), so a wake
  * between the look and the poll is never lost.
  *
- * The VM's posted-write flush (vmmshim/fastpaths.py) goes off while every vCPU sleeps; whenever a sleep here ends
- * the loop starts it again (struct vmmshim_waketimer), before the guest can write once more.
+ * The VM's posted-write flush (vmmshim/fastpaths.py) goes off while every vCPU sleeps (here, for the VM's only
+ * vCPU, when its sleep starts; else at the timer's next expiry); whenever a sleep here ends the loop starts it
+ * again (struct vmmshim_waketimer), before the guest can write once more.
  *
  * Not handled here: MWAIT, a HLT with IF clear (the VM's halt), ExtINT and NMI wakes (Python's).
  */
@@ -103,6 +104,8 @@ int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	uint64_t junk;
 
 	__atomic_store_n(&w->sleeping, 1, __ATOMIC_SEQ_CST);
+	if (w->solo && w->waketimer)        /* every vCPU sleeps now: the timer goes off until one wakes */
+		vmmshim_waketimer_off((struct vmmshim_waketimer *)(uintptr_t)w->waketimer);
 	++w->halts;
 	for (;;) {
 		uint32_t posted, s;
@@ -155,6 +158,11 @@ int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	/* Python asked for the window with nothing posted (an ExtINT), or the guest moved its CR8 since Python's
 	   vlapic looked (a held-back vector may be deliverable now): Python's HLT handling decides */
 	if (run[w->window_off] || (cr8 & 0xF) != w->cr8_seen)
+		return 0;
+	/* the guest ended the interrupt in service through its PV EOI word: Python's vlapic learns it at its HLT
+	   handling, and a vector that waited behind it may be deliverable now */
+	if (w->eoi_armed && (!w->eoi_word ||
+			     !(__atomic_load_n((const uint32_t *)(uintptr_t)w->eoi_word, __ATOMIC_ACQUIRE) & PV_EOI_BIT)))
 		return 0;
 	if (!ring_empty(run, w) || readable(w->idle_fd))
 		return 0;

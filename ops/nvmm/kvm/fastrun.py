@@ -75,6 +75,9 @@ struct vmmshim_intwin {
     uint64_t waketimer;
     uint64_t halts;
     uint64_t halt_wakes;
+    uint32_t solo;
+    uint32_t eoi_armed;
+    uint64_t eoi_word;
 };
 struct vmmshim_waketimer {
     int32_t tfd;

@@ -103,17 +103,18 @@ class IntWindow:
         4-byte view of guest RAM), needed with ``after_eoi`` or ``arm``."""
         bits = self._bits(vector, after_eoi, arm, again, word)
         s = self.struct
-        if word is None:
-            s.pv_eoi = 0
-        else:
-            cached = self._word
-            if cached is None or cached[0] is not word:
-                # the address only: a buffer kept exported would hold the guest RAM's mapping open at teardown
-                with self._ffi.from_buffer(word) as buf:
-                    cached = self._word = (word, int(self._ffi.cast("uintptr_t", buf)))
-            s.pv_eoi = cached[1]
+        s.pv_eoi = 0 if word is None else self._address(word)
         s.result = 0
         s.state = POSTED | bits
+
+    def _address(self, word):
+        """The address of the PV EOI word (a 4-byte view of guest RAM), cached for the same view."""
+        cached = self._word
+        if cached is None or cached[0] is not word:
+            # the address only: a buffer kept exported would hold the guest RAM's mapping open at teardown
+            with self._ffi.from_buffer(word) as buf:
+                cached = self._word = (word, int(self._ffi.cast("uintptr_t", buf)))
+        return cached[1]
 
     def kick(self, vector, after_eoi=False, arm=False, again=False, word=None):
         """From another thread, while the loop may run: posts ``vector`` to be injected at once (or at the
@@ -175,11 +176,20 @@ class IntWindow:
         self._waketimer = waketimer
         s.waketimer = int(self._ffi.cast("uintptr_t", waketimer.struct)) if waketimer is not None else 0
 
-    def halt_policy(self, at_exit, idle_fd=None, cr8=0):
+    def halt_policy(self, at_exit, idle_fd=None, cr8=0, solo=False, eoi_word=None, eoi_armed=False):
         """Before a run (the vCPU's thread): whether a HLT exit may be slept in the loop, the fd whose being
-        readable sends it to Python instead (the VM's idle work), and the guest's CR8 the vlapic agrees with (a
-        HLT after the guest changed it goes to Python)."""
+        readable sends it to Python instead (the VM's idle work), the guest's CR8 the vlapic agrees with (a
+        HLT after the guest changed it goes to Python), whether it is the VM's only running vCPU (its sleep
+        then stops the wake timer), and the PV EOI word (its address is what a kick's post may name) with whether
+        it is armed for the interrupt in service (a HLT after the guest cleared its bit goes to Python, whose
+        vlapic has not seen that EOI)."""
         s = self.struct
+        s.solo = 1 if solo else 0
+        if eoi_word is None:
+            s.eoi_word = s.eoi_armed = 0
+        else:
+            s.eoi_word = s.pv_eoi = self._address(eoi_word)     # also the word a kick's post arms
+            s.eoi_armed = 1 if eoi_armed else 0
         s.halt = (s.halt & HALT_NOW) | (HALT_AT_EXIT if at_exit and self.halt_loop else 0)
         s.idle_fd = -1 if idle_fd is None else idle_fd
         s.cr8_seen = cr8 & 0xF
