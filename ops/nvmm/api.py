@@ -248,10 +248,9 @@ class Machine:
         raise nvmm_error(errno.EINVAL, f"machine configuration op {op} is not defined")
 
     def wake_timer(self, period_ns):
-        """vmmshim's extension: a VM-wide one-shot timer the provider's run loop starts (``period_ns`` ahead)
-        whenever a vCPU leaves a HLT it slept in the loop, so that work which must go on while a vCPU may run (the
-        posted-write flush) starts again without a Python wake. An object with ``fd`` (a timerfd: readable when it
-        fires), ``arm()`` (set unless set) and ``off()``; None where vCPUs sleep in Python (the default)."""
+        """vmmshim's extension: a one-shot timer the run loop starts (``period_ns`` ahead) when a vCPU leaves a HLT
+        it slept in the loop (the posted-write flush): ``fd`` (a timerfd), ``arm()`` (unless set), ``off()``; None
+        where vCPUs sleep in Python (the default)."""
         return self._wake_timer(period_ns)
 
     def destroy(self):
@@ -336,12 +335,9 @@ class Vcpu:
         raise NotImplementedError
 
     def queued_event(self):
-        """vmmshim's extension, for a checkpoint: the event injected for the next entry that has not reached the
-        guest yet (a run stopped before its entry), as ``(type, vector, error)`` with an ``NVMM_VCPU_EVENT_*``
-        type and ``error`` None where the vector has no error code; None when there is none or the provider
-        cannot name it (NVMM keeps it in the VMCB; the state's ``evt_pending`` bit still says it is there).
-        Reads the provider's state: call after ``getstate`` of ``NVMM_X64_STATE_INTR``. Raises ENOTSUP for an event
-        the provider cannot name."""
+        """vmmshim's extension, for a checkpoint: the event injected for the next entry and not delivered yet (a
+        run stopped before its entry), ``(NVMM_VCPU_EVENT_*, vector, error or None)``, or None; ENOTSUP where the
+        provider cannot name it (NVMM keeps it in the VMCB). Call after ``getstate`` of ``NVMM_X64_STATE_INTR``."""
         if self.state.intr & INTR_EVT_PENDING:
             raise nvmm_error(errno.ENOTSUP, "an event is queued for the next entry and this provider cannot say which")
         return None
