@@ -38,16 +38,26 @@ nmi_handler:
 """ + IDT
 
 
+def _counted(vm, slot, want):
+    """Waits (up to 5 s) until the guest's counter ``slot`` reaches ``want``: the next request then cannot merge
+    with this one in the IRR (two edges of one vector before the CPU takes the first are one interrupt)."""
+    end = time.monotonic() + 5
+    while results(vm, 2)[slot] < want and time.monotonic() < end:
+        time.sleep(0.0005)
+
+
 def _raiser(vm, n, nmis=0):
     ops, vmi = vm.ops, vm.vmi
 
     def go():
         time.sleep(0.05)
-        for _ in range(n):
+        for i in range(n):
             ops.vm_lapic_msi(vmi, 0xFEE00000, VECTOR)
-            time.sleep(GAP_S)
-        for _ in range(nmis):
+            _counted(vm, 0, i + 1)
+            time.sleep(GAP_S)               # the guest is back in its HLT by now, most times
+        for i in range(nmis):
             ops.vm_inject_nmi(vmi, 0)
+            _counted(vm, 1, i + 1)
             time.sleep(GAP_S)
     t = threading.Thread(target=go, daemon=True)
     t.start()

@@ -161,8 +161,7 @@ int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w)
 		return 0;
 	/* the guest ended the interrupt in service through its PV EOI word: Python's vlapic learns it at its HLT
 	   handling, and a vector that waited behind it may be deliverable now */
-	if (w->eoi_armed && (!w->eoi_word ||
-			     !(__atomic_load_n((const uint32_t *)(uintptr_t)w->eoi_word, __ATOMIC_ACQUIRE) & PV_EOI_BIT)))
+	if (w->eoi_armed && !vmmshim_pv_eoi_set(w))
 		return 0;
 	if (!ring_empty(run, w) || readable(w->idle_fd))
 		return 0;

@@ -75,8 +75,8 @@ struct vmmshim_intwin {
 	uint64_t halts;             /* sleeps in the loop */
 	uint64_t halt_wakes;        /* ... that ended with an injection here */
 	uint32_t solo;              /* Python: the VM's only started vCPU (its sleep stops the wake timer) */
-	uint32_t eoi_armed;         /* Python: its PV EOI bit is armed for the one in service (at eoi_word) */
-	uint64_t eoi_word;          /* ... the word's address; a HLT after the guest cleared the bit is Python's */
+	uint32_t eoi_armed;         /* Python: its PV EOI bit (at pv_eoi) is armed for the one in service; a HLT
+	                               after the guest cleared it is Python's */
 };
 
 #define HALT_AT_EXIT 1u

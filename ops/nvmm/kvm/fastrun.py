@@ -77,7 +77,6 @@ struct vmmshim_intwin {
     uint64_t halt_wakes;
     uint32_t solo;
     uint32_t eoi_armed;
-    uint64_t eoi_word;
 };
 struct vmmshim_waketimer {
     int32_t tfd;

@@ -29,7 +29,7 @@ Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where 
 (:meth:`IntWindow.halt_policy`), and a run the ops layer starts after its own HLT handling found nothing to do
 (:meth:`IntWindow.halt_now`) begins asleep: the thread polls the slot's eventfd instead of waiting on Python's
 condition, a kick's post ends the sleep with the injection, and a ``stop()`` ends it for Python
-(:attr:`IntWindow.slept_out` then says the guest is still halted). :meth:`IntWindow.wake` writes the eventfd when
+(:meth:`IntWindow.take_slept_out` then says the guest is still halted). :meth:`IntWindow.wake` writes the eventfd when
 the slot sleeps; :class:`WakeTimer` is the VM's timer the loop starts whenever a sleep ends (the posted-write
 flush). ``VMMSHIM_HALT_LOOP=0`` keeps every HLT in Python.
 
@@ -186,9 +186,9 @@ class IntWindow:
         s = self.struct
         s.solo = 1 if solo else 0
         if eoi_word is None:
-            s.eoi_word = s.eoi_armed = 0
+            s.eoi_armed = 0
         else:
-            s.eoi_word = s.pv_eoi = self._address(eoi_word)     # also the word a kick's post arms
+            s.pv_eoi = self._address(eoi_word)      # the word a kick's post arms, and the loop's HLT looks at
             s.eoi_armed = 1 if eoi_armed else 0
         s.halt = (s.halt & HALT_NOW) | (HALT_AT_EXIT if at_exit and self.halt_loop else 0)
         s.idle_fd = -1 if idle_fd is None else idle_fd
