@@ -220,8 +220,7 @@ class Vm(HaltMixin):
         r = self._before_entry(ctx)
         halt = ctx.halt_rflags
         pv_eoi = ctx.pv_eoi
-        win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8,
-                        all(c is ctx or not c.started for c in self.vcpus.values()),
+        win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8, len(self.vcpus) == 1,
                         pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed)
         if halt is not None:
             ctx.halt_rflags = None

@@ -179,8 +179,8 @@ class IntWindow:
     def halt_policy(self, at_exit, idle_fd=None, cr8=0, solo=False, eoi_word=None, eoi_armed=False):
         """Before a run (the vCPU's thread): whether a HLT exit may be slept in the loop, the fd whose being
         readable sends it to Python instead (the VM's idle work), the guest's CR8 the vlapic agrees with (a
-        HLT after the guest changed it goes to Python), whether it is the VM's only running vCPU (its sleep
-        then stops the wake timer), and the PV EOI word (its address is what a kick's post may name) with whether
+        HLT after the guest changed it goes to Python), whether it is the VM's only vCPU (its sleep then stops
+        the wake timer), and the PV EOI word (its address is what a kick's post may name) with whether
         it is armed for the interrupt in service (a HLT after the guest cleared its bit goes to Python, whose
         vlapic has not seen that EOI)."""
         s = self.struct
