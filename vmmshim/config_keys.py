@@ -30,8 +30,11 @@ VMMSHIM_KEYS = {
                           "port reads a device publishes (the UART's line status) answered by the compiled "
                           "run loop without an exit"),
     "vmmshim.blk_compiled": ("true", "bool",
-                             "virtio-blk serves Linux's read and write requests in C, where a C compiler can "
-                             "build it"),
+                             "virtio-blk, nvme and ahci serve Linux's read and write requests in C, where a C "
+                             "compiler can build it"),
+    "vmmshim.p9_compiled": ("true", "bool",
+                            "virtio-9p serves Tread and Twrite on open files in C, where a C compiler can build "
+                            "it"),
     "vmmshim.net_compiled": ("true", "bool",
                              "virtio-net moves frames between a Linux tap and guest memory in C, and slirp runs "
                              "its loop in C, where a C compiler can build them"),

@@ -10,6 +10,7 @@ Exit status 0 when at least one provider works, 4 otherwise or for an argument (
 Not supported: checking a particular guest's needs (memory, vCPUs) against the host.
 """
 
+import importlib
 import os
 import sys
 
@@ -57,19 +58,22 @@ def doctor(kvm_device=KVM_DEVICE):
                                   "injects interrupts at the window and at kicks and sleeps in the guest's HLT, "
                                   "without leaving C" if why is None
                                   else f"unavailable ({why}): every port read and injection goes through Python"))
-    from .backends import blkfast
-    why = blkfast.unavailable()
-    print("compiled virtio-blk request " + ("built: Linux's read and write tables are served in C" if why is None else
-                                            f"unavailable ({why}): virtio-blk serves every request in Python"))
-    from .backends import netfast
-    why = netfast.unavailable()
-    print("compiled virtio-net data path " + ("built: frames move between a tap and guest memory in C" if why is None
-                                              else f"unavailable ({why}): virtio-net moves every frame in Python"))
-    from .backends import slirp_fast
-    why = slirp_fast.unavailable()
-    print("compiled slirp loop " + ("built: libslirp's thread and frames run in C" if why is None
-                                    else f"unavailable ({why}): slirp's loop runs in Python"))
+    for module, name, built, without in _COMPILED:
+        why = importlib.import_module(f"vmmshim.backends.{module}").unavailable()
+        print(f"{name} " + (f"built: {built}" if why is None else f"unavailable ({why}): {without}"))
     return 0 if ok else EXIT_ERROR
+
+
+#: The devices' compiled paths: (module in ``vmmshim/backends``, name, what it does, what happens without it).
+_COMPILED = (
+    ("blkfast", "compiled virtio-blk request", "Linux's read and write tables are served in C",
+     "virtio-blk serves every request in Python"),
+    ("nvmefast", "compiled NVMe queue pass", "reads and writes of the I/O queues are served in C",
+     "nvme serves every command in Python"),
+    ("netfast", "compiled virtio-net data path", "frames move between a tap and guest memory in C",
+     "virtio-net moves every frame in Python"),
+    ("slirp_fast", "compiled slirp loop", "libslirp's thread and frames run in C", "slirp's loop runs in Python"),
+)
 
 
 def main(argv=()):

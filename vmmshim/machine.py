@@ -20,6 +20,9 @@ from .bus import BusError
 from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
+#: The disk emulations whose reads and writes may be served in C (``vmmshim.blk_compiled``).
+_DISKS = ("virtio-blk", "nvme", "ahci", "ahci-hd", "ahci-cd")
+
 
 def build_pci_and_tables(vm, cfg, platform, tables=True):
     """Builds the PCI host and its devices, then writes the firmware tables into guest RAM (not with ``tables``
@@ -43,8 +46,10 @@ def build_pci_and_tables(vm, cfg, platform, tables=True):
         devopts = {k: v for k, v in opts.items() if k != "device"}
         devopts.update(guest_memory=_GuestMemory(vm), virtio_msix=cfg.get("virtio_msix"), vmname=cfg.get("name"),
                        slot=slot, func=func)
-        if name == "virtio-blk":
+        if name in _DISKS:
             devopts["blk_compiled"] = cfg.get_bool("vmmshim.blk_compiled")
+        if name == "virtio-9p":
+            devopts["p9_compiled"] = cfg.get_bool("vmmshim.p9_compiled")
         if name in ("virtio-net", "virtio-tap"):
             devopts["net_compiled"] = cfg.get_bool("vmmshim.net_compiled")
         if name == "lpc":

@@ -335,7 +335,12 @@ class NvmeController(AdminCommands, NvmCommands):
         cq = self.cqs[sq.cqid]
         tail = self._tail(sq)
         n = 0
+        compiled = self._compiled and sq.qid
         while sq.head != tail and n < BATCH and self.sqs[sq.qid] is sq and self.ready:
+            if compiled:                # the compiled pass first; here only what it does not serve
+                n += self._drain_compiled(sq, cq, tail, BATCH - n)
+                if sq.head == tail or n >= BATCH:
+                    break
             if not self._room(cq):
                 break
             entry = sq.fetch()

@@ -15,6 +15,11 @@ LBA range inside the namespace (LBA Out of Range), a transfer within MDTS (Inval
 (Namespace is Write Protected). A host I/O error is a media error the host may retry: Unrecovered Read Error for a
 read, Write Fault otherwise.
 
+Where the backend has a compiled queue pass (``backend.nvme_compiled``, ``backend.serve_nvme``: the host's
+``vmmshim/backends/nvmefast.py``), each I/O queue's new entries go to it first (:meth:`NvmCommands._drain_compiled`):
+it serves the leading run of plain reads and writes in C and stops at the first entry it does not take, which the
+code here then serves; the answers are the same either way (``tests/unit/test_nvme_compiled.py``).
+
 Not supported (Invalid Command Opcode): Compare, Write Uncorrectable, Verify, reservations, and Dataset Management
 when ``dsm=disable`` (or ``dsm=auto`` on an image that cannot deallocate); metadata, end-to-end protection.
 """
@@ -37,10 +42,34 @@ NLB_MASK = 0xFFFF
 
 class NvmCommands:
     def _init_io(self):
+        self._compiled = bool(getattr(self.backend, "nvme_compiled", False))
+        self.compiled_served = 0        # commands the compiled pass served (not in ``stats``: checkpoints keep those)
         self._io_handlers = {R.NVM_READ: self._read, R.NVM_WRITE: self._write, R.NVM_FLUSH: self._flush,
                              R.NVM_WRITE_ZEROES: self._write_zeroes}
         if self.dsm:
             self._io_handlers[R.NVM_DSM] = self._dsm
+
+    def _drain_compiled(self, sq, cq, tail, limit):
+        """The leading reads and writes of ``sq`` (up to ``tail``, at most ``limit``) served by the backend's
+        compiled queue pass, where it has one (``backend.serve_nvme``); returns how many. It stops at the first
+        entry it does not serve, or when ``cq`` is full, and the Python path goes on from there."""
+        ram = getattr(self.mem, "ram", None)
+        if ram is None:
+            return 0
+        got = self.backend.serve_nvme(ram, (sq.base, sq.size, sq.head, tail, sq.qid),
+                                      (cq.base, cq.size, cq.head, cq.tail, cq.phase), limit, self.nsze,
+                                      self.lba_shift, MAX_TRANSFER)
+        if not got or not got[0]:
+            return 0
+        n, sq.head, cq.tail, cq.phase, reads, writes, nread, nwritten = got
+        cq.posted = True
+        st = self.stats
+        st["reads"] += reads
+        st["writes"] += writes
+        st["bytes_read"] += nread
+        st["bytes_written"] += nwritten
+        self.compiled_served += n
+        return n
 
     def _io(self, e):
         flags, nsid = e[R.E_FLAGS], e[R.E_NSID]

@@ -57,7 +57,8 @@ DSM_MODES = ("auto", "enable", "disable")
 DEFAULTS = dict(maxq=16, qsz=2048, ioslots=8, sectsz=512)
 SERIAL_LEN = 20
 #: Keys the VM adds to every emulation's options, and bhyve's block options taken without effect.
-VM_KEYS = frozenset(("device", "backend", "path", "guest_memory", "virtio_msix", "vmname", "slot", "func"))
+VM_KEYS = frozenset(("device", "backend", "path", "guest_memory", "virtio_msix", "vmname", "slot", "func",
+                     "blk_compiled"))
 FLAG_KEYS = frozenset(("ro", "nodelete", "nocache", "direct", "sync"))
 VALUE_KEYS = frozenset(("maxq", "qsz", "ioslots", "sectsz", "ser", "eui64", "dsm"))
 

@@ -52,7 +52,7 @@ _TAG_LEN = struct.Struct("<H")
 
 #: Keys that are never a ``NAME=PATH`` share: bhyve's own and the ones the VM adds.
 DEVICE_KEYS = frozenset(("device", "backend", "sharename", "path", "ro", "guest_memory", "virtio_msix",
-                         "single_vector", "vmname", "slot", "func"))
+                         "single_vector", "vmname", "slot", "func", "p9_compiled"))
 
 
 def parse_options(text):

@@ -39,6 +39,7 @@ from bhyve_devices.pci.options import as_options, is_true, legacy_options
 
 from . import blkfast
 from . import netfast
+from . import nvmefast
 from . import net as _net
 from . import p9fs as _p9fs
 from . import uart as _uart
@@ -145,7 +146,8 @@ def _nvme(o):
     o = as_options(o, _nvmedev.parse_options)
     if not o.get("path"):
         raise ValueError("an image path is needed")
-    o[BACKEND_OPT] = FileBlockBackend(o["path"], readonly=is_true(o.get("ro", False)))
+    accel = nvmefast.accelerator() if is_true(o.get("blk_compiled", False)) else None
+    o[BACKEND_OPT] = FileBlockBackend(o["path"], readonly=is_true(o.get("ro", False)), nvme_accel=accel)
     return o
 
 

@@ -11,7 +11,9 @@ refused (EACCES, EROFS, EPERM: as ``blockif_open``). Its size is the file's size
   ``PUNCH_HOLE`` with the unmap flag (as discard), else ``ZERO_RANGE``, else ``PUNCH_HOLE``, else zeros are
   written. ``fallocate`` is libc's, through ctypes (ENOSYS where there is none);
 - the compiled request: with ``accel`` (``vmmshim/backends/blkfast.py``), :meth:`FileBlockBackend.serve_compiled`
-  hands it the image's fd, its capacity in whole sectors and the read-only flag.
+  hands it the image's fd, its capacity in whole sectors and the read-only flag; with ``nvme_accel``
+  (``vmmshim/backends/nvmefast.py``), :meth:`FileBlockBackend.serve_nvme` hands NVMe's queue pass the fd and
+  the read-only flag.
 
 Not supported: block devices' ``BLKDISCARD`` and size ioctls (a block device's size is its ``lseek`` end),
 ``nocache``/``direct``/``sync`` (O_DIRECT, O_SYNC), bhyve's asynchronous request queue and its threads (every call
@@ -110,13 +112,15 @@ def open_image(path, readonly=False):
 class FileBlockBackend:
     """An image file (see the module docstring); ``accel``: a compiled request (``blkfast.accelerator()``)."""
 
-    def __init__(self, path, readonly=False, accel=None):
+    def __init__(self, path, readonly=False, accel=None, nvme_accel=None):
         self.path = path
         self.fd, self.readonly = open_image(path, readonly)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.candelete = not self.readonly
         self.accel = accel
         self.compiled = accel is not None
+        self.nvme_accel = nvme_accel
+        self.nvme_compiled = nvme_accel is not None
         self._capacity = self.size // SECTOR * SECTOR
 
     def preadv_full(self, segs, offset, total=None):
@@ -164,6 +168,12 @@ class FileBlockBackend:
         if self.accel is None:
             return None
         return self.accel.serve(ram, table, tsize, self.fd, self._capacity, self.readonly)
+
+    def serve_nvme(self, ram, sq, cq, max_n, nsze, lba_shift, max_transfer):
+        """NVMe's compiled queue pass (``nvmefast.Accelerator.drain``) over this image; None without one."""
+        if self.nvme_accel is None:
+            return None
+        return self.nvme_accel.drain(ram, self.fd, self.readonly, sq, cq, max_n, nsze, lba_shift, max_transfer)
 
     def close(self):
         if self.fd >= 0:
