@@ -289,14 +289,14 @@ class NvmeController(AdminCommands, NvmCommands):
     def _serve_locked(self):
         while self.ready:
             self._again = False
-            progress = self._deliver_events()
+            again = self._deliver_events()
             for sq in [q for q in self.sqs if q is not None]:
                 if self.sqs[sq.qid] is sq:
-                    progress |= self._drain(sq)
+                    again |= self._drain(sq)
             self._interrupts()
             if self.shadow is not None and self._arm_shadow():
                 continue
-            if not (progress or self._again):
+            if not (again or self._again):
                 break
 
     def _tail(self, sq):
@@ -354,7 +354,9 @@ class NvmeController(AdminCommands, NvmCommands):
                 result = INTERNAL_ERROR, 0
             if result is not None:      # None: held (an Asynchronous Event Request)
                 cq.post(result[1], sq.head, sq.qid, entry[2], result[0])
-        return n > 0
+        # another pass is due after an admin command (it may have made queues, events or the shadow page) or
+        # where entries are left (the batch ended); an I/O queue served to its tail needs none
+        return n > 0 and (sq.qid == 0 or sq.head != tail)
 
     def _interrupts(self):
         """One interrupt per completion queue that got entries; the shadow EventIdx of each I/O queue set."""
