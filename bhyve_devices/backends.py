@@ -3,7 +3,10 @@ object and never touches the host itself (the VM opens them: ``vmmshim/backends/
 
 - :class:`BlockBackend`: a disk image for virtio-blk, after bhyve's ``block_if.h`` (``blockif_size``,
   ``blockif_is_ro``, ``blockif_candelete``, ``blockif_read``/``write``/``flush``/``delete``), with full
-  scatter-gather transfers and the compiled request hook (``serve_compiled``).
+  scatter-gather transfers and the compiled request hook (``serve_compiled``). An optional method, not part of the
+  Protocol (a backend without it serves every AHCI command in Python): ``serve_ahci(ram, cmdlist, slot, sectors,
+  sector_size)``, AHCI's compiled data command for an ATA disk port (``vmmshim/backends/block.py``; the disk's
+  ``AtaDisk.serve_compiled`` calls it and documents what it returns).
 - :class:`NetBackend`: a frame transport for virtio-net, after bhyve's ``net_backends.h`` (``netbe_send``,
   ``netbe_recv``, ``netbe_rx_enable``, ``netbe_set_cap`` with the vnet header length and the negotiated offloads;
   ``netbe_init``'s callback is :meth:`NetBackend.start_rx`).

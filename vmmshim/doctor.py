@@ -70,6 +70,8 @@ _COMPILED = (
      "virtio-blk serves every request in Python"),
     ("nvmefast", "compiled NVMe queue pass", "reads and writes of the I/O queues are served in C",
      "nvme serves every command in Python"),
+    ("ahcifast", "compiled AHCI data command", "DMA and NCQ reads and writes of a disk port are served in C",
+     "ahci serves every command in Python"),
     ("netfast", "compiled virtio-net data path", "frames move between a tap and guest memory in C",
      "virtio-net moves every frame in Python"),
     ("slirp_fast", "compiled slirp loop", "libslirp's thread and frames run in C", "slirp's loop runs in Python"),

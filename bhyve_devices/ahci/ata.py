@@ -18,6 +18,14 @@ Commands (opcode: ACS section):
 - READ LOG EXT (0x2F) and READ LOG DMA EXT (0x47): the log directory (00h), the NCQ command error log (10h: the
   last failed command, cleared when read) and the NCQ send/receive log (13h: queued TRIM).
 
+The compiled data command: where the backend offers one (``serve_ahci``, an optional method of
+:class:`~bhyve_devices.backends.BlockBackend`: ``vmmshim/backends/ahcifast.c``), the port offers each slot to
+:meth:`AtaDisk.serve_compiled` first; it serves READ/WRITE DMA (EXT) and READ/WRITE FPDMA QUEUED whose command,
+range and PRDT the Python path would serve without an error, and hands back what the port's endings need;
+:meth:`AtaDisk.end_compiled` gives its Result (a failed host transfer is ABORT, as in Python; the flush of FUA or a
+disabled write cache stays here). Everything else comes back None, and the port fetches the command and calls
+:meth:`AtaDisk.execute` as it would without it.
+
 Errors: an LBA range past the end is ID NOT FOUND; a write to a read-only image, a PRDT shorter than the
 transfer, a host I/O error and every other opcode (NOP, IDENTIFY PACKET DEVICE, PACKET, SMART, SECURITY...) are
 ABORT. Nothing reaches the image before its command was checked whole. With the write cache turned off (SET
@@ -78,6 +86,7 @@ LOG_DIRECTORY, LOG_NCQ_ERROR, LOG_NCQ_SEND_RECV = 0x00, 0x10, 0x13
 LOG_PAGE = 512
 NCQ_ERROR_NQ = 0x80             #: log 10h byte 0: the failed command was not queued
 DEFAULT_MULTIPLE = 128
+DEVICE_FUA = 0x80               #: WRITE FPDMA QUEUED's device field: forced unit access
 POWER_ACTIVE = 0xFF
 DIAG_PASSED = 0x01
 SIGNATURE_TF = bytes((1, 0, 0, 0, 0, 0, 0))  #: LBA low 1 (ATA); count 1 goes in ``count``
@@ -107,6 +116,9 @@ class AtaDisk:
                                 sectorsize=sectorsize, physical=self.physical, trim=self.trim, rotation=rotation)
         self._ident = None
         self.error_log = None           # (tag | NQ, status, error, cfis[4:20]) of the last failed command
+        self._serve_slot = getattr(backend, "serve_ahci", None) if getattr(backend, "compiled", False) else None
+        self.compiled = self._serve_slot is not None    #: :meth:`serve_compiled` may serve slots
+        self._taken = None              # what the compiled command took, until end_compiled
         self.reset()
         self._ops = {IDENTIFY_DEVICE: self._identify, SET_FEATURES: self._set_features,
                      SET_MULTIPLE_MODE: self._set_multiple, FLUSH_CACHE: self._flush, FLUSH_CACHE_EXT: self._flush,
@@ -142,8 +154,42 @@ class AtaDisk:
         fn = self._ops.get(op)
         res = fn(cmd) if fn is not None else failed(ERR_ABRT)
         if res.failed:
-            tag = (cmd.cfis[12] >> 3) if op in NCQ else NCQ_ERROR_NQ
-            self.error_log = (tag, res.status, res.error, cmd.cfis[4:20])
+            self._log_failure(cmd.cfis, res)
+        return res
+
+    def _log_failure(self, cfis, res):
+        tag = (cfis[12] >> 3) if cfis[2] in NCQ else NCQ_ERROR_NQ
+        self.error_log = (tag, res.status, res.error, cfis[4:20])
+
+    def serve_compiled(self, ram, cmdlist, slot):
+        """Slot ``slot`` of the command list at ``cmdlist`` through the backend's compiled data command (see the
+        module docstring), ``ram`` being the first RAM area: ``(flags, prdtl, cfis)`` of a command it took (a DMA
+        command has moved its data, an NCQ command moves it in :meth:`end_compiled`, after the port accepted it),
+        or None (nothing read or written) where the port must fetch it and :meth:`execute` it."""
+        if self._serve_slot is None:
+            return None
+        got = self._serve_slot(ram, cmdlist, slot, self.sectors, self.ss)
+        if got is None:
+            return None
+        self._taken = got
+        return got[1], got[2], got[3]
+
+    def end_compiled(self):
+        """The Result of the command :meth:`serve_compiled` took, its NCQ transfer made first: as :meth:`_rw`
+        ends (ABORT for a failed transfer or flush, the flush of FUA or a disabled write cache)."""
+        moved, _, _, cfis, error, finish = self._taken
+        self._taken = None
+        if finish is not None:
+            error = finish()
+        op = cfis[2]
+        res = failed(ERR_ABRT) if error else ok(moved)
+        if not error and (op in WRITES_28 or op in WRITES_48 or op == WRITE_FPDMA_QUEUED):
+            try:
+                self._write_through(op, cfis)
+            except OSError:
+                res = failed(ERR_ABRT)
+        if res.failed:
+            self._log_failure(cfis, res)
         return res
 
     # -- data transfers -------------------------------------------------------------------------------------------
@@ -172,13 +218,17 @@ class AtaDisk:
         try:
             if write:
                 self.backend.pwritev_full(segs, lba * self.ss, length)
-                if not self.write_cache or (op == WRITE_FPDMA_QUEUED and cmd.cfis[7] & 0x80):
-                    self.backend.flush()
+                self._write_through(op, cmd.cfis)
             else:
                 self.backend.preadv_full(segs, lba * self.ss, length)
         except OSError:
             return failed(ERR_ABRT)
         return ok(length, pio=op in PIO_IN)
+
+    def _write_through(self, op, cfis):
+        """After a write: the flush FUA (WRITE FPDMA QUEUED) or a disabled write cache asks for."""
+        if not self.write_cache or (op == WRITE_FPDMA_QUEUED and cfis[7] & DEVICE_FUA):
+            self.backend.flush()
 
     def _verify(self, cmd):
         lba, count = self._range(cmd)

@@ -18,6 +18,10 @@ each it fetches the command (:class:`~bhyve_devices.ahci.command.Command`), and:
 - any other command is served and ends with a D2H FIS (PxIS.DHRS), preceded by a PIO Setup FIS whose E_Status
   is the ending status for PIO data-in commands; the command header's PRDBC gets the bytes moved.
 
+A disk whose backend has a compiled data command (``AtaDisk.compiled``) is offered each slot first: a DMA or NCQ
+read or write it takes moves its data in C (an NCQ command after the port accepted it), and the port ends it
+exactly as above; a slot it does not take is fetched and served in Python.
+
 A command ending with ERR sets PxIS.TFES (not DHRS/SDBS), keeps its PxCI (or PxSACT) bit and holds the port
 until software clears ST (AHCI 6.2.2). A command table or PRDT entry outside guest RAM is a host bus fatal error:
 PxIS.HBFS, PxSERR.E, PxTFD ERR with ABRT, the slot stays issued and the port holds (nothing was moved). A FIS
@@ -40,12 +44,13 @@ import threading
 from . import ata
 from .command import HostBusFault, Command, failed
 from .layouts import (CMD_CLO, CMD_CR, CMD_FR, CMD_FRE, CMD_ICC_MASK, CMD_POD, CMD_ST, CMD_SUD, CMD_WRITABLE,
-                      CMD_CCS_MASK, CMD_CCS_SHIFT, CLB_ALIGN, CONTROL_SRST, D2H, ERR_ABRT, FB_ALIGN, FIS_I,
-                      FIS_TYPE_D2H, FIS_TYPE_H2D, FIS_TYPE_PIO_SETUP, FIS_TYPE_SDB, H2D_C, IE_MASK, IS_DHRS,
-                      IS_HBFS, IS_SDBS, IS_TFES, P_CI, P_CLB, P_CLBU, P_CMD, P_FB, P_FBU, P_IE, P_IS, P_SACT,
-                      P_SCTL, P_SERR, P_SIG, P_SSTS, P_TFD, PIO_D, PIO_SETUP, RFIS_PSFIS, RFIS_RFIS, RFIS_SDBFIS,
-                      SCTL_DET_COMRESET, SCTL_DET_MASK, SCTL_SPD_MASK, SDB, SERR_E, SIG_NONE, SPEED_GEN3,
-                      SSTS_DET_PRESENT, SSTS_IPM_ACTIVE, STS_BSY, STS_DRDY, STS_DRQ, STS_ERR, STS_OK, TFD_NONE)
+                      CMD_CCS_MASK, CMD_CCS_SHIFT, CLB_ALIGN, COMMAND_HEADER_SIZE, CONTROL_SRST, D2H, ERR_ABRT,
+                      FB_ALIGN, FIS_I, FIS_TYPE_D2H, FIS_TYPE_H2D, FIS_TYPE_PIO_SETUP, FIS_TYPE_SDB, H2D_C,
+                      IE_MASK, IS_DHRS, IS_HBFS, IS_SDBS, IS_TFES, P_CI, P_CLB, P_CLBU, P_CMD, P_FB, P_FBU, P_IE,
+                      P_IS, P_SACT, P_SCTL, P_SERR, P_SIG, P_SSTS, P_TFD, PIO_D, PIO_SETUP, RFIS_PSFIS, RFIS_RFIS,
+                      RFIS_SDBFIS, SCTL_DET_COMRESET, SCTL_DET_MASK, SCTL_SPD_MASK, SDB, SERR_E, SIG_NONE,
+                      SPEED_GEN3, SSTS_DET_PRESENT, SSTS_IPM_ACTIVE, STS_BSY, STS_DRDY, STS_DRQ, STS_ERR, STS_OK,
+                      TFD_NONE)
 
 MASK32 = 0xFFFFFFFF
 FATAL, CONTROL, NCQ, DONE = range(4)
@@ -60,6 +65,8 @@ class Port:
 
     def __init__(self, hba, index, device):
         self.hba, self.index, self.device, self.bit = hba, index, device, 1 << index
+        #: the disk may serve slots through its backend's compiled data command (never a CD)
+        self.compiled = device is not None and not device.atapi and getattr(device, "compiled", False)
         self.clb = self.clbu = self.fb = self.fbu = 0
         self.is_ = self.ie = self.sctl = self.serr = self.sact = self.ci = 0
         self.cmd = CMD_SUD | CMD_POD
@@ -244,6 +251,10 @@ class Port:
 
     def _run(self, slot, epoch, cmdlist):
         """Fetches and serves one command without the lock: ``(kind, command, result)``."""
+        if self.compiled:
+            done = self._run_compiled(slot, epoch, cmdlist)
+            if done is not None:
+                return done
         try:
             cmd = Command.fetch(self.hba.mem, cmdlist, slot)
         except HostBusFault:
@@ -266,6 +277,40 @@ class Port:
             return FATAL, cmd, None
         except Exception as exc:        # a bug: the command aborts, the VM goes on, the tests see it
             self.hba.errors.append(f"port {self.index} command {c[2]:#04x}: {exc!r}")
+            res = failed(ERR_ABRT)
+        return (NCQ if queued else DONE), cmd, res
+
+    def _run_compiled(self, slot, epoch, cmdlist):
+        """The slot through the disk's compiled data command (:meth:`.ata.AtaDisk.serve_compiled`), in :meth:`_run`'s
+        order: an NCQ command is accepted before its data moves (:meth:`.ata.AtaDisk.end_compiled`), a command that
+        is not queued gets its PRDBC. None where the disk did not take it."""
+        ram = getattr(self.hba.mem, "ram", None)
+        if ram is None:
+            return None
+        try:
+            got = self.device.serve_compiled(ram, cmdlist, slot)
+        except Exception as exc:        # a bug: the Python path serves the slot, the tests see it
+            self.hba.errors.append(f"port {self.index} compiled slot {slot}: {exc!r}")
+            return None
+        if got is None:
+            return None
+        flags, prdtl, cfis = got
+        cmd = Command(self.hba.mem, slot, flags, prdtl, cfis, b"", memoryview(b""),
+                      cmdlist + slot * COMMAND_HEADER_SIZE)
+        queued = cfis[2] in ata.NCQ
+        if queued:
+            with self.hba.lock:
+                if epoch == self.epoch:
+                    self._ncq_accept(slot)
+        try:
+            res = self.device.end_compiled()
+            if queued:
+                return NCQ, cmd, res
+            cmd.set_prdbc(res.transferred)
+        except HostBusFault:
+            return FATAL, cmd, None
+        except Exception as exc:        # a bug, as in _run
+            self.hba.errors.append(f"port {self.index} command {cfis[2]:#04x}: {exc!r}")
             res = failed(ERR_ABRT)
         return (NCQ if queued else DONE), cmd, res
 

@@ -1,7 +1,8 @@
 """The host side of the device models: the backends the VM opens and hands to a device (the devices in
 ``bhyve_devices/`` are written against ``bhyve_devices/backends.py``'s Protocols and open nothing themselves).
 
-- :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request;
+- :mod:`.block`: a raw image file (bhyve ``block_if.c``), with :mod:`.blkfast`, virtio-blk's compiled request,
+  :mod:`.nvmefast` and :mod:`.ahcifast`, NVMe's and AHCI's;
 - :mod:`.net`: the Linux and NetBSD taps and a socket pair, with their receive poll thread (``net_backends.c``),
   and :mod:`.netfast`, the tap's compiled data path;
 - :mod:`.uart`: stdio, a pty, a tty, a file, a Unix socket for the UARTs and virtio-console (``uart_backend.c``);
@@ -24,7 +25,9 @@ from ``backend``, or, for bhyve's ``NAME=PATH`` options, a
 :class:`.uart.UnixSocketBackend` each: only a stale socket is replaced, the socket is removed when the device is
 closed or the process exits), ``virtio-rnd`` gets the host's entropy source.
 ``ahci``, ``ahci-hd`` and ``ahci-cd`` get ``backend``, an :class:`~bhyve_devices.ahci.options.AhciPorts` of each
-port's image (:func:`bhyve_devices.ahci.options.port_specs`; a CD's read-only), as ``pci_ahci_init`` opens a port.
+port's image (:func:`bhyve_devices.ahci.options.port_specs`; a CD's read-only), as ``pci_ahci_init`` opens a port,
+a disk's with AHCI's compiled data command (:mod:`.ahcifast`) when ``blk_compiled`` is true; ``nvme`` gets its
+image with NVMe's compiled queue pass (:mod:`.nvmefast`) likewise.
 Opening errors are raised as they come (OSError, ValueError) for the caller's one-line message; what was opened
 before the error is closed.
 
@@ -37,6 +40,7 @@ from bhyve_devices.virtio import blk as _blkdev
 from bhyve_devices.virtio import console as _condev
 from bhyve_devices.pci.options import as_options, is_true, legacy_options
 
+from . import ahcifast
 from . import blkfast
 from . import netfast
 from . import nvmefast
@@ -122,14 +126,17 @@ _OPENERS = {"virtio-blk": _blk, "virtio-rnd": _rnd, "virtio-net": _netdev_opts, 
 
 
 def _ahci(name):
-    """The opener of AHCI emulation ``name``: each port's image, closed again if one fails to open."""
+    """The opener of AHCI emulation ``name``: each port's image, closed again if one fails to open; a disk's
+    (not a CD's) with AHCI's compiled data command (:mod:`.ahcifast`) when ``blk_compiled`` is true."""
     def opener(o):
         specs = _ahcidev.port_specs(name, o)
         o = dict(o) if isinstance(o, dict) else {}
+        compiled = is_true(o.get("blk_compiled", False))
         opened = []
         try:
             for spec in specs:
-                opened.append(spec.attach(FileBlockBackend(spec.path, readonly=spec.readonly)))
+                accel = ahcifast.accelerator() if compiled and not spec.atapi else None
+                opened.append(spec.attach(FileBlockBackend(spec.path, readonly=spec.readonly, accel=accel)))
         except BaseException:
             _ahcidev.AhciPorts(opened).close()
             raise

@@ -169,6 +169,16 @@ class FileBlockBackend:
             return None
         return self.accel.serve(ram, table, tsize, self.fd, self._capacity, self.readonly)
 
+    def serve_ahci(self, ram, cmdlist, slot, sectors, sector_size):
+        """AHCI's compiled data command (``ahcifast.py``), where ``accel`` is one: slot ``slot`` of the command list
+        at ``cmdlist`` in ``ram`` for a disk of ``sectors`` sectors of ``sector_size`` bytes, ``(nbytes, flags,
+        prdtl, cfis, error, finish)`` (``Accelerator.serve_slot``); None (nothing read or written) where the
+        port's Python path must serve it."""
+        serve = getattr(self.accel, "serve_slot", None)
+        if serve is None:
+            return None
+        return serve(ram, cmdlist, slot, self.fd, sectors, sector_size, self.readonly)
+
     def serve_nvme(self, ram, sq, cq, max_n, nsze, lba_shift, max_transfer):
         """NVMe's compiled queue pass (``nvmefast.Accelerator.drain``) over this image; None without one."""
         if self.nvme_accel is None:
