@@ -72,6 +72,8 @@ _COMPILED = (
      "nvme serves every command in Python"),
     ("ahcifast", "compiled AHCI data command", "DMA and NCQ reads and writes of a disk port are served in C",
      "ahci serves every command in Python"),
+    ("p9fast", "compiled virtio-9p Tread/Twrite", "reads and writes of open files are served in C",
+     "virtio-9p serves every message in Python"),
     ("netfast", "compiled virtio-net data path", "frames move between a tap and guest memory in C",
      "virtio-net moves every frame in Python"),
     ("slirp_fast", "compiled slirp loop", "libslirp's thread and frames run in C", "slirp's loop runs in Python"),

@@ -4,9 +4,10 @@ diod's ``protocol.md`` gives them, the flag and attribute values of :mod:`.messa
 
 A method gets the decoded fields of its message and returns the R-message body (bytes), or ``(body, n)`` when it
 has already put ``n`` bytes of data after the body in the writable segments (Rread, Rreaddir); it raises OSError
-for Rlerror. The server (:class:`.server.P9Server`) provides ``fs``, ``fids``, ``readonly``, ``msize`` and the fid
-and qid helpers. On a read-only share every change is refused here with EROFS before the backend is asked (and the
-backend refuses it again).
+for Rlerror. The server (:class:`.server.P9Server`) provides ``fs``, ``fids``, ``readonly``, ``msize``, the fid
+and qid helpers and ``opened`` (a file just opened for a fid: a backend with a compiled Tread/Twrite is told). On a
+read-only share every change is refused here with EROFS before the backend is asked (and the backend refuses it
+again).
 
 - walk: at most :data:`~.messages.MAXWELEM` names; the first name that fails fails the walk, a later one gives
   the qids so far and leaves ``newfid`` unused (intro(5)); ``newfid == fid`` walks in place (not an open fid).
@@ -251,6 +252,7 @@ class Operations:
             self.fs.close_file(handle)
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         f.handle = handle
+        self.opened(fid, handle)
         return _ROPEN.encode(self.qid(st), 0)
 
     def op_lcreate(self, fid, name, flags, mode, gid):
@@ -262,6 +264,7 @@ class Operations:
         node, handle, st = self.fs.create(f.node, name, host, mode)
         self.fs.release(f.node)
         f.node, f.handle = node, handle
+        self.opened(fid, handle)
         return _ROPEN.encode(self.qid(st), 0)
 
     def _open_fid(self, fid):

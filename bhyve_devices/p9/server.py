@@ -24,6 +24,11 @@ compares versions to match inodes, so a version that moved with every write woul
 
 Requests are served one at a time (the device's lock); a Tflush finds nothing in flight and is answered at once.
 
+A backend with a compiled Tread/Twrite (:class:`CompiledReadWrite`, ``vmmshim/backends/p9fast.py``) is told of
+every file the server opens for a fid (``bind_fid``, after Tlopen and Tlcreate; the backend forgets the fid when
+the file is closed), and :meth:`P9Server.serve_compiled` hands it a request whose chain is one indirect table: it
+answers a Tread or Twrite on such a fid exactly as :meth:`P9Server.serve` would, or gives it back untouched.
+
 Not supported: Tauth (EOPNOTSUPP: no authentication), 9P2000 and 9P2000.u, attaching anywhere but the share's root
 (``aname`` is ignored), several sessions.
 """
@@ -31,6 +36,7 @@ Not supported: Tauth (EOPNOTSUPP: no authentication), 9P2000 and 9P2000.u, attac
 import errno
 import stat
 import struct
+from typing import Optional, Protocol, runtime_checkable
 
 from bhyve_devices.virtio.chain import gather, scatter, split_segments
 
@@ -43,6 +49,20 @@ QPATH_INO_BITS = 48
 _QPATH_INO_MASK = (1 << QPATH_INO_BITS) - 1
 _MAX_DEV_PREFIX = 0xFFFF
 _U32 = struct.Struct("<I")
+
+
+@runtime_checkable
+class CompiledReadWrite(Protocol):
+    """What a backend offers to serve Tread and Twrite itself (the share of ``vmmshim/backends/p9fs.py``)."""
+
+    compiled: bool      #: :meth:`serve_compiled` may serve requests (else it always returns None)
+
+    def bind_fid(self, fid: int, handle: object) -> None:
+        """``fid`` was just opened as ``handle``; the backend forgets it when it closes ``handle``."""
+
+    def serve_compiled(self, ram: memoryview, table: int, tsize: int, msize: int) -> Optional[int]:
+        """The Tread/Twrite whose chain is the indirect table at ``table`` (``tsize`` entries) in ``ram``: the
+        used length with the R-message written, or None with nothing read or written."""
 
 
 class P9Server(Operations):
@@ -62,6 +82,7 @@ class P9Server(Operations):
         self._wr = ()
         self._room = 0
         self._handlers = self.handlers()
+        self.compiled = isinstance(fs, CompiledReadWrite) and bool(fs.compiled)
 
     # ---- one request --------------------------------------------------------------------------------------------
     def serve(self, readable, writable):
@@ -124,6 +145,14 @@ class P9Server(Operations):
         scatter(writable, out)
         return len(out) + extra
 
+    def serve_compiled(self, ram, table, tsize):
+        """The request whose chain is the indirect table at ``table`` in ``ram`` through the backend's compiled
+        Tread/Twrite: the reply's length, or None (nothing done) where :meth:`serve` must answer it."""
+        used = self.fs.serve_compiled(ram, table, tsize, self.msize)
+        if used is not None:
+            self.stats["requests"] += 1
+        return used
+
     def data_segments(self, count):
         """The writable segments after the Rread/Rreaddir header, cut to what ``count`` may fill: ``(segs,
         count)`` with ``count`` bounded by msize and by the room there is."""
@@ -138,6 +167,11 @@ class P9Server(Operations):
         if f is None:
             raise OSError(errno.EBADF, f"no fid {fid}")
         return f
+
+    def opened(self, fid, handle):
+        """``fid`` now stands for the open file ``handle`` (Tlopen, Tlcreate)."""
+        if self.compiled:
+            self.fs.bind_fid(fid, handle)
 
     def check_new(self, fid):
         if fid == M.NOFID or fid in self.fids:

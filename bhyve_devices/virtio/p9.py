@@ -17,6 +17,11 @@ header, and a write's data after the 23 bytes of the Twrite header: :class:`bhyv
 copies neither). Requests are served in order on the thread that delivers the notification (the device's doorbell
 thread), under the device's lock, as virtio-blk does: a slow host operation holds up only this queue.
 
+When the share has a compiled Tread/Twrite (``server.compiled``: ``vmmshim/backends/p9fast.py``), each chain that
+is one indirect table is offered to ``server.serve_compiled`` first (``Virtqueue.take_indirect``); it serves
+Linux's zero-copy reads and writes on open files and gives back every other chain untouched (``Virtqueue.unget``)
+for the Python path. The device answers the same either way (``tests/unit/test_p9_compiled.py`` compares the two).
+
 Snapshot: refused while the guest holds any fid (each stands for a host file or directory that does not
 survive: the guest has the share mounted); with none, the device state is the session's msize.
 
@@ -125,16 +130,32 @@ class Virtio9p(VirtioDevice):
         with self._lock:
             served = 0
             serve = self.server.serve
+            compiled = self.server.compiled
             while True:
-                chain = queue.get_chain()
-                if chain is None:
-                    break
-                queue.put_used(chain.head, serve(chain.readable, chain.writable))
+                if not compiled or not self._serve_compiled(queue):
+                    chain = queue.get_chain()
+                    if chain is None:
+                        break
+                    queue.put_used(chain.head, serve(chain.readable, chain.writable))
                 served += 1
                 if served % NOTIFY_EVERY == 0:
                     self.notify_used(queue)
             if served:
                 self.notify_used(queue, used_all_avail=True)
+
+    def _serve_compiled(self, queue):
+        """The next request through the server's compiled Tread/Twrite if it is one that serves; False (the chain
+        given back) if not."""
+        got = queue.take_indirect()
+        if got is None:
+            return False
+        head, table, tsize = got
+        used = self.server.serve_compiled(queue.mem.ram, table, tsize)
+        if used is None:
+            queue.unget()
+            return False
+        queue.put_used(head, used)
+        return True
 
     def snapshot_state(self):
         n = len(self.server.fids)

@@ -27,6 +27,10 @@ Renames the guest makes are followed: nodes under the old name move to the new o
 node follows its directory wherever it goes, as its fd does. The changes (setattr, new names, removal, renames)
 are in :mod:`.p9changes`.
 
+With ``accel`` (:mod:`.p9fast`) the server's Tread and Twrite on an open regular file may be served in C: the
+server binds a fid when it opens a file for it (:meth:`HostShare.bind_fid`), :meth:`HostShare.close_file` unbinds
+it before the fd is closed, and only an open for writing on a writable share is bound for writes.
+
 Not supported: hosts without ``O_PATH`` (NetBSD), per-request credentials (everything is done as the VMM's user;
 ``gid`` of a create is ignored), xattrs, ACLs, device nodes, ``O_DIRECT``/``O_NOATIME`` opens, qid paths unique
 across more than 65535 file systems, changes the host makes under a node (a name renamed on the host goes stale).
@@ -79,19 +83,22 @@ class _Node:
 
 
 class _File:
-    """An open file or directory: its fd, whether it may be written, a directory's listing and ``..``."""
+    """An open file or directory: its fd, whether it may be written, a directory's listing and ``..``, its access
+    mode (``O_ACCMODE`` bits) and the fid the compiled path serves it for (None: none)."""
 
-    __slots__ = ("fd", "isdir", "writable", "listing", "dotdot")
+    __slots__ = ("fd", "isdir", "writable", "listing", "dotdot", "accmode", "fid")
 
-    def __init__(self, fd, isdir, writable, dotdot=0):
+    def __init__(self, fd, isdir, writable, dotdot=0, accmode=os.O_RDONLY):
         self.fd, self.isdir, self.writable, self.dotdot, self.listing = fd, isdir, writable, dotdot, None
+        self.accmode, self.fid = accmode, None
 
 
 class HostShare(ShareChanges):
     """The directory ``path`` as a :class:`~bhyve_devices.backends.P9Filesystem` (see the module docstring).
-    ``resolver``: ``"auto"``, ``"openat2"`` or ``"nofollow"`` (:class:`.p9resolve.Resolver`)."""
+    ``resolver``: ``"auto"``, ``"openat2"`` or ``"nofollow"`` (:class:`.p9resolve.Resolver`); ``accel``: the
+    compiled Tread/Twrite (``p9fast.accelerator()``)."""
 
-    def __init__(self, path, readonly=False, resolver=AUTO, max_fds=None):
+    def __init__(self, path, readonly=False, resolver=AUTO, max_fds=None, accel=None):
         if not hasattr(os, "O_PATH"):
             raise _err(errno.EOPNOTSUPP, "virtio-9p shares need O_PATH (Linux)")
         self.path = path
@@ -110,6 +117,8 @@ class HostShare(ShareChanges):
         self._files = set()
         self._fds = 1
         self.max_fds = max_fds or default_max_fds()
+        self.accel = accel
+        self.compiled = accel is not None
 
     # ---- nodes ----------------------------------------------------------------------------------------------------
     def _open(self, dirfd, name, flags, mode=0):
@@ -198,7 +207,7 @@ class HostShare(ShareChanges):
 
     # ---- open files -----------------------------------------------------------------------------------------------
     def _track(self, fd, isdir, flags, dotdot=0):
-        f = _File(fd, isdir, bool(flags & WRITE_FLAGS), dotdot)
+        f = _File(fd, isdir, bool(flags & WRITE_FLAGS), dotdot, flags & os.O_ACCMODE)
         self._files.add(f)
         self._fds += 1
         return f
@@ -248,12 +257,36 @@ class HostShare(ShareChanges):
 
     def close_file(self, handle):
         if handle in self._files:
+            if handle.fid is not None:          # no fid is served from an fd once it is closed
+                self.accel.unbind(handle.fid, handle.fd)
+                handle.fid = None
             self._files.discard(handle)
             os.close(handle.fd)
             self._fds -= 1
 
     def fstat(self, handle):
         return os.stat(handle.fd)
+
+    # ---- the compiled Tread/Twrite (p9fast.py) ---------------------------------------------------------------
+    def bind_fid(self, fid, handle):
+        """The server opened ``handle`` (a regular file) for ``fid``: the compiled path may read it (an
+        ``O_RDONLY``/``O_RDWR`` open) and write it (``O_WRONLY``/``O_RDWR``, never on a read-only share) until
+        :meth:`close_file` unbinds it."""
+        if self.accel is None or handle not in self._files or handle.isdir:
+            return
+        acc = handle.accmode
+        readable = acc in (os.O_RDONLY, os.O_RDWR)
+        writable = acc in (os.O_WRONLY, os.O_RDWR) and not self.readonly
+        if readable or writable:
+            self.accel.bind(fid, handle.fd, readable, writable)
+            handle.fid = fid
+
+    def serve_compiled(self, ram, table, tsize, msize):
+        """One Tread/Twrite whose chain is the indirect table at ``table`` (``tsize`` entries) in ``ram``: the
+        used length, or None with nothing read or written (see ``p9fast.py``)."""
+        if self.accel is None:
+            return None
+        return self.accel.serve(ram, table, tsize, msize)
 
     def read(self, handle, segs, offset):
         return os.preadv(handle.fd, segs, offset) if segs else 0
@@ -314,14 +347,17 @@ class HostShare(ShareChanges):
 
 def open_options(o):
     """The opener of ``vmmshim.backends.open_device_backends`` for ``virtio-9p``: ``o`` (config keys or the
-    legacy option string) with the share opened as ``backend`` and bhyve's ``sharename``/``path``/``ro`` keys."""
+    legacy option string) with the share opened as ``backend`` and bhyve's ``sharename``/``path``/``ro`` keys; with
+    ``p9_compiled`` true (the VM's ``vmmshim.p9_compiled``) the share carries the compiled Tread/Twrite where the
+    library builds (``p9fast.py``)."""
     from bhyve_devices.virtio import p9 as _dev
-    from bhyve_devices.virtio.pci import as_options
+    from bhyve_devices.virtio.pci import as_options, is_true
 
-    from . import BACKEND_OPT
+    from . import BACKEND_OPT, p9fast
     o = as_options(o, _dev.parse_options)
     tag, path, ro = _dev.share_config(o)
     raise_fd_limit()
     o.update(sharename=tag, path=path, ro=ro)
-    o[BACKEND_OPT] = HostShare(path, readonly=ro)
+    accel = p9fast.accelerator() if is_true(o.get("p9_compiled", False)) else None
+    o[BACKEND_OPT] = HostShare(path, readonly=ro, accel=accel)
     return o
