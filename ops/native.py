@@ -2,8 +2,9 @@
 
 A library is cached under ``$VMMSHIM_CACHE`` (else ``~/.cache/vmmshim``, else a temporary directory) by the hash
 of its source as ``<stem>-<hash>.so``, built to a temporary name and renamed, so concurrent first runs never see
-half a file. Used by the KVM provider's run loop (``ops/nvmm/kvm/fastrun.py``), virtio-blk's compiled request
-(``vmmshim/backends/blkfast.py``) and virtio-net's compiled data path (``vmmshim/backends/netfast.py``).
+half a file. Used by the KVM provider's run loop (``ops/nvmm/kvm/fastrun.py``), the devices' compiled data paths
+(``vmmshim/backends/``: ``blkfast.py``, ``nvmefast.py``, ``ahcifast.py``, ``p9fast.py``, ``netfast.py``) and the
+slirp loop (``slirp_fast.py``).
 
 Not supported: other compilers than ``$CC`` (default ``cc``), flags other than ``-O2 -shared -fPIC``.
 """
