@@ -64,6 +64,11 @@ class CompiledReadWrite(Protocol):
         """The Tread/Twrite whose chain is the indirect table at ``table`` (``tsize`` entries) in ``ram``: the
         used length with the R-message written, or None with nothing read or written."""
 
+    def serve_queue(self, ram: memoryview, ring: tuple, msize: int, max_n: int) -> Optional[tuple]:
+        """The available chains of the virtqueue ``ring`` (``Virtqueue.ring_state``) served as
+        :meth:`serve_compiled` serves one and put in its used ring, up to ``max_n``, stopping at the first one it
+        gives back: ``(served, last_avail, used_idx)``, or None (the rings are not in ``ram``)."""
+
 
 class P9Server(Operations):
     """One 9P2000.L session over ``fs`` (a :class:`~bhyve_devices.backends.P9Filesystem`); see the module
@@ -152,6 +157,23 @@ class P9Server(Operations):
         if used is not None:
             self.stats["requests"] += 1
         return used
+
+    def serve_queue(self, queue, max_n):
+        """The queue's available chains through the backend's queue pass (see :class:`CompiledReadWrite`): how
+        many it served, or None where it cannot look at this queue (its rings not in RAM, no indirect
+        descriptors)."""
+        ring = queue.ring_state()
+        if ring is None:
+            return None
+        got = self.fs.serve_queue(queue.mem.ram, ring, self.msize, max_n)
+        if got is None:
+            return None
+        n, last_avail, used_idx = got
+        if not n:
+            return 0
+        queue.advance(n, last_avail, used_idx)
+        self.stats["requests"] += n
+        return n
 
     def data_segments(self, count):
         """The writable segments after the Rread/Rreaddir header, cut to what ``count`` may fill: ``(segs,

@@ -17,10 +17,12 @@ header, and a write's data after the 23 bytes of the Twrite header: :class:`bhyv
 copies neither). Requests are served in order on the thread that delivers the notification (the device's doorbell
 thread), under the device's lock, as virtio-blk does: a slow host operation holds up only this queue.
 
-When the share has a compiled Tread/Twrite (``server.compiled``: ``vmmshim/backends/p9fast.py``), each chain that
-is one indirect table is offered to ``server.serve_compiled`` first (``Virtqueue.take_indirect``); it serves
-Linux's zero-copy reads and writes on open files and gives back every other chain untouched (``Virtqueue.unget``)
-for the Python path. The device answers the same either way (``tests/unit/test_p9_compiled.py`` compares the two).
+When the share has a compiled Tread/Twrite (``server.compiled``: ``vmmshim/backends/p9fast.py``), the queue goes
+to its queue pass first (``server.serve_queue``, ``Virtqueue.ring_state``/``advance``): in one call it serves
+Linux's zero-copy reads and writes on open files, chain after chain, with the used ring, and stops at the first
+chain it does not take, which the Python path serves before the pass is offered the rest; where the rings are
+not in the first RAM area, each chain that is one indirect table is offered to ``server.serve_compiled``
+(``Virtqueue.take_indirect``, ``unget``). The device answers the same either way (``tests/unit/test_p9_compiled.py`` compares the two).
 
 Snapshot: refused while the guest holds any fid (each stands for a host file or directory that does not
 survive: the guest has the share mounted); with none, the device state is the session's msize.
@@ -129,10 +131,18 @@ class Virtio9p(VirtioDevice):
     def queue_notify(self, qidx, queue):
         with self._lock:
             served = 0
-            serve = self.server.serve
-            compiled = self.server.compiled
+            server = self.server
+            serve = server.serve
+            compiled = server.compiled
             while True:
-                if not compiled or not self._serve_compiled(queue):
+                if compiled:            # the queue pass first, else (its rings outside RAM) a chain at a time
+                    n = server.serve_queue(queue, NOTIFY_EVERY - served % NOTIFY_EVERY)
+                    if n:
+                        served += n
+                        if served % NOTIFY_EVERY == 0:
+                            self.notify_used(queue)
+                        continue
+                if not (compiled and n is None and self._serve_compiled(queue)):
                     chain = queue.get_chain()
                     if chain is None:
                         break

@@ -372,6 +372,22 @@ class Virtqueue:
         self._popped(last)
         return head, addr, tsize
 
+    def ring_state(self):
+        """``(desc_addr, avail_addr, used_addr, size, last_avail, used_idx, event_idx)`` for a device whose
+        compiled pass serves the rings itself (lone INDIRECT chains in the memory's first RAM area, as
+        :meth:`take_indirect` returns them) and then reports with :meth:`advance`; None when the queue is not
+        usable, has no indirect descriptors or the memory no ``ram``."""
+        if not self.usable or not self.indirect or getattr(self.mem, "ram", None) is None:
+            return None
+        return (self.desc_addr, self.avail_addr, self.used_addr, self.size, self.last_avail, self.used_idx,
+                1 if self.event_idx else 0)
+
+    def advance(self, n, last_avail, used_idx):
+        """A compiled pass took ``n`` chains and put them in the used ring (its index and ``avail_event``
+        written): the queue goes on from ``last_avail`` and ``used_idx``."""
+        self.last_avail, self.used_idx = last_avail & 0xFFFF, used_idx & 0xFFFF
+        self.chains += n
+
     def unget(self, n=1):
         """Gives back the last ``n`` chains returned by :meth:`get_chain` (bhyve's ``vq_retchains``): they will
         be returned again. Used by a receive path that found too little buffer space."""

@@ -271,6 +271,31 @@ def test_reads_served_in_c_as_python_answers_them(pair, fid, offset, count, buf)
     assert served == 1 and pair.reply(descs) == (RHDR + n, TREAD + 1, 7, n)
 
 
+def test_a_batch_in_one_notification_goes_through_the_queue_pass(pair):
+    """Five chains published before one notification: the queue pass serves the reads and writes in one call,
+    stops at the one it does not take (an unknown fid: Python answers Rlerror), then takes the rest."""
+    data = os.urandom(2 * PAGE + 5)
+    builds = [lambda g: linux_read(g, RO, 0, 3 * PAGE), lambda g: linux_write(g, WO, 10, data),
+              lambda g: linux_read(g, UNKNOWN, 0, PAGE), lambda g: linux_read(g, RW, 5, 100, in_page=7),
+              lambda g: linux_read(g, RO, len(FILE_A) - 3, PAGE)]
+    before = pair.c.accel.served
+    for g in pair.guests:
+        for build in builds:
+            descs = build(g)
+            table = g.a.alloc(DESC_SIZE * len(descs), PAGE)
+            for k, (addr, n, flags, nxt) in enumerate(descs):
+                g.q.write_desc(table, k, addr, n, flags, nxt)
+            head = g.q.free.pop(0)
+            g.q.write_desc(g.q.desc, head, table, DESC_SIZE * len(descs), VIRTQ_DESC_F_INDIRECT, 0)
+            g.q.pending[head] = [head]
+            g.q.publish(head)
+        g.drv.notify(0)
+    used = pair.check()
+    assert len(used) == 5 and pair.c.accel.served - before == 4
+    assert [n for _, n in used] == [RHDR + 3 * PAGE, RHDR, used[2][1], RHDR + 100, RHDR + 3]
+    assert files(pair.c.share)["b.bin"][10:10 + len(data)] == data
+
+
 def test_writes_reach_the_file_and_the_reply_is_rwrite(pair):
     data = os.urandom(3 * PAGE + 77)
     for offset in (0, 5000, len(FILE_A) + 10):

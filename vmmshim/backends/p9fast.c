@@ -259,3 +259,88 @@ int64_t vmmshim_p9_serve(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_
 	out->bytes = moved;
 	return RHDR_SIZE + (is_write ? 0 : (int64_t)moved);
 }
+
+/*
+ * The queue pass: a split virtqueue's available chains (VIRTIO 1.1 section 2.6: the descriptor table, the
+ * available ring and the used ring at the guest addresses in q) served one after the other with vmmshim_p9_serve,
+ * each put in the used ring (its index stored last, with release order), as the Python device would put it. It
+ * stops, leaving the chain for the Python device, at the first chain that is not one INDIRECT descriptor whose
+ * table lies in RAM or that vmmshim_p9_serve gives back, at an empty ring, at an avail index more than the queue
+ * size ahead (Python reports it), and after q->max_n chains. With event_idx, avail_event is published after each
+ * chain, as the Python queue does. Returns the chains served (q->last_avail and q->used_idx moved past them, t
+ * counting them), or -1 when the rings are not in RAM (nothing done).
+ */
+#define F_INDIRECT 4u
+#define MAX_QUEUE 32768u
+
+struct vmmshim_vq {
+	uint64_t desc;
+	uint64_t avail;
+	uint64_t used;
+	uint32_t size;
+	uint32_t last_avail;        /* in/out, a 16-bit index */
+	uint32_t used_idx;          /* in/out, a 16-bit index */
+	uint32_t event_idx;
+	uint32_t max_n;
+};
+
+struct vmmshim_p9_totals {
+	uint64_t served;
+	uint64_t bytes_read;
+	uint64_t bytes_written;
+};
+
+static uint16_t le16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+
+int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t msize,
+			 const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_totals *t)
+{
+	struct vmmshim_p9_out out;
+	uint8_t *avail, *used;
+	uint32_t size = q->size, n = 0;
+
+	if (!size || size > MAX_QUEUE || size & (size - 1) || !in_ram(q->desc, (uint64_t)size * DESC_SIZE, ram_len)
+	    || !in_ram(q->avail, 6u + 2u * (uint64_t)size, ram_len) || !in_ram(q->used, 6u + 8u * (uint64_t)size, ram_len))
+		return -1;
+	avail = ram + q->avail;
+	used = ram + q->used;
+	while (n < q->max_n) {
+		uint16_t last = (uint16_t)q->last_avail, idx, head;
+		struct desc d;
+		int64_t len;
+		uint32_t elem[2];
+
+		idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
+		if (idx == last || (uint16_t)(idx - last) > size)
+			break;
+		head = le16(avail + 4 + 2u * (last & (size - 1)));
+		if (head >= size)
+			break;
+		memcpy(&d, ram + q->desc + (uint64_t)head * DESC_SIZE, sizeof(d));
+		barrier();
+		if (d.flags != F_INDIRECT || !d.len || d.len % DESC_SIZE || d.len / DESC_SIZE > MAX_QUEUE
+		    || !in_ram(d.addr, d.len, ram_len))
+			break;
+		len = vmmshim_p9_serve(ram, ram_len, d.addr, d.len / DESC_SIZE, msize, fids, slots, &out);
+		if (len < 0)
+			break;
+		elem[0] = head;
+		elem[1] = (uint32_t)len;
+		memcpy(used + 4 + 8u * (q->used_idx & (size - 1)), elem, sizeof(elem));
+		q->used_idx = (q->used_idx + 1u) & 0xFFFFu;
+		__atomic_store_n((uint16_t *)(used + 2), (uint16_t)q->used_idx, __ATOMIC_RELEASE);
+		q->last_avail = (q->last_avail + 1u) & 0xFFFFu;
+		if (q->event_idx)           /* avail_event: after the used ring's entries */
+			__atomic_store_n((uint16_t *)(used + 4 + 8u * size), (uint16_t)q->last_avail, __ATOMIC_RELEASE);
+		t->served++;
+		if (out.type == T_READ)
+			t->bytes_read += out.bytes;
+		else
+			t->bytes_written += out.bytes;
+		n++;
+	}
+	return (int32_t)n;
+}

@@ -21,6 +21,10 @@ The library is built and cached by ``ops/native.py``. :func:`accelerator` return
 says why) when it cannot be built; with ``-o vmmshim.p9_compiled=false`` the VM attaches none. The device then
 serves every request in Python.
 
+The queue pass (:meth:`Accelerator.serve_queue`) serves the queue's available chains one after the other in one
+call, the avail and used rings included, until one it does not take: one C call a notification instead of a
+Python step per chain.
+
 Not supported: other messages (Python serves them), xattr fids and directories, chains in highmem, more than
 IOV_MAX data segments.
 """
@@ -42,6 +46,15 @@ struct vmmshim_p9_out {
 };
 int64_t vmmshim_p9_serve(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_t tsize, uint32_t msize,
                          const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_out *out);
+struct vmmshim_vq {
+    uint64_t desc; uint64_t avail; uint64_t used; uint32_t size; uint32_t last_avail; uint32_t used_idx;
+    uint32_t event_idx; uint32_t max_n;
+};
+struct vmmshim_p9_totals {
+    uint64_t served; uint64_t bytes_read; uint64_t bytes_written;
+};
+int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t msize,
+                         const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_totals *t);
 """
 FID_SLOTS = 4096                # a power of two (the C side checks)
 ACCESS_READ = 1
@@ -68,7 +81,10 @@ class Accelerator:
     def __init__(self, ffi, lib):
         self._ffi = ffi
         self._fn = lib.vmmshim_p9_serve
+        self._queue = lib.vmmshim_p9_queue
         self._out = ffi.new("struct vmmshim_p9_out *")
+        self._vq = ffi.new("struct vmmshim_vq *")
+        self._totals = ffi.new("struct vmmshim_p9_totals *")
         self._fids = ffi.new("struct vmmshim_p9_fid[]", FID_SLOTS)
         for i in range(FID_SLOTS):
             self._fids[i].fd = NO_FD
@@ -113,6 +129,28 @@ class Accelerator:
         else:
             self.bytes_written += out.bytes
         return used
+
+
+    def serve_queue(self, ram, ring, msize, max_n):
+        """The queue pass: the available chains of the virtqueue ``ring`` (``(desc, avail, used, size,
+        last_avail, used_idx, event_idx)``, its guest addresses and indices) served one by one as :meth:`serve`
+        serves one and put in the used ring, up to ``max_n``, stopping at the first one :meth:`serve` would give
+        back. Returns ``(served, last_avail, used_idx)``, or None when the rings are not in ``ram``."""
+        q, t = self._vq, self._totals
+        q.desc, q.avail, q.used, q.size, q.last_avail, q.used_idx, q.event_idx = ring
+        q.max_n = max_n
+        t.served = t.bytes_read = t.bytes_written = 0
+        ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
+        try:
+            n = self._queue(ptr, len(ram), q, msize, self._fids, FID_SLOTS, t)
+        finally:
+            self._ffi.release(ptr)
+        if n < 0:
+            return None
+        self.served += n
+        self.bytes_read += t.bytes_read
+        self.bytes_written += t.bytes_written
+        return n, q.last_avail, q.used_idx
 
 
 def accelerator():

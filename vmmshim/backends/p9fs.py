@@ -288,6 +288,13 @@ class HostShare(ShareChanges):
             return None
         return self.accel.serve(ram, table, tsize, msize)
 
+    def serve_queue(self, ram, ring, msize, max_n):
+        """The queue pass over the virtqueue ``ring``: ``(served, last_avail, used_idx)``, or None (see
+        ``p9fast.py``)."""
+        if self.accel is None:
+            return None
+        return self.accel.serve_queue(ram, ring, msize, max_n)
+
     def read(self, handle, segs, offset):
         return os.preadv(handle.fd, segs, offset) if segs else 0
 
