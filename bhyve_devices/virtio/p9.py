@@ -136,12 +136,14 @@ class Virtio9p(VirtioDevice):
             compiled = server.compiled
             while True:
                 if compiled:            # the queue pass first, else (its rings outside RAM) a chain at a time
-                    n = server.serve_queue(queue, NOTIFY_EVERY - served % NOTIFY_EVERY)
+                    room = NOTIFY_EVERY - served % NOTIFY_EVERY
+                    n = server.serve_queue(queue, room)
                     if n:
                         served += n
-                        if served % NOTIFY_EVERY == 0:
+                        if n == room:   # it stopped at its limit: interrupt, then more
                             self.notify_used(queue)
-                        continue
+                            continue
+                        # else at an empty ring or a chain it does not take: Python's turn
                 if not (compiled and n is None and self._serve_compiled(queue)):
                     chain = queue.get_chain()
                     if chain is None:
