@@ -216,12 +216,6 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
             self.irr &= ~bit
             self.isr |= bit
 
-    @property
-    def guard(self):
-        """The vlapic's lock as a context manager (re-entrant; the kicks it made run once the outermost holder
-        lets go): for an owner whose steps must not interleave with a request (``ops/vmm_lapic.py``)."""
-        return self._guard
-
     def eoi(self):
         """Ends the highest interrupt in service, as a write of the EOI register does (for a paravirtual EOI)."""
         with self._guard:

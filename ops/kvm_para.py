@@ -26,7 +26,6 @@ Not supported: the other KVM features (steal time, async page faults, PV IPIs, P
 control, MSI extended destination ids).
 """
 
-import contextlib
 import struct
 
 KVM_CPUID_SIGNATURE = 0x40000100
@@ -56,15 +55,12 @@ class PvEoiGP(Exception):
 class PvEoi:
     """One vCPU's PV EOI word. ``view(gpa, size)`` is a bounds-checked view of guest RAM; ``eoi()`` ends the
     highest interrupt in service on the vCPU's vlapic. The methods are called on the vCPU's thread while the
-    vCPU is out of the guest, and :meth:`sync` also by a kicking thread that accepts an injection for the loop
-    sleeping in a HLT (``ops/vmm_lapic.py``, ``accept_claimed``): it holds ``lock`` (the vlapic's, re-entrant),
-    which :meth:`sync` takes too, so the two never end one interrupt twice."""
+    vCPU is out of the guest."""
 
-    __slots__ = ("view", "eoi", "msr_value", "word", "armed", "lock")
+    __slots__ = ("view", "eoi", "msr_value", "word", "armed")
 
-    def __init__(self, view, eoi, lock=None):
+    def __init__(self, view, eoi):
         self.view, self.eoi, self.msr_value, self.word, self.armed = view, eoi, 0, None, False
-        self.lock = lock if lock is not None else contextlib.nullcontext()
 
     @staticmethod
     def handles_msr(msr):
@@ -96,13 +92,12 @@ class PvEoi:
     def sync(self):
         """Disarms, if armed: does the EOI when the guest ended the interrupt meanwhile (it cleared the bit), else
         clears the bit, so the guest's EOI goes to the APIC again."""
-        with self.lock:
-            if not self.armed:
-                return
-            self.armed = False
-            w = self.word
-            v = _U32.unpack_from(w, 0)[0]
-            if v & KVM_PV_EOI_BIT:
-                _U32.pack_into(w, 0, v & ~KVM_PV_EOI_BIT)
-            else:
-                self.eoi()
+        if not self.armed:
+            return
+        self.armed = False
+        w = self.word
+        v = _U32.unpack_from(w, 0)[0]
+        if v & KVM_PV_EOI_BIT:
+            _U32.pack_into(w, 0, v & ~KVM_PV_EOI_BIT)
+        else:
+            self.eoi()

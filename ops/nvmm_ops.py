@@ -129,7 +129,7 @@ class VmmOpsNvmm(VmmApiCalls):
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:
-            ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi, vl.guard)
+            ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
             self._kvm_para_cpuid(vmi, ctx)
         # the KVM provider's run loop may inject at the interrupt window itself (ops/vmm_lapic.py, post_window)
         win = nv.interrupt_window() if hasattr(nv, "interrupt_window") else None

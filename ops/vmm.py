@@ -121,19 +121,11 @@ class Vcpu:
         itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
         in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
         win = self.intwin
-        if win is not None and not self.pending and not self.nmi and self.thread != threading.get_ident():
-            if win.can_kick() and vmm_lapic.post_kick(self):
-                self.kicks += 1
-                self.nv.kick_posted()
-                return
-            # the loop sleeps after an injection not accepted yet (HALT_TAKEN): accept it here, then post
-            if win.halt_taken and vmm_lapic.accept_claimed(self):
-                if win.can_kick() and vmm_lapic.post_kick(self):
-                    self.kicks += 1
-                    self.nv.kick_posted()
-                    return
-                if win.kick_posted_now():
-                    return          # the EOI's own kick (its vlapic's, after the lock) posted it already
+        if win is not None and win.can_kick() and not self.pending and not self.nmi and \
+                self.thread != threading.get_ident() and vmm_lapic.post_kick(self):
+            self.kicks += 1
+            self.nv.kick_posted()
+            return
         self.kick()
 
     def exit_to(self, code, payload, rip=None, inst_length=0):
@@ -229,8 +221,7 @@ class Vm(HaltMixin):
         halt = ctx.halt_rflags
         pv_eoi = ctx.pv_eoi
         win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8, len(self.vcpus) == 1,
-                        pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed,
-                        taken=pv_eoi is not None)
+                        pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed)
         if halt is not None:
             ctx.halt_rflags = None
             if r is None and ctx.injected == injected and not ctx.pending and not ctx.nmi and not win.struct.state:

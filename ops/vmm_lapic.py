@@ -169,34 +169,6 @@ def post_kick(ctx):
                                                                word=word), in_service_ends=ends)
 
 
-def accept_claimed(ctx):
-    """From a kicking thread while the provider's run loop sleeps in a HLT right after an injection its vlapic has
-    not accepted (the guest ended that interrupt through its PV EOI word: ``HALT_TAKEN``): takes the acceptance
-    over (``IntWindow.claim``) and makes it, and the guest's EOI, under the vlapic's lock, so that the kick may post
-    the next vector instead of stopping the vCPU. True when done; False leaves it to the vCPU's thread."""
-    vl, win, pv_eoi = ctx.vlapic, ctx.intwin, ctx.pv_eoi
-    if vl is None or pv_eoi is None:
-        return False
-    with vl.guard:
-        got = win.claim()
-        if got is None:
-            return False
-        vector, ended_first, armed = got
-        if ended_first:
-            pv_eoi.armed = False
-        vl.accept_outside(vector, ended_first, _nothing)     # a request since stays in the IRR: the post finds it
-        if armed:
-            pv_eoi.armed = True
-        pv_eoi.sync()                   # the guest ended it (the loop read its word before it slept)
-        ctx.injected += 1
-        ctx.masked = False
-    return True
-
-
-def _nothing():
-    pass
-
-
 def window_taken(ctx, win, vector, ended_first, armed):
     """The provider's run loop ``win`` injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it,
     after the EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``.

@@ -4,8 +4,6 @@ write the APIC's EOI register only when the bit was not set). The next interrupt
 arrive if the ops layer did the EOI the guest signalled in memory. Bad PV EOI addresses #GP, as in KVM."""
 
 import struct
-import threading
-import time
 
 import pytest
 
@@ -199,57 +197,3 @@ def test_pv_eoi_msr_reads_back(make_vm):
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
     assert struct.unpack_from("<I", vm.view(OUT, 4))[0] == WORD | 1
     assert vm.vmi.vcpus[0].exits[C.NVMM_VCPU_EXIT_WRMSR & 0xFFFF] == 1
-
-
-# device interrupts (MSIs from another thread) ended through PV EOI, the guest halting between them without an exit
-DEVICE_GUEST = gate(0x41, "dev_handler") + SETUP + f"""
-wait2:
-  sti
-  hlt
-  cli
-  cmpl ${{RAISES}}, {OUT}
-  jb wait2
-  hlt
-dev_handler:
-  incl {OUT}
-  btrl $0, {WORD}
-  jc 1f
-  incl {OUT + 8}
-  movl $0, 0xB0(%rsi)
-  jmp 2f
-1:
-  incl {OUT + 4}
-2:
-  iretq
-""" + idt(0x42)
-RAISES = 40
-
-
-def test_device_interrupts_ended_in_memory_while_the_vcpu_halts(make_vm):
-    """Each MSI is taken, ended through the PV EOI word and followed by a HLT with no exit in between: where the
-    KVM run loop sleeps there with the injection not yet accepted (``HALT_TAKEN``), the raising thread accepts it
-    for the loop (``IntWindow.claim``) before it posts the next; every interrupt must arrive, each once."""
-    vm = make_vm(kvm_pv=True, pv_eoi=True)
-    boot64(vm, DEVICE_GUEST.replace("{RAISES}", str(RAISES)))
-    ops, vmi = vm.ops, vm.vmi
-
-    def raiser():
-        time.sleep(0.05)
-        for i in range(RAISES):
-            ops.vm_lapic_msi(vmi, 0xFEE00000, 0x41)
-            end = time.monotonic() + 5
-            while struct.unpack_from("<I", vm.view(OUT, 4))[0] < i + 1 and time.monotonic() < end:
-                time.sleep(0.0005)
-            time.sleep(0.002)
-    t = threading.Thread(target=raiser, daemon=True)
-    t.start()
-    assert vm.run(timeout=60) == EXIT_HALT, vm.error
-    t.join()
-    count, pv, apic = struct.unpack_from("<3I", vm.view(OUT, 12))
-    assert count == RAISES and pv + apic == RAISES
-    ctx = vm.vmi.vcpus[0]
-    assert ctx.vlapic.read(0x100 + 0x10 * (0x41 >> 5), 4) == 0, "nothing left in service"
-    win = ctx.intwin
-    if win is not None and win.halt_taken:
-        assert win.claims >= RAISES // 2, (win.claims, win.halts, win.halt_wakes)
-        assert ctx.exits[C.NVMM_VCPU_EXIT_HALTED & 0xFFFF] < RAISES // 2, "most HLTs still went to Python"

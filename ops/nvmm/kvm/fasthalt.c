@@ -137,42 +137,15 @@ int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	}
 }
 
-/*
- * Another thread, under the vlapic's lock, takes over the acceptance of the loop's last injection while the loop
- * sleeps in a HLT with it (HALT_TAKEN): the state goes back to WIN_IN (a kick may be posted again) and the
- * caller accepts the vector in the vlapic. Returns the state it had (vector and flags) with the injection's
- * result in bits 32 and up, or 0 when there is nothing to take over (not asleep, nothing taken, or the run is
- * ending: the vCPU's thread accepts it then).
- */
-int64_t vmmshim_intwin_claim(struct vmmshim_intwin *w)
-{
-	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_SEQ_CST), res;
-
-	if ((s & ~WIN_VECTOR) != (WIN_IN | WIN_TAKEN) || !__atomic_load_n(&w->sleeping, __ATOMIC_SEQ_CST))
-		return 0;
-	res = w->result;            /* stable while TAKEN: only an injection writes it, and none comes before a post */
-	if (!__atomic_compare_exchange_n(&w->state, &s, WIN_IN, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-		return 0;
-	return (int64_t)s | ((int64_t)res << 32);
-}
-
 /* a HLT exit in the loop: 1 when it ended here with an injection (run the guest), 0 when Python takes it */
 int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w)
 {
 	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 	uint64_t cr8;
 
-	if (!(w->halt & HALT_AT_EXIT) || w->wake_fd < 0 || !run[w->ready_off + 1])
+	if (!(w->halt & HALT_AT_EXIT) || w->wake_fd < 0 || !run[w->ready_off + 1] || (s & WIN_TAKEN))
 		return 0;
-	if (s & WIN_TAKEN) {
-		/* the loop's last injection is not accepted yet: sleep only where Python allows it (a thread whose
-		   kick finds the loop asleep then accepts it: vmmshim_intwin_claim), the word was armed for it and
-		   the guest has ended it there (so it is not in service, and any one in service before it had ended
-		   too: the post waited for that), and nothing else is posted */
-		if (!(w->halt & HALT_TAKEN) || (s & ~(WIN_IN | WIN_TAKEN | WIN_VECTOR)) || !(w->result & RES_ARMED)
-		    || vmmshim_pv_eoi_set(w) || (w->eoi_armed && !(w->result & RES_EOI)))
-			return 0;
-	} else if ((s & WIN_POSTED) && !(s & WIN_KICK)) {
+	if ((s & WIN_POSTED) && !(s & WIN_KICK)) {
 		/* the window Python asked for is open at the HLT: inject what it posted for it */
 		if (!run[w->ready_off] || (s & WIN_AFTER_EOI && vmmshim_pv_eoi_set(w)))
 			return 0;
@@ -187,9 +160,8 @@ int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	if (run[w->window_off] || (cr8 & 0xF) != w->cr8_seen)
 		return 0;
 	/* the guest ended the interrupt in service through its PV EOI word: Python's vlapic learns it at its HLT
-	   handling, and a vector that waited behind it may be deliverable now (with TAKEN, checked above: the
-	   word is the taken vector's now) */
-	if (!(s & WIN_TAKEN) && w->eoi_armed && !vmmshim_pv_eoi_set(w))
+	   handling, and a vector that waited behind it may be deliverable now */
+	if (w->eoi_armed && !vmmshim_pv_eoi_set(w))
 		return 0;
 	if (!ring_empty(run, w) || readable(w->idle_fd))
 		return 0;

@@ -64,8 +64,7 @@ struct vmmshim_intwin {
 	uint64_t served_kicks;      /* ... and at a kick */
 	/* HLT slept in the loop (fasthalt.c) */
 	uint32_t exit_hlt;          /* KVM_EXIT_HLT */
-	uint32_t halt;              /* Python: HALT_AT_EXIT (a HLT exit may sleep here), HALT_NOW (sleep first),
-	                               HALT_TAKEN (... with an injection not yet accepted, once the guest ended it) */
+	uint32_t halt;              /* Python: HALT_AT_EXIT (a HLT exit may sleep here), HALT_NOW (sleep first) */
 	int32_t wake_fd;            /* an eventfd written for a kick or stop while the loop sleeps */
 	uint32_t sleeping;          /* the loop sleeps in a HLT (atomic; any thread reads it) */
 	uint32_t ring_off;          /* the coalesced ring's header (first u32, last u32) in the mapping, or 0 */
@@ -82,7 +81,6 @@ struct vmmshim_intwin {
 
 #define HALT_AT_EXIT 1u
 #define HALT_NOW 2u
-#define HALT_TAKEN 4u
 
 /* a timer the loop starts when one of the VM's vCPUs leaves its sleep (Python: intwin.py's WakeTimer) */
 struct vmmshim_waketimer {
@@ -121,7 +119,6 @@ int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32
 int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
 int vmmshim_waketimer_off(struct vmmshim_waketimer *t);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
-int64_t vmmshim_intwin_claim(struct vmmshim_intwin *w);
 int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w);
 int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w);
 

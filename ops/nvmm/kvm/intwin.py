@@ -29,11 +29,7 @@ Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where 
 (:meth:`IntWindow.halt_policy`), and a run the ops layer starts after its own HLT handling found nothing to do
 (:meth:`IntWindow.halt_now`) begins asleep: the thread polls the slot's eventfd instead of waiting on Python's
 condition, a kick's post ends the sleep with the injection, and a ``stop()`` ends it for Python
-(:meth:`IntWindow.take_slept_out` then says the guest is still halted). A HLT right after an injection the ops
-layer has not accepted yet is slept too once the guest has ended that interrupt through its PV EOI word
-(``HALT_TAKEN``, one-vCPU VMs; ``VMMSHIM_HALT_TAKEN=0`` keeps it in Python): the next kicking thread then accepts
-it in the vlapic, under the vlapic's lock, before it posts (:meth:`IntWindow.claim`), instead of a trip through the
-vCPU's Python at every interrupt. :meth:`IntWindow.wake` writes the eventfd when
+(:meth:`IntWindow.take_slept_out` then says the guest is still halted). :meth:`IntWindow.wake` writes the eventfd when
 the slot sleeps; :class:`WakeTimer` is the VM's timer the loop starts whenever a sleep ends (the posted-write
 flush). ``VMMSHIM_HALT_LOOP=0`` keeps every HLT in Python.
 
@@ -61,8 +57,6 @@ RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI
 RES_ARMED = 2       # result: the word was armed for the injected vector
 HALT_AT_EXIT = 1    # a HLT exit may be slept in the loop
 HALT_NOW = 2        # the next run starts asleep
-HALT_TAKEN = 4      # ... also with the last injection not yet accepted, once the guest ended it (claim)
-ENV_TAKEN_OFF = "VMMSHIM_HALT_TAKEN"
 
 
 class IntWindow:
@@ -75,8 +69,6 @@ class IntWindow:
     def __init__(self, ffi, lib):
         self._ffi, self._lib = ffi, lib
         self.halt_loop = os.environ.get(ENV_HALT_OFF, "1") != "0"
-        self.halt_taken = self.halt_loop and os.environ.get(ENV_TAKEN_OFF, "1") != "0"
-        self.claims = 0             # injections another thread accepted for the sleeping loop (claim)
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if self.halt_loop else -1
         self.struct = ffi.new("struct vmmshim_intwin *", dict(
             kvm_interrupt=K.KVM_INTERRUPT, exit_window=K.KVM_EXIT_IRQ_WINDOW_OPEN,
@@ -136,10 +128,6 @@ class IntWindow:
                 return False
         return self._lib.vmmshim_intwin_kick(self.struct, self._bits(vector, after_eoi, arm, again, word)) == 1
 
-    def kick_posted_now(self):
-        """Whether a kick's post waits in the loop now (any thread)."""
-        return self.struct.state & (KICK | POSTED) == KICK | POSTED
-
     def can_kick(self):
         """Whether :meth:`kick` may succeed now: the loop runs and holds no post (a cheap look first, any thread)."""
         return self.struct.state == IN
@@ -188,14 +176,13 @@ class IntWindow:
         self._waketimer = waketimer
         s.waketimer = int(self._ffi.cast("uintptr_t", waketimer.struct)) if waketimer is not None else 0
 
-    def halt_policy(self, at_exit, idle_fd=None, cr8=0, solo=False, eoi_word=None, eoi_armed=False, taken=False):
+    def halt_policy(self, at_exit, idle_fd=None, cr8=0, solo=False, eoi_word=None, eoi_armed=False):
         """Before a run (the vCPU's thread): whether a HLT exit may be slept in the loop, the fd whose being
         readable sends it to Python instead (the VM's idle work), the guest's CR8 the vlapic agrees with (a
         HLT after the guest changed it goes to Python), whether it is the VM's only vCPU (its sleep then stops
         the wake timer), and the PV EOI word (its address is what a kick's post may name) with whether
         it is armed for the interrupt in service (a HLT after the guest cleared its bit goes to Python, whose
-        vlapic has not seen that EOI). ``taken``: a HLT after an injection not yet accepted may be slept too,
-        once the guest ended it through the word (the ops layer then accepts it when it kicks: :meth:`claim`)."""
+        vlapic has not seen that EOI)."""
         s = self.struct
         s.solo = 1 if solo else 0
         if eoi_word is None:
@@ -203,8 +190,7 @@ class IntWindow:
         else:
             s.pv_eoi = self._address(eoi_word)      # the word a kick's post arms, and the loop's HLT looks at
             s.eoi_armed = 1 if eoi_armed else 0
-        s.halt = (s.halt & HALT_NOW) | (HALT_AT_EXIT if at_exit and self.halt_loop else 0) | \
-            (HALT_TAKEN if at_exit and taken and self.halt_taken else 0)
+        s.halt = (s.halt & HALT_NOW) | (HALT_AT_EXIT if at_exit and self.halt_loop else 0)
         s.idle_fd = -1 if idle_fd is None else idle_fd
         s.cr8_seen = cr8 & 0xF
 
@@ -212,18 +198,6 @@ class IntWindow:
         """The next run starts asleep (the guest stands after a HLT, IF set, and nothing was found to inject)."""
         if self.halt_loop:
             self.struct.halt |= HALT_NOW
-
-    def claim(self):
-        """From a thread about to kick, under the vlapic's lock: takes over the acceptance of the loop's last
-        injection while the loop sleeps in a HLT with it (``HALT_TAKEN``). Returns ``(vector, ended_first,
-        armed)`` as :attr:`on_taken` gets them, the slot then free for a kick's post; or None (nothing to take
-        over: the vCPU's thread accepts it when its run returns)."""
-        got = self._lib.vmmshim_intwin_claim(self.struct)
-        if not got:
-            return None
-        self.claims += 1
-        res = got >> 32
-        return got & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED)
 
     def take_slept_out(self):
         """Whether the last run's sleep ended for Python with the guest still halted (cleared by the call)."""
