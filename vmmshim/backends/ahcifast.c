@@ -41,6 +41,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "fastpath.h"
+
 #define MAX_SLOTS 32u
 #define HEADER_SIZE 32u             /* one command header in the command list */
 #define HEADER_READ 16u             /* the part the Python path reads: flags, PRDTL, PRDBC, CTBA */
@@ -96,11 +98,6 @@ struct state {
 	int fd, write, nseg, pending;
 };
 
-static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
-{
-	return addr <= ram_len && len <= ram_len - addr;
-}
-
 static uint64_t le(const uint8_t *p, unsigned n)
 {
 	uint64_t v = 0;
@@ -108,36 +105,6 @@ static uint64_t le(const uint8_t *p, unsigned n)
 	while (n--)
 		v = v << 8 | p[n];
 	return v;
-}
-
-/* the whole transfer of total bytes, retrying short ones; 0, or an errno (EIO at the end of the image) */
-static int transfer(int fd, int write, struct iovec *iov, int n, uint64_t off, uint64_t total)
-{
-	uint64_t moved = 0;
-
-	while (moved < total) {
-		ssize_t r = write ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
-
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno;
-		}
-		if (r == 0)
-			return EIO;
-		moved += (uint64_t)r;
-		off += (uint64_t)r;
-		while (n > 0 && (size_t)r >= iov->iov_len) {
-			r -= (ssize_t)iov->iov_len;
-			++iov;
-			--n;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + r;
-			iov->iov_len -= (size_t)r;
-		}
-	}
-	return 0;
 }
 
 /* the command's direction, LBA and sector count from the FIS; 0 for a command not served here */
@@ -181,11 +148,12 @@ size_t vmmshim_ahci_state_size(void)
 int32_t vmmshim_ahci_transfer(void *opaque)
 {
 	struct state *st = opaque;
+	uint64_t moved;
 
 	if (!st->pending)
 		return EINVAL;
 	st->pending = 0;
-	return transfer(st->fd, st->write, st->iov, st->nseg, st->offset, st->length);
+	return transfer_all(st->fd, st->write, st->iov, st->nseg, st->offset, st->length, &moved);
 }
 
 /*

@@ -27,7 +27,7 @@ import pathlib
 
 from ops import native
 
-SOURCE = pathlib.Path(__file__).with_name("ahcifast.c")
+SOURCE = (pathlib.Path(__file__).with_name("ahcifast.c"), pathlib.Path(__file__).with_name("fastpath.h"))
 CDEF = """
 struct vmmshim_ahci_out {
     uint8_t cfis[20];

@@ -20,9 +20,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#define DESC_SIZE 16u
-#define F_NEXT 1u
-#define F_WRITE 2u
+#include "fastpath.h"
+
 #define HDR_SIZE 16u
 #define SECTOR 512u
 #define T_IN 0u
@@ -40,47 +39,6 @@ struct vmmshim_blk_out {
 	int32_t error;              /* errno of a failed transfer (status IOERR), else 0 */
 };
 
-struct desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags;
-	uint16_t next;
-};
-
-static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
-{
-	return addr <= ram_len && len <= ram_len - addr;
-}
-
-/* the whole transfer of total bytes, retrying short ones; 0, or an errno (EIO at the end of the image) */
-static int transfer(int fd, int write, struct iovec *iov, int n, uint64_t off, uint64_t total, uint64_t *moved)
-{
-	*moved = 0;
-	while (*moved < total) {
-		ssize_t r = write ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
-
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno;
-		}
-		if (r == 0)
-			return EIO;
-		*moved += (uint64_t)r;
-		off += (uint64_t)r;
-		while (n > 0 && (size_t)r >= iov->iov_len) {
-			r -= (ssize_t)iov->iov_len;
-			++iov;
-			--n;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + r;
-			iov->iov_len -= (size_t)r;
-		}
-	}
-	return 0;
-}
-
 /*
  * Returns the used length to put in the used ring (the status byte counts) with the status byte written, or
  * VMMSHIM_BLK_FALLBACK with nothing read from the image, nothing written to the guest.
@@ -89,7 +47,7 @@ int64_t vmmshim_blk_indirect(uint8_t *ram, uint64_t ram_len, uint64_t table, uin
 			     uint64_t capacity, int readonly, struct vmmshim_blk_out *out)
 {
 	struct iovec iov[MAX_SEGS];
-	struct desc d;
+	struct vq_desc d;
 	uint64_t hdr_addr = 0, status_addr = 0, total = 0, sector, moved;
 	uint32_t type, i, last, nseg = 0;
 	uint8_t hdr[HDR_SIZE];
@@ -136,7 +94,7 @@ int64_t vmmshim_blk_indirect(uint8_t *ram, uint64_t ram_len, uint64_t table, uin
 		return VMMSHIM_BLK_FALLBACK;
 	if (total % SECTOR || sector > capacity / SECTOR || total > capacity - sector * SECTOR)
 		return VMMSHIM_BLK_FALLBACK;
-	err = transfer(fd, type == T_OUT, iov, (int)nseg, sector * SECTOR, total, &moved);
+	err = transfer_all(fd, type == T_OUT, iov, (int)nseg, sector * SECTOR, total, &moved);
 	out->type = type;
 	out->bytes = moved;
 	out->error = err;

@@ -22,7 +22,7 @@ import pathlib
 
 from ops import native
 
-SOURCE = pathlib.Path(__file__).with_name("blkfast.c")
+SOURCE = (pathlib.Path(__file__).with_name("blkfast.c"), pathlib.Path(__file__).with_name("fastpath.h"))
 CDEF = """
 struct vmmshim_blk_out {
     uint32_t type;

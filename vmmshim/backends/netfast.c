@@ -23,18 +23,13 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#define DESC_SIZE 16u
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
+#include "fastpath.h"
+
 #define MAX_SEGS 1024u              /* IOV_MAX on Linux */
-#define MAX_TABLE 32768u            /* the largest queue or indirect table */
 #define HDR_NUM_BUFFERS 10u         /* virtio_net_hdr.num_buffers, in the 12-byte header */
 #define HDR_MRG_LEN 12u
 #define MAX_RETRIES 8u              /* looks again for chains posted while a held frame waited */
 
-#define VQ_EVENT_IDX 1u
-#define VQ_INDIRECT 2u
 
 enum {
 	STOP_EMPTY = 0,             /* transmit: the ring is empty; receive: no buffer posted */
@@ -47,14 +42,6 @@ enum {
 
 #define FALLBACK (-1)               /* the rings are not in the first RAM area: nothing done */
 
-struct vmmshim_vq {
-	uint64_t desc, avail, used; /* guest-physical ring addresses (offsets into ram) */
-	uint32_t size;
-	uint32_t flags;             /* VQ_EVENT_IDX, VQ_INDIRECT */
-	uint32_t last_avail;        /* in and out */
-	uint32_t used_idx;          /* in and out */
-};
-
 struct vmmshim_net_out {
 	uint64_t chains;            /* chains put in the used ring */
 	uint64_t frames;            /* frames sent or delivered */
@@ -64,38 +51,6 @@ struct vmmshim_net_out {
 	int32_t error;              /* errno of the receive's failed read (STOP_EOF), else 0 */
 	uint64_t held;              /* receive: the length of the frame held in the spill (with its header), or 0 */
 };
-
-struct desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags;
-	uint16_t next;
-};
-
-static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
-{
-	return addr <= ram_len && len <= ram_len - addr;
-}
-
-static uint16_t load16(const uint8_t *p)
-{
-	return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
-}
-
-static void store16(uint8_t *p, uint16_t v)
-{
-	__atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
-}
-
-static int rings_in_ram(const struct vmmshim_vq *q, uint64_t ram_len)
-{
-	uint64_t n = q->size;
-
-	if (n == 0 || n > MAX_TABLE || (n & (n - 1)) || (q->avail & 1) || (q->used & 3) || (q->desc & 15))
-		return 0;
-	return in_ram(q->desc, n * DESC_SIZE, ram_len) && in_ram(q->avail, 6 + 2 * n, ram_len) &&
-	       in_ram(q->used, 6 + 8 * n, ram_len);
-}
 
 /* how many chains wait; with EVENT_IDX an empty ring publishes avail_event and looks again (2.6.7.2) */
 static uint32_t pending(uint8_t *ram, const struct vmmshim_vq *q, uint16_t last)
@@ -120,7 +75,7 @@ static int walk(uint8_t *ram, uint64_t ram_len, const struct vmmshim_vq *q, uint
 	uint64_t table = q->desc;
 	uint32_t tsize = q->size, i = head, n = 0;
 	int nseg = 0, first = 1;
-	struct desc d;
+	struct vq_desc d;
 
 	*total = 0;
 	for (;;) {
@@ -154,22 +109,6 @@ static int walk(uint8_t *ram, uint64_t ram_len, const struct vmmshim_vq *q, uint
 			return -1;
 		i = d.next;
 	}
-}
-
-static void put_used(uint8_t *ram, const struct vmmshim_vq *q, uint16_t used_idx, uint16_t head, uint32_t len)
-{
-	uint8_t *e = ram + q->used + 4 + 8 * (uint64_t)(used_idx % q->size);
-	uint32_t id = head;
-
-	memcpy(e, &id, 4);
-	memcpy(e + 4, &len, 4);
-}
-
-/* a popped chain also moves avail_event on with EVENT_IDX, as the Python queue does */
-static void popped(uint8_t *ram, const struct vmmshim_vq *q, uint16_t last)
-{
-	if (q->flags & VQ_EVENT_IDX)
-		store16(ram + q->used + 4 + 8 * (uint64_t)q->size, last);
 }
 
 /* ---- transmit ---------------------------------------------------------------------------------------------- */

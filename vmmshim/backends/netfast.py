@@ -28,8 +28,9 @@ import pathlib
 
 from ops import native
 
-SOURCE = pathlib.Path(__file__).with_name("netfast.c")
-CDEF = """
+SOURCE = (pathlib.Path(__file__).with_name("netfast.c"), pathlib.Path(__file__).with_name("fastpath.h"))
+#: A queue's rings and indices as the compiled virtio paths take them (``fastpath.h``; p9fast.py declares it too).
+VQ_CDEF = """
 struct vmmshim_vq {
     uint64_t desc, avail, used;
     uint32_t size;
@@ -37,6 +38,8 @@ struct vmmshim_vq {
     uint32_t last_avail;
     uint32_t used_idx;
 };
+"""
+CDEF = VQ_CDEF + """
 struct vmmshim_net_out {
     uint64_t chains;
     uint64_t frames;

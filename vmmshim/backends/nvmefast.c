@@ -24,6 +24,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "fastpath.h"
+
 #define SQE_SIZE 64u
 #define CQE_SIZE 16u
 #define PAGE 4096u
@@ -78,11 +80,6 @@ struct vmmshim_nvme_out {
 	uint64_t bytes_written;
 };
 
-static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
-{
-	return addr <= ram_len && len <= ram_len - addr;
-}
-
 static uint32_t get32(const uint8_t *p)
 {
 	uint32_t v;
@@ -97,36 +94,6 @@ static uint64_t get64(const uint8_t *p)
 
 	memcpy(&v, p, sizeof(v));
 	return v;
-}
-
-/* the whole transfer, retrying short ones; 0 or an errno (EIO: nothing moved, the end of the image) */
-static int transfer(int fd, int write, struct iovec *iov, int n, uint64_t off, uint64_t total)
-{
-	uint64_t moved = 0;
-
-	while (moved < total) {
-		ssize_t r = write ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
-
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno;
-		}
-		if (r == 0)
-			return EIO;
-		moved += (uint64_t)r;
-		off += (uint64_t)r;
-		while (n > 0 && (size_t)r >= iov->iov_len) {
-			r -= (ssize_t)iov->iov_len;
-			++iov;
-			--n;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + r;
-			iov->iov_len -= (size_t)r;
-		}
-	}
-	return 0;
 }
 
 /* one buffer of the transfer; 0 when it is not in RAM */
@@ -191,7 +158,7 @@ static int serve_one(uint8_t *ram, uint64_t ram_len, const uint8_t *e, const str
 {
 	struct iovec iov[MAX_SEGS];
 	uint32_t n, c12 = get32(e + E_CDW12), nlb = (c12 & NLB_MASK) + 1u;
-	uint64_t slba = ((uint64_t)get32(e + E_CDW11) << 32) | get32(e + E_CDW10), length;
+	uint64_t slba = ((uint64_t)get32(e + E_CDW11) << 32) | get32(e + E_CDW10), length, moved;
 	uint8_t op = e[0], flags = e[E_FLAGS];
 	int write = op == OP_WRITE;
 
@@ -206,7 +173,7 @@ static int serve_one(uint8_t *ram, uint64_t ram_len, const uint8_t *e, const str
 		return 0;
 	if (!prp_iov(ram, ram_len, get64(e + E_PRP1), get64(e + E_PRP2), length, iov, &n))
 		return 0;
-	if (transfer(d->fd, write, iov, (int)n, slba << d->lba_shift, length))
+	if (transfer_all(d->fd, write, iov, (int)n, slba << d->lba_shift, length, &moved))
 		return 0;
 	if (write) {
 		out->writes++;

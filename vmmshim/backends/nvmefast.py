@@ -21,7 +21,7 @@ import pathlib
 
 from ops import native
 
-SOURCE = pathlib.Path(__file__).with_name("nvmefast.c")
+SOURCE = (pathlib.Path(__file__).with_name("nvmefast.c"), pathlib.Path(__file__).with_name("fastpath.h"))
 CDEF = """
 struct vmmshim_nvme_q {
     uint64_t sq_base; uint32_t sq_size; uint32_t sq_head; uint32_t sq_tail; uint32_t sqid;

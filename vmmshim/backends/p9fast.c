@@ -33,9 +33,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#define DESC_SIZE 16u
-#define F_NEXT 1u
-#define F_WRITE 2u
+#include "fastpath.h"
+
 #define F_KNOWN (F_NEXT | F_WRITE)
 #define IOV_LIMIT 1024u             /* Linux's UIO_MAXIOV: more segments is EINVAL for Python's call too */
 #define MAX_DESCS (IOV_LIMIT + 16u) /* a table it takes: the data segments and a few for the headers */
@@ -69,17 +68,7 @@ struct vmmshim_p9_out {
 	uint64_t bytes;             /* data bytes moved */
 };
 
-struct desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags;
-	uint16_t next;
-};
 
-static int in_ram(uint64_t addr, uint64_t len, uint64_t ram_len)
-{
-	return addr <= ram_len && len <= ram_len - addr;
-}
 
 static uint32_t le32(const uint8_t *p)
 {
@@ -174,7 +163,7 @@ int64_t vmmshim_p9_serve(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_
 {
 	struct iovec seg[MAX_DESCS], reply_at[RHDR_SIZE];
 	struct vmmshim_p9_fid f;
-	struct desc d;
+	struct vq_desc d;
 	uint64_t avail = 0, room = 0, offset, want, moved = 0;
 	uint32_t i, last, nr = 0, nw, size, type, fid, count, first, nseg, npiece, done;
 	uint8_t hdr[TRW_SIZE], reply[RHDR_SIZE];
@@ -260,29 +249,6 @@ int64_t vmmshim_p9_serve(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_
 	return RHDR_SIZE + (is_write ? 0 : (int64_t)moved);
 }
 
-/*
- * The queue pass: a split virtqueue's available chains (VIRTIO 1.1 section 2.6: the descriptor table, the
- * available ring and the used ring at the guest addresses in q) served one after the other with vmmshim_p9_serve,
- * each put in the used ring (its index stored last, with release order), as the Python device would put it. It
- * stops, leaving the chain for the Python device, at the first chain that is not one INDIRECT descriptor whose
- * table lies in RAM or that vmmshim_p9_serve gives back, at an empty ring, at an avail index more than the queue
- * size ahead (Python reports it), and after q->max_n chains. With event_idx, avail_event is published after each
- * chain, as the Python queue does. Returns the chains served (q->last_avail and q->used_idx moved past them, t
- * counting them), or -1 when the rings are not in RAM (nothing done).
- */
-#define F_INDIRECT 4u
-#define MAX_QUEUE 32768u
-
-struct vmmshim_vq {
-	uint64_t desc;
-	uint64_t avail;
-	uint64_t used;
-	uint32_t size;
-	uint32_t last_avail;        /* in/out, a 16-bit index */
-	uint32_t used_idx;          /* in/out, a 16-bit index */
-	uint32_t event_idx;
-	uint32_t max_n;
-};
 
 struct vmmshim_p9_totals {
 	uint64_t served;
@@ -290,51 +256,49 @@ struct vmmshim_p9_totals {
 	uint64_t bytes_written;
 };
 
-static uint16_t le16(const uint8_t *p)
-{
-	return (uint16_t)(p[0] | p[1] << 8);
-}
-
-int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t msize,
+/*
+ * The queue pass: a split virtqueue's available chains (VIRTIO 1.1 section 2.6: the descriptor table, the
+ * available ring and the used ring at the guest addresses in q) served one after the other with vmmshim_p9_serve,
+ * each put in the used ring (its index stored last, with release order), as the Python device would put it. It
+ * stops, leaving the chain for the Python device, at the first chain that is not one INDIRECT descriptor whose
+ * table lies in RAM or that vmmshim_p9_serve gives back, at an empty ring, at an avail index more than the queue
+ * size ahead (Python reports it), and after max_n chains. With VQ_EVENT_IDX, avail_event is published after each
+ * chain, as the Python queue does. Returns the chains served (q->last_avail and q->used_idx moved past them, t
+ * counting them), or -1 when the rings are not in RAM or not a queue's (rings_in_ram: nothing done).
+ */
+int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t max_n, uint32_t msize,
 			 const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_totals *t)
 {
 	struct vmmshim_p9_out out;
-	uint8_t *avail, *used;
-	uint32_t size = q->size, n = 0;
+	uint32_t n = 0;
 
-	if (!size || size > MAX_QUEUE || size & (size - 1) || !in_ram(q->desc, (uint64_t)size * DESC_SIZE, ram_len)
-	    || !in_ram(q->avail, 6u + 2u * (uint64_t)size, ram_len) || !in_ram(q->used, 6u + 8u * (uint64_t)size, ram_len))
+	if (!rings_in_ram(q, ram_len))
 		return -1;
-	avail = ram + q->avail;
-	used = ram + q->used;
-	while (n < q->max_n) {
+	while (n < max_n) {
 		uint16_t last = (uint16_t)q->last_avail, idx, head;
-		struct desc d;
+		struct vq_desc d;
 		int64_t len;
-		uint32_t elem[2];
 
-		idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
-		if (idx == last || (uint16_t)(idx - last) > size)
+		idx = load16(ram + q->avail + 2);
+		if (idx == last || (uint16_t)(idx - last) > q->size)
 			break;
-		head = le16(avail + 4 + 2u * (last & (size - 1)));
-		if (head >= size)
+		memcpy(&head, ram + q->avail + 4 + 2 * (uint64_t)(last % q->size), sizeof(head));
+		barrier();
+		if (head >= q->size)
 			break;
 		memcpy(&d, ram + q->desc + (uint64_t)head * DESC_SIZE, sizeof(d));
 		barrier();
-		if (d.flags != F_INDIRECT || !d.len || d.len % DESC_SIZE || d.len / DESC_SIZE > MAX_QUEUE
-		    || !in_ram(d.addr, d.len, ram_len))
+		if (!(q->flags & VQ_INDIRECT) || d.flags != F_INDIRECT || !d.len || d.len % DESC_SIZE
+		    || d.len / DESC_SIZE > MAX_TABLE || !in_ram(d.addr, d.len, ram_len))
 			break;
 		len = vmmshim_p9_serve(ram, ram_len, d.addr, d.len / DESC_SIZE, msize, fids, slots, &out);
 		if (len < 0)
 			break;
-		elem[0] = head;
-		elem[1] = (uint32_t)len;
-		memcpy(used + 4 + 8u * (q->used_idx & (size - 1)), elem, sizeof(elem));
+		put_used(ram, q, (uint16_t)q->used_idx, head, (uint32_t)len);
 		q->used_idx = (q->used_idx + 1u) & 0xFFFFu;
-		__atomic_store_n((uint16_t *)(used + 2), (uint16_t)q->used_idx, __ATOMIC_RELEASE);
+		store16(ram + q->used + 2, (uint16_t)q->used_idx);
 		q->last_avail = (q->last_avail + 1u) & 0xFFFFu;
-		if (q->event_idx)           /* avail_event: after the used ring's entries */
-			__atomic_store_n((uint16_t *)(used + 4 + 8u * size), (uint16_t)q->last_avail, __ATOMIC_RELEASE);
+		popped(ram, q, (uint16_t)q->last_avail);
 		t->served++;
 		if (out.type == T_READ)
 			t->bytes_read += out.bytes;

@@ -33,8 +33,10 @@ import pathlib
 
 from ops import native
 
-SOURCE = pathlib.Path(__file__).with_name("p9fast.c")
-CDEF = """
+from .netfast import VQ_CDEF, VQ_EVENT_IDX, VQ_INDIRECT
+
+SOURCE = (pathlib.Path(__file__).with_name("p9fast.c"), pathlib.Path(__file__).with_name("fastpath.h"))
+CDEF = VQ_CDEF + """
 struct vmmshim_p9_fid {
     uint32_t fid;
     int32_t fd;
@@ -46,14 +48,10 @@ struct vmmshim_p9_out {
 };
 int64_t vmmshim_p9_serve(uint8_t *ram, uint64_t ram_len, uint64_t table, uint32_t tsize, uint32_t msize,
                          const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_out *out);
-struct vmmshim_vq {
-    uint64_t desc; uint64_t avail; uint64_t used; uint32_t size; uint32_t last_avail; uint32_t used_idx;
-    uint32_t event_idx; uint32_t max_n;
-};
 struct vmmshim_p9_totals {
     uint64_t served; uint64_t bytes_read; uint64_t bytes_written;
 };
-int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t msize,
+int32_t vmmshim_p9_queue(uint8_t *ram, uint64_t ram_len, struct vmmshim_vq *q, uint32_t max_n, uint32_t msize,
                          const struct vmmshim_p9_fid *fids, uint32_t slots, struct vmmshim_p9_totals *t);
 """
 FID_SLOTS = 4096                # a power of two (the C side checks)
@@ -112,15 +110,18 @@ class Accelerator:
             return None
         return e.fd, bool(e.access & ACCESS_READ), bool(e.access & ACCESS_WRITE)
 
-    def serve(self, ram, table, tsize, msize):
-        out = self._out
+    def _call(self, fn, ram, *args):
         # the buffer is exported for the call only (as blkfast.py: an export kept in a cycle of objects made the
         # garbage collector free the memory under it)
         ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
         try:
-            used = self._fn(ptr, len(ram), table, tsize, msize, self._fids, FID_SLOTS, out)
+            return fn(ptr, len(ram), *args)
         finally:
             self._ffi.release(ptr)
+
+    def serve(self, ram, table, tsize, msize):
+        out = self._out
+        used = self._call(self._fn, ram, table, tsize, msize, self._fids, FID_SLOTS, out)
         if used < 0:
             return None
         self.served += 1
@@ -130,21 +131,16 @@ class Accelerator:
             self.bytes_written += out.bytes
         return used
 
-
     def serve_queue(self, ram, ring, msize, max_n):
         """The queue pass: the available chains of the virtqueue ``ring`` (``(desc, avail, used, size,
         last_avail, used_idx, event_idx)``, its guest addresses and indices) served one by one as :meth:`serve`
         serves one and put in the used ring, up to ``max_n``, stopping at the first one :meth:`serve` would give
         back. Returns ``(served, last_avail, used_idx)``, or None when the rings are not in ``ram``."""
         q, t = self._vq, self._totals
-        q.desc, q.avail, q.used, q.size, q.last_avail, q.used_idx, q.event_idx = ring
-        q.max_n = max_n
+        q.desc, q.avail, q.used, q.size, q.last_avail, q.used_idx, event_idx = ring
+        q.flags = VQ_INDIRECT | (VQ_EVENT_IDX if event_idx else 0)
         t.served = t.bytes_read = t.bytes_written = 0
-        ptr = self._ffi.from_buffer("uint8_t[]", ram, require_writable=True)
-        try:
-            n = self._queue(ptr, len(ram), q, msize, self._fids, FID_SLOTS, t)
-        finally:
-            self._ffi.release(ptr)
+        n = self._call(self._queue, ram, q, max_n, msize, self._fids, FID_SLOTS, t)
         if n < 0:
             return None
         self.served += n
