@@ -121,6 +121,9 @@ int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w)
 				    (s & WIN_AFTER_EOI && vmmshim_pv_eoi_set(w)))
 					return leave(w, 0);
 				run[w->window_off + 1] = 0;         /* the kick's immediate_exit */
+				/* the store before the look at hard: else a stop()'s immediate_exit, stored after its
+				   hard, could land before this clear and be lost while this look still saw no hard */
+				__atomic_thread_fence(__ATOMIC_SEQ_CST);
 				if (__atomic_load_n(&w->hard, __ATOMIC_SEQ_CST)) {
 					run[w->window_off + 1] = 1;  /* a stop() came meanwhile: keep its exit */
 					return leave(w, 0);

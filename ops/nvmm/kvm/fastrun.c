@@ -198,6 +198,7 @@ static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
 		return 0;
 	w->kicks_seen = posted;
 	run[w->window_off + 1] = 0;         /* immediate_exit */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);    /* ... stored before hard is looked at (see fasthalt.c) */
 	if (__atomic_load_n(&w->hard, __ATOMIC_ACQUIRE)) {
 		run[w->window_off + 1] = 1;     /* a stop() came meanwhile: keep its exit */
 		return 0;
