@@ -18,6 +18,17 @@ IN_CI = bool(os.environ.get("CI"))
 SELECTED = [p for p in os.environ.get("VMMSHIM_PROVIDERS", ",".join(PROVIDERS)).split(",") if p]
 
 
+def require_compiled(library, what, probe=None):
+    """For the tests of a compiled data path (``library``: ``vmmshim/backends/blkfast.py`` and its kin):
+    skipped where the library cannot be built, except in CI (``CI`` set), whose dependencies include a C compiler:
+    there a missing library fails the run. ``probe()`` builds an accelerator (default ``library.accelerator()``)."""
+    if (probe or library.accelerator)() is None:
+        why = f"no {what} here: {library.unavailable()}"
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 def open_or_skip(name):
     try:
         return nvmm_init(name)

@@ -24,6 +24,7 @@ from bhyve_devices.ahci.pci import AhciPci
 from bhyve_devices.ahci.testdriver import Controller, h2d, ncq
 from vmmshim.backends import ahcifast, open_device_backends
 from vmmshim.backends.block import FileBlockBackend
+from tests.conftest import require_compiled
 
 SECTORS = 4096                  #: 2 MiB images
 RAM = 16 << 20
@@ -35,12 +36,7 @@ PERIOD = 251
 
 @pytest.fixture(autouse=True)
 def compiled():
-    """Skipped where the library cannot be built, except in CI (``CI`` set): there a missing library fails."""
-    if ahcifast.accelerator() is None:
-        why = f"no compiled command here: {ahcifast.unavailable()}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    require_compiled(ahcifast, "compiled command")
 
 
 class GuardedMemory:

@@ -17,9 +17,13 @@ from bhyve_devices.nvme.pci import NvmePci
 from bhyve_devices.nvme.testdriver import PAGE, NvmeDriver
 from vmmshim.backends import nvmefast
 from vmmshim.backends.block import FileBlockBackend
+from tests.conftest import require_compiled
 
-pytestmark = pytest.mark.skipif(nvmefast.accelerator() is None,
-                                reason=f"no compiled NVMe pass: {nvmefast.unavailable()}")
+
+@pytest.fixture(autouse=True)
+def compiled():
+    require_compiled(nvmefast, "compiled NVMe queue pass")
+
 
 MiB = 1 << 20
 RAM = 8 * MiB

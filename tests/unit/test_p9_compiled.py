@@ -26,6 +26,7 @@ from bhyve_devices.virtio.virtqueue import DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIR
 from tests.unit.test_p9_rig import O_RDONLY, O_RDWR, O_WRONLY, RLERROR, TREAD, TWRITE, P9Client, P9Error
 from vmmshim.backends import close_device_backends, open_device_backends, p9fast
 from vmmshim.backends.p9fs import HostShare
+from tests.conftest import require_compiled
 
 RAM = 8 << 20
 GUARD = 1 << 16
@@ -44,13 +45,7 @@ FIDS = (RW, RO, WO, DIR, WALKED, UNKNOWN)
 
 @pytest.fixture(autouse=True)
 def compiled():
-    """Skipped where the library cannot be built, except in CI (``CI`` set), whose dependencies include a C
-    compiler: there a missing library fails the run."""
-    if p9fast.accelerator() is None:
-        why = f"no compiled Tread/Twrite here: {p9fast.unavailable()}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    require_compiled(p9fast, "compiled Tread/Twrite")
 
 
 class GuardedMemory(BytesMemory):

@@ -6,7 +6,6 @@ lengths, flags, next indexes, request types and ranges) and compares everything 
 used ring, all of guest memory, the image, the device's error state and its counters."""
 
 import hashlib
-import os
 import shutil
 import struct
 
@@ -21,6 +20,7 @@ from bhyve_devices.virtio.transport import VirtioPciDevice
 from bhyve_devices.virtio.virtqueue import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vmmshim.backends import blkfast
 from vmmshim.backends.block import FileBlockBackend
+from tests.conftest import require_compiled
 
 SECTORS = 64
 MEM = 1 << 20
@@ -28,13 +28,7 @@ MEM = 1 << 20
 
 @pytest.fixture(autouse=True)
 def compiled():
-    """Skipped where the library cannot be built, except in CI (``CI`` set), whose dependencies include a C
-    compiler: there a missing library fails the run."""
-    if blkfast.accelerator() is None:
-        why = f"no compiled request here: {blkfast.unavailable()}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    require_compiled(blkfast, "compiled request")
 
 
 def _image(path):

@@ -10,7 +10,6 @@ alone must never touch a byte past guest RAM.
 """
 
 import hashlib
-import os
 import socket
 import struct
 import threading
@@ -28,6 +27,7 @@ from bhyve_devices.virtio.virtqueue import (DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VI
                                             VIRTQ_DESC_F_WRITE)
 from vmmshim.backends import net as NB
 from vmmshim.backends import netfast
+from tests.conftest import require_compiled
 
 MEM = 1 << 20
 HDR = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0)      # NEEDS_CSUM, GSO_TCPV4, 12 bytes
@@ -35,13 +35,7 @@ HDR = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0)      # NEEDS_CSUM, GSO_
 
 @pytest.fixture(autouse=True)
 def compiled():
-    """Skipped where the library cannot be built, except in CI (``CI`` set), whose dependencies include a C
-    compiler: there a missing library fails the run."""
-    if netfast.accelerator(lambda: -1) is None:
-        why = f"no compiled data path here: {netfast.unavailable()}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    require_compiled(netfast, "compiled data path", lambda: netfast.accelerator(lambda: -1))
 
 
 def nic(accel, mem_size=MEM, mergeable=True, event_idx=True):
