@@ -283,15 +283,10 @@ class VirtioBlock(VirtioDevice):
     def _serve_compiled(self, queue):
         """The next request through the backend's compiled request if it is one it serves; False (the chain given
         back) if not."""
-        got = queue.take_indirect()
+        got = self.offer_indirect(queue, self.backend.serve_compiled)
         if got is None:
             return False
-        head, table, tsize = got
-        res = self.backend.serve_compiled(queue.mem.ram, table, tsize)
-        if res is None:
-            queue.unget()
-            return False
-        used, rtype, status, nbytes = res
+        head, (used, rtype, status, nbytes) = got
         st = self.stats
         st["requests"] += 1
         if status != VIRTIO_BLK_S_OK:

@@ -101,6 +101,21 @@ class VirtioDevice:
         """Raises the used-buffer notification of queue ``qidx`` unconditionally."""
         self._interrupt(qidx)
 
+    @staticmethod
+    def offer_indirect(queue, serve):
+        """The next chain to a compiled request if it is one INDIRECT table in the first RAM area
+        (``Virtqueue.take_indirect``): ``serve(ram, table, tsize)`` answers it, or returns None to give it back
+        (``unget``). Returns ``(head, answer)`` for the caller to account and ``put_used``, or None."""
+        got = queue.take_indirect()
+        if got is None:
+            return None
+        head, table, tsize = got
+        answer = serve(queue.mem.ram, table, tsize)
+        if answer is None:
+            queue.unget()
+            return None
+        return head, answer
+
     def notify_used(self, queue, used_all_avail=False):
         """After a batch of ``put_used``: interrupts if the driver wants it (bhyve ``vq_endchains``)."""
         if queue.needs_notify(used_all_avail):

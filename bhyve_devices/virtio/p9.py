@@ -158,15 +158,10 @@ class Virtio9p(VirtioDevice):
     def _serve_compiled(self, queue):
         """The next request through the server's compiled Tread/Twrite if it is one that serves; False (the chain
         given back) if not."""
-        got = queue.take_indirect()
+        got = self.offer_indirect(queue, self.server.serve_compiled)
         if got is None:
             return False
-        head, table, tsize = got
-        used = self.server.serve_compiled(queue.mem.ram, table, tsize)
-        if used is None:
-            queue.unget()
-            return False
-        queue.put_used(head, used)
+        queue.put_used(*got)
         return True
 
     def snapshot_state(self):
