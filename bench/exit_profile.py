@@ -80,9 +80,9 @@ class Profile:
             f, fd = real_compiled(vcpu), vcpu.fd
             stats, mono = vcpu.run_stats, time.monotonic_ns
 
-            def timed(table):
+            def timed(table, mmio):
                 t0 = clock()
-                err = f(table)
+                err = f(table, mmio)
                 back = mono()
                 prof.runs.append((t0, clock(), "EINTR (a kick)" if err else prof.kind(fd)))
                 prof.return_ns += back - stats.ns_last_return     # KVM_RUN's return to Python running again

@@ -20,6 +20,8 @@ of an attribute name:
   them in the hypervisor and hand them over later, in order, as runs (``posted_run``).
 - :class:`PublishedReads`: one-byte registers whose reads have no side effect (a UART's line status); the device
   publishes their value whenever it changes and the VMM may answer the reads without an exit.
+- :class:`PublishedMmioReads`: the same for 32-bit registers in a memory BAR (AHCI's interrupt status and issued
+  slots), published while the BAR is mapped.
 - :class:`Doorbells`: registers whose writes only say "look at your queue" (virtio's queue notify); the VMM may
   have them signal a thread of the device's own instead of exiting, and rings the same thread itself for a write
   that did exit (``ring_with``), so the device's work runs on one thread whichever way the write came.
@@ -29,6 +31,7 @@ Not here: bus registration (``vmmshim.bus``) and the PCI configuration-space hel
 
 import heapq
 import itertools
+import operator
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 
@@ -79,6 +82,30 @@ class PublishedReads(Protocol):
     def publish_reads(self, fn: Callable[[int, Optional[int]], None]) -> None:
         """From now on call ``fn(offset, value)`` whenever a one-byte read at ``offset`` would return something
         else (``None``: no longer answerable without asking the device)."""
+
+
+@runtime_checkable
+class PublishedMmioReads(Protocol):
+    def publish_mmio_reads(self, bar: int, fn: Optional[Callable[[int, Optional[int]], None]]) -> None:
+        """BAR ``bar`` is mapped: call ``fn(offset, value)`` now for each aligned 32-bit register whose reads have
+        no side effect, and from then on whenever a read of it would return something else (``None``: no longer
+        answerable without asking the device); ``fn`` None: the BAR is no longer mapped, stop calling."""
+
+
+def published(name, reg):
+    """A register attribute for a PublishedMmioReads device: reading it is a plain attribute read (kept as
+    ``_name``); assigning it also calls the instance's ``publish(reg, value)`` when the value changed and
+    ``publish`` is not None (a class attribute ``publish = None`` until the BAR is mapped)."""
+    key = "_" + name
+
+    def assign(self, value):
+        d = self.__dict__
+        if d.get(key) != value:
+            d[key] = value
+            pub = self.publish
+            if pub is not None:
+                pub(reg, value)
+    return property(operator.attrgetter(key), assign)
 
 
 @runtime_checkable

@@ -415,7 +415,8 @@ class Vm(HaltMixin):
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
                "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending,
-               "started": ctx.started, "answered_io": ctx.nv.answered_io()}
+               "started": ctx.started, "answered_io": ctx.nv.answered_io(),
+               "answered_mmio": ctx.nv.answered_mmio()}
         vl = ctx.vlapic
         if vl is not None:
             out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]

@@ -137,6 +137,8 @@ class VmmApi(VmmOps, Protocol):
 
     def vm_answer_io(self, vmi: Any, port: int, value: Optional[int]) -> bool: ...
 
+    def vm_answer_mmio(self, vmi: Any, gpa: int, value: Optional[int]) -> bool: ...
+
     def vm_doorbell(self, vmi: Any, addr: int, size: int, pio: bool, datamatch: Optional[int], fd: int) -> bool: ...
 
     def vm_remove_doorbell(self, vmi: Any, addr: int, size: int, pio: bool, datamatch: Optional[int],
@@ -253,6 +255,9 @@ class VmmApiCalls:
 
     def vm_answer_io(self, vmi, port, value):
         return vmi.machine.answer_io(port, value)
+
+    def vm_answer_mmio(self, vmi, gpa, value):
+        return vmi.machine.answer_mmio(gpa, value)
 
     def vm_doorbell(self, vmi, addr, size, pio, datamatch, fd):
         return vmi.machine.doorbell(addr, size, pio, datamatch, fd)

@@ -29,6 +29,9 @@ VMMSHIM_KEYS = {
     "vmmshim.answer_io": ("true", "bool",
                           "port reads a device publishes (the UART's line status) answered by the compiled "
                           "run loop without an exit"),
+    "vmmshim.answer_mmio": ("true", "bool",
+                            "MMIO registers a device publishes (AHCI's interrupt status) answered by the compiled "
+                            "run loop without an exit"),
     "vmmshim.blk_compiled": ("true", "bool",
                              "virtio-blk, nvme and ahci serve Linux's read and write requests in C, where a C "
                              "compiler can build it"),

@@ -54,7 +54,7 @@ def doctor(kvm_device=KVM_DEVICE):
         print(line)
     from ops.nvmm.kvm import fastrun
     why = fastrun.unavailable()
-    print("compiled run loop " + ("built: KVM answers published port reads and IA32_TSC_DEADLINE writes, and "
+    print("compiled run loop " + ("built: KVM answers published port and MMIO reads and IA32_TSC_DEADLINE writes, and "
                                   "injects interrupts at the window and at kicks and sleeps in the guest's HLT, "
                                   "without leaving C" if why is None
                                   else f"unavailable ({why}): every port read and injection goes through Python"))

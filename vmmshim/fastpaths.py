@@ -9,7 +9,9 @@ device through the bus, and the device answers the same.
   out of HLT: :class:`PostedFlush`). Either way they reach
   the device through the port bus (``Bus.posted_run``), the one way a port write gets to a device.
 - **Published reads** (``answered-io``; the KVM provider's compiled run loop, the soft CPU's hook): a
-  PublishedReads device's values are answered without an exit.
+  PublishedReads device's values are answered without an exit. And (``answered-mmio``; the compiled run loop) a
+  PublishedMmioReads device's 32-bit registers in a memory BAR, while the BAR is mapped (``-o
+  vmmshim.answer_mmio``).
 - **Doorbells** (``doorbell``; KVM's ioeventfd): a Doorbells device's registers signal an eventfd that a thread of
   the device's own serves (``vmmshim/doorbells.py``). Where the provider refuses one, or ``-o
   vmmshim.doorbells=false``, the write exits and the device rings the same eventfd (``ring_with``), so a virtio
@@ -23,8 +25,8 @@ that wrote; posted writes wider than the provider's ring entries.
 import os
 import threading
 
-from bhyve_devices.base import Doorbells as DoorbellDevice, PostedWrites, PublishedReads
-from ops.nvmm.api import FEATURE_ANSWERED_IO, FEATURE_DOORBELL, FEATURE_POSTED_IO
+from bhyve_devices.base import Doorbells as DoorbellDevice, PostedWrites, PublishedMmioReads, PublishedReads
+from ops.nvmm.api import FEATURE_ANSWERED_IO, FEATURE_ANSWERED_MMIO, FEATURE_DOORBELL, FEATURE_POSTED_IO
 
 from .doorbells import Doorbells
 
@@ -46,6 +48,8 @@ class FastPaths:
             ops.vm_idle_hook(vmi, self.doorbells.poll_idle, self.doorbells.idle_fd)
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
+        self._bar_reads = {}        # a BAR's window -> (device, BAR index, its MmioPublisher)
+        self.answer_mmio = getattr(config, "answer_mmio", False) and FEATURE_ANSWERED_MMIO in self.features
 
     # -- port devices: posted writes and published reads ---------------------------------------------------------
     def port_device(self, base, device):
@@ -104,7 +108,13 @@ class FastPaths:
 
     def bar_mapped(self, window, dev, idx, base, pio, name=None):
         """BAR ``idx`` of ``dev`` is decoded at ``base`` (``window`` is what the bus maps there): its doorbells are
-        registered there, and writes that still exit ring the same threads (``ring_with``)."""
+        registered there, and writes that still exit ring the same threads (``ring_with``); its published
+        registers are answered there."""
+        if self.answer_mmio and not pio and isinstance(dev, PublishedMmioReads):
+            ops, vmi = self.vm.ops, self.vm.vmi
+            pub = MmioPublisher(base, lambda gpa, value: ops.vm_answer_mmio(vmi, gpa, value))
+            self._bar_reads[window] = (dev, idx, pub)
+            dev.publish_mmio_reads(idx, pub)
         if not isinstance(dev, DoorbellDevice):
             return
         keys = [self.doorbells.add(base + off, size, pio, match, fn, dev, name, hardware=self.hardware_doorbells,
@@ -114,6 +124,11 @@ class FastPaths:
             self._route(dev)
 
     def bar_unmapped(self, window):
+        reads = self._bar_reads.pop(window, None)
+        if reads is not None:
+            dev, idx, pub = reads
+            dev.publish_mmio_reads(idx, None)
+            pub.withdraw()
         entry = self._bar_bells.pop(window, None)
         if entry is not None:
             self.remove_doorbells(k for k in entry[2] if k is not None)
@@ -137,6 +152,36 @@ class FastPaths:
 
     def close(self):
         self.doorbells.close()
+
+
+class MmioPublisher:
+    """What a PublishedMmioReads device calls, ``pub(offset, value)``, for its BAR mapped at ``base``: the value
+    goes to the provider (``answer(gpa, value)``) until :meth:`withdraw`, which takes back everything published
+    (the BAR moved or was turned off); a call racing with it publishes nothing at the old address."""
+
+    def __init__(self, base, answer):
+        self.base, self._answer = base, answer
+        self._lock = threading.Lock()
+        self._live = True
+        self.offsets = set()        # registers published now (withdrawn at the end)
+        self.refused = False        # the provider had no room: those reads exit
+
+    def __call__(self, offset, value):
+        with self._lock:
+            if not self._live:
+                return
+            if self._answer(self.base + offset, value) and value is not None:
+                self.offsets.add(offset)
+            else:
+                self.offsets.discard(offset)
+                self.refused |= value is not None
+
+    def withdraw(self):
+        with self._lock:
+            self._live = False
+            for off in self.offsets:
+                self._answer(self.base + off, None)
+            self.offsets.clear()
 
 
 def _wide(io):

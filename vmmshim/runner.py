@@ -137,7 +137,8 @@ def _create_vm(cfg, memfile=None):
                                              posted_io=cfg.get_bool("vmmshim.posted_io"),
                                              doorbells=cfg.get_bool("vmmshim.doorbells"),
                                              halt_serve=cfg.get_bool("vmmshim.halt_serve"),
-                                             answer_io=cfg.get_bool("vmmshim.answer_io"), memfile=memfile))
+                                             answer_io=cfg.get_bool("vmmshim.answer_io"),
+                                             answer_mmio=cfg.get_bool("vmmshim.answer_mmio"), memfile=memfile))
 
 
 def _tear_down(cfg, vm, platform):

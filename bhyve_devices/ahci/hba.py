@@ -18,11 +18,17 @@ Interrupts: a port's PxIS & PxIE raises the HBA's IS bit for it, then
 The MSI capability offers 16 vectors for 32 ports (bhyve's choice), GHC.MRSM stays 0. All of it runs under one
 lock (bhyve's ``sc->mtx``), the ports' engines included, except while a command moves data.
 
+Published reads (:class:`bhyve_devices.base.PublishedMmioReads`): IS and each port's PxIS, PxSACT and PxCI, the
+registers Linux's interrupt handler reads once per command, go to the VMM at every change (:meth:`Hba.publish_reads`),
+so where the hypervisor can, those reads need no exit.
+
 Not supported: command completion coalescing, enclosure management, BIOS/OS handoff, the staggered spin-up and
 cold presence capabilities, MSI-X.
 """
 
 import threading
+
+from bhyve_devices.base import published
 
 from .layouts import (AHCI_VERSION, CAP, CAP_NCS_SHIFT, CAP_S64A, CAP_SAM, CAP_SCLO, CAP_SNCQ, CAP_ISS_SHIFT, GHC,
                       GHC_AE, GHC_HR, GHC_IE, IS, MAX_PORTS, MAX_SLOTS, PI, PORT_BASE, PORT_STRIDE, SPEED_GEN3, VS)
@@ -34,6 +40,9 @@ MASK32 = 0xFFFFFFFF
 class Hba:
     """``devices``: ``{port: device}``; ``mem``: the GuestMemory; ``irq``: the PCI side (``msi_vectors()``,
     ``msi(vector)``, ``intx(level)``); ``threaded``: serve commands on port threads (see :mod:`.port`)."""
+
+    publish = None
+    is_ = published("is_", IS)
 
     def __init__(self, devices, mem, irq, nports=MAX_PORTS, threaded=True):
         if not 1 <= nports <= MAX_PORTS or any(not 0 <= p < nports for p in devices):
@@ -55,6 +64,23 @@ class Hba:
     def size(self):
         """The ABAR's registers in bytes."""
         return PORT_BASE + self.nports * PORT_STRIDE
+
+    def publish_reads(self, fn):
+        """From now on ``fn(offset, value)`` gets every change of IS and of each port's PxIS, PxSACT and PxCI,
+        after their present values (``fn`` None: no longer). Every change is made under the lock, so what is
+        published is what a read through :meth:`read` returns once the lock is free."""
+        with self.lock:
+            self.publish = fn
+            if fn is not None:
+                fn(IS, self.is_)
+            for port in self.ports:
+                if fn is None:
+                    port.publish = None
+                    continue
+                base = PORT_BASE + port.index * PORT_STRIDE
+                port.publish = lambda reg, value, base=base: fn(base + reg, value)
+                for reg in port.PUBLISHED:
+                    fn(base + reg, port.read(reg))
 
     # -- register accesses -----------------------------------------------------------------------------------------
     def _read32(self, off):

@@ -115,6 +115,12 @@ class AhciPci(PciDevice):
         if idx == ABAR:
             self.hba.write(off, size, value)
 
+    def publish_mmio_reads(self, idx, fn):
+        """The ABAR's interrupt status and issued-slot registers (:class:`bhyve_devices.base.PublishedMmioReads`,
+        ``Hba.publish_reads``)."""
+        if idx == ABAR:
+            self.hba.publish_reads(fn)
+
     # -- snapshots (issue 23, bhyve_devices.ahci.snap) -------------------------------------------------------
     snapshot_keys = PciDevice.snapshot_keys + ("ahci",)
 

@@ -41,6 +41,8 @@ Not supported: port multipliers and FIS-based switching, partial/slumber power s
 
 import threading
 
+from bhyve_devices.base import published
+
 from . import ata
 from .command import HostBusFault, Command, failed
 from .layouts import (CMD_CLO, CMD_CR, CMD_FR, CMD_FRE, CMD_ICC_MASK, CMD_POD, CMD_ST, CMD_SUD, CMD_WRITABLE,
@@ -61,7 +63,12 @@ _READABLE = {P_CLB: "clb", P_CLBU: "clbu", P_FB: "fb", P_FBU: "fbu", P_IS: "is_"
 
 
 class Port:
-    """Port ``index`` of ``hba`` with ``device`` (an AtaDisk, an AtapiCd, or None: no device)."""
+    """Port ``index`` of ``hba`` with ``device`` (an AtaDisk, an AtapiCd, or None: no device). PxIS, PxSACT and
+    PxCI are published (``Hba.publish_reads``): an interrupt handler's reads of them need not exit."""
+
+    PUBLISHED = (P_IS, P_SACT, P_CI)
+    publish = None
+    is_, sact, ci = published("is_", P_IS), published("sact", P_SACT), published("ci", P_CI)
 
     def __init__(self, hba, index, device):
         self.hba, self.index, self.device, self.bit = hba, index, device, 1 << index

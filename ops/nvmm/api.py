@@ -47,7 +47,7 @@ import errno
 from typing import NamedTuple
 
 from . import constants as C
-from .capability import (FEATURE_ANSWERED_IO, FEATURE_DEBUG_BP, FEATURE_DEBUG_HW,  # noqa: F401
+from .capability import (FEATURE_ANSWERED_IO, FEATURE_ANSWERED_MMIO, FEATURE_DEBUG_BP, FEATURE_DEBUG_HW,  # noqa: F401
                          FEATURE_DEBUG_STEP, FEATURE_DEBUG_WATCH, FEATURE_DOORBELL, FEATURE_KERNEL_PVCLOCK,
                          FEATURE_POSTED_IO, LIMIT_CPUID_EXIT, LIMIT_CPUID_LATE, LIMIT_CPUID_MASK_1_7,
                          LIMIT_GUEST_DEBUG, LIMIT_IRQ_WINDOW_LATE, LIMIT_NMI_WINDOW, LIMIT_PAGING32,
@@ -214,6 +214,20 @@ class Machine:
             raise nvmm_error(errno.EINVAL, f"cannot answer port {port:#x} with {value!r}")
         return False if self.destroyed else self._answer_io(port, value)
 
+    def answer_mmio(self, gpa, value):
+        """Extension: publishes what a read inside the aligned 32-bit MMIO register at ``gpa`` returns (``value``,
+        a 32-bit number; a read of 1 or 2 bytes in it gets its bytes) until the next call; ``None`` withdraws it.
+        As :meth:`answer_io`: where the provider can, it answers such reads itself without an exit and returns
+        True (one may still exit now and then and reach the callback, which returns the same value); False where
+        it cannot, or has no room left for another page of registers: the reads keep exiting. Only for
+        registers whose reads have no side effect and whose device publishes every change (an AHCI port's
+        interrupt status); reads wider than 4 bytes always exit. Each vCPU counts the reads it answered
+        (``Vcpu.answered_mmio``); :data:`FEATURE_ANSWERED_MMIO` in ``Capability.features`` says whether the
+        provider can answer at all."""
+        if gpa < 0 or gpa & 3 or (value is not None and not 0 <= value <= 0xFFFFFFFF):
+            raise nvmm_error(errno.EINVAL, f"cannot answer MMIO {gpa:#x} with {value!r}")
+        return False if self.destroyed else self._answer_mmio(gpa, value)
+
     def kernel_pvclock(self):
         """Extension: lets the hypervisor's own paravirtual clock (KVM's kvmclock) answer the guest's clock MSRs
         (0x4b564d00 and 0x4b564d01) instead of exiting. Returns False where there is none (NVMM, the soft CPU):
@@ -298,6 +312,9 @@ class Machine:
     def _answer_io(self, port, value):
         return False
 
+    def _answer_mmio(self, gpa, value):
+        return False
+
     def _doorbell(self, addr, size, pio, datamatch, fd, assign):
         return False
 
@@ -363,6 +380,11 @@ class Vcpu:
     def answered_io(self):
         """vmmshim's extension: how many port reads this vCPU's runs answered without an exit
         (``Machine.answer_io``)."""
+        return 0
+
+    def answered_mmio(self):
+        """vmmshim's extension: how many MMIO reads this vCPU's runs answered without an exit
+        (``Machine.answer_mmio``)."""
         return 0
 
     def assist_io(self):

@@ -39,6 +39,7 @@ class Capability:
 # :class:`Machine` only where the provider lists them (``vmmshim/fastpaths.py`` asks once, here).
 FEATURE_POSTED_IO = "posted-io"            # Machine.post_io: OUTs buffered without an exit (KVM coalesced PIO)
 FEATURE_ANSWERED_IO = "answered-io"        # Machine.answer_io: published one-byte IN values answered inside
+FEATURE_ANSWERED_MMIO = "answered-mmio"    # Machine.answer_mmio: published 32-bit MMIO register values, the same
 FEATURE_DOORBELL = "doorbell"              # Machine.doorbell: writes signal an eventfd (KVM ioeventfd)
 FEATURE_KERNEL_PVCLOCK = "kernel-pvclock"  # Machine.kernel_pvclock: the hypervisor's own kvmclock
 FEATURE_DEBUG_STEP = "debug-step"          # Vcpu.set_guest_debug(step=True): exit after one instruction

@@ -1,6 +1,7 @@
 """The fast paths' wiring (``vmmshim/fastpaths.py``) with a provider that has none of them (a ``VmmApi`` double
 listing no features): a doorbell write that exits still reaches its device's own thread (software doorbells), a
-BAR unmapped takes its doorbells along, and posted runs reach a device through the port bus."""
+BAR unmapped takes its doorbells along, and posted runs reach a device through the port bus; and with a double
+that answers MMIO reads: a memory BAR's published registers follow the BAR and are taken back with it."""
 
 import threading
 import types
@@ -115,6 +116,78 @@ def test_no_posting_and_no_publishing_without_the_features():
             raise AssertionError("published without the answered-io feature")
     fp.port_device(0x3F8, Uartish())
     assert fp.posted_ports == [] and not [c for c in vm.ops.calls if c[0] in ("vm_post_io", "vm_answer_io")]
+    fp.close()
+
+
+class StatusBar:
+    """A PublishedMmioReads device: BAR 0 publishes registers 0x8 and 0xC."""
+
+    def __init__(self):
+        self.pub = None
+
+    def publish_mmio_reads(self, bar, fn):
+        if bar == 0:
+            self.pub = fn
+            if fn is not None:
+                fn(0x8, 1)
+                fn(0xC, 2)
+
+
+def answering_vm(refuse=()):
+    vm = fake_vm(answer_mmio=True)
+    vm.ops.vm_features = lambda vmi: frozenset({"answered-mmio"})
+    answered = {}
+
+    def answer(vmi, gpa, value):
+        vm.ops.calls.append(("vm_answer_mmio", gpa, value))
+        if gpa in refuse:
+            return False
+        answered[gpa] = value
+        return True
+    vm.ops.vm_answer_mmio = answer
+    return vm, answered
+
+
+def test_a_mapped_bar_publishes_at_its_address_and_takes_it_back_when_unmapped():
+    vm, answered = answering_vm()
+    fp = FastPaths(vm)
+    dev, window = StatusBar(), object()
+    fp.bar_mapped(window, dev, 0, 0xE000_0000, False, "status")
+    assert answered == {0xE000_0008: 1, 0xE000_000C: 2}
+    dev.pub(0x8, 5)
+    dev.pub(0xC, None)
+    assert answered == {0xE000_0008: 5, 0xE000_000C: None}
+    pub = dev.pub
+    fp.bar_unmapped(window)
+    assert dev.pub is None and answered == {0xE000_0008: None, 0xE000_000C: None}
+    pub(0x8, 7)                                 # a device thread's late call: nothing at the old address
+    assert answered[0xE000_0008] is None
+    fp.bar_mapped(window, dev, 0, 0xF000_0000, False, "status")      # moved
+    assert answered[0xF000_0008] == 1 and answered[0xE000_0008] is None
+    fp.close()
+
+
+def test_no_mmio_publishing_for_port_bars_without_the_feature_or_when_off():
+    off, _ = answering_vm()
+    off.config.answer_mmio = False
+    # a port BAR; a provider without the feature (fake_vm's ops list none); the switch off
+    for vm, pio in ((answering_vm()[0], True), (fake_vm(answer_mmio=True), False), (off, False)):
+        fp = FastPaths(vm)
+        dev = StatusBar()
+        fp.bar_mapped(object(), dev, 0, 0x1000, pio, "status")
+        assert dev.pub is None and not [c for c in vm.ops.calls if c[0] == "vm_answer_mmio"]
+        fp.close()
+
+
+def test_a_register_the_provider_refuses_is_not_withdrawn_later():
+    vm, answered = answering_vm(refuse={0x1000C})
+    fp = FastPaths(vm)
+    dev, window = StatusBar(), object()
+    fp.bar_mapped(window, dev, 0, 0x10000, False, "status")
+    pub = dev.pub
+    assert pub.refused and pub.offsets == {0x8}
+    fp.bar_unmapped(window)
+    assert [c for c in vm.ops.calls if c[0] == "vm_answer_mmio"][-1] == ("vm_answer_mmio", 0x10008, None)
     fp.close()
 
 

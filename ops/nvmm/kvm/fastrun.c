@@ -20,8 +20,12 @@
  *
  * And a guest's HLT is slept here when nothing waits for Python (fasthalt.c).
  *
- * Not handled here: an ExtINT or NMI for the window, any other exit, string or wider port reads, port writes
- * (they return to the caller).
+ * And it answers the MMIO reads whose value the VM has published (Machine.answer_mmio, struct
+ * vmmshim_mmio_answers): a read of 1, 2 or 4 bytes inside one aligned 32-bit register whose reads have no side
+ * effect, such as the AHCI interrupt status an interrupt handler reads once per command.
+ *
+ * Not handled here: an ExtINT or NMI for the window, any other exit, string or wider port reads, port writes,
+ * MMIO writes, MMIO reads wider than 4 bytes or across two registers (they return to the caller).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -219,14 +223,48 @@ static int serve_kick(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	return 1;
 }
 
+/* an MMIO exit: 1 when it was a read of a published register (answered in kvm_run.mmio.data), 0 otherwise */
+static int answer_mmio(uint8_t *mmio, const struct vmmshim_mmio_answers *a)
+{
+	uint64_t gpa, page;
+	uint32_t len, n, i, shift;
+	int64_t value;
+	const int64_t *values;
+
+	memcpy(&gpa, mmio, sizeof(gpa));
+	memcpy(&len, mmio + 16, sizeof(len));
+	if (mmio[20] || !(len == 1 || len == 2 || len == 4) || (gpa & 3) + len > 4)
+		return 0;
+	page = gpa >> MMIO_PAGE_SHIFT << MMIO_PAGE_SHIFT;
+	n = __atomic_load_n(&a->npages, __ATOMIC_ACQUIRE);
+	if (n > MMIO_PAGES)
+		return 0;
+	for (i = 0; i < n; i++) {
+		if (a->pages[i].gpa != page)
+			continue;
+		values = (const int64_t *)(uintptr_t)a->pages[i].values;
+		value = __atomic_load_n(&values[(gpa - page) >> 2], __ATOMIC_ACQUIRE);
+		if (value < 0)
+			return 0;
+		shift = 8 * (uint32_t)(gpa & 3);
+		value = (int64_t)(((uint64_t)value >> shift) & (len == 4 ? 0xFFFFFFFFu : (1u << (8 * len)) - 1));
+		memset(mmio + 8, 0, 8);
+		memcpy(mmio + 8, &value, len);      /* little-endian, as the guest's load takes it */
+		return 1;
+	}
+	return 0;
+}
+
 /*
  * Returns 0 with an exit for the caller in kvm_run, or the errno of a failed KVM_RUN (EINTR after a kick).
  * answers[port] is the published value of a one-byte read of port, or -1; another thread may change it at
- * any time (each read of it is one atomic load). answers may be NULL (no port read is answered); tscdl may be
- * NULL (no IA32_TSC_DEADLINE write is served); intwin may be NULL (no interrupt is injected here).
+ * any time (each read of it is one atomic load). answers may be NULL (no port read is answered); mmio may be NULL
+ * (no MMIO read is answered); tscdl may be NULL (no IA32_TSC_DEADLINE write is served); intwin may be NULL (no
+ * interrupt is injected here).
  */
 static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
+		    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats,
+		    struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
 {
 	for (;;) {
 		uint32_t reason, count;
@@ -265,6 +303,12 @@ static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 				continue;
 			return 0;
 		}
+		if (reason == lay->exit_mmio && mmio) {
+			if (!answer_mmio(run + lay->io_off, mmio))
+				return 0;
+			++stats->answered_mmio;
+			continue;
+		}
 		if (reason != lay->exit_io || !answers)
 			return 0;
 		io = run + lay->io_off;
@@ -282,12 +326,13 @@ static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 }
 
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-		    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
+		    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats,
+		    struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
 {
 	int r;
 
 	if (!intwin)
-		return run_loop(fd, run, lay, answers, stats, tscdl, NULL);
+		return run_loop(fd, run, lay, answers, mmio, stats, tscdl, NULL);
 	__atomic_fetch_or(&intwin->state, WIN_IN, __ATOMIC_ACQ_REL);
 	intwin->slept_out = 0;
 	if (intwin->halt & HALT_NOW) {
@@ -299,7 +344,7 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 			return EINTR;
 		}
 	}
-	r = run_loop(fd, run, lay, answers, stats, tscdl, intwin);
+	r = run_loop(fd, run, lay, answers, mmio, stats, tscdl, intwin);
 	__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
 	return r;
 }

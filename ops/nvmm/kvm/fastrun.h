@@ -22,6 +22,29 @@ struct vmmshim_run_layout {
 	uint64_t run_size;          /* the mapping's size */
 	uint32_t timing;            /* non-zero: keep the clock counters of vmmshim_run_stats (two clock reads
 	                               per KVM_RUN, for bench/exit_profile.py) */
+	uint32_t exit_mmio;         /* KVM_EXIT_MMIO; kvm_run.mmio is at io_off: phys_addr u64, data[8], len u32,
+	                               is_write u8 */
+};
+
+/*
+ * One VM's published MMIO reads (Python: fastrun.py's MmioAnswers): pages of 4 KiB, each a table of the values
+ * its 1024 aligned 32-bit registers read (-1: the read exits). A page is filled before npages counts it, and is
+ * never taken back (its values go to -1 instead), so the loop reads it without a lock; each value is one atomic
+ * load.
+ */
+#define MMIO_PAGES 16u
+#define MMIO_PAGE_SHIFT 12u
+#define MMIO_SLOTS 1024u
+
+struct vmmshim_mmio_page {
+	uint64_t gpa;               /* the page's guest-physical base */
+	uint64_t values;            /* int64_t[MMIO_SLOTS] in this process */
+};
+
+struct vmmshim_mmio_answers {
+	uint32_t npages;            /* pages in use (atomic: grows only) */
+	uint32_t pad;
+	struct vmmshim_mmio_page pages[MMIO_PAGES];
 };
 
 /* the counters a vCPU's loop keeps (read by Python at any time, for statistics) */
@@ -30,6 +53,7 @@ struct vmmshim_run_stats {
 	uint64_t ns_in_run;         /* with timing: time inside KVM_RUN (the guest and the kernel), CLOCK_MONOTONIC */
 	uint64_t ns_last_return;    /* with timing: when the last KVM_RUN returned; the caller's own clock after
 	                               the call minus this is what the return cost (taking Python's GIL back) */
+	uint64_t answered_mmio;     /* MMIO reads answered here */
 };
 
 /* one vCPU's IA32_TSC_DEADLINE (Python: ops/nvmm/kvm/tscdeadline.py) */

@@ -3,7 +3,8 @@
 It runs ``KVM_RUN`` again after each one-byte port read whose value the VM published (``Machine.answer_io``),
 without coming back to Python (in the nested lab a kernel console's LSR read per character, each one an exit
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
-guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), injects the interrupt posted for the interrupt window
+guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), answers the MMIO reads the VM published
+(``Machine.answer_mmio``: an AHCI interrupt handler's status registers), injects the interrupt posted for the interrupt window
 (``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files need only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
@@ -32,11 +33,22 @@ struct vmmshim_run_layout {
     uint64_t data_off;
     uint64_t run_size;
     uint32_t timing;
+    uint32_t exit_mmio;
+};
+struct vmmshim_mmio_page {
+    uint64_t gpa;
+    uint64_t values;
+};
+struct vmmshim_mmio_answers {
+    uint32_t npages;
+    uint32_t pad;
+    struct vmmshim_mmio_page pages[16];
 };
 struct vmmshim_run_stats {
     uint64_t answered;
     uint64_t ns_in_run;
     uint64_t ns_last_return;
+    uint64_t answered_mmio;
 };
 struct vmmshim_tscdl {
     uint32_t enabled;
@@ -84,7 +96,7 @@ struct vmmshim_waketimer {
     uint64_t period_ns;
 };
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-                    struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
+                    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
 int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
@@ -96,6 +108,8 @@ int vmmshim_tscdl_expire(struct vmmshim_tscdl *d);
 """
 NO_ANSWER = -1
 PORTS = 0x10000
+MMIO_PAGES, MMIO_PAGE_SHIFT, MMIO_SLOTS = 16, 12, 1024     # fastrun.h's
+MMIO_REG = 4                    # bytes of one published MMIO register
 #: vCPUs created while this is True keep the loop's clock counters (``bench/exit_profile.py`` sets it).
 TIMING = False
 
@@ -128,6 +142,42 @@ class Answers:
             old = self.table[port]
             self.table[port] = NO_ANSWER if value is None else value & 0xFF
             self.count += (value is not None) - (old != NO_ANSWER)
+
+
+class MmioAnswers:
+    """One VM's published MMIO reads (``struct vmmshim_mmio_answers``): up to ``MMIO_PAGES`` pages of 4 KiB, each
+    the values of its aligned 32-bit registers (-1 where a read exits). A page is filled before it is counted and
+    never taken back, so the vCPUs' compiled loops read it without a lock."""
+
+    def __init__(self, ffi):
+        self.ffi = ffi
+        self.struct = ffi.new("struct vmmshim_mmio_answers *")
+        self._values = {}           # page gpa -> its int64_t[MMIO_SLOTS] (kept alive as long as the VM)
+        self.count = 0              # registers published now: the vCPUs take the compiled loop while non-zero
+        self._lock = threading.Lock()
+
+    def set(self, gpa, value):
+        """Publishes ``value`` for the register at ``gpa`` (None withdraws it); False when no page is left."""
+        page = gpa >> MMIO_PAGE_SHIFT << MMIO_PAGE_SHIFT
+        with self._lock:
+            values = self._values.get(page)
+            if values is None:
+                if value is None:
+                    return True
+                n = self.struct.npages
+                if n >= MMIO_PAGES:
+                    return False
+                values = self.ffi.new("int64_t[]", MMIO_SLOTS)
+                self.ffi.memmove(values, b"\xff" * (8 * MMIO_SLOTS), 8 * MMIO_SLOTS)
+                self._values[page] = values
+                slot = self.struct.pages[n]
+                slot.gpa, slot.values = page, int(self.ffi.cast("uintptr_t", values))
+                self.struct.npages = n + 1      # after the page is filled (a plain store; x86 keeps the order)
+            i = (gpa - page) // MMIO_REG
+            old = values[i]
+            values[i] = NO_ANSWER if value is None else value & 0xFFFFFFFF
+            self.count += (value is not None) - (old != NO_ANSWER)
+            return True
 
 
 def main():

@@ -164,7 +164,7 @@ class KvmProvider(api.Provider):
         if self.ioeventfd:
             features.add(api.FEATURE_DOORBELL)
         if fastrun.load() is not None:          # the compiled run loop answers published reads
-            features.add(api.FEATURE_ANSWERED_IO)
+            features |= {api.FEATURE_ANSWERED_IO, api.FEATURE_ANSWERED_MMIO}
         if self.check_extension(K.KVM_CAP_SET_GUEST_DEBUG):
             features |= set(GUEST_DEBUG_BY_KIND.get(self.kind, GUEST_DEBUG_ALL))
         if api.FEATURE_DEBUG_STEP not in features:
@@ -217,6 +217,7 @@ class KvmMachine(api.Machine):
         self._ring = None               # paths test it, so it stays this one list
         self._ring_lock = threading.Lock()
         self._answers = None            # fastrun.Answers once answer_io is called and the loop is built
+        self._mmio_answers = None       # fastrun.MmioAnswers once answer_mmio is called ...
         self.waketimer = None           # intwin.WakeTimer once wake_timer is called
         self.intwins = []               # the vCPUs' intwin.IntWindow (they sleep in HLT in the loop)
 
@@ -314,6 +315,14 @@ class KvmMachine(api.Machine):
             self._answers = fastrun.Answers(loaded[0])
         self._answers.set(port, value)
         return True
+
+    def _answer_mmio(self, gpa, value):
+        if self._mmio_answers is None:
+            loaded = fastrun.load()
+            if loaded is None:
+                return False
+            self._mmio_answers = fastrun.MmioAnswers(loaded[0])
+        return self._mmio_answers.set(gpa, value)
 
     # -- doorbells: KVM_IOEVENTFD (KVM API 4.59; it needs no in-kernel interrupt controller) ------------------
     def _doorbell(self, addr, size, pio, datamatch, fd, assign):

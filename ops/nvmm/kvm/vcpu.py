@@ -175,26 +175,28 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         posted, drain, ring_hdr, ring_off = machine.posted, machine._drain_posted, L.RING_HDR_FMT.unpack_from, \
             machine.provider.ring_offset
 
-        compiled, after_io = None, False
+        compiled, after_io, after_mmio, kmmio = None, False, False, K.KVM_EXIT_MMIO
         intwin = self.intwin
         winst = intwin.struct if intwin is not None else None
 
         def run():
-            nonlocal compiled, after_io
+            nonlocal compiled, after_io, after_mmio
             if vcpu._slow:
                 return slow_run()
             vcpu._thread = get_ident()
             vcpu._in_run = True
-            answers = machine._answers
+            answers, mmio = machine._answers, machine._mmio_answers
             tscdl = vcpu.tscdl
             # The compiled loop where it injects interrupts (intwin.py: a kick may post one while it runs), after a
-            # port exit (a console's IER access starts the run of LSR reads it answers) and while it serves
-            # IA32_TSC_DEADLINE; else the plain ioctl, which costs less per call (measured natively: docs/lab.md)
+            # port or MMIO exit (a console's IER access starts the run of LSR reads it answers; an AHCI handler's
+            # status write, the reads after it) and while it serves IA32_TSC_DEADLINE; else the plain ioctl, which
+            # costs less per call (measured natively: docs/lab.md)
             if winst is not None or (after_io and answers is not None and answers.count) or \
-                    (tscdl is not None and tscdl.struct.enabled):
+                    (after_mmio and mmio is not None and mmio.count) or (tscdl is not None and tscdl.struct.enabled):
                 if compiled is None:
                     compiled = vcpu._compiled_run()
-                err = compiled(answers.table if answers is not None else None)       # KVM_RUN, in C
+                err = compiled(answers.table if answers is not None else None,
+                               mmio.struct if mmio is not None else None)       # KVM_RUN, in C
                 failed = OSError(err, os.strerror(err)) if err else None
                 if winst is not None and winst.state:
                     intwin.settle()         # the vlapic accepts what the loop injected before anything else
@@ -220,7 +222,7 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
                 after_io = True
                 ex.reason = io
                 return ex
-            after_io = False
+            after_io, after_mmio = False, k == kmmio
             return exit_other(ex, k)
 
         def assist_io():
@@ -235,12 +237,13 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         self.run, self.assist_io = run, assist_io
 
     def _compiled_run(self):
-        """The compiled loop (``fastrun.c``) bound to this vCPU: ``f(answers) -> errno`` (0: an exit to handle).
+        """The compiled loop (``fastrun.c``) bound to this vCPU: ``f(answers, mmio) -> errno`` (0: an exit to handle).
         Only called once the machine has published a read, so the library is loaded."""
         ffi, lib = fastrun.load()
         lay = ffi.new("struct vmmshim_run_layout *", dict(
             kvm_run=K.KVM_RUN, reason_off=L.RUN_EXIT_REASON, io_off=L.RUN_U, exit_io=K.KVM_EXIT_IO,
-            io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm), timing=fastrun.TIMING))
+            io_in=K.KVM_EXIT_IO_IN, data_off=K_PIO_DATA_OFFSET, run_size=len(self.mm), timing=fastrun.TIMING,
+            exit_mmio=K.KVM_EXIT_MMIO))
         # the view keeps the mapping alive (a later mm.close() in _destroy then leaves it to the last reference)
         runp = ffi.from_buffer("uint8_t[]", self.mm)
         stats, fd, crun = ffi.new("struct vmmshim_run_stats *"), self.fd, lib.vmmshim_kvm_run
@@ -248,7 +251,8 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         null = ffi.NULL
         tscdl = self.tscdl.struct if self.tscdl is not None else null
         intwin = self.intwin.struct if self.intwin is not None else null
-        return lambda table: crun(fd, runp, lay, null if table is None else table, stats, tscdl, intwin)
+        return lambda table, mmio: crun(fd, runp, lay, null if table is None else table,
+                                        null if mmio is None else mmio, stats, tscdl, intwin)
 
     def tsc_deadline(self, tsc_hz):
         """vmmshim's extension: this vCPU's IA32_TSC_DEADLINE kept by the compiled loop (:mod:`.tscdeadline`), or
@@ -366,6 +370,9 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
 
     def answered_io(self):
         return self.run_stats.answered if self.run_stats is not None else 0
+
+    def answered_mmio(self):
+        return self.run_stats.answered_mmio if self.run_stats is not None else 0
 
     # -- assists -----------------------------------------------------------------------------------------------
     def _assist_io_slow(self, direction, size, port, count, off):
