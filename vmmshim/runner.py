@@ -148,6 +148,9 @@ def _tear_down(cfg, vm, platform):
     if vm is not None and vm.status is not None and cfg.get_bool("vmmshim.stats"):
         for vcpu, st in vm.stats().items():
             print(f"vmmshim: vcpu{vcpu} {st}", file=sys.stderr)
+        bells = vm.doorbells
+        print(f"vmmshim: doorbells rings {bells.rings} (served by a halting vCPU {bells.idle_served}), "
+              f"in the hypervisor {bells.hardware}", file=sys.stderr)
     if platform is not None:
         platform.close()
     if vm is not None and stopped:
