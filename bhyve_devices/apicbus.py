@@ -46,6 +46,7 @@ class ApicBus:
         self.on_nmi = on_nmi or _nop
         self._kick = kick or _nop
         self.vlapics = {}
+        self._ordered = ()          # the vlapics in vCPU order (every message looks at them)
         self._wait_sipi = set()
         self._rr = 0
         self._lock = threading.Lock()
@@ -53,6 +54,7 @@ class ApicBus:
     def add(self, vlapic):
         """Registers a vlapic (done by its constructor); every AP starts in wait-for-SIPI."""
         self.vlapics[vlapic.vcpu_id] = vlapic
+        self._ordered = tuple(v for _, v in sorted(self.vlapics.items()))
         vlapic.bus = self
         if vlapic.vcpu_id != 0:
             self._wait_sipi.add(vlapic.vcpu_id)
@@ -96,7 +98,9 @@ class ApicBus:
         if x2_format is None:
             src = self.vlapics.get(src_id)
             x2_format = bool(src is not None and src.x2apic_mode)
-        all_ = [v for _, v in sorted(self.vlapics.items()) if v.hw_enabled]
+        if not logical and shorthand == R.SHORTHAND_NONE and dest != (0xFFFFFFFF if x2_format else 0xFF):
+            return [v for v in self._ordered if v.apic_id == dest and v.hw_enabled]     # the common MSI
+        all_ = [v for v in self._ordered if v.hw_enabled]
         if shorthand == R.SHORTHAND_SELF:
             return [v for v in all_ if v.vcpu_id == src_id]
         if shorthand == R.SHORTHAND_ALL_INCL:

@@ -84,7 +84,8 @@ class MsiMixin:
 
     @property
     def msix_enabled(self):
-        return self._msix_off is not None and bool(self._msix_ctrl() & C.MSIX_CTRL_ENABLE)
+        off = self._msix_off         # the control word's high byte holds the enable bit (15)
+        return off is not None and bool(self.cfg[off + C.MSIX_CTRL + 1] & (C.MSIX_CTRL_ENABLE >> 8))
 
     def _msix_ctrl(self):
         return self._get(self._msix_off + C.MSIX_CTRL, 2)

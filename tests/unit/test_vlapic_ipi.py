@@ -184,6 +184,8 @@ def test_disabled_targets_skipped():
     vs[3].set_apicbase(0xFEE00000)                                           # hardware-disabled
     ipi(vs[0], 0xFF, 0x70)
     assert pending(vs) == [0x70, 0x70, None, None]
+    assert bus.deliver_intr(3, True, R.DELMODE_FIXED, 0x71, False) == []    # a physical MSI to the disabled one
+    assert bus.deliver_intr(1, True, R.DELMODE_FIXED, 0x71, False) == [1]
 
 
 def test_cross_ipis_do_not_deadlock():
