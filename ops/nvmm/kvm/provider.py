@@ -308,21 +308,27 @@ class KvmMachine(api.Machine):
 
     # -- answered port reads: the compiled run loop (fastrun.c) -------------------------------------------------
     def _answer_io(self, port, value):
-        if self._answers is None:
-            loaded = fastrun.load()
-            if loaded is None:
-                return False
-            self._answers = fastrun.Answers(loaded[0])
-        self._answers.set(port, value)
+        table = self._answer_table("_answers", fastrun.Answers)
+        if table is None:
+            return False
+        table.set(port, value)
         return True
 
     def _answer_mmio(self, gpa, value):
-        if self._mmio_answers is None:
+        table = self._answer_table("_mmio_answers", fastrun.MmioAnswers)
+        return table is not None and table.set(gpa, value)
+
+    def _answer_table(self, attr, make):
+        """The published-reads table kept in ``attr``, made (``make(ffi)``) on the first call; None where the
+        compiled loop cannot be built."""
+        table = getattr(self, attr)
+        if table is None:
             loaded = fastrun.load()
             if loaded is None:
-                return False
-            self._mmio_answers = fastrun.MmioAnswers(loaded[0])
-        return self._mmio_answers.set(gpa, value)
+                return None
+            table = make(loaded[0])
+            setattr(self, attr, table)
+        return table
 
     # -- doorbells: KVM_IOEVENTFD (KVM API 4.59; it needs no in-kernel interrupt controller) ------------------
     def _doorbell(self, addr, size, pio, datamatch, fd, assign):
