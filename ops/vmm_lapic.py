@@ -36,7 +36,7 @@ CR8_MASK = 0xF
 def tpr_from_guest(ctx):
     """After an exit: the guest's CR8 into the vlapic's TPR, when it moved since CR8 and TPR last agreed (a TPR
     written through the page keeps its low nibble until the guest writes CR8)."""
-    cr8 = ctx.nv.exit.exitstate.cr8 & CR8_MASK
+    cr8 = ctx.nv.exit.cr8 & CR8_MASK
     if cr8 != ctx.cr8:
         ctx.cr8 = cr8
         ctx.vlapic.set_cr8(cr8)
@@ -95,8 +95,7 @@ def inject_interrupt(vm, ctx, vl, queued):
     # every exit comes here (a Linux boot's console writes run with interrupts off).
     es = nv.exit.exitstate
     injectable = not queued and _injectable(es)
-    if injectable:
-        nv.complete_exit()                   # events its completion queues (a #GP) come first
+    if injectable and nv.complete_exit() is not False:     # events its completion queues (a #GP) come first
         es = nv.exit.exitstate
         injectable = _injectable(es)
     if injectable:

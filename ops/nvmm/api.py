@@ -270,7 +270,8 @@ class Vcpu:
         """vmmshim's extension, called after the exit was handled (assists done, state set) and before the
         interrupt state is read to decide an injection: a provider whose kernel finishes the exiting instruction
         only at the next run (KVM) finishes it now, so the events that completion queues (a #GP) are seen.
-        NVMM's kernel needs nothing here."""
+        NVMM's kernel needs nothing here. Returns False when nothing was left to finish (the exit state reads as
+        before), anything else (None here) when it may have changed."""
 
     def run(self) -> Exit:
         raise NotImplementedError

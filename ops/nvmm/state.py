@@ -289,6 +289,11 @@ class Exit:
         return ExitInvalid(*struct.unpack_from("<Q", self.buf, _U))
 
     @property
+    def cr8(self):
+        """``exitstate.cr8`` alone (what the ops layer reads before every entry; a provider may read it cheaper)."""
+        return self.exitstate.cr8
+
+    @property
     def exitstate(self):
         rflags, cr8, bits = EXITSTATE_FMT.unpack_from(self.buf, OFF_EXITSTATE)
         return ExitState(rflags, cr8, bool(bits & INTR_INT_SHADOW), bool(bits & INTR_INT_WINDOW_EXITING),

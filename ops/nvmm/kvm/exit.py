@@ -76,6 +76,10 @@ class KvmExit(Exit):
         return ExitInvalid(self.kvm_reason)
 
     @property
+    def cr8(self):
+        return _U64.unpack_from(self.vcpu.mm, L.RUN_CR8)[0]
+
+    @property
     def exitstate(self):
         v = self.vcpu
         bits = v.intr_bits()

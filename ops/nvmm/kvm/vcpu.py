@@ -135,8 +135,10 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
                          struct.unpack_from("<Q", self.mm, L.RUN_DIRTY_REGS)[0] | K.KVM_SYNC_X86_EVENTS)
 
     def complete_exit(self):
-        if self.exit.kvm_reason in _NEEDS_COMPLETION:
-            self._complete_exit()
+        if self.exit.kvm_reason not in _NEEDS_COMPLETION:
+            return False
+        self._complete_exit()
+        return True
 
     def _complete_exit(self):
         """Let KVM finish the instruction that exited (an I/O, MMIO or MSR access completes only at the next
