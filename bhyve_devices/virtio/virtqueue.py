@@ -38,7 +38,8 @@ and the hot path uses ``struct`` formats of the same sizes (checked by the unit 
 with the check of an indirect table in the order Linux writes it, sliced with whole-list operations
 (:func:`_indirect_in_order`) because a 1 MiB request's table of 258 entries walked one Python step per entry
 was a visible part of the request in the nested lab (docs/lab.md, "Serving at HLT"). Every one of those names is
-importable from here.
+importable from here. The hand-offs to a device's compiled path (a lone INDIRECT chain popped, the rings' state
+for a compiled pass and its report back) are :mod:`bhyve_devices.virtio.vq_handoff`'s.
 
 Snapshot (:mod:`bhyve_devices.snapshot`): :meth:`Virtqueue.snapshot_state` / :meth:`Virtqueue.restore_state` save
 the queue's configuration (size, ring addresses, ready, MSI-X vector, the negotiated ring features), its progress
@@ -48,8 +49,6 @@ whether the driver broke it; a ready queue maps its rings again at restore and g
 Not supported: the packed virtqueue (2.7), ``VIRTIO_F_IN_ORDER``, a descriptor chain split over more than one
 indirect table.
 """
-
-import struct
 
 from bhyve_devices.snapshot import SnapshotError, int_in
 
@@ -62,14 +61,14 @@ from .vring import (DESC_SIZE, LEGACY_ALIGN, MAX_QUEUE_SIZE, VIRTIO_F_NOTIFY_ON_
                     need_event, used_ring, used_size)
 from .vring import DESC_FMT as _DESC, ELEM_FMT as _ELEM, U16_FMT as _U16
 
-_GUEST_ERRORS = (OSError, ValueError, OverflowError, IndexError, TypeError, struct.error)
+from .vq_handoff import GUEST_ERRORS as _GUEST_ERRORS, VirtqueueHandoff
 
 
 class VirtqueueError(Exception):
     """A driver error in a queue (internal; never raised out of the public methods)."""
 
 
-class Virtqueue:
+class Virtqueue(VirtqueueHandoff):
     """The device side of one split virtqueue.
 
     The transport owns the queue object for the whole life of the device: it sets ``size`` (at most
@@ -340,53 +339,6 @@ class Virtqueue:
             if nxt >= tsize:
                 raise VirtqueueError(f"descriptor {i}: next {nxt} >= table size {tsize}")
             i = nxt
-
-    def take_indirect(self):
-        """Pops the next available chain if it is a lone INDIRECT descriptor whose table lies in the memory's
-        first RAM area (``GuestMemory.ram``): returns ``(head, table_address, entries)`` for a device that serves
-        such a table itself (virtio-blk's compiled request), which then returns it with :meth:`put_used`, or
-        gives it back with :meth:`unget` for :meth:`get_chain` to walk. Returns None, and pops nothing, for any
-        other chain or an empty ring (whose problems :meth:`get_chain` then reports)."""
-        if not self.usable or not self.indirect:
-            return None
-        ram = getattr(self.mem, "ram", None)
-        if ram is None:
-            return None
-        try:
-            last = self.last_avail
-            size = self.size
-            pending = (self._avail_idx() - last) & 0xFFFF
-            if pending == 0 or pending > size:
-                return None
-            head = _U16.unpack_from(self._avail, 4 + 2 * (last % size))[0]
-            if head >= size:
-                return None
-            addr, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
-        except _GUEST_ERRORS:
-            return None
-        if flags != VIRTQ_DESC_F_INDIRECT or not length or length % DESC_SIZE or addr + length > len(ram):
-            return None
-        tsize = length // DESC_SIZE
-        if tsize > MAX_QUEUE_SIZE:
-            return None
-        self._popped(last)
-        return head, addr, tsize
-
-    def ring_state(self):
-        """``(desc_addr, avail_addr, used_addr, size, last_avail, used_idx, event_idx)`` for a device whose
-        compiled pass serves the rings itself (lone INDIRECT chains in the memory's first RAM area, as
-        :meth:`take_indirect` returns them) and then reports with :meth:`advance`; None when the queue is not
-        usable, has no indirect descriptors or the memory no ``ram``."""
-        if not self.usable or not self.indirect or getattr(self.mem, "ram", None) is None:
-            return None
-        return (self.desc_addr, self.avail_addr, self.used_addr, self.size, self.last_avail, self.used_idx,
-                1 if self.event_idx else 0)
-
-    def advance(self, n, last_avail, used_idx):
-        """A compiled pass took ``n`` chains and put them in the used ring (its index and ``avail_event``
-        written): the queue goes on from ``last_avail`` and ``used_idx``."""
-        self.last_avail, self.used_idx = last_avail & 0xFFFF, used_idx & 0xFFFF
-        self.chains += n
 
     def unget(self, n=1):
         """Gives back the last ``n`` chains returned by :meth:`get_chain` (bhyve's ``vq_retchains``): they will
