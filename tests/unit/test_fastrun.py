@@ -1,5 +1,5 @@
 """The compiled KVM run loop's build and load (``ops/nvmm/kvm/fastrun.py``): cached by the source's hash, a clear
-reason when it cannot be built, and the published-reads table. The loop itself runs in
+reason when it cannot be built, and the published-reads tables (ports, and MMIO pages with their limit). The loop itself runs in
 ``tests/conformance/test_answered_io.py`` (a real KVM guest)."""
 
 import shutil
@@ -65,3 +65,34 @@ def test_answers_table_counts_published_ports():
     a.set(0x3FD, None)                                  # withdrawing twice counts once
     a.set(0x80, None)
     assert a.count == 1 and a.table[0x3FD] == fastrun.NO_ANSWER
+
+
+def _mmio_answers():
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(fastrun.CDEF)
+    return fastrun.MmioAnswers(ffi)
+
+
+def test_mmio_answers_pages_and_counts():
+    a = _mmio_answers()
+    assert a.set(0xFEBF0110, 7) and a.set(0xFEBF0114, 0xFFFFFFFF) and a.set(0xFEBF1000, 1)
+    s = a.struct
+    assert s.npages == 2 and a.count == 3
+    first = a.ffi.cast("int64_t *", s.pages[0].values)
+    assert s.pages[0].gpa == 0xFEBF0000 and first[0x110 // 4] == 7 and first[0x114 // 4] == 0xFFFFFFFF
+    assert first[0] == fastrun.NO_ANSWER and first[fastrun.MMIO_SLOTS - 1] == fastrun.NO_ANSWER
+    assert a.set(0xFEBF0110, 8) and a.count == 3          # a new value of the same register
+    assert a.set(0xFEBF0110, None) and a.set(0xFEBF0110, None) and a.count == 2
+    assert first[0x110 // 4] == fastrun.NO_ANSWER
+    assert a.set(0xC0000000, None) and s.npages == 2       # withdrawing where nothing was: no page
+
+
+def test_mmio_answers_refuse_a_page_past_the_last_and_keep_the_rest():
+    """A guest moving a BAR from page to page gets new pages up to MMIO_PAGES (they are never freed: the run loop
+    reads them without a lock), then the provider refuses: those reads exit, as without the table."""
+    a = _mmio_answers()
+    for i in range(fastrun.MMIO_PAGES):
+        assert a.set(0xE0000000 + (i << fastrun.MMIO_PAGE_SHIFT), i)
+    assert not a.set(0xF0000000, 1) and a.struct.npages == fastrun.MMIO_PAGES
+    assert a.set(0xE0000004, 9)                            # a page it has still takes values
