@@ -1,6 +1,6 @@
 """The compiled KVM run loop's build and load (``ops/nvmm/kvm/fastrun.py``): cached by the source's hash, a clear
-reason when it cannot be built, and the published-reads tables (ports, and MMIO pages with their limit). The loop itself runs in
-``tests/conformance/test_answered_io.py`` (a real KVM guest)."""
+reason when it cannot be built, and the published-reads tables (ports, and MMIO pages with their limit). The loop
+itself runs in ``tests/conformance/test_answered_io.py`` and ``test_answered_mmio.py`` (a real KVM guest)."""
 
 import shutil
 
