@@ -4,8 +4,8 @@ It runs ``KVM_RUN`` again after each one-byte port read whose value the VM publi
 without coming back to Python (in the nested lab a kernel console's LSR read per character, each one an exit
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
 guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), answers the MMIO reads the VM published
-(``Machine.answer_mmio``: an AHCI interrupt handler's status registers), injects the interrupt posted for the interrupt window
-(``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files need only
+(``Machine.answer_mmio``: an AHCI interrupt handler's status registers), injects the interrupt posted for the
+interrupt window (``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files need only
 libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
 ``libc6-dev``).
 
@@ -96,7 +96,8 @@ struct vmmshim_waketimer {
     uint64_t period_ns;
 };
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
-                    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats, struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
+                    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats,
+                    struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
 int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
