@@ -49,7 +49,7 @@ class FastPaths:
         self.posted_ports = []      # (port, size) ranges whose writes the provider posts
         self._bar_bells = {}        # a BAR's window -> (device, BAR index, keys of its doorbells)
         self._bar_reads = {}        # a BAR's window -> (device, BAR index, its MmioPublisher)
-        self.answer_mmio = getattr(config, "answer_mmio", False) and FEATURE_ANSWERED_MMIO in self.features
+        self.answer_mmio = config.answer_mmio and FEATURE_ANSWERED_MMIO in self.features
 
     # -- port devices: posted writes and published reads ---------------------------------------------------------
     def port_device(self, base, device):

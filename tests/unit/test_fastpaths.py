@@ -42,7 +42,7 @@ class BellDevice:
 
 
 def fake_vm(**config):
-    cfg = dict(doorbells=True, halt_serve=True, answer_io=True, posted_io=True)
+    cfg = dict(doorbells=True, halt_serve=True, answer_io=True, answer_mmio=True, posted_io=True)
     cfg.update(config)
     return types.SimpleNamespace(ops=RecordingOps(), vmi="vmi", config=types.SimpleNamespace(**cfg),
                                  timers=ManualTimers(), pio=Bus("port", is_port_bus=True), log=print, status=None)
@@ -134,7 +134,7 @@ class StatusBar:
 
 
 def answering_vm(refuse=()):
-    vm = fake_vm(answer_mmio=True)
+    vm = fake_vm()
     vm.ops.vm_features = lambda vmi: frozenset({"answered-mmio"})
     answered = {}
 
@@ -171,7 +171,7 @@ def test_no_mmio_publishing_for_port_bars_without_the_feature_or_when_off():
     off, _ = answering_vm()
     off.config.answer_mmio = False
     # a port BAR; a provider without the feature (fake_vm's ops list none); the switch off
-    for vm, pio in ((answering_vm()[0], True), (fake_vm(answer_mmio=True), False), (off, False)):
+    for vm, pio in ((answering_vm()[0], True), (fake_vm(), False), (off, False)):
         fp = FastPaths(vm)
         dev = StatusBar()
         fp.bar_mapped(object(), dev, 0, 0x1000, pio, "status")

@@ -104,7 +104,8 @@ class DoorbellOps(RecordingOps):
 class FakeVm:
     def __init__(self):
         self.ops, self.vmi, self.log, self.status = DoorbellOps(), "vmi", print, None
-        self.config = types.SimpleNamespace(doorbells=True, halt_serve=False, answer_io=False, posted_io=False)
+        self.config = types.SimpleNamespace(doorbells=True, halt_serve=False, answer_io=False, answer_mmio=False,
+                                            posted_io=False)
         self.pio, self.mmio = Bus("port", is_port_bus=True), Bus("mmio")
         self.fast = FastPaths(self)
 
