@@ -5,9 +5,9 @@ without coming back to Python (in the nested lab a kernel console's LSR read per
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
 guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), answers the MMIO reads the VM published
 (``Machine.answer_mmio``: an AHCI interrupt handler's status registers), injects the interrupt posted for the
-interrupt window (``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files need only
-libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes (``gcc``,
-``libc6-dev``).
+interrupt window (``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files
+need only libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes
+(``gcc``, ``libc6-dev``).
 
 The library is built and cached by ``ops/native.py`` (by the hash of its source, under ``$VMMSHIM_CACHE``).
 :func:`load` returns ``None`` (and :func:`unavailable` says why) when it cannot be built: the provider then
