@@ -67,6 +67,16 @@ def test_answers_table_counts_published_ports():
     assert a.count == 1 and a.table[0x3FD] == fastrun.NO_ANSWER
 
 
+def test_the_mmio_table_is_declared_alike_in_c_and_python():
+    import re
+    header = fastrun.SOURCE[2].read_text()
+    defines = {m[0]: int(m[1]) for m in re.findall(r"^#define (MMIO_\w+) (\d+)u$", header, re.M)}
+    assert defines == {"MMIO_PAGES": fastrun.MMIO_PAGES, "MMIO_PAGE_SHIFT": fastrun.MMIO_PAGE_SHIFT,
+                       "MMIO_SLOTS": fastrun.MMIO_SLOTS}
+    assert fastrun.MMIO_SLOTS * fastrun.MMIO_REG == 1 << fastrun.MMIO_PAGE_SHIFT
+    assert _mmio_answers().ffi.sizeof("struct vmmshim_mmio_answers") == 8 + 16 * fastrun.MMIO_PAGES
+
+
 def _mmio_answers():
     import cffi
     ffi = cffi.FFI()

@@ -23,6 +23,7 @@ from ... import native
 
 SOURCE = tuple(pathlib.Path(__file__).with_name(n) for n in ("fastrun.c", "fasthalt.c", "fastrun.h"))
 ENV_OFF = "VMMSHIM_FASTRUN"
+MMIO_PAGES, MMIO_PAGE_SHIFT, MMIO_SLOTS = 16, 12, 1024     # fastrun.h's (tests/unit/test_fastrun.py checks)
 CDEF = """
 struct vmmshim_run_layout {
     unsigned long kvm_run;
@@ -42,7 +43,7 @@ struct vmmshim_mmio_page {
 struct vmmshim_mmio_answers {
     uint32_t npages;
     uint32_t pad;
-    struct vmmshim_mmio_page pages[16];
+    struct vmmshim_mmio_page pages[MMIO_PAGES];
 };
 struct vmmshim_run_stats {
     uint64_t answered;
@@ -106,10 +107,9 @@ int vmmshim_tscdl_open(void);
 int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
 int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);
 int vmmshim_tscdl_expire(struct vmmshim_tscdl *d);
-"""
+""".replace("MMIO_PAGES", str(MMIO_PAGES))
 NO_ANSWER = -1
 PORTS = 0x10000
-MMIO_PAGES, MMIO_PAGE_SHIFT, MMIO_SLOTS = 16, 12, 1024     # fastrun.h's
 MMIO_REG = 4                    # bytes of one published MMIO register
 #: vCPUs created while this is True keep the loop's clock counters (``bench/exit_profile.py`` sets it).
 TIMING = False
