@@ -21,7 +21,8 @@ from .config import ConfigError
 from .vm import HIGHMEM_BASE
 
 #: The disk emulations whose reads and writes may be served in C (``vmmshim.blk_compiled``).
-_DISKS = ("virtio-blk", "nvme", "ahci", "ahci-hd", "ahci-cd")
+_AHCI = ("ahci", "ahci-hd", "ahci-cd")
+_DISKS = ("virtio-blk", "nvme") + _AHCI
 
 
 def build_pci_and_tables(vm, cfg, platform, tables=True):
@@ -48,6 +49,8 @@ def build_pci_and_tables(vm, cfg, platform, tables=True):
                        slot=slot, func=func)
         if name in _DISKS:
             devopts["blk_compiled"] = cfg.get_bool("vmmshim.blk_compiled")
+        if name in _AHCI:
+            devopts["inline_kib"] = cfg.get_int("vmmshim.ahci_inline_kib", 0, 32768)
         if name == "virtio-9p":
             devopts["p9_compiled"] = cfg.get_bool("vmmshim.p9_compiled")
         if name in ("virtio-net", "virtio-tap"):

@@ -26,6 +26,10 @@ range and PRDT the Python path would serve without an error, and hands back what
 disabled write cache stays here). Everything else comes back None, and the port fetches the command and calls
 :meth:`AtaDisk.execute` as it would without it.
 
+A port that serves short transfers on the vCPU that issued them (``Hba.inline_max``) asks
+:meth:`AtaDisk.compiled_length` first: the bytes a slot's command FIS asks the compiled path to move, for the
+commands it serves with no flush after them.
+
 Errors: an LBA range past the end is ID NOT FOUND; a write to a read-only image, a PRDT shorter than the
 transfer, a host I/O error and every other opcode (NOP, IDENTIFY PACKET DEVICE, PACKET, SMART, SECURITY...) are
 ABORT. Nothing reaches the image before its command was checked whole. With the write cache turned off (SET
@@ -38,8 +42,8 @@ WRITE DMA FUA EXT and the other FUA opcodes (not offered), READ/WRITE LOG EXT to
 import struct
 
 from . import identify
-from .command import PrdtShort, Result, failed, ok
-from .layouts import ERR_ABRT, ERR_IDNF, SIG_ATA, STS_OK, lba28, lba48
+from .command import CFIS_BYTES, PrdtShort, Result, failed, ok
+from .layouts import ERR_ABRT, ERR_IDNF, FIS_TYPE_H2D, H2D_C, SIG_ATA, STS_OK, lba28, lba48
 
 # ACS opcodes
 NOP = 0x00
@@ -67,6 +71,8 @@ READS_28 = frozenset((READ_SECTORS, READ_MULTIPLE, READ_DMA))
 READS_48 = frozenset((READ_SECTORS_EXT, READ_MULTIPLE_EXT, READ_DMA_EXT))
 WRITES_28 = frozenset((WRITE_SECTORS, WRITE_MULTIPLE, WRITE_DMA))
 WRITES_48 = frozenset((WRITE_SECTORS_EXT, WRITE_MULTIPLE_EXT, WRITE_DMA_EXT))
+COMPILED_WRITES = frozenset((WRITE_DMA, WRITE_DMA_EXT, WRITE_FPDMA_QUEUED))
+COMPILED_OPS = COMPILED_WRITES | {READ_DMA, READ_DMA_EXT, READ_FPDMA_QUEUED}    #: what ahcifast.c moves
 PIO_IN = frozenset((READ_SECTORS, READ_SECTORS_EXT, READ_MULTIPLE, READ_MULTIPLE_EXT, IDENTIFY_DEVICE,
                     IDENTIFY_PACKET_DEVICE, READ_LOG_EXT))
 
@@ -90,6 +96,16 @@ DEVICE_FUA = 0x80               #: WRITE FPDMA QUEUED's device field: forced uni
 POWER_ACTIVE = 0xFF
 DIAG_PASSED = 0x01
 SIGNATURE_TF = bytes((1, 0, 0, 0, 0, 0, 0))  #: LBA low 1 (ATA); count 1 goes in ``count``
+
+
+def _sectors(c):
+    """The sector count of the command FIS ``c`` (a count of 0 means 256, or 65536 for 48-bit commands)."""
+    op = c[2]
+    if op in NCQ:
+        return (c[3] | c[11] << 8) or 65536
+    if op in READS_48 or op in WRITES_48 or op == READ_VERIFY_EXT:
+        return (c[12] | c[13] << 8) or 65536
+    return c[12] or 256
 
 
 def _log_page(fill):
@@ -192,15 +208,25 @@ class AtaDisk:
             self._log_failure(cfis, res)
         return res
 
+    def compiled_length(self, cfis):
+        """The bytes the Register H2D FIS ``cfis`` asks to move where the compiled path serves it without a flush
+        after it (READ/WRITE DMA (EXT) and READ/WRITE FPDMA QUEUED; not a write with FUA or with the write cache
+        off), else None. Only a hint for where to serve it: the compiled path checks the command again."""
+        if not self.compiled or len(cfis) < CFIS_BYTES or cfis[0] != FIS_TYPE_H2D or not cfis[1] & H2D_C:
+            return None
+        op = cfis[2]
+        if op not in COMPILED_OPS:
+            return None
+        if op in COMPILED_WRITES and (not self.write_cache or op == WRITE_FPDMA_QUEUED and cfis[7] & DEVICE_FUA):
+            return None
+        return _sectors(cfis) * self.ss
+
     # -- data transfers -------------------------------------------------------------------------------------------
     def _range(self, cmd):
         """``(lba, sectors)`` of a read or write command (a count of 0 means 256, or 65536 for 48-bit ones)."""
         c, op = cmd.cfis, cmd.cfis[2]
-        if op in NCQ:
-            return lba48(c), (c[3] | c[11] << 8) or 65536
-        if op in READS_48 or op in WRITES_48 or op == READ_VERIFY_EXT:
-            return lba48(c), (c[12] | c[13] << 8) or 65536
-        return lba28(c), c[12] or 256
+        return (lba48(c) if op in NCQ or op in READS_48 or op in WRITES_48 or op == READ_VERIFY_EXT else lba28(c),
+                _sectors(c))
 
     def _rw(self, cmd):
         op = cmd.cfis[2]

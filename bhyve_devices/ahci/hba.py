@@ -39,18 +39,20 @@ MASK32 = 0xFFFFFFFF
 
 class Hba:
     """``devices``: ``{port: device}``; ``mem``: the GuestMemory; ``irq``: the PCI side (``msi_vectors()``,
-    ``msi(vector)``, ``intx(level)``); ``threaded``: serve commands on port threads (see :mod:`.port`)."""
+    ``msi(vector)``, ``intx(level)``); ``threaded``: serve commands on port threads, and ``inline_max``: those
+that are compiled transfers of at most that many bytes on the thread that issued them (see :mod:`.port`)."""
 
     publish = None
     is_ = published("is_", IS)
 
-    def __init__(self, devices, mem, irq, nports=MAX_PORTS, threaded=True):
+    def __init__(self, devices, mem, irq, nports=MAX_PORTS, threaded=True, inline_max=0):
         if not 1 <= nports <= MAX_PORTS or any(not 0 <= p < nports for p in devices):
             raise ValueError(f"AHCI: ports 0-{nports - 1}")
         self.lock = threading.RLock()
         self.mem, self.irq, self.threaded, self.nports = mem, irq, threaded, nports
         self.errors = []            # unexpected exceptions turned into aborted commands (tests assert it is empty)
-        self.inline = []            # ports to serve after a register write (threaded=False)
+        self.inline = []            # ports to serve after a register write (threaded=False, or inline_max)
+        self.inline_max = inline_max
         self.cap = (CAP_S64A | CAP_SNCQ | CAP_SAM | CAP_SCLO | SPEED_GEN3 << CAP_ISS_SHIFT
                     | (MAX_SLOTS - 1) << CAP_NCS_SHIFT | (nports - 1))
         self.pi = sum(1 << p for p in devices)
@@ -116,7 +118,7 @@ class Hba:
                 self._write32(off + 4, (value >> 32) & MASK32)
             todo, self.inline = self.inline, []
         for port in dict.fromkeys(todo):
-            port.serve()
+            port.serve_here()
 
     def _write32(self, off, value):
         if off >= PORT_BASE:

@@ -8,7 +8,9 @@ of 16 vectors, INTx pin A.
 ``opts`` (what the registry's ``cls(opts)`` gets): ``backend``, the opened ports (an
 :class:`~bhyve_devices.ahci.options.AhciPorts`: the VM opens them, ``vmmshim.backends.open_device_backends``; a
 device never opens a host file), ``guest_memory`` (the GuestMemory), and ``threaded`` (default true: each port's
-commands on a thread of its own; false: on the thread that writes the register, for tests). Each attached port
+commands on a thread of its own; false: on the thread that writes the register, for tests), ``inline_kib``
+(default 0; the VM passes ``-o vmmshim.ahci_inline_kib``: a compiled transfer of at most that many KiB is served on
+the vCPU that issued it, see :mod:`bhyve_devices.ahci.port`). Each attached port
 becomes an :class:`~bhyve_devices.ahci.ata.AtaDisk` (``hd``) or :class:`~bhyve_devices.ahci.atapi.AtapiCd`
 (``cd``) with its IDENTIFY strings (serial from ``ser=`` or the path's MD5, model ``BHYVE SATA DISK`` / ``BHYVE
 SATA DVD ROM``, firmware ``001``), sector sizes, ``nodelete`` and ``nmrr`` options.
@@ -37,6 +39,7 @@ INTEL, ICH8_AHCI = 0x8086, 0x2821
 CLASS_STORAGE, SUBCLASS_SATA, PROGIF_AHCI = 0x01, 0x06, 0x01
 ABAR = 5
 MSI_VECTORS = 16
+MAX_INLINE_KIB = 32768      #: the longest ATA transfer (65536 sectors of 512 bytes)
 
 
 def build_device(attached):
@@ -86,6 +89,13 @@ class AhciPci(PciDevice):
         if not isinstance(ports, AhciPorts):
             raise ValueError(f"{type(self).emul_name}: the ports are not open "
                              "(the VM opens them: vmmshim.backends.open_device_backends)")
+        inline_kib = o.get("inline_kib") or 0
+        if isinstance(inline_kib, str) and inline_kib.isdigit():
+            inline_kib = int(inline_kib)
+        if type(inline_kib) is not int:
+            inline_kib = -1
+        if not 0 <= inline_kib <= MAX_INLINE_KIB:       # the caller closes the ports
+            raise ValueError(f"{type(self).emul_name}: inline_kib must be 0 to {MAX_INLINE_KIB}")
         super().__init__(type(self).emul_name, INTEL, ICH8_AHCI, CLASS_STORAGE, SUBCLASS_SATA, PROGIF_AHCI)
         devices = {}
         try:
@@ -97,7 +107,7 @@ class AhciPci(PciDevice):
         self.ahci_ports = ports
         mem = o.get("guest_memory")
         self.hba = Hba(devices, _NoMemory() if mem is None else mem, _Irq(self), MAX_PORTS,
-                       threaded=is_true(o.get("threaded", True)))
+                       threaded=is_true(o.get("threaded", True)), inline_max=inline_kib << 10)
         self.add_msi_cap(MSI_VECTORS)
         self.alloc_bar(ABAR, MEM32, self.hba.size)
         self.lintr_request(1)
@@ -150,7 +160,7 @@ class AhciPci(PciDevice):
             snap.wake(hba)
             todo, hba.inline = hba.inline, []
         for port in dict.fromkeys(todo):
-            port.serve()
+            port.serve_here()
 
     def close(self):
         self.hba.close()

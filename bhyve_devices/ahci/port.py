@@ -31,8 +31,12 @@ Threads: the engine serves a port on a thread of its own (bhyve's ``block_if`` t
 is first started: the vCPU's PxCI write only marks the slot and wakes it, so a guest vCPU never waits for the
 image (a flush, a 32 MiB read) and keeps issuing NCQ commands while one is served, and register reads (the
 interrupt handler's PxIS/PxCI) never wait for a transfer: the HBA's lock is dropped while a command moves data.
-With ``threaded=False`` the engine runs on the thread that wrote the register, after its lock is dropped: the
-tests' deterministic mode. Either way the FIS, the register updates and the interrupt happen together under the
+With ``Hba.inline_max`` (``-o vmmshim.ahci_inline_kib``) the thread that wrote PxCI serves, after the lock is
+dropped, the slots that are compiled transfers of at most that many bytes and flush nothing (:meth:`Port._short`),
+and hands the port's thread the first slot that is not with the rest: a short command costs no thread hand-over
+and its interrupt is injected at the writing vCPU's next entry, while a flush or a long transfer never holds a
+vCPU. With ``threaded=False`` the engine runs on the thread that wrote the register, after its lock is dropped:
+the tests' deterministic mode. Either way the FIS, the register updates and the interrupt happen together under the
 lock. A reset (GHC.HR, COMRESET) while a command is being served drops that command's ending (the epoch).
 
 Not supported: port multipliers and FIS-based switching, partial/slumber power states (ICC reads 0), hot plug
@@ -44,9 +48,10 @@ import threading
 from bhyve_devices.base import published
 
 from . import ata
-from .command import HostBusFault, Command, failed
+from .command import CFIS_BYTES, HostBusFault, Command, failed
 from .layouts import (CMD_CLO, CMD_CR, CMD_FR, CMD_FRE, CMD_ICC_MASK, CMD_POD, CMD_ST, CMD_SUD, CMD_WRITABLE,
-                      CMD_CCS_MASK, CMD_CCS_SHIFT, CLB_ALIGN, COMMAND_HEADER_SIZE, CONTROL_SRST, D2H, ERR_ABRT,
+                      CMD_CCS_MASK, CMD_CCS_SHIFT, CLB_ALIGN, COMMAND_HEADER_SIZE, CONTROL_SRST, CTBA_ALIGN, D2H,
+                      ERR_ABRT, HDR_ATAPI, HEADER,
                       FB_ALIGN, FIS_I, FIS_TYPE_D2H, FIS_TYPE_H2D, FIS_TYPE_PIO_SETUP, FIS_TYPE_SDB, H2D_C,
                       IE_MASK, IS_DHRS, IS_HBFS, IS_SDBS, IS_TFES, P_CI, P_CLB, P_CLBU, P_CMD, P_FB, P_FBU, P_IE,
                       P_IS, P_SACT, P_SCTL, P_SERR, P_SIG, P_SSTS, P_TFD, PIO_D, PIO_SETUP, RFIS_PSFIS, RFIS_RFIS,
@@ -191,10 +196,14 @@ class Port:
         """Slots were issued, or the port started (the lock is held): wake the engine."""
         if self.device is None or self._closing:
             return
-        self._kicked = True
-        if not self.hba.threaded:
-            self.hba.inline.append(self)
+        if not self.hba.threaded or self.hba.inline_max:
+            self.hba.inline.append(self)        # the writer serves it once the lock is dropped (serve_here)
             return
+        self._wake()
+
+    def _wake(self):
+        """Wakes the port's thread (the lock is held)."""
+        self._kicked = True
         if self._thread is None:
             self._thread = threading.Thread(target=self._worker, name=f"ahci-port{self.index}", daemon=True)
             self._thread.start()
@@ -215,7 +224,40 @@ class Port:
         while self._serve_one():
             pass
 
-    def _take(self):
+    def serve_here(self):
+        """After a register write that kicked the port (the lock dropped), on the writing thread: every issued
+        slot (``threaded=False``), or, with the port's thread, the short transfers (:meth:`_short`) until a slot
+        that is not one, which goes to the thread with the rest."""
+        if not self.hba.threaded:
+            self.serve()
+            return
+        while True:
+            with self.hba.lock:
+                slot = self._next()
+                if slot is None:
+                    return
+                if not self._short(slot):
+                    self._wake()
+                    return
+                job = self._take()
+            self._finish(*job)
+
+    def _short(self, slot):
+        """Whether ``slot``'s command is a compiled transfer of at most ``Hba.inline_max`` bytes (the lock is
+        held; a header or FIS outside RAM is not: the thread reports it)."""
+        if not self.compiled:
+            return False
+        try:
+            flags, _, _, ctba = HEADER.unpack(self.hba.mem.view(self.cmdlist + slot * COMMAND_HEADER_SIZE,
+                                                                HEADER.size))
+            cfis = self.hba.mem.view(ctba & ~CTBA_ALIGN, CFIS_BYTES)
+        except (OSError, ValueError):
+            return False
+        n = None if flags & HDR_ATAPI else self.device.compiled_length(cfis)
+        return n is not None and n <= self.hba.inline_max
+
+    def _next(self):
+        """The slot :meth:`_take` would take, or None (the lock is held)."""
         if (self.device is None or not self.cmd & CMD_ST or self.serving or self.waitforclear or self.hba.held
                 or self.tfd & (STS_BSY | STS_DRQ)):
             return None
@@ -224,7 +266,12 @@ class Port:
             return None
         n = self.next_slot
         rot = ((avail >> n) | (avail << (32 - n))) & MASK32
-        slot = (n + (rot & -rot).bit_length() - 1) & 31
+        return (n + (rot & -rot).bit_length() - 1) & 31
+
+    def _take(self):
+        slot = self._next()
+        if slot is None:
+            return None
         self.next_slot = (slot + 1) & 31
         self.cmd = (self.cmd & ~CMD_CCS_MASK) | (slot << CMD_CCS_SHIFT)
         self.pending |= 1 << slot
@@ -237,7 +284,11 @@ class Port:
             job = self._take()
         if job is None:
             return False
-        slot, epoch, cmdlist = job
+        self._finish(*job)
+        return True
+
+    def _finish(self, slot, epoch, cmdlist):
+        """Serves the slot :meth:`_take` took, and ends it."""
         kind, cmd, res = self._run(slot, epoch, cmdlist)
         with self.hba.lock:
             self.pending &= ~(1 << slot)
@@ -254,7 +305,6 @@ class Port:
                 else:
                     self._done(slot, cmd, res)
             self.check_stopped()
-        return True
 
     def _run(self, slot, epoch, cmdlist):
         """Fetches and serves one command without the lock: ``(kind, command, result)``."""

@@ -108,9 +108,9 @@ def quiesced(hba):
             hba.held -= 1
             if not hba.held:
                 wake(hba)
-            todo, hba.inline = hba.inline, []       # threaded=False: served here, as after a register write
+            todo, hba.inline = hba.inline, []       # served here (or handed to the thread), as after a register write
         for port in dict.fromkeys(todo):
-            port.serve()
+            port.serve_here()
 
 
 def wake(hba):

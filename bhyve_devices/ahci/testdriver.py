@@ -202,7 +202,7 @@ class Controller:
     ``{port: (kind, backend)}``) in a :class:`~bhyve_devices.base.BytesMemory` of ``ram`` bytes, with its INTx line
     and MSI messages recorded (``line``, ``msis``), the driver (``drv``) and the HBA (``hba``)."""
 
-    def __init__(self, ports, ram=8 << 20, threaded=False, options=None):
+    def __init__(self, ports, ram=8 << 20, threaded=False, options=None, inline_kib=0):
         from bhyve_devices.base import BytesMemory, RecordingLine
 
         from .options import AhciPorts, PortSpec
@@ -212,7 +212,8 @@ class Controller:
         attached = [PortSpec(p, kind, f"/images/{kind}{p}", dict((options or {}).get(p, {}))).attach(backend)
                     for p, (kind, backend) in sorted(ports.items())]
         self.mem = BytesMemory(ram)
-        self.pci = AhciPci({"backend": AhciPorts(attached), "guest_memory": self.mem, "threaded": threaded})
+        self.pci = AhciPci({"backend": AhciPorts(attached), "guest_memory": self.mem, "threaded": threaded,
+                               "inline_kib": inline_kib})
         self.line = RecordingLine()
         self.msis = []
         self.pci.intx_line = self.line
