@@ -243,6 +243,17 @@ class Config:
             raise ConfigError(f"{key}={v} must be {range_words(lo, hi, words)}")
         return n
 
+    def get_names(self, key):
+        """A ``names`` key: the PCI device names it lists (``none`` or empty: none), as a frozenset. The
+        ConfigError names a device name vmmshim does not have."""
+        from bhyve_devices.pci.registry import names
+        v = self.get(key) or ""
+        got = frozenset(n.strip() for n in v.split(",") if n.strip() and n.strip() != "none")
+        unknown = sorted(got - set(names()))
+        if unknown:
+            raise ConfigError(f"{key}={v}: no device named {unknown[0]!r}")
+        return got
+
     def get_size(self, key="memory.size"):
         return parse_memsize(self.get(key), f"{key}={self.get(key)}")
 
@@ -315,6 +326,11 @@ class Config:
                     self.get_int(key, lo, hi)
                 except ConfigError:
                     raise ConfigError(f"{key}={v} must be auto or a whole number {range_words(lo, hi)}") from None
+        elif kind.startswith("int"):
+            lo, hi = (int(x) for x in kind.split()[1:])
+            self.get_int(key, lo, hi)
+        elif kind == "names":
+            self.get_names(key)
         elif kind.startswith("number"):
             lo, hi = (int(x) for x in kind.split()[1:])
             try:

@@ -13,7 +13,8 @@ Not supported: per-device keys (``pci.B.S.F.*`` options are the device's own, ch
 import difflib
 
 #: ``key: (default, kind, meaning)``. ``kind`` is ``bool``, ``number LO HI`` (seconds, a fraction allowed),
-#: ``auto|int LO HI``, ``provider`` or ``help``; :meth:`vmmshim.config.Config.validate` checks each value set.
+#: ``int LO HI``, ``auto|int LO HI``, ``names`` (PCI device names, comma-separated; ``none`` for none), ``provider`` or
+#: ``help``; :meth:`vmmshim.config.Config.validate` checks each value set.
 VMMSHIM_KEYS = {
     "vmmshim.provider": ("kvm", "provider",
                          "the hypervisor: kvm (/dev/kvm), soft (the software CPU: no /dev/kvm needed, small guests "
@@ -25,6 +26,10 @@ VMMSHIM_KEYS = {
     "vmmshim.doorbells": ("true", "bool",
                           "virtio queue notifications through KVM's ioeventfd (false: they exit and the vCPU "
                           "rings the device)"),
+    "vmmshim.exit_notify": ("virtio-9p", "names",
+                            "devices (comma-separated: virtio-9p, virtio-blk, virtio-net, nvme) whose doorbells "
+                            "stay exits, each served by the writing vCPU in its exit, for a driver that waits for "
+                            "every request (none: every doorbell through ioeventfd)"),
     "vmmshim.halt_serve": ("true", "bool", "a vCPU about to sleep in HLT first serves the doorbells that rang"),
     "vmmshim.answer_io": ("true", "bool",
                           "port reads a device publishes (the UART's line status) answered by the compiled "

@@ -15,7 +15,9 @@ device through the bus, and the device answers the same.
 - **Doorbells** (``doorbell``; KVM's ioeventfd): a Doorbells device's registers signal an eventfd that a thread of
   the device's own serves (``vmmshim/doorbells.py``). Where the provider refuses one, or ``-o
   vmmshim.doorbells=false``, the write exits and the device rings the same eventfd (``ring_with``), so a virtio
-  queue's work always runs on its device's thread (or on a halting vCPU, below), never on the vCPU that wrote.
+  queue's work always runs on its device's thread (or on a halting vCPU, below), never on the vCPU that wrote;
+  except for a device named in ``-o vmmshim.exit_notify`` (virtio-9p by default), which gets no doorbells: its
+  writes exit and the writing vCPU serves them there.
 - **The idle poll**: a vCPU about to sleep in HLT serves the doorbells that rang (``-o vmmshim.halt_serve``).
 
 Not supported: doorbells on hosts without eventfd and epoll (NetBSD): the device then does its work on the vCPU
@@ -117,6 +119,8 @@ class FastPaths:
             dev.publish_mmio_reads(idx, pub)
         if not isinstance(dev, DoorbellDevice):
             return
+        if name in getattr(self.vm.config, "exit_notify", ()):
+            return      # its notifications stay exits, served by the writing vCPU (-o vmmshim.exit_notify)
         keys = [self.doorbells.add(base + off, size, pio, match, fn, dev, name, hardware=self.hardware_doorbells,
                                    software=True) for off, size, match, fn in dev.doorbells(idx)]
         if any(k is not None for k in keys):

@@ -138,7 +138,8 @@ def _create_vm(cfg, memfile=None):
                                              doorbells=cfg.get_bool("vmmshim.doorbells"),
                                              halt_serve=cfg.get_bool("vmmshim.halt_serve"),
                                              answer_io=cfg.get_bool("vmmshim.answer_io"),
-                                             answer_mmio=cfg.get_bool("vmmshim.answer_mmio"), memfile=memfile))
+                                             answer_mmio=cfg.get_bool("vmmshim.answer_mmio"),
+                                             exit_notify=cfg.get_names("vmmshim.exit_notify"), memfile=memfile))
 
 
 def _tear_down(cfg, vm, platform):

@@ -75,13 +75,14 @@ class HostMemory:
 class VmConfig:
     def __init__(self, ncpus=1, memsize=256 << 20, strictio=False, ignore_msrs=False, x2apic=False, name="vm",
                  kvm_pv=False, pv_eoi=False, posted_io=True, doorbells=True, answer_io=True, halt_serve=True,
-                 memfile=None, tsc_deadline=False, answer_mmio=True):
+                 memfile=None, tsc_deadline=False, answer_mmio=True, exit_notify=()):
         self.ncpus, self.memsize, self.strictio = ncpus, memsize, strictio
         self.memfile = memfile          # a checkpoint's memory file to map as RAM (restore), else None
         self.ignore_msrs, self.x2apic, self.name = ignore_msrs, x2apic, name
         self.kvm_pv, self.pv_eoi, self.posted_io = kvm_pv, pv_eoi, posted_io
         self.doorbells, self.answer_io, self.halt_serve = doorbells, answer_io, halt_serve
         self.tsc_deadline, self.answer_mmio = tsc_deadline, answer_mmio
+        self.exit_notify = frozenset(exit_notify)   # devices (by name) whose doorbells stay exits
 
 
 class VM:

@@ -253,7 +253,12 @@ def test_vmmshim_key_values_are_checked():
                          ("vmmshim.gil_switch_ms=0", "vmmshim.gil_switch_ms=0 must be auto or a whole number between "
                                                      "1 and 10000"),
                          ("vmmshim.poweroff_timeout_s=-1", "must be a number between 0 and 86400"),
-                         ("vmmshim.provider=qemu", "vmmshim.provider=qemu is not a provider (kvm, libnvmm, soft)")):
+                         ("vmmshim.provider=qemu", "vmmshim.provider=qemu is not a provider (kvm, libnvmm, soft)"),
+                         ("vmmshim.ahci_inline_kib=40000", "vmmshim.ahci_inline_kib=40000 must be between 0 and "
+                                                           "32768"),
+                         ("vmmshim.ahci_inline_kib=lots", "is not an integer"),
+                         ("vmmshim.exit_notify=virtio-9p,floppy", "vmmshim.exit_notify=virtio-9p,floppy: no device "
+                                                                  "named 'floppy'")):
         cfg = Config()
         cfg.set_option(text)
         with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -262,6 +267,11 @@ def test_vmmshim_key_values_are_checked():
     cfg.set_option("vmmshim.poweroff_timeout_s=2.5")
     cfg.set_option("vmmshim.gil_switch_ms=auto")
     cfg.validate()
+    assert cfg.get_names("vmmshim.exit_notify") == {"virtio-9p"}           # the default
+    for value, names in (("none", set()), ("virtio-blk, nvme", {"virtio-blk", "nvme"})):
+        cfg.set_option(f"vmmshim.exit_notify={value}")
+        cfg.validate()
+        assert cfg.get_names("vmmshim.exit_notify") == names
 
 
 def test_dump_is_sorted_and_raw():

@@ -71,6 +71,23 @@ def test_a_write_that_exits_is_served_on_the_device_thread():
         fp.close()
 
 
+def test_a_device_named_in_exit_notify_keeps_its_writes_as_exits():
+    """``-o vmmshim.exit_notify``: no doorbell, so the write is served in the writing vCPU's exit."""
+    vm = fake_vm(exit_notify=frozenset({"bell"}))
+    fp = FastPaths(vm)
+    dev, other = BellDevice(), BellDevice()
+    try:
+        fp.bar_mapped(object(), dev, 0, 0x1000, False, "bell")
+        fp.bar_mapped(object(), other, 0, 0x2000, False, "other")
+        assert dev.ring is None and not any(c[0] == "vm_doorbell" and c[1] == 0x1010 for c in vm.ops.calls)
+        dev.guest_write()
+        assert dev.served == [threading.current_thread().name]
+        if HOST_HAS_EVENTFD:
+            assert other.ring is not None and fp.doorbells.active == 1      # a device not named keeps its own
+    finally:
+        fp.close()
+
+
 @pytest.mark.skipif(not HOST_HAS_EVENTFD, reason="software doorbells need eventfd and epoll")
 def test_a_halting_vcpu_serves_a_software_doorbell(monkeypatch):
     """The idle hook is the doorbells' poll, and it serves a ring that exited (the device thread kept idle)."""
