@@ -14,6 +14,7 @@ with status 0, as bhyve's does), more than one VM per process.
 
 import os
 import sys
+import threading
 
 from .config import ConfigError
 from .flags import UsageError
@@ -152,10 +153,27 @@ def _tear_down(cfg, vm, platform):
         bells = vm.doorbells
         print(f"vmmshim: doorbells rings {bells.rings} (served by a halting vCPU {bells.idle_served}), "
               f"in the hypervisor {bells.hardware}", file=sys.stderr)
+        cpu = os.times()
+        print(f"vmmshim: CPU seconds: process {cpu.user + cpu.system:.2f}, threads still running "
+              f"{_thread_cpu()}", file=sys.stderr)
     if platform is not None:
         platform.close()
     if vm is not None and stopped:
         vm.close()
+
+
+def _thread_cpu():
+    """``{thread name: CPU seconds}`` of the process's live threads (``/proc``; empty where there is none)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for t in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, TypeError):
+            continue
+        out[t.name] = round((int(fields[11]) + int(fields[12])) / tick, 2)     # utime, stime
+    return out
 
 
 def _write_pidfile(path):

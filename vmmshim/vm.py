@@ -19,6 +19,7 @@ import ctypes
 import mmap
 import sys
 import threading
+import time
 
 from ops.vmm_api import VmSpec
 from ops.vmm_ops import SegDesc, VmExitCode as E, VmRegName as R, VmSuspendHow
@@ -98,6 +99,7 @@ class VM:
         self.error = None
         self._status_lock = threading.Lock()
         self.threads = {}
+        self.vcpu_cpu_s = {}        # a vCPU thread's CPU seconds when it ended
         self._loops = threading.Condition()     # guards _looping; notified when a vCPU loop ends
         self._looping = set()                   # vCPUs whose loop has not returned yet
         self.closers = []           # device close() callables, run by close()
@@ -234,6 +236,7 @@ class VM:
         try:
             self._vcpu_run(vcpu, rip)
         finally:
+            self.vcpu_cpu_s[vcpu] = time.thread_time()      # for -o vmmshim.stats
             with self._loops:
                 self._looping.discard(vcpu)
                 self._loops.notify_all()
@@ -267,6 +270,8 @@ class VM:
         for vcpu, counts in sorted(self.exit_counts.items()):
             st = self.ops.vcpu_stats(self.vmi, vcpu)
             st["vm_exits"] = {E(i).name[len("VM_EXITCODE_"):]: n for i, n in enumerate(counts) if n}
+            if vcpu in self.vcpu_cpu_s:
+                st["cpu_s"] = round(self.vcpu_cpu_s[vcpu], 2)     # the thread's CPU time, once it has ended
             out[vcpu] = st
         return out
 
