@@ -48,6 +48,11 @@ class VlapicAcceptMixin:
             again = arm and bool(rest) and ((rest.bit_length() - 1) & 0xF0) > tpr_class
             return vector, arm, again
 
+    def under_lock(self):
+        """The vlapic's lock as a context, for a caller that makes several of these calls as one (what they post
+        runs when it is left)."""
+        return self._guard
+
     def offer_outside(self, post, in_service_ends=False):
         """Another thread's request while the vCPU runs: :meth:`window_plan`'s ``(vector, arm, again)`` (with
         ``in_service_ends`` as there) handed to ``post`` under the lock, so that no acceptance comes between the

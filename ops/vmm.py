@@ -78,6 +78,7 @@ class Vcpu:
         self.bus_mmio = 0             # MEMORY exits completed on the VM's MMIO bus (not the kernel devices')
         self.injected = 0
         self.kicks = 0
+        self.took_over = 0          # kicks that accepted the run loop's injection themselves (post_kick_taken)
         self.itrace_n = 0
         # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
         self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
@@ -121,11 +122,15 @@ class Vcpu:
         itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
         in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
         win = self.intwin
-        if win is not None and win.can_kick() and not self.pending and not self.nmi and \
-                self.thread != threading.get_ident() and vmm_lapic.post_kick(self):
-            self.kicks += 1
-            self.nv.kick_posted()
-            return
+        if win is not None and not self.pending and not self.nmi and self.thread != threading.get_ident():
+            posted = win.can_kick() and vmm_lapic.post_kick(self)
+            if not posted and win.can_take_over() and vmm_lapic.post_kick_taken(self):
+                posted = True
+                self.took_over += 1
+            if posted:
+                self.kicks += 1
+                self.nv.kick_posted()
+                return
         self.kick()
 
     def exit_to(self, code, payload, rip=None, inst_length=0):
@@ -414,7 +419,8 @@ class Vm(HaltMixin):
         ctx = self.vcpus[vcpu]
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
-               "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "pending": ctx.pending,
+               "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "took_over": ctx.took_over,
+               "pending": ctx.pending,
                "started": ctx.started, "answered_io": ctx.nv.answered_io(),
                "answered_mmio": ctx.nv.answered_mmio()}
         vl = ctx.vlapic

@@ -168,10 +168,41 @@ def post_kick(ctx):
                                                                word=word), in_service_ends=ends)
 
 
-def window_taken(ctx, win, vector, ended_first, armed):
+def post_kick_taken(ctx):
+    """From the thread that kicks the vCPU while the provider's run loop holds an injection the vlapic has not
+    accepted yet (``IntWindow.can_take_over``): under the vlapic's lock, the loop's return is held
+    (``IntWindow.take_over``), the vlapic accepts that vector here as :func:`window_taken` does at the return, and
+    its next vector is posted as :func:`post_kick` posts (``IntWindow.release``). True when posted."""
+    vl, win, pv_eoi = ctx.vlapic, ctx.intwin, ctx.pv_eoi
+    if vl is None:
+        return False
+    with vl.under_lock():
+        taken = win.take_over()
+        if taken is None:
+            return False
+        post = ()
+        try:                            # the loop's return waits for the release: it must come
+            window_taken(ctx, win, *taken, done=_nothing)
+            word = pv_eoi.word if pv_eoi is not None else None
+            ends = word is not None and pv_eoi.armed
+            plan = vl.window_plan(ends)
+            if plan is not None:
+                vector, arm, again = plan
+                post = (vector,) if word is None else (vector, ends, arm, again, word)
+        finally:
+            posted = win.release(*post)
+        return posted
+
+
+def _nothing():
+    pass
+
+
+def window_taken(ctx, win, vector, ended_first, armed, done=None):
     """The provider's run loop ``win`` injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it,
     after the EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``.
-    What ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again."""
+    What ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again.
+    ``done`` (default ``win.clear``) runs under the vlapic's lock once it has accepted the vector."""
     was = ctx.pending
     pv_eoi, vl = ctx.pv_eoi, ctx.vlapic
     if vl is None:                       # cleaned up meanwhile: nothing is left to accept it
@@ -179,7 +210,7 @@ def window_taken(ctx, win, vector, ended_first, armed):
         return
     if ended_first:
         pv_eoi.armed = False
-    again = vl.accept_outside(vector, ended_first, win.clear)
+    again = vl.accept_outside(vector, ended_first, win.clear if done is None else done)
     if armed:
         pv_eoi.armed = True
     ctx.injected += 1

@@ -20,6 +20,10 @@
  *
  * And a guest's HLT is slept here when nothing waits for Python (fasthalt.c).
  *
+ * An injection waits for Python's acceptance (WIN_TAKEN) until the run returns, so another thread's interrupt
+ * could not be posted meanwhile; that thread may now accept it itself (vmmshim_intwin_take_over: the loop's
+ * return waits for it) and post its own (vmmshim_intwin_release).
+ *
  * And it answers the MMIO reads whose value the VM has published (Machine.answer_mmio, struct
  * vmmshim_mmio_answers): a read of 1, 2 or 4 bytes inside one aligned 32-bit register whose reads have no side
  * effect, such as the AHCI interrupt status an interrupt handler reads once per command.
@@ -28,6 +32,7 @@
  * MMIO writes, MMIO reads wider than 4 bytes or across two registers (they return to the caller).
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -325,6 +330,22 @@ static int run_loop(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 	}
 }
 
+/* the loop returns: WIN_IN cleared, once no other thread holds a take-over (vmmshim_intwin_take_over) */
+static void leave_loop(struct vmmshim_intwin *w)
+{
+	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+
+	for (;;) {
+		if (s & WIN_BUSY) {
+			sched_yield();
+			s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+			continue;
+		}
+		if (__atomic_compare_exchange_n(&w->state, &s, s & ~WIN_IN, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+			return;
+	}
+}
+
 int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, const int16_t *answers,
 		    const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats,
 		    struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin)
@@ -340,12 +361,12 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 		intwin->halt &= ~HALT_NOW;
 		if (intwin->wake_fd >= 0 && !vmmshim_halt_sleep(fd, run, intwin)) {
 			intwin->slept_out = 1;
-			__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
+			leave_loop(intwin);
 			return EINTR;
 		}
 	}
 	r = run_loop(fd, run, lay, answers, mmio, stats, tscdl, intwin);
-	__atomic_fetch_and(&intwin->state, ~WIN_IN, __ATOMIC_ACQ_REL);
+	leave_loop(intwin);
 	return r;
 }
 
@@ -360,6 +381,38 @@ int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post)
 	if (!__atomic_compare_exchange_n(&w->state, &expect, WIN_IN | WIN_KICK | WIN_POSTED | post, 0,
 					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
 		return 0;
+	__atomic_fetch_add(&w->kicks_posted, 1, __ATOMIC_ACQ_REL);
+	return 1;
+}
+
+/*
+ * Another thread, while the loop runs holding an injection Python's vlapic has not accepted (WIN_TAKEN, nothing
+ * posted): marks the slot WIN_BUSY, so that the loop's return waits while the caller accepts that vector itself
+ * (its vlapic's lock held) and then posts the next one with vmmshim_intwin_release. Returns the state taken over
+ * (the vector in WIN_VECTOR; the injection's RES_* are in result), or 0 when the slot is not in that state.
+ */
+uint32_t vmmshim_intwin_take_over(struct vmmshim_intwin *w)
+{
+	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+
+	if ((s & ~WIN_VECTOR) != (WIN_IN | WIN_TAKEN))
+		return 0;
+	if (!__atomic_compare_exchange_n(&w->state, &s, s | WIN_BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return 0;
+	return s;
+}
+
+/*
+ * Ends a take-over: posts `post` as vmmshim_intwin_kick does (1: the caller then sets immediate_exit and signals
+ * the vCPU's thread), or, with 0, leaves the slot empty (0). WIN_IN stays: the loop had not returned.
+ */
+int vmmshim_intwin_release(struct vmmshim_intwin *w, uint32_t post)
+{
+	if (!post) {
+		__atomic_store_n(&w->state, WIN_IN, __ATOMIC_RELEASE);
+		return 0;
+	}
+	__atomic_store_n(&w->state, WIN_IN | WIN_KICK | WIN_POSTED | post, __ATOMIC_RELEASE);
 	__atomic_fetch_add(&w->kicks_posted, 1, __ATOMIC_ACQ_REL);
 	return 1;
 }

@@ -122,6 +122,7 @@ struct vmmshim_waketimer {
 #define WIN_ARM 0x2000u             /* set the PV EOI bit after injecting (the vector's end goes through memory) */
 #define WIN_AGAIN 0x4000u           /* ask for the window again after injecting (more waits for its end) */
 #define WIN_MASKED 0x8000u          /* the loop: a kick's vector waits for the guest to set IF */
+#define WIN_BUSY 0x10000u           /* another thread accepts the loop's injection (TAKEN): the loop's return waits */
 #define RES_EOI 1u
 #define RES_ARMED 2u
 #define PV_EOI_BIT 1u

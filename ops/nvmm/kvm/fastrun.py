@@ -100,6 +100,8 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
                     const struct vmmshim_mmio_answers *mmio, struct vmmshim_run_stats *stats,
                     struct vmmshim_tscdl *tscdl, struct vmmshim_intwin *intwin);
 int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
+uint32_t vmmshim_intwin_take_over(struct vmmshim_intwin *w);
+int vmmshim_intwin_release(struct vmmshim_intwin *w, uint32_t post);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
 int vmmshim_waketimer_off(struct vmmshim_waketimer *t);

@@ -22,7 +22,11 @@ layer looks at its vlapic before the next entry). ``stop()`` marks its ``EINTR``
 
 An injected vector is :meth:`IntWindow.taken` until the ops layer has accepted it in its vlapic (IRR -> ISR) at the
 run's return (:attr:`IntWindow.on_taken`); meanwhile another thread that requests the same vector learns from
-:meth:`IntWindow.taken` that the CPU took the earlier one, so its request is a new one, not merged.
+:meth:`IntWindow.taken` that the CPU took the earlier one, so its request is a new one, not merged. A thread whose
+request finds the loop running in that state accepts the injection itself (:meth:`IntWindow.take_over`: the
+loop's return waits until :meth:`IntWindow.release`) and posts its own vector, instead of stopping the vCPU
+for Python (a CPU-bound guest's timer tick after a tick the loop injected, a network transfer's interrupts;
+``VMMSHIM_TAKE_OVER=0`` stops the vCPU instead, as before).
 ``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
 Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where the ops layer allows it
@@ -44,6 +48,7 @@ from . import layouts as L
 
 ENV_OFF = "VMMSHIM_INTWIN"
 ENV_HALT_OFF = "VMMSHIM_HALT_LOOP"
+ENV_TAKE_OVER_OFF = "VMMSHIM_TAKE_OVER"
 VECTOR = 0xFF
 POSTED = 0x100
 TAKEN = 0x200
@@ -53,6 +58,7 @@ AFTER_EOI = 0x1000  # only once the guest cleared its PV EOI bit (it ended the o
 ARM = 0x2000        # set the PV EOI bit once injected
 AGAIN = 0x4000      # ask for the window again once injected
 MASKED = 0x8000     # the loop: a kick's vector waits for the guest to set IF
+BUSY = 0x10000      # another thread accepts the loop's injection (take_over): the loop's return waits
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
 HALT_AT_EXIT = 1    # a HLT exit may be slept in the loop
@@ -69,6 +75,7 @@ class IntWindow:
     def __init__(self, ffi, lib):
         self._ffi, self._lib = ffi, lib
         self.halt_loop = os.environ.get(ENV_HALT_OFF, "1") != "0"
+        self.take_overs = os.environ.get(ENV_TAKE_OVER_OFF, "1") != "0"
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if self.halt_loop else -1
         self.struct = ffi.new("struct vmmshim_intwin *", dict(
             kvm_interrupt=K.KVM_INTERRUPT, exit_window=K.KVM_EXIT_IRQ_WINDOW_OPEN,
@@ -127,6 +134,31 @@ class IntWindow:
             if cached is None or cached[0] is not word:
                 return False
         return self._lib.vmmshim_intwin_kick(self.struct, self._bits(vector, after_eoi, arm, again, word)) == 1
+
+    def can_take_over(self):
+        """Whether the loop runs holding an injection not yet accepted, with nothing posted (a cheap look, any
+        thread): :meth:`take_over` may succeed."""
+        return self.take_overs and self.struct.state & ~VECTOR == IN | TAKEN
+
+    def take_over(self):
+        """From another thread, under the vlapic's lock: holds the loop's return while the caller accepts the
+        loop's injection itself (as :attr:`on_taken` would at the return, without :meth:`clear`); returns its
+        ``(vector, ended_first, armed)``, or None when the slot is not in that state. :meth:`release` must follow."""
+        s = self._lib.vmmshim_intwin_take_over(self.struct)
+        if not s:
+            return None
+        res = self.struct.result
+        return s & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED)
+
+    def release(self, vector=None, after_eoi=False, arm=False, again=False, word=None):
+        """Ends :meth:`take_over`: posts ``vector`` as :meth:`kick` does (True: the caller kicks with
+        ``KvmVcpu.kick_posted``), or with None leaves the slot empty (False)."""
+        if vector is not None and word is not None:
+            cached = self._word
+            if cached is None or cached[0] is not word:
+                vector = None
+        post = 0 if vector is None else self._bits(vector, after_eoi, arm, again, word)
+        return self._lib.vmmshim_intwin_release(self.struct, post) == 1
 
     def can_kick(self):
         """Whether :meth:`kick` may succeed now: the loop runs and holds no post (a cheap look first, any thread)."""
