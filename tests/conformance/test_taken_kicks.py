@@ -8,11 +8,10 @@ import struct
 import threading
 import time
 
-from ops import kvm_para
+from tests.conformance.test_kvm_para import OUT, SETUP, WORD
 from tests.guests.vmboot import boot64, gate, idt
 from vmmshim.vm import EXIT_HALT
 
-OUT, WORD = 0x8000, 0x8400
 TIMER, RAISED = 0x40, 0x50
 RAISES = 300
 
@@ -23,14 +22,7 @@ _END = """  btrl $0, {word}               # the guest's PV EOI (Linux's kvm_gues
   iretq
 """.format(word=WORD)
 
-GUEST = gate(TIMER, "timer_handler") + gate(RAISED, "raised_handler") + f"""
-  lidt idtr
-  mov ${kvm_para.MSR_KVM_PV_EOI_EN:#x}, %ecx
-  mov ${WORD | kvm_para.KVM_MSR_ENABLED:#x}, %eax
-  xor %edx, %edx
-  wrmsr
-  mov $0xFEE00000, %esi
-  movl $0x1ff, 0xF0(%rsi)       # SVR: APIC software enabled
+GUEST = gate(TIMER, "timer_handler") + gate(RAISED, "raised_handler") + SETUP + f"""
   movl $0x0b, 0x3E0(%rsi)       # divide by 1
   movl $0x{0x20000 | TIMER:x}, 0x320(%rsi)   # LVT timer: periodic
   movl $0x20000, 0x380(%rsi)

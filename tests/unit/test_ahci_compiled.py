@@ -403,18 +403,22 @@ def test_random_slots_answer_alike(tmp_path, slots):
     t = Twin(tmp_path, ram=SMALL_RAM, sectors=64)
     try:
         for s in slots:
-            op, bend = s["op"], s["bend"] or (None, None)
-            queued = op in A.NCQ
-            fis = ncq(op, s["tag"], s["lba"], s["count"]) if queued else h2d(op, s["lba"], s["count"],
-                                                                              device=s["device"])
-            sizes = list(s["sizes"])
-            need = (s["count"] or 1) * 512 - sum(sizes)
-            last = need - bend[1] if bend[0] == "short" else need
-            if 0 < need <= 16 * PAGE and last > 0:      # the PRDT covers a small transfer, or falls short
-                sizes.append(last)
-            kw = {bend[0]: bend[1]} if bend[0] in ("ctba", "prdtl", "atapi", "extra") else {}
-            t.run(command(fis, sizes, port=s["port"], slot=s["tag"] if queued else 0, queued=queued,
-                          write=op in (A.WRITE_DMA, A.WRITE_DMA_EXT, A.WRITE_FPDMA_QUEUED),
-                          fill=lambda i: 0x41 + i, **kw))
+            t.run(slot_action(s))
     finally:
         t.close()
+
+
+def slot_action(s):
+    """The :func:`command` action for one drawn ``_slot``: its FIS, buffers covering the transfer (or falling
+    short, or bent another way as drawn)."""
+    op, bend = s["op"], s["bend"] or (None, None)
+    queued = op in A.NCQ
+    fis = ncq(op, s["tag"], s["lba"], s["count"]) if queued else h2d(op, s["lba"], s["count"], device=s["device"])
+    sizes = list(s["sizes"])
+    need = (s["count"] or 1) * 512 - sum(sizes)
+    last = need - bend[1] if bend[0] == "short" else need
+    if 0 < need <= 16 * PAGE and last > 0:      # the PRDT covers a small transfer, or falls short
+        sizes.append(last)
+    kw = {bend[0]: bend[1]} if bend[0] in ("ctba", "prdtl", "atapi", "extra") else {}
+    return command(fis, sizes, port=s["port"], slot=s["tag"] if queued else 0, queued=queued,
+                   write=op in (A.WRITE_DMA, A.WRITE_DMA_EXT, A.WRITE_FPDMA_QUEUED), fill=lambda i: 0x41 + i, **kw)

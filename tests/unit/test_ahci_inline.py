@@ -18,7 +18,7 @@ from bhyve_devices.ahci.testdriver import h2d, ncq
 from vmmshim.backends import ahcifast
 from tests.conftest import require_compiled
 from tests.unit.test_ahci_compiled import (PAGE, SMALL_RAM, Rig, _slot, command, image_bytes, make_image,
-                                           place_table, scattered)
+                                           place_table, scattered, slot_action)
 from hypothesis import strategies as st
 
 BOUND_KIB = 8
@@ -158,19 +158,7 @@ def test_random_slots_answer_as_the_writing_thread_alone(tmp_path, slots, served
     alone, mixed = _twin(tmp_path)
     try:
         for s in slots:
-            op, bend = s["op"], s["bend"] or (None, None)
-            queued = op in A.NCQ
-            fis = ncq(op, s["tag"], s["lba"], s["count"]) if queued else h2d(op, s["lba"], s["count"],
-                                                                              device=s["device"])
-            sizes = list(s["sizes"])
-            need = (s["count"] or 1) * 512 - sum(sizes)
-            last = need - bend[1] if bend[0] == "short" else need
-            if 0 < need <= 16 * PAGE and last > 0:      # the PRDT covers a small transfer, or falls short
-                sizes.append(last)
-            kw = {bend[0]: bend[1]} if bend[0] in ("ctba", "prdtl", "atapi", "extra") else {}
-            action = command(fis, sizes, port=s["port"], slot=s["tag"] if queued else 0, queued=queued,
-                             write=op in (A.WRITE_DMA, A.WRITE_DMA_EXT, A.WRITE_FPDMA_QUEUED),
-                             fill=lambda i: 0x41 + i, **kw)
+            action = slot_action(s)
             assert action(alone.drv) == action(mixed.drv)
             a, m = alone.seen(), mixed.seen()
             for key in a:
