@@ -40,7 +40,7 @@ VMMSHIM_KEYS = {
     "vmmshim.blk_compiled": ("true", "bool",
                              "virtio-blk, nvme and ahci serve Linux's read and write requests in C, where a C "
                              "compiler can build it"),
-    "vmmshim.ahci_inline_kib": ("1024", "int 0 32768",
+    "vmmshim.ahci_inline_kib": ("64", "int 0 32768",
                                 "an AHCI disk's compiled read or write of at most this many KiB (and no flush) is "
                                 "served on the vCPU that issued it, in its PxCI write; longer ones, and with 0 "
                                 "all, go to the port's thread"),
