@@ -152,20 +152,27 @@ def post_window(ctx, vl, in_service_ends):
     ctx.intwin.post(vector, after_eoi=in_service_ends, arm=arm, again=again, word=word)
 
 
+def _kick_conditions(ctx):
+    """``(ends, args)`` for a kick's post: ``ends``, whether the vector must wait for the guest's PV EOI of the
+    one in service (the word armed for it: the guest may have ended it in memory already, and the loop reads the
+    word's bit); ``args(vector, arm, again)``, the positional arguments of ``IntWindow.kick``/``release`` for a
+    plan of ``Vlapic.window_plan(ends)`` (without PV EOI, the vector alone)."""
+    pv_eoi = ctx.pv_eoi
+    word = pv_eoi.word if pv_eoi is not None else None
+    if word is None:
+        return False, lambda vector, arm, again: (vector,)
+    ends = pv_eoi.armed
+    return ends, lambda vector, arm, again: (vector, ends, arm, again, word)
+
+
 def post_kick(ctx):
     """From the thread that kicks the vCPU: posts the vlapic's next vector to the provider's run loop while it runs
     (``Vlapic.offer_outside``), to be injected at the kick's EINTR without Python. True when posted."""
-    vl, win, pv_eoi = ctx.vlapic, ctx.intwin, ctx.pv_eoi
-    word = pv_eoi.word if pv_eoi is not None else None
+    vl, win = ctx.vlapic, ctx.intwin
     if vl is None:
         return False
-    if word is None:
-        return vl.offer_outside(lambda vector, arm, again: win.kick(vector))
-    # the one in service may have been ended in memory already (PV EOI armed for it): then the vector waits for
-    # the word's bit, which the loop reads
-    ends = pv_eoi.armed
-    return vl.offer_outside(lambda vector, arm, again: win.kick(vector, after_eoi=ends, arm=arm, again=again,
-                                                               word=word), in_service_ends=ends)
+    ends, args = _kick_conditions(ctx)
+    return vl.offer_outside(lambda *plan: win.kick(*args(*plan)), in_service_ends=ends)
 
 
 def post_kick_taken(ctx):
@@ -173,7 +180,7 @@ def post_kick_taken(ctx):
     accepted yet (``IntWindow.can_take_over``): under the vlapic's lock, the loop's return is held
     (``IntWindow.take_over``), the vlapic accepts that vector here as :func:`window_taken` does at the return, and
     its next vector is posted as :func:`post_kick` posts (``IntWindow.release``). True when posted."""
-    vl, win, pv_eoi = ctx.vlapic, ctx.intwin, ctx.pv_eoi
+    vl, win = ctx.vlapic, ctx.intwin
     if vl is None:
         return False
     with vl.under_lock():
@@ -183,12 +190,10 @@ def post_kick_taken(ctx):
         post = ()
         try:                            # the loop's return waits for the release: it must come
             window_taken(ctx, win, *taken, done=_nothing)
-            word = pv_eoi.word if pv_eoi is not None else None
-            ends = word is not None and pv_eoi.armed
+            ends, args = _kick_conditions(ctx)      # after the acceptance: the word may be armed for it now
             plan = vl.window_plan(ends)
             if plan is not None:
-                vector, arm, again = plan
-                post = (vector,) if word is None else (vector, ends, arm, again, word)
+                post = args(*plan)
         finally:
             posted = win.release(*post)
         return posted

@@ -40,7 +40,7 @@ MASK32 = 0xFFFFFFFF
 class Hba:
     """``devices``: ``{port: device}``; ``mem``: the GuestMemory; ``irq``: the PCI side (``msi_vectors()``,
     ``msi(vector)``, ``intx(level)``); ``threaded``: serve commands on port threads, and ``inline_max``: those
-that are compiled transfers of at most that many bytes on the thread that issued them (see :mod:`.port`)."""
+    that are compiled transfers of at most that many bytes on the thread that issued them (see :mod:`.port`)."""
 
     publish = None
     is_ = published("is_", IS)
