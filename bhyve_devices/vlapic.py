@@ -56,8 +56,10 @@ class _Guard:
         self.v = v
 
     def __enter__(self):
-        self.v._lock.acquire()
-        self.v._depth += 1
+        v = self.v
+        v._lock.acquire()
+        v._depth += 1
+        v.changed = True
 
     def __exit__(self, *exc):
         v = self.v
@@ -88,6 +90,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
         self.x2apic_allowed = bool(x2apic_allowed or x2apic_enabled)
         self.eoi_level = eoi_level
         self._lock = threading.RLock()
+        self.on_reset = None            # called when the state is reset (the owner's plans outside Python are void)
         self._depth = 0
         self._post = []
         self._guard = _Guard(self)
@@ -120,6 +123,9 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
         self._repeat = 0
         self.lvt = {off: R.LVT_RESET for off in R.LVT_OFFSETS}
         self._extint = False
+        self.changed = True
+        if self.on_reset is not None:
+            self.on_reset()         # an INIT from another vCPU: what was planned outside is void
 
     def snapshot(self):
         """The guest-visible state (:mod:`bhyve_devices.snapshot`; what is saved: :mod:`bhyve_devices.vlapic_state`)."""
@@ -232,7 +238,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
                 return None
             return bool(self.irr) and ((self.irr.bit_length() - 1) & 0xF0) > (self.tpr & 0xF0)
 
-    def _eoi(self):
+    def _eoi(self, kick=True):
         if not self.isr:
             return
         v = self.isr.bit_length() - 1
@@ -240,7 +246,7 @@ class Vlapic(VlapicLintMixin, VlapicMsrMixin, VlapicAcceptMixin):
         if (self.tmr >> v) & 1 and self.eoi_level is not None:
             cb = self.eoi_level
             self._post.append(lambda: cb(v))
-        if self.irr:
+        if self.irr and kick:
             self._kick()
 
     # -- errors and LVTs ------------------------------------------------------------------------------------

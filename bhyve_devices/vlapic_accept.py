@@ -13,14 +13,26 @@ vlapic still shows the vector requested; the ``outside`` callable (``outside(vec
 tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether the CPU took it meanwhile, so that a request then
 is kept (:attr:`_repeat`, once: more merge with it) instead of merged.
 
+A TSC-deadline tick may be delivered outside Python too (the KVM provider's ticker thread): :meth:`tick_plan` says
+which vector the timer's LVT would deliver when the deadline falls due and whether the CPU may take it then, which
+holds while nothing else is requested and at most one edge-triggered vector is in service (the tick then waits
+for that one's end). :attr:`changed` is set by every change made under the lock (so the owner publishes the
+plan again); :meth:`ticked_outside` counts the ticks fired outside, :meth:`ended_outside` is the EOI of a vector
+the guest ended in memory.
+
 Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than one
 vector taken outside between two acceptances.
 """
 
 
+from . import vlapic_regs as R
+
+
 class VlapicAcceptMixin:
     """Expects Vlapic's ``_lock``, ``_guard``, ``_eoi``, ``_kick``, ``irr``, ``isr``, ``tmr``, ``tpr``, ``hw_enabled``,
-    ``lint0_pending``."""
+    ``sw_enabled``, ``lvt``, ``timer``, ``lint0_pending``."""
+
+    changed = True          # set by every change under the guard; the owner clears it when it looks
 
     outside = None          # outside(vector) -> bool: the run loop took vector and it is not accepted here yet
     _repeat = 0             # vectors requested again after the run loop took them (IRR bits, until accepted)
@@ -89,4 +101,39 @@ class VlapicAcceptMixin:
             self._repeat |= bit
             return False
         return True
+
+    def tick_plan(self, held=None):
+        """``(vector, after_eoi)`` the CPU takes when the TSC-deadline timer falls due, or None when that is
+        Python's to decide (another mode, the LVT masked or not fixed-vector-valid, another request waiting, more
+        than one vector or a level-triggered one in service, LINT0's request). ``held``: the vector the run loop
+        holds (posted or injected, not accepted yet: its request is the loop's, and its end is the loop's to see).
+        ``after_eoi``: one edge-triggered vector is in service, and the tick waits for its end."""
+        with self._lock:
+            if self.timer.mode != R.TIMER_TSC_DEADLINE or not self.hw_enabled or not self.sw_enabled:
+                return None
+            lvt = self.lvt[R.LVT_TIMER]
+            vector = lvt & 0xFF
+            if lvt & R.LVT_MASKED or vector < 16:
+                return None
+            irr = self.irr if held is None else self.irr & ~(1 << held)
+            if irr or self._repeat or self.lint0_pending():
+                return None
+            isr = self.isr
+            if not isr:
+                return vector, False
+            if isr & (isr - 1) or self.tmr & isr:
+                return None
+            return vector, True
+
+    def ticked_outside(self, n):
+        """``n`` TSC-deadline ticks fired, were taken and ended outside Python (statistics only)."""
+        if n > 0:
+            with self._guard:
+                self.timer.fires += n
+
+    def ended_outside(self):
+        """The guest ended the highest vector in service through memory, seen outside Python: its EOI, without a
+        kick (the caller posts what comes next)."""
+        with self._guard:
+            self._eoi(kick=False)
 

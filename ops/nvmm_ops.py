@@ -36,7 +36,7 @@ from .nvmm import constants as C
 from .nvmm.api import nvmm_error
 from .nvmm.state import STATE_SIZE as C_STATE_SIZE
 from .vmm import Vcpu, Vm, is_kernel_mmio
-from .vmm_lapic import leaf1_cpuid, tpr_from_guest, window_taken
+from .vmm_lapic import leaf1_cpuid, tpr_from_guest, window_taken, window_withdrawn
 from .vmm_api import Bpt, DebugTrap, VmmApiCalls
 from .vmm_ops import VmCapType, VmExitCode, VmSuspendHow, Vmx
 
@@ -118,7 +118,10 @@ class VmmOpsNvmm(VmmApiCalls):
         nv = ctx.nv
         # TSC-deadline mode needs the guest TSC's rate and its value now (read at the WRMSR exit that arms it)
         hz = (nv.tsc_frequency() or None) if vmi.tsc_deadline else None
-        # the KVM provider's run loop may keep IA32_TSC_DEADLINE itself, its timerfd watched by the timer thread
+        # the KVM provider's run loop may inject at the interrupt window itself (ops/vmm_lapic.py, post_window)
+        win = nv.interrupt_window() if hasattr(nv, "interrupt_window") else None
+        # ... and keep IA32_TSC_DEADLINE itself, its expiry posted to that window by the ticker thread, or its
+        # timerfd watched by the timer thread
         dl = nv.tsc_deadline(hz) if hz and getattr(vmi.timers, "can_watch", False) and \
             hasattr(nv, "tsc_deadline") else None
         vl = Vlapic(vcpu, vmi.timers, vmi.apicbus, x2apic_enabled=vmi.x2apic,   # bhyve's X2APIC_ENABLED (-x)
@@ -126,17 +129,18 @@ class VmmOpsNvmm(VmmApiCalls):
         if dl is not None:
             vmi.timers.watch(dl.fd, lambda: dl.expire() and vl.on_deadline())
             ctx.tsc_deadline = dl
+            vl.on_reset = dl.hold
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:
             ctx.pv_eoi = kvm_para.PvEoi(vmi.machine.gpa_view, vl.eoi)
             self._kvm_para_cpuid(vmi, ctx)
-        # the KVM provider's run loop may inject at the interrupt window itself (ops/vmm_lapic.py, post_window)
-        win = nv.interrupt_window() if hasattr(nv, "interrupt_window") else None
         if win is not None:
-            win.on_taken = lambda vector, ended, armed: window_taken(ctx, win, vector, ended, armed)
-            win.on_withdrawn = lambda: setattr(ctx, "pending", True)     # a kick's vector: Python looks again
+            win.on_taken = lambda vector, ended, armed, tick: window_taken(ctx, win, vector, ended, armed, tick=tick)
+            win.on_withdrawn = lambda tick: window_withdrawn(ctx, win, tick)    # a kick's: Python looks again
             vl.outside = win.taken
+            if dl is not None and dl.tick is not None:      # or an injection the ticker found ended
+                vl.outside = lambda vector: win.taken(vector) or dl.folded(vector)
             ctx.intwin = win
         if vmi.tpr_exits:
             ctx.nv.configure(C.NVMM_VCPU_CONF_TPR, api.ConfTpr(exit_changed=True))

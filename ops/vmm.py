@@ -111,6 +111,8 @@ class Vcpu:
         self.kicks += 1
         if self.thread == threading.get_ident():
             return
+        if self.tsc_deadline is not None:
+            self.tsc_deadline.hold()    # the ticker leaves ticks to Python until the next entry looks
         with self.cond:
             self.cond.notify_all()
             if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
@@ -227,6 +229,11 @@ class Vm(HaltMixin):
         pv_eoi = ctx.pv_eoi
         win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8, len(self.vcpus) == 1,
                         pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed)
+        vl = ctx.vlapic
+        if vl is not None and vl.changed and ctx.tsc_deadline is not None:
+            vl.changed = False          # set again by any change from here on
+            with vl.under_lock():
+                vmm_lapic.plan_tick(ctx, vl)      # what the ticker may post for the TSC-deadline timer while it runs
         if halt is not None:
             ctx.halt_rflags = None
             if r is None and ctx.injected == injected and not ctx.pending and not ctx.nmi and not win.struct.state:
@@ -423,6 +430,8 @@ class Vm(HaltMixin):
                "pending": ctx.pending,
                "started": ctx.started, "answered_io": ctx.nv.answered_io(),
                "answered_mmio": ctx.nv.answered_mmio()}
+        if ctx.tsc_deadline is not None:
+            out["ticks_posted"], out["ticks_handed"] = ctx.tsc_deadline.ticks_posted, ctx.tsc_deadline.ticks_handed
         vl = ctx.vlapic
         if vl is not None:
             out["irr"] = [hex(vl.read(0x200 + 0x10 * i, 4)) for i in range(8) if vl.read(0x200 + 0x10 * i, 4)]

@@ -17,6 +17,10 @@ interrupts.
   (:func:`post_window`), and a kick from another thread posts it while the vCPU runs (:func:`post_kick`); the
   loop's injection is accepted in the vlapic when the run returns
   (:func:`window_taken`), before any exit is handled.
+- The KVM provider's ticker thread posts a TSC-deadline tick to the run loop itself where :func:`plan_tick` said
+  what the vlapic would deliver then; what it took over and found ended in the guest is accepted and ended first
+  when the slot comes back (:func:`_folds`), and a tick it posted that the loop did not inject fires in the vlapic
+  (:func:`window_withdrawn`).
 - What wakes a HLT with interrupts enabled (:func:`interrupt_waiting`): a vlapic vector above the PPR, or the
   8259's INTR through LINT0 (ExtINT, or the plain INTR pin of an APIC that is not enabled: 10.4.7.2, 10.5.1).
 
@@ -172,7 +176,13 @@ def post_kick(ctx):
     if vl is None:
         return False
     ends, args = _kick_conditions(ctx)
-    return vl.offer_outside(lambda *plan: win.kick(*args(*plan)), in_service_ends=ends)
+
+    def post(*plan):
+        if not win.kick(*args(*plan)):
+            return False
+        plan_tick(ctx, vl)              # the vector is the loop's now
+        return True
+    return vl.offer_outside(post, in_service_ends=ends)
 
 
 def post_kick_taken(ctx):
@@ -189,13 +199,15 @@ def post_kick_taken(ctx):
             return False
         post = ()
         try:                            # the loop's return waits for the release: it must come
-            window_taken(ctx, win, *taken, done=_nothing)
+            vector, ended, armed, tick = taken
+            window_taken(ctx, win, vector, ended, armed, done=_nothing, tick=tick)
             ends, args = _kick_conditions(ctx)      # after the acceptance: the word may be armed for it now
             plan = vl.window_plan(ends)
             if plan is not None:
                 post = args(*plan)
         finally:
             posted = win.release(*post)
+        plan_tick(ctx, vl)
         return posted
 
 
@@ -203,16 +215,25 @@ def _nothing():
     pass
 
 
-def window_taken(ctx, win, vector, ended_first, armed, done=None):
+def window_taken(ctx, win, vector, ended_first, armed, done=None, tick=False):
     """The provider's run loop ``win`` injected the posted ``vector`` (its ``on_taken``): the vlapic accepts it,
-    after the EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``.
-    What ``pending`` said stays (the EOI's own kick is the loop's doing), unless the vector was requested again.
-    ``done`` (default ``win.clear``) runs under the vlapic's lock once it has accepted the vector."""
+    after the EOI the guest made in its PV EOI word when ``ended_first``; the word is armed for it when ``armed``;
+    ``tick``: the ticker posted it (the vlapic's timer fired outside). What ``pending`` said stays (the EOI's own
+    kick is the loop's doing), unless the vector was requested again. ``done`` (default ``win.clear``) runs under
+    the vlapic's lock once it has accepted the vector. The injections the ticker found ended before are accepted
+    and ended first (:func:`_folds`)."""
     was = ctx.pending
     pv_eoi, vl = ctx.pv_eoi, ctx.vlapic
     if vl is None:                       # cleaned up meanwhile: nothing is left to accept it
         win.clear()
         return
+    _folds(ctx, win, vl)
+    if tick:
+        vl.ticked_outside(1)
+    _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was)
+
+
+def _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was):
     if ended_first:
         pv_eoi.armed = False
     again = vl.accept_outside(vector, ended_first, win.clear if done is None else done)
@@ -221,6 +242,53 @@ def window_taken(ctx, win, vector, ended_first, armed, done=None):
     ctx.injected += 1
     ctx.masked = False
     ctx.pending = was or again
+
+
+def window_withdrawn(ctx, win, tick):
+    """A kick's post came back from the run loop not injected (its ``on_withdrawn``): Python looks at the vlapic
+    before the next entry; a tick the ticker posted fires in the vlapic now (its deadline was taken)."""
+    vl = ctx.vlapic
+    if vl is not None:
+        _folds(ctx, win, vl)
+        if tick:
+            vl.on_deadline()
+    ctx.pending = True
+
+
+def _folds(ctx, win, vl):
+    """What the ticker found ended in the guest since Python last looked (``TscDeadline.take_folds``): the first
+    injection accepted as :func:`window_taken` would have, then ended (the guest cleared its PV EOI bit), and the
+    ticks it posted after that counted."""
+    dl = ctx.tsc_deadline
+    folds = dl.take_folds() if dl is not None else None
+    if folds is None:
+        return
+    first, count = folds
+    if first is not None:
+        vector, ended_first, armed, tick = first
+        if tick:
+            vl.ticked_outside(1)
+        _accept(ctx, win, vl, ctx.pv_eoi, vector, ended_first, armed, _nothing, ctx.pending)
+        ctx.pv_eoi.armed = False
+        vl.ended_outside()
+    vl.ticked_outside(count - 1)
+
+
+def plan_tick(ctx, vl):
+    """Under the vlapic's lock, the vCPU in the run loop or about to enter it: tells the ticker (the KVM provider's
+    ``TscDeadline.plan``) what the vlapic's TSC-deadline timer delivers when it falls due (``Vlapic.tick_plan``),
+    beside what the loop's slot holds: the tick waits for the end of the one in service only through an armed PV
+    EOI word, and the word is armed for the tick where the guest has one."""
+    dl = ctx.tsc_deadline
+    if dl is None or dl.tick is None:
+        return
+    plan = vl.tick_plan(ctx.intwin.held())
+    pv_eoi = ctx.pv_eoi
+    word = pv_eoi.word if pv_eoi is not None else None
+    if plan is None or (plan[1] and (word is None or not pv_eoi.armed)):
+        dl.plan(None)
+    else:
+        dl.plan(plan[0], after_eoi=plan[1], arm=word is not None)
 
 
 def _injectable(es):

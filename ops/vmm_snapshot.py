@@ -41,6 +41,20 @@ _FLAGS = ("nmi", "cr8", "started", "halted_if_clear")
 TSC_ADJUST = "tsc_adjust"       # saved as a value, not written as the MSR (that would move the restored TSC)
 
 
+def _vlapic(ctx):
+    """The vlapic's state, with a TSC-deadline tick the KVM provider's ticker took and left to Python fired first
+    (the timer thread, held off by the checkpoint, has not), and the ticker held off while it is read."""
+    vl, dl = ctx.vlapic, ctx.tsc_deadline
+    if vl is None:
+        return None
+    if dl is None:
+        return vl.snapshot()
+    with dl.paused():
+        if dl.expire():
+            vl.on_deadline()
+        return vl.snapshot()
+
+
 def snapshot_vm(vm):
     """The engine ``vm``'s kernel state as JSON values (see the module docstring)."""
     vcpus = {}
@@ -57,8 +71,7 @@ def snapshot_vm(vm):
         if vm.kernel_clock:                 # the provider answers the clock MSRs: ask it for their values
             msrs += [[m, v] for m, v in zip(PVCLOCK_MSRS, nv.get_msrs(list(PVCLOCK_MSRS))) if v]
         st = {"state": b2s(nv.state.buf), "hlt_held": list(ctx.hlt_held) if ctx.hlt_held else None,
-              "msrs": msrs, "vlapic": ctx.vlapic.snapshot() if ctx.vlapic is not None else None,
-              "event": list(event) if event is not None else None}
+              "msrs": msrs, "vlapic": _vlapic(ctx), "event": list(event) if event is not None else None}
         st.update({k: getattr(ctx, k) for k in _FLAGS})
         vcpus[str(vid)] = st
     clock = vm.machine.kernel_clock() if vm.kernel_clock else time.monotonic_ns() - vm.clock_epoch_ns

@@ -33,7 +33,7 @@ def test_take_over_then_post(win):
     win.struct.state = W.IN | W.TAKEN | 0x41
     win.struct.result = W.RES_EOI | W.RES_ARMED
     assert win.can_take_over() and not win.can_kick()
-    assert win.take_over() == (0x41, True, True)
+    assert win.take_over() == (0x41, True, True, False)
     assert win.struct.state == W.IN | W.TAKEN | W.BUSY | 0x41
     assert win.take_over() is None                      # held: nobody else takes it
     assert win.taken(0x41)                              # still the loop's until released

@@ -177,7 +177,7 @@ int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32
 	}
 	w->result = res;
 	/* only this loop changes a posted state while WIN_IN is set: a plain store keeps WIN_IN */
-	__atomic_store_n(&w->state, WIN_IN | WIN_TAKEN | vector, __ATOMIC_RELEASE);
+	__atomic_store_n(&w->state, WIN_IN | WIN_TAKEN | (s & WIN_TICK) | vector, __ATOMIC_RELEASE);
 	run[w->window_off] = (s & WIN_AGAIN) ? 1 : 0;
 	return 1;
 }
@@ -395,7 +395,7 @@ uint32_t vmmshim_intwin_take_over(struct vmmshim_intwin *w)
 {
 	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 
-	if ((s & ~WIN_VECTOR) != (WIN_IN | WIN_TAKEN))
+	if ((s & ~(WIN_VECTOR | WIN_TICK)) != (WIN_IN | WIN_TAKEN))
 		return 0;
 	if (!__atomic_compare_exchange_n(&w->state, &s, s | WIN_BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
 		return 0;

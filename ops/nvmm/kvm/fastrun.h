@@ -123,9 +123,35 @@ struct vmmshim_waketimer {
 #define WIN_AGAIN 0x4000u           /* ask for the window again after injecting (more waits for its end) */
 #define WIN_MASKED 0x8000u          /* the loop: a kick's vector waits for the guest to set IF */
 #define WIN_BUSY 0x10000u           /* another thread accepts the loop's injection (TAKEN): the loop's return waits */
+#define WIN_TICK 0x20000u           /* posted by the ticker (fasttick.c): the LVT timer's vector, which Python's
+                                       vlapic has not seen fire */
 #define RES_EOI 1u
 #define RES_ARMED 2u
 #define PV_EOI_BIT 1u
+
+/*
+ * one vCPU's TSC-deadline expiry served by the process's ticker thread (fasttick.c; Python: tscdeadline.py's
+ * Ticking). The fold fields are written by the ticker while it holds the slot (WIN_BUSY) and read by Python only
+ * while the slot is its own (the run returned, or Python holds it: take_over).
+ */
+struct vmmshim_tick {
+	uint32_t plan;              /* Python, under its vlapic's lock: the LVT timer's vector and WIN_AFTER_EOI,
+	                               WIN_ARM, posted as a kick when the deadline falls due; 0: Python fires it.
+	                               Cleared for every other request (the vlapic's state moves) */
+	int32_t tid;                /* the vCPU thread's kernel id (signalled as a kick) */
+	int32_t sig;                /* the kick's signal */
+	int32_t notify_fd;          /* an eventfd: a deadline fell due that Python fires (the timer thread reads it) */
+	uint64_t run;               /* the vCPU's kvm_run mapping */
+	uint64_t dl;                /* its struct vmmshim_tscdl */
+	uint64_t win;               /* its struct vmmshim_intwin */
+	uint32_t fired;             /* the ticker: a due deadline waits for Python (exchanged to 0 there) */
+	uint32_t fold_state;        /* the ticker: the first injection it found ended in the guest (the slot's state
+	                               then, WIN_TAKEN and a vector) that Python has not accepted; 0: none */
+	uint32_t fold_result;       /* ... and that injection's RES_* */
+	uint32_t folds;             /* injections found ended since Python last looked (fold_state's first) */
+	uint64_t posted;            /* statistics: ticks posted as kicks */
+	uint64_t handed;            /* ... and left to Python */
+};
 
 /* struct kvm_msrs with one struct kvm_msr_entry */
 struct one_msr {
@@ -134,8 +160,9 @@ struct one_msr {
 	uint64_t data;
 };
 
-/* fastrun.c, for fasthalt.c */
+/* fastrun.c, for fasthalt.c and fasttick.c */
 uint64_t vmmshim_now_ns(void);
+int vmmshim_tscdl_expire(struct vmmshim_tscdl *d);
 int vmmshim_set_timer(int tfd, uint64_t due_ns);
 int vmmshim_pv_eoi_set(const struct vmmshim_intwin *w);
 int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s);
@@ -146,5 +173,11 @@ int vmmshim_waketimer_off(struct vmmshim_waketimer *t);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w);
 int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w);
+
+/* fasttick.c, for Python */
+int vmmshim_ticker_add(struct vmmshim_tick *t);
+int vmmshim_ticker_remove(struct vmmshim_tick *t);
+uint32_t vmmshim_tick_take_fired(struct vmmshim_tick *t);
+void vmmshim_ticker_pause(int on);
 
 #endif

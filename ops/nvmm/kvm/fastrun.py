@@ -5,7 +5,8 @@ without coming back to Python (in the nested lab a kernel console's LSR read per
 handled in Python, was most of a boot's user-space time: docs/lab.md, "Timings measured"), and it serves the
 guest's IA32_TSC_DEADLINE writes (``tscdeadline.py``), answers the MMIO reads the VM published
 (``Machine.answer_mmio``: an AHCI interrupt handler's status registers), injects the interrupt posted for the
-interrupt window (``intwin.py``) and sleeps in a guest's HLT until a kick posts one (``fasthalt.c``). The C files
+interrupt window (``intwin.py``), sleeps in a guest's HLT until a kick posts one (``fasthalt.c``) and posts the
+guest's TSC-deadline ticks from a thread of its own (``fasttick.c``). The C files
 need only libc (the kvm_run offsets come from ``layouts.py``), so a C compiler and libc's headers are all it takes
 (``gcc``, ``libc6-dev``).
 
@@ -21,7 +22,8 @@ import threading
 
 from ... import native
 
-SOURCE = tuple(pathlib.Path(__file__).with_name(n) for n in ("fastrun.c", "fasthalt.c", "fastrun.h"))
+SOURCE = tuple(pathlib.Path(__file__).with_name(n) for n in ("fastrun.c", "fasthalt.c", "fasttick.c",
+                                                                            "fastrun.h"))
 ENV_OFF = "VMMSHIM_FASTRUN"
 MMIO_PAGES, MMIO_PAGE_SHIFT, MMIO_SLOTS = 16, 12, 1024     # fastrun.h's (tests/unit/test_fastrun.py checks)
 CDEF = """
@@ -91,6 +93,21 @@ struct vmmshim_intwin {
     uint32_t solo;
     uint32_t eoi_armed;
 };
+struct vmmshim_tick {
+    uint32_t plan;
+    int32_t tid;
+    int32_t sig;
+    int32_t notify_fd;
+    uint64_t run;
+    uint64_t dl;
+    uint64_t win;
+    uint32_t fired;
+    uint32_t fold_state;
+    uint32_t fold_result;
+    uint32_t folds;
+    uint64_t posted;
+    uint64_t handed;
+};
 struct vmmshim_waketimer {
     int32_t tfd;
     uint32_t armed;
@@ -109,6 +126,10 @@ int vmmshim_tscdl_open(void);
 int vmmshim_tscdl_arm(int vcpu_fd, struct vmmshim_tscdl *d, uint64_t value);
 int vmmshim_tscdl_set(struct vmmshim_tscdl *d, uint64_t value, uint64_t due_ns);
 int vmmshim_tscdl_expire(struct vmmshim_tscdl *d);
+int vmmshim_ticker_add(struct vmmshim_tick *t);
+int vmmshim_ticker_remove(struct vmmshim_tick *t);
+uint32_t vmmshim_tick_take_fired(struct vmmshim_tick *t);
+void vmmshim_ticker_pause(int on);
 """.replace("MMIO_PAGES", str(MMIO_PAGES))
 NO_ANSWER = -1
 PORTS = 0x10000

@@ -27,6 +27,10 @@ request finds the loop running in that state accepts the injection itself (:meth
 loop's return waits until :meth:`IntWindow.release`) and posts its own vector, instead of stopping the vCPU
 for Python (a CPU-bound guest's timer tick after a tick the loop injected, a network transfer's interrupts;
 ``VMMSHIM_TAKE_OVER=0`` stops the vCPU instead, as before).
+
+Ticks. The ticker thread (``fasttick.c``, ``tscdeadline.py``) posts a due TSC-deadline tick the same way, marked
+``TICK`` (the vlapic has not fired it: :attr:`IntWindow.on_taken` and :attr:`IntWindow.on_withdrawn` are told), and
+may take the slot over from an injection the guest has ended in memory, which it records for Python.
 ``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
 Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where the ops layer allows it
@@ -59,6 +63,7 @@ ARM = 0x2000        # set the PV EOI bit once injected
 AGAIN = 0x4000      # ask for the window again once injected
 MASKED = 0x8000     # the loop: a kick's vector waits for the guest to set IF
 BUSY = 0x10000      # another thread accepts the loop's injection (take_over): the loop's return waits
+TICK = 0x20000      # posted by the ticker (fasttick.c): a TSC-deadline tick Python's vlapic has not fired
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
 HALT_AT_EXIT = 1    # a HLT exit may be slept in the loop
@@ -67,10 +72,11 @@ HALT_NOW = 2        # the next run starts asleep
 
 class IntWindow:
     """One vCPU's slot: :meth:`post` before a run and :meth:`settle` after it (the vCPU's thread), :meth:`kick` and
-    :meth:`taken` from any thread. The ops layer sets :attr:`on_taken` ``(vector, ended_first, armed)``, which calls
-    :meth:`clear` once its vlapic has accepted the vector (``ended_first``: the guest had ended the one in service
-    through its PV EOI word; ``armed``: the word is armed for ``vector``), and :attr:`on_withdrawn` ``()``, called
-    when a kick's post comes back not injected."""
+    :meth:`taken` from any thread. The ops layer sets :attr:`on_taken` ``(vector, ended_first, armed, tick)``, which
+    calls :meth:`clear` once its vlapic has accepted the vector (``ended_first``: the guest had ended the one in
+    service through its PV EOI word; ``armed``: the word is armed for ``vector``; ``tick``: the ticker posted it, the
+    vlapic has not fired it), and :attr:`on_withdrawn` ``(tick)``, called when a kick's post comes back not
+    injected."""
 
     def __init__(self, ffi, lib):
         self._ffi, self._lib = ffi, lib
@@ -138,17 +144,18 @@ class IntWindow:
     def can_take_over(self):
         """Whether the loop runs holding an injection not yet accepted, with nothing posted (a cheap look, any
         thread): :meth:`take_over` may succeed."""
-        return self.take_overs and self.struct.state & ~VECTOR == IN | TAKEN
+        return self.take_overs and self.struct.state & ~(VECTOR | TICK) == IN | TAKEN
 
     def take_over(self):
         """From another thread, under the vlapic's lock: holds the loop's return while the caller accepts the
         loop's injection itself (as :attr:`on_taken` would at the return, without :meth:`clear`); returns its
-        ``(vector, ended_first, armed)``, or None when the slot is not in that state. :meth:`release` must follow."""
+        ``(vector, ended_first, armed, tick)``, or None when the slot is not in that state. :meth:`release` must
+        follow."""
         s = self._lib.vmmshim_intwin_take_over(self.struct)
         if not s:
             return None
         res = self.struct.result
-        return s & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED)
+        return s & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED), bool(s & TICK)
 
     def release(self, vector=None, after_eoi=False, arm=False, again=False, word=None):
         """Ends :meth:`take_over`: posts ``vector`` as :meth:`kick` does (True: the caller kicks with
@@ -173,15 +180,20 @@ class IntWindow:
             cb = self.on_taken
             if cb is not None:
                 res = s.result
-                cb(state & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED))
+                cb(state & VECTOR, bool(res & RES_EOI), bool(res & RES_ARMED), bool(state & TICK))
                 return
         s.state = 0
         if state & KICK and self.on_withdrawn is not None:
-            self.on_withdrawn()
+            self.on_withdrawn(bool(state & TICK))
 
     def taken(self, vector):
         """Whether the loop injected ``vector`` and the ops layer has not accepted it yet (any thread)."""
         return self.struct.state & (TAKEN | VECTOR) == TAKEN | (vector & VECTOR)
+
+    def held(self):
+        """The vector the slot holds, posted or injected and not accepted yet, or None (any thread)."""
+        state = self.struct.state
+        return state & VECTOR if state & (POSTED | TAKEN) else None
 
     def masked(self):
         """Whether a kick's vector waits in the loop for the guest to set IF (any thread): the guest holds it

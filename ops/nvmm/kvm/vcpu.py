@@ -89,6 +89,8 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         self.run_stats = None           # the compiled loop's counters (fastrun.c's vmmshim_run_stats), once used
         self.tscdl = None               # IA32_TSC_DEADLINE in the compiled loop (tscdeadline.py), once asked for
         self.intwin = None              # the interrupt the compiled loop injects at the window (intwin.py)
+        self._tick_run = None           # the ticker's view of kvm_run (tsc_deadline)
+        self._tick_thread = None        # the thread the ticker's kicks signal (its get_ident)
         self._kicks = 0           # stop() calls, so _complete_exit does not swallow one
         self._lock = threading.Lock()
         # The first entry has no exit behind it: fill the sync area ourselves so it is always current.
@@ -185,8 +187,11 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
             nonlocal compiled, after_io, after_mmio
             if vcpu._slow:
                 return slow_run()
-            vcpu._thread = get_ident()
+            ident = vcpu._thread = get_ident()
             vcpu._in_run = True
+            if ident != vcpu._tick_thread and vcpu.tscdl is not None:
+                vcpu._tick_thread = ident
+                vcpu.tscdl.bind()           # the thread its ticks signal
             answers, mmio = machine._answers, machine._mmio_answers
             tscdl = vcpu.tscdl
             # The compiled loop where it injects interrupts (intwin.py: a kick may post one while it runs), after a
@@ -258,9 +263,14 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
 
     def tsc_deadline(self, tsc_hz):
         """vmmshim's extension: this vCPU's IA32_TSC_DEADLINE kept by the compiled loop (:mod:`.tscdeadline`), or
-        None where it cannot be. Asked for once, before the first run."""
+        None where it cannot be. Asked for once, before the first run, after :meth:`interrupt_window` (the
+        deadline's ticks are then posted to that slot by the ticker thread, ``fasttick.c``)."""
         if self.tscdl is None:
             self.tscdl = tscdeadline.make(self.fd, tsc_hz)
+            if self.tscdl is not None and self.intwin is not None:
+                ffi = fastrun.load()[0]     # the view keeps kvm_run mapped until _destroy took the tick back
+                self._tick_run = ffi.from_buffer("uint8_t[]", self.mm)
+                self.tscdl.attach_ticker(self.intwin, int(ffi.cast("uintptr_t", self._tick_run)), SIG_KICK)
             self._install_fast_paths()      # a new compiled loop, bound to it
         return self.tscdl
 
@@ -420,7 +430,10 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
         with self._lock:
             self._thread = None
         if self.tscdl is not None:
-            self.tscdl.close()
+            self.tscdl.close()          # the ticker first lets go of the tick (and of kvm_run)
+        if self._tick_run is not None:
+            fastrun.load()[0].release(self._tick_run)
+            self._tick_run = None
         if self.intwin is not None:
             self.intwin.close()
         self.run = self.assist_io = _destroyed

@@ -1,0 +1,101 @@
+"""A guest that computes with its TSC-deadline tick running, as Linux does between I/O: each tick's handler ends
+the interrupt through its PV EOI word and writes the next deadline, and nothing exits. Every provider must
+deliver each deadline exactly once (Intel SDM vol. 3A 10.5.4.1), beside interrupts another thread raises, and
+leave nothing in service. On KVM the ticks are posted to the run loop by the ticker thread (``fasttick.c``,
+``ops/vmm_lapic.py``'s ``plan_tick``), which folds the injections the guest has ended; the vlapic's count of
+timer expirations must still be exact, and the ticker must have posted most of them."""
+
+import struct
+import threading
+import time
+
+from tests.conformance.test_kvm_para import OUT, SETUP, WORD
+from tests.conformance.test_tsc_deadline import rdtsc_into, wrmsr_deadline
+from tests.conftest import requires
+from tests.guests.vmboot import boot64, gate, idt
+from ops.nvmm.capability import LIMIT_TSC_RATE
+from vmmshim.vm import EXIT_HALT
+
+TIMER, RAISED = 0x40, 0x50
+TSC_DEADLINE_MODE = 2 << 17
+TICKS = 400
+RAISES = 100
+PERIOD_S = 0.0003
+
+_END = """  btrl $0, {word}               # the guest's PV EOI
+  jc 1f
+  movl $0, 0xB0(%rsi)           # the bit was not set: a real EOI
+1:
+""".format(word=WORD)
+
+
+def guest(delta):
+    arm = rdtsc_into("%r11") + f"\n  add ${delta}, %r11" + wrmsr_deadline("%r11") + f"\n  incl {OUT + 8}"
+    return gate(TIMER, "timer_handler") + gate(RAISED, "raised_handler") + SETUP + f"""
+  movl ${TSC_DEADLINE_MODE | TIMER:#x}, 0x320(%rsi)""" + arm + f"""
+  sti
+spin:
+  pause                         # no exit between the ticks
+  cmpl ${TICKS}, {OUT}
+  jb spin
+  cmpl ${RAISES}, {OUT + 4}
+  jb spin
+  cli
+  hlt
+timer_handler:
+  push %rax
+  push %rcx
+  push %rdx
+  push %r11
+  incl {OUT}
+  mov {OUT}, %eax
+  cmp {OUT + 8}, %eax
+  jbe 2f
+  incl {OUT + 12}               # more ticks than deadlines written
+2:
+  cmpl ${TICKS}, {OUT}
+  jae 3f""" + arm + """
+3:
+""" + _END + """  pop %r11
+  pop %rdx
+  pop %rcx
+  pop %rax
+  iretq
+raised_handler:
+""" + f"  incl {OUT + 4}\n" + _END + "  iretq\n" + idt(0x51)
+
+
+def _raiser(vm):
+    ops, vmi = vm.ops, vm.vmi
+
+    def go():
+        time.sleep(0.02)
+        for i in range(RAISES):
+            ops.vm_lapic_msi(vmi, 0xFEE00000, RAISED)
+            end = time.monotonic() + 5          # taken before the next raise (two would merge in the IRR)
+            while struct.unpack_from("<I", vm.view(OUT + 4, 4))[0] <= i and time.monotonic() < end:
+                time.sleep(0.0005)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_ticks_while_the_guest_computes(make_vm, provider):
+    requires(provider, LIMIT_TSC_RATE)
+    vm = make_vm(tsc_deadline=True, kvm_pv=True, pv_eoi=True)
+    ctx = vm.vmi.vcpus[0]
+    hz = ctx.vlapic.timer.tsc_hz
+    boot64(vm, guest(int(hz * PERIOD_S)))
+    t = _raiser(vm)
+    assert vm.run(timeout=60) == EXIT_HALT, vm.error
+    t.join()
+    ticks, raised, armed, extra = struct.unpack_from("<4I", vm.view(OUT, 16))
+    assert (ticks, armed, extra) == (TICKS, TICKS, 0), (ticks, armed, extra)
+    assert raised == RAISES
+    isr = [ctx.vlapic.read(0x100 + 0x10 * i, 4) for i in range(8)]
+    assert not any(isr), f"left in service: {isr}"
+    assert ctx.vlapic.timer.fires == TICKS, "the vlapic's count of expirations"
+    dl = ctx.tsc_deadline
+    if dl is not None and dl.tick is not None:       # the KVM provider's ticker
+        assert dl.ticks_posted + dl.ticks_handed == TICKS
+        assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)
