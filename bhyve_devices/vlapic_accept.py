@@ -73,19 +73,21 @@ class VlapicAcceptMixin:
             plan = self.window_plan(in_service_ends)
             return plan is not None and bool(post(*plan))
 
-    def accept_outside(self, vector, ended_first, done):
+    def accept_outside(self, vector, ended_first, done, requested=True):
         """The run loop injected ``vector``: IRR -> ISR, after the EOI of the one in service when
         ``ended_first`` (the guest ended it through PV EOI). ``done()`` runs under the lock, so ``outside`` answers
         False from then on. Returns True if the vector was requested again meanwhile (it stays in the IRR, for
-        after its EOI)."""
+        after its EOI). ``requested=False``: the injection was never in the IRR (a tick fired outside), so a
+        request the IRR shows is a new one."""
         with self._guard:
             if ended_first:
                 self._eoi()
             bit = 1 << (vector & 0xFF)
+            newer = not requested and self.irr & bit
             self.irr &= ~bit
             self.isr |= bit
             done()
-            again = bool(self._repeat & bit)
+            again = bool(self._repeat & bit or newer)
             if again:
                 self.irr |= bit
             self._repeat = 0

@@ -228,15 +228,15 @@ def window_taken(ctx, win, vector, ended_first, armed, done=None, tick=False):
         win.clear()
         return
     _folds(ctx, win, vl)
+    _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was, tick)
+
+
+def _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was, tick):
     if tick:
         vl.ticked_outside(1)
-    _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was)
-
-
-def _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was):
     if ended_first:
         pv_eoi.armed = False
-    again = vl.accept_outside(vector, ended_first, win.clear if done is None else done)
+    again = vl.accept_outside(vector, ended_first, win.clear if done is None else done, requested=not tick)
     if armed:
         pv_eoi.armed = True
     ctx.injected += 1
@@ -266,9 +266,7 @@ def _folds(ctx, win, vl):
     first, count = folds
     if first is not None:
         vector, ended_first, armed, tick = first
-        if tick:
-            vl.ticked_outside(1)
-        _accept(ctx, win, vl, ctx.pv_eoi, vector, ended_first, armed, _nothing, ctx.pending)
+        _accept(ctx, win, vl, ctx.pv_eoi, vector, ended_first, armed, _nothing, ctx.pending, tick)
         ctx.pv_eoi.armed = False
         vl.ended_outside()
     vl.ticked_outside(count - 1)

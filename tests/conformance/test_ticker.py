@@ -9,6 +9,8 @@ import struct
 import threading
 import time
 
+import pytest
+
 from tests.conformance.test_kvm_para import OUT, SETUP, WORD
 from tests.conformance.test_tsc_deadline import rdtsc_into, wrmsr_deadline
 from tests.conftest import requires
@@ -29,8 +31,16 @@ _END = """  btrl $0, {word}               # the guest's PV EOI
 """.format(word=WORD)
 
 
-def guest(delta):
+def guest(delta, hold=0):
+    """``hold``: TSC ticks the tick's handler spins after writing the next deadline, before its end (a deadline
+    shorter than that falls due while the tick is still in service)."""
     arm = rdtsc_into("%r11") + f"\n  add ${delta}, %r11" + wrmsr_deadline("%r11") + f"\n  incl {OUT + 8}"
+    if hold:
+        arm += rdtsc_into("%r9") + f"""
+4:""" + rdtsc_into("%r10") + f"""
+  sub %r9, %r10
+  cmp ${hold}, %r10
+  jb 4b"""
     return gate(TIMER, "timer_handler") + gate(RAISED, "raised_handler") + SETUP + f"""
   movl ${TSC_DEADLINE_MODE | TIMER:#x}, 0x320(%rsi)""" + arm + f"""
   sti
@@ -80,12 +90,16 @@ def _raiser(vm):
     return t
 
 
-def test_ticks_while_the_guest_computes(make_vm, provider):
+@pytest.mark.parametrize("overlap", [False, True], ids=["apart", "due-in-service"])
+def test_ticks_while_the_guest_computes(make_vm, provider, overlap):
+    """``due-in-service``: each deadline falls due while its handler still runs (the next tick then waits in the
+    IRR for the end of this one, whatever took the expiry)."""
     requires(provider, LIMIT_TSC_RATE)
     vm = make_vm(tsc_deadline=True, kvm_pv=True, pv_eoi=True)
     ctx = vm.vmi.vcpus[0]
     hz = ctx.vlapic.timer.tsc_hz
-    boot64(vm, guest(int(hz * PERIOD_S)))
+    period = int(hz * PERIOD_S)
+    boot64(vm, guest(period // 10, hold=period // 3) if overlap else guest(period))
     t = _raiser(vm)
     assert vm.run(timeout=60) == EXIT_HALT, vm.error
     t.join()
@@ -97,5 +111,6 @@ def test_ticks_while_the_guest_computes(make_vm, provider):
     assert ctx.vlapic.timer.fires == TICKS, "the vlapic's count of expirations"
     dl = ctx.tsc_deadline
     if dl is not None and dl.tick is not None:       # the KVM provider's ticker
-        assert dl.ticks_posted + dl.ticks_handed == TICKS
-        assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)
+        assert dl.ticks_posted + dl.ticks_handed <= TICKS     # a deadline past when written fires in Python
+        if not overlap:
+            assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)

@@ -13,8 +13,8 @@ from bhyve_devices.base import ManualTimers
 from bhyve_devices.vlapic import Vlapic
 
 
-def make():
-    v = Vlapic(0, ManualTimers(), ApicBus())
+def make(tsc_hz=None):
+    v = Vlapic(0, ManualTimers(), ApicBus(), tsc_hz=tsc_hz)
     v.write(R.SVR, 4, 0x1FF)
     return v
 
@@ -167,3 +167,37 @@ def test_a_merged_request_does_not_kick_again():
     v.outside = lambda vector: vector in taken
     v.set_intr_ready(0x41)
     assert kicks == [0, 0], "a request after the run loop took the vector is a new one: it kicks"
+
+
+def test_a_tick_fired_outside_keeps_a_request_made_since():
+    """The ticker's injection never set the IRR: a request of its vector that the IRR shows at the acceptance
+    (the next tick, left to Python) is a new one, kept for after its end."""
+    v = make()
+    v.set_intr_ready(0xEC)                  # the next deadline, fired in Python before the tick was accepted
+    assert v.accept_outside(0xEC, False, lambda: None, requested=False) is True
+    assert v.isr == 1 << 0xEC and v.irr == 1 << 0xEC
+    w = make()
+    assert w.accept_outside(0xEC, False, lambda: None, requested=False) is False
+    assert w.isr == 1 << 0xEC and w.irr == 0
+
+
+def test_the_tick_plan():
+    v = make(tsc_hz=10**9)
+    assert v.tick_plan() is None                            # one-shot mode
+    v.write(R.LVT_TIMER, 4, R.TIMER_TSC_DEADLINE << 17 | 0xEC)
+    assert v.tick_plan() == (0xEC, False)
+    v.set_intr_ready(0x41)
+    assert v.tick_plan() is None and v.tick_plan(held=0x41) == (0xEC, False)   # the loop's own request
+    v.intr_accepted(0x41)
+    assert v.tick_plan() == (0xEC, True)                    # after the end of the one edge vector in service
+    v.set_intr_ready(0x42, level_triggered=True)
+    v.intr_accepted(0x42)
+    assert v.tick_plan() is None                            # two in service
+    u = make(tsc_hz=10**9)
+    u.write(R.LVT_TIMER, 4, R.TIMER_TSC_DEADLINE << 17 | R.LVT_MASKED | 0xEC)
+    assert u.tick_plan() is None
+    u.write(R.LVT_TIMER, 4, R.TIMER_TSC_DEADLINE << 17 | 0x0E)
+    assert u.tick_plan() is None                            # an illegal vector: Python sets the ESR bit
+    u.changed = False
+    u.write(R.TPR, 4, 0)
+    assert u.changed, "a change under the lock marks the plan for publishing again"
