@@ -260,16 +260,19 @@ def _folds(ctx, win, vl):
     injection accepted as :func:`window_taken` would have, then ended (the guest cleared its PV EOI bit), and the
     ticks it posted after that counted."""
     dl = ctx.tsc_deadline
-    folds = dl.take_folds() if dl is not None else None
-    if folds is None:
+    if dl is None or dl.tick is None or not dl.tick.folds:
         return
-    first, count = folds
-    if first is not None:
-        vector, ended_first, armed, tick = first
-        _accept(ctx, win, vl, ctx.pv_eoi, vector, ended_first, armed, _nothing, ctx.pending, tick)
-        ctx.pv_eoi.armed = False
-        vl.ended_outside()
-    vl.ticked_outside(count - 1)
+    with vl.under_lock():               # the record goes with the acceptance: a request of its vector meanwhile
+        folds = dl.take_folds()         # is a new one (Vlapic.outside), never merged with it and then cleared
+        if folds is None:
+            return
+        first, count = folds
+        if first is not None:
+            vector, ended_first, armed, tick = first
+            _accept(ctx, win, vl, ctx.pv_eoi, vector, ended_first, armed, _nothing, ctx.pending, tick)
+            ctx.pv_eoi.armed = False
+            vl.ended_outside()
+        vl.ticked_outside(count - 1)
 
 
 def plan_tick(ctx, vl):

@@ -114,3 +114,33 @@ def test_ticks_while_the_guest_computes(make_vm, provider, overlap):
         assert dl.ticks_posted + dl.ticks_handed <= TICKS     # a deadline past when written fires in Python
         if not overlap:
             assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)
+
+
+def test_a_request_during_the_folds_acceptance_is_kept(make_vm, provider):
+    """The injection the ticker recorded is accepted under the vlapic's lock with its record taken: another
+    thread's request of the same vector meanwhile waits, and is then a new request, not merged and cleared."""
+    vm = make_vm(tsc_deadline=True, kvm_pv=True, pv_eoi=True)
+    ctx = vm.vmi.vcpus[0]
+    dl, vl, win = ctx.tsc_deadline, ctx.vlapic, ctx.intwin
+    if dl is None or dl.tick is None:
+        pytest.skip(f"{provider.name}: no ticker")
+    from ops import vmm_lapic
+    from ops.nvmm.kvm import intwin as W
+    vl.write(0xF0, 4, 0x1FF)
+    vl.set_intr_ready(0x41)                      # posted, injected by the loop, ended in the guest: folded
+    t = dl.tick
+    t.fold_state, t.fold_result, t.folds = W.IN | W.TAKEN | 0x41, W.RES_ARMED, 1
+    take, raised = dl.take_folds, []
+
+    def take_then_raise():
+        got = take()
+        th = threading.Thread(target=lambda: raised.append(vl.set_intr_ready(0x41, report_merged=True)))
+        th.start()
+        th.join(0.2)
+        take_then_raise.thread = th
+        return got
+    dl.take_folds = take_then_raise
+    vmm_lapic._folds(ctx, win, vl)
+    take_then_raise.thread.join()
+    assert raised == [(True, False)], "the request after the fold is a new one"
+    assert vl.irr == 1 << 0x41 and vl.isr == 0, (hex(vl.irr), hex(vl.isr))
