@@ -221,6 +221,8 @@ class Vm(HaltMixin):
         win = ctx.intwin
         if win is None:
             return self._before_entry(ctx)
+        if ctx.tsc_deadline is not None and ctx.vlapic is not None:
+            vmm_lapic.take_folds(ctx, win, ctx.vlapic)      # ticks the loop recorded at a HLT, before anything new
         if win.take_slept_out():                 # the run loop's HLT sleep ended for Python: still halted
             ctx.hlt_held = (ctx.halt_rflags_last, ctx.current_rip())
         injected = ctx.injected

@@ -19,7 +19,7 @@ interrupts.
   (:func:`window_taken`), before any exit is handled.
 - The KVM provider's ticker thread posts a TSC-deadline tick to the run loop itself where :func:`plan_tick` said
   what the vlapic would deliver then; what it took over and found ended in the guest is accepted and ended first
-  when the slot comes back (:func:`_folds`), and a tick it posted that the loop did not inject fires in the vlapic
+  when the slot comes back (:func:`take_folds`), and a tick it posted that the loop did not inject fires in the vlapic
   (:func:`window_withdrawn`).
 - What wakes a HLT with interrupts enabled (:func:`interrupt_waiting`): a vlapic vector above the PPR, or the
   8259's INTR through LINT0 (ExtINT, or the plain INTR pin of an APIC that is not enabled: 10.4.7.2, 10.5.1).
@@ -221,13 +221,13 @@ def window_taken(ctx, win, vector, ended_first, armed, done=None, tick=False):
     ``tick``: the ticker posted it (the vlapic's timer fired outside). What ``pending`` said stays (the EOI's own
     kick is the loop's doing), unless the vector was requested again. ``done`` (default ``win.clear``) runs under
     the vlapic's lock once it has accepted the vector. The injections the ticker found ended before are accepted
-    and ended first (:func:`_folds`)."""
+    and ended first (:func:`take_folds`)."""
     was = ctx.pending
     pv_eoi, vl = ctx.pv_eoi, ctx.vlapic
     if vl is None:                       # cleaned up meanwhile: nothing is left to accept it
         win.clear()
         return
-    _folds(ctx, win, vl)
+    take_folds(ctx, win, vl)
     _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was, tick)
 
 
@@ -249,16 +249,16 @@ def window_withdrawn(ctx, win, tick):
     before the next entry; a tick the ticker posted fires in the vlapic now (its deadline was taken)."""
     vl = ctx.vlapic
     if vl is not None:
-        _folds(ctx, win, vl)
+        take_folds(ctx, win, vl)
         if tick:
             vl.on_deadline()
     ctx.pending = True
 
 
-def _folds(ctx, win, vl):
-    """What the ticker found ended in the guest since Python last looked (``TscDeadline.take_folds``): the first
-    injection accepted as :func:`window_taken` would have, then ended (the guest cleared its PV EOI bit), and the
-    ticks it posted after that counted."""
+def take_folds(ctx, win, vl):
+    """What the ticker, or the run loop at a HLT, found ended in the guest since Python last looked
+    (``TscDeadline.take_folds``): the first injection accepted as :func:`window_taken` would have, then ended (the
+    guest cleared its PV EOI bit), and the ticks posted after that counted."""
     dl = ctx.tsc_deadline
     if dl is None or dl.tick is None or not dl.tick.folds:
         return

@@ -140,7 +140,7 @@ def test_a_request_during_the_folds_acceptance_is_kept(make_vm, provider):
         take_then_raise.thread = th
         return got
     dl.take_folds = take_then_raise
-    vmm_lapic._folds(ctx, win, vl)
+    vmm_lapic.take_folds(ctx, win, vl)
     take_then_raise.thread.join()
     assert raised == [(True, False)], "the request after the fold is a new one"
     assert vl.irr == 1 << 0x41 and vl.isr == 0, (hex(vl.irr), hex(vl.isr))

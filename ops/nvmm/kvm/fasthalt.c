@@ -146,8 +146,14 @@ int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w)
 	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 	uint64_t cr8;
 
-	if (!(w->halt & HALT_AT_EXIT) || w->wake_fd < 0 || !run[w->ready_off + 1] || (s & WIN_TAKEN))
+	if (!(w->halt & HALT_AT_EXIT) || w->wake_fd < 0 || !run[w->ready_off + 1])
 		return 0;
+	if (s & WIN_TAKEN) {
+		/* a tick the ticker posted and the guest ended may be recorded for Python; else Python accepts first */
+		if (!vmmshim_tick_fold_at_halt(w, s))
+			return 0;
+		s = WIN_IN;
+	}
 	if ((s & WIN_POSTED) && !(s & WIN_KICK)) {
 		/* the window Python asked for is open at the HLT: inject what it posted for it */
 		if (!run[w->ready_off] || (s & WIN_AFTER_EOI && vmmshim_pv_eoi_set(w)))

@@ -101,6 +101,9 @@ struct vmmshim_intwin {
 	uint32_t solo;              /* Python: the VM's only started vCPU (its sleep stops the wake timer) */
 	uint32_t eoi_armed;         /* Python: its PV EOI bit (at pv_eoi) is armed for the one in service; a HLT
 	                               after the guest cleared it is Python's */
+	uint32_t pad2;
+	uint64_t tick;              /* its struct vmmshim_tick once the ticker serves its deadline (a HLT after a
+	                               tick the guest ended records it there and sleeps), or 0 */
 };
 
 #define HALT_AT_EXIT 1u
@@ -173,6 +176,9 @@ int vmmshim_waketimer_off(struct vmmshim_waketimer *t);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_halt_at_exit(int fd, uint8_t *run, struct vmmshim_intwin *w);
 int vmmshim_halt_sleep(int fd, uint8_t *run, struct vmmshim_intwin *w);
+
+/* fasttick.c, for fasthalt.c */
+int vmmshim_tick_fold_at_halt(struct vmmshim_intwin *w, uint32_t s);
 
 /* fasttick.c, for Python */
 int vmmshim_ticker_add(struct vmmshim_tick *t);

@@ -92,6 +92,8 @@ struct vmmshim_intwin {
     uint64_t halt_wakes;
     uint32_t solo;
     uint32_t eoi_armed;
+    uint32_t pad2;
+    uint64_t tick;
 };
 struct vmmshim_tick {
     uint32_t plan;

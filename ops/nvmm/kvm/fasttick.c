@@ -95,6 +95,36 @@ static int post_tick(struct vmmshim_tick *t)
 	return 1;
 }
 
+/*
+ * The loop, at a guest's HLT, its slot holding a tick it injected (state s: WIN_IN | WIN_TAKEN | WIN_TICK and the
+ * vector, without WIN_EOI's result) that the guest has ended through its PV EOI word: records the tick as the
+ * ticker's folds are recorded and empties the slot, so that the HLT may be slept here. A tick never touched the
+ * vlapic's IRR or ISR, so Python's vlapic stays true meanwhile. 1 when recorded, 0 when Python takes the HLT.
+ */
+int vmmshim_tick_fold_at_halt(struct vmmshim_intwin *w, uint32_t s)
+{
+	struct vmmshim_tick *t = (struct vmmshim_tick *)(uintptr_t)w->tick;
+	uint32_t res;
+
+	if (!t || (s & ~WIN_VECTOR) != (WIN_IN | WIN_TAKEN | WIN_TICK))
+		return 0;
+	if (!__atomic_compare_exchange_n(&w->state, &s, s | WIN_BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return 0;       /* the ticker or a kicking thread has it */
+	res = w->result;
+	if ((res & (RES_ARMED | RES_EOI)) != RES_ARMED || vmmshim_pv_eoi_set(w) ||
+	    (t->fold_state && !(t->fold_state & WIN_TICK))) {
+		__atomic_store_n(&w->state, s, __ATOMIC_RELEASE);
+		return 0;
+	}
+	if (!t->fold_state) {
+		t->fold_state = s;
+		t->fold_result = res;
+	}
+	++t->folds;
+	__atomic_store_n(&w->state, WIN_IN, __ATOMIC_RELEASE);
+	return 1;
+}
+
 static void tick_due(struct vmmshim_tick *t)
 {
 	if (!vmmshim_tscdl_expire((struct vmmshim_tscdl *)(uintptr_t)t->dl))

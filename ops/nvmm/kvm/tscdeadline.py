@@ -117,7 +117,8 @@ class TscDeadline:
         if lib.vmmshim_ticker_add(tick) < 0:
             os.close(efd)
             return False
-        self.tick, self.fd = tick, efd
+        self.tick, self.fd, self._win = tick, efd, win.struct
+        win.struct.tick = int(ffi.cast("uintptr_t", tick))     # a HLT after an ended tick records it too
         return True
 
     def plan(self, vector, after_eoi=False, arm=False):
@@ -191,6 +192,7 @@ class TscDeadline:
         tick, self.tick = self.tick, None
         if tick is not None:
             self._lib.vmmshim_ticker_remove(tick)   # the ticker touches neither again
+            self._win.tick = 0
             os.close(tick.notify_fd)
         if self.timerfd >= 0:
             self.struct.enabled = 0
