@@ -41,16 +41,18 @@ timer_handler:
 """ + _END + idt(0x51)
 
 
-def _raiser(vm):
+def raiser(vm, raises=RAISES, vector=RAISED, first_s=0.05, poll_s=0.0002):
+    """A thread that raises ``vector`` ``raises`` times by MSI, each once the guest counted the one before at
+    ``OUT + 4``."""
     ops, vmi = vm.ops, vm.vmi
 
     def go():
-        time.sleep(0.05)
-        for i in range(RAISES):
-            ops.vm_lapic_msi(vmi, 0xFEE00000, RAISED)
+        time.sleep(first_s)
+        for i in range(raises):
+            ops.vm_lapic_msi(vmi, 0xFEE00000, vector)
             end = time.monotonic() + 5          # taken before the next raise (two would merge in the IRR)
             while struct.unpack_from("<I", vm.view(OUT + 4, 4))[0] <= i and time.monotonic() < end:
-                time.sleep(0.0002)
+                time.sleep(poll_s)
     t = threading.Thread(target=go, daemon=True)
     t.start()
     return t
@@ -59,7 +61,7 @@ def _raiser(vm):
 def test_raises_beside_a_timer_are_each_delivered_once(make_vm):
     vm = make_vm(kvm_pv=True, pv_eoi=True)
     boot64(vm, GUEST)
-    t = _raiser(vm)
+    t = raiser(vm)
     assert vm.run(timeout=60) == EXIT_HALT, vm.error
     t.join()
     ticks, raised = struct.unpack_from("<2I", vm.view(OUT, 8))

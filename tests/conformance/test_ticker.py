@@ -7,11 +7,11 @@ timer expirations must still be exact, and the ticker must have posted most of t
 
 import struct
 import threading
-import time
 
 import pytest
 
 from tests.conformance.test_kvm_para import OUT, SETUP, WORD
+from tests.conformance.test_taken_kicks import raiser
 from tests.conformance.test_tsc_deadline import rdtsc_into, wrmsr_deadline
 from tests.conftest import requires
 from tests.guests.vmboot import boot64, gate, idt
@@ -36,7 +36,7 @@ def guest(delta, hold=0):
     shorter than that falls due while the tick is still in service)."""
     arm = rdtsc_into("%r11") + f"\n  add ${delta}, %r11" + wrmsr_deadline("%r11") + f"\n  incl {OUT + 8}"
     if hold:
-        arm += rdtsc_into("%r9") + f"""
+        arm += rdtsc_into("%r9") + """
 4:""" + rdtsc_into("%r10") + f"""
   sub %r9, %r10
   cmp ${hold}, %r10
@@ -76,18 +76,7 @@ raised_handler:
 
 
 def _raiser(vm):
-    ops, vmi = vm.ops, vm.vmi
-
-    def go():
-        time.sleep(0.02)
-        for i in range(RAISES):
-            ops.vm_lapic_msi(vmi, 0xFEE00000, RAISED)
-            end = time.monotonic() + 5          # taken before the next raise (two would merge in the IRR)
-            while struct.unpack_from("<I", vm.view(OUT + 4, 4))[0] <= i and time.monotonic() < end:
-                time.sleep(0.0005)
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t
+    return raiser(vm, RAISES, RAISED, first_s=0.02, poll_s=0.0005)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["apart", "due-in-service"])
