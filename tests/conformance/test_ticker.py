@@ -75,12 +75,18 @@ raised_handler:
 """ + f"  incl {OUT + 4}\n" + _END + "  iretq\n" + idt(0x51)
 
 
+@pytest.fixture
+def ticker(monkeypatch):
+    """The KVM provider's ticker is opt-in: these tests run with it (``VMMSHIM_TICKER=1``)."""
+    monkeypatch.setenv("VMMSHIM_TICKER", "1")
+
+
 def _raiser(vm):
     return raiser(vm, RAISES, RAISED, first_s=0.02, poll_s=0.0005)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["apart", "due-in-service"])
-def test_ticks_while_the_guest_computes(make_vm, provider, overlap):
+def test_ticks_while_the_guest_computes(make_vm, provider, overlap, ticker):
     """``due-in-service``: each deadline falls due while its handler still runs (the next tick then waits in the
     IRR for the end of this one, whatever took the expiry)."""
     requires(provider, LIMIT_TSC_RATE)
@@ -105,7 +111,7 @@ def test_ticks_while_the_guest_computes(make_vm, provider, overlap):
             assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)
 
 
-def test_a_request_during_the_folds_acceptance_is_kept(make_vm, provider):
+def test_a_request_during_the_folds_acceptance_is_kept(make_vm, provider, ticker):
     """The injection the ticker recorded is accepted under the vlapic's lock with its record taken: another
     thread's request of the same vector meanwhile waits, and is then a new request, not merged and cleared."""
     vm = make_vm(tsc_deadline=True, kvm_pv=True, pv_eoi=True)

@@ -19,8 +19,9 @@ WAIT_S = 2.0
 
 
 @pytest.fixture
-def rig():
+def rig(monkeypatch):
     require_compiled(fastrun, "run loop", fastrun.load)
+    monkeypatch.setenv(tscdeadline.ENV_TICKER, "1")
     ffi, lib = fastrun.load()
     old = signal.signal(SIG_KICK, lambda *a: None)
     win = W.IntWindow(ffi, lib)
@@ -156,7 +157,7 @@ def test_the_ticker_forgets_a_closed_deadline(rig):
 
 def test_switched_off_by_the_environment(monkeypatch):
     require_compiled(fastrun, "run loop", fastrun.load)
-    monkeypatch.setenv(tscdeadline.ENV_TICKER_OFF, "0")
+    monkeypatch.setenv(tscdeadline.ENV_TICKER, "0")
     ffi, lib = fastrun.load()
     win = W.IntWindow(ffi, lib)
     dl = tscdeadline.TscDeadline(ffi, lib, -1, 1_000_000_000)
