@@ -127,6 +127,12 @@ class VlapicAcceptMixin:
                 return None
             return vector, True
 
+    def offer_tick(self, publish, held=None):
+        """:meth:`tick_plan` handed to ``publish`` under the lock (a reader's: nothing changes, so :attr:`changed`
+        stays as it is), so that no request comes between the plan and its publication."""
+        with self._lock:
+            publish(self.tick_plan(held))
+
     def ticked_outside(self, n):
         """``n`` TSC-deadline ticks fired, were taken and ended outside Python (statistics only)."""
         if n > 0:

@@ -221,8 +221,10 @@ class Vm(HaltMixin):
         win = ctx.intwin
         if win is None:
             return self._before_entry(ctx)
-        if ctx.tsc_deadline is not None and ctx.vlapic is not None:
-            vmm_lapic.take_folds(ctx, win, ctx.vlapic)      # ticks the loop recorded at a HLT, before anything new
+        dl, vl = ctx.tsc_deadline, ctx.vlapic
+        ticker = dl is not None and dl.tick is not None and vl is not None
+        if ticker:
+            vmm_lapic.take_folds(ctx, win, vl)      # ticks the loop recorded at a HLT, before anything new
         if win.take_slept_out():                 # the run loop's HLT sleep ended for Python: still halted
             ctx.hlt_held = (ctx.halt_rflags_last, ctx.current_rip())
         injected = ctx.injected
@@ -231,11 +233,9 @@ class Vm(HaltMixin):
         pv_eoi = ctx.pv_eoi
         win.halt_policy(self.halt_in_loop(ctx), self.idle_fd, ctx.cr8, len(self.vcpus) == 1,
                         pv_eoi.word if pv_eoi is not None else None, pv_eoi is not None and pv_eoi.armed)
-        vl = ctx.vlapic
-        if vl is not None and vl.changed and ctx.tsc_deadline is not None:
+        if ticker and vl.changed:
             vl.changed = False          # set again by any change from here on
-            with vl.under_lock():
-                vmm_lapic.plan_tick(ctx, vl)      # what the ticker may post for the TSC-deadline timer while it runs
+            vmm_lapic.plan_tick(ctx, vl)    # what the ticker may post for the TSC-deadline timer while it runs
         if halt is not None:
             ctx.halt_rflags = None
             if r is None and ctx.injected == injected and not ctx.pending and not ctx.nmi and not win.struct.state:

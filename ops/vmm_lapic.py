@@ -276,20 +276,22 @@ def take_folds(ctx, win, vl):
 
 
 def plan_tick(ctx, vl):
-    """Under the vlapic's lock, the vCPU in the run loop or about to enter it: tells the ticker (the KVM provider's
+    """The vCPU in the run loop or about to enter it: tells the ticker (the KVM provider's
     ``TscDeadline.plan``) what the vlapic's TSC-deadline timer delivers when it falls due (``Vlapic.tick_plan``),
     beside what the loop's slot holds: the tick waits for the end of the one in service only through an armed PV
     EOI word, and the word is armed for the tick where the guest has one."""
     dl = ctx.tsc_deadline
     if dl is None or dl.tick is None:
         return
-    plan = vl.tick_plan(ctx.intwin.held())
     pv_eoi = ctx.pv_eoi
     word = pv_eoi.word if pv_eoi is not None else None
-    if plan is None or (plan[1] and (word is None or not pv_eoi.armed)):
-        dl.plan(None)
-    else:
-        dl.plan(plan[0], after_eoi=plan[1], arm=word is not None)
+
+    def publish(plan):
+        if plan is None or (plan[1] and (word is None or not pv_eoi.armed)):
+            dl.plan(None)
+        else:
+            dl.plan(plan[0], after_eoi=plan[1], arm=word is not None)
+    vl.offer_tick(publish, ctx.intwin.held())
 
 
 def _injectable(es):
