@@ -134,7 +134,7 @@ struct vmmshim_waketimer {
 
 /*
  * one vCPU's TSC-deadline expiry served by the process's ticker thread (fasttick.c; Python: tscdeadline.py's
- * Ticking). The fold fields are written by the ticker while it holds the slot (WIN_BUSY) and read by Python only
+ * TscDeadline.attach_ticker). The fold fields are written by the ticker while it holds the slot (WIN_BUSY) and read by Python only
  * while the slot is its own (the run returned, or Python holds it: take_over).
  */
 struct vmmshim_tick {

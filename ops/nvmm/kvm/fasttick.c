@@ -1,6 +1,6 @@
 /*
  * The ticker: a vCPU's TSC-deadline expiry delivered without Python (vmmshim's own code; Python's side is
- * tscdeadline.py's Ticking).
+ * tscdeadline.py's TscDeadline.attach_ticker).
  *
  * A guest that computes (a transfer's copies, a compressor) keeps its tick: Linux's TSC-deadline timer falls due
  * 250 or 1000 times a second. The compiled loop serves the guest's writes of IA32_TSC_DEADLINE (fastrun.c), but
@@ -55,6 +55,16 @@ static void kick(struct vmmshim_tick *t, struct vmmshim_intwin *w)
 	vmmshim_intwin_wake(w);
 }
 
+/* the slot held (WIN_BUSY) in state s with result res, its injection ended in the guest: recorded for Python */
+static void record_fold(struct vmmshim_tick *t, uint32_t s, uint32_t res)
+{
+	if (!t->fold_state) {
+		t->fold_state = s;
+		t->fold_result = res;
+	}
+	++t->folds;
+}
+
 /* 1 when the tick was posted to the loop, 0 when Python fires it */
 static int post_tick(struct vmmshim_tick *t)
 {
@@ -83,11 +93,7 @@ static int post_tick(struct vmmshim_tick *t)
 		__atomic_store_n(&w->state, s, __ATOMIC_RELEASE);      /* still in service, or a second record */
 		return 0;
 	}
-	if (!t->fold_state) {
-		t->fold_state = s;
-		t->fold_result = res;
-	}
-	++t->folds;
+	record_fold(t, s, res);
 	/* nothing is in service any more: the tick goes in without waiting for an end */
 	__atomic_store_n(&w->state, WIN_IN | WIN_KICK | WIN_POSTED | WIN_TICK | (plan & (WIN_VECTOR | WIN_ARM)),
 			 __ATOMIC_RELEASE);
@@ -97,7 +103,7 @@ static int post_tick(struct vmmshim_tick *t)
 
 /*
  * The loop, at a guest's HLT, its slot holding a tick it injected (state s: WIN_IN | WIN_TAKEN | WIN_TICK and the
- * vector, without WIN_EOI's result) that the guest has ended through its PV EOI word: records the tick as the
+ * vector, without RES_EOI in its result) that the guest has ended through its PV EOI word: records the tick as the
  * ticker's folds are recorded and empties the slot, so that the HLT may be slept here. A tick never touched the
  * vlapic's IRR or ISR, so Python's vlapic stays true meanwhile. 1 when recorded, 0 when Python takes the HLT.
  */
@@ -116,11 +122,7 @@ int vmmshim_tick_fold_at_halt(struct vmmshim_intwin *w, uint32_t s)
 		__atomic_store_n(&w->state, s, __ATOMIC_RELEASE);
 		return 0;
 	}
-	if (!t->fold_state) {
-		t->fold_state = s;
-		t->fold_result = res;
-	}
-	++t->folds;
+	record_fold(t, s, res);
 	__atomic_store_n(&w->state, WIN_IN, __ATOMIC_RELEASE);
 	return 1;
 }

@@ -27,11 +27,11 @@ request finds the loop running in that state accepts the injection itself (:meth
 loop's return waits until :meth:`IntWindow.release`) and posts its own vector, instead of stopping the vCPU
 for Python (a CPU-bound guest's timer tick after a tick the loop injected, a network transfer's interrupts;
 ``VMMSHIM_TAKE_OVER=0`` stops the vCPU instead, as before).
+``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
 Ticks. The ticker thread (``fasttick.c``, ``tscdeadline.py``) posts a due TSC-deadline tick the same way, marked
 ``TICK`` (the vlapic has not fired it: :attr:`IntWindow.on_taken` and :attr:`IntWindow.on_withdrawn` are told), and
 may take the slot over from an injection the guest has ended in memory, which it records for Python.
-``VMMSHIM_INTWIN=0`` (or ``VMMSHIM_FASTRUN=0``) keeps every window exit and kick in Python.
 
 Sleeping in HLT (``fasthalt.c``). A guest's HLT exit is slept in the loop where the ops layer allows it
 (:meth:`IntWindow.halt_policy`), and a run the ops layer starts after its own HLT handling found nothing to do

@@ -263,14 +263,15 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
 
     def tsc_deadline(self, tsc_hz):
         """vmmshim's extension: this vCPU's IA32_TSC_DEADLINE kept by the compiled loop (:mod:`.tscdeadline`), or
-        None where it cannot be. Asked for once, before the first run, after :meth:`interrupt_window` (the
-        deadline's ticks are then posted to that slot by the ticker thread, ``fasttick.c``)."""
+        None where it cannot be. Asked for once, before the first run, after :meth:`interrupt_window` (fasttick.c)."""
         if self.tscdl is None:
             self.tscdl = tscdeadline.make(self.fd, tsc_hz)
             if self.tscdl is not None and self.intwin is not None:
                 ffi = fastrun.load()[0]     # the view keeps kvm_run mapped until _destroy took the tick back
                 self._tick_run = ffi.from_buffer("uint8_t[]", self.mm)
-                self.tscdl.attach_ticker(self.intwin, int(ffi.cast("uintptr_t", self._tick_run)), SIG_KICK)
+                if not self.tscdl.attach_ticker(self.intwin, int(ffi.cast("uintptr_t", self._tick_run)), SIG_KICK):
+                    ffi.release(self._tick_run)     # no ticker (it is opt-in): nothing needs the view
+                    self._tick_run = None
             self._install_fast_paths()      # a new compiled loop, bound to it
         return self.tscdl
 
