@@ -11,7 +11,9 @@ The owner of the run loop posts :meth:`window_plan`'s vector (from another threa
 :meth:`offer_outside`), and calls :meth:`accept_outside` when the loop has injected it. Between the two, the
 vlapic still shows the vector requested; the ``outside`` callable (``outside(vector) -> bool``, set by the owner)
 tells :meth:`~bhyve_devices.vlapic.Vlapic.set_intr_ready` whether the CPU took it meanwhile, so that a request then
-is kept (:attr:`_repeat`, once: more merge with it) instead of merged.
+is kept (:attr:`_repeat`, one bit per vector, once: more merge with it) instead of merged. The loop may hold two
+vectors Python has not accepted (an injection the ticker recorded and the slot's own), accepted in turn: each
+acceptance ends only its own vector's kept request.
 
 A TSC-deadline tick may be delivered outside Python too (the KVM provider's ticker thread): :meth:`tick_plan` says
 which vector the timer's LVT would deliver when the deadline falls due and whether the CPU may take it then, which
@@ -20,8 +22,8 @@ for that one's end). :attr:`changed` is set by every change made under the lock 
 plan again); :meth:`ticked_outside` counts the ticks fired outside, :meth:`ended_outside` is the EOI of a vector
 the guest ended in memory.
 
-Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than one
-vector taken outside between two acceptances.
+Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than two
+vectors taken outside between two acceptances.
 """
 
 
@@ -90,7 +92,7 @@ class VlapicAcceptMixin:
             again = bool(self._repeat & bit or newer)
             if again:
                 self.irr |= bit
-            self._repeat = 0
+            self._repeat &= ~bit         # only this vector's: a recorded fold and the slot are accepted in turn
             return again
 
     def _merged_or_repeat(self, vector, bit):

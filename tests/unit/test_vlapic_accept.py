@@ -181,6 +181,21 @@ def test_a_tick_fired_outside_keeps_a_request_made_since():
     assert w.isr == 1 << 0xEC and w.irr == 0
 
 
+def test_accepting_another_vector_first_keeps_a_kept_request():
+    """The ticker's record of a tick is accepted just before the loop's own injection: a request of that
+    injection's vector kept meanwhile must survive the tick's acceptance (one run in three of
+    ``tests/conformance/test_ticker.py``'s idle guest lost it, and its raises stopped)."""
+    v = make()
+    taken = {0x50}
+    v.outside = lambda vector: vector in taken
+    v.set_intr_ready(0x50)                                 # the raise the loop injected
+    assert v.set_intr_ready(0x50, report_merged=True) == (True, False), "the next raise is kept"
+    assert v.accept_outside(0x40, False, lambda: None, requested=False) is False   # the recorded tick
+    v.eoi()                                                # ... which the guest had ended
+    assert v.accept_outside(0x50, False, taken.clear) is True, "the kept raise is still requested"
+    assert v.isr == 1 << 0x50 and v.irr == 1 << 0x50
+
+
 def test_the_tick_plan():
     v = make(tsc_hz=10**9)
     assert v.tick_plan() is None                            # one-shot mode
