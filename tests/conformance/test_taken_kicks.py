@@ -41,9 +41,9 @@ timer_handler:
 """ + _END + idt(0x51)
 
 
-def raiser(vm, raises=RAISES, vector=RAISED, first_s=0.05, poll_s=0.0002):
+def raiser(vm, raises=RAISES, vector=RAISED, first_s=0.05, poll_s=0.0002, count_at=OUT + 4):
     """A thread that raises ``vector`` ``raises`` times by MSI, each once the guest counted the one before at
-    ``OUT + 4``."""
+    ``count_at``."""
     ops, vmi = vm.ops, vm.vmi
 
     def go():
@@ -51,7 +51,7 @@ def raiser(vm, raises=RAISES, vector=RAISED, first_s=0.05, poll_s=0.0002):
         for i in range(raises):
             ops.vm_lapic_msi(vmi, 0xFEE00000, vector)
             end = time.monotonic() + 5          # taken before the next raise (two would merge in the IRR)
-            while struct.unpack_from("<I", vm.view(OUT + 4, 4))[0] <= i and time.monotonic() < end:
+            while struct.unpack_from("<I", vm.view(count_at, 4))[0] <= i and time.monotonic() < end:
                 time.sleep(poll_s)
     t = threading.Thread(target=go, daemon=True)
     t.start()

@@ -31,10 +31,11 @@ _END = """  btrl $0, {word}               # the guest's PV EOI
 """.format(word=WORD)
 
 
-def guest(delta, hold=0, timer=TIMER, raised=RAISED, idle=False):
+def guest(delta, hold=0, timer=TIMER, raised=RAISED, idle=False, second=None):
     """``hold``: TSC ticks the tick's handler spins after writing the next deadline, before its end (a deadline
     shorter than that falls due while the tick is still in service). ``idle``: the guest waits in HLT between
-    interrupts (as an idle Linux does) instead of spinning."""
+    interrupts (as an idle Linux does) instead of spinning. ``second``: a second raised vector, counted at
+    ``OUT + 16``."""
     arm = rdtsc_into("%r11") + f"\n  add ${delta}, %r11" + wrmsr_deadline("%r11") + f"\n  incl {OUT + 8}"
     if hold:
         arm += rdtsc_into("%r9") + """
@@ -44,7 +45,11 @@ def guest(delta, hold=0, timer=TIMER, raised=RAISED, idle=False):
   jb 4b"""
     wait = "  sti\n  hlt                           # woken by the next interrupt\n  cli" if idle else \
         "  pause                         # no exit between the ticks"
-    return gate(timer, "timer_handler") + gate(raised, "raised_handler") + SETUP + f"""
+    more, top = "", max(timer, raised)
+    if second is not None:
+        more, top = f"\n  cmpl ${RAISES}, {OUT + 16}\n  jb spin", max(top, second)
+    return gate(timer, "timer_handler") + gate(raised, "raised_handler") + \
+        (gate(second, "second_handler") if second is not None else "") + SETUP + f"""
   movl ${TSC_DEADLINE_MODE | timer:#x}, 0x320(%rsi)""" + arm + f"""
   {"cli" if idle else "sti"}
 spin:
@@ -52,7 +57,7 @@ spin:
   cmpl ${TICKS}, {OUT}
   jb spin
   cmpl ${RAISES}, {OUT + 4}
-  jb spin
+  jb spin{more}
   cli
   hlt
 timer_handler:
@@ -75,7 +80,8 @@ timer_handler:
   pop %rax
   iretq
 raised_handler:
-""" + f"  incl {OUT + 4}\n" + _END + "  iretq\n" + idt(max(timer, raised) + 1)
+""" + f"  incl {OUT + 4}\n" + _END + "  iretq\nsecond_handler:\n" + f"  incl {OUT + 16}\n" + _END + \
+        "  iretq\n" + idt(top + 1)
 
 
 @pytest.fixture
@@ -114,8 +120,9 @@ def test_ticks_while_the_guest_computes(make_vm, provider, overlap, ticker):
             assert dl.ticks_posted > TICKS // 2, (dl.ticks_posted, dl.ticks_handed)
 
 
-@pytest.mark.parametrize("timer,raised", [(TIMER, RAISED), (0x60, RAISED)], ids=["tick-below", "tick-above"])
-def test_ticks_and_raises_while_the_guest_idles(make_vm, provider, timer, raised, ticker):
+@pytest.mark.parametrize("timer,raised,second", [(TIMER, RAISED, None), (0x60, RAISED, None), (0x60, RAISED, 0x48)],
+                         ids=["tick-below", "tick-above", "two-raisers"])
+def test_ticks_and_raises_while_the_guest_idles(make_vm, provider, timer, raised, second, ticker):
     """The guest halts between interrupts (the run loop's HLT sleep, woken by the ticker or a raise) with the
     tick's vector below or above the raised one (Linux's timer vector is above its devices'). A raise made while
     the loop held the raised vector is kept for after its end (``Vlapic._repeat``), and the tick the loop recorded
@@ -125,12 +132,16 @@ def test_ticks_and_raises_while_the_guest_idles(make_vm, provider, timer, raised
     vm = make_vm(tsc_deadline=True, kvm_pv=True, pv_eoi=True)
     ctx = vm.vmi.vcpus[0]
     period = int(ctx.vlapic.timer.tsc_hz * PERIOD_S)
-    boot64(vm, guest(period, timer=timer, raised=raised, idle=True))
-    t = _raiser(vm, raised)
+    boot64(vm, guest(period, timer=timer, raised=raised, idle=True, second=second))
+    threads = [_raiser(vm, raised)]
+    if second is not None:
+        threads.append(raiser(vm, RAISES, second, first_s=0.02, poll_s=0.0005, count_at=OUT + 16))
     assert vm.run(timeout=30) == EXIT_HALT, vm.error
-    t.join()
-    ticks, got, armed, extra = struct.unpack_from("<4I", vm.view(OUT, 16))
+    for t in threads:
+        t.join()
+    ticks, got, armed, extra, got2 = struct.unpack_from("<5I", vm.view(OUT, 20))
     assert (ticks, armed, extra, got) == (TICKS, TICKS, 0, RAISES), (ticks, armed, extra, got)
+    assert second is None or got2 == RAISES, got2
     assert not any(ctx.vlapic.read(0x100 + 0x10 * i, 4) for i in range(8)), "left in service"
     assert ctx.vlapic.timer.fires == TICKS, "the vlapic's count of expirations"
 
