@@ -60,6 +60,8 @@ class _Guard:
         v._lock.acquire()
         v._depth += 1
         v.changed = True
+        if v.on_change is not None:
+            v.on_change()           # what the owner published from the old state (a tick's plan) is void
 
     def __exit__(self, *exc):
         v = self.v

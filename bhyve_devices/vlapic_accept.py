@@ -19,8 +19,10 @@ A TSC-deadline tick may be delivered outside Python too (the KVM provider's tick
 which vector the timer's LVT would deliver when the deadline falls due and whether the CPU may take it then, which
 holds while nothing else is requested and at most one edge-triggered vector is in service (the tick then waits
 for that one's end). :attr:`changed` is set by every change made under the lock (so the owner publishes the
-plan again); :meth:`ticked_outside` counts the ticks fired outside, :meth:`ended_outside` is the EOI of a vector
-the guest ended in memory.
+plan again), and :attr:`on_change` is called there, so that a plan made from the old state is withdrawn at once
+(else the loop, entered again without a look, could post a tick past a vector Python had just put in service);
+:meth:`ticked_outside` counts the ticks fired outside, :meth:`ended_outside` is the EOI of a vector the guest
+ended in memory.
 
 Not supported: LINT0/ExtINT and NMIs outside Python (the plan is None while LINT0 has a request), more than two
 vectors taken outside between two acceptances.
@@ -35,6 +37,7 @@ class VlapicAcceptMixin:
     ``sw_enabled``, ``lvt``, ``timer``, ``lint0_pending``."""
 
     changed = True          # set by every change under the guard; the owner clears it when it looks
+    on_change = None        # called under the lock by every change: the owner withdraws what it published
 
     outside = None          # outside(vector) -> bool: the run loop took vector and it is not accepted here yet
     _repeat = 0             # vectors requested again after the run loop took them (IRR bits, until accepted)

@@ -130,6 +130,8 @@ class VmmOpsNvmm(VmmApiCalls):
             vmi.timers.watch(dl.fd, lambda: dl.expire() and vl.on_deadline())
             ctx.tsc_deadline = dl
             vl.on_reset = dl.hold
+            if dl.tick is not None:
+                vl.on_change = dl.hold      # a tick's plan made before a change of the vlapic is void
         vmi.apicbus.add(vl)
         ctx.vlapic = vl
         if vmi.kvm_pv and vmi.pv_eoi:

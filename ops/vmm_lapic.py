@@ -229,6 +229,12 @@ def window_taken(ctx, win, vector, ended_first, armed, done=None, tick=False):
         return
     take_folds(ctx, win, vl)
     _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was, tick)
+    dl = ctx.tsc_deadline
+    if done is None and dl is not None and dl.tick is not None:
+        # the run returned (its settle): the loop may be entered again without a look at the vlapic, so the
+        # ticker's plan, withdrawn by the acceptance, is made again from the state with this vector in service
+        vl.changed = False
+        plan_tick(ctx, vl)
 
 
 def _accept(ctx, win, vl, pv_eoi, vector, ended_first, armed, done, was, tick):
