@@ -5,7 +5,7 @@ buffers, over the real libslirp; its ordinary exchanges (DHCP, ARP, hostfwd, TSO
 Checked: frames whose virtio-net header points outside them, GSO frames whose lengths disagree or are not TCP,
 runts and a frame larger than the loop's buffer are dropped and counted, and the loop goes on answering; frames for
 a guest that reads nothing are dropped once the socketpair is full, without holding the loop up; the opener picks
-the Python backend when asked for it.
+the Python backend when asked for it; the device's receive thread, woken once a round, leaves no frame behind.
 """
 
 import struct
@@ -101,6 +101,65 @@ def test_a_guest_that_reads_nothing_loses_frames_not_the_loop(monkeypatch):
         assert b.stats["tx_frames"] == 400 and b.stats["rx_dropped"] > 0
         assert b.stats["rx_frames"] + b.stats["rx_dropped"] == 400
         assert arp_answered(b)                                   # read out, and it answers again
+    finally:
+        b.close()
+
+
+def _receiver(b, per_call):
+    """Starts the device's receive thread on ``b`` with a receive that takes at most ``per_call`` frames a call
+    (and says it filled its batch when it took that many) and no more than the buffers posted; returns (frames,
+    wakes, post), ``post(n)`` posting ``n`` more buffers as the driver does."""
+    got, wakes, state = [], [0], {"buffers": 0}
+    buf = bytearray(2048)
+
+    def receive():
+        wakes[0] += 1
+        n = 0
+        while n < per_call and state["buffers"] and b.recv_into([memoryview(buf)]) is not None:
+            n += 1
+            state["buffers"] -= 1
+            got.append(1)
+        return SF.RX_BATCH if n == per_call else n
+
+    def post(n):
+        state["buffers"] += n
+        b.rx_kick()                                              # the device's, for a receive queue notify
+    b.start_rx(lambda: state["buffers"] > 0, receive)
+    return got, wakes, post
+
+
+def _wait(cond):
+    deadline = time.monotonic() + WAIT_S
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return cond()
+
+
+def test_the_receive_thread_is_woken_per_round_and_leaves_no_frame_behind():
+    """The loop announces a round's frames once (an eventfd, not the socketpair): a receive that stops at its
+    batch's limit is woken again for the rest, and frames that waited while the guest had no buffers are taken
+    when it posts them, even after the announcement was consumed."""
+    b = SF.SlirpFastBackend(SO.parse_options({}), announce=None)
+    try:
+        b.set_vnet_hdr_len(HL)
+        got, wakes, post = _receiver(b, per_call=3)
+        for _ in range(10):
+            b.send([hdr(), arp_request(MAC, GUEST, GATEWAY)])
+        assert _wait(lambda: b.stats["rx_frames"] == 10), b.stats
+        time.sleep(0.05)
+        assert got == [] and wakes[0] == 0, "no buffers: nothing taken"
+        post(8)
+        assert _wait(lambda: len(got) == 8), (len(got), wakes)
+        assert wakes[0] >= 3, "three frames a call: woken again for the rest"
+        time.sleep(0.05)
+        assert len(got) == 8, "out of buffers"
+        post(10)
+        assert _wait(lambda: len(got) == 10), (len(got), wakes)
+        before = wakes[0]
+        for _ in range(2):
+            b.send([hdr(), arp_request(MAC, GUEST, GATEWAY)])
+        assert _wait(lambda: len(got) == 12), (len(got), wakes)
+        assert wakes[0] > before
     finally:
         b.close()
 

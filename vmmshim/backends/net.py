@@ -131,10 +131,14 @@ class _FdBackend:
         except (BlockingIOError, OSError):
             pass
 
+    def rx_poll_fileno(self):
+        """What the receive thread polls for frames (the backend's fd; a backend may announce them elsewhere)."""
+        return self.fileno()
+
     def _rx_loop(self, ready, receive):
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        fd = self.fileno()
+        fd = self.rx_poll_fileno()
         polling_backend = False
         hung_up = False
         while not self._stop:

@@ -11,7 +11,9 @@ device moves frames with the tap's compiled path (``netfast.c``, :attr:`SlirpFas
 - guest -> host: the device writes each frame (header first) to ``tx``; the loop completes its checksum and hands it
   to ``slirp_input``, a TCP GSO frame whole (see ``slirpfast.c``);
 - host -> guest: libslirp's ``send_packet`` writes the frame, a header first (``DATA_VALID`` when the driver
-  accepted GUEST_CSUM), to ``rx``, which the device's receive thread polls as it polls a tap.
+  accepted GUEST_CSUM), to ``rx``; the loop announces a round's frames once, on an eventfd the device's receive
+  thread waits on (``VMMSHIM_SLIRP_BURST=0``: it waits on ``rx`` itself, as on a tap, and the first frame of a
+  burst wakes it). A window of TCP segments then reaches the guest as one batch with one interrupt.
 
 Flow control: the socketpairs' buffers (:data:`SOCKET_BUFFER`). The device's writes wait up to :data:`TX_WAIT_S`
 for room, then the frame is dropped (a flooding guest is slowed to libslirp's pace); a frame for the guest that
@@ -48,6 +50,8 @@ struct vmmshim_slirp {
     uint32_t hdr_len;
     uint32_t guest_csum;
     uint32_t stop;
+    int32_t rx_signal_fd;
+    uint32_t rx_written;
     uint64_t tx_frames, tx_dropped, rx_frames, rx_dropped, guest_errors, polls;
     char last_error[256];
     struct vmmshim_pollfd pfd[512];
@@ -68,6 +72,8 @@ void vmmshim_slirp_notify(void *opaque);
 _library = native.LazyLibrary(SOURCE, "slirpfast", CDEF)
 
 SOCKET_BUFFER = 1 << 20         # bytes each socketpair holds per direction
+RX_BATCH = 256                  # frames the device's receive takes per call (NetRxMixin.receive_pending's limit)
+ENV_BURST_OFF = "VMMSHIM_SLIRP_BURST"   # =0: the receive thread waits on the frames' socketpair (woken per frame)
 TX_WAIT_S = 0.1                 # how long the device's write waits for room before the frame is dropped
 _TIMEVAL = struct.Struct("@ll")
 
@@ -84,14 +90,45 @@ def _fnptr(src_ffi, fn, dst_ffi, ctype):
 
 
 class _DeviceEnd(_FdBackend):
-    """The device's side of the socketpairs, with the tap's receive thread (``_FdBackend``)."""
+    """The device's side of the socketpairs, with the tap's receive thread (``_FdBackend``), which waits on the
+    loop's burst eventfd (``signal_fd``), not on the frames' socketpair: it is woken once a round of libslirp's."""
 
-    def __init__(self, rx_fd, tx_fd):
+    def __init__(self, rx_fd, tx_fd, signal_fd):
         self._init_rx()
-        self.rx_fd, self.tx_fd = rx_fd, tx_fd
+        self.rx_fd, self.tx_fd, self.signal_fd = rx_fd, tx_fd, signal_fd
 
     def fileno(self):
         return self.rx_fd
+
+    def rx_poll_fileno(self):
+        return self.signal_fd if self.signal_fd >= 0 else self.rx_fd
+
+    def _signal(self):
+        if self.signal_fd < 0:
+            return
+        try:
+            os.eventfd_write(self.signal_fd, 1)
+        except (BlockingIOError, OSError):
+            pass                    # full, or closed: a wake-up is waiting, or nobody is left to wake
+
+    def start_rx(self, ready, receive):
+        if self.signal_fd < 0:
+            super().start_rx(ready, receive)
+            return
+
+        def take():
+            try:
+                os.eventfd_read(self.signal_fd)
+            except (BlockingIOError, OSError):
+                pass
+            if receive() >= RX_BATCH:
+                self._signal()      # the batch's limit: the rest of the burst waits in the socketpair
+        super().start_rx(ready, take)
+
+    def rx_kick(self):
+        """The driver posted receive buffers: frames the socketpair still holds are looked at again."""
+        self._signal()
+        super().rx_kick()
 
     def send(self, segs):
         try:
@@ -115,9 +152,11 @@ class SlirpFastBackend(slirp.SlirpBackend):
                                 _TIMEVAL.pack(int(TX_WAIT_S), int(TX_WAIT_S % 1 * 1_000_000)))
         for sk in (self._rx_dev, rx_loop, tx_loop):
             sk.setblocking(False)
-        self._dev = _DeviceEnd(self._rx_dev.fileno(), self._tx_dev.fileno())
+        self._rx_signal = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) \
+            if os.environ.get(ENV_BURST_OFF, "1") != "0" else -1
+        self._dev = _DeviceEnd(self._rx_dev.fileno(), self._tx_dev.fileno(), self._rx_signal)
         s = self._s
-        s.rx_fd, s.tx_fd = rx_loop.fileno(), tx_loop.fileno()
+        s.rx_fd, s.tx_fd, s.rx_signal_fd = rx_loop.fileno(), tx_loop.fileno(), self._rx_signal
         s.hdr_len = 10
         try:
             super().__init__(config, announce)
@@ -214,6 +253,9 @@ class SlirpFastBackend(slirp.SlirpBackend):
                 sk.close()
         self._rx_dev = self._tx_dev = None
         self._loop_socks = ()
+        if self._rx_signal >= 0:
+            os.close(self._rx_signal)
+            self._rx_signal = -1
 
 
 def open_backend(config, compiled=True, announce=sys.stderr):

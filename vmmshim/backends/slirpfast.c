@@ -13,6 +13,11 @@
  * takes any length up to 64 KiB), when its IP length field describes the frame, as Linux writes it. A header that
  * points outside the frame, another GSO type, or a GSO frame whose lengths disagree is dropped and counted.
  *
+ * The device's receive thread is woken once a round, not once a frame: a round that wrote frames for the guest
+ * writes rx_signal_fd (an eventfd) before the loop blocks again, so a window's worth of segments that libslirp sends
+ * in one go reaches the guest as one batch and one interrupt, instead of the first frame waking the device while
+ * the rest are still being written (each wake-up a pass of the device's Python, each pass an interrupt).
+ *
  * Bounds: the socketpairs' buffers. A frame for the guest that does not fit is dropped (rx_dropped; TCP resends
  * it), and the device's writes block (up to its send timeout) while this loop has not read the frames before.
  *
@@ -75,6 +80,8 @@ struct vmmshim_slirp {
 	uint32_t hdr_len;           /* the virtio-net header's length (10 or 12); Python changes it */
 	uint32_t guest_csum;        /* the driver accepted GUEST_CSUM: frames for it are marked DATA_VALID */
 	uint32_t stop;              /* Python: end the loop */
+	int32_t rx_signal_fd;       /* an eventfd written once a round that wrote frames for the guest, or -1 */
+	uint32_t rx_written;        /* the loop's: a frame was written since the last signal */
 	/* counters, read by Python */
 	uint64_t tx_frames, tx_dropped, rx_frames, rx_dropped, guest_errors, polls;
 	char last_error[256];
@@ -119,10 +126,12 @@ ssize_t vmmshim_slirp_send_packet(const void *buf, size_t len, void *opaque)
 	memset(&msg, 0, sizeof(msg));
 	msg.msg_iov = iov;
 	msg.msg_iovlen = 2;
-	if (sendmsg(s->rx_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+	if (sendmsg(s->rx_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
 		s->rx_dropped++;            /* the guest's side is full: lost on the wire, TCP resends it */
-	else
+	} else {
 		s->rx_frames++;
+		s->rx_written = 1;
+	}
 	return (ssize_t)len;
 }
 
@@ -339,6 +348,18 @@ static int poll_timeout(struct vmmshim_slirp *s, uint32_t slirp_ms, int64_t now_
 	return ms > 1000000 ? 1000000 : (int)ms;
 }
 
+/* before the loop blocks: the frames this round wrote for the guest are announced once, as one burst */
+static void signal_rx(struct vmmshim_slirp *s)
+{
+	uint64_t one = 1;
+
+	if (!s->rx_written || s->rx_signal_fd < 0)
+		return;
+	s->rx_written = 0;
+	if (write(s->rx_signal_fd, &one, sizeof(one)) < 0)
+		s->rx_written = 1;          /* EAGAIN: the counter is full, the device has a wake-up waiting anyway */
+}
+
 /* The backend's thread: until stop is set (and the wake pipe written). Returns 0, or an errno of poll. */
 int vmmshim_slirp_loop(struct vmmshim_slirp *s)
 {
@@ -354,6 +375,7 @@ int vmmshim_slirp_loop(struct vmmshim_slirp *s)
 		add_poll(s->tx_fd, S_IN, s);
 		wake_idx = add_poll(s->wake_fd, S_IN, s);
 		s->pollfds_fill(s->slirp, &timeout, add_poll, s);
+		signal_rx(s);
 		r = poll(s->pfd, (nfds_t)s->npfd, poll_timeout(s, timeout, clock_ns() / 1000000));
 		if (r < 0) {
 			if (errno != EINTR)
