@@ -106,7 +106,7 @@ def _busy(ticks):
 
 @pytest.fixture
 def ticker(monkeypatch):
-    """These tests run with the KVM provider's ticker whatever the environment says (``VMMSHIM_TICKER=1``)."""
+    """The KVM provider's ticker is opt-in: these tests run with it (``VMMSHIM_TICKER=1``)."""
     monkeypatch.setenv("VMMSHIM_TICKER", "1")
 
 

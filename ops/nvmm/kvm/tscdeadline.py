@@ -14,8 +14,9 @@ tick to the run loop as a kick where the ops layer's :meth:`TscDeadline.plan` al
 ``plan_tick``), recording an injection the guest ended in memory that it took the slot from
 (:meth:`TscDeadline.take_folds`), and otherwise leaves it to Python: the VM's timer thread watches :attr:`fd` (the
 ticker's eventfd; without the ticker, the timerfd itself: ``TimerThread.watch``), :meth:`TscDeadline.expire`
-says a tick is due and the vlapic fires its timer LVT. ``VMMSHIM_TICKER=0`` turns the ticker off (every tick is
-then Python's).
+says a tick is due and the vlapic fires its timer LVT. The ticker is opt-in, ``VMMSHIM_TICKER=1``: in the nested
+lab it made the network's transfers slower (docs/lab.md, "The ticker's two lost ends"); without it every tick is
+Python's.
 
 The vlapic's timer (``bhyve_devices/vlapic_timer.py``) calls the same :meth:`arm`/:meth:`cancel`/:meth:`value` for
 the writes that do reach Python and for its own state (mode changes, snapshots: :meth:`due_ns`, :meth:`set`), so
@@ -107,8 +108,8 @@ class TscDeadline:
         """Hands the deadline's expiry to the process's ticker thread, which posts the tick to the loop's slot
         ``win`` (an ``IntWindow``) as a kick (``run``: the address of the vCPU's kvm_run mapping; ``sig``: the
         kick's signal) while :meth:`plan` allows it; :attr:`fd` becomes the eventfd it writes for a tick left to
-        Python. True when attached; False (nothing changed) with ``VMMSHIM_TICKER=0``."""
-        if self.tick is not None or os.environ.get(ENV_TICKER, "1") != "1":
+        Python. True when attached; False (nothing changed) unless ``VMMSHIM_TICKER=1``."""
+        if self.tick is not None or os.environ.get(ENV_TICKER, "0") != "1":
             return self.tick is not None
         ffi, lib = self._ffi, self._lib
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

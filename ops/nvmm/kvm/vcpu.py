@@ -270,7 +270,7 @@ class KvmVcpu(VcpuCpuidMixin, KvmStateCache, api.Vcpu):
                 ffi = fastrun.load()[0]     # the view keeps kvm_run mapped until _destroy took the tick back
                 self._tick_run = ffi.from_buffer("uint8_t[]", self.mm)
                 if not self.tscdl.attach_ticker(self.intwin, int(ffi.cast("uintptr_t", self._tick_run)), SIG_KICK):
-                    ffi.release(self._tick_run)     # no ticker (VMMSHIM_TICKER=0): nothing needs the view
+                    ffi.release(self._tick_run)     # no ticker (it is opt-in): nothing needs the view
                     self._tick_run = None
             self._install_fast_paths()      # a new compiled loop, bound to it
         return self.tscdl
