@@ -20,6 +20,7 @@ Not supported: more than one held frame, a held frame across a checkpoint (it is
 from .virtqueue import scatter, split_segments
 
 RXQ = 0
+RX_BATCH = 256                  # frames one receive_pending call takes at most (the receive thread's default)
 HELD_RETRIES = 8                # looks again for chains posted while a held frame waited (as netfast.c)
 _NUM_BUFFERS = 10               # virtio_net_hdr.num_buffers: in the header when it is longer than this (12 bytes)
 
@@ -40,7 +41,7 @@ class NetRxMixin:
         q = self.queues[RXQ]
         return q.usable and q.has_chain()
 
-    def receive_pending(self, limit=256):
+    def receive_pending(self, limit=RX_BATCH):
         """Moves up to ``limit`` waiting frames from the backend into the receive queue (rx thread, or tests);
         returns how many were delivered."""
         delivered = 0

@@ -30,6 +30,7 @@ import struct
 import sys
 
 from bhyve_devices.virtio.net import VIRTIO_NET_F_GUEST_CSUM
+from bhyve_devices.virtio.net_rx import RX_BATCH
 from ops import native
 
 from . import netfast, slirp, slirp_ffi
@@ -72,7 +73,6 @@ void vmmshim_slirp_notify(void *opaque);
 _library = native.LazyLibrary(SOURCE, "slirpfast", CDEF)
 
 SOCKET_BUFFER = 1 << 20         # bytes each socketpair holds per direction
-RX_BATCH = 256                  # frames the device's receive takes per call (NetRxMixin.receive_pending's limit)
 ENV_BURST_OFF = "VMMSHIM_SLIRP_BURST"   # =0: the receive thread waits on the frames' socketpair (woken per frame)
 TX_WAIT_S = 0.1                 # how long the device's write waits for room before the frame is dropped
 _TIMEVAL = struct.Struct("@ll")
