@@ -47,6 +47,8 @@ def guest(delta, hold=0, timer=TIMER, raised=RAISED, idle=False, second=None, bu
   jb 4b"""
     wait = "  sti\n  hlt                           # woken by the next interrupt\n  cli" if idle else \
         "  pause                         # no exit between the ticks"
+    count = f"  incl {OUT + 4}\n"
+    handler = _END + _busy(busy) + count if busy else count + _END     # busy: counted last, after the exit
     more, top = "", max(timer, raised)
     if second is not None:
         more, top = f"\n  cmpl ${RAISES}, {OUT + 16}\n  jb spin", max(top, second)
@@ -82,8 +84,7 @@ timer_handler:
   pop %rax
   iretq
 raised_handler:
-""" + (_END + _busy(busy) + f"  incl {OUT + 4}\n" if busy else f"  incl {OUT + 4}\n" + _END) + "  iretq\nsecond_handler:\n" + f"  incl {OUT + 16}\n" + _END + \
-        "  iretq\n" + idt(top + 1)
+""" + handler + "  iretq\nsecond_handler:\n" + f"  incl {OUT + 16}\n" + _END + "  iretq\n" + idt(top + 1)
 
 
 def _busy(ticks):

@@ -134,8 +134,8 @@ struct vmmshim_waketimer {
 
 /*
  * one vCPU's TSC-deadline expiry served by the process's ticker thread (fasttick.c; Python: tscdeadline.py's
- * TscDeadline.attach_ticker). The fold fields are written by the ticker while it holds the slot (WIN_BUSY) and read by Python only
- * while the slot is its own (the run returned, or Python holds it: take_over).
+ * TscDeadline.attach_ticker). The fold fields are written by the ticker while it holds the slot (WIN_BUSY) and
+ * read by Python only while the slot is its own (the run returned, or Python holds it: take_over).
  */
 struct vmmshim_tick {
 	uint32_t plan;              /* Python, under its vlapic's lock: the LVT timer's vector and WIN_AFTER_EOI,
