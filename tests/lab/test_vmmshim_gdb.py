@@ -5,6 +5,10 @@ shell and powers off."""
 
 import pytest
 
+KERNEL_TEXT = 0xFFFFFFFF80000000     # x86-64 Linux's kernel text mapping starts here
+USER_TOP = 0x0000800000000000        # user space is the canonical lower half
+RPL_MASK = 3                         # a code selector's low bits: the privilege level it runs at
+
 pytestmark = [pytest.mark.lab, pytest.mark.linux_boot, pytest.mark.timeout(1500)]
 
 
@@ -29,9 +33,11 @@ def why(result, console):
 def test_gdb_attaches_mid_boot_and_reads_the_pc_in_the_kernel(session):
     r, console = session
     assert r["attached_at"] is not None and r["attached_at"] < len(console), why(r, console)
-    assert len(r["pcs"]) == 2, why(r, console)
-    for pc in r["pcs"]:
-        assert int(pc, 16) >= 0xFFFFFFFF80000000, why(r, console)      # the kernel's text mapping
+    assert len(r["pcs"]) == 2 and len(r["css"]) == 2, why(r, console)
+    assert int(r["pcs"][0], 16) >= KERNEL_TEXT and int(r["css"][0], 16) & RPL_MASK == 0, why(r, console)
+    # the interrupt finds the guest in its kernel (ring 0, kernel text) or running init (ring 3, the lower half)
+    stop_pc, rpl = int(r["pcs"][1], 16), int(r["css"][1], 16) & RPL_MASK
+    assert (stop_pc >= KERNEL_TEXT and rpl == 0) or (stop_pc < USER_TOP and rpl == 3), why(r, console)
     assert len(r["insns"]) == 2 and all(i.split(":")[0].split()[0] == pc for i, pc in zip(r["insns"], r["pcs"])), \
         why(r, console)
     assert r["threads"] and "Thread 1" in r["threads"][0], why(r, console)

@@ -3,15 +3,17 @@
 
 vmmshim boots the guest with ``-G 127.0.0.1:PORT`` (no ``w``: the guest runs at once). When the console shows the
 kernel's first line, L1 runs ``gdb -batch`` (no symbol file: the stub's target description tells gdb the
-registers): ``target remote`` (the stub stops every vCPU), ``p/x $pc``, ``x/i $pc`` and ``info threads``, then
-``continue``; :data:`RUN_S` seconds later L1 sends gdb SIGINT, which gdb turns into an interrupt packet (Ctrl-C),
-and once the guest has stopped again gdb reads ``$pc`` and ``x/i $pc`` once more and detaches. The guest must
-then reach its shell marker and power off (status 1).
+registers): ``target remote`` (the stub stops every vCPU), ``p/x $pc``, ``$cs``, ``x/i $pc`` and ``info threads``,
+then ``continue``; :data:`RUN_S` seconds later L1 sends gdb SIGINT, which gdb turns into an interrupt packet
+(Ctrl-C), and once the guest has stopped again gdb reads ``$pc``, ``$cs`` and ``x/i $pc`` once more and detaches.
+The guest must then reach its shell marker and power off (status 1). The interrupt may find the guest in its
+kernel or in user space (the guest's init), which ``$cs`` tells apart.
 
 The result is one line ``GDB-RESULT {json}`` (:func:`parse_result`): ``up``, ``status``, ``attached_at`` (console
-bytes before gdb attached), ``pcs`` (the ``$pc`` values gdb printed), ``insns`` (the ``x/i`` lines), ``threads``
-(``info threads`` lines), ``interrupted`` (gdb saw the guest stop on its SIGINT), ``detached``, ``gdb_status``,
-``gdb_out`` (gdb's output), ``stderr`` (vmmshim's), and the console after it, each line prefixed ``gdb| ``.
+bytes before gdb attached), ``pcs`` (the ``$pc`` values gdb printed), ``css`` (the ``$cs`` values), ``insns`` (the
+``x/i`` lines), ``threads`` (``info threads`` lines), ``interrupted`` (gdb saw the guest stop on its SIGINT),
+``detached``, ``gdb_status``, ``gdb_out`` (gdb's output), ``stderr`` (vmmshim's), and the console after it, each
+line prefixed ``gdb| ``.
 """
 
 import argparse
@@ -32,12 +34,13 @@ RUN_S = 3.0                 # gdb lets the guest run this long before its interr
 ATTACH_AT = "Linux version"  # the kernel's first console line: mid-boot, long before the shell
 GDB_TIMEOUT_S = 120
 GUEST_SCRIPT = "echo VX-GDB-GUEST-RAN 0"
+CS_PRINT = 'printf "CS=%#x\\n", $cs'   # the privilege level the stop found the vCPU at (CS's low two bits)
 THREADS_DONE = re.compile(r"^[* ] +\d+ +Thread .*\r?\n(?![* ] +\d+ +Thread)", re.M)
 
 
 def gdb_argv(port):
-    ex = ["set pagination off", "set confirm off", f"target remote 127.0.0.1:{port}", "p/x $pc", "x/i $pc",
-          "info threads", "continue", "p/x $pc", "x/i $pc", "detach"]
+    ex = ["set pagination off", "set confirm off", f"target remote 127.0.0.1:{port}", "p/x $pc", CS_PRINT,
+          "x/i $pc", "info threads", "continue", "p/x $pc", CS_PRINT, "x/i $pc", "detach"]
     return ["gdb", "-nx", "-batch", *[a for e in ex for a in ("-ex", e)]]
 
 
@@ -96,6 +99,7 @@ class Attacher:
 def summarize(out):
     """What gdb printed: the ``$pc`` values, the ``x/i`` lines, the thread lines, interrupt and detach."""
     return dict(pcs=re.findall(r"^\$\d+ = (0x[0-9a-f]+)", out, re.M),
+                css=re.findall(r"^CS=(0x[0-9a-f]+)", out, re.M),
                 insns=re.findall(r"^=> (0x[0-9a-f]+.*)$", out, re.M),
                 threads=re.findall(r"^[* ] +\d+ +Thread .*$", out, re.M),
                 interrupted=bool(re.search(r"received signal SIGINT", out)),
