@@ -5,7 +5,7 @@ NVMM machine.
   an APIC bus, the vioapic, the vatpic pair), suspension, the idle hook, and the ``vm_*`` calls
   (``ops/vmm_api.py`` hands them here): ISA and IOAPIC interrupt lines, MSI, NMIs and exceptions, memory.
 - :class:`Vcpu` (``struct vcpu``): the pending-interrupt flag, the NMI, the SIPI hand-off, the HLT sleep and the
-  kick that ends it, and the exit counters.
+  kick that ends it (``ops/vmm_kick.py``), and the exit counters.
 - Event injection before an entry (:meth:`Vm.before_entry`: NMI, the vlapic's or the 8259's interrupt, else the
   interrupt window, with NVMM's one event slot per entry: ``ops/vmm_lapic.py``), HLT (``ops/vmm_halt.py``),
   INIT/SIPI (as ``VM_EXITCODE_SPINUP_AP`` to the sender, one exit per AP a broadcast SIPI started), suspension
@@ -36,6 +36,7 @@ from bhyve_devices.vlapic_regs import PPR, TPR
 from . import nvmm_regs as regs
 from .edge_merge import EdgeJudge, thread_cpu_ns
 from .vmm_halt import HaltMixin
+from .vmm_kick import KickMixin
 from . import vmm_lapic
 from .nvmm import api
 from .nvmm import constants as C
@@ -54,7 +55,7 @@ def is_kernel_mmio(gpa):
     return DEFAULT_APIC_BASE <= gpa < DEFAULT_APIC_BASE + APIC_SIZE or VIOAPIC_BASE <= gpa < VIOAPIC_BASE + VIOAPIC_SIZE
 
 
-class Vcpu:
+class Vcpu(KickMixin):
     """The engine's per-vCPU state (bhyve's ``struct vcpu``)."""
 
     def __init__(self, vm, vcpuid, nvcpu):
@@ -79,6 +80,8 @@ class Vcpu:
         self.injected = 0
         self.kicks = 0
         self.took_over = 0          # kicks that accepted the run loop's injection themselves (post_kick_taken)
+        self.kicks_merged = 0       # interrupt kicks that found ``pending`` set and stopped nothing (kick)
+        self.kicks_behind = 0       # interrupt requests behind the run loop's post: no kick (post_behind)
         self.itrace_n = 0
         # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
         self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
@@ -102,38 +105,6 @@ class Vcpu:
         """Whether it sleeps in HLT in the provider's run loop (``ops/nvmm/kvm/fasthalt.c``; any thread)."""
         win = self.intwin
         return win is not None and win.sleeping
-
-    def kick(self):
-        """Something to deliver: wake the vCPU if it sleeps in HLT, knock it out of the guest if it runs. On the
-        vCPU's own thread (an exit it handles, device work in its HLT) it is out of the guest and looks at
-        ``pending`` before it enters: a stop would only cost a STOPPED exit right after the entry."""
-        self.pending = True
-        self.kicks += 1
-        if self.thread == threading.get_ident():
-            return
-        if self.tsc_deadline is not None:
-            self.tsc_deadline.hold()    # the ticker leaves ticks to Python until the next entry looks
-        with self.cond:
-            self.cond.notify_all()
-            if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
-                return              # so a stop would only cost a STOPPED exit on the next run
-        self.nv.stop()
-
-    def kick_intr(self):
-        """The vlapic's kick (a request, an EOI with more requested): where the provider's run loop injects by
-        itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
-        in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
-        win = self.intwin
-        if win is not None and not self.pending and not self.nmi and self.thread != threading.get_ident():
-            posted = win.can_kick() and vmm_lapic.post_kick(self)
-            if not posted and win.can_take_over() and vmm_lapic.post_kick_taken(self):
-                posted = True
-                self.took_over += 1
-            if posted:
-                self.kicks += 1
-                self.nv.kick_posted()
-                return
-        self.kick()
 
     def exit_to(self, code, payload, rip=None, inst_length=0):
         """This vCPU's ``vm_exit`` (one object, reused), filled for userland."""
@@ -429,7 +400,7 @@ class Vm(HaltMixin):
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
                "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "took_over": ctx.took_over,
-               "pending": ctx.pending,
+               "kicks_merged": ctx.kicks_merged, "kicks_behind": ctx.kicks_behind, "pending": ctx.pending,
                "started": ctx.started, "answered_io": ctx.nv.answered_io(),
                "answered_mmio": ctx.nv.answered_mmio()}
         if ctx.tsc_deadline is not None:

@@ -211,6 +211,29 @@ def post_kick_taken(ctx):
         return posted
 
 
+def post_behind(ctx):
+    """From the thread that kicks the vCPU while the provider's run loop holds a post not injected yet: the post
+    becomes one of the highest vector the vlapic requests (the posted one, or a higher one not in service), and
+    the loop is told to come back to Python once it injected it (``IntWindow.again``), where what waits below it
+    is found; no kick is needed. True if so."""
+    vl, win = ctx.vlapic, ctx.intwin
+    if vl is None:
+        return False
+    with vl.under_lock():
+        posted = win.held()
+        if posted is None:
+            return False
+        rest = vl.irr & ~(1 << posted)
+        if not rest:
+            return False
+        top = rest.bit_length() - 1
+        if top < posted:
+            return win.again(posted)
+        if vl.isr >> top & 1:
+            return False                # in service and requested again: Python keeps that request
+        return win.again(posted, top, not vl.tmr >> top & 1)
+
+
 def _nothing():
     pass
 

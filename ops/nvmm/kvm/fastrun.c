@@ -155,7 +155,7 @@ int vmmshim_pv_eoi_set(const struct vmmshim_intwin *w)
 /* injects the posted vector if the guest takes interrupts now: 1 (done or not needed), 0 (Python decides) */
 int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32_t s)
 {
-	uint32_t vector = s & WIN_VECTOR, res = 0;
+	uint32_t vector = s & WIN_VECTOR, res = 0, cur;
 	uint64_t cr8;
 	uint32_t *word = (uint32_t *)(uintptr_t)w->pv_eoi;
 
@@ -176,9 +176,14 @@ int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32
 		res |= RES_ARMED;
 	}
 	w->result = res;
-	/* only this loop changes a posted state while WIN_IN is set: a plain store keeps WIN_IN */
-	__atomic_store_n(&w->state, WIN_IN | WIN_TAKEN | (s & WIN_TICK) | vector, __ATOMIC_RELEASE);
-	run[w->window_off] = (s & WIN_AGAIN) ? 1 : 0;
+	/* while WIN_IN is set only this loop changes a posted state, but for another thread's vmmshim_intwin_again
+	   (WIN_AGAIN, or a higher vector that came too late): any such change asks for the window again, where
+	   Python finds what that thread's vlapic request left in the IRR */
+	cur = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
+	while (!__atomic_compare_exchange_n(&w->state, &cur, WIN_IN | WIN_TAKEN | (s & WIN_TICK) | vector, 0,
+					    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		;
+	run[w->window_off] = (s & WIN_AGAIN || cur != s) ? 1 : 0;
 	return 1;
 }
 
@@ -383,6 +388,33 @@ int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post)
 		return 0;
 	__atomic_fetch_add(&w->kicks_posted, 1, __ATOMIC_ACQ_REL);
 	return 1;
+}
+
+/*
+ * Another thread's request while the loop runs holding `vector` posted and not injected: that post becomes one of
+ * `first` (the same vector, or a higher one the vlapic requests now; `edge`: it is edge-triggered, else WIN_ARM is
+ * dropped), and with WIN_ARM the window is asked again once it is injected (WIN_AGAIN: the guest ends it in memory),
+ * so that its injection brings Python back in time for what waits below it, without a kick; without WIN_ARM its
+ * end is the guest's EOI, which exits. Returns 1 when done, 0 when the slot is not in that state, or `first`
+ * would replace a tick the ticker posted (the caller kicks).
+ */
+int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t edge)
+{
+	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE), n;
+
+	for (;;) {
+		if ((s & (WIN_IN | WIN_POSTED | WIN_BUSY)) != (WIN_IN | WIN_POSTED) || (s & WIN_VECTOR) != vector)
+			return 0;
+		if (first != vector && (s & WIN_TICK))
+			return 0;
+		n = (s & ~WIN_VECTOR) | (first & WIN_VECTOR);
+		if (!edge)
+			n &= ~WIN_ARM;
+		if (n & WIN_ARM)
+			n |= WIN_AGAIN;
+		if (n == s || __atomic_compare_exchange_n(&w->state, &s, n, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+			return 1;
+	}
 }
 
 /*

@@ -167,6 +167,14 @@ class IntWindow:
         post = 0 if vector is None else self._bits(vector, after_eoi, arm, again, word)
         return self._lib.vmmshim_intwin_release(self.struct, post) == 1
 
+    def again(self, vector, first=None, edge=True):
+        """From another thread, while the loop holds ``vector`` posted and not injected: that post becomes one of
+        ``first`` (default the same; a higher vector the vlapic requests now, ``edge``-triggered or not), which
+        brings the vCPU back to Python once injected (the window asked again after an armed one, the guest's EOI
+        exiting after another), so what waits below it needs no kick. True when done; False: kick."""
+        first = vector if first is None else first
+        return self._lib.vmmshim_intwin_again(self.struct, vector & VECTOR, first & VECTOR, 1 if edge else 0) == 1
+
     def can_kick(self):
         """Whether :meth:`kick` may succeed now: the loop runs and holds no post (a cheap look first, any thread)."""
         return self.struct.state == IN
