@@ -6,9 +6,10 @@ asked for, a vlapic request or anything else ``before_entry`` delivers (``ops/vm
 - :meth:`KickMixin.kick_intr`, an interrupt request: where the provider's run loop injects by itself
   (``ops/nvmm/kvm/intwin.py``), the vlapic's next vector is posted to it and the kick's EINTR stays in the loop
   (``ops/vmm_lapic.py``, ``post_kick``), or the loop's injection is accepted here and the next posted
-  (``post_kick_taken``); a request below the vector the loop holds posted needs no kick, the loop being told to
-  come back once it injected that one (``post_behind``); otherwise a kick, that stops nothing where the vCPU will
-  look anyway (``merge``).
+  (``post_kick_taken``; where nothing can be posted and the guest's end of what is in service exits, no kick);
+  a request below the vector the loop holds posted needs no kick, the loop being told to come back once it
+  injected that one (``post_behind``); otherwise a kick, that stops nothing where the vCPU will look anyway
+  (``merge``).
 
 Not supported: a kick that names what it asks for (the vCPU looks at everything).
 """
@@ -60,9 +61,13 @@ class KickMixin:
         if win is not None and not self.nmi and self.thread != threading.get_ident():
             if not self.pending:
                 posted = win.can_kick() and vmm_lapic.post_kick(self)
-                if not posted and win.can_take_over() and vmm_lapic.post_kick_taken(self):
-                    posted = True
-                    self.took_over += 1
+                if not posted and win.can_take_over():
+                    posted = vmm_lapic.post_kick_taken(self, spare=SPARE)
+                    if posted:
+                        self.took_over += 1
+                    if posted is vmm_lapic.SPARED:
+                        self.kicks_behind += 1
+                        return
                 if posted:
                     self.kicks += 1
                     self.nv.kick_posted()

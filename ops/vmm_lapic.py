@@ -32,6 +32,7 @@ NVMM's state only.
 from .nvmm import api
 from .nvmm import constants as C
 
+SPARED = "spared"                  # post_kick_taken: nothing posted, and no kick needed
 INTR_WINDOW = 0x2                  # nvmm_x64_state_intr.int_window_exiting
 CPUID_1_EDX_APIC = 1 << 9          # leaf 1 EDX bit 9: an on-chip local APIC, enabled
 CR8_MASK = 0xF
@@ -185,11 +186,13 @@ def post_kick(ctx):
     return vl.offer_outside(post, in_service_ends=ends)
 
 
-def post_kick_taken(ctx):
+def post_kick_taken(ctx, spare=False):
     """From the thread that kicks the vCPU while the provider's run loop holds an injection the vlapic has not
     accepted yet (``IntWindow.can_take_over``): under the vlapic's lock, the loop's return is held
     (``IntWindow.take_over``), the vlapic accepts that vector here as :func:`window_taken` does at the return, and
-    its next vector is posted as :func:`post_kick` posts (``IntWindow.release``). True when posted."""
+    its next vector is posted as :func:`post_kick` posts (``IntWindow.release``). True when posted; with
+    ``spare``, :data:`SPARED` when nothing could be posted but the guest's end of what is in service exits (the
+    PV EOI word not armed), where Python finds the request: no kick is needed."""
     vl, win = ctx.vlapic, ctx.intwin
     if vl is None:
         return False
@@ -208,6 +211,9 @@ def post_kick_taken(ctx):
         finally:
             posted = win.release(*post)
         plan_tick(ctx, vl)
+        if not posted and spare and vl.isr and not (ctx.pv_eoi is not None and ctx.pv_eoi.armed) \
+                and not vl.lint0_pending():
+            return SPARED
         return posted
 
 
