@@ -33,10 +33,10 @@ class KickMixin:
         ``pending`` before it enters: a stop would only cost a STOPPED exit right after the entry.
 
         ``merge`` (an interrupt request, :meth:`kick_intr`): no stop where ``pending`` was set and the provider's
-        run loop holds no injection (posted or taken: it may inject at the window and run on). The vCPU has not
-        looked yet (its look clears ``pending`` first), or it runs with the window requested (``inject_interrupt``
-        leaves ``pending`` set only so), which brings it back to look; the vlapic's request, made before this kick,
-        is seen there."""
+        run loop holds no injection (posted or taken: it may inject at the window and run on) or a stop is under
+        way. The vCPU has not looked yet (its look clears ``pending`` first), or it runs with the window requested
+        (``inject_interrupt`` leaves ``pending`` set only so), which brings it back to look; the vlapic's request,
+        made before this kick, is seen there."""
         was = self.pending
         self.pending = True
         self.kicks += 1
@@ -48,7 +48,8 @@ class KickMixin:
             self.cond.notify_all()
             if self.sleeping:       # in HLT's wait, not in the guest: it re-checks ``pending`` before entering,
                 return              # so a stop would only cost a STOPPED exit on the next run
-        if merge and was and (self.intwin is None or self.intwin.held() is None):     # after the ticker's hold
+        win = self.intwin
+        if merge and was and (win is None or win.held() is None or win.stopping()):     # after the ticker's hold
             self.kicks_merged += 1
             return
         self.nv.stop()
@@ -59,7 +60,7 @@ class KickMixin:
         in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
         win = self.intwin
         if win is not None and not self.nmi and self.thread != threading.get_ident():
-            if not self.pending:
+            if not self.pending or not win.stopping():     # a stop under way brings it to Python anyway
                 posted = win.can_kick() and vmm_lapic.post_kick(self)
                 if not posted and win.can_take_over():
                     posted = vmm_lapic.post_kick_taken(self, spare=SPARE)

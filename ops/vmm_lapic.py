@@ -235,9 +235,11 @@ def post_behind(ctx):
         top = rest.bit_length() - 1
         if top < posted:
             return win.again(posted)
-        if vl.isr >> top & 1:
-            return False                # in service and requested again: Python keeps that request
-        return win.again(posted, top, not vl.tmr >> top & 1)
+        isr = vl.isr
+        if isr >> top & 1 and isr != 1 << top:
+            return False                # one of several in service, requested again: Python looks
+        # the one in service requested again comes first once it ends, if the post waits for that end
+        return win.again(posted, top, not vl.tmr >> top & 1, in_service=bool(isr))
 
 
 def _nothing():

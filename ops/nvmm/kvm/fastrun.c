@@ -392,13 +392,14 @@ int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post)
 
 /*
  * Another thread's request while the loop runs holding `vector` posted and not injected: that post becomes one of
- * `first` (the same vector, or a higher one the vlapic requests now; `edge`: it is edge-triggered, else WIN_ARM is
- * dropped), and with WIN_ARM the window is asked again once it is injected (WIN_AGAIN: the guest ends it in memory),
- * so that its injection brings Python back in time for what waits below it, without a kick; without WIN_ARM its
- * end is the guest's EOI, which exits. Returns 1 when done, 0 when the slot is not in that state, or `first`
- * would replace a tick the ticker posted (the caller kicks).
+ * `first` (the same vector, or a higher one the vlapic requests now) and, with WIN_ARM, the window is asked again
+ * once it is injected (WIN_AGAIN: the guest ends it in memory), so that its injection brings Python back in time
+ * for what waits below it, without a kick; without WIN_ARM its end is the guest's EOI, which exits. `flags`:
+ * AGAIN_EDGE, `first` is edge-triggered (else WIN_ARM is dropped); AGAIN_IN_SERVICE, `first` is the vector in
+ * service requested again, so the post must be one that waits for its end (WIN_AFTER_EOI). Returns 1 when done,
+ * 0 when the slot is not in that state, or `first` would replace a tick the ticker posted (the caller kicks).
  */
-int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t edge)
+int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t flags)
 {
 	uint32_t s = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE), n;
 
@@ -407,8 +408,10 @@ int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t fir
 			return 0;
 		if (first != vector && (s & WIN_TICK))
 			return 0;
+		if ((flags & AGAIN_IN_SERVICE) && !(s & WIN_AFTER_EOI))
+			return 0;
 		n = (s & ~WIN_VECTOR) | (first & WIN_VECTOR);
-		if (!edge)
+		if (!(flags & AGAIN_EDGE))
 			n &= ~WIN_ARM;
 		if (n & WIN_ARM)
 			n |= WIN_AGAIN;

@@ -130,6 +130,8 @@ struct vmmshim_waketimer {
                                        vlapic has not seen fire */
 #define RES_EOI 1u
 #define RES_ARMED 2u
+#define AGAIN_EDGE 1u               /* vmmshim_intwin_again's flags (intwin.py's AGAIN_*) */
+#define AGAIN_IN_SERVICE 2u
 #define PV_EOI_BIT 1u
 
 /*

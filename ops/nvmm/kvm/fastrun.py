@@ -121,7 +121,7 @@ int vmmshim_kvm_run(int fd, uint8_t *run, const struct vmmshim_run_layout *lay, 
 int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post);
 uint32_t vmmshim_intwin_take_over(struct vmmshim_intwin *w);
 int vmmshim_intwin_release(struct vmmshim_intwin *w, uint32_t post);
-int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t edge);
+int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t flags);
 void vmmshim_intwin_wake(struct vmmshim_intwin *w);
 int vmmshim_waketimer_arm(struct vmmshim_waketimer *t);
 int vmmshim_waketimer_off(struct vmmshim_waketimer *t);

@@ -64,6 +64,8 @@ AGAIN = 0x4000      # ask for the window again once injected
 MASKED = 0x8000     # the loop: a kick's vector waits for the guest to set IF
 BUSY = 0x10000      # another thread accepts the loop's injection (take_over): the loop's return waits
 TICK = 0x20000      # posted by the ticker (fasttick.c): a TSC-deadline tick Python's vlapic has not fired
+AGAIN_EDGE = 1      # vmmshim_intwin_again: the new vector is edge-triggered (WIN_ARM may stay)
+AGAIN_IN_SERVICE = 2    # ... it is the one in service, requested again: the post must wait for its end
 RES_EOI = 1         # result: the guest had ended the one in service (its PV EOI bit was clear)
 RES_ARMED = 2       # result: the word was armed for the injected vector
 HALT_AT_EXIT = 1    # a HLT exit may be slept in the loop
@@ -167,13 +169,15 @@ class IntWindow:
         post = 0 if vector is None else self._bits(vector, after_eoi, arm, again, word)
         return self._lib.vmmshim_intwin_release(self.struct, post) == 1
 
-    def again(self, vector, first=None, edge=True):
+    def again(self, vector, first=None, edge=True, in_service=False):
         """From another thread, while the loop holds ``vector`` posted and not injected: that post becomes one of
-        ``first`` (default the same; a higher vector the vlapic requests now, ``edge``-triggered or not), which
+        ``first`` (default the same; a higher vector the vlapic requests now, ``edge``-triggered or not; with
+        ``in_service`` the one in service, requested again, which the post must then wait for the end of), which
         brings the vCPU back to Python once injected (the window asked again after an armed one, the guest's EOI
         exiting after another), so what waits below it needs no kick. True when done; False: kick."""
         first = vector if first is None else first
-        return self._lib.vmmshim_intwin_again(self.struct, vector & VECTOR, first & VECTOR, 1 if edge else 0) == 1
+        flags = (AGAIN_EDGE if edge else 0) | (AGAIN_IN_SERVICE if in_service else 0)
+        return self._lib.vmmshim_intwin_again(self.struct, vector & VECTOR, first & VECTOR, flags) == 1
 
     def can_kick(self):
         """Whether :meth:`kick` may succeed now: the loop runs and holds no post (a cheap look first, any thread)."""
@@ -218,6 +222,10 @@ class IntWindow:
     def stop(self, on):
         """``stop()``'s mark (set before its ``immediate_exit``, cleared with it): its EINTR is Python's."""
         self.struct.hard = 1 if on else 0
+
+    def stopping(self):
+        """Whether a ``stop()`` is under way: the vCPU has not cleared it yet (any thread)."""
+        return bool(self.struct.hard)
 
     # -- sleeping in HLT (fasthalt.c) -----------------------------------------------------------------------------
     def configure_halt(self, ring_off=0, waketimer=None):
