@@ -19,9 +19,11 @@ import threading
 
 from . import vmm_lapic
 
-#: ``VMMSHIM_KICK_SPARE=0``: every interrupt request that is not posted stops the vCPU (no ``merge``, no
-#: ``post_behind``), as before they were added (an A/B switch for the nested lab)
-SPARE = os.environ.get("VMMSHIM_KICK_SPARE", "1") != "0"
+#: ``VMMSHIM_KICK_SPARE``: which of the ways to spare a stop are on, a comma-separated list of ``behind``
+#: (``post_behind``), ``merge``, ``taken`` (``post_kick_taken``'s ``SPARED``) and ``pending`` (posting while
+#: ``pending`` is set, no stop under way); ``0`` for none, as before they were added (an A/B switch for the lab)
+SPARE = frozenset(x for x in os.environ.get("VMMSHIM_KICK_SPARE", "behind,merge,taken,pending").split(",")
+                  if x in ("behind", "merge", "taken", "pending"))
 
 
 class KickMixin:
@@ -60,10 +62,10 @@ class KickMixin:
         in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
         win = self.intwin
         if win is not None and not self.nmi and self.thread != threading.get_ident():
-            if not self.pending or not win.stopping():     # a stop under way brings it to Python anyway
+            if not self.pending or ("pending" in SPARE and not win.stopping()):    # a stop brings it to Python
                 posted = win.can_kick() and vmm_lapic.post_kick(self)
                 if not posted and win.can_take_over():
-                    posted = vmm_lapic.post_kick_taken(self, spare=SPARE)
+                    posted = vmm_lapic.post_kick_taken(self, spare="taken" in SPARE)
                     if posted:
                         self.took_over += 1
                     if posted is vmm_lapic.SPARED:
@@ -73,7 +75,7 @@ class KickMixin:
                     self.kicks += 1
                     self.nv.kick_posted()
                     return
-            if SPARE and vmm_lapic.post_behind(self):
+            if "behind" in SPARE and vmm_lapic.post_behind(self):
                 self.kicks_behind += 1
                 return
-        self.kick(merge=SPARE)
+        self.kick(merge="merge" in SPARE)
