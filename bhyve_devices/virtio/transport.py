@@ -37,6 +37,7 @@ notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern 
 """
 
 import functools
+import os
 import threading
 
 from bhyve_devices.pci.device import IO, MEM32, PciDevice
@@ -67,6 +68,11 @@ PCI_CLASS = {VIRTIO_ID_NET: (0x02, 0x00), VIRTIO_ID_BLOCK: (0x01, 0x00), VIRTIO_
              VIRTIO_ID_RNG: (0xFF, 0x00)}
 
 MSIX_BAR = 1
+#: a modern driver's queue notifications through the I/O BAR: a NOTIFY_CFG capability, first in the list, on the
+#: legacy QUEUE_NOTIFY register with ``notify_off_multiplier`` 0 (the queue's index written there, 4.1.4.4), as
+#: QEMU's ``modern-pio-notify``. A port write exits (or signals its doorbell) without the instruction's decoding
+#: an MMIO write costs the hypervisor; ``VMMSHIM_VIRTIO_PIO_NOTIFY=0`` leaves only the memory BAR's notify area.
+PIO_NOTIFY = os.environ.get("VMMSHIM_VIRTIO_PIO_NOTIFY", "1") != "0"
 
 
 class VirtioPciDevice(VirtioSnapshotMixin, LegacyRegisters, ModernRegisters, PciDevice):
@@ -110,6 +116,8 @@ class VirtioPciDevice(VirtioSnapshotMixin, LegacyRegisters, ModernRegisters, Pci
         self._add_vcap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 4)
         if device.config_size:
             self._add_vcap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, device.config_size)
+        if PIO_NOTIFY:                  # first in the list: the driver uses the first it can (4.1.4.1)
+            self._add_vcap(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_QUEUE_NOTIFY, 2, extra=bytes(4), bar=LEGACY_BAR)
         self._add_vcap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(device.num_queues, 1),
                        extra=NOTIFY_MULTIPLIER.to_bytes(4, "little"))
         self._pcicfg_off = self._add_vcap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, extra=bytes(4))

@@ -68,10 +68,11 @@ class ModernRegisters:
     the PCI_CFG window. Needs the transport's queues, selection, status, features and interrupt state
     (:class:`bhyve_devices.virtio.transport.VirtioPciDevice`)."""
 
-    def _add_vcap(self, cfg_type, offset, length, extra=b""):
+    def _add_vcap(self, cfg_type, offset, length, extra=b"", bar=None):
+        if bar is None:
+            bar = MODERN_BAR if cfg_type != VIRTIO_PCI_CAP_PCI_CFG else 0
         cap = VIRTIO_PCI_CAP.build(dict(cap_vndr=PCI_CAP_ID_VNDR, cap_next=0, cap_len=16 + len(extra),
-                                        cfg_type=cfg_type, bar=MODERN_BAR if cfg_type != VIRTIO_PCI_CAP_PCI_CFG
-                                        else 0, offset=offset, length=length)) + extra
+                                        cfg_type=cfg_type, bar=bar, offset=offset, length=length)) + extra
         return self.add_capability(cap)
 
     def _modern_read(self, off, size):

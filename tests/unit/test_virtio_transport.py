@@ -79,8 +79,13 @@ def test_identity_and_capabilities():
             assert T.VIRTIO_PCI_CAP.build(c)[2:] == raw[2:]
     assert set(vnd) == {1, 2, 3, 5}       # no device cfg for rnd
     assert vnd[1].bar == 4 and vnd[1].offset == 0 and vnd[1].length == 56
-    notify_off = [off for cid, off in caps if cid == 9 and pci.cfgread(off + 3, 1) == 2][0]
-    assert pci.cfgread(notify_off + 16, 4) == T.NOTIFY_MULTIPLIER
+    notify = [off for cid, off in caps if cid == 9 and pci.cfgread(off + 3, 1) == 2]
+    if T.PIO_NOTIFY:        # first: the I/O BAR's QUEUE_NOTIFY, every queue's index written there (multiplier 0)
+        pio = T.VIRTIO_PCI_CAP.parse(bytes(pci.cfgread(notify[0] + i, 1) for i in range(16)))
+        assert (pio.bar, pio.offset, pio.length) == (T.LEGACY_BAR, T.VIRTIO_PCI_QUEUE_NOTIFY, 2)
+        assert pci.cfgread(notify[0] + 16, 4) == 0
+        notify = notify[1:]
+    assert len(notify) == 1 and pci.cfgread(notify[0] + 16, 4) == T.NOTIFY_MULTIPLIER
     assert pci.bars[0].kind == 1 and pci.bars[1].kind == 2 and pci.bars[4].kind == 2
     for tid, dt in ((0x1000, 1), (0x1001, 2), (0x1003, 3), (0x1005, 4)):
         assert T.TRANSITIONAL_DEVICE_ID[dt] == tid
