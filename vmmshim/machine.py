@@ -8,12 +8,14 @@ SMBIOS 0xF1000, ACPI 0xF2400 up to the end of the BIOS area at 1 MiB); each must
 Not supported: buses other than 0, PCI passthrough, the bootrom.
 """
 
+import os
 import socket
 
 from bhyve_devices.pci import registry
 from bhyve_devices.pci.device import BarKind
 from bhyve_devices.pci.host import PciHost
 from bhyve_devices.tables import acpi, mptable, smbios
+from bhyve_devices.virtio import transport as virtio_transport
 
 from .backends import close_device_backends, open_device_backends
 from .bus import BusError
@@ -25,10 +27,16 @@ _AHCI = ("ahci", "ahci-hd", "ahci-cd")
 _DISKS = ("virtio-blk", "nvme") + _AHCI
 
 
+#: ``VMMSHIM_VIRTIO_PIO_NOTIFY=0``: virtio's modern queue notifications only through the memory BAR (an A/B switch
+#: for the nested lab; ``bhyve_devices/virtio/transport.py``'s ``PIO_NOTIFY``)
+ENV_PIO_NOTIFY = "VMMSHIM_VIRTIO_PIO_NOTIFY"
+
+
 def build_pci_and_tables(vm, cfg, platform, tables=True):
     """Builds the PCI host and its devices, then writes the firmware tables into guest RAM (not with ``tables``
     False: a restored VM's memory has them already). Returns the host."""
     ops, vmi = vm.ops, vm.vmi
+    virtio_transport.PIO_NOTIFY = os.environ.get(ENV_PIO_NOTIFY, "1") != "0"
     host = PciHost(mem32_base=max(vm.lowmem, 0xC0000000), msi=lambda a, d: ops.vm_lapic_msi(vmi, a, d),
                    bar_changed=lambda *a: _bar_changed(vm, *a),
                    ioapic_irq=lambda pin, level: (ops.vm_ioapic_assert_irq if level else

@@ -37,7 +37,6 @@ notify data, VIRTIO_F_ACCESS_PLATFORM/IOMMU, 64-bit BAR placement of the modern 
 """
 
 import functools
-import os
 import threading
 
 from bhyve_devices.pci.device import IO, MEM32, PciDevice
@@ -71,14 +70,15 @@ MSIX_BAR = 1
 #: a modern driver's queue notifications through the I/O BAR: a NOTIFY_CFG capability, first in the list, on the
 #: legacy QUEUE_NOTIFY register with ``notify_off_multiplier`` 0 (the queue's index written there, 4.1.4.4), as
 #: QEMU's ``modern-pio-notify``. A port write exits (or signals its doorbell) without the instruction's decoding
-#: an MMIO write costs the hypervisor; ``VMMSHIM_VIRTIO_PIO_NOTIFY=0`` leaves only the memory BAR's notify area.
-PIO_NOTIFY = os.environ.get("VMMSHIM_VIRTIO_PIO_NOTIFY", "1") != "0"
+#: an MMIO write costs the hypervisor. The default of the ``pio_notify`` argument (the VMM sets it: vmmshim's
+#: ``VMMSHIM_VIRTIO_PIO_NOTIFY=0`` leaves only the memory BAR's notify area).
+PIO_NOTIFY = True
 
 
 class VirtioPciDevice(VirtioSnapshotMixin, LegacyRegisters, ModernRegisters, PciDevice):
     """A transitional virtio PCI function around ``device`` with guest memory ``mem``."""
 
-    def __init__(self, device: VirtioDevice, mem, single_vector=False, name=None):
+    def __init__(self, device: VirtioDevice, mem, single_vector=False, name=None, pio_notify=None):
         dtype = device.device_type
         cls, sub = getattr(device, "pci_class", PCI_CLASS.get(dtype, (0xFF, 0x00)))
         super().__init__(name or device.name, VIRTIO_VENDOR, TRANSITIONAL_DEVICE_ID.get(dtype, 0x1040 + dtype),
@@ -116,7 +116,7 @@ class VirtioPciDevice(VirtioSnapshotMixin, LegacyRegisters, ModernRegisters, Pci
         self._add_vcap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 4)
         if device.config_size:
             self._add_vcap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, device.config_size)
-        if PIO_NOTIFY:                  # first in the list: the driver uses the first it can (4.1.4.1)
+        if PIO_NOTIFY if pio_notify is None else pio_notify:     # first: a driver uses the first it can (4.1.4.1)
             self._add_vcap(VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_QUEUE_NOTIFY, 2, extra=bytes(4), bar=LEGACY_BAR)
         self._add_vcap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, NOTIFY_MULTIPLIER * max(device.num_queues, 1),
                        extra=NOTIFY_MULTIPLIER.to_bytes(4, "little"))

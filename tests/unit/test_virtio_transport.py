@@ -91,6 +91,25 @@ def test_identity_and_capabilities():
         assert T.TRANSITIONAL_DEVICE_ID[dt] == tid
 
 
+def test_notifications_through_the_io_bar_only_where_asked():
+    """The I/O BAR's notify capability is the first of its type (a driver takes the first it can use); without
+    it the memory BAR's area is the only one. Either way a 16-bit write of a queue's index to QUEUE_NOTIFY
+    notifies that queue."""
+    for pio in (True, False):
+        mem, dev, pci = make(dev=VirtioRnd())
+        pci = T.VirtioPciDevice(VirtioRnd(), mem, pio_notify=pio)
+        caps = PC.walk_capabilities(lambda o: pci.cfgread(o, 1))
+        bars = [pci.cfgread(off + 4, 1) for cid, off in caps if cid == 9 and pci.cfgread(off + 3, 1) == 2]
+        assert bars == ([T.LEGACY_BAR, T.MODERN_BAR] if pio else [T.MODERN_BAR])
+    notified = []
+    mem, dev, pci = make()
+    pci.vdev.queue_notify = lambda qidx, q: notified.append(qidx)
+    for q in pci.queues:
+        q.ready = True
+    pci.barwrite(T.LEGACY_BAR, T.VIRTIO_PCI_QUEUE_NOTIFY, 2, 1)
+    assert notified == [1]
+
+
 def test_layouts_round_trip():
     raw = bytes(range(56))
     assert T.COMMON_CFG.build(T.COMMON_CFG.parse(raw)) == raw
