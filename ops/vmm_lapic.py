@@ -219,17 +219,15 @@ def post_kick_taken(ctx, spare=False):
 
 def post_behind(ctx):
     """From the thread that kicks the vCPU while the provider's run loop holds a post not injected yet: the post
-    becomes one of the highest vector the vlapic requests (the posted one, or a higher one not in service), and
-    the loop is told to come back to Python once it injected it (``IntWindow.again``), where what waits below it
-    is found; no kick is needed. True if so."""
+    becomes one of the highest vector the vlapic requests (the posted one, a higher one, or the one in service
+    requested again when the post waits for its end), and the loop is told to come back to Python once it
+    injected it (``IntWindow.again``), where what waits below it is found; no kick is needed. True if so."""
     vl, win = ctx.vlapic, ctx.intwin
-    if vl is None:
-        return False
+    if vl is None or win.held() is None:
+        return False                    # a look without the lock first: nothing posted
     with vl.under_lock():
         posted = win.held()
-        if posted is None:
-            return False
-        rest = vl.irr & ~(1 << posted)
+        rest = 0 if posted is None else vl.irr & ~(1 << posted)
         if not rest:
             return False
         top = rest.bit_length() - 1

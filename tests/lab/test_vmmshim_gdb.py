@@ -27,7 +27,8 @@ def session(lab_ready):
 
 
 def why(result, console):
-    return f"\n--- gdb ---\n{result['gdb_out']}\n--- vmmshim stderr ---\n{result['stderr']}\n--- console ---\n{console[-2000:]}"
+    return (f"\n--- gdb ---\n{result['gdb_out']}\n--- vmmshim stderr ---\n{result['stderr']}\n"
+            f"--- console ---\n{console[-2000:]}")
 
 
 def test_gdb_attaches_mid_boot_and_reads_the_pc_in_the_kernel(session):

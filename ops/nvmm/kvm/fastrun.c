@@ -176,9 +176,8 @@ int vmmshim_inject_posted(int fd, uint8_t *run, struct vmmshim_intwin *w, uint32
 		res |= RES_ARMED;
 	}
 	w->result = res;
-	/* while WIN_IN is set only this loop changes a posted state, but for another thread's vmmshim_intwin_again
-	   (WIN_AGAIN, or a higher vector that came too late): any such change asks for the window again, where
-	   Python finds what that thread's vlapic request left in the IRR */
+	/* only this loop changes a posted state while WIN_IN is set, but for vmmshim_intwin_again: a change of it
+	   asks for the window again, where Python finds what that thread's request left in the IRR */
 	cur = __atomic_load_n(&w->state, __ATOMIC_ACQUIRE);
 	while (!__atomic_compare_exchange_n(&w->state, &cur, WIN_IN | WIN_TAKEN | (s & WIN_TICK) | vector, 0,
 					    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -391,13 +390,11 @@ int vmmshim_intwin_kick(struct vmmshim_intwin *w, uint32_t post)
 }
 
 /*
- * Another thread's request while the loop runs holding `vector` posted and not injected: that post becomes one of
- * `first` (the same vector, or a higher one the vlapic requests now) and, with WIN_ARM, the window is asked again
- * once it is injected (WIN_AGAIN: the guest ends it in memory), so that its injection brings Python back in time
- * for what waits below it, without a kick; without WIN_ARM its end is the guest's EOI, which exits. `flags`:
- * AGAIN_EDGE, `first` is edge-triggered (else WIN_ARM is dropped); AGAIN_IN_SERVICE, `first` is the vector in
- * service requested again, so the post must be one that waits for its end (WIN_AFTER_EOI). Returns 1 when done,
- * 0 when the slot is not in that state, or `first` would replace a tick the ticker posted (the caller kicks).
+ * Another thread's request while the loop holds `vector` posted, not injected: the post becomes `first`'s (the
+ * same, or a higher vector requested now) and, with WIN_ARM, asks the window again once injected (WIN_AGAIN), so
+ * Python comes back in time for what waits below without a kick (without WIN_ARM the guest's EOI exits). `flags`:
+ * AGAIN_EDGE, `first` is edge-triggered (else WIN_ARM is dropped); AGAIN_IN_SERVICE, `first` is in service and
+ * requested again (the post must wait for its end, WIN_AFTER_EOI). 1 when done, 0 (the caller kicks) otherwise.
  */
 int vmmshim_intwin_again(struct vmmshim_intwin *w, uint32_t vector, uint32_t first, uint32_t flags)
 {
