@@ -81,7 +81,7 @@ class Vcpu(KickMixin):
         self.kicks = 0
         self.took_over = 0          # kicks that accepted the run loop's injection themselves (post_kick_taken)
         self.kicks_merged = 0       # interrupt kicks that found ``pending`` set and stopped nothing (kick)
-        self.kicks_behind = 0       # interrupt requests behind the run loop's post: no kick (post_behind)
+        self.kicks_spared = 0       # interrupt requests that needed no kick (post_behind, post_kick_taken's SPARED)
         self.itrace_n = 0
         # VMMSHIM_TRACE_INTR=1: the last injection decisions, for debug dumps (off the per-exit path otherwise)
         self.itrace = collections.deque(maxlen=48) if os.environ.get("VMMSHIM_TRACE_INTR") else None
@@ -400,7 +400,7 @@ class Vm(HaltMixin):
         names = {k & 0xFFFF: v for k, v in C.EXIT_NAMES.items()}
         out = {"exits": {names.get(i, hex(i)): n for i, n in enumerate(ctx.exits) if n},
                "bus_mmio": ctx.bus_mmio, "injected": ctx.injected, "kicks": ctx.kicks, "took_over": ctx.took_over,
-               "kicks_merged": ctx.kicks_merged, "kicks_behind": ctx.kicks_behind, "pending": ctx.pending,
+               "kicks_merged": ctx.kicks_merged, "kicks_spared": ctx.kicks_spared, "pending": ctx.pending,
                "started": ctx.started, "answered_io": ctx.nv.answered_io(),
                "answered_mmio": ctx.nv.answered_mmio()}
         if ctx.tsc_deadline is not None:

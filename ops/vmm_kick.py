@@ -58,8 +58,8 @@ class KickMixin:
 
     def kick_intr(self):
         """The vlapic's kick (a request, an EOI with more requested): where the provider's run loop injects by
-        itself (``intwin``), the vlapic's next vector is posted to it while the vCPU runs and the kick's EINTR stays
-        in the loop (``ops/vmm_lapic.py``, ``post_kick``); otherwise, or with anything else to look at, :meth:`kick`."""
+        itself (``intwin``), a post, a take-over or a re-post while the vCPU runs, or no kick at all (the module
+        docstring says when); otherwise, or with anything else to look at, :meth:`kick`."""
         win = self.intwin
         if win is not None and not self.nmi and self.thread != threading.get_ident():
             if not self.pending or ("pending" in SPARE and not win.stopping()):    # a stop brings it to Python
@@ -69,13 +69,13 @@ class KickMixin:
                     if posted:
                         self.took_over += 1
                     if posted is vmm_lapic.SPARED:
-                        self.kicks_behind += 1
+                        self.kicks_spared += 1
                         return
                 if posted:
                     self.kicks += 1
                     self.nv.kick_posted()
                     return
             if "behind" in SPARE and vmm_lapic.post_behind(self):
-                self.kicks_behind += 1
+                self.kicks_spared += 1
                 return
         self.kick(merge="merge" in SPARE)
